@@ -1,0 +1,307 @@
+"""The client side of the contract: connect, stream a specialist's answer, list running specialists.
+
+    async with Bus.connect(settings) as bus:
+        async with bus.stream("apollo", [ChatMessage(role="user", content="hi")]) as s:
+            async for text in s:
+                print(text, end="")
+        result = await s.result()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus.errors import (
+    BusError,
+    IdleTimeout,
+    MalformedFrame,
+    NatsUnavailable,
+    SpecialistUnavailable,
+    StreamGap,
+    from_wire,
+)
+from bus.settings import TektonSettings
+from bus.subjects import cancel_subject, chat_subject
+from bus.wire import (
+    ChatMessage,
+    ChatOptions,
+    ChatRequest,
+    ChunkFrame,
+    DoneFrame,
+    ErrorFrame,
+    StartFrame,
+    decode_frame,
+    encode_request,
+)
+
+log = structlog.get_logger("tekton.bus")
+
+NO_RESPONDERS = "503"
+SPECIALIST_ROLE = "specialist"
+
+
+async def connect(url: str, *, name: str = "tekton", connect_timeout: float = 2.0) -> NATS:
+    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server."""
+
+    async def quiet(err: Exception) -> None:
+        log.debug("nats error", error=str(err))
+
+    try:
+        nc = await nats.connect(
+            servers=[url],
+            name=name,
+            connect_timeout=connect_timeout,
+            # nats-py retries the *first* connect until attempts run out, and -1 means never: bound it
+            # here so a missing server is a fast, clear error...
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.1,
+            error_cb=quiet,
+        )
+    except (OSError, TimeoutError, nats.errors.NoServersError) as err:
+        raise NatsUnavailable(url, type(err).__name__) from err
+    except Exception as err:  # nats-py wraps some socket errors in its own types
+        raise NatsUnavailable(url, str(err) or type(err).__name__) from err
+    # ...and once connected, ride out server restarts by reconnecting forever.
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 0.5
+    return nc
+
+
+@dataclass(frozen=True)
+class ServiceInstance:
+    """One running micro service instance, as answered to ``$SRV.PING``/``$SRV.INFO``."""
+
+    name: str
+    id: str
+    version: str
+    metadata: dict[str, str]
+    description: str = ""
+
+    @property
+    def is_specialist(self) -> bool:
+        return self.metadata.get("tekton_role") == SPECIALIST_ROLE
+
+    @property
+    def capabilities(self) -> dict[str, float]:
+        scores = json.loads(self.metadata.get("capabilities", "{}"))
+        return {str(k): float(v) for k, v in scores.items()}
+
+    @property
+    def primary(self) -> list[str]:
+        return list(json.loads(self.metadata.get("primary", "[]")))
+
+
+@dataclass
+class StreamResult:
+    text: str
+    start: StartFrame
+    done: DoneFrame
+
+
+class Bus:
+    """A NATS connection plus the settings that name subjects and bound waits."""
+
+    def __init__(self, nc: NATS, settings: TektonSettings):
+        self.nc = nc
+        self.settings = settings
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: TektonSettings, *, name: str = "tekton") -> AsyncIterator[Bus]:
+        nc = await connect(settings.nats_url, name=name)
+        try:
+            yield cls(nc, settings)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await nc.drain()
+
+    def stream(
+        self,
+        specialist: str,
+        messages: Sequence[ChatMessage],
+        options: ChatOptions | None = None,
+        *,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> ChatStream:
+        request = ChatRequest(
+            messages=list(messages),
+            options=options or ChatOptions(),
+            timeout_ms=int(timeout * 1000) if timeout else None,
+            **({"id": request_id} if request_id else {}),
+        )
+        return ChatStream(self, specialist, request, idle_timeout or self.settings.idle_timeout_s)
+
+    async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
+        async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:
+            async for _ in s:
+                pass
+        return await s.result()
+
+    async def _gather(self, subject: str, window: float) -> list[dict[str, Any]]:
+        """Scatter-gather on ``$SRV.*``: collect every answer that arrives within ``window`` seconds."""
+        inbox = self.nc.new_inbox()
+        answers: list[dict[str, Any]] = []
+
+        async def collect(msg: Msg) -> None:
+            try:
+                answers.append(json.loads(msg.data))
+            except ValueError:
+                log.warning("ignoring a non-JSON micro answer", subject=subject)
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            await self.nc.publish(subject, b"", reply=inbox)
+            await self.nc.flush()
+            await anyio.sleep(window)  # a scatter-gather window, not a synchronisation sleep
+        finally:
+            await sub.unsubscribe()
+        return answers
+
+    async def instances(self, name: str | None = None, window: float = 0.05) -> list[ServiceInstance]:
+        """Every running specialist instance (``$SRV.INFO``), optionally only those named ``name``."""
+        subject = "$SRV.INFO" + (f".{name}" if name else "")
+        found = [
+            ServiceInstance(
+                name=a["name"],
+                id=a["id"],
+                version=a.get("version", ""),
+                metadata=a.get("metadata") or {},
+                description=a.get("description") or "",
+            )
+            for a in await self._gather(subject, window)
+        ]
+        return sorted((i for i in found if i.is_specialist), key=lambda i: (i.name, i.id))
+
+    async def stats(self, name: str | None = None, window: float = 0.05) -> list[dict[str, Any]]:
+        subject = "$SRV.STATS" + (f".{name}" if name else "")
+        return [a for a in await self._gather(subject, window) if (a.get("metadata") or {}).get("tekton_role")]
+
+    async def running_names(self, window: float = 0.05) -> list[str]:
+        return sorted({i.name for i in await self.instances(window=window)})
+
+
+class ChatStream:
+    """One streamed answer. An async context manager and an async iterator of text chunks.
+
+    Leaving the block before ``done`` (break, exception, Ctrl-C) cancels the request on the specialist.
+    """
+
+    def __init__(self, bus: Bus, specialist: str, request: ChatRequest, idle_timeout: float):
+        self.bus = bus
+        self.specialist = specialist
+        self.request = request
+        self.idle_timeout = idle_timeout
+        self.start_frame: StartFrame | None = None
+        self._frames: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub: Subscription | None = None
+        self._next_seq = 0
+        self._parts: list[str] = []
+        self._done: DoneFrame | None = None
+        self._finished = False
+        self.sent_at = 0.0
+        self.first_chunk_at: float | None = None
+
+    async def __aenter__(self) -> ChatStream:
+        nc = self.bus.nc
+        payload = encode_request(self.request, limit=nc.max_payload)
+        inbox = nc.new_inbox()
+
+        async def enqueue(msg: Msg) -> None:
+            self._frames.put_nowait(msg)
+
+        # Subscribe before publishing so no frame can arrive before we listen.
+        self._sub = await nc.subscribe(inbox, cb=enqueue)
+        self.sent_at = time.perf_counter()
+        await nc.publish(chat_subject(self.specialist, self.bus.settings.prefix), payload, reply=inbox)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            if not self._finished:
+                try:
+                    await self.cancel()
+                except Exception as err:  # the connection may be gone: nothing more to stop
+                    log.debug("cancel not sent", error=str(err))
+            if self._sub is not None:
+                try:
+                    await self._sub.unsubscribe()
+                except Exception as err:
+                    log.debug("unsubscribe failed", error=str(err))
+                self._sub = None
+
+    async def cancel(self) -> None:
+        """Ask the specialist to stop generating now."""
+        self._finished = True
+        nc = self.bus.nc
+        await nc.publish(cancel_subject(self.request.id, self.bus.settings.prefix), b"")
+        await nc.flush(timeout=1)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._texts()
+
+    async def _next_msg(self) -> Msg:
+        try:
+            return self._frames.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                return await self._frames.get()
+        except TimeoutError:
+            self._finished = True  # nobody is generating any more: nothing to cancel
+            raise IdleTimeout(self.specialist, self.idle_timeout) from None
+
+    async def _texts(self) -> AsyncIterator[str]:
+        while not self._finished:
+            msg = await self._next_msg()
+            if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+                self._finished = True
+                raise SpecialistUnavailable(self.specialist, await self.bus.running_names())
+            try:
+                frame = decode_frame(msg.data)
+            except MalformedFrame:
+                self._finished = True
+                raise
+            if frame.seq != self._next_seq:
+                raise StreamGap(self._next_seq, frame.seq)
+            self._next_seq += 1
+            if isinstance(frame, ChunkFrame):
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
+                self._parts.append(frame.text)
+                yield frame.text
+            elif isinstance(frame, StartFrame):
+                self.start_frame = frame
+            elif isinstance(frame, DoneFrame):
+                self._done = frame
+                self._finished = True
+            elif isinstance(frame, ErrorFrame):
+                self._finished = True
+                raise from_wire(frame.code, frame.message, frame.retryable)
+
+    async def result(self) -> StreamResult:
+        """The whole answer with usage and timings; reads what is left of the stream first."""
+        if self._done is None:
+            async for _ in self:
+                pass
+        if self._done is None or self.start_frame is None:
+            raise BusError("the stream ended without a done frame")
+        return StreamResult(text="".join(self._parts), start=self.start_frame, done=self._done)

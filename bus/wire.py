@@ -1,0 +1,166 @@
+"""Wire models and the msgpack codec. The protocol is written down in docs/protocol.md.
+
+Every message is a msgpack map with ``v`` (protocol version). Reply frames carry ``type`` (the
+discriminator) and ``seq``: consecutive from 0 over every frame of one reply stream, so a client
+notices a lost frame (core NATS is at-most-once).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from bus.errors import BadRequest, MalformedFrame, PayloadTooLarge
+
+PROTOCOL_VERSION = 1
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(Wire):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatOptions(Wire):
+    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ChatRequest(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str = Field(default_factory=new_request_id)
+    messages: list[ChatMessage] = Field(min_length=1)
+    options: ChatOptions = ChatOptions()
+    # The request's deadline, relative to when the specialist receives it (clocks across machines
+    # are not trusted to agree). None: the specialist's own default.
+    timeout_ms: int | None = Field(default=None, ge=1)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_subject_token(cls, value: str) -> str:
+        if not REQUEST_ID_RE.match(value):
+            raise ValueError("request id must be 1-64 characters of [A-Za-z0-9_-]")
+        return value
+
+
+class Usage(Wire):
+    prompt_tokens: int | None = None
+    completion_tokens: int = 0
+
+
+class Timings(Wire):
+    first_token_ms: float | None = None
+    total_ms: float
+    tokens_per_s: float | None = None
+
+
+class StartFrame(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["start"] = "start"
+    seq: int = 0
+    specialist: str
+    instance: str
+    provider: str
+    model: str
+
+
+class ChunkFrame(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["chunk"] = "chunk"
+    seq: int
+    text: str
+
+
+class HeartbeatFrame(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["heartbeat"] = "heartbeat"
+    seq: int
+
+
+class DoneFrame(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["done"] = "done"
+    seq: int
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+
+
+class ErrorFrame(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["error"] = "error"
+    seq: int
+    code: str
+    message: str
+    retryable: bool = False
+
+
+Frame = Annotated[
+    StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame,
+    Field(discriminator="type"),
+]
+_FRAME = TypeAdapter(Frame)
+
+
+def _pack(obj: Any, limit: int | None, what: str) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    if limit is not None and len(data) > limit:
+        raise PayloadTooLarge(len(data), limit, what)
+    return data
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as err:  # msgpack raises a handful of unrelated types
+        raise MalformedFrame(f"not msgpack: {err}") from err
+
+
+def encode(model: Wire, limit: int | None = None) -> bytes:
+    """Encode a wire model; ``limit`` is the server's max_payload."""
+    return _pack(model.model_dump(mode="python", exclude_none=True), limit, type(model).__name__)
+
+
+def encode_request(request: ChatRequest, limit: int | None = None) -> bytes:
+    return _pack(request.model_dump(mode="python", exclude_none=True), limit, "the request")
+
+
+def encode_chunk(seq: int, text: str) -> bytes:
+    """The hot path: one chunk frame without building a model (same bytes as ``encode``)."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": "chunk", "seq": seq, "text": text})
+
+
+def decode_request(data: bytes) -> ChatRequest:
+    raw = _unpack(data)
+    try:
+        return ChatRequest.model_validate(raw)
+    except ValidationError as err:
+        raise BadRequest(f"not a ChatRequest: {_summary(err)}") from err
+
+
+def decode_frame(data: bytes) -> StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame:
+    raw = _unpack(data)
+    try:
+        return _FRAME.validate_python(raw)
+    except ValidationError as err:
+        raise MalformedFrame(f"not a reply frame: {_summary(err)}") from err
+
+
+def _summary(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        where = ".".join(str(p) for p in e["loc"]) or "message"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Data only: the roster of specialists and the nats-server configs (read with importlib.resources)."""

@@ -1,0 +1,69 @@
+"""The Anthropic Messages API, through the ``anthropic`` client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar
+
+import anthropic
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bus.wire import ChatMessage, ChatOptions
+from specialists.providers.base import ApiKeyMissing, ProviderContext, ProviderError, ProviderUnavailable
+
+
+class AnthropicOptions(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEKTON_ANTHROPIC_", extra="forbid")
+
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    model: str = "claude-3-5-haiku-latest"
+    timeout_s: float = Field(default=60.0, gt=0)
+    # The Messages API requires max_tokens; used when a request brings none.
+    default_max_tokens: int = Field(default=1024, ge=1)
+
+
+class AnthropicProvider:
+    name: ClassVar[str] = "anthropic"
+    Options: ClassVar[type[BaseSettings]] = AnthropicOptions
+
+    def __init__(self, options: AnthropicOptions, context: ProviderContext):
+        if options.api_key is None:
+            raise ApiKeyMissing(f"'{context.specialist}' uses Anthropic but TEKTON_ANTHROPIC_API_KEY is not set")
+        self.options = options
+        self.model = options.model
+        self._client = anthropic.AsyncAnthropic(
+            api_key=options.api_key.get_secret_value(),
+            base_url=options.base_url,
+            timeout=options.timeout_s,
+            max_retries=0,
+        )
+
+    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+        system = "\n\n".join(m.content for m in messages if m.role == "system")
+        kwargs: dict[str, Any] = {}
+        if system:
+            kwargs["system"] = system
+        if options.temperature is not None:
+            kwargs["temperature"] = min(options.temperature, 1.0)
+        try:
+            async with self._client.messages.stream(
+                model=self.model,
+                max_tokens=options.max_tokens or self.options.default_max_tokens,
+                messages=[{"role": m.role, "content": m.content} for m in messages if m.role != "system"],  # type: ignore[misc]
+                **kwargs,
+            ) as stream:
+                async for text in stream.text_stream:
+                    if text:
+                        yield text
+        except anthropic.APIConnectionError as err:
+            where = self.options.base_url or "the Anthropic API"
+            raise ProviderUnavailable(f"cannot reach {where}") from err
+        except anthropic.AuthenticationError as err:
+            raise ApiKeyMissing(f"Anthropic refused the API key: {err.message}") from err
+        except anthropic.APIStatusError as err:
+            raise ProviderError(f"Anthropic answered {err.status_code}: {err.message}") from err
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,82 @@
+"""The one extension point for models: a provider streams text for a list of chat messages.
+
+A provider class has a ``name``, its own pydantic ``Options`` (settings with their own env prefix,
+filled from the roster's ``provider_options``), and ``async def stream(messages, options)`` yielding
+text. Construction checks what it needs (model file, API key) and raises a :class:`ProviderError`
+a user can act on. Providers are found by name through the ``tekton.providers`` entry points.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Protocol
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from bus.errors import BusError, ErrorCode
+from bus.wire import ChatMessage, ChatOptions
+
+
+class ProviderError(BusError):
+    code = ErrorCode.PROVIDER_ERROR
+
+
+class ModelMissing(ProviderError):
+    code = ErrorCode.MODEL_MISSING
+
+
+class ApiKeyMissing(ProviderError):
+    code = ErrorCode.API_KEY_MISSING
+
+
+class ProviderUnavailable(ProviderError):
+    code = ErrorCode.PROVIDER_UNAVAILABLE
+    retryable = True
+
+
+@dataclass
+class SharedResources:
+    """What the specialists of one process share, e.g. a loaded model (loaded once, used by all)."""
+
+    models: dict[Any, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    specialist: str
+    shared: SharedResources
+
+
+class Provider(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseSettings]]
+    model: str
+
+    def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def provider_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group="tekton.providers"))
+
+
+def provider_class(name: str) -> Any:
+    for ep in entry_points(group="tekton.providers", name=name):
+        return ep.load()
+    raise ProviderError(f"unknown provider {name!r}; installed: {', '.join(provider_names())}")
+
+
+def create_provider(name: str, raw_options: dict[str, Any], context: ProviderContext) -> Provider:
+    cls = provider_class(name)
+    try:
+        options = cls.Options(**raw_options)
+    except ValidationError as err:
+        raise ProviderError(f"provider {name!r}: invalid options: {err}") from err
+    provider: Provider = cls(options, context)
+    return provider

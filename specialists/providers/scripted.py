@@ -1,0 +1,68 @@
+"""The scripted provider: deterministic text at a set first-token delay and token rate.
+
+For tests and benchmarks only (it is never a roster default). It answers
+``"<specialist> heard: <last user message>"``, word by word, paced on a fixed schedule so the timing
+is the configured one and not the sum of per-token sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar
+
+import anyio
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bus.wire import ChatMessage, ChatOptions
+from specialists.providers.base import ProviderContext
+
+_TOKEN_RE = re.compile(r"\S+\s*|\s+")
+
+
+class ScriptedOptions(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEKTON_SCRIPTED_", extra="forbid")
+
+    first_token_ms: float = Field(default=0.0, ge=0)
+    # 0: as fast as the bus takes them.
+    tokens_per_s: float = Field(default=0.0, ge=0)
+    # Repeat the script to exactly this many tokens (benchmarks); None: the script once.
+    tokens: int | None = Field(default=None, ge=1)
+    text: str | None = None
+
+
+class ScriptedProvider:
+    name: ClassVar[str] = "scripted"
+    Options: ClassVar[type[BaseSettings]] = ScriptedOptions
+
+    def __init__(self, options: ScriptedOptions, context: ProviderContext):
+        self.options = options
+        self.specialist = context.specialist
+        self.model = "scripted"
+
+    def script(self, messages: Sequence[ChatMessage]) -> list[str]:
+        if self.options.text is not None:
+            text = self.options.text
+        else:
+            last = next((m.content for m in reversed(messages) if m.role == "user"), "")
+            text = f"{self.specialist} heard: {last}"
+        return _TOKEN_RE.findall(text) or [""]
+
+    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+        tokens = self.script(messages)
+        count = self.options.tokens or len(tokens)
+        if options.max_tokens is not None:
+            count = min(count, options.max_tokens)
+        start = time.perf_counter() + self.options.first_token_ms / 1000
+        step = 1 / self.options.tokens_per_s if self.options.tokens_per_s else 0.0
+        for i, token in enumerate(itertools.islice(itertools.cycle(tokens), count)):
+            delay = start + i * step - time.perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)
+            yield token
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,95 @@
+"""The roster: which specialists exist, read from one data file (``deploy/roster.toml``)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bus.errors import BusError
+from bus.subjects import validate_name
+from bus.wire import ChatOptions
+
+
+class RosterError(BusError):
+    pass
+
+
+class SpecialistSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str
+    system_prompt: str
+    primary: list[str] = Field(min_length=1)
+    capabilities: dict[str, float]
+    provider: str
+    provider_options: dict[str, Any] = Field(default_factory=dict)
+    options: ChatOptions = ChatOptions()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value)
+
+    @field_validator("capabilities")
+    @classmethod
+    def _scores(cls, value: dict[str, float]) -> dict[str, float]:
+        for cap, score in value.items():
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"capability {cap!r} has score {score}, outside 0..1")
+        return value
+
+    @model_validator(mode="after")
+    def _primary_are_capabilities(self) -> SpecialistSpec:
+        missing = [p for p in self.primary if p not in self.capabilities]
+        if missing:
+            raise ValueError(f"primary capabilities without a score: {', '.join(missing)}")
+        return self
+
+    def micro_metadata(self, provider: str, model: str) -> dict[str, str]:
+        """What ``$SRV.INFO`` tells the world about this specialist (micro metadata values are strings)."""
+        return {
+            "tekton_role": "specialist",
+            "primary": json.dumps(self.primary),
+            "capabilities": json.dumps(self.capabilities),
+            "provider": provider,
+            "model": model,
+            "max_tokens": str(self.options.max_tokens or ""),
+        }
+
+
+def default_roster_path() -> Path:
+    return Path(str(resources.files("deploy") / "roster.toml"))
+
+
+def load_roster(path: Path | None = None, provider_override: str | None = None) -> dict[str, SpecialistSpec]:
+    path = path or default_roster_path()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise RosterError(f"cannot read roster {path}: {err}") from err
+    defaults = data.get("defaults", {})
+    roster: dict[str, SpecialistSpec] = {}
+    for name, entry in (data.get("specialists") or {}).items():
+        merged = {
+            "provider": defaults.get("provider", "local"),
+            "provider_options": defaults.get("provider_options", {}),
+            **entry,
+            "name": name,
+        }
+        merged["options"] = {**defaults.get("options", {}), **entry.get("options", {})}
+        if provider_override:
+            merged["provider"] = provider_override
+            merged["provider_options"] = {}
+        try:
+            roster[name] = SpecialistSpec.model_validate(merged)
+        except ValidationError as err:
+            raise RosterError(f"roster {path}: specialist {name!r} is invalid: {err}") from err
+    if not roster:
+        raise RosterError(f"roster {path} lists no specialists")
+    return roster

@@ -1,0 +1,74 @@
+"""Run a set of specialists in one process: one NATS connection, one shared model, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Sequence
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from bus.client import connect
+from bus.settings import TektonSettings
+from specialists.providers.base import ProviderContext, SharedResources, create_provider
+from specialists.roster import RosterError, SpecialistSpec, load_roster
+from specialists.service import SpecialistService
+
+log = structlog.get_logger("tekton.runtime")
+
+
+def select(roster: dict[str, SpecialistSpec], names: Sequence[str] | None) -> list[SpecialistSpec]:
+    if not names:
+        return list(roster.values())
+    unknown = [n for n in names if n not in roster]
+    if unknown:
+        raise RosterError(f"not in the roster: {', '.join(unknown)}; known: {', '.join(sorted(roster))}")
+    return [roster[n] for n in names]
+
+
+async def serve_specialists(
+    settings: TektonSettings,
+    names: Sequence[str] | None = None,
+    *,
+    on_ready: Callable[[list[SpecialistService]], None] | None = None,
+    task_status: TaskStatus[list[SpecialistService]] = anyio.TASK_STATUS_IGNORED,
+    stop: anyio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set (SIGTERM/SIGINT when no event is given), then drain: in-flight streams finish, no new ones start.
+
+    Providers are created before touching the bus, so a missing model or key fails at once and clearly.
+    """
+    specs = select(load_roster(settings.roster, settings.provider), names)
+    shared = SharedResources()
+    providers = [create_provider(s.provider, s.provider_options, ProviderContext(s.name, shared)) for s in specs]
+    nc = await connect(settings.nats_url, name=f"tekton-specialists:{','.join(s.name for s in specs)}")
+    try:
+        async with anyio.create_task_group() as tg:
+            services = [SpecialistService(nc, spec, p, settings, tg) for spec, p in zip(specs, providers, strict=True)]
+            for service in services:
+                await service.start()
+            if on_ready:
+                on_ready(services)
+            task_status.started(services)
+            if stop is None:
+                stop = anyio.Event()
+                tg.start_soon(set_on_signal, stop)
+            await stop.wait()
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as draining:
+                    for service in services:
+                        draining.start_soon(service.drain, settings.drain_grace_s)
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await nc.drain()
+
+
+async def set_on_signal(stop: anyio.Event, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Set ``stop`` on the first of ``signals``."""
+    with anyio.open_signal_receiver(*signals) as received:
+        async for sig in received:
+            log.info("stopping", signal=signal.Signals(sig).name)
+            break
+    stop.set()

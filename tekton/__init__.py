@@ -1,0 +1,1 @@
+"""The `tekton` command: starts and supervises the pieces (nats-server, specialists) and reports status."""

@@ -1,0 +1,5 @@
+import sys
+
+from tekton.cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""`tekton`: run Tekton's pieces.
+
+    tekton up [-- CMD ...]        nats-server (embedded, or the one already at --nats) + every specialist
+    tekton specialist NAME ...    one or more specialists against any NATS URL (scale-out)
+    tekton nats                   just the embedded nats-server
+    tekton status                 running specialists, replicas and live stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from urllib.parse import urlparse
+
+import anyio
+
+from bus.client import Bus, connect
+from bus.errors import BusError, NatsUnavailable
+from bus.logs import configure_logging
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings, load_settings
+from specialists.roster import load_roster
+from specialists.runtime import select, serve_specialists, set_on_signal
+from specialists.service import SpecialistService
+from tekton.supervisor import run_child
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack) -> str:
+    """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one."""
+    try:
+        nc = await connect(settings.nats_url, connect_timeout=1.0)
+    except NatsUnavailable:
+        pass
+    else:
+        await nc.close()
+        _say(f"using the nats-server already running at {settings.nats_url}")
+        return settings.nats_url
+    url = urlparse(settings.nats_url)
+    if url.scheme != "nats" or (url.hostname or "") not in LOCAL_HOSTS:
+        raise NatsUnavailable(settings.nats_url, "and it is not a local nats:// URL where one could be started")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedNats(
+        settings.data_dir / "nats",
+        host=url.hostname or "127.0.0.1",
+        port=url.port or 4222,
+        log_file=settings.data_dir / "nats-server.log",
+    )
+    await anyio.to_thread.run_sync(server.start)
+    stack.callback(server.stop)
+    _say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
+    return server.url
+
+
+def _child_argv(names: Sequence[str], settings: TektonSettings) -> list[str]:
+    argv = [sys.executable, "-m", "tekton", "specialist", *names, "--nats", settings.nats_url]
+    if settings.provider:
+        argv += ["--provider", settings.provider]
+    return argv
+
+
+async def _start_children(tg: anyio.abc.TaskGroup, groups: Sequence[tuple[str, Sequence[str]]], settings: TektonSettings) -> None:
+    async with anyio.create_task_group() as starting:
+        for label, names in groups:
+            starting.start_soon(tg.start, run_child, _child_argv(names, settings), label)
+
+
+async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
+    roster = load_roster(settings.roster, settings.provider)
+    async with AsyncExitStack() as stack:
+        settings = settings.model_copy(update={"nats_url": await ensure_nats(settings, stack)})
+        stop = anyio.Event()
+        exit_code = 0
+        async with anyio.create_task_group() as tg:
+            if args.processes:
+                await _start_children(tg, [(name, [name]) for name in roster], settings)
+            else:
+                await tg.start(lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status))
+            _say(f"Tekton is up: {len(roster)} specialists ({', '.join(roster)}) on {settings.nats_url}")
+            if args.command:
+                exit_code = await _run_attached(args.command, settings)
+            else:
+                _say("Ctrl-C to stop")
+                await set_on_signal(stop)
+            stop.set()
+            if args.processes:
+                tg.cancel_scope.cancel()
+    _say("Tekton stopped")
+    return exit_code
+
+
+async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int:
+    """Run ``command`` on our terminal; Ctrl-C belongs to it while it runs (SIGTERM still stops us)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        env = {"TEKTON_NATS_URL": settings.nats_url}
+        process = await anyio.open_process(list(command), stdin=None, stdout=None, stderr=None, env={**_environ(), **env})
+        async with anyio.create_task_group() as tg:
+
+            async def on_term() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM) as received:
+                    async for _ in received:
+                        process.terminate()
+                        break
+
+            tg.start_soon(on_term)
+            code = await process.wait()
+            tg.cancel_scope.cancel()
+        return code
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> int:
+    select(load_roster(settings.roster, settings.provider), args.names)  # fail on unknown names now
+    if args.replicas > 1:
+        async with anyio.create_task_group() as tg:
+            await _start_children(tg, [(f"{'+'.join(args.names)}#{i}", args.names) for i in range(args.replicas)], settings)
+            _say(f"ready {' '.join(args.names)} x{args.replicas} on {settings.nats_url}")
+            stop = anyio.Event()
+            await set_on_signal(stop)
+            tg.cancel_scope.cancel()
+        return 0
+
+    def ready(services: list[SpecialistService]) -> None:
+        for service in services:
+            _say(f"ready {service.spec.name} {service.instance_id} on {settings.nats_url}")
+
+    await serve_specialists(settings, args.names, on_ready=ready)
+    return 0
+
+
+async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
+    url = urlparse(settings.nats_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedNats(settings.data_dir / "nats", host=url.hostname or "127.0.0.1", port=url.port or 4222)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        _say(f"ready nats-server on {server.url} (JetStream store {server.store_dir}); Ctrl-C to stop")
+        await set_on_signal(anyio.Event())
+    finally:
+        server.stop()
+    return 0
+
+
+async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
+    async with Bus.connect(settings, name="tekton-status") as bus:
+        instances = await bus.instances(window=args.window)
+        stats = {s["id"]: s for s in await bus.stats(window=args.window)}
+    if args.json:
+        _say(json.dumps([{"name": i.name, "id": i.id, "metadata": i.metadata, "stats": stats.get(i.id)} for i in instances], indent=2))
+        return 0
+    if not instances:
+        _say(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
+        return 1
+    _say(f"{'SPECIALIST':<12} {'REPLICAS':>8} {'PROVIDER/MODEL':<40} {'SERVED':>7} {'ERRORS':>6} {'CANCEL':>6} {'ACTIVE':>6} {'1ST TOKEN':>10}")
+    by_name: dict[str, list[str]] = {}
+    for i in instances:
+        by_name.setdefault(i.name, []).append(i.id)
+    for name, ids in by_name.items():
+        meta = next(i.metadata for i in instances if i.name == name)
+        datas = [(stats.get(x, {}).get("endpoints") or [{}])[0].get("data") or {} for x in ids]
+        served = sum(d.get("served", 0) for d in datas)
+        errors = sum(d.get("errors", 0) for d in datas)
+        cancelled = sum(d.get("cancelled", 0) for d in datas)
+        active = sum(d.get("in_flight", 0) for d in datas)
+        firsts = [d["avg_first_token_ms"] for d in datas if d.get("avg_first_token_ms") is not None]
+        first = f"{sum(firsts) / len(firsts):.1f} ms" if firsts else "-"
+        model = f"{meta.get('provider', '?')}/{meta.get('model', '?')}"
+        _say(f"{name:<12} {len(ids):>8} {model:<40} {served:>7} {errors:>6} {cancelled:>6} {active:>6} {first:>10}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tekton", description="Run Tekton: a team of AI specialists on NATS.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)")
+    common.add_argument("--provider", help="run every specialist on this provider (e.g. scripted, for tests)")
+    common.add_argument("--data-dir", help="where the embedded server keeps its JetStream store")
+    common.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
+    up.add_argument("--processes", action="store_true", help="each specialist in its own process")
+    up.add_argument("command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)")
+
+    spec = sub.add_parser("specialist", parents=[common], help="run specialists against a NATS server")
+    spec.add_argument("names", nargs="+")
+    spec.add_argument("--replicas", type=int, default=1, help="run N replica processes (they share the load)")
+
+    sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
+
+    status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--window", type=float, default=0.1, help="seconds to wait for answers")
+    return parser
+
+
+COMMANDS = {"up": cmd_up, "specialist": cmd_specialist, "nats": cmd_nats, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    configure_logging(args.log_level)
+    try:
+        settings = load_settings(nats_url=args.nats_url, provider=args.provider, data_dir=args.data_dir)
+        return anyio.run(COMMANDS[args.cmd], settings, args)
+    except BusError as err:
+        print(f"tekton: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
