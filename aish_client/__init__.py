@@ -1,0 +1,1 @@
+"""aish: the shell for talking to Tekton's specialists over NATS."""

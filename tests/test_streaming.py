@@ -1,0 +1,174 @@
+"""Streaming over a real nats-server with specialists served in this process (scripted provider)."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import msgpack
+import pytest
+
+from bus.client import Bus
+from bus.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    IdleTimeout,
+    MalformedFrame,
+    PayloadTooLarge,
+    SpecialistUnavailable,
+    StreamGap,
+)
+from bus.settings import TektonSettings
+from bus.subjects import chat_subject
+from bus.wire import ChatMessage, ChatOptions, decode_frame, encode, encode_chunk, StartFrame, ErrorFrame
+from tests.helpers import eventually, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+async def test_stream_tokens_then_result(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with bus.stream("apollo", user("queue groups share load")) as s:
+            chunks = [c async for c in s]
+        result = await s.result()
+    assert chunks == ["apollo ", "heard: ", "queue ", "groups ", "share ", "load"]
+    assert result.text == "apollo heard: queue groups share load"
+    assert result.start.specialist == "apollo" and result.start.provider == "scripted"
+    assert result.done.usage.completion_tokens == 6
+    assert result.done.finish_reason == "stop"
+    assert result.done.timings.first_token_ms is not None
+    assert result.done.timings.total_ms >= result.done.timings.first_token_ms
+
+
+async def test_max_tokens_gives_length(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        result = await bus.ask("apollo", "one two three four five", ChatOptions(max_tokens=2))
+    assert result.text == "apollo heard: "
+    assert result.done.finish_reason == "length"
+
+
+async def test_unknown_specialist_suggests_a_name_fast(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo", "athena"), Bus.connect(settings) as bus:
+        started = time.perf_counter()
+        with anyio.fail_after(2), pytest.raises(SpecialistUnavailable) as info:
+            await bus.ask("apolo", "hi")
+        elapsed = time.perf_counter() - started
+        assert "did you mean 'apollo'?" in str(info.value)
+        assert info.value.suggestion == "apollo"
+        with pytest.raises(SpecialistUnavailable, match="running: apollo, athena"):
+            await bus.ask("zeus", "hi")
+    # The figure is measured in bench/stream.py; here only "no hang" (generous for a shared machine).
+    assert elapsed < 1.0
+
+
+async def test_each_request_is_served_in_its_own_task(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_FIRST_TOKEN_MS", "800")
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        async with bus.stream("apollo", user("one")) as a, bus.stream("apollo", user("two")) as b:
+            # Both requests are being generated at once: neither waits for the other to finish.
+            await eventually(lambda: services["apollo"].counters.in_flight == 2)
+            assert [c async for c in a][-1] == "one"
+            assert [c async for c in b][-1] == "two"
+
+
+async def test_heartbeats_keep_a_slow_stream_alive(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_FIRST_TOKEN_MS", "1500")
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with bus.stream("apollo", user("slow"), idle_timeout=0.6) as s:
+            text = "".join([c async for c in s])
+    assert text == "apollo heard: slow"
+
+
+async def test_deadline_exceeded(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "20")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "200")
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            async with bus.stream("apollo", user("x"), timeout=0.3) as s:
+                async for _ in s:
+                    pass
+        assert services["apollo"].counters.errors == 1
+        assert (await bus.ask("apollo", "x", ChatOptions(max_tokens=3))).text == "apollo heard: x"
+
+
+async def test_early_exit_cancels_generation_on_the_specialist(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "50")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "10000")
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        async with bus.stream("apollo", user("long")) as s:
+            async for _ in s:
+                break
+        counters = services["apollo"].counters
+        await eventually(lambda: counters.cancelled == 1 and counters.in_flight == 0)
+        assert counters.served == 0
+
+
+async def test_oversized_message_is_refused_before_sending(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        too_big = "x" * (bus.nc.max_payload + 1)
+        with pytest.raises(PayloadTooLarge, match="max_payload"):
+            await bus.ask("apollo", too_big)
+        assert services["apollo"].counters.in_flight == 0
+        assert (await bus.ask("apollo", "still fine")).text == "apollo heard: still fine"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xc1garbage", msgpack.packb({"v": 1, "type": "chunk", "seq": 0, "text": "a frame, not a request"}), b""],
+)
+async def test_malformed_or_foreign_request_gets_an_error_frame(settings: TektonSettings, payload: bytes) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        reply = await bus.nc.request(chat_subject("apollo"), payload, timeout=2)
+        frame = decode_frame(reply.data)
+        assert isinstance(frame, ErrorFrame)
+        assert frame.code in ("bad_request", "malformed_frame")
+        # The service keeps running.
+        assert (await bus.ask("apollo", "next")).text == "apollo heard: next"
+
+
+async def _rogue_specialist(bus: Bus, name: str, frames: list[bytes]) -> None:
+    """A hand-written responder on the real bus that answers with exactly ``frames``."""
+
+    async def answer(msg) -> None:  # type: ignore[no-untyped-def]
+        for f in frames:
+            await bus.nc.publish(msg.reply, f)
+
+    await bus.nc.subscribe(chat_subject(name), cb=answer)
+    await bus.nc.flush()
+
+
+async def test_a_lost_frame_is_an_error_not_missing_text(settings: TektonSettings) -> None:
+    async with Bus.connect(settings) as bus:
+        start = encode(StartFrame(seq=0, specialist="rogue", instance="i", provider="p", model="m"))
+        await _rogue_specialist(bus, "rogue", [start, encode_chunk(1, "a"), encode_chunk(3, "c")])
+        with pytest.raises(StreamGap, match="expected seq 2, got 3"):
+            await bus.ask("rogue", "x")
+
+
+async def test_a_foreign_reply_frame_is_an_error(settings: TektonSettings) -> None:
+    async with Bus.connect(settings) as bus:
+        await _rogue_specialist(bus, "rogue", [msgpack.packb({"hello": "world"})])
+        with pytest.raises(MalformedFrame):
+            await bus.ask("rogue", "x")
+
+
+async def test_silence_is_an_idle_timeout(settings: TektonSettings) -> None:
+    async with Bus.connect(settings) as bus:
+        start = encode(StartFrame(seq=0, specialist="mute", instance="i", provider="p", model="m"))
+        await _rogue_specialist(bus, "mute", [start])
+        with anyio.fail_after(3), pytest.raises(IdleTimeout, match="sent nothing for 0.3 s"):
+            async with bus.stream("mute", user("x"), idle_timeout=0.3) as s:
+                async for _ in s:
+                    pass
+
+
+async def test_bad_options_are_rejected_before_sending(settings: TektonSettings) -> None:
+    with pytest.raises(ValueError):
+        ChatOptions(max_tokens=0)
+    assert BadRequest("x").code == "bad_request"
