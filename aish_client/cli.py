@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Talk to Tekton's AI specialists: aish -c 'echo \"text\" | apollo | athena'",
     )
     parser.add_argument("-c", dest="pipeline", metavar="PIPELINE", help="run one pipeline and exit")
-    parser.add_argument("--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+    )
     parser.add_argument("--max-tokens", type=int, help="cap each answer at N tokens")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--timeout", type=float, help="deadline of each request, seconds")
@@ -82,7 +84,7 @@ async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     session: PromptSession[str] = PromptSession(history=FileHistory(str(settings.data_dir / "aish_history")))
     renderer = Renderer()
-    renderer.note("aish: type a pipeline (echo \"text\" | apollo | athena), `list`, `help`; Ctrl-D to exit")
+    renderer.note('aish: type a pipeline (echo "text" | apollo | athena), `list`, `help`; Ctrl-D to exit')
     async with Bus.connect(settings, name="aish") as bus:
         while True:
             try:

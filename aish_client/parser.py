@@ -26,7 +26,8 @@ class PipelineSyntaxError(ValueError):
 
     def render(self) -> str:
         """The message, the source line and a caret under the column."""
-        return f"syntax error at column {self.column}: {self.message}\n  {self.source}\n  {' ' * (self.column - 1)}^"
+        caret = " " * (self.column - 1) + "^"
+        return f"syntax error at column {self.column}: {self.message}\n  {self.source}\n  {caret}"
 
     def __str__(self) -> str:
         return f"syntax error at column {self.column}: {self.message}"
@@ -74,7 +75,9 @@ def tokenize(source: str) -> list[Token]:
             i += 2
             continue
         if ch == "<":
-            raise PipelineSyntaxError("'<' is not supported; use '<< \"message\"' or pipe text in", col, source)
+            raise PipelineSyntaxError(
+                "'<' is not supported; use '<< \"message\"' or pipe text in", col, source
+            )
         if ch == ">":
             append = source.startswith(">>", i)
             tokens.append(Token(Kind.APPEND if append else Kind.WRITE, ">>" if append else ">", col))
@@ -190,7 +193,7 @@ class _Parser:
 
     def pipeline(self) -> Pipeline:
         if self.peek().kind is Kind.END:
-            raise self.fail("empty pipeline: name a specialist, e.g. apollo \"question\"")
+            raise self.fail('empty pipeline: name a specialist, e.g. apollo "question"')
         source: Echo | None = None
         stages: list[Ask] = []
         first = self.peek()
@@ -219,7 +222,9 @@ class _Parser:
             tok = self.peek()
             raise self.fail(f"unexpected '{tok.text}'", tok)
         if not stages and redirect is None:
-            raise PipelineSyntaxError("echo needs a specialist to talk to: echo \"text\" | apollo", first.column, self.source)
+            raise PipelineSyntaxError(
+                'echo needs a specialist to talk to: echo "text" | apollo', first.column, self.source
+            )
         return Pipeline(source, tuple(stages), redirect, self.source)
 
     def target(self) -> Target:

@@ -6,11 +6,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TextIO
 
+from aish_client.parser import Ask, Pipeline
+from aish_client.render import Renderer
 from bus.client import Bus
 from bus.errors import BusError
 from bus.wire import ChatMessage, ChatOptions
-from aish_client.parser import Ask, Pipeline
-from aish_client.render import Renderer
 
 
 class NotBuilt(BusError):
@@ -25,7 +25,9 @@ def compose(message: str | None, piped: str | None) -> str:
 
 def _check_runnable(stage: Ask) -> str:
     if stage.fan_out:
-        raise NotBuilt(f"column {stage.column}: fan-out to several specialists (',' and '{{...}}') is not built yet")
+        raise NotBuilt(
+            f"column {stage.column}: fan-out to several specialists (',' and '{{...}}') is not built yet"
+        )
     target = stage.targets[0]
     if target.capability:
         raise NotBuilt(f"column {target.column}: routing by capability (@{target.name}) is not built yet")
@@ -53,7 +55,9 @@ async def run_pipeline(
             last = i == len(pipeline.stages) - 1
             prompt = compose(stage.message, text)
             if not prompt.strip():
-                raise BusError(f"'{name}' got no input: give it a message ({name} \"...\"), pipe text in, or use echo")
+                raise BusError(
+                    f"'{name}' got no input: give it a message ({name} \"...\"), pipe text in, or use echo"
+                )
             tokens = 0
             if not last:
                 renderer.progress(name, 0)

@@ -1,10 +1,10 @@
 """The client side of the contract: connect, stream a specialist's answer, list running specialists.
 
-    async with Bus.connect(settings) as bus:
-        async with bus.stream("apollo", [ChatMessage(role="user", content="hi")]) as s:
-            async for text in s:
-                print(text, end="")
-        result = await s.result()
+async with Bus.connect(settings) as bus:
+    async with bus.stream("apollo", [ChatMessage(role="user", content="hi")]) as s:
+        async for text in s:
+            print(text, end="")
+    result = await s.result()
 """
 
 from __future__ import annotations
@@ -190,7 +190,9 @@ class Bus:
 
     async def stats(self, name: str | None = None, window: float = 0.05) -> list[dict[str, Any]]:
         subject = "$SRV.STATS" + (f".{name}" if name else "")
-        return [a for a in await self._gather(subject, window) if (a.get("metadata") or {}).get("tekton_role")]
+        return [
+            a for a in await self._gather(subject, window) if (a.get("metadata") or {}).get("tekton_role")
+        ]
 
     async def running_names(self, window: float = 0.05) -> list[str]:
         return sorted({i.name for i in await self.instances(window=window)})

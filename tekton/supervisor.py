@@ -63,11 +63,11 @@ async def run_child(
             await stop_process(process)
 
 
-async def stop_process(process: Process, timeout: float = 35.0) -> None:
+async def stop_process(process: Process, grace: float = 35.0) -> None:
     if process.returncode is not None:
         return
     process.send_signal(signal.SIGTERM)
-    with anyio.move_on_after(timeout):
+    with anyio.move_on_after(grace):
         await process.wait()
         return
     process.kill()

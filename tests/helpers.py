@@ -55,7 +55,9 @@ class Child:
             except queue.Empty:
                 continue
             if line is None:  # type: ignore[comparison-overlap]
-                raise AssertionError(f"process exited ({self.process.poll()}) before the line; saw: {self.seen[-10:]}")
+                raise AssertionError(
+                    f"process exited ({self.process.poll()}) before the line; saw: {self.seen[-10:]}"
+                )
             self.seen.append(line)
             if predicate(line):
                 return line
@@ -83,10 +85,22 @@ def spawn(argv: list[str], env: Mapping[str, str], **kwargs: Any) -> Child:
 
 
 @contextmanager
-def specialist_process(settings: TektonSettings, *names: str, **env: str) -> Iterator[tuple[Child, dict[str, str]]]:
+def specialist_process(
+    settings: TektonSettings, *names: str, **env: str
+) -> Iterator[tuple[Child, dict[str, str]]]:
     """`tekton specialist NAMES --provider scripted`; yields the child and {name: instance id}."""
     child = spawn(
-        [sys.executable, "-m", "tekton", "specialist", *names, "--provider", "scripted", "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "tekton",
+            "specialist",
+            *names,
+            "--provider",
+            "scripted",
+            "--log-level",
+            "warning",
+        ],
         child_env(settings, **env),
     )
     try:
@@ -109,7 +123,9 @@ async def in_process_specialists(settings: TektonSettings, *names: str):  # type
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         services: list[SpecialistService] = await tg.start(
-            lambda task_status: serve_specialists(settings, list(names) or None, stop=stop, task_status=task_status)
+            lambda task_status: serve_specialists(
+                settings, list(names) or None, stop=stop, task_status=task_status
+            )
         )
         try:
             yield {s.spec.name: s for s in services}
@@ -117,9 +133,9 @@ async def in_process_specialists(settings: TektonSettings, *names: str):  # type
             stop.set()
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> None:
     """Wait until ``check()`` holds (a bounded wait on a condition, not a fixed sleep)."""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(within):
         while True:
             result = check()
             if not isinstance(result, bool):

@@ -2,7 +2,7 @@ import shlex
 
 import pytest
 
-from aish_client.parser import Echo, PipelineSyntaxError, Redirect, parse, tokenize, Kind
+from aish_client.parser import Echo, Kind, PipelineSyntaxError, Redirect, parse, tokenize
 
 
 def names(stage) -> list[str]:  # type: ignore[no-untyped-def]
@@ -35,7 +35,13 @@ def test_fan_out_and_capabilities_parse() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    ["plain words here", "'single quoted' \"double \\\" quoted\"", r"back\ slash", "mix'ed'\"quotes\"", "a\\\\b"],
+    [
+        "plain words here",
+        '\'single quoted\' "double \\" quoted"',
+        r"back\ slash",
+        "mix'ed'\"quotes\"",
+        "a\\\\b",
+    ],
 )
 def test_words_follow_shlex(line: str) -> None:
     words = [t.text for t in tokenize(line) if t.kind is Kind.WORD]

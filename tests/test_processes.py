@@ -22,9 +22,16 @@ AISH = [sys.executable, "-m", "aish_client"]
 TEKTON = [sys.executable, "-m", "tekton"]
 
 
-def aish(settings: TektonSettings, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+def aish(
+    settings: TektonSettings, *args: str, stdin: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*AISH, *args], env=child_env(settings, **env), input=stdin, capture_output=True, text=True, timeout=60,
+        [*AISH, *args],
+        env=child_env(settings, **env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
         stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
@@ -52,7 +59,7 @@ def test_aish_redirects_to_files(settings: TektonSettings, tmp_path: Path) -> No
     out = tmp_path / "answer.txt"
     with specialist_process(settings, "apollo"):
         assert aish(settings, "-c", f'apollo "first" > {out}').returncode == 0
-        assert aish(settings, "-c", f'echo second | apollo >> {out}').returncode == 0
+        assert aish(settings, "-c", f"echo second | apollo >> {out}").returncode == 0
     assert out.read_text() == "apollo heard: firstapollo heard: second"
 
 
@@ -60,7 +67,9 @@ def test_aish_errors_are_one_clear_line(settings: TektonSettings) -> None:
     with specialist_process(settings, "apollo"):
         unknown = aish(settings, "-c", 'apolo "x"')
         assert unknown.returncode == 1
-        assert unknown.stderr.strip() == "aish: no specialist named 'apolo' is running; did you mean 'apollo'?"
+        assert (
+            unknown.stderr.strip() == "aish: no specialist named 'apolo' is running; did you mean 'apollo'?"
+        )
         syntax = aish(settings, "-c", 'apollo | "')
         assert syntax.returncode == 2 and "column 10" in syntax.stderr and "^" in syntax.stderr
         not_built = aish(settings, "-c", 'apollo,athena << "x"')
@@ -74,13 +83,18 @@ def test_no_nats_server_says_how_to_start_one(settings: TektonSettings) -> None:
     done = aish(down, "-c", 'apollo "x"')
     assert done.returncode == 1
     assert "no NATS server answers at nats://127.0.0.1:9" in done.stderr and "tekton up" in done.stderr
-    status = subprocess.run([*TEKTON, "status"], env=child_env(down), capture_output=True, text=True, timeout=30)
+    status = subprocess.run(
+        [*TEKTON, "status"], env=child_env(down), capture_output=True, text=True, timeout=30
+    )
     assert status.returncode == 1 and "tekton up" in status.stderr
 
 
 @pytest.mark.anyio
 async def test_two_replicas_share_the_load(settings: TektonSettings) -> None:
-    with specialist_process(settings, "apollo") as (_, one), specialist_process(settings, "apollo") as (_, two):
+    with (
+        specialist_process(settings, "apollo") as (_, one),
+        specialist_process(settings, "apollo") as (_, two),
+    ):
         async with Bus.connect(settings) as bus:
             async with anyio.create_task_group() as tg:
                 for i in range(40):
@@ -92,13 +106,20 @@ async def test_two_replicas_share_the_load(settings: TektonSettings) -> None:
 
 
 @pytest.mark.anyio
-async def test_killed_replica_mid_stream_is_a_clear_error_and_the_next_request_works(settings: TektonSettings) -> None:
+async def test_killed_replica_mid_stream_is_a_clear_error_and_the_next_request_works(
+    settings: TektonSettings,
+) -> None:
     slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "20", "TEKTON_SCRIPTED_TOKENS": "400"}
-    with specialist_process(settings, "apollo", **slow) as (a, ids_a), specialist_process(settings, "apollo", **slow) as (b, ids_b):
+    with (
+        specialist_process(settings, "apollo", **slow) as (a, ids_a),
+        specialist_process(settings, "apollo", **slow) as (b, ids_b),
+    ):
         by_instance = {ids_a["apollo"]: a, ids_b["apollo"]: b}
         async with Bus.connect(settings) as bus:
             with anyio.fail_after(10), pytest.raises(IdleTimeout, match="died mid-stream"):
-                async with bus.stream("apollo", [ChatMessage(role="user", content="x")], idle_timeout=1.0) as s:
+                async with bus.stream(
+                    "apollo", [ChatMessage(role="user", content="x")], idle_timeout=1.0
+                ) as s:
                     async for _ in s:
                         assert s.start_frame is not None
                         victim = by_instance[s.start_frame.instance]
@@ -106,7 +127,9 @@ async def test_killed_replica_mid_stream_is_a_clear_error_and_the_next_request_w
                             victim.process.kill()
             survivor = next(c for c in by_instance.values() if c is not victim)
             assert survivor.process.poll() is None
-            async with bus.stream("apollo", [ChatMessage(role="user", content="again")], idle_timeout=2.0) as s2:
+            async with bus.stream(
+                "apollo", [ChatMessage(role="user", content="again")], idle_timeout=2.0
+            ) as s2:
                 async for _ in s2:
                     break
             assert s2.start_frame is not None and by_instance[s2.start_frame.instance] is survivor
@@ -134,13 +157,15 @@ async def test_ctrl_c_in_aish_stops_generation_on_the_specialist(settings: Tekto
                 return stats[0]["cancelled"] == 1 and stats[0]["in_flight"] == 0
 
             await eventually(stopped)
-            stats = list((await served_by_instance(bus, "apollo")).values())[0]
+            stats = next(iter((await served_by_instance(bus, "apollo")).values()))
             assert stats["served"] == 0
 
 
 def test_missing_model_file_is_a_clear_error(settings: TektonSettings, tmp_path: Path) -> None:
     env = child_env(settings, TEKTON_LOCAL_MODEL_PATH=str(tmp_path / "nope.gguf"))
-    done = subprocess.run([*TEKTON, "specialist", "apollo"], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*TEKTON, "specialist", "apollo"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1
     assert f"local model file not found: {tmp_path / 'nope.gguf'}" in done.stderr
 
@@ -148,12 +173,18 @@ def test_missing_model_file_is_a_clear_error(settings: TektonSettings, tmp_path:
 def test_missing_api_key_is_a_clear_error(settings: TektonSettings) -> None:
     done = subprocess.run(
         [*TEKTON, "specialist", "apollo", "--provider", "openai"],
-        env=child_env(settings), capture_output=True, text=True, timeout=60,
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1 and "TEKTON_OPENAI_API_KEY" in done.stderr
     done = subprocess.run(
         [*TEKTON, "specialist", "apollo", "--provider", "anthropic"],
-        env=child_env(settings), capture_output=True, text=True, timeout=60,
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1 and "TEKTON_ANTHROPIC_API_KEY" in done.stderr
 
@@ -161,7 +192,10 @@ def test_missing_api_key_is_a_clear_error(settings: TektonSettings) -> None:
 def test_unknown_specialist_in_tekton_specialist(settings: TektonSettings) -> None:
     done = subprocess.run(
         [*TEKTON, "specialist", "apolo", "--provider", "scripted"],
-        env=child_env(settings), capture_output=True, text=True, timeout=60,
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1 and "not in the roster: apolo" in done.stderr
 
@@ -199,13 +233,17 @@ def test_tekton_up_runs_everything_and_stops_cleanly(tmp_path: Path, processes: 
         assert children, "tekton up should have started nats-server (and specialists) as children"
         done = aish(settings, "-c", 'echo "hello" | prometheus | rhetor')
         assert done.stdout == "rhetor heard: prometheus heard: hello\n", done.stderr
-        status = subprocess.run([*TEKTON, "status", "--json"], env=child_env(settings), capture_output=True, text=True, timeout=30)
+        status = subprocess.run(
+            [*TEKTON, "status", "--json"], env=child_env(settings), capture_output=True, text=True, timeout=30
+        )
         listed = json.loads(status.stdout)
         assert len({i["name"] for i in listed}) == 10
         assert up.stop(signal.SIGTERM, timeout=40) == 0
         up.wait_for(lambda line: line == "Tekton stopped")
         for pid in children:
-            assert not Path(f"/proc/{pid}").exists() or "Z" in (Path(f"/proc/{pid}/stat").read_text().split()[2]), pid
+            assert (
+                not Path(f"/proc/{pid}").exists() or "Z" in (Path(f"/proc/{pid}/stat").read_text().split()[2])
+            ), pid
     finally:
         if up.process.poll() is None:
             up.process.kill()

@@ -20,7 +20,7 @@ from bus.errors import (
 )
 from bus.settings import TektonSettings
 from bus.subjects import chat_subject
-from bus.wire import ChatMessage, ChatOptions, decode_frame, encode, encode_chunk, StartFrame, ErrorFrame
+from bus.wire import ChatMessage, ChatOptions, ErrorFrame, StartFrame, decode_frame, encode, encode_chunk
 from tests.helpers import eventually, in_process_specialists
 
 pytestmark = pytest.mark.anyio
@@ -65,21 +65,32 @@ async def test_unknown_specialist_suggests_a_name_fast(settings: TektonSettings)
     assert elapsed < 1.0
 
 
-async def test_each_request_is_served_in_its_own_task(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_each_request_is_served_in_its_own_task(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TEKTON_SCRIPTED_FIRST_TOKEN_MS", "800")
-    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
-        async with bus.stream("apollo", user("one")) as a, bus.stream("apollo", user("two")) as b:
-            # Both requests are being generated at once: neither waits for the other to finish.
-            await eventually(lambda: services["apollo"].counters.in_flight == 2)
-            assert [c async for c in a][-1] == "one"
-            assert [c async for c in b][-1] == "two"
+    async with (
+        in_process_specialists(settings, "apollo") as services,
+        Bus.connect(settings) as bus,
+        bus.stream("apollo", user("one")) as a,
+        bus.stream("apollo", user("two")) as b,
+    ):
+        # Both requests are being generated at once: neither waits for the other to finish.
+        await eventually(lambda: services["apollo"].counters.in_flight == 2)
+        assert [c async for c in a][-1] == "one"
+        assert [c async for c in b][-1] == "two"
 
 
-async def test_heartbeats_keep_a_slow_stream_alive(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_heartbeats_keep_a_slow_stream_alive(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TEKTON_SCRIPTED_FIRST_TOKEN_MS", "1500")
-    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
-        async with bus.stream("apollo", user("slow"), idle_timeout=0.6) as s:
-            text = "".join([c async for c in s])
+    async with (
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+        bus.stream("apollo", user("slow"), idle_timeout=0.6) as s,
+    ):
+        text = "".join([c async for c in s])
     assert text == "apollo heard: slow"
 
 
@@ -120,9 +131,15 @@ async def test_oversized_message_is_refused_before_sending(settings: TektonSetti
 
 @pytest.mark.parametrize(
     "payload",
-    [b"\xc1garbage", msgpack.packb({"v": 1, "type": "chunk", "seq": 0, "text": "a frame, not a request"}), b""],
+    [
+        b"\xc1garbage",
+        msgpack.packb({"v": 1, "type": "chunk", "seq": 0, "text": "a frame, not a request"}),
+        b"",
+    ],
 )
-async def test_malformed_or_foreign_request_gets_an_error_frame(settings: TektonSettings, payload: bytes) -> None:
+async def test_malformed_or_foreign_request_gets_an_error_frame(
+    settings: TektonSettings, payload: bytes
+) -> None:
     async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
         reply = await bus.nc.request(chat_subject("apollo"), payload, timeout=2)
         frame = decode_frame(reply.data)
@@ -162,7 +179,7 @@ async def test_silence_is_an_idle_timeout(settings: TektonSettings) -> None:
     async with Bus.connect(settings) as bus:
         start = encode(StartFrame(seq=0, specialist="mute", instance="i", provider="p", model="m"))
         await _rogue_specialist(bus, "mute", [start])
-        with anyio.fail_after(3), pytest.raises(IdleTimeout, match="sent nothing for 0.3 s"):
+        with anyio.fail_after(3), pytest.raises(IdleTimeout, match=r"sent nothing for 0\.3 s"):
             async with bus.stream("mute", user("x"), idle_timeout=0.3) as s:
                 async for _ in s:
                     pass

@@ -1,7 +1,14 @@
 import msgpack
 import pytest
 
-from bus.errors import BadRequest, MalformedFrame, PayloadTooLarge, SpecialistError, from_wire, DeadlineExceeded
+from bus.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    MalformedFrame,
+    PayloadTooLarge,
+    SpecialistError,
+    from_wire,
+)
 from bus.subjects import cancel_subject, chat_subject, queue_group, validate_name
 from bus.wire import (
     ChatMessage,
@@ -48,7 +55,9 @@ def test_not_msgpack_is_malformed() -> None:
 
 def test_frames_round_trip_and_fast_chunk_matches_model() -> None:
     assert encode_chunk(3, "tok") == encode(ChunkFrame(seq=3, text="tok"))
-    done = DoneFrame(seq=9, finish_reason="stop", usage=Usage(completion_tokens=8), timings=Timings(total_ms=1.5))
+    done = DoneFrame(
+        seq=9, finish_reason="stop", usage=Usage(completion_tokens=8), timings=Timings(total_ms=1.5)
+    )
     assert decode_frame(encode(done)) == done
     err = ErrorFrame(seq=1, code="deadline_exceeded", message="late", retryable=False)
     assert decode_frame(encode(err)) == err

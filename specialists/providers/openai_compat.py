@@ -1,11 +1,12 @@
-"""Any OpenAI-compatible chat server (OpenAI, Ollama, vLLM, llama.cpp server), through the ``openai`` client."""
+"""Any OpenAI-compatible chat server (OpenAI, Ollama, vLLM, llama.cpp server), via the ``openai`` client."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar, cast
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -42,28 +43,33 @@ class OpenAIProvider:
         )
 
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
-        kwargs: dict[str, Any] = {}
-        if options.max_tokens is not None:
-            kwargs["max_tokens"] = options.max_tokens
-        if options.temperature is not None:
-            kwargs["temperature"] = options.temperature
         try:
             response = await self._client.chat.completions.create(
                 model=self.model,
-                messages=[{"role": m.role, "content": m.content} for m in messages],  # type: ignore[misc]
+                messages=cast(
+                    "list[ChatCompletionMessageParam]",
+                    [{"role": m.role, "content": m.content} for m in messages],
+                ),
                 stream=True,
-                **kwargs,
+                max_tokens=options.max_tokens if options.max_tokens is not None else openai.omit,
+                temperature=options.temperature if options.temperature is not None else openai.omit,
             )
             async with response:
                 async for event in response:
                     if event.choices and (text := event.choices[0].delta.content):
                         yield text
         except openai.APIConnectionError as err:
-            raise ProviderUnavailable(f"cannot reach the OpenAI-compatible server at {self.options.base_url}") from err
+            raise ProviderUnavailable(
+                f"cannot reach the OpenAI-compatible server at {self.options.base_url}"
+            ) from err
         except openai.AuthenticationError as err:
-            raise ApiKeyMissing(f"the server at {self.options.base_url} refused the API key: {err.message}") from err
+            raise ApiKeyMissing(
+                f"the server at {self.options.base_url} refused the API key: {err.message}"
+            ) from err
         except openai.APIStatusError as err:
-            raise ProviderError(f"OpenAI-compatible server answered {err.status_code}: {err.message}") from err
+            raise ProviderError(
+                f"OpenAI-compatible server answered {err.status_code}: {err.message}"
+            ) from err
 
     async def aclose(self) -> None:
         await self._client.close()
