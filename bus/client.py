@@ -44,8 +44,10 @@ from bus.wire import (
     DoneFrame,
     ErrorFrame,
     StartFrame,
-    decode_frame,
+    chunk_fields,
     encode_request,
+    unpack_frame,
+    validate_frame,
 )
 
 log = structlog.get_logger("tekton.bus")
@@ -118,6 +120,32 @@ class Bus:
     def __init__(self, nc: NATS, settings: TektonSettings):
         self.nc = nc
         self.settings = settings
+        # Every stream gets a fresh, unique inbox subject under one wildcard subscription (as nats-py's
+        # own request() does): no SUB/UNSUB and no subscription task per request.
+        self._inbox_prefix = nc.new_inbox()
+        self._inbox_sub: Subscription | None = None
+        self._inbox_seq = 0
+        self._routes: dict[str, asyncio.Queue[Msg]] = {}
+
+    async def open_inbox(self) -> tuple[str, asyncio.Queue[Msg]]:
+        """A fresh reply subject, already subscribed, and the queue its messages arrive on."""
+        if self._inbox_sub is None:
+            self._inbox_sub = await self.nc.subscribe(
+                f"{self._inbox_prefix}.*", cb=self._route, pending_msgs_limit=1_000_000
+            )
+        self._inbox_seq += 1
+        subject = f"{self._inbox_prefix}.{self._inbox_seq}"
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._routes[subject] = queue
+        return subject, queue
+
+    def close_inbox(self, subject: str) -> None:
+        self._routes.pop(subject, None)
+
+    async def _route(self, msg: Msg) -> None:
+        queue = self._routes.get(msg.subject)
+        if queue is not None:
+            queue.put_nowait(msg)
 
     @classmethod
     @asynccontextmanager
@@ -211,7 +239,7 @@ class ChatStream:
         self.idle_timeout = idle_timeout
         self.start_frame: StartFrame | None = None
         self._frames: asyncio.Queue[Msg] = asyncio.Queue()
-        self._sub: Subscription | None = None
+        self._inbox: str | None = None
         self._next_seq = 0
         self._parts: list[str] = []
         self._done: DoneFrame | None = None
@@ -222,15 +250,11 @@ class ChatStream:
     async def __aenter__(self) -> ChatStream:
         nc = self.bus.nc
         payload = encode_request(self.request, limit=nc.max_payload)
-        inbox = nc.new_inbox()
-
-        async def enqueue(msg: Msg) -> None:
-            self._frames.put_nowait(msg)
-
-        # Subscribe before publishing so no frame can arrive before we listen.
-        self._sub = await nc.subscribe(inbox, cb=enqueue)
+        subject = chat_subject(self.specialist, self.bus.settings.prefix)
+        # Listen before publishing so no frame can arrive before we do.
+        self._inbox, self._frames = await self.bus.open_inbox()
         self.sent_at = time.perf_counter()
-        await nc.publish(chat_subject(self.specialist, self.bus.settings.prefix), payload, reply=inbox)
+        await nc.publish(subject, payload, reply=self._inbox)
         return self
 
     async def __aexit__(
@@ -242,12 +266,9 @@ class ChatStream:
                     await self.cancel()
                 except Exception as err:  # the connection may be gone: nothing more to stop
                     log.debug("cancel not sent", error=str(err))
-            if self._sub is not None:
-                try:
-                    await self._sub.unsubscribe()
-                except Exception as err:
-                    log.debug("unsubscribe failed", error=str(err))
-                self._sub = None
+            if self._inbox is not None:
+                self.bus.close_inbox(self._inbox)
+                self._inbox = None
 
     async def cancel(self) -> None:
         """Ask the specialist to stop generating now."""
@@ -278,7 +299,23 @@ class ChatStream:
                 self._finished = True
                 raise SpecialistUnavailable(self.specialist, await self.bus.running_names())
             try:
-                frame = decode_frame(msg.data)
+                raw = unpack_frame(msg.data)
+            except MalformedFrame:
+                self._finished = True
+                raise
+            chunk = chunk_fields(raw)
+            if chunk is not None:
+                seq, text = chunk
+                if seq != self._next_seq:
+                    raise StreamGap(self._next_seq, seq)
+                self._next_seq += 1
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
+                self._parts.append(text)
+                yield text
+                continue
+            try:
+                frame = validate_frame(raw)
             except MalformedFrame:
                 self._finished = True
                 raise

@@ -30,7 +30,7 @@ class ChatMessage(Wire):
 
 
 class ChatOptions(Wire):
-    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
 
 
@@ -150,12 +150,41 @@ def decode_request(data: bytes) -> ChatRequest:
         raise BadRequest(f"not a ChatRequest: {_summary(err)}") from err
 
 
-def decode_frame(data: bytes) -> StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame:
-    raw = _unpack(data)
+_CHUNK_KEYS = frozenset({"v", "type", "seq", "text"})
+
+
+def unpack_frame(data: bytes) -> Any:
+    """msgpack-decode a reply frame (validate it with :func:`chunk_fields` / :func:`validate_frame`)."""
+    return _unpack(data)
+
+
+def chunk_fields(raw: Any) -> tuple[int, str] | None:
+    """The hot path: ``(seq, text)`` if ``raw`` is a well-formed chunk frame, else None.
+
+    Checks exactly what the ChunkFrame model would (keys, version, types) without building it;
+    anything else goes through :func:`validate_frame`.
+    """
+    if (
+        type(raw) is dict
+        and raw.keys() == _CHUNK_KEYS
+        and raw["type"] == "chunk"
+        and raw["v"] == PROTOCOL_VERSION
+    ):
+        seq, text = raw["seq"], raw["text"]
+        if type(seq) is int and seq >= 0 and type(text) is str:
+            return seq, text
+    return None
+
+
+def validate_frame(raw: Any) -> StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame:
     try:
         return _FRAME.validate_python(raw)
     except ValidationError as err:
         raise MalformedFrame(f"not a reply frame: {_summary(err)}") from err
+
+
+def decode_frame(data: bytes) -> StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame:
+    return validate_frame(_unpack(data))
 
 
 def _summary(err: ValidationError) -> str:

@@ -106,6 +106,7 @@ class SpecialistService:
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._streaming: dict[str, ReplyStream] = {}
         self._idle = anyio.Event()
         self._idle.set()
         self._draining = False
@@ -134,6 +135,7 @@ class SpecialistService:
             queue_group=queue_group(self.spec.name, self.settings.prefix),
             handler=self._on_chat,
         )
+        self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
 
@@ -193,9 +195,7 @@ class SpecialistService:
                     provider=self.provider.name,
                     model=self.provider.model,
                 )
-                # Heartbeats run in the service's task group (a nested group would wrap our errors).
-                beats = anyio.CancelScope()
-                self._tg.start_soon(self._heartbeats, reply, beats)
+                self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
                         async with self._limiter:
@@ -207,7 +207,7 @@ class SpecialistService:
                                     # Let the first token leave now instead of with the next batch.
                                     await anyio.lowlevel.checkpoint()
                 finally:
-                    beats.cancel()
+                    self._streaming.pop(request.id, None)
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
                 await reply.send(
@@ -254,12 +254,15 @@ class SpecialistService:
             if self.counters.in_flight == 0:
                 self._idle.set()
 
-    async def _heartbeats(self, reply: ReplyStream, scope: anyio.CancelScope) -> None:
+    async def _heartbeats(self) -> None:
+        """One ticker per service: a stream silent for ``heartbeat_s`` (model thinking, or waiting for a
+        free slot) gets a heartbeat, so the client can tell "slow" from "dead"."""
         interval = self.settings.heartbeat_s
-        with scope:
-            while True:
-                await anyio.sleep(max(0.0, reply.last_sent + interval - time.monotonic()))
-                if time.monotonic() - reply.last_sent >= interval:
+        while True:
+            await anyio.sleep(interval / 2)
+            now = time.monotonic()
+            for reply in list(self._streaming.values()):
+                if now - reply.last_sent >= interval:
                     await reply.send(HeartbeatFrame)
 
     async def drain(self, grace: float) -> None:
