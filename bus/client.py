@@ -25,6 +25,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import ValidationError
 
 from bus.errors import (
     BusError,
@@ -35,6 +36,7 @@ from bus.errors import (
     StreamGap,
     from_wire,
 )
+from bus.sessions import ChatAccepted, SessionChat, SessionsClient, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject, chat_subject
 from bus.wire import (
@@ -201,14 +203,29 @@ class Bus:
         timeout: float | None = None,
         idle_timeout: float | None = None,
         request_id: str | None = None,
+        session: str | None = None,
     ) -> ChatStream:
+        """One streamed answer (see :class:`ChatStream`).
+
+        With ``session`` (an id or name) the request goes through the gateway, which puts the session's
+        history before ``messages`` and records the answer; the tokens still come straight from the
+        specialist. ``specialist`` may then be empty to use the session's own.
+        """
         request = ChatRequest(
             messages=list(messages),
             options=options or ChatOptions(),
             timeout_ms=int(timeout * 1000) if timeout else None,
             **({"id": request_id} if request_id else {}),
         )
-        return ChatStream(self, specialist, request, idle_timeout or self.settings.idle_timeout_s)
+        idle = idle_timeout or self.settings.idle_timeout_s
+        if session is not None:
+            return SessionChatStream(self, specialist, request, idle, session)
+        return ChatStream(self, specialist, request, idle)
+
+    @property
+    def sessions(self) -> SessionsClient:
+        """The gateway's sessions API."""
+        return SessionsClient(self.nc, self.settings.prefix)
 
     async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
         async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:
@@ -283,14 +300,22 @@ class ChatStream:
         self.first_chunk_at: float | None = None
 
     async def __aenter__(self) -> ChatStream:
-        nc = self.bus.nc
-        payload = encode_request(self.request, limit=nc.max_payload)
-        subject = chat_subject(self.specialist, self.bus.settings.prefix)
         # Listen before publishing so no frame can arrive before we do.
         self._inbox, self._frames = await self.bus.open_inbox()
         self.sent_at = time.perf_counter()
-        await nc.publish(subject, payload, reply=self._inbox)
+        try:
+            await self._send(self._inbox)
+        except BaseException:
+            self._finished = True
+            self.bus.close_inbox(self._inbox)
+            self._inbox = None
+            raise
         return self
+
+    async def _send(self, inbox: str) -> None:
+        nc = self.bus.nc
+        payload = encode_request(self.request, limit=nc.max_payload)
+        await nc.publish(chat_subject(self.specialist, self.bus.settings.prefix), payload, reply=inbox)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -374,3 +399,40 @@ class ChatStream:
         if self._done is None or self.start_frame is None:
             raise BusError("the stream ended without a done frame")
         return StreamResult(text="".join(self._parts), start=self.start_frame, done=self._done)
+
+
+class SessionChatStream(ChatStream):
+    """A :class:`ChatStream` whose request the gateway forwards with the session's context."""
+
+    def __init__(self, bus: Bus, specialist: str, request: ChatRequest, idle_timeout: float, session: str):
+        super().__init__(bus, specialist, request, idle_timeout)
+        self.session = session
+        self.accepted: ChatAccepted | None = None
+        self.stored: StoredFrame | None = None
+
+    async def _send(self, inbox: str) -> None:
+        chat = SessionChat(
+            session=self.session, specialist=self.specialist or None, inbox=inbox, request=self.request
+        )
+        reply = await self.bus.sessions.call("chat", chat)
+        assert isinstance(reply, ChatAccepted)
+        self.accepted = reply
+        self.specialist = reply.specialist
+
+    async def _texts(self) -> AsyncIterator[str]:
+        async for text in super()._texts():
+            yield text
+        if self._done is not None and self.stored is None:
+            self.stored = await self._wait_stored()
+
+    async def _wait_stored(self) -> StoredFrame | None:
+        """The gateway's note that the answer is in the session (it follows ``done`` within a few ms)."""
+        msg = await self._frames.get(self.idle_timeout)
+        if msg is None:
+            log.warning("the gateway did not confirm the answer was stored", session=self.session)
+            return None
+        try:
+            return StoredFrame.model_validate(unpack_frame(msg.data))
+        except (MalformedFrame, ValidationError):
+            log.warning("unexpected frame after done", session=self.session)
+            return None

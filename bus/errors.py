@@ -24,6 +24,9 @@ class ErrorCode(StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     PROVIDER_ERROR = "provider_error"
     INTERNAL = "internal"
+    SESSION_NOT_FOUND = "session_not_found"
+    SESSION_TOO_LARGE = "session_too_large"
+    GATEWAY_UNAVAILABLE = "gateway_unavailable"
     # Raised on the client side only; never sent in an error frame.
     NATS_UNAVAILABLE = "nats_unavailable"
     SPECIALIST_UNAVAILABLE = "specialist_unavailable"
@@ -128,6 +131,32 @@ class Cancelled(BusError):
     code = ErrorCode.CANCELLED
 
 
+class SessionNotFound(BusError):
+    code = ErrorCode.SESSION_NOT_FOUND
+
+    @classmethod
+    def named(cls, ref: str, ttl_s: float | None = None) -> SessionNotFound:
+        expiry = f", or expired after {ttl_s:g} s unused" if ttl_s else ", or expired"
+        return cls(f"no session '{ref}' (unknown, deleted{expiry}); `aish sessions` lists them")
+
+
+class SessionTooLarge(BusError):
+    code = ErrorCode.SESSION_TOO_LARGE
+
+
+class GatewayUnavailable(BusError):
+    code = ErrorCode.GATEWAY_UNAVAILABLE
+    retryable = True
+
+    def __init__(self, message: str = "", *, code: ErrorCode | None = None, retryable: bool | None = None):
+        super().__init__(
+            message
+            or "no gateway is running (sessions need one): start it with `tekton up` or `tekton gateway`",
+            code=code,
+            retryable=retryable,
+        )
+
+
 class SpecialistError(BusError):
     """An ``error`` frame sent by a specialist (provider failures, overload, shutdown, ...)."""
 
@@ -136,6 +165,8 @@ _BY_CODE: dict[ErrorCode, type[BusError]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
     ErrorCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorCode.CANCELLED: Cancelled,
+    ErrorCode.SESSION_NOT_FOUND: SessionNotFound,
+    ErrorCode.SESSION_TOO_LARGE: SessionTooLarge,
 }
 
 

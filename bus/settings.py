@@ -53,6 +53,12 @@ class TektonSettings(BaseSettings):
     # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
     provider: str | None = None
     roster: Path | None = None
+    # Gateway: sessions expire this long after their last change (the KV bucket's TTL).
+    session_ttl_s: float = Field(default=3600.0, gt=0)
+    # Gateway: turns kept in a stored session; older ones are dropped, oldest first.
+    session_max_turns: int = Field(default=200, ge=2)
+    # Gateway: the largest stored session value (bytes); at most the server's max_payload.
+    session_max_bytes: int = Field(default=1024 * 1024, ge=1024)
 
     @field_validator("prefix")
     @classmethod

@@ -43,3 +43,18 @@ def cancel_subject(request_id: str, prefix: str = DEFAULT_PREFIX) -> str:
 def cancel_wildcard(prefix: str = DEFAULT_PREFIX) -> str:
     """What a specialist process subscribes to once to hear every cancel."""
     return f"{prefix}.cancel.*"
+
+
+SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat")
+
+
+def session_subject(op: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where gateway replicas take one sessions-API operation (see docs/protocol.md)."""
+    if op not in SESSION_OPS:
+        raise ValueError(f"unknown session operation {op!r}")
+    return f"{prefix}.gateway.session.{op}"
+
+
+def gateway_queue(prefix: str = DEFAULT_PREFIX) -> str:
+    """The queue group gateway replicas share."""
+    return f"{prefix}.gateway"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -11,6 +10,7 @@ from anyio.abc import TaskStatus
 
 from bus.client import connect
 from bus.settings import TektonSettings
+from bus.signals import set_on_signal
 from specialists.providers.base import ProviderContext, SharedResources, create_provider
 from specialists.roster import RosterError, SpecialistSpec, load_roster
 from specialists.service import SpecialistService
@@ -69,14 +69,3 @@ async def serve_specialists(
     finally:
         with anyio.CancelScope(shield=True):
             await nc.drain()
-
-
-async def set_on_signal(
-    stop: anyio.Event, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-) -> None:
-    """Set ``stop`` on the first of ``signals``."""
-    with anyio.open_signal_receiver(*signals) as received:
-        async for sig in received:
-            log.info("stopping", signal=signal.Signals(sig).name)
-            break
-    stop.set()

@@ -229,12 +229,16 @@ class SpecialistService:
             if scope.cancelled_caught:
                 self.counters.cancelled += 1
                 log.info("generation stopped", tokens=tokens, draining=self._draining)
+                # The asker has stopped listening, but an observer (the gateway recording a session)
+                # has not: the stream still ends with one closing frame.
                 if self._draining:
                     await reply.error(
                         BusError(
                             "the replica shut down mid-answer", code=ErrorCode.SHUTTING_DOWN, retryable=True
                         )
                     )
+                else:
+                    await reply.error(BusError("cancelled by the client", code=ErrorCode.CANCELLED))
         except TimeoutError:
             self.counters.errors += 1
             await reply.error(

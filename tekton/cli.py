@@ -2,6 +2,7 @@
 
 tekton up [-- CMD ...]        nats-server (embedded, or the one already at --nats) + every specialist
 tekton specialist NAME ...    one or more specialists against any NATS URL (scale-out)
+tekton gateway                a gateway replica (sessions in JetStream KV)
 tekton nats                   just the embedded nats-server
 tekton status                 running specialists, replicas and live stats
 """
@@ -23,8 +24,10 @@ from bus.errors import BusError, NatsUnavailable
 from bus.logs import configure_logging
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings, load_settings
+from bus.signals import set_on_signal
+from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
-from specialists.runtime import select, serve_specialists, set_on_signal
+from specialists.runtime import select, serve_specialists
 from specialists.service import SpecialistService
 from tekton.supervisor import run_child
 
@@ -64,6 +67,8 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack) -> str:
 
 
 def _child_argv(names: Sequence[str], settings: TektonSettings) -> list[str]:
+    if list(names) == ["gateway"]:
+        return [sys.executable, "-m", "tekton", "gateway", "--nats", settings.nats_url]
     argv = [sys.executable, "-m", "tekton", "specialist", *names, "--nats", settings.nats_url]
     if settings.provider:
         argv += ["--provider", settings.provider]
@@ -86,12 +91,20 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
         exit_code = 0
         async with anyio.create_task_group() as tg:
             if args.processes:
-                await _start_children(tg, [(name, [name]) for name in roster], settings)
+                groups = [("gateway", ["gateway"]), *((name, [name]) for name in roster)]
+                await _start_children(tg, groups, settings)
             else:
-                await tg.start(
-                    lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status)
-                )
-            _say(f"Tekton is up: {len(roster)} specialists ({', '.join(roster)}) on {settings.nats_url}")
+                async with anyio.create_task_group() as starting:
+                    starting.start_soon(
+                        tg.start,
+                        lambda task_status: serve_gateway(settings, stop=stop, task_status=task_status),
+                    )
+                    starting.start_soon(
+                        tg.start,
+                        lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status),
+                    )
+            names = ", ".join(roster)
+            _say(f"Tekton is up: gateway + {len(roster)} specialists ({names}) on {settings.nats_url}")
             if args.command:
                 exit_code = await _run_attached(args.command, settings)
             else:
@@ -152,6 +165,13 @@ async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> 
             _say(f"ready {service.spec.name} {service.instance_id} on {settings.nats_url}")
 
     await serve_specialists(settings, args.names, on_ready=ready)
+    return 0
+
+
+async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int:
+    async with anyio.create_task_group() as tg:
+        service = await tg.start(lambda task_status: serve_gateway(settings, task_status=task_status))
+        _say(f"ready gateway {service.instance_id} on {settings.nats_url}")
     return 0
 
 
@@ -228,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("names", nargs="+")
     spec.add_argument("--replicas", type=int, default=1, help="run N replica processes (they share the load)")
 
+    sub.add_parser("gateway", parents=[common], help="run a gateway replica (sessions) against a NATS server")
     sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
 
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
@@ -236,7 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"up": cmd_up, "specialist": cmd_specialist, "nats": cmd_nats, "status": cmd_status}
+COMMANDS = {
+    "up": cmd_up,
+    "specialist": cmd_specialist,
+    "gateway": cmd_gateway,
+    "nats": cmd_nats,
+    "status": cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

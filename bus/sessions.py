@@ -1,0 +1,276 @@
+"""The sessions API on the bus: wire models and a client. The gateway serves it; see docs/protocol.md.
+
+Requests go to ``<prefix>.gateway.session.<op>`` (request/reply, msgpack). Every reply is a msgpack map
+with ``type``: ``session``, ``sessions``, ``deleted``, ``accepted`` or ``error`` (code, message,
+retryable, as in reply streams).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+import nats.errors
+from pydantic import Field, ValidationError
+
+from bus.errors import BusError, GatewayUnavailable, MalformedFrame, SessionNotFound, from_wire
+from bus.subjects import session_subject
+from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
+
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+TurnStatus = Literal["ok", "pending", "error", "cancelled"]
+
+
+class Turn(Wire):
+    """One message of a conversation.
+
+    ``status``: ``ok``; ``pending`` (a user turn whose answer is still streaming, or whose gateway died);
+    ``error`` / ``cancelled`` (kept, never dropped, and left out of later prompts).
+    """
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])
+    role: Literal["user", "assistant"]
+    content: str
+    specialist: str
+    at: float = Field(default_factory=time.time)
+    status: TurnStatus = "ok"
+    request_id: str | None = None
+    error: str | None = None
+
+
+class Session(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str = Field(default_factory=new_session_id, pattern=SESSION_ID_RE.pattern)
+    name: str | None = Field(default=None, pattern=SESSION_NAME_RE.pattern)
+    specialist: str | None = None
+    context_window: int = Field(default=10, ge=0, le=1000)
+    metadata: dict[str, str] = {}
+    created: float = Field(default_factory=time.time)
+    updated: float = Field(default_factory=time.time)
+    turns: list[Turn] = []
+    # Turns dropped from the front when the stored history reached its cap.
+    dropped: int = 0
+
+    def context(self) -> list[ChatMessage]:
+        """The prompt history: the last ``context_window`` turns that completed."""
+        ok = [t for t in self.turns if t.status == "ok"]
+        recent = ok[-self.context_window :] if self.context_window else []
+        return [ChatMessage(role=t.role, content=t.content) for t in recent]
+
+    def summary(self) -> SessionSummary:
+        last = self.turns[-1].content if self.turns else ""
+        return SessionSummary(
+            id=self.id,
+            name=self.name,
+            specialist=self.specialist,
+            created=self.created,
+            updated=self.updated,
+            turns=len(self.turns) + self.dropped,
+            last=last[:80],
+        )
+
+
+class SessionSummary(Wire):
+    id: str
+    name: str | None = None
+    specialist: str | None = None
+    created: float
+    updated: float
+    turns: int
+    last: str = ""
+
+
+# Requests
+
+
+class CreateSession(Wire):
+    specialist: str | None = None
+    name: str | None = Field(default=None, pattern=SESSION_NAME_RE.pattern)
+    context_window: int = Field(default=10, ge=0, le=1000)
+    metadata: dict[str, str] = {}
+
+
+class SessionRef(Wire):
+    """``session`` is an id or a name."""
+
+    session: str = Field(min_length=1, max_length=64)
+
+
+class ListSessions(Wire):
+    specialist: str | None = None
+    name: str | None = None
+    limit: int = Field(default=50, ge=1, le=10_000)
+
+
+class ForkSession(Wire):
+    session: str = Field(min_length=1, max_length=64)
+    # Keep the first ``at`` turns (all when absent).
+    at: int | None = Field(default=None, ge=0)
+    name: str | None = Field(default=None, pattern=SESSION_NAME_RE.pattern)
+
+
+class RenameSession(Wire):
+    session: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=SESSION_NAME_RE.pattern)
+
+
+class SessionChat(Wire):
+    """One user turn. ``request.messages`` holds just the new message(s); the gateway puts the session's
+    context before them, forwards to the specialist with ``inbox`` as the reply subject and records the
+    answer it hears there. The client reads the stream from the specialist directly."""
+
+    session: str = Field(min_length=1, max_length=64)
+    specialist: str | None = None
+    inbox: str = Field(min_length=1)
+    request: ChatRequest
+
+
+# Replies
+
+
+class SessionReply(Wire):
+    type: Literal["session"] = "session"
+    session: Session
+
+
+class SessionsReply(Wire):
+    type: Literal["sessions"] = "sessions"
+    sessions: list[SessionSummary]
+
+
+class DeletedReply(Wire):
+    type: Literal["deleted"] = "deleted"
+    session: str
+
+
+class ChatAccepted(Wire):
+    type: Literal["accepted"] = "accepted"
+    session: str
+    specialist: str
+    context_turns: int
+
+
+class StoredFrame(Wire):
+    """Sent by the gateway on the stream's subject after the ``done`` frame, once the answer is stored:
+    a client that waits for it reads its own writes (the next turn sees this one)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["stored"] = "stored"
+    session: str
+    turns: int
+
+
+class ErrorReply(Wire):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    retryable: bool = False
+
+    @classmethod
+    def of(cls, err: BusError) -> ErrorReply:
+        return cls(code=str(err.code), message=err.message, retryable=err.retryable)
+
+
+REPLIES: dict[str, type[Wire]] = {
+    "session": SessionReply,
+    "sessions": SessionsReply,
+    "deleted": DeletedReply,
+    "accepted": ChatAccepted,
+}
+
+
+def decode_reply(data: bytes) -> Wire:
+    """A gateway reply as its model; an ``error`` reply is raised as the matching BusError."""
+    raw = unpack_frame(data)
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "error":
+        err = ErrorReply.model_validate(raw)
+        raise from_wire(err.code, err.message, err.retryable)
+    model = REPLIES.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise MalformedFrame(f"not a gateway reply: type {kind!r}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise MalformedFrame(f"malformed gateway reply: {err.error_count()} problem(s)") from err
+
+
+class SessionsClient:
+    """Calls the sessions API. ``nc`` is a connected nats-py client."""
+
+    def __init__(self, nc: Any, prefix: str, timeout: float = 5.0):
+        self.nc = nc
+        self.prefix = prefix
+        self.timeout = timeout
+
+    async def call(self, op: str, request: Wire) -> Wire:
+        try:
+            msg = await self.nc.request(
+                session_subject(op, self.prefix), encode(request, self.nc.max_payload), timeout=self.timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise GatewayUnavailable() from None
+        except nats.errors.TimeoutError:
+            raise GatewayUnavailable(
+                f"the gateway did not answer '{op}' within {self.timeout:g} s", retryable=True
+            ) from None
+        return decode_reply(msg.data)
+
+    async def create(
+        self,
+        specialist: str | None = None,
+        *,
+        name: str | None = None,
+        context_window: int = 10,
+        metadata: dict[str, str] | None = None,
+    ) -> Session:
+        reply = await self.call(
+            "create",
+            CreateSession(
+                specialist=specialist, name=name, context_window=context_window, metadata=metadata or {}
+            ),
+        )
+        assert isinstance(reply, SessionReply)
+        return reply.session
+
+    async def get(self, ref: str) -> Session:
+        reply = await self.call("get", SessionRef(session=ref))
+        assert isinstance(reply, SessionReply)
+        return reply.session
+
+    async def find(self, ref: str) -> Session | None:
+        try:
+            return await self.get(ref)
+        except SessionNotFound:
+            return None
+
+    async def list(
+        self, *, specialist: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[SessionSummary]:
+        reply = await self.call("list", ListSessions(specialist=specialist, name=name, limit=limit))
+        assert isinstance(reply, SessionsReply)
+        return reply.sessions
+
+    async def delete(self, ref: str) -> str:
+        reply = await self.call("delete", SessionRef(session=ref))
+        assert isinstance(reply, DeletedReply)
+        return reply.session
+
+    async def fork(self, ref: str, *, at: int | None = None, name: str | None = None) -> Session:
+        reply = await self.call("fork", ForkSession(session=ref, at=at, name=name))
+        assert isinstance(reply, SessionReply)
+        return reply.session
+
+    async def rename(self, ref: str, name: str) -> Session:
+        reply = await self.call("rename", RenameSession(session=ref, name=name))
+        assert isinstance(reply, SessionReply)
+        return reply.session

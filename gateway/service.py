@@ -1,0 +1,336 @@
+"""The gateway: a NATS micro service (queue group, any number of replicas) serving the sessions API.
+
+Chat in a session never puts the gateway on the token path: the gateway forwards the request to the
+specialist with the *client's* inbox as reply subject, listens on that same subject itself (NATS fans
+the frames out to both) and records the answer when the stream ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service
+from pydantic import ValidationError
+
+from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge
+from bus.sessions import (
+    ChatAccepted,
+    CreateSession,
+    DeletedReply,
+    ErrorReply,
+    ForkSession,
+    ListSessions,
+    RenameSession,
+    Session,
+    SessionChat,
+    SessionRef,
+    SessionReply,
+    SessionsReply,
+    StoredFrame,
+    Turn,
+    TurnStatus,
+)
+from bus.settings import TektonSettings
+from bus.subjects import SESSION_OPS, chat_subject, gateway_queue, session_subject, validate_name
+from bus.wire import (
+    ChatRequest,
+    ChunkFrame,
+    DoneFrame,
+    ErrorFrame,
+    Wire,
+    chunk_fields,
+    encode,
+    encode_request,
+    unpack_frame,
+    validate_frame,
+)
+from gateway.store import SessionStore
+
+log = structlog.get_logger("tekton.gateway")
+
+VERSION = "0.1.0"
+NO_RESPONDERS = "503"
+
+Handler = Callable[[Any], Awaitable[Wire]]
+
+
+class GatewayService:
+    def __init__(self, nc: NATS, store: SessionStore, settings: TektonSettings, task_group: TaskGroup):
+        self.nc = nc
+        self.store = store
+        self.settings = settings
+        self._tg = task_group
+        self._service: Service | None = None
+        self.counters: dict[str, int] = {"requests": 0, "errors": 0, "recording": 0, "recorded": 0}
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._handlers: dict[str, tuple[type[Wire], Handler]] = {
+            "create": (CreateSession, self._create),
+            "get": (SessionRef, self._get),
+            "list": (ListSessions, self._list),
+            "delete": (SessionRef, self._delete),
+            "fork": (ForkSession, self._fork),
+            "rename": (RenameSession, self._rename),
+            "chat": (SessionChat, self._chat),
+        }
+
+    @property
+    def instance_id(self) -> str:
+        return self._service.id if self._service else ""
+
+    async def start(self) -> None:
+        self._service = await add_service(
+            self.nc,
+            name="gateway",
+            version=VERSION,
+            description="Tekton gateway: conversation sessions in JetStream KV",
+            metadata={"tekton_role": "gateway", "bucket": self.store.kv._name},
+            stats_handler=self._stats_data,
+        )
+        for op in SESSION_OPS:
+            await self._service.add_endpoint(
+                name=f"session-{op}",
+                subject=session_subject(op, self.settings.prefix),
+                queue_group=gateway_queue(self.settings.prefix),
+                handler=self._dispatcher(op),
+            )
+        await self.nc.flush()
+        log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
+
+    def _stats_data(self, _endpoint: EndpointStats) -> dict[str, Any]:
+        return dict(self.counters)
+
+    async def stop(self, grace: float) -> None:
+        """Take no new requests; let answers being recorded finish for up to ``grace`` seconds."""
+        if self._service is not None:
+            await self._service.stop()
+        with anyio.move_on_after(grace):
+            await self._idle.wait()
+
+    def _dispatcher(self, op: str) -> Callable[[Request], Awaitable[None]]:
+        model, handler = self._handlers[op]
+
+        async def dispatch(req: Request) -> None:
+            # Each request in its own task: a slow scan never holds up a quick get.
+            self._tg.start_soon(self._handle, op, model, handler, req)
+
+        return dispatch
+
+    async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
+        self.counters["requests"] += 1
+        try:
+            try:
+                request = model.model_validate(unpack_frame(req.data))
+            except ValidationError as err:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in err.errors()
+                )
+                raise BadRequest(f"not a valid '{op}' request: {problems}") from err
+            except BusError as err:
+                raise BadRequest(f"not a valid '{op}' request: {err.message}") from err
+            reply = await handler(request)
+            await req.respond(encode(reply))
+        except BusError as err:
+            self.counters["errors"] += 1
+            log.info("request refused", op=op, code=str(err.code), error=err.message)
+            await req.respond(encode(ErrorReply.of(err)))
+        except Exception as err:
+            self.counters["errors"] += 1
+            log.exception("request crashed", op=op)
+            await req.respond(encode(ErrorReply.of(BusError(f"gateway failed on '{op}': {err}"))))
+
+    # The sessions API
+
+    async def _create(self, r: CreateSession) -> SessionReply:
+        if r.specialist is not None:
+            _check_name(r.specialist)
+        session = Session(
+            name=r.name, specialist=r.specialist, context_window=r.context_window, metadata=r.metadata
+        )
+        return SessionReply(session=await self.store.create(session))
+
+    async def _get(self, r: SessionRef) -> SessionReply:
+        session, _ = await self.store.resolve(r.session)
+        return SessionReply(session=session)
+
+    async def _list(self, r: ListSessions) -> SessionsReply:
+        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit))
+
+    async def _delete(self, r: SessionRef) -> DeletedReply:
+        return DeletedReply(session=await self.store.delete(r.session))
+
+    async def _fork(self, r: ForkSession) -> SessionReply:
+        source, _ = await self.store.resolve(r.session)
+        at = len(source.turns) if r.at is None else r.at
+        if at > len(source.turns):
+            raise BadRequest(
+                f"session {source.name or source.id} has {len(source.turns)} turns; cannot fork at {at}"
+            )
+        now = time.time()
+        fork = Session(
+            name=r.name,
+            specialist=source.specialist,
+            context_window=source.context_window,
+            metadata={**source.metadata, "forked_from": source.id, "forked_at": str(at)},
+            created=now,
+            updated=now,
+            turns=source.turns[:at],
+        )
+        return SessionReply(session=await self.store.create(fork))
+
+    async def _rename(self, r: RenameSession) -> SessionReply:
+        session, _ = await self.store.resolve(r.session)
+        await self.store._check_name_free(r.name, but=session.id)
+        renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
+        return SessionReply(session=renamed)
+
+    async def _chat(self, r: SessionChat) -> ChatAccepted:
+        session, _ = await self.store.resolve(r.session)
+        specialist = r.specialist or session.specialist
+        if not specialist:
+            raise BadRequest(
+                f"session {session.name or session.id} has no specialist of its own: name one for this turn"
+            )
+        _check_name(specialist)
+        users = [m for m in r.request.messages if m.role == "user"]
+        turn = Turn(
+            role="user",
+            content=users[-1].content if users else r.request.messages[-1].content,
+            specialist=specialist,
+            status="pending",
+            request_id=r.request.id,
+        )
+        # The user turn is stored first, so it survives whatever happens to the answer.
+        session = await self.store.update(
+            session.id, lambda s: s.model_copy(update={"turns": [*s.turns, turn]})
+        )
+        request = ChatRequest(
+            id=r.request.id,
+            messages=[*session.context(), *r.request.messages],
+            options=r.request.options,
+            timeout_ms=r.request.timeout_ms,
+        )
+        try:
+            payload = encode_request(request, limit=self.nc.max_payload)
+        except BusError as err:
+            await self._finish(session.id, turn, "", "error", err.message)
+            raise
+        # Listen on the client's inbox before the specialist can answer on it.
+        sub = await self.nc.subscribe(r.inbox)
+        await self.nc.publish(chat_subject(specialist, self.settings.prefix), payload, reply=r.inbox)
+        self.counters["recording"] += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._tg.start_soon(self._record, session.id, turn, sub, r.inbox)
+        return ChatAccepted(
+            session=session.id,
+            specialist=specialist,
+            context_turns=len(request.messages) - len(r.request.messages),
+        )
+
+    async def _record(self, session_id: str, turn: Turn, sub: Any, inbox: str) -> None:
+        """Hear the answer on the client's inbox and store it when the stream ends, however it ends."""
+        parts: list[str] = []
+        status: TurnStatus = "error"
+        error = "the answer stream ended without a done frame"
+        try:
+            while True:
+                try:
+                    msg: Msg = await sub.next_msg(timeout=self.settings.idle_timeout_s)
+                except TimeoutError:
+                    error = f"'{turn.specialist}' went silent for {self.settings.idle_timeout_s:g} s"
+                    break
+                if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+                    error = f"no specialist named '{turn.specialist}' is running"
+                    break
+                try:
+                    raw = unpack_frame(msg.data)
+                    chunk = chunk_fields(raw)
+                    if chunk is not None:
+                        parts.append(chunk[1])
+                        continue
+                    frame = validate_frame(raw)
+                except BusError as err:
+                    error = f"unreadable frame from '{turn.specialist}': {err.message}"
+                    break
+                if isinstance(frame, ChunkFrame):
+                    parts.append(frame.text)
+                elif isinstance(frame, DoneFrame):
+                    status, error = "ok", ""
+                    break
+                elif isinstance(frame, ErrorFrame):
+                    status = "cancelled" if frame.code == ErrorCode.CANCELLED else "error"
+                    error = frame.message
+                    break
+        except Exception as err:  # the connection went away: still try to mark the turn
+            error = f"gateway lost the stream: {err}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):  # the connection may be closed already
+                    await sub.unsubscribe()
+                try:
+                    stored = await self._finish(session_id, turn, "".join(parts), status, error)
+                    if stored is not None:
+                        await self.nc.publish(inbox, encode(stored))
+                finally:
+                    self.counters["recording"] -= 1
+                    self.counters["recorded"] += 1
+                    if self.counters["recording"] == 0:
+                        self._idle.set()
+
+    async def _finish(
+        self, session_id: str, turn: Turn, answer: str, status: TurnStatus, error: str
+    ) -> StoredFrame | None:
+        """Mark the user turn with how its answer ended and store the answer (partial ones too)."""
+
+        def change(s: Session) -> Session:
+            turns = _mark(s.turns, turn.id, status, error)
+            if answer or status == "ok":
+                turns.append(
+                    Turn(
+                        role="assistant",
+                        content=answer,
+                        specialist=turn.specialist,
+                        status=status,
+                        request_id=turn.request_id,
+                        error=error or None,
+                    )
+                )
+            return s.model_copy(update={"turns": turns})
+
+        def too_large(s: Session) -> Session:
+            note = "the answer was too large to store in the session"
+            return s.model_copy(update={"turns": _mark(s.turns, turn.id, "error", note)})
+
+        try:
+            try:
+                session = await self.store.update(session_id, change)
+            except SessionTooLarge:
+                session = await self.store.update(session_id, too_large)
+        except BusError as err:
+            log.warning("answer not stored", session=session_id, request=turn.request_id, error=err.message)
+            return None
+        return StoredFrame(session=session_id, turns=len(session.turns) + session.dropped)
+
+
+def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> list[Turn]:
+    return [
+        t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
+        for t in turns
+    ]
+
+
+def _check_name(name: str) -> None:
+    try:
+        validate_name(name)
+    except ValueError as err:
+        raise BadRequest(str(err)) from err

@@ -1,0 +1,184 @@
+"""Sessions in a JetStream key-value bucket: one session = one key, every change compare-and-set.
+
+Keys are ``s.<id>``. The bucket has file storage, a TTL (a session expires that long after its last
+change) and a little history. Names are not indexed: a name is resolved by scanning the bucket
+(``list`` does the same), which costs one ephemeral consumer per lookup and is fine for people-sized
+numbers of sessions; ids are one direct get.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+import nats.js.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from bus.errors import BadRequest, BusError, SessionNotFound, SessionTooLarge
+from bus.sessions import SESSION_ID_RE, Session, SessionSummary
+
+log = structlog.get_logger("tekton.gateway.store")
+
+# A compare-and-set loses only to another writer of the same session, which then has made progress:
+# a few rounds settle any realistic contention.
+MAX_CAS_ROUNDS = 50
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    ttl_s: float
+    max_turns: int
+    max_bytes: int
+
+
+def bucket_name(prefix: str) -> str:
+    return f"{prefix.replace('.', '_')}_sessions"
+
+
+async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) -> KeyValue:
+    """The sessions bucket, created if missing. An existing bucket keeps its own settings."""
+    name = bucket_name(prefix)
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=name,
+        description="Tekton conversation sessions",
+        history=5,
+        ttl=limits.ttl_s,
+        max_value_size=limits.max_bytes,
+        storage=StorageType.FILE,
+        direct=True,
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
+        return await js.key_value(name)
+
+
+def _key(session_id: str) -> str:
+    return f"s.{session_id}"
+
+
+def _decode(data: bytes | None, key: str) -> Session:
+    try:
+        return Session.model_validate(msgpack.unpackb(data or b"", raw=False))
+    except (ValidationError, ValueError, msgpack.UnpackException) as err:
+        raise BusError(f"stored session {key} is unreadable: {err}") from err
+
+
+class SessionStore:
+    def __init__(self, kv: KeyValue, limits: StoreLimits):
+        self.kv = kv
+        self.limits = limits
+
+    def _encode(self, session: Session) -> tuple[Session, bytes]:
+        """The stored bytes; over the size limit, the oldest turns are dropped until it fits (never the
+        newest one: a single turn over the limit is an error and nothing is written)."""
+        data: bytes = msgpack.packb(session.model_dump(mode="python", exclude_none=True))
+        while len(data) > self.limits.max_bytes and len(session.turns) > 1:
+            session = session.model_copy(update={"turns": session.turns[1:], "dropped": session.dropped + 1})
+            data = msgpack.packb(session.model_dump(mode="python", exclude_none=True))
+        if len(data) > self.limits.max_bytes:
+            raise SessionTooLarge(
+                f"session {session.name or session.id} would be {len(data):,} bytes even with only its "
+                f"newest turn, over the store's limit of {self.limits.max_bytes:,} bytes; nothing was "
+                "written (send a shorter message)"
+            )
+        return session, data
+
+    def _prune(self, session: Session) -> Session:
+        extra = len(session.turns) - self.limits.max_turns
+        if extra <= 0:
+            return session
+        return session.model_copy(update={"turns": session.turns[extra:], "dropped": session.dropped + extra})
+
+    async def _load(self, session_id: str) -> tuple[Session, int] | None:
+        try:
+            entry = await self.kv.get(_key(session_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return _decode(entry.value, entry.key), entry.revision or 0
+
+    async def scan(self) -> list[Session]:
+        """Every live session (one ephemeral ordered consumer over the bucket's last values)."""
+        watcher = await self.kv.watch("s.*", ignore_deletes=True)
+        sessions: list[Session] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.operation is None and entry.value:
+                    try:
+                        sessions.append(_decode(entry.value, entry.key))
+                    except BusError as err:
+                        log.warning("skipping unreadable session", key=entry.key, error=err.message)
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return sessions
+
+    async def resolve(self, ref: str) -> tuple[Session, int]:
+        """The session with id ``ref``, else the newest one named ``ref``, with its revision."""
+        if SESSION_ID_RE.match(ref):
+            found = await self._load(ref)
+            if found is not None:
+                return found
+        named = [s for s in await self.scan() if s.name == ref]
+        if named:
+            newest = max(named, key=lambda s: s.updated)
+            found = await self._load(newest.id)
+            if found is not None:
+                return found
+        raise SessionNotFound.named(ref, self.limits.ttl_s)
+
+    async def _check_name_free(self, name: str | None, but: str | None = None) -> None:
+        if name is None:
+            return
+        if any(s.name == name and s.id != but for s in await self.scan()):
+            raise BadRequest(f"a session named '{name}' already exists; pick another name")
+
+    async def create(self, session: Session) -> Session:
+        await self._check_name_free(session.name)
+        session, data = self._encode(session)
+        await self.kv.create(_key(session.id), data)
+        return session
+
+    async def update(self, ref: str, change: Callable[[Session], Session]) -> Session:
+        """Apply ``change`` to the current value and write it if nobody wrote in between; else retry on
+        the newer value. ``change`` must be a pure function of the session it is given."""
+        session, revision = await self.resolve(ref)
+        for _ in range(MAX_CAS_ROUNDS):
+            changed = self._prune(change(session).model_copy(update={"updated": time.time()}))
+            changed, data = self._encode(changed)
+            try:
+                await self.kv.update(_key(session.id), data, last=revision)
+                return changed
+            except nats.js.errors.KeyWrongLastSequenceError:
+                found = await self._load(session.id)
+                if found is None:
+                    raise SessionNotFound.named(ref, self.limits.ttl_s) from None
+                session, revision = found
+        raise BusError(f"session {ref} is changing too fast to update; try again", retryable=True)
+
+    async def delete(self, ref: str) -> str:
+        session, _ = await self.resolve(ref)
+        await self.kv.purge(_key(session.id))
+        return session.id
+
+    async def list(self, specialist: str | None, name: str | None, limit: int) -> list[SessionSummary]:
+        sessions = [
+            s
+            for s in await self.scan()
+            if (specialist is None or s.specialist == specialist) and (name is None or s.name == name)
+        ]
+        sessions.sort(key=lambda s: s.updated, reverse=True)
+        return [s.summary() for s in sessions[:limit]]
