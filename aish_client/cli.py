@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from aish_client import sessions
 from aish_client.parser import Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
@@ -30,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aish",
         description="Talk to Tekton's AI specialists: aish -c 'echo \"text\" | apollo | athena'",
     )
-    parser.add_argument("-c", dest="pipeline", metavar="PIPELINE", help="run one pipeline and exit")
+    parser.add_argument(
+        "-c",
+        dest="command",
+        action="store_true",
+        help="the words are one pipeline: run it and exit (aish -c 'echo \"x\" | apollo | athena')",
+    )
     parser.add_argument(
         "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
     )
@@ -38,8 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--timeout", type=float, help="deadline of each request, seconds")
     parser.add_argument("--idle-timeout", type=float, help="give up after N s without a token or heartbeat")
+    parser.add_argument(
+        "--session",
+        nargs="?",
+        const=sessions.NEW,
+        metavar="ID|NAME",
+        help="talk in a session kept by the gateway; a name starts it on first use; without a value "
+        "(last, or right before -c) a new session",
+    )
+    parser.add_argument(
+        "--continue", dest="resume", action="store_true", help="continue the most recently used session"
+    )
     parser.add_argument("--log-level", default="warning")
-    parser.add_argument("words", nargs="*", help="`list`, or a specialist name and a question")
+    parser.add_argument(
+        "words", nargs="*", help="`list`, `sessions ...`, or a specialist name and a question"
+    )
     return parser
 
 
@@ -67,8 +86,16 @@ async def run_once(
 ) -> int:
     renderer = Renderer()
     async with Bus.connect(settings, name="aish") as bus:
-        await run_pipeline(bus, pipeline, renderer, stdin_text=stdin_text, options=_options(args))
+        session = await sessions.resolve(bus, args.session, args.resume, renderer)
+        await run_pipeline(
+            bus, pipeline, renderer, stdin_text=stdin_text, options=_options(args), session=session
+        )
     return 0
+
+
+async def run_sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
+    async with Bus.connect(settings, name="aish") as bus:
+        return await sessions.run(bus, argv, Renderer())
 
 
 async def run_list(settings: TektonSettings) -> int:
@@ -86,6 +113,7 @@ async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
     renderer = Renderer()
     renderer.note('aish: type a pipeline (echo "text" | apollo | athena), `list`, `help`; Ctrl-D to exit')
     async with Bus.connect(settings, name="aish") as bus:
+        talk_in = await sessions.resolve(bus, args.session, args.resume, renderer)
         while True:
             try:
                 line = (await session.prompt_async("aish> ")).strip()
@@ -108,7 +136,9 @@ async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
             except PipelineSyntaxError as err:
                 renderer.error(err.render())
                 continue
-            task = asyncio.ensure_future(run_pipeline(bus, pipeline, renderer, options=_options(args)))
+            task = asyncio.ensure_future(
+                run_pipeline(bus, pipeline, renderer, options=_options(args), session=talk_in)
+            )
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, task.cancel)
             try:
@@ -138,7 +168,12 @@ def _pipeline_from_words(words: Sequence[str]) -> Pipeline:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    args.pipeline = " ".join(args.words) if args.command else None
+    if args.command and not args.words:
+        build_parser().error("-c needs a pipeline: aish -c 'echo \"text\" | apollo'")
+    if rest and not (args.words and args.words[0] == "sessions"):
+        build_parser().parse_args(argv)  # the usual usage error for unknown options
     configure_logging(args.log_level)
     renderer = Renderer()
     try:
@@ -147,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings)
+        if args.pipeline is None and args.words and args.words[0] == "sessions":
+            return anyio.run(run_sessions, settings, [*args.words[1:], *rest])
         if args.pipeline is None and not args.words:
             if sys.stdin.isatty():
                 return anyio.run(repl, settings, args)

@@ -41,8 +41,10 @@ async def run_pipeline(
     *,
     stdin_text: str | None = None,
     options: ChatOptions | None = None,
+    session: str | None = None,
 ) -> str:
-    """Run ``pipeline``; returns the last stage's whole answer."""
+    """Run ``pipeline``; returns the last stage's whole answer. With ``session`` every stage is a turn
+    of that session, so each stage (and the next command) sees what came before."""
     names = [_check_runnable(stage) for stage in pipeline.stages]
     text = pipeline.source.text if pipeline.source else stdin_text
     if not pipeline.stages:
@@ -61,7 +63,8 @@ async def run_pipeline(
             tokens = 0
             if not last:
                 renderer.progress(name, 0)
-            async with bus.stream(name, [ChatMessage(role="user", content=prompt)], options) as s:
+            messages = [ChatMessage(role="user", content=prompt)]
+            async with bus.stream(name, messages, options, session=session) as s:
                 async for chunk in s:
                     tokens += 1
                     if not last:

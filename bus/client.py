@@ -97,10 +97,6 @@ class ServiceInstance:
     description: str = ""
 
     @property
-    def is_specialist(self) -> bool:
-        return self.metadata.get("tekton_role") == SPECIALIST_ROLE
-
-    @property
     def capabilities(self) -> dict[str, float]:
         scores = json.loads(self.metadata.get("capabilities", "{}"))
         return {str(k): float(v) for k, v in scores.items()}
@@ -253,8 +249,10 @@ class Bus:
             await sub.unsubscribe()
         return answers
 
-    async def instances(self, name: str | None = None, window: float = 0.05) -> list[ServiceInstance]:
-        """Every running specialist instance (``$SRV.INFO``), optionally only those named ``name``."""
+    async def instances(
+        self, name: str | None = None, window: float = 0.05, role: str = SPECIALIST_ROLE
+    ) -> list[ServiceInstance]:
+        """Every running instance of a Tekton role (``$SRV.INFO``), optionally only those named ``name``."""
         subject = "$SRV.INFO" + (f".{name}" if name else "")
         found = [
             ServiceInstance(
@@ -266,7 +264,9 @@ class Bus:
             )
             for a in await self._gather(subject, window)
         ]
-        return sorted((i for i in found if i.is_specialist), key=lambda i: (i.name, i.id))
+        return sorted(
+            (i for i in found if i.metadata.get("tekton_role") == role), key=lambda i: (i.name, i.id)
+        )
 
     async def stats(self, name: str | None = None, window: float = 0.05) -> list[dict[str, Any]]:
         subject = "$SRV.STATS" + (f".{name}" if name else "")
@@ -352,7 +352,7 @@ class ChatStream:
             msg = await self._next_msg()
             if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
                 self._finished = True
-                raise SpecialistUnavailable(self.specialist, await self.bus.running_names())
+                raise SpecialistUnavailable.named(self.specialist, await self.bus.running_names())
             try:
                 raw = unpack_frame(msg.data)
             except MalformedFrame:
@@ -401,6 +401,11 @@ class ChatStream:
         return StreamResult(text="".join(self._parts), start=self.start_frame, done=self._done)
 
 
+# The gateway stores an answer within milliseconds of its done frame; past this it has died, and the
+# answer is on screen anyway.
+STORED_WAIT_S = 2.0
+
+
 class SessionChatStream(ChatStream):
     """A :class:`ChatStream` whose request the gateway forwards with the session's context."""
 
@@ -427,7 +432,7 @@ class SessionChatStream(ChatStream):
 
     async def _wait_stored(self) -> StoredFrame | None:
         """The gateway's note that the answer is in the session (it follows ``done`` within a few ms)."""
-        msg = await self._frames.get(self.idle_timeout)
+        msg = await self._frames.get(min(self.idle_timeout, STORED_WAIT_S))
         if msg is None:
             log.warning("the gateway did not confirm the answer was stored", session=self.session)
             return None

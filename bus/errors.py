@@ -86,19 +86,22 @@ class NatsUnavailable(BusError):
 class SpecialistUnavailable(BusError):
     code = ErrorCode.SPECIALIST_UNAVAILABLE
 
-    def __init__(self, name: str, running: Iterable[str] = ()):
-        running = sorted(set(running))
-        close = difflib.get_close_matches(name, running, n=1, cutoff=0.6)
+    @classmethod
+    def named(cls, name: str, running: Iterable[str] = ()) -> SpecialistUnavailable:
+        """Nobody answers for ``name``; suggest the closest of the ``running`` names."""
+        names = sorted(set(running))
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
         if close:
             hint = f"; did you mean '{close[0]}'?"
-        elif running:
-            hint = f"; running: {', '.join(running)}"
+        elif names:
+            hint = f"; running: {', '.join(names)}"
         else:
             hint = "; no specialists are running (start them with `tekton up`)"
-        super().__init__(f"no specialist named '{name}' is running{hint}")
-        self.name = name
-        self.running = running
-        self.suggestion = close[0] if close else None
+        err = cls(f"no specialist named '{name}' is running{hint}")
+        err.suggestion = close[0] if close else None
+        return err
+
+    suggestion: str | None = None
 
 
 class StreamGap(BusError):
@@ -165,6 +168,7 @@ _BY_CODE: dict[ErrorCode, type[BusError]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
     ErrorCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorCode.CANCELLED: Cancelled,
+    ErrorCode.SPECIALIST_UNAVAILABLE: SpecialistUnavailable,
     ErrorCode.SESSION_NOT_FOUND: SessionNotFound,
     ErrorCode.SESSION_TOO_LARGE: SessionTooLarge,
 }

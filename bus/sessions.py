@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import nats.errors
 from pydantic import Field, ValidationError
 
-from bus.errors import BusError, GatewayUnavailable, MalformedFrame, SessionNotFound, from_wire
+from bus.errors import BadRequest, BusError, GatewayUnavailable, MalformedFrame, SessionNotFound, from_wire
 from bus.subjects import session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
@@ -204,6 +204,9 @@ def decode_reply(data: bytes) -> Wire:
         raise MalformedFrame(f"malformed gateway reply: {err.error_count()} problem(s)") from err
 
 
+W = TypeVar("W", bound=Wire)
+
+
 class SessionsClient:
     """Calls the sessions API. ``nc`` is a connected nats-py client."""
 
@@ -211,6 +214,14 @@ class SessionsClient:
         self.nc = nc
         self.prefix = prefix
         self.timeout = timeout
+
+    @staticmethod
+    def _request(model: type[W], **fields: Any) -> W:
+        try:
+            return model(**fields)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise BadRequest(problems) from err
 
     async def call(self, op: str, request: Wire) -> Wire:
         try:
@@ -235,15 +246,19 @@ class SessionsClient:
     ) -> Session:
         reply = await self.call(
             "create",
-            CreateSession(
-                specialist=specialist, name=name, context_window=context_window, metadata=metadata or {}
+            self._request(
+                CreateSession,
+                specialist=specialist,
+                name=name,
+                context_window=context_window,
+                metadata=metadata or {},
             ),
         )
         assert isinstance(reply, SessionReply)
         return reply.session
 
     async def get(self, ref: str) -> Session:
-        reply = await self.call("get", SessionRef(session=ref))
+        reply = await self.call("get", self._request(SessionRef, session=ref))
         assert isinstance(reply, SessionReply)
         return reply.session
 
@@ -256,21 +271,23 @@ class SessionsClient:
     async def list(
         self, *, specialist: str | None = None, name: str | None = None, limit: int = 50
     ) -> list[SessionSummary]:
-        reply = await self.call("list", ListSessions(specialist=specialist, name=name, limit=limit))
+        reply = await self.call(
+            "list", self._request(ListSessions, specialist=specialist, name=name, limit=limit)
+        )
         assert isinstance(reply, SessionsReply)
         return reply.sessions
 
     async def delete(self, ref: str) -> str:
-        reply = await self.call("delete", SessionRef(session=ref))
+        reply = await self.call("delete", self._request(SessionRef, session=ref))
         assert isinstance(reply, DeletedReply)
         return reply.session
 
     async def fork(self, ref: str, *, at: int | None = None, name: str | None = None) -> Session:
-        reply = await self.call("fork", ForkSession(session=ref, at=at, name=name))
+        reply = await self.call("fork", self._request(ForkSession, session=ref, at=at, name=name))
         assert isinstance(reply, SessionReply)
         return reply.session
 
     async def rename(self, ref: str, name: str) -> Session:
-        reply = await self.call("rename", RenameSession(session=ref, name=name))
+        reply = await self.call("rename", self._request(RenameSession, session=ref, name=name))
         assert isinstance(reply, SessionReply)
         return reply.session

@@ -22,7 +22,8 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
-from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge
+from bus.client import Bus
+from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
     ChatAccepted,
     CreateSession,
@@ -250,7 +251,11 @@ class GatewayService:
                     error = f"'{turn.specialist}' went silent for {self.settings.idle_timeout_s:g} s"
                     break
                 if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
-                    error = f"no specialist named '{turn.specialist}' is running"
+                    # NATS tells only the publisher (us) that nobody listens: pass it on to the client.
+                    running = await Bus(self.nc, self.settings).running_names()
+                    unavailable = SpecialistUnavailable.named(turn.specialist, running)
+                    await self.nc.publish(inbox, encode(_error_frame(unavailable)))
+                    error = unavailable.message
                     break
                 try:
                     raw = unpack_frame(msg.data)
@@ -327,6 +332,10 @@ def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> li
         t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
         for t in turns
     ]
+
+
+def _error_frame(err: BusError) -> ErrorFrame:
+    return ErrorFrame(seq=0, code=str(err.code), message=err.message, retryable=err.retryable)
 
 
 def _check_name(name: str) -> None:

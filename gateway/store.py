@@ -8,6 +8,7 @@ numbers of sessions; ids are one direct get.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from bus.errors import BadRequest, BusError, SessionNotFound, SessionTooLarge
 from bus.sessions import SESSION_ID_RE, Session, SessionSummary
 
 log = structlog.get_logger("tekton.gateway.store")
+
+ID_PREFIX_RE = re.compile(r"^[0-9a-f]{6,31}$")
 
 # A compare-and-set loses only to another writer of the same session, which then has made progress:
 # a few rounds settle any realistic contention.
@@ -127,12 +130,18 @@ class SessionStore:
         return sessions
 
     async def resolve(self, ref: str) -> tuple[Session, int]:
-        """The session with id ``ref``, else the newest one named ``ref``, with its revision."""
+        """The session with id ``ref``, else the newest one named ``ref``, else the one whose id starts
+        with ``ref`` (at least 6 hex digits), with its revision."""
         if SESSION_ID_RE.match(ref):
             found = await self._load(ref)
             if found is not None:
                 return found
-        named = [s for s in await self.scan() if s.name == ref]
+        sessions = await self.scan()
+        named = [s for s in sessions if s.name == ref]
+        if not named and ID_PREFIX_RE.match(ref):
+            named = [s for s in sessions if s.id.startswith(ref)]
+            if len(named) > 1:
+                raise BadRequest(f"'{ref}' is the start of {len(named)} session ids; give more of it")
         if named:
             newest = max(named, key=lambda s: s.updated)
             found = await self._load(newest.id)

@@ -206,6 +206,10 @@ async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
     if not instances:
         _say(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
         return 1
+    gateways = len(await _gateways(settings, args.window))
+    _say(
+        f"gateway: {gateways} replica{'s' if gateways != 1 else ''}" + ("" if gateways else " (sessions off)")
+    )
     row = "{:<12} {:>8} {:<40} {:>7} {:>6} {:>6} {:>6} {:>10}".format
     _say(row("SPECIALIST", "REPLICAS", "PROVIDER/MODEL", "SERVED", "ERRORS", "CANCEL", "ACTIVE", "1ST TOKEN"))
     by_name: dict[str, list[str]] = {}
@@ -223,6 +227,11 @@ async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
         model = f"{meta.get('provider', '?')}/{meta.get('model', '?')}"
         _say(row(name, len(ids), model, served, errors, cancelled, active, first))
     return 0
+
+
+async def _gateways(settings: TektonSettings, window: float) -> list[str]:
+    async with Bus.connect(settings, name="tekton-status") as bus:
+        return [i.id for i in await bus.instances(window=window, role="gateway")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,27 @@ from typing import Any
 import anyio
 
 from bus.settings import TektonSettings
+from gateway.runtime import serve_gateway
+from gateway.service import GatewayService
 from specialists.runtime import serve_specialists
 from specialists.service import SpecialistService
+
+AISH = [sys.executable, "-m", "aish_client"]
+
+
+def aish(
+    settings: TektonSettings, *args: str, stdin: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `aish ARGS` to completion (no stdin unless given)."""
+    return subprocess.run(
+        [*AISH, *args],
+        env=child_env(settings, **env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
 
 
 def child_env(settings: TektonSettings, **extra: str) -> dict[str, str]:
@@ -131,6 +150,29 @@ async def in_process_specialists(settings: TektonSettings, *names: str):  # type
             yield {s.spec.name: s for s in services}
         finally:
             stop.set()
+
+
+@asynccontextmanager
+async def in_process_gateway(settings: TektonSettings):  # type: ignore[no-untyped-def]
+    """A gateway replica in this event loop."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        service: GatewayService = await tg.start(
+            lambda task_status: serve_gateway(settings, stop=stop, task_status=task_status)
+        )
+        try:
+            yield service
+        finally:
+            stop.set()
+
+
+def gateway_process(settings: TektonSettings, **env: str) -> Child:
+    """`tekton gateway` as a child process, once it says ready."""
+    child = spawn(
+        [sys.executable, "-m", "tekton", "gateway", "--log-level", "warning"], child_env(settings, **env)
+    )
+    child.wait_for(lambda s: s.startswith("ready gateway"))
+    return child
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> None:

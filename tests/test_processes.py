@@ -16,24 +16,9 @@ from bus.client import Bus
 from bus.errors import IdleTimeout
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from tests.helpers import child_env, eventually, spawn, specialist_process
+from tests.helpers import AISH, aish, child_env, eventually, spawn, specialist_process
 
-AISH = [sys.executable, "-m", "aish_client"]
 TEKTON = [sys.executable, "-m", "tekton"]
-
-
-def aish(
-    settings: TektonSettings, *args: str, stdin: str | None = None, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*AISH, *args],
-        env=child_env(settings, **env),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
 
 
 async def served_by_instance(bus: Bus, name: str) -> dict[str, dict[str, int]]:
@@ -228,11 +213,15 @@ def test_tekton_up_runs_everything_and_stops_cleanly(tmp_path: Path, processes: 
         argv.append("--processes")
     up = spawn(argv, child_env(settings))
     try:
-        up.wait_for(lambda line: line.startswith("Tekton is up: 10 specialists"), timeout=60)
+        up.wait_for(lambda line: line.startswith("Tekton is up: gateway + 10 specialists"), timeout=60)
         children = _pids_of_session(up.process.pid)
         assert children, "tekton up should have started nats-server (and specialists) as children"
         done = aish(settings, "-c", 'echo "hello" | prometheus | rhetor')
         assert done.stdout == "rhetor heard: prometheus heard: hello\n", done.stderr
+        talked = aish(settings, "--session", "up-test", "athena", "remember this")
+        assert talked.returncode == 0, talked.stderr
+        shown = aish(settings, "sessions", "show", "up-test")
+        assert "[2] athena: athena heard: remember this" in shown.stdout, shown.stderr
         status = subprocess.run(
             [*TEKTON, "status", "--json"], env=child_env(settings), capture_output=True, text=True, timeout=30
         )

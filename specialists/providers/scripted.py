@@ -32,6 +32,9 @@ class ScriptedOptions(BaseSettings):
     # Repeat the script to exactly this many tokens (benchmarks); None: the script once.
     tokens: int | None = Field(default=None, ge=1)
     text: str | None = None
+    # Answer with every user/assistant message it was given ("apollo heard: user: q1 | assistant: a1 |
+    # user: q2"), so tests can see what context reached the specialist.
+    echo_context: bool = False
 
 
 class ScriptedProvider:
@@ -46,6 +49,9 @@ class ScriptedProvider:
     def script(self, messages: Sequence[ChatMessage]) -> list[str]:
         if self.options.text is not None:
             text = self.options.text
+        elif self.options.echo_context:
+            seen = " | ".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
+            text = f"{self.specialist} heard: {seen}"
         else:
             last = next((m.content for m in reversed(messages) if m.role == "user"), "")
             text = f"{self.specialist} heard: {last}"

@@ -1,0 +1,115 @@
+"""Sessions in aish: `--session [ID|NAME]`, `--continue`, and `aish sessions list|show|rm|fork|rename`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+from aish_client.render import Renderer
+from bus.client import Bus
+from bus.errors import BadRequest, SessionNotFound
+from bus.sessions import SESSION_ID_RE, SESSION_NAME_RE, Session
+
+NEW = object()  # `--session` given without a value
+
+
+def label(session: Session) -> str:
+    return f"'{session.name}' ({session.id})" if session.name else session.id
+
+
+async def resolve(bus: Bus, ref: object, resume_last: bool, renderer: Renderer) -> str | None:
+    """The id of the session this command talks in, or None for no session.
+
+    ``--session`` alone starts a new one; ``--session NAME`` uses the session of that name and starts it
+    on first use; ``--session ID`` must exist; ``--continue`` takes the most recently used one.
+    """
+    if resume_last:
+        recent = await bus.sessions.list(limit=1)
+        if recent:
+            renderer.note(f"continuing session {recent[0].name or recent[0].id}")
+            return recent[0].id
+        ref = NEW
+    if ref is None:
+        return None
+    if ref is NEW:
+        session = await bus.sessions.create()
+        renderer.note(f"new session {session.id}")
+        return session.id
+    assert isinstance(ref, str)
+    found = await bus.sessions.find(ref)
+    if found is not None:
+        return found.id
+    if SESSION_ID_RE.match(ref) or not SESSION_NAME_RE.match(ref):
+        raise SessionNotFound.named(ref)
+    session = await bus.sessions.create(name=ref)
+    renderer.note(f"new session {label(session)}")
+    return session.id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aish sessions", description="Conversation sessions.")
+    sub = parser.add_subparsers(dest="op")
+    ls = sub.add_parser("list", help="sessions, most recently used first (the default)")
+    ls.add_argument("--specialist")
+    ls.add_argument("--limit", type=int, default=50)
+    show = sub.add_parser("show", help="one session with its turns")
+    show.add_argument("ref", metavar="ID|NAME")
+    rm = sub.add_parser("rm", help="delete a session")
+    rm.add_argument("ref", metavar="ID|NAME")
+    fork = sub.add_parser("fork", help="a new session starting from a turn of another")
+    fork.add_argument("ref", metavar="ID|NAME")
+    fork.add_argument("--at", type=int, help="keep the first N turns (default: all)")
+    fork.add_argument("--name")
+    rename = sub.add_parser("rename", help="give a session a name")
+    rename.add_argument("ref", metavar="ID|NAME")
+    rename.add_argument("name")
+    return parser
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+async def run(bus: Bus, argv: Sequence[str], renderer: Renderer) -> int:
+    args = build_parser().parse_args(argv)
+    op = args.op or "list"
+    if op == "list":
+        sessions = await bus.sessions.list(
+            specialist=getattr(args, "specialist", None), limit=args.limit if args.op else 50
+        )
+        if not sessions:
+            renderer.note("no sessions yet: start one with aish --session NAME ...")
+            return 0
+        renderer.token(f"{'ID':<32}  {'NAME':<16} {'UPDATED':<16} {'TURNS':>5}  LAST\n")
+        for s in sessions:
+            last = s.last.replace("\n", " ")[:40]
+            renderer.token(f"{s.id:<32}  {s.name or '-':<16} {_when(s.updated):<16} {s.turns:>5}  {last}\n")
+        return 0
+    if op == "show":
+        session = await bus.sessions.get(args.ref)
+        renderer.token(
+            f"session {label(session)}  specialist {session.specialist or '-'}  "
+            f"context {session.context_window} turns  created {_when(session.created)}  "
+            f"updated {_when(session.updated)}\n"
+        )
+        if session.dropped:
+            renderer.token(f"({session.dropped} older turns dropped)\n")
+        for n, turn in enumerate(session.turns, start=session.dropped + 1):
+            who = "you" if turn.role == "user" else turn.specialist
+            mark = "" if turn.status == "ok" else f" [{turn.status}{': ' + turn.error if turn.error else ''}]"
+            renderer.token(f"[{n}] {who}{mark}: {turn.content}\n")
+        return 0
+    if op == "rm":
+        renderer.token(f"deleted {await bus.sessions.delete(args.ref)}\n")
+        return 0
+    if op == "fork":
+        if args.at is not None and args.at < 0:
+            raise BadRequest("--at counts turns from the start: 0 or more")
+        fork = await bus.sessions.fork(args.ref, at=args.at, name=args.name)
+        renderer.token(f"{fork.id}\n")
+        renderer.note(f"forked {args.ref} at turn {len(fork.turns)} into {label(fork)}")
+        return 0
+    renamed = await bus.sessions.rename(args.ref, args.name)
+    renderer.token(f"renamed {renamed.id} to '{renamed.name}'\n")
+    return 0

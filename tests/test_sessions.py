@@ -1,0 +1,380 @@
+"""Sessions in JetStream KV through the gateway, on a real nats-server, with real specialists."""
+
+from __future__ import annotations
+
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import anyio
+import msgpack
+import pytest
+
+from bus.client import Bus
+from bus.errors import BadRequest, GatewayUnavailable, SessionNotFound, SessionTooLarge, SpecialistUnavailable
+from bus.server import EmbeddedNats
+from bus.sessions import Session, Turn
+from bus.settings import TektonSettings
+from bus.subjects import session_subject
+from bus.wire import ChatMessage, ChatOptions
+from tests.helpers import aish, eventually, gateway_process, in_process_gateway, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+ECHO = {"TEKTON_SCRIPTED_ECHO_CONTEXT": "1"}
+
+
+async def say(bus: Bus, session: str, text: str, specialist: str = "apollo") -> str:
+    async with bus.stream(specialist, [ChatMessage(role="user", content=text)], session=session) as s:
+        return "".join([t async for t in s])
+
+
+def run_aish(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    """aish in a thread, so this event loop keeps serving the in-process gateway and specialists."""
+    return anyio.to_thread.run_sync(partial(aish, settings, *args))  # type: ignore[return-value]
+
+
+def test_context_is_the_last_completed_turns() -> None:
+    turns = [
+        Turn(role="user", content="q1", specialist="a"),
+        Turn(role="assistant", content="a1", specialist="a"),
+        Turn(role="user", content="q2", specialist="a", status="error", error="boom"),
+        Turn(role="user", content="q3", specialist="a"),
+        Turn(role="assistant", content="a3", specialist="a"),
+    ]
+    session = Session(context_window=3, turns=turns)
+    assert [m.content for m in session.context()] == ["a1", "q3", "a3"]
+    assert Session(context_window=0, turns=turns).context() == []
+
+
+async def test_sessions_api_round_trip(settings: TektonSettings) -> None:
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+    ):
+        api = bus.sessions
+        work = await api.create("apollo", name="work", context_window=4, metadata={"team": "core"})
+        other = await api.create("athena")
+        assert (await api.get(work.id)).metadata == {"team": "core"}
+        assert (await api.get("work")).id == work.id
+        assert (await api.get(work.id[:8])).id == work.id
+        assert [s.id for s in await api.list()] == [other.id, work.id]  # newest first
+        assert [s.id for s in await api.list(specialist="apollo")] == [work.id]
+        assert [s.id for s in await api.list(name="work")] == [work.id]
+        with pytest.raises(BadRequest, match="already exists"):
+            await api.create(name="work")
+        renamed = await api.rename(other.id, "notes")
+        assert renamed.name == "notes"
+        await say(bus, "work", "one")
+        await say(bus, "work", "two")
+        fork = await api.fork("work", at=2, name="branch")
+        assert [t.content for t in fork.turns] == ["one", "apollo heard: one"]
+        assert fork.metadata["forked_from"] == work.id
+        with pytest.raises(BadRequest, match="cannot fork at 9"):
+            await api.fork("work", at=9)
+        assert await api.delete("branch") == fork.id
+        with pytest.raises(SessionNotFound, match="'branch'"):
+            await api.get("branch")
+        with pytest.raises(BadRequest, match="name"):
+            await api.create(name="no spaces allowed")
+
+
+async def test_chat_records_turns_and_sends_the_context_window(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in ECHO.items():
+        monkeypatch.setenv(key, value)
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo", "athena"),
+        Bus.connect(settings) as bus,
+    ):
+        session = await bus.sessions.create("apollo", context_window=2)
+        assert await say(bus, session.id, "q1") == "apollo heard: user: q1"
+        # Read-your-writes: the next turn sees the answer that just ended.
+        assert await say(bus, session.id, "q2") == (
+            "apollo heard: user: q1 | assistant: apollo heard: user: q1 | user: q2"
+        )
+        third = await say(bus, session.id, "q3", specialist="athena")
+        assert third.startswith("athena heard: user: q2 | assistant: apollo heard:")
+        stored = await bus.sessions.get(session.id)
+        assert [(t.role, t.specialist, t.status) for t in stored.turns] == [
+            ("user", "apollo", "ok"),
+            ("assistant", "apollo", "ok"),
+            ("user", "apollo", "ok"),
+            ("assistant", "apollo", "ok"),
+            ("user", "athena", "ok"),
+            ("assistant", "athena", "ok"),
+        ]
+        assert stored.turns[-1].content == third
+
+
+async def test_a_failed_or_cancelled_answer_keeps_the_user_turn(settings: TektonSettings) -> None:
+    slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "50", "TEKTON_SCRIPTED_TOKENS": "1000"}
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        session = await bus.sessions.create()
+        with pytest.raises(SpecialistUnavailable, match="apolo"):
+            await say(bus, session.id, "typo", specialist="apolo")
+        with _env(slow):
+            async with in_process_specialists(settings, "apollo"):
+                async with bus.stream(
+                    "apollo", [ChatMessage(role="user", content="long")], session=session.id
+                ) as s:
+                    async for _ in s:
+                        break  # leaving early cancels on the specialist
+
+                async def marked() -> bool:
+                    turns = (await bus.sessions.get(session.id)).turns
+                    return len(turns) == 3 and turns[1].status == "cancelled"
+
+                await eventually(marked)
+        turns = (await bus.sessions.get(session.id)).turns
+        assert (turns[0].content, turns[0].status) == ("typo", "error")
+        assert "no specialist named 'apolo'" in (turns[0].error or "")
+        assert (turns[1].content, turns[1].status) == ("long", "cancelled")
+        assert turns[2].role == "assistant" and turns[2].status == "cancelled" and turns[2].content
+
+
+class _env:
+    """Set environment variables for in-process providers (they read TEKTON_SCRIPTED_* at start)."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values = values
+        self.patch = pytest.MonkeyPatch()
+
+    def __enter__(self) -> None:
+        for key, value in self.values.items():
+            self.patch.setenv(key, value)
+
+    def __exit__(self, *exc: object) -> None:
+        self.patch.undo()
+
+
+async def test_unknown_session_and_no_gateway_are_clear_errors(settings: TektonSettings) -> None:
+    async with Bus.connect(settings) as bus:
+        with pytest.raises(GatewayUnavailable, match="tekton gateway"):
+            await bus.sessions.list()
+    result = await run_aish(settings, "--session", "0123456789abcdef0123456789abcdef", "apollo", "hi")
+    assert result.returncode == 1
+    assert "no gateway is running" in result.stderr
+    async with in_process_gateway(settings):
+        result = await run_aish(settings, "--session", "0123456789abcdef0123456789abcdef", "apollo", "hi")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            "aish: no session '0123456789abcdef0123456789abcdef' (unknown, deleted, or expired); "
+            "`aish sessions` lists them"
+        ]
+
+
+async def test_expired_session_names_itself(settings: TektonSettings) -> None:
+    short = settings.model_copy(update={"session_ttl_s": 1.0})
+    async with in_process_gateway(short), Bus.connect(short) as bus:
+        session = await bus.sessions.create(name="brief")
+
+        async def gone() -> bool:
+            return await bus.sessions.find(session.id) is None
+
+        await eventually(gone, within=15)
+        with pytest.raises(SessionNotFound, match=r"'brief'.*expired after 1 s"):
+            await bus.sessions.get("brief")
+
+
+async def test_aish_pipeline_in_a_session_then_the_next_command_sees_it(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in ECHO.items():
+        monkeypatch.setenv(key, value)
+    async with in_process_gateway(settings), in_process_specialists(settings, "apollo", "athena"):
+        first = await run_aish(settings, "-c", "--session", "work", 'echo "x" | apollo | athena')
+        assert first.returncode == 0, first.stderr
+        assert "new session 'work'" in first.stderr
+        # athena saw apollo's stage in its context, then apollo's answer as its input.
+        assert first.stdout.startswith(
+            "athena heard: user: x | assistant: apollo heard: user: x | user: apollo"
+        )
+        second = await run_aish(settings, "--session", "work", "apollo", "next")
+        assert second.returncode == 0, second.stderr
+        assert "assistant: athena heard: user: x" in second.stdout
+        assert second.stdout.rstrip().endswith("user: next")
+        listed = await run_aish(settings, "sessions")
+        assert "work" in listed.stdout and " 6 " in listed.stdout
+        shown = await run_aish(settings, "sessions", "show", "work")
+        assert "[1] you: x" in shown.stdout and "[6] apollo: apollo heard:" in shown.stdout
+        forked = await run_aish(settings, "sessions", "fork", "work", "--at", "2")
+        assert forked.returncode == 0, forked.stderr
+        fork_id = forked.stdout.strip()
+        cont = await run_aish(settings, "--continue", "athena", "again")
+        assert "continuing session" in cont.stderr  # the fork, the most recently changed
+        assert (
+            cont.stdout.rstrip() == "athena heard: user: x | assistant: apollo heard: user: x | user: again"
+        )
+        removed = await run_aish(settings, "sessions", "rm", fork_id)
+        assert removed.stdout.strip() == f"deleted {fork_id}"
+        bare = await run_aish(settings, "apollo", "hi", "--session")
+        assert bare.returncode == 0 and "new session" in bare.stderr
+
+
+async def test_concurrent_appends_from_two_processes_lose_nothing(settings: TektonSettings) -> None:
+    """Two aish processes talk in one session at once, through two gateway replicas."""
+    rounds = 6
+    second_gateway = gateway_process(settings)
+    try:
+        async with in_process_gateway(settings), in_process_specialists(settings, "apollo"):
+            async with Bus.connect(settings) as bus:
+                await bus.sessions.create("apollo", name="shared")
+
+            async def talk(who: str) -> None:
+                for i in range(rounds):
+                    result = await run_aish(settings, "--session", "shared", "apollo", f"{who}-{i}")
+                    assert result.returncode == 0, result.stderr
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(talk, "left")
+                tg.start_soon(talk, "right")
+            async with Bus.connect(settings) as bus:
+                turns = (await bus.sessions.get("shared")).turns
+    finally:
+        second_gateway.stop()
+    assert len(turns) == 4 * rounds and all(t.status == "ok" for t in turns)
+    for who in ("left", "right"):
+        asked = [t.content for t in turns if t.role == "user" and t.content.startswith(who)]
+        assert asked == [f"{who}-{i}" for i in range(rounds)]
+        answered = [t.content for t in turns if t.role == "assistant" and who in t.content]
+        assert answered == [f"apollo heard: {who}-{i}" for i in range(rounds)]
+
+
+async def test_gateway_killed_mid_answer_then_restarted(settings: TektonSettings) -> None:
+    slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "40", "TEKTON_SCRIPTED_TOKENS": "40"}
+    gateway = gateway_process(settings)
+    with _env(slow):
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            session = await bus.sessions.create("apollo")
+            async with bus.stream(
+                "apollo", [ChatMessage(role="user", content="during")], session=session.id
+            ) as s:
+                parts = []
+                async for text in s:
+                    parts.append(text)
+                    if len(parts) == 3:
+                        gateway.process.kill()
+            # The tokens never passed through the gateway: the answer arrived whole.
+            assert len(parts) == 40 and s.stored is None
+            gateway = gateway_process(settings)
+            try:
+                turns = (await bus.sessions.get(session.id)).turns
+                assert [(t.content, t.status) for t in turns] == [("during", "pending")]
+                async with bus.stream(
+                    "apollo", [ChatMessage(role="user", content="after")], session=session.id
+                ) as s:
+                    assert "".join([t async for t in s]).startswith("apollo heard: after")
+                assert s.stored is not None and s.stored.turns == 3
+            finally:
+                gateway.stop()
+
+
+async def test_sessions_survive_a_nats_server_restart(tmp_path: Path, settings: TektonSettings) -> None:
+    server = EmbeddedNats(tmp_path / "restart-store", port=0)
+    server.start()
+    port = server.port
+    assert port is not None
+    here = settings.model_copy(update={"nats_url": server.url})
+    try:
+        async with (
+            in_process_gateway(here),
+            in_process_specialists(here, "apollo"),
+            Bus.connect(here) as bus,
+        ):
+            session = await bus.sessions.create("apollo", name="durable")
+            await say(bus, session.id, "before")
+            server.stop()
+            server = EmbeddedNats(tmp_path / "restart-store", port=port)
+            server.start()
+            kept = await _retry(lambda: bus.sessions.get("durable"))
+            assert [t.content for t in kept.turns] == ["before", "apollo heard: before"]
+            assert (await _retry(lambda: say(bus, session.id, "after"))) == "apollo heard: after"
+            assert len((await bus.sessions.get(session.id)).turns) == 4
+    finally:
+        server.stop()
+
+
+async def _retry(call, within: float = 15.0):  # type: ignore[no-untyped-def]
+    """Clients and services reconnect on their own after a server restart; retry until they have."""
+    with anyio.fail_after(within):
+        while True:
+            try:
+                return await call()
+            except (GatewayUnavailable, SpecialistUnavailable):
+                await anyio.sleep(0.1)
+
+
+async def test_oversized_session_is_refused_without_a_partial_write(settings: TektonSettings) -> None:
+    small = settings.model_copy(update={"session_max_bytes": 4096})
+    async with (
+        in_process_gateway(small),
+        in_process_specialists(small, "apollo"),
+        Bus.connect(small) as bus,
+    ):
+        session = await bus.sessions.create("apollo")
+        await say(bus, session.id, "short")
+        with pytest.raises(SessionTooLarge, match="limit of 4,096 bytes; nothing was written"):
+            await say(bus, session.id, "x" * 5000)
+        turns = (await bus.sessions.get(session.id)).turns
+        assert [t.content for t in turns] == ["short", "apollo heard: short"]
+        stats = (await bus.stats("apollo"))[0]["endpoints"][0]["data"]
+        assert stats["served"] == 1  # the refused turn never reached the specialist
+        # Near the limit, the oldest turns make room (counted, not silently lost).
+        for i in range(4):
+            await say(bus, session.id, f"{i}" + "y" * 900)
+        stored = await bus.sessions.get(session.id)
+        assert stored.dropped > 0 and stored.turns[-1].content.startswith("apollo heard: 3")
+
+
+async def test_history_is_capped_oldest_first(settings: TektonSettings) -> None:
+    capped = settings.model_copy(update={"session_max_turns": 4})
+    async with (
+        in_process_gateway(capped),
+        in_process_specialists(capped, "apollo"),
+        Bus.connect(capped) as bus,
+    ):
+        session = await bus.sessions.create("apollo")
+        for text in ("a", "b", "c"):
+            await say(bus, session.id, text)
+        stored = await bus.sessions.get(session.id)
+        assert [t.content for t in stored.turns] == ["b", "apollo heard: b", "c", "apollo heard: c"]
+        assert stored.dropped == 2 and stored.summary().turns == 6
+
+
+async def test_malformed_session_requests_get_an_error_and_the_gateway_keeps_running(
+    settings: TektonSettings,
+) -> None:
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        for op, payload in [
+            ("get", b"\xc1 not msgpack"),
+            ("get", msgpack.packb({"session": "x", "extra": 1})),
+            ("create", msgpack.packb({"context_window": -1})),
+            ("chat", msgpack.packb({"session": "x"})),
+            ("list", msgpack.packb([1, 2, 3])),
+        ]:
+            reply = await bus.nc.request(session_subject(op, settings.prefix), payload, timeout=5)
+            error = msgpack.unpackb(reply.data)
+            assert error["type"] == "error" and error["code"] == "bad_request", (op, error)
+            assert f"not a valid '{op}' request" in error["message"]
+        assert (await bus.sessions.create(name="fine")).name == "fine"
+
+
+async def test_chat_options_reach_the_specialist_through_the_gateway(settings: TektonSettings) -> None:
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+    ):
+        session = await bus.sessions.create("apollo")
+        async with bus.stream(
+            "",
+            [ChatMessage(role="user", content="one two three four")],
+            ChatOptions(max_tokens=2),
+            session=session.id,
+        ) as s:
+            assert [t async for t in s] == ["apollo ", "heard: "]
+        assert (await s.result()).done.finish_reason == "length"
