@@ -298,6 +298,7 @@ class ChatStream:
         self._finished = False
         self.sent_at = 0.0
         self.first_chunk_at: float | None = None
+        self.done_at: float | None = None
 
     async def __aenter__(self) -> ChatStream:
         # Listen before publishing so no frame can arrive before we do.
@@ -385,6 +386,7 @@ class ChatStream:
             elif isinstance(frame, StartFrame):
                 self.start_frame = frame
             elif isinstance(frame, DoneFrame):
+                self.done_at = time.perf_counter()
                 self._done = frame
                 self._finished = True
             elif isinstance(frame, ErrorFrame):

@@ -196,7 +196,7 @@ class GatewayService:
         return SessionReply(session=renamed)
 
     async def _chat(self, r: SessionChat) -> ChatAccepted:
-        session, _ = await self.store.resolve(r.session)
+        session = await self.store.recent(r.session)
         specialist = r.specialist or session.specialist
         if not specialist:
             raise BadRequest(

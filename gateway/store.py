@@ -8,11 +8,15 @@ numbers of sessions; ids are one direct get.
 
 from __future__ import annotations
 
+import itertools
+import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import anyio
 import msgpack
 import nats.js.errors
 import structlog
@@ -28,9 +32,9 @@ log = structlog.get_logger("tekton.gateway.store")
 
 ID_PREFIX_RE = re.compile(r"^[0-9a-f]{6,31}$")
 
-# A compare-and-set loses only to another writer of the same session, which then has made progress:
-# a few rounds settle any realistic contention.
-MAX_CAS_ROUNDS = 50
+# A compare-and-set loses only to another writer of the same session, which then has made progress;
+# with backoff every writer gets through. Past this, something is wrong: say so.
+CAS_PATIENCE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,20 @@ def _decode(data: bytes | None, key: str) -> Session:
 
 
 class SessionStore:
-    def __init__(self, kv: KeyValue, limits: StoreLimits):
+    def __init__(self, kv: KeyValue, limits: StoreLimits, cache_size: int = 1024):
         self.kv = kv
         self.limits = limits
+        # The last value and revision this replica read or wrote, per session: an append then costs one
+        # compare-and-set write instead of a read and a write. A stale entry (another replica wrote) only
+        # costs the retry the compare-and-set does anyway.
+        self._recent: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _remember(self, session: Session, revision: int) -> None:
+        self._recent[session.id] = (session, revision)
+        self._recent.move_to_end(session.id)
+        if len(self._recent) > self._cache_size:
+            self._recent.popitem(last=False)
 
     def _encode(self, session: Session) -> tuple[Session, bytes]:
         """The stored bytes; over the size limit, the oldest turns are dropped until it fits (never the
@@ -107,8 +122,11 @@ class SessionStore:
         try:
             entry = await self.kv.get(_key(session_id))
         except nats.js.errors.KeyNotFoundError:
+            self._recent.pop(session_id, None)
             return None
-        return _decode(entry.value, entry.key), entry.revision or 0
+        session, revision = _decode(entry.value, entry.key), entry.revision or 0
+        self._remember(session, revision)
+        return session, revision
 
     async def scan(self) -> list[Session]:
         """Every live session (one ephemeral ordered consumer over the bucket's last values)."""
@@ -149,6 +167,12 @@ class SessionStore:
                 return found
         raise SessionNotFound.named(ref, self.limits.ttl_s)
 
+    async def recent(self, ref: str) -> Session:
+        """The session as this replica last saw it, else as stored: for callers that go on to write it
+        (a stale value is caught by the compare-and-set, and the write returns the fresh one)."""
+        cached = self._recent.get(ref)
+        return cached[0] if cached else (await self.resolve(ref))[0]
+
     async def _check_name_free(self, name: str | None, but: str | None = None) -> None:
         if name is None:
             return
@@ -158,20 +182,25 @@ class SessionStore:
     async def create(self, session: Session) -> Session:
         await self._check_name_free(session.name)
         session, data = self._encode(session)
-        await self.kv.create(_key(session.id), data)
+        self._remember(session, await self.kv.create(_key(session.id), data))
         return session
 
     async def update(self, ref: str, change: Callable[[Session], Session]) -> Session:
         """Apply ``change`` to the current value and write it if nobody wrote in between; else retry on
-        the newer value. ``change`` must be a pure function of the session it is given."""
-        session, revision = await self.resolve(ref)
-        for _ in range(MAX_CAS_ROUNDS):
+        the newer value, with a small random backoff so many writers on one session all get through.
+        ``change`` must be a pure function of the session it is given."""
+        session, revision = self._recent.get(ref) or await self.resolve(ref)
+        deadline = time.monotonic() + CAS_PATIENCE_S
+        for attempt in itertools.count():
             changed = self._prune(change(session).model_copy(update={"updated": time.time()}))
             changed, data = self._encode(changed)
             try:
-                await self.kv.update(_key(session.id), data, last=revision)
+                self._remember(changed, await self.kv.update(_key(session.id), data, last=revision))
                 return changed
             except nats.js.errors.KeyWrongLastSequenceError:
+                if time.monotonic() > deadline:
+                    break
+                await anyio.sleep(random.uniform(0, min(0.02, 0.0005 * 2**attempt)))
                 found = await self._load(session.id)
                 if found is None:
                     raise SessionNotFound.named(ref, self.limits.ttl_s) from None
@@ -181,6 +210,7 @@ class SessionStore:
     async def delete(self, ref: str) -> str:
         session, _ = await self.resolve(ref)
         await self.kv.purge(_key(session.id))
+        self._recent.pop(session.id, None)
         return session.id
 
     async def list(self, specialist: str | None, name: str | None, limit: int) -> list[SessionSummary]:
