@@ -89,8 +89,12 @@ async def measure(settings: TektonSettings, quick: bool) -> dict[str, Any]:
                 await nc.close()
         figures["gateway"] = gateway
 
-        limits = StoreLimits(ttl_s=3600, max_turns=100_000, max_bytes=bus.nc.max_payload)
-        store = SessionStore(await open_bucket(bus.nc.jetstream(), settings.prefix, limits), limits)
+        # The defaults: a session that has reached the turn cap stays at 200 turns.
+        limits = StoreLimits(
+            ttl_s=settings.session_ttl_s, max_turns=settings.session_max_turns, max_bytes=bus.nc.max_payload
+        )
+        kv = await open_bucket(bus.nc.jetstream(), settings.prefix, limits)
+        store = SessionStore(kv, limits)
 
         def append(session_id: str) -> Callable[[], Awaitable[Session]]:
             return lambda: store.update(
@@ -104,11 +108,31 @@ async def measure(settings: TektonSettings, quick: bool) -> dict[str, Any]:
             await concurrently(lambda i: append(sessions[i].id), per_client)
         )
         shared = await store.create(Session(specialist="apollo"))
-        contended = await concurrently(lambda i: append(shared.id), 4 if quick else 10)
+        contended = await concurrently(lambda i: append(shared.id), 2)
         store_figs[f"append_{CLIENTS}_writers_one_session"] = summary(contended)
         final = (await store.resolve(shared.id))[0]
-        store_figs["contended_turns_kept"] = f"{len(final.turns)} of {len(contended)}"
+        store_figs["contended_turns_kept"] = f"{len(final.turns) + final.dropped} of {len(contended)}"
+        # Two replicas (two stores, two connections) fighting over one session: compare-and-set.
+        other_nc = await nats.connect(settings.nats_url)
+        try:
+            other = SessionStore(await open_bucket(other_nc.jetstream(), settings.prefix, limits), limits)
+            duel = await store.create(Session(specialist="apollo"))
+            stores = [store, other]
+            fought = await concurrently(
+                lambda i: (
+                    lambda: stores[i % 2].update(
+                        duel.id, lambda s: s.model_copy(update={"turns": [*s.turns, turn(1)]})
+                    )
+                ),
+                2,
+            )
+        finally:
+            await other_nc.close()
+        store_figs[f"append_{CLIENTS}_writers_one_session_two_replicas"] = summary(fought)
+        final = (await store.resolve(duel.id))[0]
+        store_figs["two_replica_turns_kept"] = f"{len(final.turns) + final.dropped} of {len(fought)}"
         growth = {}
+        store = SessionStore(kv, StoreLimits(ttl_s=3600, max_turns=100_000, max_bytes=bus.nc.max_payload))
         for length in (0, 50, 100, 200, 400):
             session = await store.create(Session(specialist="apollo", turns=[turn(i) for i in range(length)]))
             growth[f"{length}_turns"] = summary(await timed(append(session.id), 50 if quick else 200))

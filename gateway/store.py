@@ -12,6 +12,7 @@ import itertools
 import random
 import re
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ class SessionStore:
         # costs the retry the compare-and-set does anyway.
         self._recent: OrderedDict[str, tuple[Session, int]] = OrderedDict()
         self._cache_size = cache_size
+        # Writers of one session in this replica take turns (no compare-and-set fights among
+        # themselves); compare-and-set still settles writers in other replicas and processes.
+        self._writing: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
 
     def _remember(self, session: Session, revision: int) -> None:
         self._recent[session.id] = (session, revision)
@@ -189,6 +193,13 @@ class SessionStore:
         """Apply ``change`` to the current value and write it if nobody wrote in between; else retry on
         the newer value, with a small random backoff so many writers on one session all get through.
         ``change`` must be a pure function of the session it is given."""
+        lock = self._writing.get(ref)
+        if lock is None:
+            lock = self._writing[ref] = anyio.Lock()
+        async with lock:
+            return await self._update(ref, change)
+
+    async def _update(self, ref: str, change: Callable[[Session], Session]) -> Session:
         session, revision = self._recent.get(ref) or await self.resolve(ref)
         deadline = time.monotonic() + CAS_PATIENCE_S
         for attempt in itertools.count():
