@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Sequence
 
 import anyio
 import structlog
 
 log = structlog.get_logger("tekton")
+
+PR_SET_PDEATHSIG = 1
 
 
 async def set_on_signal(
@@ -20,3 +25,17 @@ async def set_on_signal(
             log.info("stopping", signal=signal.Signals(sig).name)
             break
     stop.set()
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the process that started us dies, even by SIGKILL, so a supervised
+    child is never orphaned. Call it first thing in a child; elsewhere it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl: the supervisor's own cleanup still applies
+        return
+    if os.getppid() == 1:  # the parent died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from bus.errors import BusError, NatsUnavailable
 from bus.logs import configure_logging
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings, load_settings
-from bus.signals import set_on_signal
+from bus.signals import die_with_parent, set_on_signal
 from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
 from specialists.runtime import select, serve_specialists
@@ -123,7 +124,7 @@ async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int
     try:
         env = {"TEKTON_NATS_URL": settings.nats_url}
         process = await anyio.open_process(
-            list(command), stdin=None, stdout=None, stderr=None, env={**_environ(), **env}
+            list(command), stdin=None, stdout=None, stderr=None, env={**os.environ, **env}
         )
         async with anyio.create_task_group() as tg:
 
@@ -139,12 +140,6 @@ async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int
         return code
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> int:
@@ -276,6 +271,8 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.environ.get("TEKTON_SUPERVISED") == "1":
+        die_with_parent()
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]

@@ -37,7 +37,7 @@ async def run_child(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=None,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {}), "TEKTON_SUPERVISED": "1"},
         start_new_session=True,
     )
     assert process.stdout is not None
