@@ -11,11 +11,12 @@ from collections.abc import Sequence
 import anyio
 
 from aish_client import sessions
+from aish_client.fanout import load_plan, run_plan
 from aish_client.parser import Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
 from bus.client import Bus
-from bus.errors import BusError
+from bus.errors import BadRequest, BusError
 from bus.logs import configure_logging
 from bus.settings import TektonSettings, load_settings
 from bus.wire import ChatOptions
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--continue", dest="resume", action="store_true", help="continue the most recently used session"
     )
+    parser.add_argument(
+        "--layout",
+        choices=["stacked", "lines"],
+        default="stacked",
+        help="several answers at once: one after another under headers (stacked), or side by side as "
+        "labelled lines (lines)",
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
         "words", nargs="*", help="`list`, `sessions ...`, or a specialist name and a question"
@@ -88,8 +96,23 @@ async def run_once(
     async with Bus.connect(settings, name="aish") as bus:
         session = await sessions.resolve(bus, args.session, args.resume, renderer)
         await run_pipeline(
-            bus, pipeline, renderer, stdin_text=stdin_text, options=_options(args), session=session
+            bus,
+            pipeline,
+            renderer,
+            stdin_text=stdin_text,
+            options=_options(args),
+            session=session,
+            layout=args.layout,
         )
+    return 0
+
+
+async def run_bulk(settings: TektonSettings, args: argparse.Namespace, files: Sequence[str]) -> int:
+    if len(files) != 1:
+        raise BadRequest("usage: aish bulk PLAN.yaml (or .json)")
+    plan = load_plan(files[0])
+    async with Bus.connect(settings, name="aish") as bus:
+        await run_plan(bus, plan, [op.id for op in plan.operations], Renderer(), layout=args.layout)
     return 0
 
 
@@ -137,7 +160,9 @@ async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
                 renderer.error(err.render())
                 continue
             task = asyncio.ensure_future(
-                run_pipeline(bus, pipeline, renderer, options=_options(args), session=talk_in)
+                run_pipeline(
+                    bus, pipeline, renderer, options=_options(args), session=talk_in, layout=args.layout
+                )
             )
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, task.cancel)
@@ -182,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings)
+        if args.pipeline is None and args.words and args.words[0] == "bulk":
+            return anyio.run(run_bulk, settings, args, args.words[1:])
         if args.pipeline is None and args.words and args.words[0] == "sessions":
             return anyio.run(run_sessions, settings, [*args.words[1:], *rest])
         if args.pipeline is None and not args.words:

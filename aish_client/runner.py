@@ -6,6 +6,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TextIO
 
+from aish_client.fanout import Layout, plan_pipeline, run_plan
 from aish_client.parser import Ask, Pipeline
 from aish_client.render import Renderer
 from bus.client import Bus
@@ -24,10 +25,6 @@ def compose(message: str | None, piped: str | None) -> str:
 
 
 def _check_runnable(stage: Ask) -> str:
-    if stage.fan_out:
-        raise NotBuilt(
-            f"column {stage.column}: fan-out to several specialists (',' and '{{...}}') is not built yet"
-        )
     target = stage.targets[0]
     if target.capability:
         raise NotBuilt(f"column {target.column}: routing by capability (@{target.name}) is not built yet")
@@ -42,11 +39,18 @@ async def run_pipeline(
     stdin_text: str | None = None,
     options: ChatOptions | None = None,
     session: str | None = None,
+    layout: Layout = "stacked",
 ) -> str:
     """Run ``pipeline``; returns the last stage's whole answer. With ``session`` every stage is a turn
     of that session, so each stage (and the next command) sees what came before."""
-    names = [_check_runnable(stage) for stage in pipeline.stages]
     text = pipeline.source.text if pipeline.source else stdin_text
+    if any(stage.fan_out for stage in pipeline.stages):
+        # Several specialists at once: the gateway runs the whole pipeline as one dependency graph.
+        plan, shown = plan_pipeline(pipeline, text, options, session)
+        with ExitStack() as files:
+            await run_plan(bus, plan, shown, renderer, layout=layout, out=_open_output(pipeline, files))
+        return ""
+    names = [_check_runnable(stage) for stage in pipeline.stages]
     if not pipeline.stages:
         # `echo x > file`: nothing to ask, just write.
         _write_output(pipeline, renderer, text or "")

@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from bus.bulk import BulkPlan, BulkStream
 from bus.errors import (
     BusError,
     IdleTimeout,
@@ -217,6 +218,10 @@ class Bus:
         if session is not None:
             return SessionChatStream(self, specialist, request, idle, session)
         return ChatStream(self, specialist, request, idle)
+
+    def bulk(self, plan: BulkPlan, *, idle_timeout: float | None = None) -> BulkStream:
+        """Run ``plan`` through the gateway: ``async with bus.bulk(plan) as b: async for event in b``."""
+        return BulkStream(self, plan, idle_timeout or self.settings.idle_timeout_s)
 
     @property
     def sessions(self) -> SessionsClient:

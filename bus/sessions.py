@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import nats.errors
 from pydantic import Field, ValidationError
 
+from bus.bulk import BulkAccepted
 from bus.errors import BadRequest, BusError, GatewayUnavailable, MalformedFrame, SessionNotFound, from_wire
 from bus.subjects import session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
@@ -185,6 +186,7 @@ REPLIES: dict[str, type[Wire]] = {
     "sessions": SessionsReply,
     "deleted": DeletedReply,
     "accepted": ChatAccepted,
+    "bulk_accepted": BulkAccepted,
 }
 
 
@@ -223,10 +225,13 @@ class SessionsClient:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
             raise BadRequest(problems) from err
 
-    async def call(self, op: str, request: Wire) -> Wire:
+    async def call(self, op: str, request: Wire, subject: str | None = None) -> Wire:
+        """One gateway request/reply (``op`` names it in errors); an error reply is raised."""
         try:
             msg = await self.nc.request(
-                session_subject(op, self.prefix), encode(request, self.nc.max_payload), timeout=self.timeout
+                subject or session_subject(op, self.prefix),
+                encode(request, self.nc.max_payload),
+                timeout=self.timeout,
             )
         except nats.errors.NoRespondersError:
             raise GatewayUnavailable() from None

@@ -53,6 +53,8 @@ class TektonSettings(BaseSettings):
     # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
     provider: str | None = None
     roster: Path | None = None
+    # Gateway: operations of one bulk request running at once (a request may ask for fewer).
+    bulk_max_concurrency: int = Field(default=16, ge=1, le=1024)
     # Gateway: sessions expire this long after their last change (the KV bucket's TTL).
     session_ttl_s: float = Field(default=3600.0, gt=0)
     # Gateway: turns kept in a stored session; older ones are dropped, oldest first.

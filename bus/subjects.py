@@ -55,6 +55,11 @@ def session_subject(op: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.gateway.session.{op}"
 
 
+def bulk_subject(prefix: str = DEFAULT_PREFIX) -> str:
+    """Where gateway replicas take bulk requests."""
+    return f"{prefix}.gateway.bulk"
+
+
 def gateway_queue(prefix: str = DEFAULT_PREFIX) -> str:
     """The queue group gateway replicas share."""
     return f"{prefix}.gateway"

@@ -22,7 +22,8 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
-from bus.client import Bus
+from bus.bulk import BulkAccepted, BulkRequest
+from bus.client import Bus, ChatStream
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
     ChatAccepted,
@@ -42,7 +43,14 @@ from bus.sessions import (
     TurnStatus,
 )
 from bus.settings import TektonSettings
-from bus.subjects import SESSION_OPS, chat_subject, gateway_queue, session_subject, validate_name
+from bus.subjects import (
+    SESSION_OPS,
+    bulk_subject,
+    chat_subject,
+    gateway_queue,
+    session_subject,
+    validate_name,
+)
 from bus.wire import (
     ChatRequest,
     ChunkFrame,
@@ -55,6 +63,8 @@ from bus.wire import (
     unpack_frame,
     validate_frame,
 )
+from gateway.bulk import BulkRun, StoreAnswer, validate
+from gateway.discovery import RunningNames
 from gateway.store import SessionStore
 
 log = structlog.get_logger("tekton.gateway")
@@ -83,7 +93,10 @@ class GatewayService:
             "fork": (ForkSession, self._fork),
             "rename": (RenameSession, self._rename),
             "chat": (SessionChat, self._chat),
+            "bulk": (BulkRequest, self._bulk),
         }
+        self.bus = Bus(nc, settings)
+        self.running = RunningNames(self.bus)
 
     @property
     def instance_id(self) -> str:
@@ -98,13 +111,16 @@ class GatewayService:
             metadata={"tekton_role": "gateway", "bucket": self.store.kv._name},
             stats_handler=self._stats_data,
         )
-        for op in SESSION_OPS:
+        endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]
+        endpoints.append(("bulk", bulk_subject(self.settings.prefix), "bulk"))
+        for name, subject, op in endpoints:
             await self._service.add_endpoint(
-                name=f"session-{op}",
-                subject=session_subject(op, self.settings.prefix),
+                name=name,
+                subject=subject,
                 queue_group=gateway_queue(self.settings.prefix),
                 handler=self._dispatcher(op),
             )
+        self._tg.start_soon(self.running.keep_fresh)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
 
@@ -195,48 +211,94 @@ class GatewayService:
         renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
         return SessionReply(session=renamed)
 
-    async def _chat(self, r: SessionChat) -> ChatAccepted:
-        session = await self.store.recent(r.session)
-        specialist = r.specialist or session.specialist
+    async def _begin_turn(
+        self, ref: str, specialist: str | None, request: ChatRequest
+    ) -> tuple[str, Turn, ChatRequest]:
+        """Store the user turn (first, so it survives whatever happens to the answer) and return the
+        request with the session's context before the new message(s)."""
+        session = await self.store.recent(ref)
+        specialist = specialist or session.specialist
         if not specialist:
             raise BadRequest(
                 f"session {session.name or session.id} has no specialist of its own: name one for this turn"
             )
         _check_name(specialist)
-        users = [m for m in r.request.messages if m.role == "user"]
+        users = [m for m in request.messages if m.role == "user"]
         turn = Turn(
             role="user",
-            content=users[-1].content if users else r.request.messages[-1].content,
+            content=users[-1].content if users else request.messages[-1].content,
             specialist=specialist,
             status="pending",
-            request_id=r.request.id,
+            request_id=request.id,
         )
-        # The user turn is stored first, so it survives whatever happens to the answer.
         session = await self.store.update(
             session.id, lambda s: s.model_copy(update={"turns": [*s.turns, turn]})
         )
-        request = ChatRequest(
-            id=r.request.id,
-            messages=[*session.context(), *r.request.messages],
-            options=r.request.options,
-            timeout_ms=r.request.timeout_ms,
-        )
+        full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
+        return session.id, turn, full
+
+    async def _chat(self, r: SessionChat) -> ChatAccepted:
+        session_id, turn, request = await self._begin_turn(r.session, r.specialist, r.request)
         try:
             payload = encode_request(request, limit=self.nc.max_payload)
         except BusError as err:
-            await self._finish(session.id, turn, "", "error", err.message)
+            await self._finish(session_id, turn, "", "error", err.message)
             raise
         # Listen on the client's inbox before the specialist can answer on it.
         sub = await self.nc.subscribe(r.inbox)
-        await self.nc.publish(chat_subject(specialist, self.settings.prefix), payload, reply=r.inbox)
-        self.counters["recording"] += 1
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        self._tg.start_soon(self._record, session.id, turn, sub, r.inbox)
+        await self.nc.publish(chat_subject(turn.specialist, self.settings.prefix), payload, reply=r.inbox)
+        self._recording(+1)
+        self._tg.start_soon(self._record, session_id, turn, sub, r.inbox)
         return ChatAccepted(
-            session=session.id,
-            specialist=specialist,
+            session=session_id,
+            specialist=turn.specialist,
             context_turns=len(request.messages) - len(r.request.messages),
         )
+
+    def _recording(self, delta: int) -> None:
+        self.counters["recording"] += delta
+        if delta > 0:
+            self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        else:
+            self.counters["recorded"] += 1
+            if self.counters["recording"] == 0:
+                self._idle.set()
+
+    async def _session_turn(
+        self, ref: str, specialist: str, request: ChatRequest
+    ) -> tuple[ChatStream, StoreAnswer]:
+        """A bulk operation in a session: the gateway reads the stream itself and stores the answer."""
+        session_id, turn, full = await self._begin_turn(ref, specialist, request)
+        stream = ChatStream(self.bus, turn.specialist, full, self.settings.idle_timeout_s)
+
+        async def store(answer: str, status: str, error: str) -> None:
+            await self._finish(session_id, turn, answer, _turn_status(status), error)
+
+        return stream, store
+
+    async def _bulk(self, r: BulkRequest) -> BulkAccepted:
+        graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))
+        run = BulkRun(
+            self.nc,
+            self.bus,
+            r,
+            graph,
+            max_concurrency=self.settings.bulk_max_concurrency,
+            heartbeat_s=self.settings.heartbeat_s,
+            session_turn=self._session_turn,
+        )
+        self._recording(+1)
+
+        async def running() -> None:
+            try:
+                await run.run()
+            except Exception:
+                log.exception("bulk request crashed", id=r.id)
+            finally:
+                self._recording(-1)
+
+        self._tg.start_soon(running)
+        return BulkAccepted(id=r.id, operations=len(r.operations))
 
     async def _record(self, session_id: str, turn: Turn, sub: Any, inbox: str) -> None:
         """Hear the answer on the client's inbox and store it when the stream ends, however it ends."""
@@ -252,7 +314,7 @@ class GatewayService:
                     break
                 if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
                     # NATS tells only the publisher (us) that nobody listens: pass it on to the client.
-                    running = await Bus(self.nc, self.settings).running_names()
+                    running = await self.running.names(refresh=True)
                     unavailable = SpecialistUnavailable.named(turn.specialist, running)
                     await self.nc.publish(inbox, encode(_error_frame(unavailable)))
                     error = unavailable.message
@@ -287,10 +349,7 @@ class GatewayService:
                     if stored is not None:
                         await self.nc.publish(inbox, encode(stored))
                 finally:
-                    self.counters["recording"] -= 1
-                    self.counters["recorded"] += 1
-                    if self.counters["recording"] == 0:
-                        self._idle.set()
+                    self._recording(-1)
 
     async def _finish(
         self, session_id: str, turn: Turn, answer: str, status: TurnStatus, error: str
@@ -332,6 +391,10 @@ def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> li
         t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
         for t in turns
     ]
+
+
+def _turn_status(status: str) -> TurnStatus:
+    return "ok" if status == "ok" else "cancelled" if status == "cancelled" else "error"
 
 
 def _error_frame(err: BusError) -> ErrorFrame:

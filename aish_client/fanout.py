@@ -1,0 +1,216 @@
+"""Pipelines with fan-out (`apollo,athena << "msg"`, `{apollo|athena} | prometheus`) and `aish bulk FILE`:
+turned into one bulk request that the gateway runs as a dependency graph, shown as it streams.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TextIO
+
+from pydantic import ValidationError
+
+from aish_client.parser import Pipeline
+from aish_client.render import Renderer
+from bus.bulk import BulkDone, BulkOperation, BulkPlan, OpChunk, OpEnd, OpStart
+from bus.client import Bus
+from bus.errors import BadRequest, BusError
+from bus.wire import ChatOptions
+
+Layout = Literal["stacked", "lines"]
+
+
+def plan_pipeline(
+    pipeline: Pipeline, text: str | None, options: ChatOptions | None, session: str | None
+) -> tuple[BulkPlan, list[str]]:
+    """The bulk plan of ``pipeline`` and the ids of its last stage's operations (the ones shown).
+
+    Every stage depends on the whole previous stage; a group's answers reach the next stage labelled.
+    """
+    names = Counter(t.name for stage in pipeline.stages for t in stage.targets)
+    operations: list[BulkOperation] = []
+    previous: list[tuple[str, str]] = []  # (op id, specialist) of the stage before
+    for number, stage in enumerate(pipeline.stages, start=1):
+        if any(t.capability for t in stage.targets):
+            raise BusError(f"column {stage.column}: routing by capability (@...) is not built yet")
+        if previous:
+            if len(previous) == 1:
+                given = "{" + previous[0][0] + "}"
+            else:
+                given = "\n\n".join(f"[{name}]\n{{{op}}}" for op, name in previous)
+        else:
+            given = text or ""
+        message = "\n\n".join(p for p in (stage.message, given) if p)
+        if not message.strip():
+            raise BusError(
+                f'column {stage.column}: nothing to send: give the stage a message (<< "..."), pipe text '
+                "in, or use echo"
+            )
+        current = []
+        for target in stage.targets:
+            op_id = target.name if names[target.name] == 1 else f"{target.name}-{number}"
+            operations.append(
+                BulkOperation(
+                    id=op_id,
+                    ai=target.name,
+                    message=message,
+                    depends_on=[op for op, _ in previous],
+                    session=session,
+                    options=options or ChatOptions(),
+                )
+            )
+            current.append((op_id, target.name))
+        previous = current
+    return BulkPlan(operations=operations), [op for op, _ in previous]
+
+
+def load_plan(path: str) -> BulkPlan:
+    """A bulk plan from a YAML or JSON file (the bulk request's fields, see docs/protocol.md)."""
+    file = Path(path).expanduser()
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise BusError(f"cannot read {file}: {err.strerror}") from err
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(raw)
+        else:
+            import yaml
+
+            data = yaml.safe_load(raw)
+    except ValueError as err:
+        raise BadRequest(
+            f"{file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}"
+        ) from err
+    except Exception as err:  # yaml.YAMLError and friends
+        raise BadRequest(f"{file} is not valid YAML: {err}") from err
+    try:
+        return BulkPlan.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise BadRequest(f"{file}: {problems}") from err
+
+
+@dataclass
+class FanoutView:
+    """Shows the streams of the operations in ``shown`` (the rest only as progress on stderr).
+
+    ``stacked``: one after another, each under a header; the first streams live, the others are
+    buffered until it is their turn (then live again). ``lines``: side by side as labelled lines, each
+    line printed when complete (``apollo │ ...``), as `docker compose logs` does.
+    """
+
+    renderer: Renderer
+    shown: list[str]
+    specialists: dict[str, str]
+    layout: Layout = "stacked"
+    out: TextIO | None = None
+    _buffers: dict[str, list[str]] = field(default_factory=dict)
+    _ended: set[str] = field(default_factory=set)
+    _live: int = 0
+    _tokens: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._buffers = {op: [] for op in self.shown}
+        self._width = max((len(op) for op in self.shown), default=0)
+        if self.layout == "stacked" and self.shown:
+            self._header(self.shown[0])
+
+    def _write(self, text: str) -> None:
+        if self.out is not None:
+            self.out.write(text)
+        else:
+            self.renderer.token(text)
+
+    def _header(self, op: str) -> None:
+        if len(self.shown) > 1:
+            if self._live:
+                self.end_line()
+            self._write(f"── {op} ──\n")
+
+    def end_line(self) -> None:
+        if self.out is None:
+            self.renderer.end_answer()
+
+    def event(self, event: object) -> None:
+        if isinstance(event, OpChunk):
+            self._chunk(event.op, event.text)
+        elif isinstance(event, OpStart):
+            if event.op not in self._buffers:
+                self.renderer.progress(event.op, 0)
+        elif isinstance(event, OpEnd):
+            self._end(event)
+
+    def _chunk(self, op: str, text: str) -> None:
+        if op not in self._buffers:
+            self._tokens[op] += 1
+            self.renderer.progress(op, self._tokens[op])
+            return
+        if self.layout == "lines":
+            self._buffers[op].append(text)
+            joined = "".join(self._buffers[op])
+            *complete, rest = joined.split("\n")
+            for line in complete:
+                self._write(f"{op:<{self._width}} │ {line}\n")
+            self._buffers[op] = [rest] if rest else []
+        elif self.shown[self._live] == op:
+            self._write(text)
+        else:
+            self._buffers[op].append(text)
+
+    def _end(self, event: OpEnd) -> None:
+        result = event.result
+        if result.status != "ok":
+            self.renderer.error(f"{result.op} ({result.specialist}) {result.status}: {result.error}")
+        if result.op not in self._buffers:
+            self.renderer.progress(result.op, self._tokens[result.op], done=True)
+            self.renderer.clear_progress()
+            return
+        self._ended.add(result.op)
+        if self.layout == "lines":
+            rest = "".join(self._buffers[result.op])
+            if rest:
+                self._write(f"{result.op:<{self._width}} │ {rest}\n")
+            self._buffers[result.op] = []
+            return
+        # Stacked: move on through every shown operation that has already ended.
+        while self._live < len(self.shown) and self.shown[self._live] in self._ended:
+            self._live += 1
+            if self._live < len(self.shown):
+                nxt = self.shown[self._live]
+                self._header(nxt)
+                self._write("".join(self._buffers[nxt]))
+                self._buffers[nxt] = []
+
+    def finish(self, done: BulkDone) -> None:
+        self.end_line()
+        counts = Counter(r.status for r in done.operations)
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        if len(done.operations) > 1:
+            self.renderer.note(f"{summary} in {done.total_ms / 1000:.2f} s")
+
+
+async def run_plan(
+    bus: Bus,
+    plan: BulkPlan,
+    shown: list[str],
+    renderer: Renderer,
+    *,
+    layout: Layout = "stacked",
+    out: TextIO | None = None,
+) -> BulkDone:
+    """Run ``plan`` through the gateway and show it; raises if any operation did not succeed."""
+    async with bus.bulk(plan) as bulk:
+        view = FanoutView(renderer, shown, {op.id: op.ai for op in plan.operations}, layout, out)
+        async for event in bulk:
+            view.event(event)
+    assert bulk.done is not None
+    view.finish(bulk.done)
+    if bulk.done.status != "ok":
+        failed = [r.op for r in bulk.done.operations if r.status != "ok"]
+        raise BusError(
+            f"{len(failed)} of {len(bulk.done.operations)} operations did not succeed: {', '.join(failed)}"
+        )
+    return bulk.done

@@ -1,0 +1,216 @@
+"""Bulk requests on the bus: many operations, parallel or sequential, as a dependency graph.
+
+The gateway serves ``<prefix>.gateway.bulk`` (see docs/protocol.md): the caller subscribes to an inbox,
+sends a :class:`BulkRequest` naming it, gets ``accepted`` (or one error listing every problem), then
+reads events on the inbox: ``op_start``, ``op_chunk`` (tagged with the operation id), ``op_end``,
+``heartbeat`` and finally ``bulk_done``. Every event has ``seq``, consecutive from 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import anyio
+import msgpack
+from pydantic import Field, TypeAdapter, ValidationError
+
+from bus.errors import IdleTimeout, MalformedFrame, StreamGap
+from bus.subjects import bulk_subject, cancel_subject
+from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, new_request_id, unpack_frame
+
+if TYPE_CHECKING:
+    from bus.client import Bus, Inbox
+
+OP_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+OpStatus = Literal["ok", "failed", "skipped", "timeout", "cancelled"]
+
+
+class BulkOperation(Wire):
+    id: str = Field(pattern=OP_ID_PATTERN)
+    # A specialist name.
+    ai: str = Field(min_length=1, max_length=64)
+    # ``{other_id}`` is replaced by that operation's whole output (and makes it a dependency).
+    message: str
+    depends_on: list[str] = []
+    session: str | None = None
+    options: ChatOptions = ChatOptions()
+    timeout_ms: int | None = Field(default=None, ge=1)
+
+
+class BulkPlan(Wire):
+    """What a person writes (``aish bulk plan.yaml``): a bulk request without the wiring."""
+
+    operations: list[BulkOperation] = Field(max_length=10_000)
+    execution: Literal["parallel", "sequential"] = "parallel"
+    # The whole request; each operation's own deadline (an operation's timeout_ms wins).
+    timeout_ms: int | None = Field(default=None, ge=1)
+    op_timeout_ms: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1, le=1024)
+
+
+class BulkRequest(BulkPlan):
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str = Field(default_factory=new_request_id, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    inbox: str = Field(min_length=1)
+
+
+class BulkAccepted(Wire):
+    type: Literal["bulk_accepted"] = "bulk_accepted"
+    id: str
+    operations: int
+
+
+# Events
+
+
+class OpStart(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["op_start"] = "op_start"
+    seq: int
+    op: str
+    specialist: str
+    attempt: int = 1
+
+
+class OpChunk(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["op_chunk"] = "op_chunk"
+    seq: int
+    op: str
+    text: str
+
+
+class OpSummary(Wire):
+    op: str
+    specialist: str
+    status: OpStatus
+    error: str | None = None
+    tokens: int = 0
+    first_token_ms: float | None = None
+    total_ms: float | None = None
+
+
+class OpEnd(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["op_end"] = "op_end"
+    seq: int
+    result: OpSummary
+
+
+class BulkHeartbeat(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["heartbeat"] = "heartbeat"
+    seq: int
+
+
+class BulkDone(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["bulk_done"] = "bulk_done"
+    seq: int
+    status: Literal["ok", "partial", "failed", "cancelled", "timeout"]
+    total_ms: float
+    operations: list[OpSummary]
+
+
+BulkEvent = OpStart | OpChunk | OpEnd | BulkHeartbeat | BulkDone
+_EVENTS: TypeAdapter[BulkEvent] = TypeAdapter(Annotated[BulkEvent, Field(discriminator="type")])
+
+
+def encode_op_chunk(seq: int, op: str, text: str) -> bytes:
+    """The hot path (same bytes as ``encode(OpChunk(...))``)."""
+    data: bytes = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": "op_chunk", "seq": seq, "op": op, "text": text}
+    )
+    return data
+
+
+def decode_event(data: bytes) -> BulkEvent:
+    raw = unpack_frame(data)
+    try:
+        return _EVENTS.validate_python(raw)
+    except ValidationError as err:
+        raise MalformedFrame(f"not a bulk event: {err.error_count()} problem(s)") from err
+
+
+class BulkStream:
+    """The events of one bulk request. An async context manager and an async iterator of events.
+
+    Leaving the block before ``bulk_done`` (break, exception, Ctrl-C) cancels every running operation.
+    """
+
+    def __init__(self, bus: Bus, plan: BulkPlan, idle_timeout: float):
+        self.bus = bus
+        self.plan = plan
+        self.idle_timeout = idle_timeout
+        self.id = new_request_id()
+        self.outputs: dict[str, list[str]] = {op.id: [] for op in plan.operations}
+        self.done: BulkDone | None = None
+        self.accepted: BulkAccepted | None = None
+        self.sent_at = 0.0
+        self._inbox: str | None = None
+        self._events: Inbox | None = None
+        self._next_seq = 0
+
+    async def __aenter__(self) -> BulkStream:
+        self._inbox, self._events = await self.bus.open_inbox()
+        request = BulkRequest(**self.plan.model_dump(), id=self.id, inbox=self._inbox)
+        self.sent_at = time.perf_counter()
+        try:
+            reply = await self.bus.sessions.call(
+                "bulk", request, subject=bulk_subject(self.bus.settings.prefix)
+            )
+        except BaseException:
+            self.bus.close_inbox(self._inbox)
+            self._inbox = None
+            raise
+        assert isinstance(reply, BulkAccepted)
+        self.accepted = reply
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            if self.done is None and self._inbox is not None:
+                with contextlib.suppress(Exception):  # the connection may be gone: nothing to stop
+                    await self.cancel()
+            if self._inbox is not None:
+                self.bus.close_inbox(self._inbox)
+                self._inbox = None
+
+    async def cancel(self) -> None:
+        """Stop every running operation of this request on its specialist."""
+        await self.bus.nc.publish(cancel_subject(self.id, self.bus.settings.prefix), b"")
+        await self.bus.nc.flush(timeout=1)
+
+    def __aiter__(self) -> AsyncIterator[BulkEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[BulkEvent]:
+        assert self._events is not None
+        while self.done is None:
+            msg = await self._events.get(self.idle_timeout)
+            if msg is None:
+                raise IdleTimeout("the gateway", self.idle_timeout)
+            event = decode_event(msg.data)
+            if event.seq != self._next_seq:
+                raise StreamGap(self._next_seq, event.seq)
+            self._next_seq += 1
+            if isinstance(event, OpChunk):
+                self.outputs[event.op].append(event.text)
+            elif isinstance(event, BulkDone):
+                self.done = event
+            yield event
+
+    def output(self, op: str) -> str:
+        return "".join(self.outputs.get(op, []))
+
+    async def result(self) -> BulkDone:
+        async for _ in self:
+            pass
+        assert self.done is not None
+        return self.done
