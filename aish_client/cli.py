@@ -12,13 +12,14 @@ import anyio
 
 from aish_client import sessions
 from aish_client.fanout import load_plan, run_plan
-from aish_client.parser import Ask, Pipeline, PipelineSyntaxError, Target, parse
+from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
 from bus.client import Bus
 from bus.errors import BadRequest, BusError
 from bus.logs import configure_logging
 from bus.settings import TektonSettings, load_settings
+from bus.subjects import NAME_RE
 from bus.wire import ChatOptions
 
 EXIT_ERROR = 1
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(last, or right before -c) a new session",
     )
     parser.add_argument(
+        "--capability",
+        metavar="CAP",
+        help="let the gateway pick the best specialist for this capability (as @CAP does in a pipeline)",
+    )
+    parser.add_argument(
         "--continue", dest="resume", action="store_true", help="continue the most recently used session"
     )
     parser.add_argument(
@@ -74,18 +80,25 @@ def _options(args: argparse.Namespace) -> ChatOptions:
     return ChatOptions(max_tokens=args.max_tokens, temperature=args.temperature)
 
 
-async def cmd_list(bus: Bus, renderer: Renderer) -> int:
-    instances = await bus.instances()
-    if not instances:
+async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None) -> int:
+    """Running specialists with capabilities, replicas and health; with ``capability``, ranked for it."""
+    views = await bus.survey()
+    if not views:
         renderer.error(f"no specialists are running on {bus.settings.nats_url} (start them with `tekton up`)")
         return EXIT_ERROR
-    by_name: dict[str, list[str]] = {}
-    for i in instances:
-        by_name.setdefault(i.name, []).append(i.id)
-    for name, ids in by_name.items():
-        inst = next(i for i in instances if i.name == name)
-        caps = ", ".join(f"{c} {s:.2f}" for c, s in sorted(inst.capabilities.items(), key=lambda kv: -kv[1]))
-        renderer.token(f"{name:<12} x{len(ids)}  {inst.metadata.get('model', '?'):<28} {caps}\n")
+    if capability:
+        reply = await bus.gateway.discover(capability=capability)
+        for r in reply.ranked:
+            mark = "*" if r.name == reply.chosen else " "
+            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  ({r.why})\n")
+        if reply.chosen is None:
+            renderer.note(reply.reason)
+        return 0
+    for v in views:
+        caps = ", ".join(f"{c} {s:.2f}" for c, s in sorted(v.capabilities.items(), key=lambda kv: -kv[1]))
+        renderer.token(f"{v.name:<12} x{len(v.instances)} health {v.health:.2f}  {v.model:<28} {caps}\n")
+        for conflict in v.conflicts:
+            renderer.note(f"  {v.name}: {conflict}")
     return 0
 
 
@@ -121,9 +134,9 @@ async def run_sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
         return await sessions.run(bus, argv, Renderer())
 
 
-async def run_list(settings: TektonSettings) -> int:
+async def run_list(settings: TektonSettings, capability: str | None) -> int:
     async with Bus.connect(settings, name="aish") as bus:
-        return await cmd_list(bus, Renderer())
+        return await cmd_list(bus, Renderer(), capability)
 
 
 async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
@@ -178,9 +191,16 @@ async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(signal.SIGINT)
 
 
-def _pipeline_from_words(words: Sequence[str]) -> Pipeline:
-    """`aish apollo "question"`: the shell already did the quoting, so no second parse of the text."""
+def _pipeline_from_words(words: Sequence[str], capability: str | None = None) -> Pipeline:
+    """`aish apollo "question"`: the shell already did the quoting, so no second parse of the text.
+
+    `aish "question"` (no specialist named) and `aish --capability X "question"` are routed.
+    """
+    if capability is not None:
+        return Pipeline(None, (Ask((Target(capability, 1, True),), " ".join(words) or None, 1),), None)
     head = words[0]
+    if not NAME_RE.match(head) and not head.startswith("@"):
+        return Pipeline(None, (Ask((Target(AUTO, 1, True),), " ".join(words), 1),), None, " ".join(words))
     if len(words) == 1 or not head.startswith("@"):
         parsed = parse(head)  # validates the name (or @capability) with a clear error
         if len(parsed.stages) != 1 or parsed.source or parsed.redirect:
@@ -206,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
-            return anyio.run(run_list, settings)
+            return anyio.run(run_list, settings, args.capability)
         if args.pipeline is None and args.words and args.words[0] == "bulk":
             return anyio.run(run_bulk, settings, args, args.words[1:])
         if args.pipeline is None and args.words and args.words[0] == "sessions":
@@ -216,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return anyio.run(repl, settings, args)
             renderer.error("nothing to run: aish -c 'PIPELINE', aish NAME \"question\", or aish list")
             return EXIT_USAGE
-        pipeline = parse(args.pipeline) if args.pipeline is not None else _pipeline_from_words(args.words)
+        pipeline = (
+            parse(args.pipeline)
+            if args.pipeline is not None
+            else _pipeline_from_words(args.words, args.capability)
+        )
         stdin_text = None
         if pipeline.source is None and not sys.stdin.isatty():
             stdin_text = sys.stdin.read() or None

@@ -12,7 +12,7 @@ from typing import Literal, TextIO
 
 from pydantic import ValidationError
 
-from aish_client.parser import Pipeline
+from aish_client.parser import Pipeline, Target
 from aish_client.render import Renderer
 from bus.bulk import BulkDone, BulkOperation, BulkPlan, OpChunk, OpEnd, OpStart
 from bus.client import Bus
@@ -23,18 +23,25 @@ Layout = Literal["stacked", "lines"]
 
 
 def plan_pipeline(
-    pipeline: Pipeline, text: str | None, options: ChatOptions | None, session: str | None
+    pipeline: Pipeline,
+    text: str | None,
+    options: ChatOptions | None,
+    session: str | None,
+    chosen: dict[Target, str] | None = None,
 ) -> tuple[BulkPlan, list[str]]:
     """The bulk plan of ``pipeline`` and the ids of its last stage's operations (the ones shown).
 
     Every stage depends on the whole previous stage; a group's answers reach the next stage labelled.
+    ``chosen`` names the specialist picked for each ``@capability`` target.
     """
-    names = Counter(t.name for stage in pipeline.stages for t in stage.targets)
+    chosen = chosen or {}
+    names = Counter(chosen.get(t, t.name) for stage in pipeline.stages for t in stage.targets)
     operations: list[BulkOperation] = []
     previous: list[tuple[str, str]] = []  # (op id, specialist) of the stage before
     for number, stage in enumerate(pipeline.stages, start=1):
-        if any(t.capability for t in stage.targets):
-            raise BusError(f"column {stage.column}: routing by capability (@...) is not built yet")
+        missing = [t for t in stage.targets if t.capability and t not in chosen]
+        if missing:
+            raise BusError(f"column {missing[0].column}: no specialist chosen for {missing[0]}")
         if previous:
             if len(previous) == 1:
                 given = "{" + previous[0][0] + "}"
@@ -50,18 +57,19 @@ def plan_pipeline(
             )
         current = []
         for target in stage.targets:
-            op_id = target.name if names[target.name] == 1 else f"{target.name}-{number}"
+            name = chosen.get(target, target.name)
+            op_id = name if names[name] == 1 else f"{name}-{number}"
             operations.append(
                 BulkOperation(
                     id=op_id,
-                    ai=target.name,
+                    ai=name,
                     message=message,
                     depends_on=[op for op, _ in previous],
                     session=session,
                     options=options or ChatOptions(),
                 )
             )
-            current.append((op_id, target.name))
+            current.append((op_id, name))
         previous = current
     return BulkPlan(operations=operations), [op for op, _ in previous]
 

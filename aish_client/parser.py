@@ -124,6 +124,9 @@ def tokenize(source: str) -> list[Token]:
     return tokens
 
 
+AUTO = "auto"  # `@auto`: let the gateway pick from the text
+
+
 @dataclass(frozen=True)
 class Target:
     name: str

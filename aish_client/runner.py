@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import TextIO
 
 from aish_client.fanout import Layout, plan_pipeline, run_plan
-from aish_client.parser import Ask, Pipeline
+from aish_client.parser import AUTO, Pipeline, Target
 from aish_client.render import Renderer
 from bus.client import Bus
-from bus.errors import BusError
+from bus.errors import (
+    BadRequest,
+    BusError,
+    Cancelled,
+    GatewayUnavailable,
+    PayloadTooLarge,
+    SessionNotFound,
+)
 from bus.wire import ChatMessage, ChatOptions
-
-
-class NotBuilt(BusError):
-    """A pipeline form the parser knows but this version cannot run yet."""
 
 
 def compose(message: str | None, piped: str | None) -> str:
@@ -24,11 +27,19 @@ def compose(message: str | None, piped: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def _check_runnable(stage: Ask) -> str:
-    target = stage.targets[0]
-    if target.capability:
-        raise NotBuilt(f"column {target.column}: routing by capability (@{target.name}) is not built yet")
-    return target.name
+async def choose(bus: Bus, target: Target, text: str, renderer: Renderer) -> list[str]:
+    """The specialists to try for ``target``, best first: just the name, or for ``@capability`` /
+    ``@auto`` the gateway's choice then its alternatives. Says why on stderr."""
+    if not target.capability:
+        return [target.name]
+    if target.name == AUTO:
+        reply = await bus.gateway.discover(text=text)
+    else:
+        reply = await bus.gateway.discover(capability=target.name)
+    if reply.chosen is None:
+        raise BusError(f"@{target.name}: {reply.reason}")
+    renderer.note(f"@{target.name} -> {reply.reason}")
+    return [reply.chosen, *reply.alternatives]
 
 
 async def run_pipeline(
@@ -46,45 +57,81 @@ async def run_pipeline(
     text = pipeline.source.text if pipeline.source else stdin_text
     if any(stage.fan_out for stage in pipeline.stages):
         # Several specialists at once: the gateway runs the whole pipeline as one dependency graph.
-        plan, shown = plan_pipeline(pipeline, text, options, session)
+        chosen = {
+            t: (await choose(bus, t, stage.message or text or "", renderer))[0]
+            for stage in pipeline.stages
+            for t in stage.targets
+            if t.capability
+        }
+        plan, shown = plan_pipeline(pipeline, text, options, session, chosen)
         with ExitStack() as files:
             await run_plan(bus, plan, shown, renderer, layout=layout, out=_open_output(pipeline, files))
         return ""
-    names = [_check_runnable(stage) for stage in pipeline.stages]
     if not pipeline.stages:
         # `echo x > file`: nothing to ask, just write.
         _write_output(pipeline, renderer, text or "")
         return text or ""
     with ExitStack() as files:
         out = _open_output(pipeline, files)
-        for i, (stage, name) in enumerate(zip(pipeline.stages, names, strict=True)):
+        for i, stage in enumerate(pipeline.stages):
             last = i == len(pipeline.stages) - 1
+            target = stage.targets[0]
             prompt = compose(stage.message, text)
             if not prompt.strip():
                 raise BusError(
-                    f"'{name}' got no input: give it a message ({name} \"...\"), pipe text in, or use echo"
+                    f"'{target}' got no input: give it a message ({target} \"...\"), "
+                    "pipe text in, or use echo"
                 )
-            tokens = 0
-            if not last:
-                renderer.progress(name, 0)
+            candidates = await choose(bus, target, prompt, renderer)
             messages = [ChatMessage(role="user", content=prompt)]
-            async with bus.stream(name, messages, options, session=session) as s:
-                async for chunk in s:
-                    tokens += 1
-                    if not last:
-                        renderer.progress(name, tokens)
-                    elif out is None:
-                        renderer.token(chunk)
-                    else:
-                        out.write(chunk)
-            result = await s.result()
-            if not last:
-                renderer.progress(name, tokens, done=True)
-                renderer.clear_progress()
+            for n, name in enumerate(candidates):
+                stage_out = _StageOutput(renderer, name, last, out)
+                try:
+                    async with bus.stream(name, messages, options, session=session) as s:
+                        async for chunk in s:
+                            stage_out.chunk(chunk)
+                    result = await s.result()
+                    break
+                except BusError as err:
+                    if stage_out.tokens or n + 1 == len(candidates) or not _worth_another(err):
+                        raise
+                    renderer.note(f"{name} failed before answering ({err}); trying {candidates[n + 1]}")
+            stage_out.done()
             text = result.text
         if out is None:
             renderer.end_answer()
     return text or ""
+
+
+def _worth_another(err: BusError) -> bool:
+    """An error another specialist might not have (not the request's own fault, not a cancel)."""
+    return not isinstance(
+        err, BadRequest | PayloadTooLarge | Cancelled | SessionNotFound | GatewayUnavailable
+    )
+
+
+class _StageOutput:
+    """Where one stage's tokens go: the screen or a file for the last stage, progress for the others."""
+
+    def __init__(self, renderer: Renderer, name: str, last: bool, out: TextIO | None):
+        self.renderer, self.name, self.last, self.out = renderer, name, last, out
+        self.tokens = 0
+        if not last:
+            renderer.progress(name, 0)
+
+    def chunk(self, text: str) -> None:
+        self.tokens += 1
+        if not self.last:
+            self.renderer.progress(self.name, self.tokens)
+        elif self.out is None:
+            self.renderer.token(text)
+        else:
+            self.out.write(text)
+
+    def done(self) -> None:
+        if not self.last:
+            self.renderer.progress(self.name, self.tokens, done=True)
+            self.renderer.clear_progress()
 
 
 def _open_output(pipeline: Pipeline, files: ExitStack) -> TextIO | None:

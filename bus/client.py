@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
+from bus.discovery import SPECIALIST_ROLE, SpecialistView, gather, survey
 from bus.errors import (
     BusError,
     IdleTimeout,
@@ -37,7 +38,7 @@ from bus.errors import (
     StreamGap,
     from_wire,
 )
-from bus.sessions import ChatAccepted, SessionChat, SessionsClient, StoredFrame
+from bus.sessions import ChatAccepted, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject, chat_subject
 from bus.wire import (
@@ -57,7 +58,6 @@ from bus.wire import (
 log = structlog.get_logger("tekton.bus")
 
 NO_RESPONDERS = "503"
-SPECIALIST_ROLE = "specialist"
 
 
 async def connect(url: str, *, name: str = "tekton", connect_timeout: float = 2.0) -> NATS:
@@ -224,9 +224,14 @@ class Bus:
         return BulkStream(self, plan, idle_timeout or self.settings.idle_timeout_s)
 
     @property
-    def sessions(self) -> SessionsClient:
+    def gateway(self) -> GatewayClient:
+        """The gateway's API: sessions, bulk, discovery and routing."""
+        return GatewayClient(self.nc, self.settings.prefix)
+
+    @property
+    def sessions(self) -> GatewayClient:
         """The gateway's sessions API."""
-        return SessionsClient(self.nc, self.settings.prefix)
+        return GatewayClient(self.nc, self.settings.prefix)
 
     async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
         async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:
@@ -235,24 +240,7 @@ class Bus:
         return await s.result()
 
     async def _gather(self, subject: str, window: float) -> list[dict[str, Any]]:
-        """Scatter-gather on ``$SRV.*``: collect every answer that arrives within ``window`` seconds."""
-        inbox = self.nc.new_inbox()
-        answers: list[dict[str, Any]] = []
-
-        async def collect(msg: Msg) -> None:
-            try:
-                answers.append(json.loads(msg.data))
-            except ValueError:
-                log.warning("ignoring a non-JSON micro answer", subject=subject)
-
-        sub = await self.nc.subscribe(inbox, cb=collect)
-        try:
-            await self.nc.publish(subject, b"", reply=inbox)
-            await self.nc.flush()
-            await anyio.sleep(window)  # a scatter-gather window, not a synchronisation sleep
-        finally:
-            await sub.unsubscribe()
-        return answers
+        return await gather(self.nc, subject, window=window)
 
     async def instances(
         self, name: str | None = None, window: float = 0.05, role: str = SPECIALIST_ROLE
@@ -278,6 +266,10 @@ class Bus:
         return [
             a for a in await self._gather(subject, window) if (a.get("metadata") or {}).get("tekton_role")
         ]
+
+    async def survey(self, window: float = 0.05) -> list[SpecialistView]:
+        """Every running specialist with its capabilities and live figures, replicas aggregated."""
+        return (await survey(self.nc, window=window))[0]
 
     async def running_names(self, window: float = 0.05) -> list[str]:
         return sorted({i.name for i in await self.instances(window=window)})

@@ -16,8 +16,9 @@ import nats.errors
 from pydantic import Field, ValidationError
 
 from bus.bulk import BulkAccepted
+from bus.discovery import Discover, DiscoveryReply
 from bus.errors import BadRequest, BusError, GatewayUnavailable, MalformedFrame, SessionNotFound, from_wire
-from bus.subjects import session_subject
+from bus.subjects import discover_subject, session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -187,6 +188,7 @@ REPLIES: dict[str, type[Wire]] = {
     "deleted": DeletedReply,
     "accepted": ChatAccepted,
     "bulk_accepted": BulkAccepted,
+    "discovery": DiscoveryReply,
 }
 
 
@@ -209,7 +211,7 @@ def decode_reply(data: bytes) -> Wire:
 W = TypeVar("W", bound=Wire)
 
 
-class SessionsClient:
+class GatewayClient:
     """Calls the sessions API. ``nc`` is a connected nats-py client."""
 
     def __init__(self, nc: Any, prefix: str, timeout: float = 5.0):
@@ -296,3 +298,19 @@ class SessionsClient:
         reply = await self.call("rename", self._request(RenameSession, session=ref, name=name))
         assert isinstance(reply, SessionReply)
         return reply.session
+
+    async def discover(
+        self,
+        *,
+        capability: str | None = None,
+        text: str | None = None,
+        threshold: float | None = None,
+        refresh: bool = False,
+    ) -> DiscoveryReply:
+        """Running specialists; with ``capability`` or ``text`` also the ranking and the chosen one."""
+        request = self._request(
+            Discover, capability=capability, text=text, threshold=threshold, refresh=refresh
+        )
+        reply = await self.call("discover", request, subject=discover_subject(self.prefix))
+        assert isinstance(reply, DiscoveryReply)
+        return reply

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -53,6 +54,10 @@ class TektonSettings(BaseSettings):
     # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
     provider: str | None = None
     roster: Path | None = None
+    # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
+    routing_method: Literal["lexical", "embedding", "hybrid"] = "lexical"
+    # Gateway: a capability match below this score is not chosen.
+    routing_threshold: float = Field(default=0.7, ge=0, le=1)
     # Gateway: operations of one bulk request running at once (a request may ask for fewer).
     bulk_max_concurrency: int = Field(default=16, ge=1, le=1024)
     # Gateway: sessions expire this long after their last change (the KV bucket's TTL).

@@ -60,6 +60,11 @@ def bulk_subject(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.gateway.bulk"
 
 
+def discover_subject(prefix: str = DEFAULT_PREFIX) -> str:
+    """Where gateway replicas answer discovery and routing questions."""
+    return f"{prefix}.gateway.discover"
+
+
 def gateway_queue(prefix: str = DEFAULT_PREFIX) -> str:
     """The queue group gateway replicas share."""
     return f"{prefix}.gateway"

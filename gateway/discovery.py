@@ -1,35 +1,79 @@
-"""What runs on the bus, as the gateway sees it: a small cache over `$SRV.INFO`."""
+"""What runs on the bus, as the gateway sees it: a cached, refreshed survey of `$SRV.INFO`/`$SRV.STATS`,
+and routing decisions over it."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable
 
 import anyio
+from nats.aio.client import Client as NATS
 
-from bus.client import Bus
+from bus.discovery import SpecialistView, survey
+from gateway.routing import (
+    DEFAULT_THRESHOLD,
+    Candidate,
+    Method,
+    TextMatcher,
+    matcher,
+    rank_by_capability,
+    rank_by_text,
+)
 
 FRESH_S = 2.0
 
 
-class RunningNames:
-    """Names of running specialists, gathered at most every ``FRESH_S`` seconds unless a name is asked
-    for that the cache does not have (then gathered again once)."""
+class Catalog:
+    """The specialists running now. Refreshed in the background every ``FRESH_S / 2``; a request that
+    needs a name the cache lacks triggers one refresh first."""
 
-    def __init__(self, bus: Bus):
-        self.bus = bus
-        self._names: set[str] = set()
+    def __init__(self, nc: NATS, method: Method):
+        self.nc = nc
+        self.method = method
+        self._views: list[SpecialistView] = []
         self._at = 0.0
+        self._answers = 0  # instances that answered last time: the next gather stops when all did
+        self._matcher: TextMatcher | None = None
+        self._profiles: tuple[tuple[str, str], ...] = ()
+
+    async def refresh(self, *, thorough: bool = False) -> list[SpecialistView]:
+        """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
+        silence): new instances show up at the latest on the next thorough refresh."""
+        expected = None if thorough else self._answers or None
+        views, self._answers = await survey(self.nc, expected=expected)
+        self._views, self._at = views, time.monotonic()
+        return views
+
+    async def views(self, need: Iterable[str] = (), *, refresh: bool = False) -> list[SpecialistView]:
+        stale = time.monotonic() - self._at > FRESH_S
+        missing = not set(need) <= {v.name for v in self._views}
+        if refresh or stale or missing:
+            await self.refresh(thorough=missing)
+        return self._views
 
     async def names(self, need: Iterable[str] = (), *, refresh: bool = False) -> set[str]:
-        stale = time.monotonic() - self._at > FRESH_S
-        if refresh or stale or not set(need) <= self._names:
-            self._names = set(await self.bus.running_names())
-            self._at = time.monotonic()
-        return self._names
+        return {v.name for v in await self.views(need, refresh=refresh)}
 
     async def keep_fresh(self) -> None:
-        """Refresh in the background, so a request never waits for a gather of names it knows."""
-        while True:
-            await self.names(refresh=True)
+        for round_ in itertools.count():
+            await self.refresh(thorough=round_ % 5 == 0)
             await anyio.sleep(FRESH_S / 2)
+
+    def text_matcher(self) -> TextMatcher:
+        """Built once per set of profiles (they change only when specialists come or go)."""
+        profiles = tuple((v.name, v.description + str(v.capabilities) + str(v.keywords)) for v in self._views)
+        if self._matcher is None or profiles != self._profiles:
+            self._matcher, self._profiles = matcher(self.method, self._views), profiles
+        return self._matcher
+
+    async def for_capability(self, capability: str) -> list[Candidate]:
+        return rank_by_capability(await self.views(), capability)
+
+    async def for_text(self, text: str) -> list[Candidate]:
+        views = await self.views()
+        return rank_by_text(views, self.text_matcher().scores(text)) if views else []
+
+
+def above(candidates: list[Candidate], threshold: float = DEFAULT_THRESHOLD) -> list[Candidate]:
+    return [c for c in candidates if c.score >= threshold]

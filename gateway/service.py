@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import Bus, ChatStream
+from bus.discovery import Discover, DiscoveryReply, Ranked
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
     ChatAccepted,
@@ -47,6 +48,7 @@ from bus.subjects import (
     SESSION_OPS,
     bulk_subject,
     chat_subject,
+    discover_subject,
     gateway_queue,
     session_subject,
     validate_name,
@@ -64,7 +66,8 @@ from bus.wire import (
     validate_frame,
 )
 from gateway.bulk import BulkRun, StoreAnswer, validate
-from gateway.discovery import RunningNames
+from gateway.discovery import Catalog
+from gateway.routing import Candidate
 from gateway.store import SessionStore
 
 log = structlog.get_logger("tekton.gateway")
@@ -94,9 +97,10 @@ class GatewayService:
             "rename": (RenameSession, self._rename),
             "chat": (SessionChat, self._chat),
             "bulk": (BulkRequest, self._bulk),
+            "discover": (Discover, self._discover),
         }
         self.bus = Bus(nc, settings)
-        self.running = RunningNames(self.bus)
+        self.running = Catalog(nc, settings.routing_method)
 
     @property
     def instance_id(self) -> str:
@@ -113,6 +117,7 @@ class GatewayService:
         )
         endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]
         endpoints.append(("bulk", bulk_subject(self.settings.prefix), "bulk"))
+        endpoints.append(("discover", discover_subject(self.settings.prefix), "discover"))
         for name, subject, op in endpoints:
             await self._service.add_endpoint(
                 name=name,
@@ -275,6 +280,46 @@ class GatewayService:
             await self._finish(session_id, turn, answer, _turn_status(status), error)
 
         return stream, store
+
+    async def _discover(self, r: Discover) -> DiscoveryReply:
+        started = time.perf_counter()
+        views = await self.running.views(refresh=r.refresh)
+        threshold = self.settings.routing_threshold if r.threshold is None else r.threshold
+        ranked: list[Candidate] = []
+        chosen, reason, alternatives = None, "", []
+        if r.capability:
+            ranked = await self.running.for_capability(r.capability)
+            views = [v for v in views if r.capability in v.capabilities]
+            what = r.capability
+            best = ranked[0]
+            if best.score >= threshold:
+                chosen, reason = best.name, f"{best.name}: {best.why(what)}"
+                alternatives = [c.name for c in ranked[1:] if c.score >= threshold]
+            else:
+                reason = (
+                    f"no specialist scores {threshold:g} or more for '{what}' "
+                    f"(best: {best.name} {best.score:.2f} = {best.why(what)})"
+                )
+        elif r.text:
+            what = "text match"
+            ranked = await self.running.for_text(r.text)
+            if ranked and ranked[0].fit > 0:
+                chosen, reason = ranked[0].name, f"{ranked[0].name}: {ranked[0].why(what)}"
+                # Next best, while they fit at least half as well.
+                alternatives = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= ranked[0].score / 2]
+            else:
+                reason = "nothing in the request matches what any running specialist does; name one"
+        return DiscoveryReply(
+            specialists=views,
+            ranked=[
+                Ranked(name=c.name, score=c.score, fit=c.fit, health=c.health, why=c.why(what))
+                for c in ranked
+            ],
+            chosen=chosen,
+            alternatives=alternatives,
+            reason=reason,
+            took_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:
         graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))

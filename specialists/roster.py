@@ -27,6 +27,10 @@ class SpecialistSpec(BaseModel):
     system_prompt: str
     primary: list[str] = Field(min_length=1)
     capabilities: dict[str, float]
+    keywords: list[str] = []
+    context_window: int = Field(default=2048, ge=1)
+    cost_per_1k_tokens: float = Field(default=0.0, ge=0)
+    features: list[str] = ["streaming"]
     provider: str
     provider_options: dict[str, Any] = Field(default_factory=dict)
     options: ChatOptions = ChatOptions()
@@ -60,6 +64,10 @@ class SpecialistSpec(BaseModel):
             "provider": provider,
             "model": model,
             "max_tokens": str(self.options.max_tokens or ""),
+            "keywords": json.dumps(self.keywords),
+            "context_window": str(self.context_window),
+            "cost_per_1k_tokens": str(self.cost_per_1k_tokens),
+            "features": json.dumps(self.features),
         }
 
 
@@ -79,6 +87,7 @@ def load_roster(path: Path | None = None, provider_override: str | None = None) 
         merged = {
             "provider": defaults.get("provider", "local"),
             "provider_options": defaults.get("provider_options", {}),
+            **{k: defaults[k] for k in ("context_window", "cost_per_1k_tokens", "features") if k in defaults},
             **entry,
             "name": name,
         }

@@ -126,7 +126,10 @@ class SpecialistService:
             name=self.spec.name,
             version=VERSION,
             description=self.spec.description,
-            metadata=self.spec.micro_metadata(self.provider.name, self.provider.model),
+            metadata={
+                **self.spec.micro_metadata(self.provider.name, self.provider.model),
+                "max_concurrency": str(self.settings.max_concurrency),
+            },
             stats_handler=self._stats_data,
         )
         await self._service.add_endpoint(
