@@ -47,7 +47,7 @@ class Catalog:
 
     async def views(self, need: Iterable[str] = (), *, refresh: bool = False) -> list[SpecialistView]:
         stale = time.monotonic() - self._at > FRESH_S
-        missing = not set(need) <= {v.name for v in self._views}
+        missing = not self._views or not set(need) <= {v.name for v in self._views}
         if refresh or stale or missing:
             await self.refresh(thorough=missing)
         return self._views
@@ -68,7 +68,10 @@ class Catalog:
         return self._matcher
 
     async def for_capability(self, capability: str) -> list[Candidate]:
-        return rank_by_capability(await self.views(), capability)
+        views = await self.views()
+        if not any(capability in v.capabilities for v in views):  # maybe it just started: look again
+            views = await self.refresh(thorough=True)
+        return rank_by_capability(views, capability)
 
     async def for_text(self, text: str) -> list[Candidate]:
         views = await self.views()
