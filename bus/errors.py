@@ -154,7 +154,7 @@ class GatewayUnavailable(BusError):
     def __init__(self, message: str = "", *, code: ErrorCode | None = None, retryable: bool | None = None):
         super().__init__(
             message
-            or "no gateway is running (sessions and fan-out need one): "
+            or "no gateway is running (sessions, fan-out and routing need one): "
             "start it with `tekton up` or `tekton gateway`",
             code=code,
             retryable=retryable,

@@ -59,8 +59,8 @@ def test_aish_errors_are_one_clear_line(settings: TektonSettings) -> None:
         assert syntax.returncode == 2 and "column 10" in syntax.stderr and "^" in syntax.stderr
         no_gateway = aish(settings, "-c", 'apollo,athena << "x"')
         assert no_gateway.returncode == 1 and "no gateway is running" in no_gateway.stderr
-        not_built = aish(settings, "-c", '@code-analysis << "x"')
-        assert not_built.returncode == 1 and "not built yet" in not_built.stderr
+        routed = aish(settings, "-c", '@code-analysis << "x"')
+        assert routed.returncode == 1 and "no gateway is running" in routed.stderr
         empty = aish(settings, "-c", "apollo")
         assert empty.returncode == 1 and "got no input" in empty.stderr
 
