@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +12,7 @@ from aish_client import sessions
 from aish_client.fanout import load_plan, run_plan
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.render import Renderer
+from aish_client.repl import repl
 from aish_client.runner import run_pipeline
 from bus.client import Bus
 from bus.errors import BadRequest, BusError
@@ -137,58 +136,6 @@ async def run_sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
 async def run_list(settings: TektonSettings, capability: str | None) -> int:
     async with Bus.connect(settings, name="aish") as bus:
         return await cmd_list(bus, Renderer(), capability)
-
-
-async def repl(settings: TektonSettings, args: argparse.Namespace) -> int:
-    """A small interactive loop: pipelines at the prompt, Ctrl-C cancels the answer, Ctrl-D exits."""
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    session: PromptSession[str] = PromptSession(history=FileHistory(str(settings.data_dir / "aish_history")))
-    renderer = Renderer()
-    renderer.note('aish: type a pipeline (echo "text" | apollo | athena), `list`, `help`; Ctrl-D to exit')
-    async with Bus.connect(settings, name="aish") as bus:
-        talk_in = await sessions.resolve(bus, args.session, args.resume, renderer)
-        while True:
-            try:
-                line = (await session.prompt_async("aish> ")).strip()
-            except KeyboardInterrupt:
-                continue
-            except EOFError:
-                return 0
-            if not line:
-                continue
-            if line in ("exit", "quit"):
-                return 0
-            if line == "help":
-                renderer.note(build_parser().description or "")
-                continue
-            if line == "list":
-                await cmd_list(bus, renderer)
-                continue
-            try:
-                pipeline = parse(line)
-            except PipelineSyntaxError as err:
-                renderer.error(err.render())
-                continue
-            task = asyncio.ensure_future(
-                run_pipeline(
-                    bus, pipeline, renderer, options=_options(args), session=talk_in, layout=args.layout
-                )
-            )
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGINT, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
-                renderer.end_answer()
-                renderer.note("cancelled")
-            except BusError as err:
-                renderer.end_answer()
-                renderer.error(str(err))
-            finally:
-                loop.remove_signal_handler(signal.SIGINT)
 
 
 def _pipeline_from_words(words: Sequence[str], capability: str | None = None) -> Pipeline:

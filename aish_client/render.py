@@ -19,11 +19,16 @@ class Renderer:
         self.color = use_color(self.err)
         self._progress_shown = False
         self._last_char = "\n"
+        self._waiting_for: str | None = None
+        self._spin = 0
+        # The REPL turns these on: a footer after each answer (who, first token, tokens/s).
+        self.footers = False
 
     def _dim(self, text: str) -> str:
         return f"\x1b[2m{text}\x1b[0m" if self.color else text
 
     def token(self, text: str) -> None:
+        self._waiting_for = None
         if self._progress_shown:
             self.clear_progress()
         self.out.write(text)
@@ -54,12 +59,46 @@ class Renderer:
         self._progress_shown = False
 
     def note(self, text: str) -> None:
+        self._waiting_for = None
         self.clear_progress()
         self.err.write(self._dim(text) + "\n")
         self.err.flush()
 
     def error(self, text: str) -> None:
+        self._waiting_for = None
         self.clear_progress()
         prefix = "\x1b[31maish:\x1b[0m " if self.color else "aish: "
         self.err.write(prefix + text + "\n")
+        self.err.flush()
+
+    def waiting(self, specialist: str) -> None:
+        """Until the first token: "apollo is thinking" with a spinner (stderr, terminals only)."""
+        self._waiting_for = specialist
+        self.tick()
+
+    def tick(self) -> None:
+        """Advance the spinner (the REPL calls this a few times a second)."""
+        if self._waiting_for is None or not self.err_tty:
+            return
+        frame = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"[self._spin % 10]
+        self._spin += 1
+        self.err.write("\r\x1b[K" + self._dim(f"{frame} {self._waiting_for} is thinking…"))
+        self.err.flush()
+        self._progress_shown = True
+
+    def stop_waiting(self) -> None:
+        self._waiting_for = None
+        self.clear_progress()
+
+    def footer(self, specialist: str, first_token_ms: float | None, tokens_per_s: float | None) -> None:
+        """A dim line after an answer: who answered, how soon, how fast."""
+        if not self.footers:
+            return
+        self.end_answer()
+        parts = [specialist]
+        if first_token_ms is not None:
+            parts.append(f"first token {first_token_ms:.0f} ms")
+        if tokens_per_s is not None:
+            parts.append(f"{tokens_per_s:.0f} tok/s")
+        self.err.write(self._dim("── " + " · ".join(parts)) + "\n")
         self.err.flush()

@@ -91,6 +91,10 @@ async def run_pipeline(
                         async for chunk in s:
                             stage_out.chunk(chunk)
                     result = await s.result()
+                    if last and s.first_chunk_at is not None:
+                        renderer.footer(
+                            name, (s.first_chunk_at - s.sent_at) * 1000, result.done.timings.tokens_per_s
+                        )
                     break
                 except BusError as err:
                     if stage_out.tokens or n + 1 == len(candidates) or not _worth_another(err):
@@ -118,6 +122,8 @@ class _StageOutput:
         self.tokens = 0
         if not last:
             renderer.progress(name, 0)
+        elif out is None:
+            renderer.waiting(name)
 
     def chunk(self, text: str) -> None:
         self.tokens += 1
@@ -129,6 +135,7 @@ class _StageOutput:
             self.out.write(text)
 
     def done(self) -> None:
+        self.renderer.stop_waiting()
         if not self.last:
             self.renderer.progress(self.name, self.tokens, done=True)
             self.renderer.clear_progress()

@@ -285,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tekton status | head`: the reader left; stop quietly
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
