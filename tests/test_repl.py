@@ -15,6 +15,7 @@ import pytest
 
 from aish_client.render import Renderer
 from aish_client.repl import needs_more
+from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists
 
@@ -249,3 +250,36 @@ def test_enter_continues_an_unfinished_pipeline() -> None:
     assert not needs_more('apollo "done"')
     assert not needs_more("{apollo|athena} | prometheus")
     assert not needs_more("")
+
+
+@needs_tmux
+async def test_a_lost_nats_connection_shows_in_the_toolbar_and_heals(
+    tmp_path: Path, settings: TektonSettings, terminals: list[Terminal]
+) -> None:
+    server = EmbeddedNats(tmp_path / "own-store", port=0)
+    server.start()
+    here = settings.model_copy(update={"nats_url": server.url})
+    try:
+        async with in_process_gateway(here), in_process_specialists(here, "apollo"):
+            term = Terminal(aish_command(), child_env(here))
+            terminals.append(term)
+            await term.wait_for("aish>")
+            port = server.port
+            server.stop()
+            await term.wait_for("NATS disconnected: reconnecting")
+            server = EmbeddedNats(tmp_path / "own-store", port=port or 0)
+            server.start()
+            await term.wait_for(f"NATS {here.nats_url}")
+
+            # The specialist reconnects on its own schedule too: ask until it answers.
+            for attempt in range(10):
+                term.type(f'apollo "back again {attempt}"')
+                term.send("Enter")
+                with anyio.move_on_after(2):
+                    while f"apollo heard: back again {attempt}" not in term.screen():
+                        await anyio.sleep(0.05)
+                    break
+            else:
+                raise AssertionError(f"no answer after the server came back:\n{term.screen()}")
+    finally:
+        server.stop()
