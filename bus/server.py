@@ -25,6 +25,7 @@ log = structlog.get_logger("tekton.nats")
 
 _LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (\S+)")
+_WS_LISTEN_RE = re.compile(r"Listening for websocket clients on ws://(\S+):(\d+)")
 _READY = "Server is ready"
 
 
@@ -62,6 +63,8 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         config: str | None = "single",
         log_file: Path | None = None,
+        websocket_port: int | None = None,
+        allowed_origins: list[str] | None = None,
     ):
         self.store_dir = Path(store_dir)
         self.requested_port = port
@@ -69,6 +72,10 @@ class EmbeddedNats:
         self.config = config
         self.log_file = log_file
         self.port: int | None = None
+        # NATS over WebSocket: None for none, 0 for any free port.
+        self.requested_ws_port = websocket_port
+        self.allowed_origins = allowed_origins
+        self.ws_port: int | None = None
         self.process: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
         self._lines: list[str] = []
@@ -80,10 +87,37 @@ class EmbeddedNats:
             raise BusError("nats-server is not started")
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def ws_url(self) -> str:
+        if self.ws_port is None:
+            raise BusError("nats-server has no WebSocket listener")
+        return f"ws://{self.host}:{self.ws_port}"
+
+    def _config_file(self) -> Path | None:
+        """The config to start with: the named one, plus the WebSocket block when asked for."""
+        if self.requested_ws_port is None:
+            return config_path(self.config) if self.config else None
+        base = config_path(self.config).read_text() if self.config else ""
+        port = "-1" if self.requested_ws_port == 0 else str(self.requested_ws_port)
+        origins = self.allowed_origins
+        if origins is None and self.requested_ws_port:
+            origins = [f"http://localhost:{port}", f"http://127.0.0.1:{port}"]
+        block = (
+            config_path("websocket")
+            .read_text()
+            .replace("@HOST@", self.host)
+            .replace("@PORT@", port)
+            .replace("@ORIGINS@", ", ".join(f'"{o}"' for o in origins or []))
+        )
+        path = self.store_dir / "tekton-nats.conf"
+        path.write_text(base + "\n" + block)
+        return path
+
     def command(self) -> list[str]:
         cmd = [str(nats_server_binary())]
-        if self.config:
-            cmd += ["-c", str(config_path(self.config))]
+        config = self._config_file()
+        if config:
+            cmd += ["-c", str(config)]
         # Flags override the config file.
         port = "-1" if self.requested_port == 0 else str(self.requested_port)
         cmd += ["-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
@@ -106,7 +140,12 @@ class EmbeddedNats:
             tail = "".join(self._lines[-8:])
             self.stop()
             raise BusError(f"nats-server did not become ready within {timeout:g} s:\n{tail}")
-        log.info("nats-server ready", url=self.url, store=str(self.store_dir))
+        log.info(
+            "nats-server ready",
+            url=self.url,
+            websocket=self.ws_url if self.ws_port else None,
+            store=str(self.store_dir),
+        )
         return self
 
     def _read_log(self) -> None:
@@ -121,6 +160,8 @@ class EmbeddedNats:
                     self._lines.append(line)
                     if m := _LISTEN_RE.search(line):
                         self.port = int(m.group(2))
+                    if m := _WS_LISTEN_RE.search(line):
+                        self.ws_port = int(m.group(2))
                     if _READY in line:
                         self._ready.set()
         finally:

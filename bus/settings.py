@@ -54,6 +54,9 @@ class TektonSettings(BaseSettings):
     # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
     provider: str | None = None
     roster: Path | None = None
+    # nats-server's WebSocket listener: browser origins allowed to connect (None: the listener's own
+    # http://localhost:PORT and http://127.0.0.1:PORT). JSON list in TEKTON_WS_ALLOWED_ORIGINS.
+    ws_allowed_origins: list[str] | None = None
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
     routing_method: Literal["lexical", "embedding", "hybrid"] = "lexical"
     # Gateway: a capability match below this score is not chosen.

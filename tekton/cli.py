@@ -39,8 +39,9 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack) -> str:
-    """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one."""
+async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket: int | None = None) -> str:
+    """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one
+    (with a WebSocket listener on port ``websocket`` when given)."""
     try:
         nc = await connect(settings.nats_url, connect_timeout=1.0)
     except NatsUnavailable:
@@ -48,6 +49,8 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack) -> str:
     else:
         await nc.close()
         _say(f"using the nats-server already running at {settings.nats_url}")
+        if websocket is not None:
+            _say("(its own config decides whether it listens for WebSocket clients)")
         return settings.nats_url
     url = urlparse(settings.nats_url)
     if url.scheme != "nats" or (url.hostname or "") not in LOCAL_HOSTS:
@@ -60,10 +63,14 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack) -> str:
         host=url.hostname or "127.0.0.1",
         port=url.port or 4222,
         log_file=settings.data_dir / "nats-server.log",
+        websocket_port=websocket,
+        allowed_origins=settings.ws_allowed_origins,
     )
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
     _say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
+    if server.ws_port:
+        _say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
     return server.url
 
 
@@ -87,7 +94,8 @@ async def _start_children(
 async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
     roster = load_roster(settings.roster, settings.provider)
     async with AsyncExitStack() as stack:
-        settings = settings.model_copy(update={"nats_url": await ensure_nats(settings, stack)})
+        url = await ensure_nats(settings, stack, args.websocket)
+        settings = settings.model_copy(update={"nats_url": url})
         stop = anyio.Event()
         exit_code = 0
         async with anyio.create_task_group() as tg:
@@ -173,9 +181,17 @@ async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
     url = urlparse(settings.nats_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedNats(settings.data_dir / "nats", host=url.hostname or "127.0.0.1", port=url.port or 4222)
+    server = EmbeddedNats(
+        settings.data_dir / "nats",
+        host=url.hostname or "127.0.0.1",
+        port=url.port or 4222,
+        websocket_port=args.websocket,
+        allowed_origins=settings.ws_allowed_origins,
+    )
     await anyio.to_thread.run_sync(server.start)
     try:
+        if server.ws_port:
+            _say(f"NATS WebSocket on {server.ws_url}")
         _say(f"ready nats-server on {server.url} (JetStream store {server.store_dir}); Ctrl-C to stop")
         await set_on_signal(anyio.Event())
     finally:
@@ -229,6 +245,9 @@ async def _gateways(settings: TektonSettings, window: float) -> list[str]:
         return [i.id for i in await bus.instances(window=window, role="gateway")]
 
 
+WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tekton", description="Run Tekton: a team of AI specialists on NATS."
@@ -245,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
     up.add_argument("--processes", action="store_true", help="each specialist in its own process")
     up.add_argument(
+        "--websocket",
+        type=int,
+        metavar="PORT",
+        help="also serve NATS over WebSocket on PORT (0: any free port)",
+    )
+    up.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
     )
 
@@ -253,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--replicas", type=int, default=1, help="run N replica processes (they share the load)")
 
     sub.add_parser("gateway", parents=[common], help="run a gateway replica (sessions) against a NATS server")
-    sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
+    nats_cmd = sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
+    nats_cmd.add_argument(
+        "--websocket",
+        type=int,
+        metavar="PORT",
+        help="also serve NATS over WebSocket on PORT (0: any free port)",
+    )
 
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")
