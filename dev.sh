@@ -23,6 +23,17 @@ setup() {
   fi
 }
 
+# The tests drive the REPL in a real terminal (tmux). A fresh machine may not have it: install it
+# from Debian's packages when we can (root with apt-get), else those tests say why they are skipped.
+system_tools() {
+  local missing=()
+  command -v tmux >/dev/null || missing+=(tmux)
+  if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing ${missing[*]} (Debian packages) for the tests" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
 cmd=${1:-up}
 shift || true
 case "$cmd" in
@@ -32,6 +43,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    system_tools
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"

@@ -14,7 +14,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from bus.sessions import AUTO
 from bus.subjects import NAME_RE
+
+__all__ = [
+    "AUTO",
+    "Ask",
+    "Echo",
+    "Pipeline",
+    "PipelineSyntaxError",
+    "Redirect",
+    "Target",
+    "parse",
+    "tokenize",
+]
 
 
 class PipelineSyntaxError(ValueError):
@@ -122,9 +135,6 @@ def tokenize(source: str) -> list[Token]:
         tokens.append(Token(Kind.WORD, "".join(word), col, quoted))
     tokens.append(Token(Kind.END, "", n + 1))
     return tokens
-
-
-AUTO = "auto"  # `@auto`: let the gateway pick from the text
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TextIO
 
 from aish_client.fanout import Layout, plan_pipeline, run_plan
-from aish_client.parser import AUTO, Pipeline, Target
+from aish_client.parser import Pipeline, Target
 from aish_client.render import Renderer
 from bus.client import Bus
 from bus.errors import (
@@ -28,18 +28,11 @@ def compose(message: str | None, piped: str | None) -> str:
 
 
 async def choose(bus: Bus, target: Target, text: str, renderer: Renderer) -> list[str]:
-    """The specialists to try for ``target``, best first: just the name, or for ``@capability`` /
-    ``@auto`` the gateway's choice then its alternatives. Says why on stderr."""
-    if not target.capability:
-        return [target.name]
-    if target.name == AUTO:
-        reply = await bus.gateway.discover(text=text)
-    else:
-        reply = await bus.gateway.discover(capability=target.name)
-    if reply.chosen is None:
-        raise BusError(f"@{target.name}: {reply.reason}")
-    renderer.note(f"@{target.name} -> {reply.reason}")
-    return [reply.chosen, *reply.alternatives]
+    """The specialists to try for ``target``, best first; for ``@capability`` / ``@auto`` says why."""
+    names, why = await bus.gateway.pick(str(target), text)
+    if why:
+        renderer.note(why)
+    return names
 
 
 async def run_pipeline(

@@ -7,6 +7,7 @@ retryable, as in reply streams).
 
 from __future__ import annotations
 
+import builtins
 import re
 import time
 import uuid
@@ -17,10 +18,19 @@ from pydantic import Field, ValidationError
 
 from bus.bulk import BulkAccepted
 from bus.discovery import Discover, DiscoveryReply
-from bus.errors import BadRequest, BusError, GatewayUnavailable, MalformedFrame, SessionNotFound, from_wire
+from bus.errors import (
+    BadRequest,
+    BusError,
+    GatewayUnavailable,
+    MalformedFrame,
+    SessionNotFound,
+    SpecialistUnavailable,
+    from_wire,
+)
 from bus.subjects import discover_subject, session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
+AUTO = "auto"  # `@auto`: routed by the request's text
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 SESSION_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -314,3 +324,17 @@ class GatewayClient:
         reply = await self.call("discover", request, subject=discover_subject(self.prefix))
         assert isinstance(reply, DiscoveryReply)
         return reply
+
+    async def pick(self, target: str, text: str = "") -> tuple[builtins.list[str], str]:
+        """Who to ask for ``target``: a specialist name as it is; ``@capability`` or ``@auto`` (routed
+        by ``text``) as the gateway's choice then its alternatives. Returns them with the reason."""
+        if not target.startswith("@"):
+            return [target], ""
+        wanted = target[1:]
+        if wanted == AUTO:
+            reply = await self.discover(text=text)
+        else:
+            reply = await self.discover(capability=wanted)
+        if reply.chosen is None:
+            raise SpecialistUnavailable(f"{target}: {reply.reason}")
+        return [reply.chosen, *reply.alternatives], f"{target} -> {reply.reason}"
