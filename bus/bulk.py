@@ -156,6 +156,8 @@ class BulkStream:
         self._next_seq = 0
 
     async def __aenter__(self) -> BulkStream:
+        if self._inbox is not None:  # already sent (opened early to fail before a response began)
+            return self
         self._inbox, self._events = await self.bus.open_inbox()
         request = BulkRequest(**self.plan.model_dump(), id=self.id, inbox=self._inbox)
         self.sent_at = time.perf_counter()

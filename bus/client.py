@@ -133,18 +133,27 @@ class Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self, within: float) -> Msg | None:
-        """The next message, or None when none arrives ``within`` seconds."""
-        if self._messages:
-            return self._messages.popleft()
+    async def peek(self, within: float) -> Msg | None:
+        """The next message without taking it, or None when none arrives ``within`` seconds."""
+        if not self._messages and not await self._wait(within):
+            return None
+        return self._messages[0]
+
+    async def _wait(self, within: float) -> bool:
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(within):
                 await self._waiter
         except TimeoutError:
-            return None
+            return False
         finally:
             self._waiter = None
+        return True
+
+    async def get(self, within: float) -> Msg | None:
+        """The next message, or None when none arrives ``within`` seconds."""
+        if not self._messages and not await self._wait(within):
+            return None
         return self._messages.popleft()
 
 
@@ -298,6 +307,8 @@ class ChatStream:
         self.done_at: float | None = None
 
     async def __aenter__(self) -> ChatStream:
+        if self._inbox is not None:  # already open (e.g. opened to wait_started() first)
+            return self
         # Listen before publishing so no frame can arrive before we do.
         self._inbox, self._frames = await self.bus.open_inbox()
         self.sent_at = time.perf_counter()
@@ -337,6 +348,23 @@ class ChatStream:
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._texts()
+
+    async def wait_started(self) -> None:
+        """Return once the answer has begun (its first frame arrived), or raise what went wrong
+        instead: nobody runs that specialist, an error frame, silence. Reads nothing away."""
+        msg = await self._frames.peek(self.idle_timeout)
+        if msg is None:
+            self._finished = True
+            raise IdleTimeout(self.specialist, self.idle_timeout)
+        if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+            self._finished = True
+            raise SpecialistUnavailable.named(self.specialist, await self.bus.running_names())
+        raw = unpack_frame(msg.data)
+        if isinstance(raw, dict) and raw.get("type") == "error":
+            frame = validate_frame(raw)
+            assert isinstance(frame, ErrorFrame)
+            self._finished = True
+            raise from_wire(frame.code, frame.message, frame.retryable)
 
     async def _next_msg(self) -> Msg:
         msg = await self._frames.get(self.idle_timeout)

@@ -57,6 +57,13 @@ class TektonSettings(BaseSettings):
     # nats-server's WebSocket listener: browser origins allowed to connect (None: the listener's own
     # http://localhost:PORT and http://127.0.0.1:PORT). JSON list in TEKTON_WS_ALLOWED_ORIGINS.
     ws_allowed_origins: list[str] | None = None
+    # HTTP bridge: API tokens (JSON list; required unless it listens on localhost), requests per second
+    # per token (or per client address without tokens) and the burst allowed, browser origins allowed
+    # on /ws (None: any, which is only sensible on localhost).
+    http_tokens: list[str] | None = None
+    http_rate_per_s: float = Field(default=50.0, gt=0)
+    http_burst: float = Field(default=100.0, ge=1)
+    http_allowed_origins: list[str] | None = None
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
     routing_method: Literal["lexical", "embedding", "hybrid"] = "lexical"
     # Gateway: a capability match below this score is not chosen.

@@ -41,7 +41,14 @@ class Catalog:
         """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
         silence): new instances show up at the latest on the next thorough refresh."""
         expected = None if thorough else self._answers or None
-        views, self._answers = await survey(self.nc, expected=expected)
+        views, answered = await survey(self.nc, expected=expected)
+        if expected and answered < expected:
+            # A quick look that missed some (a busy loop answers late): keep what we knew of those
+            # until a thorough look confirms they are gone.
+            seen = {v.name for v in views}
+            views = sorted([*views, *(v for v in self._views if v.name not in seen)], key=lambda v: v.name)
+        else:
+            self._answers = answered
         self._views, self._at = views, time.monotonic()
         return views
 

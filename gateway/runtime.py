@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import anyio
+import uvicorn
 from anyio.abc import TaskStatus
 
 from bus.client import connect
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
+from gateway.http import create_app
 from gateway.service import GatewayService
 from gateway.store import SessionStore, StoreLimits, open_bucket
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # tekton handles SIGINT/SIGTERM itself and tells the server to exit
+
+
+def http_socket(host: str, port: int) -> socket.socket:
+    """Bound before uvicorn starts, so port 0 works and the chosen port is known."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
 
 
 async def serve_gateway(
@@ -17,8 +37,13 @@ async def serve_gateway(
     *,
     task_status: TaskStatus[GatewayService] = anyio.TASK_STATUS_IGNORED,
     stop: anyio.Event | None = None,
+    http: tuple[str, int] | None = None,
+    on_http: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set (SIGTERM/SIGINT when no event is given), then finish recording."""
+    """Serve until ``stop`` is set (SIGTERM/SIGINT when no event is given), then finish recording.
+
+    With ``http`` (host, port) the HTTP bridge runs too; ``on_http`` hears its URL once it listens.
+    """
     nc = await connect(settings.nats_url, name="tekton-gateway")
     try:
         limits = StoreLimits(
@@ -30,12 +55,25 @@ async def serve_gateway(
         async with anyio.create_task_group() as tg:
             service = GatewayService(nc, SessionStore(kv, limits), settings, tg)
             await service.start()
+            server: _Uvicorn | None = None
+            if http is not None:
+                ready = anyio.Event()
+                app = create_app(settings, host=http[0], ready=ready)
+                sock = http_socket(*http)  # bound now: connections wait in its backlog until served
+                server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on"))
+                tg.start_soon(server.serve, [sock])
+                await ready.wait()
+                host, port = sock.getsockname()[:2]
+                if on_http:
+                    on_http(f"http://{host}:{port}")
             task_status.started(service)
             if stop is None:
                 stop = anyio.Event()
                 tg.start_soon(set_on_signal, stop)
             await stop.wait()
             with anyio.CancelScope(shield=True):
+                if server is not None:
+                    server.should_exit = True
                 await service.stop(settings.drain_grace_s)
             tg.cancel_scope.cancel()
     finally:

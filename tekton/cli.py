@@ -74,9 +74,14 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket
     return server.url
 
 
-def _child_argv(names: Sequence[str], settings: TektonSettings) -> list[str]:
+def _child_argv(
+    names: Sequence[str], settings: TektonSettings, http: tuple[str, int] | None = None
+) -> list[str]:
     if list(names) == ["gateway"]:
-        return [sys.executable, "-m", "tekton", "gateway", "--nats", settings.nats_url]
+        argv = [sys.executable, "-m", "tekton", "gateway", "--nats", settings.nats_url]
+        if http is not None:
+            argv += ["--http", str(http[1]), "--http-host", http[0]]
+        return argv
     argv = [sys.executable, "-m", "tekton", "specialist", *names, "--nats", settings.nats_url]
     if settings.provider:
         argv += ["--provider", settings.provider]
@@ -84,11 +89,14 @@ def _child_argv(names: Sequence[str], settings: TektonSettings) -> list[str]:
 
 
 async def _start_children(
-    tg: anyio.abc.TaskGroup, groups: Sequence[tuple[str, Sequence[str]]], settings: TektonSettings
+    tg: anyio.abc.TaskGroup,
+    groups: Sequence[tuple[str, Sequence[str]]],
+    settings: TektonSettings,
+    http: tuple[str, int] | None = None,
 ) -> None:
     async with anyio.create_task_group() as starting:
         for label, names in groups:
-            starting.start_soon(tg.start, run_child, _child_argv(names, settings), label)
+            starting.start_soon(tg.start, run_child, _child_argv(names, settings, http), label)
 
 
 async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
@@ -98,15 +106,18 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"nats_url": url})
         stop = anyio.Event()
         exit_code = 0
+        http = (args.http_host, args.http) if args.http is not None else None
         async with anyio.create_task_group() as tg:
             if args.processes:
                 groups = [("gateway", ["gateway"]), *((name, [name]) for name in roster)]
-                await _start_children(tg, groups, settings)
+                await _start_children(tg, groups, settings, http)
             else:
                 async with anyio.create_task_group() as starting:
                     starting.start_soon(
                         tg.start,
-                        lambda task_status: serve_gateway(settings, stop=stop, task_status=task_status),
+                        lambda task_status: serve_gateway(
+                            settings, stop=stop, task_status=task_status, http=http, on_http=_http_ready
+                        ),
                     )
                     starting.start_soon(
                         tg.start,
@@ -172,10 +183,19 @@ async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> 
 
 
 async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int:
+    http = (args.http_host, args.http) if args.http is not None else None
     async with anyio.create_task_group() as tg:
-        service = await tg.start(lambda task_status: serve_gateway(settings, task_status=task_status))
+        service = await tg.start(
+            lambda task_status: serve_gateway(
+                settings, task_status=task_status, http=http, on_http=_http_ready
+            )
+        )
         _say(f"ready gateway {service.instance_id} on {settings.nats_url}")
     return 0
+
+
+def _http_ready(url: str) -> None:
+    _say(f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)")
 
 
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
@@ -246,6 +266,7 @@ async def _gateways(settings: TektonSettings, window: float) -> list[str]:
 
 
 WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
+HTTP_HELP = "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,12 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
     up.add_argument("--processes", action="store_true", help="each specialist in its own process")
-    up.add_argument(
-        "--websocket",
-        type=int,
-        metavar="PORT",
-        help="also serve NATS over WebSocket on PORT (0: any free port)",
-    )
+    up.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
+    up.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
+    up.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     up.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
     )
@@ -277,14 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("names", nargs="+")
     spec.add_argument("--replicas", type=int, default=1, help="run N replica processes (they share the load)")
 
-    sub.add_parser("gateway", parents=[common], help="run a gateway replica (sessions) against a NATS server")
+    gateway = sub.add_parser("gateway", parents=[common], help="run a gateway replica against a NATS server")
+    gateway.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
+    gateway.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     nats_cmd = sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
-    nats_cmd.add_argument(
-        "--websocket",
-        type=int,
-        metavar="PORT",
-        help="also serve NATS over WebSocket on PORT (0: any free port)",
-    )
+    nats_cmd.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
 
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")

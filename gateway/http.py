@@ -1,0 +1,624 @@
+"""The HTTP bridge (`tekton gateway --http PORT`): for clients that do not speak NATS.
+
+- JSON and SSE chat per specialist (or `@capability`), sessions, bulk, discovery: `/api/...`
+- JSON-RPC 2.0 over a WebSocket at `/ws`, with `stream.chunk` / `stream.complete` notifications
+- OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`
+- a small browser console at `/`, the OpenAPI document at `/openapi.json`
+
+Every request is turned into the same bus calls aish makes; tokens go from the NATS stream to the
+HTTP client with no per-token work beyond encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import anyio
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from bus.bulk import BulkPlan
+from bus.client import Bus, ChatStream
+from bus.errors import (
+    BadRequest,
+    BusError,
+    GatewayUnavailable,
+    PayloadTooLarge,
+    SessionNotFound,
+    SessionTooLarge,
+    SpecialistUnavailable,
+)
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage, ChatOptions
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ChatBody(BaseModel):
+    """A chat request over HTTP: one ``message`` or the whole ``messages`` list."""
+
+    specialist: str = Field(description="a specialist name, `@capability`, or `@auto`")
+    message: str | None = None
+    messages: list[ChatMessage] | None = None
+    session: str | None = None
+    options: ChatOptions = ChatOptions()
+
+    def chat_messages(self) -> list[ChatMessage]:
+        if self.messages:
+            return self.messages
+        if self.message is None:
+            raise BadRequest("give `message` or `messages`")
+        return [ChatMessage(role="user", content=self.message)]
+
+
+class OpenAIMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class OpenAIChat(BaseModel):
+    model: str = Field(description="a specialist name or `@capability`")
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+class SessionCreateBody(BaseModel):
+    specialist: str | None = None
+    name: str | None = None
+    context_window: int = 10
+    metadata: dict[str, str] = {}
+
+
+class ForkBody(BaseModel):
+    at: int | None = None
+    name: str | None = None
+
+
+def http_status(err: BusError) -> int:
+    if isinstance(err, SessionNotFound):
+        return 404
+    if isinstance(err, PayloadTooLarge | SessionTooLarge):
+        return 413
+    if isinstance(err, SpecialistUnavailable | GatewayUnavailable):
+        return 503
+    if isinstance(err, BadRequest):
+        return 400
+    return 502
+
+
+def error_body(err: BusError) -> dict[str, Any]:
+    return {"error": {"code": str(err.code), "message": err.message, "retryable": err.retryable}}
+
+
+@dataclass
+class Bucket:
+    """A token bucket: ``rate`` requests a second, bursts up to ``burst``."""
+
+    rate: float
+    burst: float
+    tokens: float = field(default=-1.0)
+    at: float = field(default_factory=time.monotonic)
+
+    def take(self) -> float:
+        """0 when allowed, else the seconds to wait."""
+        now = time.monotonic()
+        if self.tokens < 0:
+            self.tokens = self.burst
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class Guard:
+    """API tokens (required unless the bridge listens on localhost only) and a rate limit per caller."""
+
+    def __init__(self, tokens: list[str], rate: float, burst: float):
+        self.tokens = set(tokens)
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, Bucket] = {}
+
+    def caller(self, authorization: str | None, token_param: str | None, client: str) -> str:
+        given = token_param
+        if authorization and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if self.tokens:
+            if given not in self.tokens:
+                raise HTTPException(
+                    401, {"error": {"code": "unauthorized", "message": "a valid API token is needed"}}
+                )
+            return f"token:{given}"
+        return f"client:{client}"
+
+    def admit(self, caller: str) -> None:
+        wait = self.buckets.setdefault(caller, Bucket(self.rate, self.burst)).take()
+        if wait:
+            raise HTTPException(
+                429,
+                {"error": {"code": "rate_limited", "message": f"too many requests; retry in {wait:.1f} s"}},
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+
+def create_app(
+    settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None
+) -> FastAPI:
+    """The bridge's app; ``ready`` is set once it is connected to NATS and can serve."""
+    tokens = settings.http_tokens or []
+    if not tokens and host not in LOCAL_HOSTS:
+        raise BadRequest(
+            f"the HTTP bridge on {host} needs API tokens (TEKTON_HTTP_TOKENS); without them it only "
+            "listens on localhost"
+        )
+    guard = Guard(tokens, settings.http_rate_per_s, settings.http_burst)
+    state: dict[str, Bus] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with Bus.connect(settings, name="tekton-http") as bus:
+            state["bus"] = bus
+            if ready is not None:
+                ready.set()
+            yield
+
+    app = FastAPI(
+        title="Tekton",
+        version="0.1.0",
+        description="Talk to Tekton's AI specialists over HTTP: JSON, SSE, JSON-RPC over WebSocket, "
+        "and an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+
+    def bus() -> Bus:
+        return state["bus"]
+
+    async def admitted(request: Request) -> str:
+        caller = guard.caller(
+            request.headers.get("authorization"),
+            request.query_params.get("token"),
+            request.client.host if request.client else "?",
+        )
+        guard.admit(caller)
+        return caller
+
+    @app.exception_handler(BusError)
+    async def bus_error(_: Request, err: BusError) -> JSONResponse:
+        return JSONResponse(error_body(err), status_code=http_status(err))
+
+    async def open_stream(body: ChatBody) -> tuple[ChatStream, str]:
+        return await open_first(bus(), body)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def console() -> str:
+        return (resources.files("gateway") / "console.html").read_text()
+
+    @app.get("/api/capabilities", summary="Running specialists, their capabilities and health")
+    async def capabilities(_: str = Depends(admitted)) -> dict[str, Any]:
+        reply = await bus().gateway.discover()
+        return {"specialists": [v.model_dump() for v in reply.specialists]}
+
+    @app.get("/api/discover", summary="Rank specialists for a capability or a text")
+    async def discover(
+        capability: str | None = None, text: str | None = None, _: str = Depends(admitted)
+    ) -> dict[str, Any]:
+        return (await bus().gateway.discover(capability=capability, text=text)).model_dump()
+
+    @app.post("/api/chat", summary="Ask a specialist; the whole answer as JSON")
+    async def chat(body: ChatBody, _: str = Depends(admitted)) -> dict[str, Any]:
+        stream, name = await open_stream(body)
+        async with stream:
+            result = await stream.result()
+        return {
+            "specialist": name,
+            "text": result.text,
+            "usage": result.done.usage.model_dump(),
+            "timings": result.done.timings.model_dump(),
+            "finish_reason": result.done.finish_reason,
+        }
+
+    @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
+    async def chat_stream(body: ChatBody, _: str = Depends(admitted)) -> StreamingResponse:
+        stream, name = await open_stream(body)
+
+        async def events() -> AsyncIterator[str]:
+            async with stream:
+                yield sse("start", {"specialist": name, "request_id": stream.request.id})
+                try:
+                    async for text in stream:
+                        yield sse("content", {"text": text})
+                    result = await stream.result()
+                except BusError as err:
+                    yield sse("error", error_body(err)["error"])
+                    return
+                yield sse(
+                    "done",
+                    {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
+                )
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/api/sessions", summary="Sessions, most recently changed first")
+    async def list_sessions(specialist: str | None = None, _: str = Depends(admitted)) -> dict[str, Any]:
+        return {"sessions": [s.model_dump() for s in await bus().gateway.list(specialist=specialist)]}
+
+    @app.post("/api/sessions", summary="Start a session")
+    async def create_session(body: SessionCreateBody, _: str = Depends(admitted)) -> dict[str, Any]:
+        created = await bus().gateway.create(
+            body.specialist, name=body.name, context_window=body.context_window, metadata=body.metadata
+        )
+        return created.model_dump()
+
+    @app.get("/api/sessions/{ref}", summary="One session with its turns")
+    async def get_session(ref: str, _: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus().gateway.get(ref)).model_dump()
+
+    @app.delete("/api/sessions/{ref}", summary="Delete a session")
+    async def delete_session(ref: str, _: str = Depends(admitted)) -> dict[str, Any]:
+        return {"deleted": await bus().gateway.delete(ref)}
+
+    @app.post("/api/sessions/{ref}/fork", summary="A new session from the first turns of another")
+    async def fork_session(ref: str, body: ForkBody, _: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus().gateway.fork(ref, at=body.at, name=body.name)).model_dump()
+
+    @app.post("/api/bulk", summary="Run a bulk plan; progress as server-sent events")
+    async def bulk(plan: BulkPlan, _: str = Depends(admitted)) -> StreamingResponse:
+        run = bus().bulk(plan)
+        await run.__aenter__()
+
+        async def events() -> AsyncIterator[str]:
+            async with run:
+                try:
+                    async for event in run:
+                        yield sse(event.type, event.model_dump())
+                except BusError as err:
+                    yield sse("error", error_body(err)["error"])
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/models", summary="OpenAI-compatible: specialists and @capabilities as models")
+    async def models(_: str = Depends(admitted)) -> dict[str, Any]:
+        views = (await bus().gateway.discover()).specialists
+        names = [v.name for v in views] + sorted({f"@{c}" for v in views for c in v.capabilities}) + ["@auto"]
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tekton"} for n in names]}
+
+    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions (streaming or not)")
+    async def completions(body: OpenAIChat, _: str = Depends(admitted)) -> Any:
+        chat_body = ChatBody(
+            specialist=body.model,
+            messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
+            options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
+        )
+        stream, name = await open_stream(chat_body)
+        created = int(time.time())
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if not body.stream:
+            async with stream:
+                result = await stream.result()
+            usage = result.done.usage
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.done.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens or 0,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": (usage.prompt_tokens or 0) + usage.completion_tokens,
+                },
+            }
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+            data = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            async with stream:
+                yield chunk({"role": "assistant"})
+                try:
+                    async for text in stream:
+                        yield chunk({"content": text})
+                    result = await stream.result()
+                except BusError as err:
+                    yield f"data: {json.dumps(error_body(err))}\n\n"
+                    return
+                yield chunk({}, result.done.finish_reason)
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        origin = socket.headers.get("origin")
+        allowed = settings.http_allowed_origins
+        if origin and allowed is not None and origin not in allowed:
+            await socket.close(code=1008, reason="origin not allowed")
+            return
+        try:
+            caller = guard.caller(
+                socket.headers.get("authorization"),
+                socket.query_params.get("token"),
+                socket.client.host if socket.client else "?",
+            )
+        except HTTPException:
+            await socket.close(code=1008, reason="a valid API token is needed")
+            return
+        await socket.accept()
+        await JsonRpc(socket, bus(), guard, caller).serve()
+
+    return app
+
+
+async def open_first(bus: Bus, body: ChatBody) -> tuple[ChatStream, str]:
+    """An open stream from ``body.specialist`` (for ``@capability``: the first candidate that takes
+    the request, as aish falls back), and who answers. ``async with`` on it closes it (entering an
+    open stream again does nothing)."""
+    messages = body.chat_messages()
+    names, _ = await bus.gateway.pick(body.specialist, messages[-1].content)
+    last: BusError | None = None
+    for name in names:
+        stream = bus.stream(name, messages, body.options, session=body.session)
+        try:
+            await stream.__aenter__()
+        except BusError as err:
+            last = err
+            continue
+        try:
+            await stream.wait_started()  # fail here, before any HTTP response has begun
+        except BusError as err:
+            await stream.__aexit__(None, None, None)
+            last = err
+            if not err.retryable and not isinstance(err, SpecialistUnavailable):
+                raise
+            continue
+        return stream, name
+    assert last is not None
+    raise last
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+# JSON-RPC 2.0 error codes
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
+    -32700,
+    -32600,
+    -32601,
+    -32602,
+    -32603,
+)
+SESSION_EXPIRED, SPECIALIST_UNAVAILABLE, CONTEXT_LIMIT = -32000, -32001, -32002
+
+
+def rpc_code(err: BusError) -> int:
+    if isinstance(err, SessionNotFound):
+        return SESSION_EXPIRED
+    if isinstance(err, SpecialistUnavailable | GatewayUnavailable):
+        return SPECIALIST_UNAVAILABLE
+    if isinstance(err, PayloadTooLarge | SessionTooLarge):
+        return CONTEXT_LIMIT
+    if isinstance(err, BadRequest):
+        return INVALID_PARAMS
+    return INTERNAL
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+class JsonRpc:
+    """One WebSocket's JSON-RPC session. Streams run as tasks; `cancel` or a disconnect stops them on
+    their specialists."""
+
+    def __init__(self, socket: WebSocket, bus: Bus, guard: Guard, caller: str):
+        self.socket, self.bus, self.guard, self.caller = socket, bus, guard, caller
+        self.streams: dict[str, anyio.CancelScope] = {}
+        self.send_lock = anyio.Lock()
+        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "chat": self.chat,
+            "stream": self.stream,
+            "cancel": self.cancel,
+            "discover": self.discover,
+            "sessions.list": self.sessions_list,
+            "sessions.get": self.sessions_get,
+            "sessions.create": self.sessions_create,
+            "sessions.delete": self.sessions_delete,
+            "bulk": self.bulk,
+        }
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self.send_lock:
+            await self.socket.send_text(json.dumps({"jsonrpc": "2.0", **message}))
+
+    async def serve(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            try:
+                while True:
+                    raw = await self.socket.receive_text()
+                    tg.start_soon(self.handle, raw)
+            except WebSocketDisconnect:
+                pass
+            finally:
+                tg.cancel_scope.cancel()  # a client that left stops every stream it started
+
+    async def handle(self, raw: str) -> None:
+        request_id: Any = None
+        try:
+            try:
+                message = json.loads(raw)
+            except ValueError as err:
+                raise RpcError(PARSE_ERROR, f"parse error: {err}") from err
+            if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or "method" not in message:
+                raise RpcError(INVALID_REQUEST, "invalid request: need jsonrpc '2.0' and a method")
+            request_id = message.get("id")
+            method = self.methods.get(message["method"])
+            if method is None:
+                raise RpcError(
+                    METHOD_NOT_FOUND, f"method not found: {message['method']}", sorted(self.methods)
+                )
+            params = message.get("params") or {}
+            if not isinstance(params, dict):
+                raise RpcError(INVALID_PARAMS, "params must be an object")
+            try:
+                self.guard.admit(self.caller)
+            except HTTPException as err:
+                raise RpcError(
+                    INTERNAL, "rate limited", {"retry_after": err.headers and err.headers.get("Retry-After")}
+                ) from err
+            result = await method(params)
+        except RpcError as err:
+            await self.reply_error(request_id, err.code, err.message, err.data)
+            return
+        except ValidationError as err:
+            await self.reply_error(
+                request_id,
+                INVALID_PARAMS,
+                f"invalid params: {err.error_count()} problem(s)",
+                err.errors(include_url=False),
+            )
+            return
+        except BusError as err:
+            await self.reply_error(request_id, rpc_code(err), err.message, {"code": str(err.code)})
+            return
+        if request_id is not None:
+            await self.send({"id": request_id, "result": result})
+
+    async def reply_error(self, request_id: Any, code: int, message: str, data: Any = None) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        await self.send({"id": request_id, "error": error})
+
+    async def _open(self, params: dict[str, Any]) -> tuple[ChatStream, str]:
+        return await open_first(self.bus, ChatBody.model_validate(params))
+
+    async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
+        stream, name = await self._open(params)
+        async with stream:
+            result = await stream.result()
+        return {"specialist": name, "text": result.text, "timings": result.done.timings.model_dump()}
+
+    async def stream(self, params: dict[str, Any]) -> dict[str, Any]:
+        stream, name = await self._open(params)
+        request_id = stream.request.id
+        scope = anyio.CancelScope()
+        self.streams[request_id] = scope
+
+        async def pump() -> None:
+            try:
+                with scope:
+                    async with stream:
+                        try:
+                            async for text in stream:
+                                await self.send(
+                                    {
+                                        "method": "stream.chunk",
+                                        "params": {"request_id": request_id, "text": text},
+                                    }
+                                )
+                            result = await stream.result()
+                            await self.send(
+                                {
+                                    "method": "stream.complete",
+                                    "params": {
+                                        "request_id": request_id,
+                                        "timings": result.done.timings.model_dump(),
+                                    },
+                                }
+                            )
+                        except BusError as err:
+                            await self.send(
+                                {
+                                    "method": "stream.complete",
+                                    "params": {"request_id": request_id, "error": error_body(err)["error"]},
+                                }
+                            )
+                if scope.cancelled_caught:
+                    with anyio.CancelScope(shield=True):
+                        await self.send(
+                            {
+                                "method": "stream.complete",
+                                "params": {"request_id": request_id, "cancelled": True},
+                            }
+                        )
+            finally:
+                self.streams.pop(request_id, None)
+
+        self.tg.start_soon(pump)
+        return {"request_id": request_id, "specialist": name}
+
+    async def cancel(self, params: dict[str, Any]) -> dict[str, Any]:
+        request_id = params.get("request_id")
+        scope = self.streams.get(str(request_id))
+        if scope is None:
+            raise RpcError(INVALID_PARAMS, f"no running stream {request_id!r}")
+        scope.cancel()
+        return {"cancelled": request_id}
+
+    async def discover(self, params: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.bus.gateway.discover(capability=params.get("capability"), text=params.get("text"))
+        return reply.model_dump()
+
+    async def sessions_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "sessions": [
+                s.model_dump() for s in await self.bus.gateway.list(specialist=params.get("specialist"))
+            ]
+        }
+
+    async def sessions_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        return (await self.bus.gateway.get(str(params.get("session", "")))).model_dump()
+
+    async def sessions_create(self, params: dict[str, Any]) -> dict[str, Any]:
+        body = SessionCreateBody.model_validate(params)
+        created = await self.bus.gateway.create(
+            body.specialist, name=body.name, context_window=body.context_window
+        )
+        return created.model_dump()
+
+    async def sessions_delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": await self.bus.gateway.delete(str(params.get("session", "")))}
+
+    async def bulk(self, params: dict[str, Any]) -> dict[str, Any]:
+        plan = BulkPlan.model_validate(params)
+        run = self.bus.bulk(plan)
+        await run.__aenter__()
+
+        async def pump() -> None:
+            async with run:
+                async for event in run:
+                    await self.send({"method": "bulk.event", "params": {"id": run.id, **event.model_dump()}})
+
+        self.tg.start_soon(pump)
+        return {"id": run.id, "operations": len(plan.operations)}

@@ -1,0 +1,255 @@
+"""The HTTP bridge on a real nats-server: JSON, SSE, JSON-RPC over WebSocket, the OpenAI API, tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import anyio
+import httpx
+import openai
+import pytest
+
+from bus.errors import BadRequest
+from bus.settings import TektonSettings
+from gateway.http import create_app
+from gateway.runtime import serve_gateway
+from gateway.service import GatewayService
+from tests.helpers import eventually, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def bridge(settings: TektonSettings) -> AsyncIterator[str]:
+    """A gateway with its HTTP bridge on a free port, in this event loop; yields the base URL."""
+    stop = anyio.Event()
+    urls: list[str] = []
+    async with anyio.create_task_group() as tg:
+        _: GatewayService = await tg.start(
+            lambda task_status: serve_gateway(
+                settings, stop=stop, task_status=task_status, http=("127.0.0.1", 0), on_http=urls.append
+            )
+        )
+        try:
+            yield urls[0]
+        finally:
+            stop.set()
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+class _env:
+    def __init__(self, **values: str):
+        self.values = values
+        self.patch = pytest.MonkeyPatch()
+
+    def __enter__(self) -> None:
+        for key, value in self.values.items():
+            self.patch.setenv(key, value)
+
+    def __exit__(self, *exc: object) -> None:
+        self.patch.undo()
+
+
+async def test_json_sse_sessions_bulk_and_discovery(settings: TektonSettings) -> None:
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo", "prometheus"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        answer = (await http.post("/api/chat", json={"specialist": "apollo", "message": "hi"})).json()
+        assert answer["text"] == "apollo heard: hi" and answer["specialist"] == "apollo"
+        streamed = await http.post("/api/chat/stream", json={"specialist": "@planning", "message": "go"})
+        events = sse_events(streamed.text)
+        assert [e for e, _ in events] == ["start", "content", "content", "content", "done"]
+        assert events[0][1]["specialist"] == "prometheus"
+        assert "".join(d["text"] for e, d in events if e == "content") == "prometheus heard: go"
+        missing = await http.post("/api/chat/stream", json={"specialist": "apolo", "message": "x"})
+        assert missing.status_code == 503 and "did you mean 'apollo'" in missing.json()["error"]["message"]
+        session = (await http.post("/api/sessions", json={"name": "web"})).json()
+        await http.post("/api/chat", json={"specialist": "apollo", "message": "remember", "session": "web"})
+        turns = (await http.get("/api/sessions/web")).json()["turns"]
+        assert [t["content"] for t in turns] == ["remember", "apollo heard: remember"]
+        assert (await http.get("/api/sessions/nope")).status_code == 404
+        assert [s["id"] for s in (await http.get("/api/sessions")).json()["sessions"]] == [session["id"]]
+        plan = {
+            "operations": [
+                {"id": "a", "ai": "apollo", "message": "x"},
+                {"id": "b", "ai": "prometheus", "message": "{a}"},
+            ]
+        }
+        bulk = sse_events((await http.post("/api/bulk", json=plan)).text)
+        assert bulk[-1][0] == "bulk_done" and bulk[-1][1]["status"] == "ok"
+        caps = (await http.get("/api/capabilities")).json()["specialists"]
+        assert {c["name"] for c in caps} == {"apollo", "prometheus"}
+        ranked = (await http.get("/api/discover", params={"capability": "planning"})).json()
+        assert ranked["chosen"] == "prometheus"
+        spec = (await http.get("/openapi.json")).json()
+        assert {"/api/chat", "/api/chat/stream", "/v1/chat/completions", "/api/bulk"} <= set(spec["paths"])
+        page = await http.get("/")
+        assert page.status_code == 200 and "Tekton console" in page.text
+
+
+async def test_openai_client_library_talks_to_tekton(settings: TektonSettings) -> None:
+    async with bridge(settings) as url, in_process_specialists(settings, "athena", "penia"):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused-on-localhost", max_retries=0)
+        async with client:
+            models = [m.id for m in (await client.models.list()).data]
+            assert "athena" in models and "@cost-analysis" in models
+            done = await client.chat.completions.create(
+                model="athena", messages=[{"role": "user", "content": "hello"}]
+            )
+            assert done.choices[0].message.content == "athena heard: hello"
+            assert done.usage is not None and done.usage.completion_tokens == 3
+            parts = []
+            stream = await client.chat.completions.create(
+                model="@cost-analysis", messages=[{"role": "user", "content": "budget?"}], stream=True
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+            assert "".join(parts) == "penia heard: budget?"
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.chat.completions.create(
+                    model="nobody", messages=[{"role": "user", "content": "x"}]
+                )
+            assert info.value.status_code == 503
+
+
+async def rpc(
+    ws: aiohttp.ClientWebSocketResponse, method: str, params: Any = None, rid: int = 1
+) -> dict[str, Any]:
+    await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}))
+    while True:
+        message = json.loads(await ws.receive_str())
+        if message.get("id") == rid:
+            return message
+
+
+async def test_json_rpc_over_websocket(settings: TektonSettings) -> None:
+    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+        slow = in_process_specialists(settings, "athena")
+        async with bridge(settings) as url, slow as services, aiohttp.ClientSession() as http:
+            ws_url = url.replace("http", "ws") + "/ws"
+            async with http.ws_connect(ws_url) as ws:
+                await ws.send_str("{not json")
+                assert json.loads(await ws.receive_str())["error"]["code"] == -32700
+                assert (await rpc(ws, "no.such"))["error"]["code"] == -32601
+                assert (await rpc(ws, "stream", {"message": "no specialist"}))["error"]["code"] == -32602
+                assert (await rpc(ws, "sessions.get", {"session": "nope"}))["error"]["code"] == -32000
+                assert (await rpc(ws, "chat", {"specialist": "apolo", "message": "x"}))["error"][
+                    "code"
+                ] == -32001
+                started = (await rpc(ws, "stream", {"specialist": "athena", "message": "long"}))["result"]
+                chunks = 0
+                while chunks < 3:
+                    note = json.loads(await ws.receive_str())
+                    if note.get("method") == "stream.chunk":
+                        assert note["params"]["request_id"] == started["request_id"]
+                        chunks += 1
+                assert "result" in await rpc(ws, "cancel", {"request_id": started["request_id"]}, rid=2)
+                while True:
+                    note = json.loads(await ws.receive_str())
+                    if note.get("method") == "stream.complete":
+                        assert note["params"]["cancelled"] is True
+                        break
+
+                def cancelled(n: int) -> bool:
+                    return (
+                        services["athena"].counters.cancelled == n
+                        and services["athena"].counters.in_flight == 0
+                    )
+
+                await eventually(lambda: cancelled(1))
+                # A client that disconnects mid-stream: its stream is cancelled on the specialist too.
+                await rpc(ws, "stream", {"specialist": "athena", "message": "again"}, rid=3)
+                await eventually(lambda: services["athena"].counters.in_flight == 1)
+            await eventually(lambda: cancelled(2))
+
+
+async def test_tokens_origins_and_rate_limits(settings: TektonSettings) -> None:
+    with pytest.raises(BadRequest, match="needs API tokens"):
+        create_app(settings, host="0.0.0.0")
+    guarded = settings.model_copy(
+        update={
+            "http_tokens": ["s3cret"],
+            "http_rate_per_s": 1.0,
+            "http_burst": 2.0,
+            "http_allowed_origins": ["http://console.example"],
+        }
+    )
+    async with (
+        bridge(guarded) as url,
+        in_process_specialists(guarded, "apollo"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        assert (await http.get("/api/capabilities")).status_code == 401
+        assert (
+            await http.get("/api/capabilities", headers={"Authorization": "Bearer wrong"})
+        ).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert (await http.get("/api/capabilities", headers=ok)).status_code == 200
+        assert (await http.get("/api/capabilities", headers=ok)).status_code == 200
+        limited = await http.get("/api/capabilities", headers=ok)
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        async with aiohttp.ClientSession() as session:
+            ws_url = url.replace("http", "ws") + "/ws?token=s3cret"
+            for refused_url, headers in [
+                (ws_url, {"Origin": "http://evil.example"}),  # a page from elsewhere
+                (url.replace("http", "ws") + "/ws", {}),  # no token
+            ]:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await session.ws_connect(refused_url, headers=headers)
+                assert refused.value.status == 403
+            async with session.ws_connect(ws_url, headers={"Origin": "http://console.example"}) as ws:
+                # Let in (the origin is allowed), and still under the same token's rate limit.
+                reply = await rpc(ws, "discover")
+                assert reply["error"]["message"] == "rate limited" and reply["error"]["data"]["retry_after"]
+
+
+async def test_a_thousand_websocket_clients_at_once(settings: TektonSettings) -> None:
+    roomy = settings.model_copy(update={"http_rate_per_s": 10_000.0, "http_burst": 10_000.0})
+    async with (
+        bridge(roomy) as url,
+        in_process_specialists(roomy, "apollo"),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+    ):
+        ws_url = url.replace("http", "ws") + "/ws"
+
+        async def known() -> bool:
+            async with http.get(f"{url}/api/capabilities") as reply:
+                return bool((await reply.json())["specialists"])
+
+        await eventually(known)
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def connect() -> None:
+                    sockets.append(await http.ws_connect(ws_url))
+
+                for _ in range(1000):
+                    tg.start_soon(connect)
+            answers: list[dict[str, Any]] = []
+            async with anyio.create_task_group() as tg:
+
+                async def ask(ws: aiohttp.ClientWebSocketResponse) -> None:
+                    answers.append(await rpc(ws, "discover"))
+
+                for ws in sockets:
+                    tg.start_soon(ask, ws)
+        finally:
+            for ws in sockets:
+                await ws.close()
+    assert len(sockets) == 1000
+    assert len(answers) == 1000 and all(a["result"]["specialists"][0]["name"] == "apollo" for a in answers)
