@@ -23,11 +23,14 @@ setup() {
   fi
 }
 
-# The tests drive the REPL in a real terminal (tmux). A fresh machine may not have it: install it
-# from Debian's packages when we can (root with apt-get), else those tests say why they are skipped.
+# The tests drive the REPL in a real terminal (tmux) and the console in a real browser (chromium). A
+# fresh machine may not have them: install them from Debian's packages when we can (root with
+# apt-get), else those tests say why they are skipped.
 system_tools() {
   local missing=()
   command -v tmux >/dev/null || missing+=(tmux)
+  # The browser console is tested in headless Chromium (Debian's; Playwright drives it).
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} (Debian packages) for the tests" >&2
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -19,12 +19,13 @@ import msgpack
 from pydantic import Field, TypeAdapter, ValidationError
 
 from bus.errors import IdleTimeout, MalformedFrame, StreamGap
-from bus.subjects import bulk_subject, cancel_subject
+from bus.subjects import NAME_PATTERN, bulk_subject, cancel_subject
 from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, new_request_id, unpack_frame
 
 if TYPE_CHECKING:
     from bus.client import Bus, Inbox
 
+DAY_MS = 86_400_000
 OP_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 OpStatus = Literal["ok", "failed", "skipped", "timeout", "cancelled"]
 
@@ -32,13 +33,13 @@ OpStatus = Literal["ok", "failed", "skipped", "timeout", "cancelled"]
 class BulkOperation(Wire):
     id: str = Field(pattern=OP_ID_PATTERN)
     # A specialist name.
-    ai: str = Field(min_length=1, max_length=64)
+    ai: str = Field(pattern=NAME_PATTERN)
     # ``{other_id}`` is replaced by that operation's whole output (and makes it a dependency).
     message: str
     depends_on: list[str] = []
     session: str | None = None
     options: ChatOptions = ChatOptions()
-    timeout_ms: int | None = Field(default=None, ge=1)
+    timeout_ms: int | None = Field(default=None, ge=1, le=DAY_MS)
 
 
 class BulkPlan(Wire):
@@ -47,8 +48,8 @@ class BulkPlan(Wire):
     operations: list[BulkOperation] = Field(max_length=10_000)
     execution: Literal["parallel", "sequential"] = "parallel"
     # The whole request; each operation's own deadline (an operation's timeout_ms wins).
-    timeout_ms: int | None = Field(default=None, ge=1)
-    op_timeout_ms: int | None = Field(default=None, ge=1)
+    timeout_ms: int | None = Field(default=None, ge=1, le=DAY_MS)
+    op_timeout_ms: int | None = Field(default=None, ge=1, le=DAY_MS)
     max_concurrency: int | None = Field(default=None, ge=1, le=1024)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 
 DEFAULT_PREFIX = "tekton"
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
+NAME_RE = re.compile(NAME_PATTERN)
+# A specialist name, or `@capability` / `@auto` for the gateway to choose one.
+TARGET_PATTERN = r"^@?[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
 
 

@@ -45,7 +45,7 @@ class ChatRequest(Wire):
     options: ChatOptions = ChatOptions()
     # The request's deadline, relative to when the specialist receives it (clocks across machines
     # are not trusted to agree). None: the specialist's own default.
-    timeout_ms: int | None = Field(default=None, ge=1)
+    timeout_ms: int | None = Field(default=None, ge=1, le=86_400_000)
 
     @field_validator("id")
     @classmethod
@@ -115,7 +115,10 @@ _FRAME = TypeAdapter(Frame)
 
 
 def _pack(obj: Any, limit: int | None, what: str) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    try:
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800") from a JSON client, say
+        raise BadRequest(f"{what} has text that is not valid Unicode ({err.reason} at {err.start})") from err
     if limit is not None and len(data) > limit:
         raise PayloadTooLarge(len(data), limit, what)
     return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -56,11 +57,9 @@ def validate(operations: list[BulkOperation], running: Iterable[str]) -> dict[st
     problems: list[str] = []
     if not operations:
         raise BadRequest("a bulk request needs at least one operation")
-    seen: set[str] = set()
-    for op in operations:
-        if op.id in seen:
-            problems.append(f"operation id '{op.id}' is used twice")
-        seen.add(op.id)
+    counts = Counter(op.id for op in operations)
+    problems += [f"operation id '{i}' is used {n} times" for i, n in counts.items() if n > 1]
+    seen = set(counts)
     graph = dependencies(operations)
     for op in operations:
         missing = sorted(d for d in op.depends_on if d not in seen)

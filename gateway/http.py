@@ -38,6 +38,7 @@ from bus.errors import (
     SpecialistUnavailable,
 )
 from bus.settings import TektonSettings
+from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -46,7 +47,9 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 class ChatBody(BaseModel):
     """A chat request over HTTP: one ``message`` or the whole ``messages`` list."""
 
-    specialist: str = Field(description="a specialist name, `@capability`, or `@auto`")
+    specialist: str = Field(
+        pattern=TARGET_PATTERN, description="a specialist name, `@capability`, or `@auto`"
+    )
     message: str | None = None
     messages: list[ChatMessage] | None = None
     session: str | None = None
@@ -66,10 +69,10 @@ class OpenAIMessage(BaseModel):
 
 
 class OpenAIChat(BaseModel):
-    model: str = Field(description="a specialist name or `@capability`")
+    model: str = Field(pattern=TARGET_PATTERN, description="a specialist name, `@capability` or `@auto`")
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
@@ -90,7 +93,9 @@ def http_status(err: BusError) -> int:
         return 404
     if isinstance(err, PayloadTooLarge | SessionTooLarge):
         return 413
-    if isinstance(err, SpecialistUnavailable | GatewayUnavailable):
+    if isinstance(err, SpecialistUnavailable):
+        return 404  # like an unknown model in the OpenAI API: nothing by that name runs
+    if isinstance(err, GatewayUnavailable):
         return 503
     if isinstance(err, BadRequest):
         return 400
@@ -197,6 +202,19 @@ def create_app(
     @app.exception_handler(BusError)
     async def bus_error(_: Request, err: BusError) -> JSONResponse:
         return JSONResponse(error_body(err), status_code=http_status(err))
+
+    @app.exception_handler(ValidationError)
+    async def invalid(_: Request, err: ValidationError) -> JSONResponse:
+        """A value that passed the request schema but not a model built from it (a 422, not a 500)."""
+        problems = err.errors(include_url=False, include_context=False, include_input=False)
+        body = {
+            "error": {
+                "code": "bad_request",
+                "message": f"{len(problems)} invalid value(s)",
+                "details": problems,
+            }
+        }
+        return JSONResponse(body, status_code=422)
 
     async def open_stream(body: ChatBody) -> tuple[ChatStream, str]:
         return await open_first(bus(), body)

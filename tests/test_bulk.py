@@ -65,7 +65,7 @@ def test_validation_lists_every_problem_at_once() -> None:
             running=["apollo", "athena"],
         )
     text = str(info.value)
-    assert "operation id 'a' is used twice" in text
+    assert "operation id 'a' is used 2 times" in text
     assert "'b' depends on unknown operation(s): ghost" in text
     assert "apolo (did you mean apollo?), nobody" in text
     assert "dependency cycle: a -> c -> b -> a" in text

@@ -1,0 +1,99 @@
+"""The browser console, as a person uses it: headless Chromium (Debian's) driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bus.client import Bus
+from bus.settings import TektonSettings
+from tests.helpers import eventually, in_process_specialists
+from tests.test_http import _env, bridge
+
+pytestmark = pytest.mark.anyio
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+try:
+    from playwright.async_api import Browser, async_playwright
+except ImportError:  # pragma: no cover - the dev extra installs it
+    async_playwright = None  # type: ignore[assignment]
+
+needs_browser = pytest.mark.skipif(
+    async_playwright is None or not Path(CHROMIUM).exists(),
+    reason="needs playwright (dev extra) and Debian's chromium (./dev.sh test installs it as root)",
+)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@needs_browser
+async def test_console_chats_streams_continues_and_cancels(
+    settings: TektonSettings, browser: Browser
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="25"):
+        async with bridge(settings) as url, in_process_specialists(settings, "apollo", "athena") as services:
+            page = await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_selector("#status:text('connected')")
+            await page.select_option("#target", "apollo")
+            await page.fill("#message", "what breaks first?")
+            await page.press("#message", "Enter")
+            await page.wait_for_selector("text=apollo heard: what breaks first?")
+            await page.wait_for_selector("text=/first token \\d+ ms/")
+            await page.screenshot(path=str(ARTIFACTS / "console-answer.png"), full_page=True)
+            session = await page.input_value("#session")
+            assert len(session) == 32
+
+            # A follow-up continues the same session; @capability routing works from the picker.
+            await page.select_option("#target", "@knowledge")
+            await page.fill("#message", "and why?")
+            await page.press("#message", "Enter")
+            await page.wait_for_selector("text=athena heard: and why?")
+            async with Bus.connect(settings) as bus:
+                turns = (await bus.gateway.get(session)).turns
+            assert [t.specialist for t in turns] == ["apollo", "apollo", "athena", "athena"]
+
+    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with bridge(settings) as url, in_process_specialists(settings, "athena") as services:
+            page = await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_selector("#status:text('connected')")
+            await page.select_option("#target", "athena")
+            await page.fill("#message", "talk for a long time")
+            await page.press("#message", "Enter")
+            await page.wait_for_selector("text=athena heard: talk for")
+            await page.click("#cancel")
+            await page.wait_for_selector(".turn.who >> text=cancelled")
+            await page.screenshot(path=str(ARTIFACTS / "console-cancelled.png"), full_page=True)
+
+            def stopped() -> bool:
+                return (
+                    services["athena"].counters.cancelled == 1 and services["athena"].counters.in_flight == 0
+                )
+
+            await eventually(stopped)
