@@ -11,9 +11,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
+import pytest
 
 from bus.settings import TektonSettings
 from gateway.runtime import serve_gateway
@@ -37,6 +39,26 @@ def aish(
         timeout=60,
         stdin=None if stdin is not None else subprocess.DEVNULL,
     )
+
+
+class env:
+    """Set environment variables for a block (in-process providers read TEKTON_SCRIPTED_* at start)."""
+
+    def __init__(self, **values: str):
+        self.values = values
+        self.patch = pytest.MonkeyPatch()
+
+    def __enter__(self) -> None:
+        for key, value in self.values.items():
+            self.patch.setenv(key, value)
+
+    def __exit__(self, *exc: object) -> None:
+        self.patch.undo()
+
+
+async def run_aish(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`aish ARGS` in a worker thread, so this event loop keeps serving in-process services."""
+    return await anyio.to_thread.run_sync(partial(aish, settings, *args))
 
 
 def child_env(settings: TektonSettings, **extra: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from bus.subjects import bulk_subject
 from gateway.bulk import validate
 from tests.helpers import (
     AISH,
-    aish,
     child_env,
+    env,
     eventually,
     in_process_gateway,
     in_process_specialists,
+    run_aish,
     spawn,
     specialist_process,
 )
@@ -34,23 +34,6 @@ pytestmark = pytest.mark.anyio
 
 def op(op_id: str, ai: str = "apollo", message: str = "hi", **fields: object) -> BulkOperation:
     return BulkOperation(id=op_id, ai=ai, message=message, **fields)  # type: ignore[arg-type]
-
-
-def run_aish(settings: TektonSettings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return anyio.to_thread.run_sync(partial(aish, settings, *args, **env))  # type: ignore[return-value]
-
-
-class _env:
-    def __init__(self, **values: str):
-        self.values = values
-        self.patch = pytest.MonkeyPatch()
-
-    def __enter__(self) -> None:
-        for key, value in self.values.items():
-            self.patch.setenv(key, value)
-
-    def __exit__(self, *exc: object) -> None:
-        self.patch.undo()
 
 
 def test_validation_lists_every_problem_at_once() -> None:
@@ -78,7 +61,7 @@ def test_validation_lists_every_problem_at_once() -> None:
 
 
 async def test_parallel_sequential_and_dependencies(settings: TektonSettings) -> None:
-    with _env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="100"):
+    with env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="100"):
         async with (
             in_process_gateway(settings),
             in_process_specialists(settings, "apollo", "athena", "prometheus"),
@@ -121,7 +104,7 @@ async def test_a_timeout_skips_only_its_dependents(settings: TektonSettings) -> 
         in_process_specialists(settings, "apollo"),
         Bus.connect(settings) as bus,
     ):
-        with _env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="3000"):
+        with env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="3000"):
             async with in_process_specialists(settings, "athena"):
                 plan = BulkPlan(
                     operations=[
@@ -185,7 +168,7 @@ async def test_a_thousand_operations_all_complete_within_the_concurrency_limit(
 
 
 async def test_leaving_a_bulk_run_cancels_every_operation_on_its_specialist(settings: TektonSettings) -> None:
-    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
         async with (
             in_process_gateway(settings),
             in_process_specialists(settings, "apollo", "athena") as services,
@@ -279,7 +262,7 @@ async def test_fan_out_in_a_session_records_every_operation(settings: TektonSett
 
 async def test_ctrl_c_in_aish_cancels_a_fan_out(settings: TektonSettings) -> None:
     slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "20", "TEKTON_SCRIPTED_TOKENS": "1000"}
-    with _env(**slow):
+    with env(**slow):
         async with (
             in_process_gateway(settings),
             in_process_specialists(settings, "apollo", "athena") as services,

@@ -10,8 +10,8 @@ import pytest
 
 from bus.client import Bus
 from bus.settings import TektonSettings
-from tests.helpers import eventually, in_process_specialists
-from tests.test_http import _env, bridge
+from tests.helpers import env, eventually, in_process_specialists
+from tests.test_http import bridge
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +55,7 @@ async def test_console_chats_streams_continues_and_cancels(
     settings: TektonSettings, browser: Browser
 ) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="25"):
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="25"):
         async with bridge(settings) as url, in_process_specialists(settings, "apollo", "athena") as services:
             page = await browser.new_page()
             await page.goto(url)
@@ -78,7 +78,7 @@ async def test_console_chats_streams_continues_and_cancels(
                 turns = (await bus.gateway.get(session)).turns
             assert [t.specialist for t in turns] == ["apollo", "apollo", "athena", "athena"]
 
-    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
         async with bridge(settings) as url, in_process_specialists(settings, "athena") as services:
             page = await browser.new_page()
             await page.goto(url)

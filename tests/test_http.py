@@ -20,7 +20,7 @@ from bus.settings import TektonSettings
 from gateway.http import create_app
 from gateway.runtime import serve_gateway
 from gateway.service import GatewayService
-from tests.helpers import eventually, in_process_specialists
+from tests.helpers import env, eventually, in_process_specialists
 
 pytestmark = pytest.mark.anyio
 
@@ -48,19 +48,6 @@ def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines["event"], json.loads(lines["data"])))
     return events
-
-
-class _env:
-    def __init__(self, **values: str):
-        self.values = values
-        self.patch = pytest.MonkeyPatch()
-
-    def __enter__(self) -> None:
-        for key, value in self.values.items():
-            self.patch.setenv(key, value)
-
-    def __exit__(self, *exc: object) -> None:
-        self.patch.undo()
 
 
 async def test_json_sse_sessions_bulk_and_discovery(settings: TektonSettings) -> None:
@@ -139,7 +126,7 @@ async def rpc(
 
 
 async def test_json_rpc_over_websocket(settings: TektonSettings) -> None:
-    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
         slow = in_process_specialists(settings, "athena")
         async with bridge(settings) as url, slow as services, aiohttp.ClientSession() as http:
             ws_url = url.replace("http", "ws") + "/ws"

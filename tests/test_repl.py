@@ -17,7 +17,7 @@ from aish_client.render import Renderer
 from aish_client.repl import needs_more
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
-from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists
+from tests.helpers import child_env, env, eventually, in_process_gateway, in_process_specialists
 
 pytestmark = pytest.mark.anyio
 
@@ -88,24 +88,11 @@ def aish_command(extra: str = "") -> str:
     return f"{sys.executable} -m aish_client {extra}".strip()
 
 
-class _env:
-    def __init__(self, **values: str):
-        self.values = values
-        self.patch = pytest.MonkeyPatch()
-
-    def __enter__(self) -> None:
-        for key, value in self.values.items():
-            self.patch.setenv(key, value)
-
-    def __exit__(self, *exc: object) -> None:
-        self.patch.undo()
-
-
 @needs_tmux
 async def test_typing_a_pipeline_streams_the_answer_then_a_footer(
     settings: TektonSettings, terminals: list[Terminal]
 ) -> None:
-    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="5", TEKTON_SCRIPTED_FIRST_TOKEN_MS="300"):
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="5", TEKTON_SCRIPTED_FIRST_TOKEN_MS="300"):
         async with in_process_gateway(settings), in_process_specialists(settings, "apollo", "athena"):
             term = Terminal(aish_command(), child_env(settings))
             terminals.append(term)
@@ -128,7 +115,7 @@ async def test_typing_a_pipeline_streams_the_answer_then_a_footer(
 async def test_ctrl_c_mid_answer_stops_the_specialist_and_returns_to_the_prompt(
     settings: TektonSettings, terminals: list[Terminal]
 ) -> None:
-    with _env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
         async with in_process_gateway(settings), in_process_specialists(settings, "athena") as services:
             term = Terminal(aish_command(), child_env(settings))
             terminals.append(term)

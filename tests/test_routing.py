@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -21,10 +19,10 @@ from bus.wire import ChatMessage
 from gateway.routing import Method, matcher
 from specialists.roster import load_roster
 from tests.helpers import (
-    aish,
     child_env,
     in_process_gateway,
     in_process_specialists,
+    run_aish,
     spawn,
     specialist_process,
 )
@@ -34,10 +32,6 @@ TEKTON = [sys.executable, "-m", "tekton"]
 pytestmark = pytest.mark.anyio
 
 LABELLED = Path(__file__).parent / "data" / "routing.jsonl"
-
-
-def run_aish(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    return anyio.to_thread.run_sync(partial(aish, settings, *args))  # type: ignore[return-value]
 
 
 def roster_views() -> list:  # type: ignore[type-arg]

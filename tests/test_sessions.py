@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -17,7 +15,14 @@ from bus.sessions import Session, Turn
 from bus.settings import TektonSettings
 from bus.subjects import session_subject
 from bus.wire import ChatMessage, ChatOptions
-from tests.helpers import aish, eventually, gateway_process, in_process_gateway, in_process_specialists
+from tests.helpers import (
+    env,
+    eventually,
+    gateway_process,
+    in_process_gateway,
+    in_process_specialists,
+    run_aish,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -27,11 +32,6 @@ ECHO = {"TEKTON_SCRIPTED_ECHO_CONTEXT": "1"}
 async def say(bus: Bus, session: str, text: str, specialist: str = "apollo") -> str:
     async with bus.stream(specialist, [ChatMessage(role="user", content=text)], session=session) as s:
         return "".join([t async for t in s])
-
-
-def run_aish(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    """aish in a thread, so this event loop keeps serving the in-process gateway and specialists."""
-    return anyio.to_thread.run_sync(partial(aish, settings, *args))  # type: ignore[return-value]
 
 
 def test_context_is_the_last_completed_turns() -> None:
@@ -116,7 +116,7 @@ async def test_a_failed_or_cancelled_answer_keeps_the_user_turn(settings: Tekton
         session = await bus.sessions.create()
         with pytest.raises(SpecialistUnavailable, match="apolo"):
             await say(bus, session.id, "typo", specialist="apolo")
-        with _env(slow):
+        with env(**slow):
             async with in_process_specialists(settings, "apollo"):
                 async with bus.stream(
                     "apollo", [ChatMessage(role="user", content="long")], session=session.id
@@ -134,21 +134,6 @@ async def test_a_failed_or_cancelled_answer_keeps_the_user_turn(settings: Tekton
         assert "no specialist named 'apolo'" in (turns[0].error or "")
         assert (turns[1].content, turns[1].status) == ("long", "cancelled")
         assert turns[2].role == "assistant" and turns[2].status == "cancelled" and turns[2].content
-
-
-class _env:
-    """Set environment variables for in-process providers (they read TEKTON_SCRIPTED_* at start)."""
-
-    def __init__(self, values: dict[str, str]):
-        self.values = values
-        self.patch = pytest.MonkeyPatch()
-
-    def __enter__(self) -> None:
-        for key, value in self.values.items():
-            self.patch.setenv(key, value)
-
-    def __exit__(self, *exc: object) -> None:
-        self.patch.undo()
 
 
 async def test_unknown_session_and_no_gateway_are_clear_errors(settings: TektonSettings) -> None:
@@ -247,7 +232,7 @@ async def test_concurrent_appends_from_two_processes_lose_nothing(settings: Tekt
 async def test_gateway_killed_mid_answer_then_restarted(settings: TektonSettings) -> None:
     slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "40", "TEKTON_SCRIPTED_TOKENS": "40"}
     gateway = gateway_process(settings)
-    with _env(slow):
+    with env(**slow):
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
             session = await bus.sessions.create("apollo")
             async with bus.stream(
