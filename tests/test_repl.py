@@ -72,6 +72,19 @@ class Terminal:
             raise AssertionError(f"{text!r} never appeared; the screen:\n{self.screen()}") from None
         return self.screen()
 
+    async def prompt(self) -> None:
+        """Wait for an empty prompt below everything else, so typed keys reach it (not the answer)."""
+
+        def ready() -> bool:
+            lines = [line.rstrip() for line in self.screen().splitlines() if line.strip()]
+            body = [line for line in lines if not line.startswith(" NATS")]
+            return bool(body) and body[-1] == "aish>"
+
+        try:
+            await eventually(ready, within=15)
+        except TimeoutError:
+            raise AssertionError(f"no prompt; the screen:\n{self.screen()}") from None
+
     def close(self) -> None:
         subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
 
@@ -106,6 +119,7 @@ async def test_typing_a_pipeline_streams_the_answer_then_a_footer(
             final = await term.wait_for("── apollo · first token")
             assert "apollo heard: one two three four" in final and "tok/s" in final
             # The session remembers: the next question went through the gateway with context.
+            await term.prompt()
             term.type("session")
             term.send("Enter")
             await term.wait_for("[2] apollo: apollo heard: one two three four")
@@ -125,6 +139,7 @@ async def test_ctrl_c_mid_answer_stops_the_specialist_and_returns_to_the_prompt(
             await term.wait_for("athena heard: talk for")
             term.send("C-c")
             await term.wait_for("cancelled")
+            await term.prompt()
 
             def stopped() -> bool:
                 athena = services["athena"].counters
@@ -158,6 +173,7 @@ async def test_completion_errors_and_history_after_a_restart(
         term.type(' "a plan"')
         term.send("Enter")
         await term.wait_for("prometheus heard: a plan")
+        await term.prompt()
         term.type("@plan")
         term.send("Tab")
         await term.wait_for("aish> @planning")
@@ -165,6 +181,7 @@ async def test_completion_errors_and_history_after_a_restart(
         term.type('apollo "x" | }')
         term.send("Enter")
         screen = await term.wait_for("^")
+        await term.prompt()
         assert "expected a specialist name" in screen
         term.type('echo "two lines" |')
         term.send("Enter")
@@ -257,6 +274,7 @@ async def test_a_lost_nats_connection_shows_in_the_toolbar_and_heals(
             server = EmbeddedNats(tmp_path / "own-store", port=port or 0)
             server.start()
             await term.wait_for(f"NATS {here.nats_url}")
+            await term.prompt()
 
             # The specialist reconnects on its own schedule too: ask until it answers.
             for attempt in range(10):
