@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 
 import anyio
+import structlog
 from nats.aio.client import Client as NATS
 
 from bus.discovery import SpecialistView, survey
@@ -22,6 +23,7 @@ from gateway.routing import (
 )
 
 FRESH_S = 2.0
+log = structlog.get_logger("tekton.gateway.discovery")
 
 
 class Catalog:
@@ -64,7 +66,10 @@ class Catalog:
 
     async def keep_fresh(self) -> None:
         for round_ in itertools.count():
-            await self.refresh(thorough=round_ % 5 == 0)
+            try:
+                await self.refresh(thorough=round_ % 5 == 0)
+            except Exception as err:  # NATS reconnecting, say: keep the last view and try again
+                log.info("discovery refresh failed", error=str(err))
             await anyio.sleep(FRESH_S / 2)
 
     def text_matcher(self) -> TextMatcher:

@@ -149,6 +149,7 @@ class GatewayService:
         return dispatch
 
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
+        """Validate, run, reply; whatever goes wrong becomes an error reply and the gateway goes on."""
         self.counters["requests"] += 1
         try:
             try:
@@ -160,16 +161,19 @@ class GatewayService:
                 raise BadRequest(f"not a valid '{op}' request: {problems}") from err
             except BusError as err:
                 raise BadRequest(f"not a valid '{op}' request: {err.message}") from err
-            reply = await handler(request)
-            await req.respond(encode(reply))
+            payload = encode(await handler(request))
         except BusError as err:
             self.counters["errors"] += 1
             log.info("request refused", op=op, code=str(err.code), error=err.message)
-            await req.respond(encode(ErrorReply.of(err)))
+            payload = _error_payload(err)
         except Exception as err:
             self.counters["errors"] += 1
             log.exception("request crashed", op=op)
-            await req.respond(encode(ErrorReply.of(BusError(f"gateway failed on '{op}': {err}"))))
+            payload = _error_payload(BusError(f"gateway failed on '{op}': {err}"))
+        try:
+            await req.respond(payload)
+        except Exception as err:  # the asker or the connection is gone: nothing left to tell
+            log.warning("reply not sent", op=op, error=str(err))
 
     # The sessions API
 
@@ -436,6 +440,13 @@ def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> li
         t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
         for t in turns
     ]
+
+
+def _error_payload(err: BusError) -> bytes:
+    try:
+        return encode(ErrorReply.of(err))
+    except BusError:  # the message quoted text that cannot be encoded: say what kind of error it was
+        return encode(ErrorReply(code=str(err.code), message=f"{err.code} (details not encodable)"))
 
 
 def _turn_status(status: str) -> TurnStatus:
