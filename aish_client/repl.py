@@ -153,7 +153,10 @@ class Repl:
         """What completion offers: refreshed before each prompt (a few ms on the bus)."""
         assert self.bus is not None
         try:
-            views = await self.bus.survey()
+            try:  # the gateway's catalog is refreshed all the time and forgives a late answer
+                views = (await self.bus.gateway.discover()).specialists
+            except GatewayUnavailable:
+                views = await self.bus.survey()
         except Exception:  # disconnected: keep what we had
             return
         self.specialists = [v.name for v in views]

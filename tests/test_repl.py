@@ -166,7 +166,7 @@ async def test_completion_errors_and_history_after_a_restart(
     ):
         term = Terminal(aish_command(), child_env(settings))
         terminals.append(term)
-        await term.wait_for("aish>")
+        await term.wait_for("3 specialists")  # the toolbar: names are known, completion can offer them
         term.type("prom")
         term.send("Tab")
         await term.wait_for("aish> prometheus")
