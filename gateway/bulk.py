@@ -166,20 +166,26 @@ class BulkRun:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._heartbeats)
 
+            runner = anyio.CancelScope()
+
+            def stop(reason: OpStatus) -> None:
+                self.stop_reason = reason  # set before the cancel, so every stopped operation sees it
+                runner.cancel()
+
             async def on_cancel() -> None:
                 async for _ in cancel_sub.messages:
-                    self.stop_reason = "cancelled"
-                    runner.cancel()
+                    stop("cancelled")
                     return
 
-            runner = anyio.CancelScope()
+            async def deadline(seconds: float) -> None:
+                await anyio.sleep(seconds)
+                stop("timeout")
+
             outer.start_soon(on_cancel)
-            total = self.request.timeout_ms / 1000 if self.request.timeout_ms else None
+            if self.request.timeout_ms:
+                outer.start_soon(deadline, self.request.timeout_ms / 1000)
             with runner:
-                with anyio.move_on_after(total) as timer:
-                    await self._run_all()
-                if timer.cancelled_caught:
-                    self.stop_reason = "timeout"
+                await self._run_all()
             # Whatever was stopped (cancel, whole-request timeout) is reported, never left blank.
             with anyio.CancelScope(shield=True):
                 for op_id, op in self.ops.items():

@@ -280,3 +280,22 @@ async def test_ctrl_c_in_aish_cancels_a_fan_out(settings: TektonSettings) -> Non
                 return all(s.counters.cancelled == 1 and s.counters.in_flight == 0 for s in services.values())
 
             await eventually(stopped)
+
+
+async def test_the_whole_request_runs_out_of_time(settings: TektonSettings) -> None:
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="10", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with (
+            in_process_gateway(settings),
+            in_process_specialists(settings, "athena") as services,
+            Bus.connect(settings) as bus,
+        ):
+            plan = BulkPlan(
+                operations=[op("long", "athena"), op("after", "athena", "{long}")], timeout_ms=300
+            )
+            async with bus.bulk(plan) as bulk:
+                done = await bulk.result()
+            assert done.status == "timeout"
+            by_op = {r.op: r for r in done.operations}
+            assert by_op["long"].status == "timeout" and "out of time" in (by_op["long"].error or "")
+            assert by_op["after"].status == "timeout"
+            await eventually(lambda: services["athena"].counters.cancelled == 1)
