@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSock
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from bus.bulk import BulkPlan
+from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
 from bus.errors import (
     BadRequest,
@@ -42,6 +42,7 @@ from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 class ChatBody(BaseModel):
@@ -86,6 +87,23 @@ class SessionCreateBody(BaseModel):
 class ForkBody(BaseModel):
     at: int | None = None
     name: str | None = None
+
+
+class ClosingStream(StreamingResponse):
+    """Server-sent events over an already open bus stream, which is closed however the response ends:
+    also when the client leaves before the first byte (the body generator then never runs, and the
+    specialist would go on answering nobody)."""
+
+    def __init__(self, content: AsyncIterator[str], opened: ChatStream | BulkStream):
+        super().__init__(content, media_type="text/event-stream", headers=NO_CACHE)
+        self.opened = opened
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.opened.__aexit__(None, None, None)  # closing twice is harmless
 
 
 def http_status(err: BusError) -> int:
@@ -266,9 +284,7 @@ def create_app(
                     {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
                 )
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return ClosingStream(events(), stream)
 
     @app.get("/api/sessions", summary="Sessions, most recently changed first")
     async def list_sessions(specialist: str | None = None, _: str = Depends(admitted)) -> dict[str, Any]:
@@ -306,7 +322,7 @@ def create_app(
                 except BusError as err:
                     yield sse("error", error_body(err)["error"])
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStream(events(), run)
 
     @app.get("/v1/models", summary="OpenAI-compatible: specialists and @capabilities as models")
     async def models(_: str = Depends(admitted)) -> dict[str, Any]:
@@ -370,7 +386,7 @@ def create_app(
                 yield chunk({}, result.done.finish_reason)
                 yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStream(events(), stream)
 
     @app.websocket("/ws")
     async def ws(socket: WebSocket) -> None:

@@ -263,3 +263,25 @@ async def test_schemathesis_finds_no_server_error(settings: TektonSettings) -> N
     report = done.stdout.decode(errors="replace")
     assert done.returncode == 0, report[-3000:]
     assert " passed" in report
+
+
+async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(settings: TektonSettings) -> None:
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with (
+            bridge(settings) as url,
+            in_process_specialists(settings, "athena") as services,
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            body = {"specialist": "athena", "message": "long"}
+            async with http.stream("POST", "/api/chat/stream", json=body) as reply:
+                contents = 0
+                async for line in reply.aiter_lines():
+                    contents += line == "event: content"
+                    if contents == 3:
+                        break  # leaving the block closes the connection
+
+            def stopped() -> bool:
+                athena = services["athena"].counters
+                return athena.cancelled == 1 and athena.in_flight == 0
+
+            await eventually(stopped)
