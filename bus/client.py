@@ -28,7 +28,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
-from bus.discovery import SPECIALIST_ROLE, SpecialistView, gather, survey
+from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, survey
 from bus.errors import (
     BusError,
     IdleTimeout,
@@ -248,13 +248,19 @@ class Bus:
                 pass
         return await s.result()
 
-    async def _gather(self, subject: str, window: float) -> list[dict[str, Any]]:
-        return await gather(self.nc, subject, window=window)
+    async def _gather(self, subject: str, window: float, stall: float | None = None) -> list[dict[str, Any]]:
+        return await gather(self.nc, subject, window=window, stall=stall or STALL_S)
 
     async def instances(
-        self, name: str | None = None, window: float = 0.05, role: str = SPECIALIST_ROLE
+        self,
+        name: str | None = None,
+        window: float = 0.05,
+        role: str = SPECIALIST_ROLE,
+        *,
+        thorough: bool = False,
     ) -> list[ServiceInstance]:
-        """Every running instance of a Tekton role (``$SRV.INFO``), optionally only those named ``name``."""
+        """Every running instance of a Tekton role (``$SRV.INFO``), optionally only those named ``name``.
+        ``thorough``: wait the whole window instead of stopping when answers stop coming."""
         subject = "$SRV.INFO" + (f".{name}" if name else "")
         found = [
             ServiceInstance(
@@ -264,17 +270,18 @@ class Bus:
                 metadata=a.get("metadata") or {},
                 description=a.get("description") or "",
             )
-            for a in await self._gather(subject, window)
+            for a in await self._gather(subject, window, window if thorough else None)
         ]
         return sorted(
             (i for i in found if i.metadata.get("tekton_role") == role), key=lambda i: (i.name, i.id)
         )
 
-    async def stats(self, name: str | None = None, window: float = 0.05) -> list[dict[str, Any]]:
+    async def stats(
+        self, name: str | None = None, window: float = 0.05, *, thorough: bool = False
+    ) -> list[dict[str, Any]]:
         subject = "$SRV.STATS" + (f".{name}" if name else "")
-        return [
-            a for a in await self._gather(subject, window) if (a.get("metadata") or {}).get("tekton_role")
-        ]
+        answers = await self._gather(subject, window, window if thorough else None)
+        return [a for a in answers if (a.get("metadata") or {}).get("tekton_role")]
 
     async def survey(self, window: float = 0.05) -> list[SpecialistView]:
         """Every running specialist with its capabilities and live figures, replicas aggregated."""

@@ -19,12 +19,15 @@ from pydantic import Field
 from bus.wire import Wire
 
 SPECIALIST_ROLE = "specialist"
+# Quiet time after the last answer that ends a gather. Answers from processes on a busy machine
+# spread out: 10 ms lost some of ten specialist processes in CI; 30 ms has not.
+STALL_S = 0.03
 # Replicas of one specialist should announce the same things; these differences are reported.
 _COMPARED = ("primary", "capabilities", "keywords", "provider", "model", "max_tokens", "context_window")
 
 
 async def gather(
-    nc: NATS, subject: str, *, expected: int | None = None, window: float = 0.05, stall: float = 0.01
+    nc: NATS, subject: str, *, expected: int | None = None, window: float = 0.05, stall: float = STALL_S
 ) -> list[dict[str, Any]]:
     """Scatter-gather on a ``$SRV`` subject: every JSON answer until the stop rule above."""
     inbox = nc.new_inbox()
@@ -210,7 +213,7 @@ def _weighted(datas: list[dict[str, Any]], key: str) -> float | None:
 
 
 async def survey(
-    nc: NATS, *, expected: int | None = None, window: float = 0.05, stall: float = 0.01
+    nc: NATS, *, expected: int | None = None, window: float = 0.05, stall: float = STALL_S
 ) -> tuple[list[SpecialistView], int]:
     """Every running specialist (``$SRV.INFO`` and ``$SRV.STATS`` gathered at once, aggregated) and how
     many micro services answered (pass it as ``expected`` next time to stop as soon as all did)."""

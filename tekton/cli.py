@@ -221,8 +221,9 @@ async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
 
 async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
     async with Bus.connect(settings, name="tekton-status") as bus:
-        instances = await bus.instances(window=args.window)
-        stats = {s["id"]: s for s in await bus.stats(window=args.window)}
+        # A status report can afford its whole window: every instance gets its say.
+        instances = await bus.instances(window=args.window, thorough=True)
+        stats = {s["id"]: s for s in await bus.stats(window=args.window, thorough=True)}
     if args.json:
         _say(
             json.dumps(
@@ -262,7 +263,7 @@ async def cmd_status(settings: TektonSettings, args: argparse.Namespace) -> int:
 
 async def _gateways(settings: TektonSettings, window: float) -> list[str]:
     async with Bus.connect(settings, name="tekton-status") as bus:
-        return [i.id for i in await bus.instances(window=window, role="gateway")]
+        return [i.id for i in await bus.instances(window=window, role="gateway", thorough=True)]
 
 
 WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"

@@ -22,7 +22,7 @@ TEKTON = [sys.executable, "-m", "tekton"]
 
 
 async def served_by_instance(bus: Bus, name: str) -> dict[str, dict[str, int]]:
-    return {s["id"]: s["endpoints"][0]["data"] for s in await bus.stats(name)}
+    return {s["id"]: s["endpoints"][0]["data"] for s in await bus.stats(name, window=0.5, thorough=True)}
 
 
 def test_aish_runs_a_pipeline_against_specialist_processes(settings: TektonSettings) -> None:
