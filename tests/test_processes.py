@@ -237,7 +237,11 @@ def test_tekton_up_runs_everything_and_stops_cleanly(tmp_path: Path, processes: 
             ), pid
     finally:
         if up.process.poll() is None:
-            up.process.kill()
+            # SIGTERM first: tekton up then stops its nats-server too (a SIGKILL would orphan it).
+            try:
+                up.stop(signal.SIGTERM, timeout=40)
+            except subprocess.TimeoutExpired:
+                up.process.kill()
 
 
 def test_tekton_up_uses_a_running_server_and_runs_a_command(settings: TektonSettings) -> None:
