@@ -25,7 +25,7 @@ async def resolve(bus: Bus, ref: object, resume_last: bool, renderer: Renderer) 
     on first use; ``--session ID`` must exist; ``--continue`` takes the most recently used one.
     """
     if resume_last:
-        recent = await bus.sessions.list(limit=1)
+        recent = await bus.gateway.list(limit=1)
         if recent:
             renderer.note(f"continuing session {recent[0].name or recent[0].id}")
             return recent[0].id
@@ -33,16 +33,16 @@ async def resolve(bus: Bus, ref: object, resume_last: bool, renderer: Renderer) 
     if ref is None:
         return None
     if ref is NEW:
-        session = await bus.sessions.create()
+        session = await bus.gateway.create()
         renderer.note(f"new session {session.id}")
         return session.id
     assert isinstance(ref, str)
-    found = await bus.sessions.find(ref)
+    found = await bus.gateway.find(ref)
     if found is not None:
         return found.id
     if SESSION_ID_RE.match(ref) or not SESSION_NAME_RE.match(ref):
         raise SessionNotFound.named(ref)
-    session = await bus.sessions.create(name=ref)
+    session = await bus.gateway.create(name=ref)
     renderer.note(f"new session {label(session)}")
     return session.id
 
@@ -75,7 +75,7 @@ async def run(bus: Bus, argv: Sequence[str], renderer: Renderer) -> int:
     args = build_parser().parse_args(argv)
     op = args.op or "list"
     if op == "list":
-        sessions = await bus.sessions.list(
+        sessions = await bus.gateway.list(
             specialist=getattr(args, "specialist", None), limit=args.limit if args.op else 50
         )
         if not sessions:
@@ -87,7 +87,7 @@ async def run(bus: Bus, argv: Sequence[str], renderer: Renderer) -> int:
             renderer.token(f"{s.id:<32}  {s.name or '-':<16} {_when(s.updated):<16} {s.turns:>5}  {last}\n")
         return 0
     if op == "show":
-        session = await bus.sessions.get(args.ref)
+        session = await bus.gateway.get(args.ref)
         renderer.token(
             f"session {label(session)}  specialist {session.specialist or '-'}  "
             f"context {session.context_window} turns  created {_when(session.created)}  "
@@ -101,15 +101,15 @@ async def run(bus: Bus, argv: Sequence[str], renderer: Renderer) -> int:
             renderer.token(f"[{n}] {who}{mark}: {turn.content}\n")
         return 0
     if op == "rm":
-        renderer.token(f"deleted {await bus.sessions.delete(args.ref)}\n")
+        renderer.token(f"deleted {await bus.gateway.delete(args.ref)}\n")
         return 0
     if op == "fork":
         if args.at is not None and args.at < 0:
             raise BadRequest("--at counts turns from the start: 0 or more")
-        fork = await bus.sessions.fork(args.ref, at=args.at, name=args.name)
+        fork = await bus.gateway.fork(args.ref, at=args.at, name=args.name)
         renderer.token(f"{fork.id}\n")
         renderer.note(f"forked {args.ref} at turn {len(fork.turns)} into {label(fork)}")
         return 0
-    renamed = await bus.sessions.rename(args.ref, args.name)
+    renamed = await bus.gateway.rename(args.ref, args.name)
     renderer.token(f"renamed {renamed.id} to '{renamed.name}'\n")
     return 0

@@ -10,8 +10,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,6 +32,30 @@ def summary(values_s: list[float]) -> dict[str, float]:
         "p99_ms": round(pct(ms, 99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
     }
+
+
+async def timed(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
+    """``call`` awaited ``n`` times one after another; each one's seconds."""
+    took = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await call()
+        took.append(time.perf_counter() - start)
+    return took
+
+
+async def concurrent(fn: Callable[[], Awaitable[float]], width: int, rounds: int) -> list[float]:
+    """``rounds`` times, ``width`` calls of ``fn`` at once; every value they return."""
+    samples: list[float] = []
+
+    async def one() -> None:
+        samples.append(await fn())
+
+    for _ in range(rounds):
+        async with anyio.create_task_group() as tg:
+            for _ in range(width):
+                tg.start_soon(one)
+    return samples
 
 
 def free_port() -> int:

@@ -20,13 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bench.common import start_child, summary, write_results
+from bench.common import start_child, summary, timed, write_results
 from bus.client import Bus
 from bus.discovery import aggregate, survey
 from bus.server import EmbeddedNats
@@ -36,15 +35,6 @@ from specialists.roster import load_roster
 
 LABELLED = Path(__file__).parents[1] / "tests" / "data" / "routing.jsonl"
 NAMES = ["apollo", "athena", "prometheus", "rhetor", "metis", "sophia", "telos", "penia"]
-
-
-async def timed(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
-    took = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await call()
-        took.append(time.perf_counter() - start)
-    return took
 
 
 def accuracy() -> dict[str, Any]:

@@ -19,7 +19,6 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import aiohttp
 import anyio
 import httpx
 
-from bench.common import free_port, start_child, summary, write_results
+from bench.common import concurrent, free_port, start_child, summary, write_results
 from bench.stream import bus_first_chunk
 from bus.client import Bus
 from bus.server import EmbeddedNats
@@ -36,19 +35,6 @@ from bus.wire import ChatMessage
 
 FIRST = {"specialist": "apollo", "message": "hi"}
 LONG = {"specialist": "athena", "message": "long"}
-
-
-async def many(call: Callable[[], Awaitable[float]], width: int, rounds: int) -> list[float]:
-    samples: list[float] = []
-    for _ in range(rounds):
-        async with anyio.create_task_group() as tg:
-
-            async def one() -> None:
-                samples.append(await call())
-
-            for _ in range(width):
-                tg.start_soon(one)
-    return samples
 
 
 async def sse_first(http: httpx.AsyncClient) -> float:
@@ -104,7 +90,7 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
         figures["nats_direct"] = {
             "first_chunk_sequential": summary([await bus_first_chunk(bus, "apollo") for _ in range(n)]),
             "first_chunk_100_concurrent": summary(
-                await many(lambda: bus_first_chunk(bus, "apollo"), 100, rounds)
+                await concurrent(lambda: bus_first_chunk(bus, "apollo"), 100, rounds)
             ),
         }
         rate_start, count = time.perf_counter(), 0
@@ -117,7 +103,7 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
         await sse_first(http)
         figures["sse"] = {
             "first_chunk_sequential": summary([await sse_first(http) for _ in range(n)]),
-            "first_chunk_100_concurrent": summary(await many(lambda: sse_first(http), 100, rounds)),
+            "first_chunk_100_concurrent": summary(await concurrent(lambda: sse_first(http), 100, rounds)),
             "one_stream_chunks_per_s": round(await sse_rate(http)),
         }
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -135,12 +121,12 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
             rate = chunks / (time.perf_counter() - started)
         sockets = [await session.ws_connect(ws_url) for _ in range(100)]
         try:
-            concurrent: list[float] = []
+            wide: list[float] = []
             for r in range(rounds):
                 async with anyio.create_task_group() as tg:
 
                     async def one(ws: aiohttp.ClientWebSocketResponse, rid: int) -> None:
-                        concurrent.append((await rpc_stream(ws, FIRST, rid))[0])
+                        wide.append((await rpc_stream(ws, FIRST, rid))[0])
 
                     for i, ws in enumerate(sockets):
                         tg.start_soon(one, ws, 10_000 + r * 1000 + i)
@@ -150,7 +136,7 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
         figures["websocket_json_rpc"] = {
             "connect": summary(connects),
             "first_chunk_sequential": summary(sequential),
-            "first_chunk_100_concurrent": summary(concurrent),
+            "first_chunk_100_concurrent": summary(wide),
             "one_stream_chunks_per_s": round(rate),
         }
     return figures

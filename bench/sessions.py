@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import nats
 
-from bench.common import start_child, summary, write_results
+from bench.common import start_child, summary, timed, write_results
 from bus.client import Bus
 from bus.server import EmbeddedNats
 from bus.sessions import Session, Turn
@@ -35,15 +35,6 @@ from bus.wire import ChatMessage
 from gateway.store import SessionStore, StoreLimits, open_bucket
 
 CLIENTS = 50
-
-
-async def timed(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
-    took = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await call()
-        took.append(time.perf_counter() - start)
-    return took
 
 
 async def concurrently(make: Callable[[int], Callable[[], Awaitable[Any]]], n: int) -> list[float]:
@@ -68,7 +59,7 @@ async def measure(settings: TektonSettings, quick: bool) -> dict[str, Any]:
     per_client = 10 if quick else 40
     figures: dict[str, Any] = {}
     async with Bus.connect(settings) as bus:
-        api = bus.sessions
+        api = bus.gateway
         await api.create("apollo")  # warm up
         created = await api.create("apollo", name="bench")
         gateway: dict[str, Any] = {
@@ -79,10 +70,10 @@ async def measure(settings: TektonSettings, quick: bool) -> dict[str, Any]:
         try:
             buses = [Bus(nc, settings) for nc in clients]
             gateway[f"get_{CLIENTS}_concurrent"] = summary(
-                await concurrently(lambda i: lambda: buses[i].sessions.get(created.id), per_client)
+                await concurrently(lambda i: lambda: buses[i].gateway.get(created.id), per_client)
             )
             gateway[f"create_{CLIENTS}_concurrent"] = summary(
-                await concurrently(lambda i: lambda: buses[i].sessions.create("apollo"), per_client)
+                await concurrently(lambda i: lambda: buses[i].gateway.create("apollo"), per_client)
             )
         finally:
             for nc in clients:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import httpx
 
-from bench.common import free_port, start_child, summary, write_results
+from bench.common import concurrent, free_port, start_child, summary, write_results
 from bus.client import Bus
 from bus.errors import SpecialistUnavailable
 from bus.server import EmbeddedNats
@@ -46,19 +46,6 @@ async def sse_first_chunk(client: httpx.AsyncClient, url: str) -> float:
                 first = time.perf_counter() - sent
     assert first is not None
     return first
-
-
-async def concurrent(fn: Any, width: int, rounds: int) -> list[float]:
-    samples: list[float] = []
-
-    async def one() -> None:
-        samples.append(await fn())
-
-    for _ in range(rounds):
-        async with anyio.create_task_group() as tg:
-            for _ in range(width):
-                tg.start_soon(one)
-    return samples
 
 
 async def bus_chunks_per_s(bus: Bus, name: str) -> tuple[float, int]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 
-from bench.common import start_child, summary, write_results
-from bench.stream import bus_chunks_per_s, bus_first_chunk, concurrent
+from bench.common import concurrent, start_child, summary, write_results
+from bench.stream import bus_chunks_per_s, bus_first_chunk
 from bus.client import Bus, connect
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings

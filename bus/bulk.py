@@ -163,7 +163,7 @@ class BulkStream:
         request = BulkRequest(**self.plan.model_dump(), id=self.id, inbox=self._inbox)
         self.sent_at = time.perf_counter()
         try:
-            reply = await self.bus.sessions.call(
+            reply = await self.bus.gateway.call(
                 "bulk", request, subject=bulk_subject(self.bus.settings.prefix)
             )
         except BaseException:

@@ -60,6 +60,11 @@ log = structlog.get_logger("tekton.bus")
 NO_RESPONDERS = "503"
 
 
+def is_no_responders(msg: Msg) -> bool:
+    """NATS's own answer, to the publisher only, when nobody subscribes to the subject."""
+    return not msg.data and msg.headers is not None and msg.headers.get("Status") == NO_RESPONDERS
+
+
 async def connect(url: str, *, name: str = "tekton", connect_timeout: float = 2.0) -> NATS:
     """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server."""
 
@@ -237,11 +242,6 @@ class Bus:
         """The gateway's API: sessions, bulk, discovery and routing."""
         return GatewayClient(self.nc, self.settings.prefix)
 
-    @property
-    def sessions(self) -> GatewayClient:
-        """The gateway's sessions API."""
-        return GatewayClient(self.nc, self.settings.prefix)
-
     async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
         async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:
             async for _ in s:
@@ -363,7 +363,7 @@ class ChatStream:
         if msg is None:
             self._finished = True
             raise IdleTimeout(self.specialist, self.idle_timeout)
-        if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+        if is_no_responders(msg):
             self._finished = True
             raise SpecialistUnavailable.named(self.specialist, await self.bus.running_names())
         raw = unpack_frame(msg.data)
@@ -383,7 +383,7 @@ class ChatStream:
     async def _texts(self) -> AsyncIterator[str]:
         while not self._finished:
             msg = await self._next_msg()
-            if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+            if is_no_responders(msg):
                 self._finished = True
                 raise SpecialistUnavailable.named(self.specialist, await self.bus.running_names())
             try:
@@ -453,7 +453,7 @@ class SessionChatStream(ChatStream):
         chat = SessionChat(
             session=self.session, specialist=self.specialist or None, inbox=inbox, request=self.request
         )
-        reply = await self.bus.sessions.call("chat", chat)
+        reply = await self.bus.gateway.call("chat", chat)
         assert isinstance(reply, ChatAccepted)
         self.accepted = reply
         self.specialist = reply.specialist

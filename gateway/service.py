@@ -23,7 +23,7 @@ from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
-from bus.client import Bus, ChatStream
+from bus.client import Bus, ChatStream, is_no_responders
 from bus.discovery import Discover, DiscoveryReply, Ranked
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
@@ -73,7 +73,6 @@ from gateway.store import SessionStore
 log = structlog.get_logger("tekton.gateway")
 
 VERSION = "0.1.0"
-NO_RESPONDERS = "503"
 
 Handler = Callable[[Any], Awaitable[Wire]]
 
@@ -216,7 +215,7 @@ class GatewayService:
 
     async def _rename(self, r: RenameSession) -> SessionReply:
         session, _ = await self.store.resolve(r.session)
-        await self.store._check_name_free(r.name, but=session.id)
+        await self.store.check_name_free(r.name, but=session.id)
         renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
         return SessionReply(session=renamed)
 
@@ -361,7 +360,7 @@ class GatewayService:
                 except TimeoutError:
                     error = f"'{turn.specialist}' went silent for {self.settings.idle_timeout_s:g} s"
                     break
-                if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+                if is_no_responders(msg):
                     # NATS tells only the publisher (us) that nobody listens: pass it on to the client.
                     running = await self.running.names(refresh=True)
                     unavailable = SpecialistUnavailable.named(turn.specialist, running)

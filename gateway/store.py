@@ -177,14 +177,14 @@ class SessionStore:
         cached = self._recent.get(ref)
         return cached[0] if cached else (await self.resolve(ref))[0]
 
-    async def _check_name_free(self, name: str | None, but: str | None = None) -> None:
+    async def check_name_free(self, name: str | None, but: str | None = None) -> None:
         if name is None:
             return
         if any(s.name == name and s.id != but for s in await self.scan()):
             raise BadRequest(f"a session named '{name}' already exists; pick another name")
 
     async def create(self, session: Session) -> Session:
-        await self._check_name_free(session.name)
+        await self.check_name_free(session.name)
         session, data = self._encode(session)
         self._remember(session, await self.kv.create(_key(session.id), data))
         return session

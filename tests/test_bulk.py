@@ -251,7 +251,7 @@ async def test_fan_out_in_a_session_records_every_operation(settings: TektonSett
         result = await run_aish(settings, "-c", "--session", "team", 'apollo,athena << "plan"')
         assert result.returncode == 0, result.stderr
         async with Bus.connect(settings) as bus:
-            turns = (await bus.sessions.get("team")).turns
+            turns = (await bus.gateway.get("team")).turns
     assert sorted((t.role, t.specialist, t.status) for t in turns) == [
         ("assistant", "apollo", "ok"),
         ("assistant", "athena", "ok"),

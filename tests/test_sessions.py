@@ -53,7 +53,7 @@ async def test_sessions_api_round_trip(settings: TektonSettings) -> None:
         in_process_specialists(settings, "apollo"),
         Bus.connect(settings) as bus,
     ):
-        api = bus.sessions
+        api = bus.gateway
         work = await api.create("apollo", name="work", context_window=4, metadata={"team": "core"})
         other = await api.create("athena")
         assert (await api.get(work.id)).metadata == {"team": "core"}
@@ -90,7 +90,7 @@ async def test_chat_records_turns_and_sends_the_context_window(
         in_process_specialists(settings, "apollo", "athena"),
         Bus.connect(settings) as bus,
     ):
-        session = await bus.sessions.create("apollo", context_window=2)
+        session = await bus.gateway.create("apollo", context_window=2)
         assert await say(bus, session.id, "q1") == "apollo heard: user: q1"
         # Read-your-writes: the next turn sees the answer that just ended.
         assert await say(bus, session.id, "q2") == (
@@ -98,7 +98,7 @@ async def test_chat_records_turns_and_sends_the_context_window(
         )
         third = await say(bus, session.id, "q3", specialist="athena")
         assert third.startswith("athena heard: user: q2 | assistant: apollo heard:")
-        stored = await bus.sessions.get(session.id)
+        stored = await bus.gateway.get(session.id)
         assert [(t.role, t.specialist, t.status) for t in stored.turns] == [
             ("user", "apollo", "ok"),
             ("assistant", "apollo", "ok"),
@@ -113,7 +113,7 @@ async def test_chat_records_turns_and_sends_the_context_window(
 async def test_a_failed_or_cancelled_answer_keeps_the_user_turn(settings: TektonSettings) -> None:
     slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "50", "TEKTON_SCRIPTED_TOKENS": "1000"}
     async with in_process_gateway(settings), Bus.connect(settings) as bus:
-        session = await bus.sessions.create()
+        session = await bus.gateway.create()
         with pytest.raises(SpecialistUnavailable, match="apolo"):
             await say(bus, session.id, "typo", specialist="apolo")
         with env(**slow):
@@ -125,11 +125,11 @@ async def test_a_failed_or_cancelled_answer_keeps_the_user_turn(settings: Tekton
                         break  # leaving early cancels on the specialist
 
                 async def marked() -> bool:
-                    turns = (await bus.sessions.get(session.id)).turns
+                    turns = (await bus.gateway.get(session.id)).turns
                     return len(turns) == 3 and turns[1].status == "cancelled"
 
                 await eventually(marked)
-        turns = (await bus.sessions.get(session.id)).turns
+        turns = (await bus.gateway.get(session.id)).turns
         assert (turns[0].content, turns[0].status) == ("typo", "error")
         assert "no specialist named 'apolo'" in (turns[0].error or "")
         assert (turns[1].content, turns[1].status) == ("long", "cancelled")
@@ -139,7 +139,7 @@ async def test_a_failed_or_cancelled_answer_keeps_the_user_turn(settings: Tekton
 async def test_unknown_session_and_no_gateway_are_clear_errors(settings: TektonSettings) -> None:
     async with Bus.connect(settings) as bus:
         with pytest.raises(GatewayUnavailable, match="tekton gateway"):
-            await bus.sessions.list()
+            await bus.gateway.list()
     result = await run_aish(settings, "--session", "0123456789abcdef0123456789abcdef", "apollo", "hi")
     assert result.returncode == 1
     assert "no gateway is running" in result.stderr
@@ -155,14 +155,14 @@ async def test_unknown_session_and_no_gateway_are_clear_errors(settings: TektonS
 async def test_expired_session_names_itself(settings: TektonSettings) -> None:
     short = settings.model_copy(update={"session_ttl_s": 1.0})
     async with in_process_gateway(short), Bus.connect(short) as bus:
-        session = await bus.sessions.create(name="brief")
+        session = await bus.gateway.create(name="brief")
 
         async def gone() -> bool:
-            return await bus.sessions.find(session.id) is None
+            return await bus.gateway.find(session.id) is None
 
         await eventually(gone, within=15)
         with pytest.raises(SessionNotFound, match=r"'brief'.*expired after 1 s"):
-            await bus.sessions.get("brief")
+            await bus.gateway.get("brief")
 
 
 async def test_aish_pipeline_in_a_session_then_the_next_command_sees_it(
@@ -207,7 +207,7 @@ async def test_concurrent_appends_from_two_processes_lose_nothing(settings: Tekt
     try:
         async with in_process_gateway(settings), in_process_specialists(settings, "apollo"):
             async with Bus.connect(settings) as bus:
-                await bus.sessions.create("apollo", name="shared")
+                await bus.gateway.create("apollo", name="shared")
 
             async def talk(who: str) -> None:
                 for i in range(rounds):
@@ -218,7 +218,7 @@ async def test_concurrent_appends_from_two_processes_lose_nothing(settings: Tekt
                 tg.start_soon(talk, "left")
                 tg.start_soon(talk, "right")
             async with Bus.connect(settings) as bus:
-                turns = (await bus.sessions.get("shared")).turns
+                turns = (await bus.gateway.get("shared")).turns
     finally:
         second_gateway.stop()
     assert len(turns) == 4 * rounds and all(t.status == "ok" for t in turns)
@@ -234,7 +234,7 @@ async def test_gateway_killed_mid_answer_then_restarted(settings: TektonSettings
     gateway = gateway_process(settings)
     with env(**slow):
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
-            session = await bus.sessions.create("apollo")
+            session = await bus.gateway.create("apollo")
             async with bus.stream(
                 "apollo", [ChatMessage(role="user", content="during")], session=session.id
             ) as s:
@@ -247,7 +247,7 @@ async def test_gateway_killed_mid_answer_then_restarted(settings: TektonSettings
             assert len(parts) == 40 and s.stored is None
             gateway = gateway_process(settings)
             try:
-                turns = (await bus.sessions.get(session.id)).turns
+                turns = (await bus.gateway.get(session.id)).turns
                 assert [(t.content, t.status) for t in turns] == [("during", "pending")]
                 async with bus.stream(
                     "apollo", [ChatMessage(role="user", content="after")], session=session.id
@@ -270,15 +270,15 @@ async def test_sessions_survive_a_nats_server_restart(tmp_path: Path, settings: 
             in_process_specialists(here, "apollo"),
             Bus.connect(here) as bus,
         ):
-            session = await bus.sessions.create("apollo", name="durable")
+            session = await bus.gateway.create("apollo", name="durable")
             await say(bus, session.id, "before")
             server.stop()
             server = EmbeddedNats(tmp_path / "restart-store", port=port)
             server.start()
-            kept = await _retry(lambda: bus.sessions.get("durable"))
+            kept = await _retry(lambda: bus.gateway.get("durable"))
             assert [t.content for t in kept.turns] == ["before", "apollo heard: before"]
             assert (await _retry(lambda: say(bus, session.id, "after"))) == "apollo heard: after"
-            assert len((await bus.sessions.get(session.id)).turns) == 4
+            assert len((await bus.gateway.get(session.id)).turns) == 4
     finally:
         server.stop()
 
@@ -300,18 +300,18 @@ async def test_oversized_session_is_refused_without_a_partial_write(settings: Te
         in_process_specialists(small, "apollo"),
         Bus.connect(small) as bus,
     ):
-        session = await bus.sessions.create("apollo")
+        session = await bus.gateway.create("apollo")
         await say(bus, session.id, "short")
         with pytest.raises(SessionTooLarge, match="limit of 4,096 bytes; nothing was written"):
             await say(bus, session.id, "x" * 5000)
-        turns = (await bus.sessions.get(session.id)).turns
+        turns = (await bus.gateway.get(session.id)).turns
         assert [t.content for t in turns] == ["short", "apollo heard: short"]
         stats = (await bus.stats("apollo"))[0]["endpoints"][0]["data"]
         assert stats["served"] == 1  # the refused turn never reached the specialist
         # Near the limit, the oldest turns make room (counted, not silently lost).
         for i in range(4):
             await say(bus, session.id, f"{i}" + "y" * 900)
-        stored = await bus.sessions.get(session.id)
+        stored = await bus.gateway.get(session.id)
         assert stored.dropped > 0 and stored.turns[-1].content.startswith("apollo heard: 3")
 
 
@@ -322,10 +322,10 @@ async def test_history_is_capped_oldest_first(settings: TektonSettings) -> None:
         in_process_specialists(capped, "apollo"),
         Bus.connect(capped) as bus,
     ):
-        session = await bus.sessions.create("apollo")
+        session = await bus.gateway.create("apollo")
         for text in ("a", "b", "c"):
             await say(bus, session.id, text)
-        stored = await bus.sessions.get(session.id)
+        stored = await bus.gateway.get(session.id)
         assert [t.content for t in stored.turns] == ["b", "apollo heard: b", "c", "apollo heard: c"]
         assert stored.dropped == 2 and stored.summary().turns == 6
 
@@ -345,7 +345,7 @@ async def test_malformed_session_requests_get_an_error_and_the_gateway_keeps_run
             error = msgpack.unpackb(reply.data)
             assert error["type"] == "error" and error["code"] == "bad_request", (op, error)
             assert f"not a valid '{op}' request" in error["message"]
-        assert (await bus.sessions.create(name="fine")).name == "fine"
+        assert (await bus.gateway.create(name="fine")).name == "fine"
 
 
 async def test_chat_options_reach_the_specialist_through_the_gateway(settings: TektonSettings) -> None:
@@ -354,7 +354,7 @@ async def test_chat_options_reach_the_specialist_through_the_gateway(settings: T
         in_process_specialists(settings, "apollo"),
         Bus.connect(settings) as bus,
     ):
-        session = await bus.sessions.create("apollo")
+        session = await bus.gateway.create("apollo")
         async with bus.stream(
             "",
             [ChatMessage(role="user", content="one two three four")],
