@@ -9,6 +9,7 @@ endpoint's ``data`` in ``$SRV.STATS``.
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -201,8 +202,13 @@ class SpecialistService:
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
-                        async with self._limiter:
-                            async for text in self.provider.stream(messages, options):
+                        # aclosing: a stopped answer releases the provider (its model) now, not
+                        # whenever the abandoned generator is collected.
+                        async with (
+                            self._limiter,
+                            aclosing(self.provider.stream(messages, options)) as texts,  # type: ignore[type-var]
+                        ):
+                            async for text in texts:
                                 await reply.chunk(text)
                                 tokens += 1
                                 if first_token is None:
