@@ -40,6 +40,7 @@ from bus.wire import (
     encode,
     encode_chunk,
 )
+from specialists.metrics import SpecialistMetrics
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
 
@@ -55,6 +56,7 @@ class ReplyStream:
         self.nc = nc
         self.subject = subject
         self.seq = 0
+        self.chunks = 0
         self.last_sent = time.monotonic()
 
     async def _publish(self, data: bytes) -> None:
@@ -66,6 +68,7 @@ class ReplyStream:
         await self._publish(encode(frame_type(seq=self.seq, **fields)))
 
     async def chunk(self, text: str) -> None:
+        self.chunks += 1
         await self._publish(encode_chunk(self.seq, text))
 
     async def error(self, err: BusError) -> None:
@@ -112,6 +115,7 @@ class SpecialistService:
         self._idle.set()
         self._draining = False
         self.counters = ServiceCounters()
+        self.metrics = SpecialistMetrics()
         self._service: Service | None = None
         self._cancel_sub: Any = None
         self.log = log.bind(specialist=spec.name)
@@ -144,7 +148,12 @@ class SpecialistService:
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
 
     def _stats_data(self, _endpoint: EndpointStats) -> dict[str, Any]:
-        return self.counters.as_data()
+        slots = self._limiter.statistics()
+        data = {**self.counters.as_data(), **self.metrics.snapshot()}
+        # Counted live, so a rate shows while answers stream, not only when they end.
+        data["tekton_tokens_out"] += sum(r.chunks for r in list(self._streaming.values()))
+        data.update(slots=int(slots.total_tokens), busy=slots.borrowed_tokens, queued=slots.tasks_waiting)
+        return data
 
     async def _on_cancel(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
@@ -172,6 +181,7 @@ class SpecialistService:
             await reply.error(err)
             return
         self.counters.in_flight += 1
+        self.metrics.requests.inc()
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._tg.start_soon(self._serve, request, reply)
 
@@ -231,6 +241,7 @@ class SpecialistService:
                 )
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
+                self.metrics.done(None, first_token - received if first_token else None, total)
                 if first_token:
                     self.counters.first_tokens += 1
                     self.counters.first_token_ms += (first_token - received) * 1000
@@ -263,6 +274,7 @@ class SpecialistService:
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
             self._scopes.pop(request.id, None)
+            self.metrics.tokens_out.inc(reply.chunks)
             self.counters.in_flight -= 1
             if self.counters.in_flight == 0:
                 self._idle.set()

@@ -5,6 +5,9 @@ tekton specialist NAME ...    one or more specialists against any NATS URL (scal
 tekton gateway                a gateway replica (sessions in JetStream KV)
 tekton nats                   just the embedded nats-server
 tekton status                 running specialists, replicas and live stats
+tekton top                    live view of every specialist instance (slots, queue, tok/s, p99)
+tekton metrics                the whole bus's figures once, in Prometheus text format
+tekton mcp                    an MCP server on stdio: each running specialist as a tool
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
                         tg.start,
                         lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status),
                     )
+            if args.metrics is not None:
+                await _serve_metrics(tg, stack, settings, args.metrics, args.http_host, stop)
             names = ", ".join(roster)
             _say(f"Tekton is up: gateway + {len(roster)} specialists ({names}) on {settings.nats_url}")
             if args.command:
@@ -135,6 +140,62 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
                 tg.cancel_scope.cancel()
     _say("Tekton stopped")
     return exit_code
+
+
+async def _serve_metrics(
+    tg: anyio.abc.TaskGroup,
+    stack: AsyncExitStack,
+    settings: TektonSettings,
+    port: int,
+    host: str,
+    stop: anyio.Event,
+) -> None:
+    from tekton.metrics import BusFigures, MetricsListener
+
+    bus = await stack.enter_async_context(Bus.connect(settings, name="tekton-metrics"))
+    figures = BusFigures()
+    listener = MetricsListener(figures, port, host)
+    stack.callback(listener.close)
+
+    async def refresh_until_stopped() -> None:
+        async with anyio.create_task_group() as refreshing:
+            refreshing.start_soon(figures.run, bus)
+            await stop.wait()
+            refreshing.cancel_scope.cancel()
+
+    tg.start_soon(refresh_until_stopped)
+    _say(f"metrics of the whole bus on {listener.url}")
+
+
+async def cmd_top(settings: TektonSettings, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tekton.top import run_top
+
+    async with Bus.connect(settings, name="tekton-top") as bus:
+        await run_top(bus, Console(), interval=args.interval, iterations=args.iterations)
+    return 0
+
+
+async def cmd_metrics(settings: TektonSettings, args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tekton.metrics import BusCollector, BusFigures
+
+    figures = BusFigures()
+    async with Bus.connect(settings, name="tekton-metrics") as bus:
+        await figures.refresh(bus, window=args.window)
+    registry = CollectorRegistry()
+    registry.register(BusCollector(figures))
+    sys.stdout.write(generate_latest(registry).decode())
+    return 0
+
+
+async def cmd_mcp(settings: TektonSettings, args: argparse.Namespace) -> int:
+    from tekton.mcp_server import serve_stdio
+
+    await serve_stdio(settings)
+    return 0
 
 
 async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int:
@@ -289,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
     up.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     up.add_argument(
+        "--metrics", type=int, metavar="PORT", help="serve the whole bus's Prometheus /metrics on PORT"
+    )
+    up.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
     )
 
@@ -305,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")
     status.add_argument("--window", type=float, default=0.1, help="seconds to wait for answers")
+
+    top = sub.add_parser("top", parents=[common], help="live view of every specialist instance")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
+    metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
+    metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
+    sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
     return parser
 
 
@@ -314,6 +385,9 @@ COMMANDS = {
     "gateway": cmd_gateway,
     "nats": cmd_nats,
     "status": cmd_status,
+    "top": cmd_top,
+    "metrics": cmd_metrics,
+    "mcp": cmd_mcp,
 }
 
 

@@ -1,0 +1,120 @@
+"""`tekton top`: every specialist instance on the bus, live (rich), from its ``$SRV.STATS`` figures.
+
+One row per replica: slots busy/free, queue, tokens per second since the last refresh, requests
+served, errors, p99 of the first chunk (from the replica's histogram), refreshed each second.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from bus.client import Bus
+from tekton.metrics import BusFigures, endpoint_data, quantile
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    specialist: str
+    instance: str
+    busy: int
+    slots: int
+    queued: int
+    tokens_per_s: float | None
+    served: int
+    errors: int
+    p99_first_chunk_ms: float | None
+
+
+class TopModel:
+    """Rows from successive gathers; rates come from the difference between two of them."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, float]] = {}  # instance -> (time, tokens out)
+
+    def rows(self, stats: list[dict[str, Any]], now: float | None = None) -> list[InstanceRow]:
+        now = time.monotonic() if now is None else now
+        rows = []
+        seen: dict[str, tuple[float, float]] = {}
+        for answer in stats:
+            data = endpoint_data(answer)
+            instance = answer.get("id", "")
+            tokens = float(data.get("tekton_tokens_out", 0.0))
+            seen[instance] = (now, tokens)
+            rate = None
+            if instance in self._last and now > self._last[instance][0]:
+                then, before = self._last[instance]
+                rate = max(0.0, tokens - before) / (now - then)
+            first = data.get("tekton_first_chunk_seconds")
+            p99 = quantile(0.99, first["buckets"]) if isinstance(first, dict) else None
+            rows.append(
+                InstanceRow(
+                    specialist=answer.get("name", "?"),
+                    instance=instance,
+                    busy=int(data.get("busy", 0)),
+                    slots=int(data.get("slots", 0)),
+                    queued=int(data.get("queued", 0)),
+                    tokens_per_s=rate,
+                    served=int(data.get("served", 0)),
+                    errors=int(data.get("errors", 0)),
+                    p99_first_chunk_ms=p99 * 1000 if p99 is not None else None,
+                )
+            )
+        self._last = seen
+        return rows
+
+
+def table(rows: list[InstanceRow], url: str) -> Table:
+    busy = sum(r.busy for r in rows)
+    slots = sum(r.slots for r in rows)
+    t = Table(title=f"tekton top · {url} · {len(rows)} instances · {busy}/{slots} slots busy", expand=False)
+    for name, justify in [
+        ("SPECIALIST", "left"),
+        ("INSTANCE", "left"),
+        ("BUSY", "right"),
+        ("FREE", "right"),
+        ("QUEUE", "right"),
+        ("TOK/S", "right"),
+        ("SERVED", "right"),
+        ("ERRORS", "right"),
+        ("P99 1ST", "right"),
+    ]:
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        t.add_row(
+            r.specialist,
+            r.instance[:8],
+            str(r.busy),
+            str(max(0, r.slots - r.busy)),
+            f"[yellow]{r.queued}[/]" if r.queued else "0",
+            f"{r.tokens_per_s:.0f}" if r.tokens_per_s is not None else "-",
+            str(r.served),
+            f"[red]{r.errors}[/]" if r.errors else "0",
+            f"{r.p99_first_chunk_ms:.1f} ms" if r.p99_first_chunk_ms is not None else "-",
+        )
+    if not rows:
+        t.caption = "no specialists are running on this bus (start them with `tekton up`)"
+    return t
+
+
+async def run_top(
+    bus: Bus, console: Console, *, interval: float = 1.0, iterations: int | None = None
+) -> list[InstanceRow]:
+    """Refresh every ``interval`` seconds until cancelled, or ``iterations`` times; returns the last rows."""
+    figures, model = BusFigures(), TopModel()
+    rows: list[InstanceRow] = []
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        count = 0
+        while iterations is None or count < iterations:
+            rows = model.rows(await figures.refresh(bus, window=min(0.3, interval / 2)))
+            live.update(table(rows, bus.settings.nats_url), refresh=True)
+            count += 1
+            if iterations is None or count < iterations:
+                await anyio.sleep(interval)
+    return rows

@@ -1,0 +1,85 @@
+"""`tekton mcp` launched the way an MCP host launches it (the SDK's stdio_client), against real
+specialists and a real gateway on a real nats-server."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from bus.client import Bus
+from bus.settings import TektonSettings
+from tests.helpers import child_env, in_process_gateway, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+
+def tekton_mcp(settings: TektonSettings) -> StdioServerParameters:
+    env = child_env(settings, TEKTON_LOG_LEVEL="warning")
+    return StdioServerParameters(command=sys.executable, args=["-m", "tekton", "mcp"], env=env)
+
+
+async def test_each_specialist_is_a_tool_whose_answer_streams_as_progress(settings: TektonSettings) -> None:
+    async with (
+        in_process_specialists(settings, "apollo", "athena"),
+        stdio_client(tekton_mcp(settings)) as (read, write),
+        ClientSession(read, write) as client,
+    ):
+        await client.initialize()
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert set(tools) == {"apollo", "athena"}
+        assert tools["apollo"].input_schema["required"] == ["prompt"]
+
+        progress: list[tuple[float, str | None]] = []
+
+        async def on_progress(done: float, total: float | None, message: str | None) -> None:
+            progress.append((done, message))
+
+        result = await client.call_tool(
+            "apollo", {"prompt": "explain queue groups"}, progress_callback=on_progress
+        )
+        assert not result.is_error
+        assert result.content[0].text == "apollo heard: explain queue groups"  # type: ignore[union-attr]
+        # One notification per chunk, each carrying the text so far: the answer arrived piece by piece.
+        assert [m for _, m in progress] == [
+            "apollo ",
+            "apollo heard: ",
+            "apollo heard: explain ",
+            "apollo heard: explain queue ",
+            "apollo heard: explain queue groups",
+        ]
+        assert [d for d, _ in progress] == [1, 2, 3, 4, 5]
+
+        missing = await client.call_tool("apolo", {"prompt": "x"})
+        assert missing.is_error
+        assert "no specialist named 'apolo' is running" in missing.content[0].text  # type: ignore[union-attr]
+        no_prompt = await client.call_tool("apollo", {})
+        assert no_prompt.is_error and "'prompt'" in no_prompt.content[0].text  # type: ignore[union-attr]
+        # The server lived through both.
+        again = await client.call_tool("athena", {"prompt": "still there?"})
+        assert again.content[0].text == "athena heard: still there?"  # type: ignore[union-attr]
+
+
+async def test_sessions_are_resources(settings: TektonSettings) -> None:
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        session = await bus.gateway.create(specialist="apollo", name="design")
+        async with stdio_client(tekton_mcp(settings)) as (read, write), ClientSession(read, write) as client:
+            await client.initialize()
+            answer = await client.call_tool("apollo", {"prompt": "first question", "session": "design"})
+            assert answer.content[0].text == "apollo heard: first question"  # type: ignore[union-attr]
+            listed = (await client.list_resources()).resources
+            assert [r.name for r in listed] == ["design"]
+            assert str(listed[0].uri) == f"tekton://sessions/{session.id}"
+            read_back = await client.read_resource(listed[0].uri)
+            body = json.loads(read_back.contents[0].text)  # type: ignore[union-attr]
+            assert [(t["role"], t["content"]) for t in body["turns"]] == [
+                ("user", "first question"),
+                ("assistant", "apollo heard: first question"),
+            ]

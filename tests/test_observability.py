@@ -1,0 +1,126 @@
+"""Metrics per specialist (prometheus-client), gathered over NATS; `tekton top`; `/metrics` on `tekton up`."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+import urllib.request
+
+import anyio
+import pytest
+from rich.console import Console
+
+from bus.client import Bus
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from tekton.metrics import endpoint_data, quantile
+from tekton.top import run_top
+from tests.helpers import child_env, env, eventually, in_process_specialists, spawn
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.fast
+def test_quantile_interpolates_like_promql() -> None:
+    buckets = [["0.01", 0.0], ["0.1", 50.0], ["1.0", 100.0], ["+Inf", 100.0]]
+    assert quantile(0.5, buckets) == pytest.approx(0.1)
+    assert quantile(0.99, buckets) == pytest.approx(0.1 + 0.9 * 49 / 50)
+    assert quantile(0.25, buckets) == pytest.approx(0.01 + 0.09 * 0.5)
+    assert quantile(0.99, [["0.1", 0.0], ["+Inf", 0.0]]) is None
+    assert quantile(0.99, [["0.1", 1.0], ["+Inf", 10.0]]) == 0.1  # beyond the last bound
+
+
+async def test_stats_carry_the_metrics(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        for prompt in ("one two", "three"):
+            await bus.ask("apollo", prompt)
+        [answer] = await bus.stats("apollo", window=0.5)
+        data = endpoint_data(answer)
+        assert data["tekton_requests"] == 2
+        assert data["tekton_tokens_out"] == 7  # "apollo heard: one two" is 4 chunks, "... three" 3
+        assert data["tekton_first_chunk_seconds"]["buckets"][-1] == ["+Inf", 2.0]
+        assert data["tekton_total_seconds"]["buckets"][-1] == ["+Inf", 2.0]
+        assert (data["slots"], data["busy"], data["queued"]) == (settings.max_concurrency, 0, 0)
+
+
+async def test_top_shows_busy_slots_queue_and_rate_under_load(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"max_concurrency": 2, "idle_timeout_s": 60})
+    with env(TEKTON_SCRIPTED_TOKENS="2000", TEKTON_SCRIPTED_TOKENS_PER_S="100"):
+        async with in_process_specialists(settings, "apollo", "athena"), Bus.connect(settings) as bus:
+            streams = [bus.stream("apollo", [ChatMessage(role="user", content=f"q{i}")]) for i in range(5)]
+            async with anyio.create_task_group() as tg:
+                for s in streams:
+                    await s.__aenter__()
+                    tg.start_soon(_read, s)
+
+                async def loaded() -> bool:
+                    data = endpoint_data((await bus.stats("apollo", window=0.3))[0])
+                    return bool(data["busy"] == 2 and data["queued"] == 3)
+
+                await eventually(loaded, within=20)
+                console = Console(record=True, width=120, file=io.StringIO(), force_terminal=False)
+                rows = await run_top(bus, console, interval=0.5, iterations=3)
+                tg.cancel_scope.cancel()
+            for s in streams:
+                await s.__aexit__(None, None, None)
+    shown = console.export_text()
+    by_name = {r.specialist: r for r in rows}
+    assert (by_name["apollo"].busy, by_name["apollo"].slots, by_name["apollo"].queued) == (2, 2, 3)
+    assert by_name["apollo"].tokens_per_s and by_name["apollo"].tokens_per_s > 0
+    assert (by_name["athena"].busy, by_name["athena"].queued) == (0, 0)
+    apollo_line = next(line for line in shown.splitlines() if line.lstrip("│ ").startswith("apollo"))
+    cells = [c.strip() for c in apollo_line.strip("│ ").split("│")]
+    assert cells[0] == "apollo" and cells[2:5] == ["2", "0", "3"], apollo_line
+    assert re.fullmatch(r"\d+", cells[5]), apollo_line  # tok/s: a rate, not "-", by the last refresh
+    assert "2 instances · 2/4 slots busy" in shown
+
+
+async def _read(stream) -> None:  # type: ignore[no-untyped-def]
+    async for _ in stream:
+        pass
+
+
+def test_tekton_up_serves_the_bus_metrics(settings: TektonSettings) -> None:
+    up = spawn(
+        [
+            sys.executable,
+            "-m",
+            "tekton",
+            "up",
+            "--metrics",
+            "0",
+            "--provider",
+            "scripted",
+            "--log-level",
+            "warning",
+        ],
+        child_env(settings),
+    )
+    try:
+        url = up.wait_for(lambda s: s.startswith("metrics of the whole bus on")).split()[-1]
+        up.wait_for(lambda s: s.startswith("Tekton is up"))
+
+        async def ask() -> None:
+            async with Bus.connect(settings) as bus:
+                await bus.ask("apollo", "count me")
+
+        anyio.run(ask)
+        # The histograms are written last, when the answer is done.
+        pattern = re.compile(r'^tekton_total_seconds_count\{instance="\w+",specialist="apollo"\} 1\.0$', re.M)
+
+        def scraped() -> str:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode())
+
+        async def counted() -> bool:
+            return bool(pattern.search(await anyio.to_thread.run_sync(scraped)))
+
+        anyio.run(eventually, counted, 15.0)
+        text = scraped()
+        assert re.search(r'tekton_requests_total\{instance="\w+",specialist="apollo"\} 1\.0', text)
+        assert re.search(r'tekton_first_chunk_seconds_count\{instance="\w+",specialist="apollo"\} 1\.0', text)
+        assert re.search(r'tekton_tokens_out_total\{instance="\w+",specialist="apollo"\} 4\.0', text)
+        assert re.search(r'tekton_slots_busy\{instance="\w+",specialist="athena"\} 0\.0', text)
+    finally:
+        assert up.stop() == 0
