@@ -14,6 +14,7 @@ from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target,
 from aish_client.render import Renderer
 from aish_client.repl import repl
 from aish_client.runner import run_pipeline
+from bus import tracing
 from bus.client import Bus
 from bus.errors import BadRequest, BusError
 from bus.logs import configure_logging
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not (args.words and args.words[0] == "sessions"):
         build_parser().parse_args(argv)  # the usual usage error for unknown options
     configure_logging(args.log_level)
+    tracing.configure("aish")
     renderer = Renderer()
     try:
         settings = load_settings(

@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from bus import tracing
 from bus.bulk import BulkPlan, BulkStream
 from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, survey
 from bus.errors import (
@@ -312,12 +313,19 @@ class ChatStream:
         self.sent_at = 0.0
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
+        self._span: Any = None  # this request's client span, when tracing is on
 
     async def __aenter__(self) -> ChatStream:
         if self._inbox is not None:  # already open (e.g. opened to wait_started() first)
             return self
         # Listen before publishing so no frame can arrive before we do.
         self._inbox, self._frames = await self.bus.open_inbox()
+        if tracing.enabled():
+            self._span = tracing.start(
+                f"chat {self.specialist or 'session'}",
+                "client",
+                attributes={"tekton.request_id": self.request.id},
+            )
         self.sent_at = time.perf_counter()
         try:
             await self._send(self._inbox)
@@ -331,7 +339,8 @@ class ChatStream:
     async def _send(self, inbox: str) -> None:
         nc = self.bus.nc
         payload = encode_request(self.request, limit=nc.max_payload)
-        await nc.publish(chat_subject(self.specialist, self.bus.settings.prefix), payload, reply=inbox)
+        subject = chat_subject(self.specialist, self.bus.settings.prefix)
+        await nc.publish(subject, payload, reply=inbox, headers=tracing.headers(self._span))
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -345,6 +354,9 @@ class ChatStream:
             if self._inbox is not None:
                 self.bus.close_inbox(self._inbox)
                 self._inbox = None
+            if self._span is not None:
+                tracing.end(self._span, exc if isinstance(exc, Exception) else None)
+                self._span = None
 
     async def cancel(self) -> None:
         """Ask the specialist to stop generating now."""
@@ -453,7 +465,7 @@ class SessionChatStream(ChatStream):
         chat = SessionChat(
             session=self.session, specialist=self.specialist or None, inbox=inbox, request=self.request
         )
-        reply = await self.bus.gateway.call("chat", chat)
+        reply = await self.bus.gateway.call("chat", chat, headers=tracing.headers(self._span))
         assert isinstance(reply, ChatAccepted)
         self.accepted = reply
         self.specialist = reply.specialist

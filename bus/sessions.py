@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import nats.errors
 from pydantic import Field, ValidationError
 
+from bus import tracing
 from bus.bulk import BulkAccepted
 from bus.discovery import Discover, DiscoveryReply
 from bus.errors import (
@@ -237,13 +238,17 @@ class GatewayClient:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
             raise BadRequest(problems) from err
 
-    async def call(self, op: str, request: Wire, subject: str | None = None) -> Wire:
-        """One gateway request/reply (``op`` names it in errors); an error reply is raised."""
+    async def call(
+        self, op: str, request: Wire, subject: str | None = None, headers: dict[str, str] | None = None
+    ) -> Wire:
+        """One gateway request/reply (``op`` names it in errors); an error reply is raised. ``headers``:
+        the trace context to continue (default: the current span's, when tracing is on)."""
         try:
             msg = await self.nc.request(
                 subject or session_subject(op, self.prefix),
                 encode(request, self.nc.max_payload),
                 timeout=self.timeout,
+                headers=headers or tracing.headers(),
             )
         except nats.errors.NoRespondersError:
             raise GatewayUnavailable() from None

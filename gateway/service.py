@@ -22,6 +22,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
+from bus import tracing
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import Bus, ChatStream, is_no_responders
 from bus.discovery import Discover, DiscoveryReply, Ranked
@@ -143,9 +144,16 @@ class GatewayService:
 
         async def dispatch(req: Request) -> None:
             # Each request in its own task: a slow scan never holds up a quick get.
-            self._tg.start_soon(self._handle, op, model, handler, req)
+            if tracing.enabled():
+                self._tg.start_soon(self._handle_traced, op, model, handler, req)
+            else:
+                self._tg.start_soon(self._handle, op, model, handler, req)
 
         return dispatch
+
+    async def _handle_traced(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
+        with tracing.current(f"gateway {op}", "server", req._msg.headers):
+            await self._handle(op, model, handler, req)
 
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
         """Validate, run, reply; whatever goes wrong becomes an error reply and the gateway goes on."""
@@ -254,7 +262,8 @@ class GatewayService:
             raise
         # Listen on the client's inbox before the specialist can answer on it.
         sub = await self.nc.subscribe(r.inbox)
-        await self.nc.publish(chat_subject(turn.specialist, self.settings.prefix), payload, reply=r.inbox)
+        subject = chat_subject(turn.specialist, self.settings.prefix)
+        await self.nc.publish(subject, payload, reply=r.inbox, headers=tracing.headers())
         self._recording(+1)
         self._tg.start_soon(self._record, session_id, turn, sub, r.inbox)
         return ChatAccepted(

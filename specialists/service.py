@@ -23,6 +23,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from bus import tracing
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
 from bus.settings import TektonSettings
 from bus.subjects import cancel_wildcard, chat_subject, queue_group
@@ -43,6 +44,7 @@ from bus.wire import (
 from specialists.metrics import SpecialistMetrics
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
+from specialists.tracing import TracedProvider
 
 log = structlog.get_logger("tekton.specialist")
 
@@ -105,7 +107,7 @@ class SpecialistService:
     ):
         self.nc = nc
         self.spec = spec
-        self.provider = provider
+        self.provider = TracedProvider.wrap(provider) if tracing.enabled() else provider
         self.settings = settings
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
@@ -183,7 +185,16 @@ class SpecialistService:
         self.counters.in_flight += 1
         self.metrics.requests.inc()
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        self._tg.start_soon(self._serve, request, reply)
+        if tracing.enabled():
+            self._tg.start_soon(self._serve_traced, request, reply, req._msg.headers)
+        else:
+            self._tg.start_soon(self._serve, request, reply)
+
+    async def _serve_traced(self, request: ChatRequest, reply: ReplyStream, headers: Any) -> None:
+        """:meth:`_serve` inside a span continuing the caller's trace (its ``traceparent`` header)."""
+        attributes = {"tekton.request_id": request.id, "tekton.instance": self.instance_id}
+        with tracing.current(f"serve {self.spec.name}", "server", headers, attributes):
+            await self._serve(request, reply)
 
     def _prompt(self, request: ChatRequest) -> tuple[list[ChatMessage], ChatOptions]:
         messages = [ChatMessage(role="system", content=self.spec.system_prompt), *request.messages]

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import anyio
 
+from bus import tracing
 from bus.client import Bus, connect
 from bus.errors import BusError, NatsUnavailable
 from bus.logs import configure_logging
@@ -398,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
     configure_logging(args.log_level)
+    tracing.configure(f"tekton-{args.cmd}")
     try:
         settings = load_settings(nats_url=args.nats_url, provider=args.provider, data_dir=args.data_dir)
         return anyio.run(COMMANDS[args.cmd], settings, args)

@@ -1,0 +1,132 @@
+"""W3C trace context (``traceparent``) in NATS headers, and spans through OpenTelemetry.
+
+Off unless configured, and then free: every helper first checks one module global, and OpenTelemetry
+is not even imported. :func:`configure` turns it on when the standard OpenTelemetry environment asks
+for an exporter (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, or
+``OTEL_TRACES_EXPORTER=otlp|console``); tests and embedders call :func:`install` with their own
+``TracerProvider`` (an in-memory exporter, say).
+
+One trace, end to end: the client's span (``chat <specialist>``, kind CLIENT) travels in the request's
+headers; the gateway (``gateway <op>``) and the specialist (``serve <specialist>``, SERVER) continue it;
+the model's work (``generate <model>``) is the specialist span's child.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+Kind = Literal["client", "server", "internal"]
+TRACEPARENT = "traceparent"
+
+_tracer: Any = None  # an opentelemetry Tracer once installed; None: tracing is off
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def install(provider: Any) -> None:
+    """Trace through ``provider`` (an opentelemetry ``TracerProvider``); None turns tracing off."""
+    global _tracer
+    _tracer = provider.get_tracer("tekton") if provider is not None else None
+
+
+def configure(service_name: str) -> bool:
+    """Turn tracing on if the OpenTelemetry environment names an exporter; True if it did."""
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if exporter == "none" or not (endpoint or exporter in ("otlp", "console")):
+        return False
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+    span_exporter: SpanExporter
+    if exporter == "console":
+        span_exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        span_exporter = OTLPSpanExporter()
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)  # shuts down (and flushes) at exit by default
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    install(provider)
+    return True
+
+
+def _kind(kind: Kind) -> Any:
+    from opentelemetry.trace import SpanKind
+
+    return {"client": SpanKind.CLIENT, "server": SpanKind.SERVER, "internal": SpanKind.INTERNAL}[kind]
+
+
+def _parent(headers: Mapping[str, str] | None) -> Any:
+    if not headers or TRACEPARENT not in headers:
+        return None  # the current context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator().extract(dict(headers))
+
+
+def start(
+    name: str,
+    kind: Kind = "internal",
+    headers: Mapping[str, str] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> Any:
+    """A started span (child of ``headers``' trace context if any, else of the current span), or None
+    when tracing is off. End it with :func:`end`."""
+    if _tracer is None:
+        return None
+    return _tracer.start_span(name, context=_parent(headers), kind=_kind(kind), attributes=attributes)
+
+
+def end(span: Any, error: BaseException | None = None) -> None:
+    if span is None:
+        return
+    if error is not None:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, str(error)))
+    span.end()
+
+
+def event(span: Any, name: str, **attributes: Any) -> None:
+    if span is not None:
+        span.add_event(name, attributes=attributes)
+
+
+def headers(span: Any = None) -> dict[str, str] | None:
+    """NATS headers carrying ``span``'s context (or the current one), or None when tracing is off."""
+    if _tracer is None:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    context = trace.set_span_in_context(span) if span is not None else None
+    TraceContextTextMapPropagator().inject(carrier, context=context)
+    return carrier or None
+
+
+@contextmanager
+def current(
+    name: str,
+    kind: Kind = "internal",
+    headers: Mapping[str, str] | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> Iterator[Any]:
+    """A span that is the current one inside the block (None when tracing is off)."""
+    if _tracer is None:
+        yield None
+        return
+    with _tracer.start_as_current_span(
+        name, context=_parent(headers), kind=_kind(kind), attributes=attributes
+    ) as span:
+        yield span

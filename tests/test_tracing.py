@@ -1,0 +1,96 @@
+"""One trace from the client through the gateway to the specialist and its model (OpenTelemetry's
+in-memory exporter), carried as W3C ``traceparent`` in NATS headers; and nothing when tracing is off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from bus import tracing
+from bus.client import Bus
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from tests.helpers import eventually, in_process_gateway, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.install(None)
+
+
+def _by_name(finished: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
+    return {s.name: s for s in finished}
+
+
+def _parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent else None
+
+
+async def test_one_trace_from_client_to_model(settings: TektonSettings, spans: InMemorySpanExporter) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        answer = await bus.ask("apollo", "trace me")
+        assert answer.text == "apollo heard: trace me"
+        await eventually(lambda: len(spans.get_finished_spans()) == 3)
+    got = _by_name(spans.get_finished_spans())
+    client, server, model = got["chat apollo"], got["serve apollo"], got["generate scripted"]
+    assert client.kind == SpanKind.CLIENT and server.kind == SpanKind.SERVER
+    assert client.context.trace_id == server.context.trace_id == model.context.trace_id
+    assert _parent_of(server) == client.context.span_id
+    assert _parent_of(model) == server.context.span_id
+    assert model.attributes["gen_ai.usage.output_tokens"] == 4
+    assert [e.name for e in model.events] == ["first chunk"]
+    assert server.attributes["tekton.request_id"] == client.attributes["tekton.request_id"]
+
+
+async def test_a_session_chat_trace_passes_through_the_gateway(
+    settings: TektonSettings, spans: InMemorySpanExporter
+) -> None:
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        await bus.gateway.create(specialist="apollo", name="traced")
+        spans.clear()
+        async with bus.stream("apollo", [ChatMessage(role="user", content="hi")], session="traced") as s:
+            assert (await s.result()).text == "apollo heard: hi"
+        await eventually(
+            lambda: {"serve apollo", "generate scripted"} <= set(_by_name(spans.get_finished_spans()))
+        )
+    got = _by_name(spans.get_finished_spans())
+    client, gateway, server = got["chat apollo"], got["gateway chat"], got["serve apollo"]
+    assert len({client.context.trace_id, gateway.context.trace_id, server.context.trace_id}) == 1
+    assert _parent_of(gateway) == client.context.span_id
+    assert _parent_of(server) == gateway.context.span_id
+
+
+async def test_off_means_no_headers_and_no_spans(settings: TektonSettings) -> None:
+    assert not tracing.enabled()
+    assert tracing.headers() is None and tracing.start("x") is None
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        seen: list[object] = []
+
+        async def record(msg: Msg) -> None:
+            seen.append(msg.headers)
+
+        sub = await bus.nc.subscribe("tekton.ai.apollo.chat", cb=record)
+        await bus.ask("apollo", "untraced")
+        await eventually(lambda: len(seen) == 1)
+        await sub.unsubscribe()
+        assert seen == [None]
+        assert type(services["apollo"].provider).__name__ == "ScriptedProvider"
