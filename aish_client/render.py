@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import TextIO
+
+from bus.wire import ToolCallFrame, ToolResultFrame
 
 
 def use_color(stream: TextIO) -> bool:
@@ -63,6 +66,15 @@ class Renderer:
         self.clear_progress()
         self.err.write(self._dim(text) + "\n")
         self.err.flush()
+
+    def tool(self, frame: ToolCallFrame | ToolResultFrame) -> None:
+        """A specialist's tool call, or its result, as a dim line on stderr (the answer stays clean)."""
+        if isinstance(frame, ToolCallFrame):
+            args = json.dumps(frame.arguments, ensure_ascii=False)
+            self.note(f"⚙ {frame.server}.{frame.tool} {args}")
+        else:
+            text = frame.text if len(frame.text) <= 200 else frame.text[:200] + "…"
+            self.note(f"{'✗' if frame.is_error else '→'} {text}")
 
     def error(self, text: str) -> None:
         self._waiting_for = None

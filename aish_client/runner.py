@@ -81,6 +81,7 @@ async def run_pipeline(
                 stage_out = _StageOutput(renderer, name, last, out)
                 try:
                     async with bus.stream(name, messages, options, session=session) as s:
+                        s.on_tool = renderer.tool
                         async for chunk in s:
                             stage_out.chunk(chunk)
                     result = await s.result()

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -50,6 +50,8 @@ from bus.wire import (
     DoneFrame,
     ErrorFrame,
     StartFrame,
+    ToolCallFrame,
+    ToolResultFrame,
     chunk_fields,
     encode_request,
     unpack_frame,
@@ -314,6 +316,9 @@ class ChatStream:
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
         self._span: Any = None  # this request's client span, when tracing is on
+        # The specialist's tool calls and their results, in order; ``on_tool`` sees each as it comes.
+        self.tool_frames: list[ToolCallFrame | ToolResultFrame] = []
+        self.on_tool: Callable[[ToolCallFrame | ToolResultFrame], None] | None = None
 
     async def __aenter__(self) -> ChatStream:
         if self._inbox is not None:  # already open (e.g. opened to wait_started() first)
@@ -436,6 +441,10 @@ class ChatStream:
             elif isinstance(frame, ErrorFrame):
                 self._finished = True
                 raise from_wire(frame.code, frame.message, frame.retryable)
+            elif isinstance(frame, ToolCallFrame | ToolResultFrame):
+                self.tool_frames.append(frame)
+                if self.on_tool is not None:
+                    self.on_tool(frame)
 
     async def result(self) -> StreamResult:
         """The whole answer with usage and timings; reads what is left of the stream first."""

@@ -89,6 +89,29 @@ class HeartbeatFrame(Wire):
     seq: int
 
 
+class ToolCallFrame(Wire):
+    """The specialist is calling a tool (of an MCP server its roster entry names)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["tool_call"] = "tool_call"
+    seq: int
+    id: str
+    server: str
+    tool: str
+    arguments: dict[str, Any] = {}
+
+
+class ToolResultFrame(Wire):
+    """What the tool of the :class:`ToolCallFrame` with the same ``id`` answered."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    type: Literal["tool_result"] = "tool_result"
+    seq: int
+    id: str
+    text: str
+    is_error: bool = False
+
+
 class DoneFrame(Wire):
     v: Literal[1] = PROTOCOL_VERSION
     type: Literal["done"] = "done"
@@ -108,7 +131,7 @@ class ErrorFrame(Wire):
 
 
 Frame = Annotated[
-    StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame,
+    StartFrame | ChunkFrame | HeartbeatFrame | ToolCallFrame | ToolResultFrame | DoneFrame | ErrorFrame,
     Field(discriminator="type"),
 ]
 _FRAME = TypeAdapter(Frame)
@@ -179,14 +202,17 @@ def chunk_fields(raw: Any) -> tuple[int, str] | None:
     return None
 
 
-def validate_frame(raw: Any) -> StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame:
+AnyFrame = StartFrame | ChunkFrame | HeartbeatFrame | ToolCallFrame | ToolResultFrame | DoneFrame | ErrorFrame
+
+
+def validate_frame(raw: Any) -> AnyFrame:
     try:
         return _FRAME.validate_python(raw)
     except ValidationError as err:
         raise MalformedFrame(f"not a reply frame: {_summary(err)}") from err
 
 
-def decode_frame(data: bytes) -> StartFrame | ChunkFrame | HeartbeatFrame | DoneFrame | ErrorFrame:
+def decode_frame(data: bytes) -> AnyFrame:
     return validate_frame(_unpack(data))
 
 

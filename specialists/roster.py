@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bus.errors import BusError
 from bus.subjects import validate_name
 from bus.wire import ChatOptions
+from specialists.tools import McpServerSpec
 
 
 class RosterError(BusError):
@@ -34,6 +35,8 @@ class SpecialistSpec(BaseModel):
     provider: str
     provider_options: dict[str, Any] = Field(default_factory=dict)
     options: ChatOptions = ChatOptions()
+    # MCP servers whose tools this specialist may call (specialists/tools.py), by name.
+    mcp_servers: dict[str, McpServerSpec] = {}
 
     @field_validator("name")
     @classmethod

@@ -44,6 +44,8 @@ from bus.wire import (
 from specialists.metrics import SpecialistMetrics
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
+from specialists.tools import ToolBox
+from specialists.tools import bind as bind_tools
 from specialists.tracing import TracedProvider
 
 log = structlog.get_logger("tekton.specialist")
@@ -120,6 +122,8 @@ class SpecialistService:
         self.metrics = SpecialistMetrics()
         self._service: Service | None = None
         self._cancel_sub: Any = None
+        self.tools: ToolBox | None = None  # the roster entry's MCP servers, connected at start
+        self._tools_stop = anyio.Event()
         self.log = log.bind(specialist=spec.name)
 
     @property
@@ -127,6 +131,8 @@ class SpecialistService:
         return self._service.id if self._service else ""
 
     async def start(self) -> None:
+        if self.spec.mcp_servers:
+            self.tools = await self._tg.start(ToolBox().run, self.spec.mcp_servers, self._tools_stop)
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
         self._service = await add_service(
             self.nc,
@@ -209,6 +215,7 @@ class SpecialistService:
         tokens = 0
         messages, options = self._prompt(request)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
+        bind_tools(self.tools, reply.send)
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
         try:
@@ -313,4 +320,5 @@ class SpecialistService:
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
         await self.provider.aclose()
+        self._tools_stop.set()
         self.log.info("specialist stopped", served=self.counters.served)

@@ -11,14 +11,16 @@ import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bus.errors import BusError
 from bus.wire import ChatMessage, ChatOptions
 from specialists.providers.base import ProviderContext
+from specialists.tools import current as current_tools
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
 
@@ -35,6 +37,9 @@ class ScriptedOptions(BaseSettings):
     # Answer with every user/assistant message it was given ("apollo heard: user: q1 | assistant: a1 |
     # user: q2"), so tests can see what context reached the specialist.
     echo_context: bool = False
+    # Call this MCP tool first ({"server": ..., "tool": ..., "arguments": {...}}, JSON in
+    # TEKTON_SCRIPTED_TOOL) and end the answer with what it said: the tool path without a model.
+    tool: dict[str, Any] | None = None
 
 
 class ScriptedProvider:
@@ -59,6 +64,13 @@ class ScriptedProvider:
 
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
         tokens = self.script(messages)
+        if self.options.tool is not None:
+            tools = current_tools()
+            if tools is None:
+                raise BusError(f"'{self.specialist}' has no MCP servers for its scripted tool call")
+            spec = self.options.tool
+            said = await tools.call(spec["server"], spec["tool"], spec.get("arguments") or {})
+            tokens += [" ", *_TOKEN_RE.findall(f"{spec['tool']} said: {said}")]
         count = self.options.tokens or len(tokens)
         if options.max_tokens is not None:
             count = min(count, options.max_tokens)

@@ -1,0 +1,167 @@
+"""What metrics and tracing cost on the hot path, measured in one run against a baseline without them.
+
+    python -m bench.observability [--quick]
+
+Specialists and client in this process (so both sides' costs count) on a real nats-server, scripted
+provider at 0 ms. Three modes, interleaved round by round so drift hits them alike:
+
+- ``bare``: tracing off and the specialist's prometheus metrics swapped for no-ops (the floor);
+- ``metrics``: what ships by default: metrics on, tracing off (goal: within noise of ``bare``);
+- ``tracing``: metrics on and tracing on (OpenTelemetry SDK, batch processor, an exporter that drops
+  the spans, so export I/O is not counted) (goal: <= 5 % over ``bare``).
+
+Per mode: sequential request-to-done latency (p50/p99) of a 20-chunk answer, and requests per second
+with 32 at once, and this process's CPU time per request (client and specialist together; on a shared
+machine the fairest of the three, since wall time also counts other processes' load). Writes
+bench/results/observability.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from bench.common import summary, write_results
+from bus import tracing
+from bus.client import Bus
+from bus.logs import configure_logging
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from specialists.runtime import serve_specialists
+from specialists.service import SpecialistService
+
+PROMPT = [ChatMessage(role="user", content="hello")]
+MODES = ("bare", "metrics", "tracing")
+
+
+class DropSpans(SpanExporter):
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+class NoMetrics:
+    """The SpecialistMetrics interface doing nothing (the ``bare`` baseline)."""
+
+    class _Counter:
+        def inc(self, amount: float = 1) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self.requests = self.tokens_out = self.tokens_in = self._Counter()
+
+    def done(self, *args: Any) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"tekton_tokens_out": 0.0}
+
+
+async def one(bus: Bus) -> float:
+    start = time.perf_counter()
+    async with bus.stream("apollo", PROMPT) as s:
+        async for _ in s:
+            pass
+    return time.perf_counter() - start
+
+
+async def measure(settings: TektonSettings, mode: str, sequential: int, burst: int) -> dict[str, Any]:
+    provider = None
+    if mode == "tracing":
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    tracing.install(provider)
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            services: list[SpecialistService] = await tg.start(
+                lambda task_status: serve_specialists(
+                    settings, ["apollo"], stop=stop, task_status=task_status
+                )
+            )
+            if mode == "bare":
+                services[0].metrics = NoMetrics()  # type: ignore[assignment]
+            async with Bus.connect(settings) as bus:
+                for _ in range(20):  # warm-up
+                    await one(bus)
+                cpu = time.process_time()
+                lat = [await one(bus) for _ in range(sequential)]
+                cpu_per_request = (time.process_time() - cpu) / sequential
+                began = time.perf_counter()
+                async with anyio.create_task_group() as burst_tg:
+                    for _ in range(burst):
+                        burst_tg.start_soon(one, bus)
+                rps = burst / (time.perf_counter() - began)
+            stop.set()
+    finally:
+        tracing.install(None)
+        if provider is not None:
+            provider.shutdown()
+    return {"lat": lat, "rps": rps, "cpu": cpu_per_request}
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    rounds, sequential, burst = (2, 200, 200) if quick else (5, 500, 640)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedNats(Path(tmp) / "store", port=0)
+        server.start()
+        try:
+            settings = TektonSettings(
+                nats_url=server.url, provider="scripted", data_dir=Path(tmp) / "data", max_concurrency=32
+            )
+            lat: dict[str, list[float]] = {m: [] for m in MODES}
+            rps: dict[str, list[float]] = {m: [] for m in MODES}
+            cpu: dict[str, list[float]] = {m: [] for m in MODES}
+            for r in range(rounds):
+                for mode in MODES if r % 2 == 0 else reversed(MODES):
+                    got = await measure(settings, mode, sequential, burst)
+                    lat[mode] += got["lat"]
+                    rps[mode].append(got["rps"])
+                    cpu[mode].append(got["cpu"])
+        finally:
+            server.stop()
+    out: dict[str, Any] = {}
+    base_p50 = summary(lat["bare"])["p50_ms"]
+    base_rps = statistics.median(rps["bare"])
+    base_cpu = statistics.median(cpu["bare"])
+    for mode in MODES:
+        s = summary(lat[mode])
+        r = statistics.median(rps[mode])
+        c = statistics.median(cpu[mode]) * 1e6
+        out[mode] = {
+            **s,
+            "requests_per_s": round(r, 1),
+            "p50_vs_bare": round(s["p50_ms"] / base_p50, 3),
+            "throughput_vs_bare": round(r / base_rps, 3),
+            "cpu_us_per_request": round(c, 1),
+            "cpu_vs_bare": round(c / (base_cpu * 1e6), 3),
+        }
+        print(
+            f"{mode:8} request-to-done p50 {s['p50_ms']:.3f} ms p99 {s['p99_ms']:.3f} ms "
+            f"({out[mode]['p50_vs_bare']:.3f}x bare) | {r:.0f} req/s at 32 at once "
+            f"({out[mode]['throughput_vs_bare']:.3f}x bare) | {c:.0f} us CPU per request, this process "
+            f"({out[mode]['cpu_vs_bare']:.3f}x bare)"
+        )
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    os.environ["TEKTON_SCRIPTED_TOKENS"] = "20"
+    configure_logging("warning")
+    results = anyio.run(main, args.quick)
+    write_results("observability", results)
+    sys.exit(0)
