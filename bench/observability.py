@@ -8,7 +8,9 @@ provider at 0 ms. Three modes, interleaved round by round so drift hits them ali
 - ``bare``: tracing off and the specialist's prometheus metrics swapped for no-ops (the floor);
 - ``metrics``: what ships by default: metrics on, tracing off (goal: within noise of ``bare``);
 - ``tracing``: metrics on and tracing on (OpenTelemetry SDK, batch processor, an exporter that drops
-  the spans, so export I/O is not counted) (goal: <= 5 % over ``bare``).
+  the spans, so export I/O is not counted), every request traced;
+- ``sampled``: the same with 5 % of traces sampled (parent-based ratio sampler), what a busy bus runs
+  (goal: <= 5 % over ``bare``).
 
 Per mode: sequential request-to-done latency (p50/p99) of a 20-chunk answer, and requests per second
 with 32 at once, and this process's CPU time per request (client and specialist together; on a shared
@@ -31,6 +33,7 @@ from typing import Any
 import anyio
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from bench.common import summary, write_results
 from bus import tracing
@@ -43,7 +46,8 @@ from specialists.runtime import serve_specialists
 from specialists.service import SpecialistService
 
 PROMPT = [ChatMessage(role="user", content="hello")]
-MODES = ("bare", "metrics", "tracing")
+SAMPLED = 0.05  # the ``sampled`` mode's ratio (OTEL_TRACES_SAMPLER=parentbased_traceidratio, ARG=0.05)
+MODES = ("bare", "metrics", "tracing", "sampled")
 
 
 class DropSpans(SpanExporter):
@@ -78,8 +82,9 @@ async def one(bus: Bus) -> float:
 
 async def measure(settings: TektonSettings, mode: str, sequential: int, burst: int) -> dict[str, Any]:
     provider = None
-    if mode == "tracing":
-        provider = TracerProvider()
+    if mode in ("tracing", "sampled"):
+        sampler = ParentBased(TraceIdRatioBased(SAMPLED)) if mode == "sampled" else None
+        provider = TracerProvider(sampler=sampler)
         provider.add_span_processor(BatchSpanProcessor(DropSpans()))
     tracing.install(provider)
     stop = anyio.Event()

@@ -60,6 +60,30 @@ def configure(service_name: str) -> bool:
     return True
 
 
+def wanted(headers: Mapping[str, str] | None) -> bool:
+    """Whether to trace a request that came with ``headers``: tracing is on, and the caller's trace is
+    sampled (the ``traceparent`` flags' low bit) or it sent none (then the sampler decides). A caller that
+    sampled the request out costs its server nothing more."""
+    if _tracer is None:
+        return False
+    parent = headers.get(TRACEPARENT) if headers else None
+    if parent is None:
+        return True
+    try:
+        return bool(int(parent[-2:], 16) & 1)
+    except ValueError:
+        return True  # malformed: let the propagator start a new trace
+
+
+def recording() -> bool:
+    """Whether the current span records (tracing on and this trace sampled)."""
+    if _tracer is None:
+        return False
+    from opentelemetry import trace
+
+    return bool(trace.get_current_span().is_recording())
+
+
 def _kind(kind: Kind) -> Any:
     from opentelemetry.trace import SpanKind
 

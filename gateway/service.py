@@ -144,7 +144,7 @@ class GatewayService:
 
         async def dispatch(req: Request) -> None:
             # Each request in its own task: a slow scan never holds up a quick get.
-            if tracing.enabled():
+            if tracing.wanted(req._msg.headers):
                 self._tg.start_soon(self._handle_traced, op, model, handler, req)
             else:
                 self._tg.start_soon(self._handle, op, model, handler, req)

@@ -191,7 +191,7 @@ class SpecialistService:
         self.counters.in_flight += 1
         self.metrics.requests.inc()
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        if tracing.enabled():
+        if tracing.wanted(req._msg.headers):
             self._tg.start_soon(self._serve_traced, request, reply, req._msg.headers)
         else:
             self._tg.start_soon(self._serve, request, reply)

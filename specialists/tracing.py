@@ -29,6 +29,11 @@ class TracedProvider:
         return getattr(self.inner, attr)
 
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+        if not tracing.recording():  # this trace was sampled out: no span to make
+            async with aclosing(self.inner.stream(messages, options)) as texts:  # type: ignore[type-var]
+                async for text in texts:
+                    yield text
+            return
         span = tracing.start(
             f"generate {self.model}",
             attributes={"gen_ai.system": self.name, "gen_ai.request.model": self.model},

@@ -94,3 +94,15 @@ async def test_off_means_no_headers_and_no_spans(settings: TektonSettings) -> No
         await sub.unsubscribe()
         assert seen == [None]
         assert type(services["apollo"].provider).__name__ == "ScriptedProvider"
+
+
+@pytest.mark.fast
+def test_a_request_sampled_out_by_its_caller_is_not_traced(spans: InMemorySpanExporter) -> None:
+    trace = "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-"
+    assert tracing.wanted({"traceparent": trace + "01"})
+    assert tracing.wanted({"traceparent": trace + "03"})  # sampled, with the W3C level 2 random bit
+    assert not tracing.wanted({"traceparent": trace + "00"})
+    assert not tracing.wanted({"traceparent": trace + "02"})
+    assert tracing.wanted(None)  # no caller's decision: the sampler decides
+    tracing.install(None)
+    assert not tracing.wanted({"traceparent": trace + "01"})
