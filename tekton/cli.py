@@ -8,6 +8,7 @@ tekton status                 running specialists, replicas and live stats
 tekton top                    live view of every specialist instance (slots, queue, tok/s, p99)
 tekton metrics                the whole bus's figures once, in Prometheus text format
 tekton mcp                    an MCP server on stdio: each running specialist as a tool
+tekton a2a                    every running specialist as an A2A agent over HTTP
 """
 
 from __future__ import annotations
@@ -199,6 +200,24 @@ async def cmd_mcp(settings: TektonSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_a2a(settings: TektonSettings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bridge.a2a import create_a2a_app
+
+    base = args.base_url or f"http://{args.host}:{args.port}"
+    async with Bus.connect(settings, name="tekton-a2a") as bus:
+        views = await bus.survey(window=0.3)
+        if not views:
+            raise BusError(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
+        app = create_a2a_app(bus, views, base)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        for view in views:
+            _say(f"A2A agent {view.name}: {base}/a2a/{view.name}/.well-known/agent-card.json")
+        await server.serve()
+    return 0
+
+
 async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int:
     """Run ``command`` on our terminal; Ctrl-C belongs to it while it runs (SIGTERM still stops us)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -377,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
     metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
     sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
+    a2a = sub.add_parser("a2a", parents=[common], help="serve every running specialist as an A2A agent")
+    a2a.add_argument("--port", type=int, default=8100)
+    a2a.add_argument("--host", default="127.0.0.1")
+    a2a.add_argument("--base-url", help="the URL clients reach this server at (default http://HOST:PORT)")
     return parser
 
 
@@ -389,6 +412,7 @@ COMMANDS = {
     "top": cmd_top,
     "metrics": cmd_metrics,
     "mcp": cmd_mcp,
+    "a2a": cmd_a2a,
 }
 
 

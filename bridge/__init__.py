@@ -1,0 +1,1 @@
+"""Protocol edges over the bus client, one thin module per protocol (see ARCHITECTURE.md)."""

@@ -1,0 +1,123 @@
+"""A2A (the ``a2a-sdk``): every specialist as an A2A agent, over the bus client.
+
+For each specialist ``NAME`` the app serves, under ``/a2a/NAME``:
+
+- its agent card at ``/a2a/NAME/.well-known/agent-card.json`` (skills from the roster's capabilities
+  as discovery announces them, primary ones first; streaming on);
+- JSON-RPC at ``/a2a/NAME/`` (``SendMessage`` / ``SendStreamingMessage``, and the v0.3 names
+  ``message/send`` / ``message/stream``): the message's text becomes one Tekton request; the answer
+  streams back as artifact chunks of one task (``append``, ``last_chunk`` on the end), then the task
+  completes, or fails with the bus error's one-line message.
+
+A message's ``context_id`` is not yet mapped onto a Tekton session: each message is one request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from a2a.helpers.proto_helpers import new_task_from_user_message, new_text_message, new_text_part
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from bus.client import Bus
+from bus.discovery import SpecialistView
+from bus.errors import BusError
+from bus.wire import ChatMessage
+
+A2A_PREFIX = "/a2a"
+
+
+def agent_card(view: SpecialistView, base_url: str) -> AgentCard:
+    """The card of one specialist; ``base_url`` is where the bridge is reached from outside."""
+    url = f"{base_url.rstrip('/')}{A2A_PREFIX}/{view.name}/"
+    ordered = [*view.primary, *sorted(c for c in view.capabilities if c not in view.primary)]
+    skills = [
+        AgentSkill(
+            id=cap,
+            name=cap.replace("-", " "),
+            description=f"{view.name}: {cap} (score {view.capabilities.get(cap, 0):.2f})",
+            tags=[cap, *(["primary"] if cap in view.primary else [])],
+        )
+        for cap in ordered
+    ]
+    return AgentCard(
+        name=view.name,
+        description=view.description or f"the Tekton specialist {view.name}",
+        version="0.1.0",
+        supported_interfaces=[
+            AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version=PROTOCOL_VERSION_CURRENT)
+        ],
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=skills,
+    )
+
+
+class SpecialistExecutor(AgentExecutor):
+    """One A2A message: one Tekton request, streamed into the task as artifact chunks."""
+
+    def __init__(self, bus: Bus, specialist: str):
+        self.bus = bus
+        self.specialist = specialist
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        task = context.current_task
+        if task is None:
+            assert context.message is not None
+            task = new_task_from_user_message(context.message)
+            await event_queue.enqueue_event(task)
+        updater = TaskUpdater(event_queue, task.id, task.context_id)
+        prompt = context.get_user_input()
+        if not prompt.strip():
+            await updater.failed(new_text_message("bad_request: the message has no text", task_id=task.id))
+            return
+        await updater.start_work()
+        artifact = f"{task.id}-answer"
+        first = True
+        try:
+            async with self.bus.stream(self.specialist, [ChatMessage(role="user", content=prompt)]) as s:
+                async for text in s:
+                    await updater.add_artifact(
+                        [new_text_part(text)], artifact_id=artifact, name="answer", append=not first
+                    )
+                    first = False
+            await s.result()
+        except BusError as err:
+            message = new_text_message(
+                f"{err.code}: {err.message}", context_id=task.context_id, task_id=task.id
+            )
+            await updater.failed(message)
+            return
+        await updater.add_artifact([], artifact_id=artifact, name="answer", append=True, last_chunk=True)
+        await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        # The framework cancels execute()'s task: leaving bus.stream()'s block cancels the request on
+        # the specialist. Here the task only has to say so.
+        if context.task_id and context.context_id:
+            await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
+
+
+def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> Starlette:
+    """A Starlette app with one A2A agent per specialist in ``views`` (mount it at the bridge's root)."""
+    mounts = []
+    for view in views:
+        card = agent_card(view, base_url)
+        handler = DefaultRequestHandler(
+            agent_executor=SpecialistExecutor(bus, view.name), task_store=InMemoryTaskStore(), agent_card=card
+        )
+        routes: list[Any] = [
+            *create_agent_card_routes(card),
+            *create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True),
+        ]
+        mounts.append(Mount(f"{A2A_PREFIX}/{view.name}", routes=routes))
+    return Starlette(routes=mounts)

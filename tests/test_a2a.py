@@ -1,0 +1,97 @@
+"""Each specialist as an A2A agent (a2a-sdk server over the bus client), driven by the SDK's own client
+over real HTTP (uvicorn) against real specialists on a real nats-server."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from a2a.client import ClientConfig, create_client
+from a2a.helpers.proto_helpers import get_artifact_text
+from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+
+from bridge.a2a import create_a2a_app
+from bus.client import Bus
+from bus.discovery import SpecialistView
+from bus.settings import TektonSettings
+from tests.helpers import eventually, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def a2a_bridge(settings: TektonSettings) -> AsyncIterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    async with Bus.connect(settings) as bus:
+        # "ghost" has a card but no running specialist: its requests fail with the bus's error.
+        ghost = SpecialistView(name="ghost", instances=[], primary=["haunting"], capabilities={"haunting": 1})
+        app = create_a2a_app(bus, [*await bus.survey(window=0.3), ghost], base)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            await eventually(lambda: server.started, within=20)
+            try:
+                yield base
+            finally:
+                server.should_exit = True
+
+
+def ask(text: str) -> SendMessageRequest:
+    return SendMessageRequest(message=Message(role=Role.ROLE_USER, parts=[Part(text=text)], message_id="m-1"))
+
+
+async def test_agent_card_lists_the_specialist_s_skills(settings: TektonSettings) -> None:
+    async with (
+        in_process_specialists(settings, "apollo"),
+        a2a_bridge(settings) as base,
+        httpx.AsyncClient() as http,
+    ):
+        card = (await http.get(f"{base}/a2a/apollo/.well-known/agent-card.json")).json()
+    assert card["name"] == "apollo"
+    assert card["capabilities"]["streaming"] is True
+    assert [s["id"] for s in card["skills"]][:2] == ["code-analysis", "prediction"]  # primary first
+    assert card["supportedInterfaces"][0]["url"] == f"{base}/a2a/apollo/"
+
+
+async def test_message_stream_arrives_as_artifact_chunks(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), a2a_bridge(settings) as base:
+        client = await create_client(f"{base}/a2a/apollo/")
+        try:
+            events = [e async for e in client.send_message(ask("explain queue groups"))]
+        finally:
+            await client.close()
+    chunks = [
+        get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
+    ]
+    assert "".join(chunks) == "apollo heard: explain queue groups"
+    assert len([c for c in chunks if c]) == 5  # streamed chunk by chunk, not in one piece
+    states = [e.status_update.status.state for e in events if e.HasField("status_update")]
+    assert states[-1] == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_message_send_and_a_specialist_that_is_not_running(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), a2a_bridge(settings) as base:
+        client = await create_client(f"{base}/a2a/apollo/", client_config=ClientConfig(streaming=False))
+        try:
+            [reply] = [e async for e in client.send_message(ask("once"))]
+        finally:
+            await client.close()
+        assert reply.task.status.state == TaskState.TASK_STATE_COMPLETED
+        assert "".join(get_artifact_text(a, "") for a in reply.task.artifacts) == "apollo heard: once"
+
+        ghost = await create_client(f"{base}/a2a/ghost/", client_config=ClientConfig(streaming=False))
+        try:
+            [failed] = [e async for e in ghost.send_message(ask("anyone?"))]
+        finally:
+            await ghost.close()
+        assert failed.task.status.state == TaskState.TASK_STATE_FAILED
+        said = failed.task.status.message.parts[0].text
+        assert said.startswith("specialist_unavailable: no specialist named 'ghost' is running")
