@@ -116,6 +116,44 @@ async def measure(settings: TektonSettings, mode: str, sequential: int, burst: i
     return {"lat": lat, "rps": rps, "cpu": cpu_per_request}
 
 
+def instrumentation_us(mode: str, n: int = 5000) -> float:
+    """CPU microseconds the instrumentation of one request costs by itself (the same calls a request
+    makes, without the I/O around them): steadier than end-to-end figures on a shared machine."""
+    from specialists.metrics import SpecialistMetrics
+
+    metrics = SpecialistMetrics()
+    provider = None
+    if mode in ("tracing", "sampled"):
+        sampler = ParentBased(TraceIdRatioBased(SAMPLED)) if mode == "sampled" else None
+        provider = TracerProvider(sampler=sampler)
+        provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    tracing.install(provider)
+    try:
+        start = time.process_time()
+        for _ in range(n):
+            if mode != "bare":
+                metrics.requests.inc()
+            span = tracing.start("chat apollo", "client", attributes={"tekton.request_id": "r"})
+            headers = tracing.headers(span)
+            if tracing.wanted(headers):
+                attributes = {"tekton.request_id": "r", "tekton.instance": "i"}
+                with tracing.current("serve apollo", "server", headers, attributes):
+                    if tracing.recording():
+                        model = tracing.start("generate scripted", attributes={"gen_ai.system": "scripted"})
+                        tracing.event(model, "first chunk")
+                        model.set_attribute("gen_ai.usage.output_tokens", 20)
+                        tracing.end(model)
+            tracing.end(span)
+            if mode != "bare":
+                metrics.done(None, 0.0004, 0.0009)
+                metrics.tokens_out.inc(20)
+        return (time.process_time() - start) / n * 1e6
+    finally:
+        tracing.install(None)
+        if provider is not None:
+            provider.shutdown()
+
+
 async def main(quick: bool) -> dict[str, Any]:
     rounds, sequential, burst = (2, 200, 200) if quick else (5, 500, 640)
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +178,7 @@ async def main(quick: bool) -> dict[str, Any]:
     base_p50 = summary(lat["bare"])["p50_ms"]
     base_rps = statistics.median(rps["bare"])
     base_cpu = statistics.median(cpu["bare"])
+    alone = {mode: instrumentation_us(mode) for mode in MODES}
     for mode in MODES:
         s = summary(lat[mode])
         r = statistics.median(rps[mode])
@@ -151,12 +190,16 @@ async def main(quick: bool) -> dict[str, Any]:
             "throughput_vs_bare": round(r / base_rps, 3),
             "cpu_us_per_request": round(c, 1),
             "cpu_vs_bare": round(c / (base_cpu * 1e6), 3),
+            "instrumentation_us": round(alone[mode] - alone["bare"], 1),
+            "instrumentation_vs_bare_request": round((alone[mode] - alone["bare"]) / (base_cpu * 1e6), 4),
         }
         print(
             f"{mode:8} request-to-done p50 {s['p50_ms']:.3f} ms p99 {s['p99_ms']:.3f} ms "
             f"({out[mode]['p50_vs_bare']:.3f}x bare) | {r:.0f} req/s at 32 at once "
             f"({out[mode]['throughput_vs_bare']:.3f}x bare) | {c:.0f} us CPU per request, this process "
-            f"({out[mode]['cpu_vs_bare']:.3f}x bare)"
+            f"({out[mode]['cpu_vs_bare']:.3f}x bare) | instrumentation alone "
+            f"{out[mode]['instrumentation_us']:.1f} us = {out[mode]['instrumentation_vs_bare_request']:.1%} "
+            "of a bare request's CPU"
         )
     return out
 

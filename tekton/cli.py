@@ -194,9 +194,14 @@ async def cmd_metrics(settings: TektonSettings, args: argparse.Namespace) -> int
 
 
 async def cmd_mcp(settings: TektonSettings, args: argparse.Namespace) -> int:
-    from tekton.mcp_server import serve_stdio
+    from tekton.mcp_server import serve_http, serve_stdio
 
-    await serve_stdio(settings)
+    if args.http is not None:
+        await serve_http(
+            settings, args.http_host, args.http, lambda url: _say(f"MCP (streamable HTTP) on {url}")
+        )
+    else:
+        await serve_stdio(settings)
     return 0
 
 
@@ -395,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
     metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
     metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
-    sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
+    mcp = sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
+    mcp.add_argument(
+        "--http", type=int, metavar="PORT", help="serve MCP over streamable HTTP on PORT instead"
+    )
+    mcp.add_argument("--http-host", default="127.0.0.1", help="where the MCP HTTP endpoint listens")
     a2a = sub.add_parser("a2a", parents=[common], help="serve every running specialist as an A2A agent")
     a2a.add_argument("--port", type=int, default=8100)
     a2a.add_argument("--host", default="127.0.0.1")

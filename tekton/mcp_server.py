@@ -1,4 +1,5 @@
-"""`tekton mcp`: Tekton as an MCP server (the official ``mcp`` SDK's low-level server) over stdio.
+"""`tekton mcp`: Tekton as an MCP server (the official ``mcp`` SDK's low-level server) over stdio, or
+over streamable HTTP with ``--http PORT`` (endpoint ``/mcp``; DNS-rebinding protection on localhost).
 
 - Tools: one per running specialist (``$SRV.INFO``, asked afresh on every ``tools/list``), with a
   ``prompt`` argument and an optional ``session``. A call streams the answer from the bus; every chunk
@@ -143,3 +144,14 @@ async def serve_stdio(settings: TektonSettings) -> None:
         server = create_server(bus)
         async with stdio_server() as (read, write):
             await server.run(read, write, server.create_initialization_options())
+
+
+async def serve_http(settings: TektonSettings, host: str, port: int, on_ready: Any = None) -> None:
+    import uvicorn
+
+    async with Bus.connect(settings, name="tekton-mcp") as bus:
+        app = create_server(bus).streamable_http_app(host=host)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}/mcp")
+        await server.serve()

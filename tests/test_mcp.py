@@ -4,15 +4,18 @@ specialists and a real gateway on a real nats-server."""
 from __future__ import annotations
 
 import json
+import socket
 import sys
 
+import anyio
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 from bus.client import Bus
 from bus.settings import TektonSettings
-from tests.helpers import child_env, in_process_gateway, in_process_specialists
+from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -83,3 +86,43 @@ async def test_sessions_are_resources(settings: TektonSettings) -> None:
                 ("user", "first question"),
                 ("assistant", "apollo heard: first question"),
             ]
+
+
+async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = spawn(
+        [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"],
+        child_env(settings),
+    )
+    try:
+        url = (
+            await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "MCP (streamable HTTP) on" in s))
+        ).split()[-1]
+        async with in_process_specialists(settings, "athena"):
+            progress: list[str | None] = []
+
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                progress.append(message)
+
+            async def connected() -> bool:
+                try:
+                    async with (
+                        streamable_http_client(url) as (read, write),
+                        ClientSession(read, write) as client,
+                    ):
+                        await client.initialize()
+                        assert [t.name for t in (await client.list_tools()).tools] == ["athena"]
+                        result = await client.call_tool(
+                            "athena", {"prompt": "over http"}, progress_callback=on_progress
+                        )
+                        assert result.content[0].text == "athena heard: over http"  # type: ignore[union-attr]
+                        return True
+                except OSError:
+                    return False  # uvicorn printed our ready line just before it listens
+
+            await eventually(connected, within=20)
+            assert progress[-1] == "athena heard: over http" and len(progress) == 4
+    finally:
+        child.stop()
