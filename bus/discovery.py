@@ -8,6 +8,7 @@ came for ``stall`` seconds after the last one, and at the latest after ``window`
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -63,6 +64,15 @@ async def gather(
     return answers
 
 
+_WORDS = re.compile(r"\w+")
+
+
+def normalise_request(text: str) -> str:
+    """The form a routing correction is remembered by (client and gateway agree on it): lowercase words
+    with single spaces, at most 2,000 characters."""
+    return " ".join(_WORDS.findall(text.lower()))[:2000]
+
+
 class SpecialistView(Wire):
     """One specialist as discovery sees it: what its replicas announce, plus their live figures."""
 
@@ -72,6 +82,8 @@ class SpecialistView(Wire):
     primary: list[str] = []
     capabilities: dict[str, float] = {}
     keywords: list[str] = []
+    # Requests it is for, in varied phrasings: what text routing compares a request with.
+    examples: list[str] = []
     provider: str = ""
     model: str = ""
     max_tokens: int | None = None
@@ -99,6 +111,9 @@ class Discover(Wire):
     text: str | None = None
     threshold: float | None = Field(default=None, ge=0, le=1)
     refresh: bool = False
+    # With ``text``: the user sent that request to this specialist instead of the one routing chose.
+    # The gateway remembers it and routes that request, and ones like it, there from now on.
+    correct: str | None = Field(default=None, max_length=64)
 
 
 class Ranked(Wire):
@@ -118,6 +133,8 @@ class DiscoveryReply(Wire):
     alternatives: list[str] = []
     # Why ``chosen`` won, or why nobody was chosen.
     reason: str = ""
+    # No specialist's profile matched the text, so the generalist was chosen.
+    generalist: bool = False
     took_ms: float = 0.0
 
 
@@ -181,6 +198,7 @@ def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[
                 primary=_json(meta.get("primary"), []),
                 capabilities={str(k): float(v) for k, v in _json(meta.get("capabilities"), {}).items()},
                 keywords=_json(meta.get("keywords"), []),
+                examples=_json(meta.get("examples"), []),
                 provider=meta.get("provider", ""),
                 model=meta.get("model", ""),
                 max_tokens=int(n) if (n := _number(meta.get("max_tokens"))) else None,

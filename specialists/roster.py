@@ -28,6 +28,7 @@ class SpecialistSpec(BaseModel):
     primary: list[str] = Field(min_length=1)
     capabilities: dict[str, float]
     keywords: list[str] = []
+    examples: list[str] = []  # requests it is for, in varied phrasings (text routing learns from them)
     context_window: int = Field(default=2048, ge=1)
     cost_per_1k_tokens: float = Field(default=0.0, ge=0)
     features: list[str] = ["streaming"]
@@ -65,6 +66,7 @@ class SpecialistSpec(BaseModel):
             "model": model,
             "max_tokens": str(self.options.max_tokens or ""),
             "keywords": json.dumps(self.keywords),
+            "examples": json.dumps(self.examples, ensure_ascii=False),
             "context_window": str(self.context_window),
             "cost_per_1k_tokens": str(self.cost_per_1k_tokens),
             "features": json.dumps(self.features),
