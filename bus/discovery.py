@@ -198,7 +198,7 @@ def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[
                 primary=_json(meta.get("primary"), []),
                 capabilities={str(k): float(v) for k, v in _json(meta.get("capabilities"), {}).items()},
                 keywords=_json(meta.get("keywords"), []),
-                examples=_json(meta.get("examples"), []),
+                examples=_json(_endpoint_meta(replicas[0]).get("examples"), []),
                 provider=meta.get("provider", ""),
                 model=meta.get("model", ""),
                 max_tokens=int(n) if (n := _number(meta.get("max_tokens"))) else None,
@@ -217,6 +217,13 @@ def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[
             )
         )
     return views
+
+
+def _endpoint_meta(info: dict[str, Any]) -> dict[str, Any]:
+    """The first endpoint's metadata in a ``$SRV.INFO`` answer (a specialist's chat endpoint)."""
+    endpoints = info.get("endpoints") or [{}]
+    meta = endpoints[0].get("metadata") if isinstance(endpoints[0], dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _weighted(datas: list[dict[str, Any]], key: str) -> float | None:

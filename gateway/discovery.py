@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import nats.js.errors
@@ -54,6 +55,7 @@ class Catalog:
         self._bucket_name = f"{prefix.replace('.', '_')}_routing"
         self._kv: KeyValue | None = None
         self._learned: dict[str, tuple[str, str]] = {}  # KV key -> (request text, specialist)
+        self._building = anyio.Lock()
 
     async def refresh(self, *, thorough: bool = False) -> list[SpecialistView]:
         """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
@@ -83,6 +85,7 @@ class Catalog:
     async def keep_fresh(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow_corrections)
+            tg.start_soon(self._prepare_matcher_forever)
             await self._refresh_forever()
 
     async def _refresh_forever(self) -> None:
@@ -93,20 +96,36 @@ class Catalog:
                 log.info("discovery refresh failed", error=str(err))
             await anyio.sleep(FRESH_S / 2)
 
-    def text_matcher(self) -> TextMatcher:
+    async def text_matcher(self) -> TextMatcher:
         """Built once per set of profiles and corrections (they change only when specialists come or go
-        or a user corrects a choice)."""
-        profiles = (
-            *(
-                (v.name, v.description + str(v.capabilities) + str(v.keywords) + str(v.examples))
-                for v in self._views
-            ),
-            *sorted(self._learned.values()),
-        )
-        if self._matcher is None or profiles != self._profiles:
-            learned = list(self._learned.values())
-            self._matcher, self._profiles = matcher(self.method, self._views, learned), profiles
-        return self._matcher
+        or a user corrects a choice), in a worker thread: embedding a thousand examples takes a while.
+        Its classifier is trained afterwards by the refresh loop; until then it votes alone."""
+        async with self._building:
+            profiles = (
+                *(
+                    (v.name, v.description + str(v.capabilities) + str(v.keywords) + str(v.examples))
+                    for v in self._views
+                ),
+                *sorted(self._learned.values()),
+            )
+            if self._matcher is None or profiles != self._profiles:
+                build = partial(matcher, self.method, self._views, list(self._learned.values()), train=False)
+                self._matcher, self._profiles = await anyio.to_thread.run_sync(build), profiles
+            return self._matcher
+
+    async def _prepare_matcher_forever(self) -> None:
+        """Have the text matcher for what runs now built and trained before a request needs it (apart
+        from the refresh loop, which training would hold up for seconds)."""
+        while True:
+            try:
+                if self._views:
+                    built = await self.text_matcher()
+                    if not built.trained:
+                        # A gateway stopping does not wait for this: the half-trained matcher is dropped.
+                        await anyio.to_thread.run_sync(built.train, abandon_on_cancel=True)
+            except Exception:  # a bad profile must not stop discovery; requests will report it
+                log.exception("building the text matcher failed")
+            await anyio.sleep(FRESH_S / 2)
 
     async def _bucket(self) -> KeyValue:
         """The corrections bucket, created if missing (file storage: they outlive restarts)."""
@@ -171,7 +190,7 @@ class Catalog:
         views = await self.views()
         if not views:
             return TextRoute([], None, [], "no specialists are running (start them with `tekton up`)")
-        judgement = self.text_matcher().judge(text)
+        judgement = (await self.text_matcher()).judge(text)
         ranked = rank_by_text(views, judgement)
         best = ranked[0]
         if judgement.matched and best.fit > 0:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from bus.discovery import SpecialistView
 from bus.discovery import normalise_request as normalise
@@ -78,6 +79,11 @@ class TextMatcher(Protocol):
 
     def judge(self, text: str) -> Judgement: ...
 
+    @property
+    def trained(self) -> bool: ...
+
+    def train(self) -> None: ...
+
 
 class _ScoresOnly:
     """``judge`` for matchers that only score: matched when anything scored above zero."""
@@ -88,6 +94,13 @@ class _ScoresOnly:
     def judge(self, text: str) -> Judgement:
         scores = self.scores(text)
         return Judgement(scores, {}, max(scores.values(), default=0.0) > 0)
+
+    @property
+    def trained(self) -> bool:
+        return True
+
+    def train(self) -> None:
+        """Nothing to train."""
 
 
 class Lexical(_ScoresOnly):
@@ -119,12 +132,20 @@ class Lexical(_ScoresOnly):
 
 
 @cache
+def _one_blas_thread() -> None:
+    """Our matrices are small: OpenBLAS's threads only wait for each other, and on a busy 2-core
+    machine a 1,200 x 256 product took 30 ms with two threads against 0.5 ms with one."""
+    threadpool_limits(1, user_api="blas")
+
+
+@cache
 def _wordllama() -> Any:
     spec = importlib.util.find_spec("wordllama")
     if spec is None or spec.origin is None:
         raise BadRequest("the embedding router needs the wordllama package (pip install wordllama)")
     from wordllama import WordLlama  # type: ignore[import-untyped]
 
+    _one_blas_thread()
     # The weights and tokenizer ship in the wheel; pointing the cache at the package finds both there.
     return WordLlama.load(cache_dir=Path(spec.origin).parent, disable_download=True)
 
@@ -163,6 +184,11 @@ K_NEAREST = 7
 _POWER = 2
 _HASHED = 4096
 _PREFIX = 5
+# The classifier: features scaled by _SCALE, _EPOCHS of gradient descent at _RATE, weight decay _DECAY.
+_SCALE = 5.0
+_EPOCHS = 200
+_RATE = 1.0
+_DECAY = 1e-4
 WORDING = 1.0  # the wording half's weight against the meaning half
 # Below this similarity the nearest example is no match: the request goes to the generalist. Longer
 # requests share a smaller part of their words with any example, so they need less.
@@ -214,6 +240,24 @@ def _grams(text: str) -> dict[int, float]:
     return {slot: c / norm for slot, c in counts.items()}
 
 
+@dataclass(frozen=True)
+class Query:
+    """One request, represented once for both the vote and the classifier."""
+
+    dense: np.ndarray  # unit embedding (256)
+    slots: np.ndarray  # hashed word slots
+    values: np.ndarray  # their weights (unit length together, times WORDING)
+
+
+def represent(text: str) -> Query:
+    grams = _grams(text)
+    return Query(
+        _embed([text])[0],
+        np.fromiter(grams.keys(), dtype=np.intp, count=len(grams)),
+        np.fromiter(grams.values(), dtype=np.float32, count=len(grams)) * WORDING,
+    )
+
+
 class Vectors:
     """Texts as meaning (a WordLlama embedding) and wording (hashed words), in equal parts, compared by
     cosine. The wording half is sparse, so a query touches only its own slots."""
@@ -222,25 +266,78 @@ class Vectors:
         self.dense = _embed(texts)
         # Slot-major, so a query gathers a few contiguous rows (its slots) instead of strided columns.
         self.hashed = np.zeros((_HASHED, len(texts)), dtype=np.float32)
+        # The same wording as (row, slot, value) triples in row order, for training the classifier.
+        # Every row starts with a zero at slot 0, so no row is empty (np.add.reduceat needs that).
+        rows, slots, values = [], [], []
         for row, text in enumerate(texts):
+            rows.append(row)
+            slots.append(0)
+            values.append(0.0)
             for slot, value in _grams(text).items():
                 self.hashed[slot, row] = value * WORDING
+                rows.append(row)
+                slots.append(slot)
+                values.append(value * WORDING)
+        self.rows = np.array(rows, dtype=np.intp)
+        self.slots = np.array(slots, dtype=np.intp)
+        self.values = np.array(values, dtype=np.float32)
         # Each half is unit length (the wording half WORDING long) or empty.
         halves = (np.linalg.norm(self.dense, axis=1) > 0) + self.hashed.any(axis=0) * WORDING**2
         self.norms = np.sqrt(np.maximum(halves, 1e-9)).astype(np.float32)
 
-    def similarity(self, text: str) -> np.ndarray:
-        """Cosine similarity of ``text`` to every row."""
-        dense = _embed([text])[0]
-        grams = _grams(text)
-        sims = self.dense @ dense
-        if grams:
-            slots = np.fromiter(grams.keys(), dtype=np.intp, count=len(grams))
-            values = np.fromiter(grams.values(), dtype=np.float32, count=len(grams)) * WORDING
-            sims = sims + values @ self.hashed[slots]
-        halves = float(np.linalg.norm(dense) > 0) + float(bool(grams)) * WORDING**2
+    def similarity(self, query: Query) -> np.ndarray:
+        """Cosine similarity of ``query`` to every row."""
+        sims = self.dense @ query.dense
+        if len(query.slots):
+            sims = sims + query.values @ self.hashed[query.slots]
+        halves = float(np.linalg.norm(query.dense) > 0) + float(np.dot(query.values, query.values))
         result: np.ndarray = sims / (self.norms * math.sqrt(max(halves, 1e-9)))
         return result
+
+
+class Classifier:
+    """Softmax regression over the same two halves (scaled by _SCALE): where the vote copies its
+    neighbours, this learns which directions and words mark each specialist, and generalises better
+    (leave-one-set-out over the labelled sets: 93 % alone, 94.5 % averaged with the vote)."""
+
+    def __init__(self, vectors: Vectors, labels: Sequence[int], weights: np.ndarray, classes: int):
+        n = len(labels)
+        target = np.zeros((n, classes), dtype=np.float32)
+        target[np.arange(n), np.asarray(labels, dtype=np.intp)] = 1.0
+        dense = vectors.dense * _SCALE
+        values = vectors.values * _SCALE
+        share = (weights / weights.sum()).astype(np.float32)[:, None]
+        self.dense = np.zeros((dense.shape[1], classes), dtype=np.float32)
+        self.hashed = np.zeros((_HASHED, classes), dtype=np.float32)
+        self.bias = np.zeros(classes, dtype=np.float32)
+        # Sparse products by sorting once: row starts for the forward sum, slot groups for the gradient.
+        row_starts = np.flatnonzero(np.r_[True, vectors.rows[1:] != vectors.rows[:-1]])
+        by_slot = np.argsort(vectors.slots, kind="stable")
+        sorted_slots = vectors.slots[by_slot]
+        slot_starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
+        used_slots = sorted_slots[slot_starts]
+        for _ in range(_EPOCHS):  # full-batch gradient descent from zero: deterministic
+            logits = dense @ self.dense + self.bias
+            logits += np.add.reduceat(values[:, None] * self.hashed[vectors.slots], row_starts, axis=0)
+            error = (_softmax(logits) - target) * share
+            contributions = (values[:, None] * error[vectors.rows])[by_slot]
+            grad_hashed = np.zeros_like(self.hashed)
+            grad_hashed[used_slots] = np.add.reduceat(contributions, slot_starts, axis=0)
+            self.dense -= _RATE * (dense.T @ error + _DECAY * self.dense)
+            self.hashed -= _RATE * (grad_hashed + _DECAY * self.hashed)
+            self.bias -= _RATE * error.sum(axis=0)
+
+    def probabilities(self, query: Query) -> np.ndarray:
+        logits = (query.dense * _SCALE) @ self.dense + self.bias
+        if len(query.slots):
+            logits = logits + (query.values * _SCALE) @ self.hashed[query.slots]
+        return _softmax(logits[None, :])[0]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return result
 
 
 def _embed(texts: Sequence[str]) -> np.ndarray:
@@ -256,7 +353,9 @@ def _clip(text: str, n: int = 60) -> str:
 
 
 class Examples:
-    """A nearest-neighbour vote over example requests: the specialists' own and users' corrections."""
+    """A nearest-neighbour vote over example requests (the specialists' own and users' corrections),
+    averaged with a classifier trained on the same examples once ``train()`` has run (it takes a second
+    or so: the gateway runs it in a worker thread and votes alone until then)."""
 
     def __init__(self, views: Sequence[SpecialistView], learned: Sequence[tuple[str, str]] = ()):
         texts: list[str] = []
@@ -283,6 +382,16 @@ class Examples:
         self.texts = texts
         self.weights = np.array(weights, dtype=np.float32)
         self.vectors = Vectors(texts)
+        self.classifier: Classifier | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.classifier is not None or not self.texts
+
+    def train(self) -> None:
+        if not self.trained:
+            labels = [self.names.index(n) for n in self.labels]
+            self.classifier = Classifier(self.vectors, labels, self.weights, len(self.names))
 
     def scores(self, text: str) -> dict[str, float]:
         return self.judge(text).scores
@@ -297,7 +406,8 @@ class Examples:
             return Judgement(scores, why, True)
         if not len(self.texts):
             return Judgement(scores, why, False)
-        sims = self.vectors.similarity(text)
+        query = represent(text)
+        sims = self.vectors.similarity(query)
         nearest = np.argsort(-sims)[:K_NEAREST]
         votes: dict[str, float] = {}
         for i in nearest:
@@ -305,24 +415,42 @@ class Examples:
                 self.weights[i] * max(0.0, float(sims[i])) ** _POWER
             )
         total = sum(votes.values()) or 1.0
-        for name, vote in votes.items():
-            scores[name] = round(vote / total, 4)
+        probabilities = self.classifier.probabilities(query) if self.classifier else None
+        for name in self.names:
+            vote = votes.get(name, 0.0) / total
+            reasons = []
+            if probabilities is not None:
+                p = float(probabilities[self.names.index(name)])
+                vote = (vote + p) / 2
+                if p >= 0.01:
+                    reasons.append(f"classifier {p:.2f}")
             mine = [i for i in nearest if self.labels[i] == name]
-            best = mine[0]
-            source = "your correction" if self.learned_from[best] else "example"
-            why[name] = (
-                f"{len(mine)} of {len(nearest)} nearest; nearest {source} "
-                f"'{_clip(self.texts[best])}' ({float(sims[best]):.2f})"
-            )
+            if mine:
+                source = "your correction" if self.learned_from[mine[0]] else "example"
+                reasons.append(
+                    f"{len(mine)} of {len(nearest)} nearest; nearest {source} "
+                    f"'{_clip(self.texts[mine[0]])}' ({float(sims[mine[0]]):.2f})"
+                )
+            scores[name] = round(vote, 4)
+            if reasons:
+                why[name] = "; ".join(reasons)
         floor = MIN_SIMILARITY_LONG if len(text.split()) >= _LONG_WORDS else MIN_SIMILARITY
         return Judgement(scores, why, bool(sims[nearest[0]] >= floor))
 
 
 def matcher(
-    method: Method, views: Sequence[SpecialistView], learned: Sequence[tuple[str, str]] = ()
+    method: Method,
+    views: Sequence[SpecialistView],
+    learned: Sequence[tuple[str, str]] = (),
+    *,
+    train: bool = True,
 ) -> TextMatcher:
+    """The text matcher ``method`` over ``views``; ``train=False`` leaves the (slow) training for later."""
     if method == "examples":
-        return Examples(views, learned)
+        examples = Examples(views, learned)
+        if train:
+            examples.train()
+        return examples
     if method == "embedding":
         return Embedding(views)
     if method == "hybrid":

@@ -66,11 +66,15 @@ class SpecialistSpec(BaseModel):
             "model": model,
             "max_tokens": str(self.options.max_tokens or ""),
             "keywords": json.dumps(self.keywords),
-            "examples": json.dumps(self.examples, ensure_ascii=False),
             "context_window": str(self.context_window),
             "cost_per_1k_tokens": str(self.cost_per_1k_tokens),
             "features": json.dumps(self.features),
         }
+
+    def endpoint_metadata(self) -> dict[str, str]:
+        """What only ``$SRV.INFO`` carries (on the chat endpoint): the example requests text routing
+        learns from. Kept out of the service metadata, which every PING and STATS answer repeats."""
+        return {"examples": json.dumps(self.examples, ensure_ascii=False)}
 
 
 def default_roster_path() -> Path:
