@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import anyio
 import nats.js.errors
@@ -51,17 +52,22 @@ class Catalog:
         self._at = 0.0
         self._answers = 0  # instances that answered last time: the next gather stops when all did
         self._matcher: TextMatcher | None = None
-        self._profiles: tuple[tuple[str, str], ...] = ()
+        # What the text matcher is built from: the profiles and corrections, as a cheap-to-compare
+        # generation number bumped whenever either changes (a request must not hash 1,000 examples).
+        self._profiles: tuple[object, ...] = ()
+        self._generation = 0
+        self._built_generation = -1
         self._bucket_name = f"{prefix.replace('.', '_')}_routing"
         self._kv: KeyValue | None = None
         self._learned: dict[str, tuple[str, str]] = {}  # KV key -> (request text, specialist)
         self._building = anyio.Lock()
+        self._infos: dict[str, dict[str, Any]] = {}  # instance id -> its $SRV.INFO answer (never changes)
 
     async def refresh(self, *, thorough: bool = False) -> list[SpecialistView]:
         """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
         silence): new instances show up at the latest on the next thorough refresh."""
         expected = None if thorough else self._answers or None
-        views, answered = await survey(self.nc, expected=expected)
+        views, answered = await survey(self.nc, expected=expected, known=self._infos)
         if expected and answered < expected:
             # A quick look that missed some (a busy loop answers late): keep what we knew of those
             # until a thorough look confirms they are gone.
@@ -70,6 +76,12 @@ class Catalog:
         else:
             self._answers = answered
         self._views, self._at = views, time.monotonic()
+        profiles = tuple(
+            (v.name, v.description, str(v.capabilities), tuple(v.keywords), tuple(v.examples)) for v in views
+        )
+        if profiles != self._profiles:
+            self._profiles = profiles
+            self._generation += 1
         return views
 
     async def views(self, need: Iterable[str] = (), *, refresh: bool = False) -> list[SpecialistView]:
@@ -99,18 +111,13 @@ class Catalog:
     async def text_matcher(self) -> TextMatcher:
         """Built once per set of profiles and corrections (they change only when specialists come or go
         or a user corrects a choice), in a worker thread: embedding a thousand examples takes a while.
-        Its classifier is trained afterwards by the refresh loop; until then it votes alone."""
+        Its classifier is trained afterwards in the background; until then it votes alone."""
         async with self._building:
-            profiles = (
-                *(
-                    (v.name, v.description + str(v.capabilities) + str(v.keywords) + str(v.examples))
-                    for v in self._views
-                ),
-                *sorted(self._learned.values()),
-            )
-            if self._matcher is None or profiles != self._profiles:
+            if self._matcher is None or self._built_generation != self._generation:
+                generation = self._generation
                 build = partial(matcher, self.method, self._views, list(self._learned.values()), train=False)
-                self._matcher, self._profiles = await anyio.to_thread.run_sync(build), profiles
+                self._matcher = await anyio.to_thread.run_sync(build)
+                self._built_generation = generation
             return self._matcher
 
     async def _prepare_matcher_forever(self) -> None:
@@ -154,6 +161,7 @@ class Catalog:
         value = json.dumps({"text": text[:2000], "specialist": specialist, "at": time.time()})
         await (await self._bucket()).put(key, value.encode())
         self._learned[key] = (text[:2000], specialist)  # at once here; other replicas hear it from the watch
+        self._generation += 1
 
     async def _follow_corrections(self) -> None:
         """Every replica keeps every correction: the bucket's current values, then each change."""
@@ -165,11 +173,15 @@ class Catalog:
                         if entry is None:
                             continue  # the current values have all arrived
                         if entry.operation is not None or not entry.value:  # deleted or purged
-                            self._learned.pop(entry.key, None)
+                            if self._learned.pop(entry.key, None) is not None:
+                                self._generation += 1
                             continue
                         try:
                             data = json.loads(entry.value)
-                            self._learned[entry.key] = (str(data["text"]), str(data["specialist"]))
+                            learned = (str(data["text"]), str(data["specialist"]))
+                            if self._learned.get(entry.key) != learned:
+                                self._learned[entry.key] = learned
+                                self._generation += 1
                         except (ValueError, KeyError, TypeError):
                             log.warning("skipping unreadable routing correction", key=entry.key)
                 finally:

@@ -263,7 +263,7 @@ class Vectors:
     cosine. The wording half is sparse, so a query touches only its own slots."""
 
     def __init__(self, texts: Sequence[str]):
-        self.dense = _embed(texts)
+        self.dense = _embed_examples(texts)
         # Slot-major, so a query gathers a few contiguous rows (its slots) instead of strided columns.
         self.hashed = np.zeros((_HASHED, len(texts)), dtype=np.float32)
         # The same wording as (row, slot, value) triples in row order, for training the classifier.
@@ -345,6 +345,25 @@ def _embed(texts: Sequence[str]) -> np.ndarray:
         return np.zeros((0, 256), dtype=np.float32)
     dense: np.ndarray = _wordllama().embed([t[:_MAX_CHARS] for t in texts], norm=True).astype(np.float32)
     return dense
+
+
+# Example embeddings by text: a matcher rebuilt after a correction embeds only what is new.
+_EMBEDDED: dict[str, np.ndarray] = {}
+_EMBEDDED_MAX = 50_000
+
+
+def _embed_examples(texts: Sequence[str]) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, 256), dtype=np.float32)
+    vectors = {t: v for t in texts if (v := _EMBEDDED.get(t)) is not None}
+    new = [t for t in dict.fromkeys(texts) if t not in vectors]
+    if new:
+        embedded = dict(zip(new, _embed(new), strict=True))
+        vectors.update(embedded)
+        if len(_EMBEDDED) + len(new) > _EMBEDDED_MAX:
+            _EMBEDDED.clear()
+        _EMBEDDED.update(embedded)
+    return np.stack([vectors[t] for t in texts])
 
 
 def _clip(text: str, n: int = 60) -> str:
