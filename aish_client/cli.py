@@ -108,7 +108,7 @@ async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
     """How the gateway would route ``text``: every specialist that fits, best first, and why."""
     reply = await bus.gateway.discover(text=text)
     for r in reply.ranked:
-        if r.fit > 0 or r.name == reply.chosen:
+        if r.fit >= 0.01 or r.name == reply.chosen:  # what shows as 0.00 tells nothing
             mark = "*" if r.name == reply.chosen else " "
             renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  {r.why}\n")
     if reply.chosen is None or reply.generalist:
