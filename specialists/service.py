@@ -138,6 +138,7 @@ class SpecialistService:
             subject=chat_subject(self.spec.name, self.settings.prefix),
             queue_group=queue_group(self.spec.name, self.settings.prefix),
             handler=self._on_chat,
+            metadata=self.spec.endpoint_metadata(),
         )
         self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
