@@ -16,9 +16,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import Field
 
-from bus.wire import Wire
+from bus.subjects import DEFAULT_PREFIX
+from bus.wire import PROTOCOL_VERSION, Wire
 
 SPECIALIST_ROLE = "specialist"
+# Micro metadata key naming the subject prefix a service serves: `$SRV` subjects are server-wide, so
+# discovery keeps only the services of its own prefix (one without the key serves the default one).
+PREFIX_KEY = "tekton_prefix"
 # Quiet time after the last answer that ends a gather. Answers from processes on a busy machine
 # spread out: 10 ms lost some of ten specialist processes in CI; 30 ms has not.
 STALL_S = 0.03
@@ -95,6 +99,7 @@ class Discover(Wire):
     """``<prefix>.gateway.discover``: the running specialists, optionally only those with
     ``capability``; with ``capability`` or ``text``, also a ranking and the one chosen."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     capability: str | None = Field(default=None, max_length=64)
     text: str | None = None
     threshold: float | None = Field(default=None, ge=0, le=1)
@@ -110,6 +115,7 @@ class Ranked(Wire):
 
 
 class DiscoveryReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["discovery"] = "discovery"
     specialists: list[SpecialistView]
     ranked: list[Ranked] = []
@@ -144,15 +150,23 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[SpecialistView]:
-    """One view per specialist name from raw ``$SRV.INFO`` and ``$SRV.STATS`` answers."""
+def same_prefix(metadata: dict[str, str] | None, prefix: str) -> bool:
+    """Whether a service with this micro ``metadata`` serves subjects under ``prefix``."""
+    return (metadata or {}).get(PREFIX_KEY, DEFAULT_PREFIX) == prefix
+
+
+def aggregate(
+    infos: list[dict[str, Any]], stats: list[dict[str, Any]], prefix: str = DEFAULT_PREFIX
+) -> list[SpecialistView]:
+    """One view per specialist name of ``prefix`` from raw ``$SRV.INFO`` and ``$SRV.STATS`` answers."""
     data_by_id: dict[str, dict[str, Any]] = {}
     for s in stats:
         endpoints = s.get("endpoints") or [{}]
         data_by_id[s.get("id", "")] = endpoints[0].get("data") or {}
     by_name: dict[str, list[dict[str, Any]]] = {}
     for info in infos:
-        if (info.get("metadata") or {}).get("tekton_role") == SPECIALIST_ROLE:
+        meta = info.get("metadata") or {}
+        if meta.get("tekton_role") == SPECIALIST_ROLE and same_prefix(meta, prefix):
             by_name.setdefault(info["name"], []).append(info)
     views = []
     for name, replicas in sorted(by_name.items()):
@@ -213,7 +227,12 @@ def _weighted(datas: list[dict[str, Any]], key: str) -> float | None:
 
 
 async def survey(
-    nc: NATS, *, expected: int | None = None, window: float = 0.05, stall: float = STALL_S
+    nc: NATS,
+    *,
+    expected: int | None = None,
+    window: float = 0.05,
+    stall: float = STALL_S,
+    prefix: str = DEFAULT_PREFIX,
 ) -> tuple[list[SpecialistView], int]:
     """Every running specialist (``$SRV.INFO`` and ``$SRV.STATS`` gathered at once, aggregated) and how
     many micro services answered (pass it as ``expected`` next time to stop as soon as all did)."""
@@ -226,4 +245,4 @@ async def survey(
         tg.start_soon(one, "$SRV.INFO")
         tg.start_soon(one, "$SRV.STATS")
     infos = results["$SRV.INFO"]
-    return aggregate(infos, results["$SRV.STATS"]), len(infos)
+    return aggregate(infos, results["$SRV.STATS"], prefix), len(infos)

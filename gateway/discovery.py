@@ -12,6 +12,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from bus.discovery import SpecialistView, survey
+from bus.subjects import DEFAULT_PREFIX
 from gateway.routing import (
     DEFAULT_THRESHOLD,
     Candidate,
@@ -30,9 +31,10 @@ class Catalog:
     """The specialists running now. Refreshed in the background every ``FRESH_S / 2``; a request that
     needs a name the cache lacks triggers one refresh first."""
 
-    def __init__(self, nc: NATS, method: Method):
+    def __init__(self, nc: NATS, method: Method, prefix: str = DEFAULT_PREFIX):
         self.nc = nc
         self.method = method
+        self.prefix = prefix
         self._views: list[SpecialistView] = []
         self._at = 0.0
         self._answers = 0  # instances that answered last time: the next gather stops when all did
@@ -43,7 +45,7 @@ class Catalog:
         """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
         silence): new instances show up at the latest on the next thorough refresh."""
         expected = None if thorough else self._answers or None
-        views, answered = await survey(self.nc, expected=expected)
+        views, answered = await survey(self.nc, expected=expected, prefix=self.prefix)
         if expected and answered < expected:
             # A quick look that missed some (a busy loop answers late): keep what we knew of those
             # until a thorough look confirms they are gone.
