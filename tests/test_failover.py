@@ -88,7 +88,8 @@ async def test_the_bridge_answers_a_specialists_error_with_the_policys_status(
 
 
 async def test_refusals_have_the_same_error_body_as_everything_else(settings: TektonSettings) -> None:
-    guarded = settings.model_copy(update={"http_tokens": ["s3cret"], "http_rate_per_s": 0.01, "http_burst": 1})
+    limits = {"http_tokens": ["s3cret"], "http_rate_per_s": 0.01, "http_burst": 1}
+    guarded = settings.model_copy(update=limits)
     async with bridge(guarded) as url, httpx.AsyncClient(base_url=url) as http:
         refused = await http.get("/api/capabilities")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
@@ -97,5 +98,3 @@ async def test_refusals_have_the_same_error_body_as_everything_else(settings: Te
         limited = await http.get("/api/capabilities", headers=ok)
         assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
         assert int(limited.headers["Retry-After"]) >= 1
-
-
