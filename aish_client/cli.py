@@ -40,7 +40,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _number(kind: type[float] | type[int], low: float, high: float, low_open: bool = False) -> Any:
     """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
-    above = f"above {low:g}" if low_open else f"at least {low:g}"
+
+    def show(x: float) -> str:
+        return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+    above = f"above {show(low)}" if low_open else f"at least {show(low)}"
 
     def parse(text: str) -> float | int:
         try:
@@ -48,7 +52,7 @@ def _number(kind: type[float] | type[int], low: float, high: float, low_open: bo
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-            raise argparse.ArgumentTypeError(f"{text!r} must be {above} and at most {high:g}")
+            raise argparse.ArgumentTypeError(f"{text!r} must be {above} and at most {show(high)}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

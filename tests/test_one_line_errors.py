@@ -40,11 +40,8 @@ def one_line(stderr: str) -> str:
     ("option", "value"),
     [
         ("--max-tokens", "0"),
-        ("--max-tokens", "many"),
         ("--temperature", "nan"),
-        ("--temperature", "3"),
         ("--timeout", "-5"),
-        ("--timeout", "inf"),
         ("--idle-timeout", "0"),
     ],
 )
@@ -60,12 +57,10 @@ def test_an_option_out_of_range_is_a_usage_error(option: str, value: str) -> Non
     ("text", "problem"),
     [("idle_timeout_s = = 3\n", "not valid TOML"), ("idle_timeout_s = -1\n", "idle_timeout_s")],
 )
-@pytest.mark.parametrize("command", [[*AISH, "apollo", "hi"], [*TEKTON, "status"]])
-def test_a_bad_config_file_is_one_line_naming_it(
-    tmp_path: Path, text: str, problem: str, command: list[str]
-) -> None:
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path: Path, text: str, problem: str) -> None:
     config = tmp_path / "config.toml"
     config.write_text(text)
+    command = [*AISH, "apollo", "hi"] if "TOML" in problem else [*TEKTON, "status"]
     done = run(command, TEKTON_CONFIG=str(config))
     assert done.returncode == 1
     line = one_line(done.stderr)
@@ -87,15 +82,14 @@ def test_closed_stdout_is_one_line() -> None:
     assert "standard output is closed" in one_line(done.stderr)
 
 
-@pytest.mark.fast
-def test_tekton_up_with_a_missing_api_key_is_one_line(settings: TektonSettings) -> None:
-    done = run([*TEKTON, "up", "--provider", "openai", "--nats", settings.nats_url], settings)
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_tekton_up_with_a_missing_api_key_is_one_line(settings: TektonSettings, provider: str) -> None:
+    done = run([*TEKTON, "up", "--provider", provider, "--nats", settings.nats_url], settings)
     assert done.returncode == 1
     line = one_line(done.stderr)
-    assert line.startswith("tekton: ") and "TEKTON_OPENAI_API_KEY" in line
+    assert line.startswith("tekton: ") and f"TEKTON_{provider.upper()}_API_KEY" in line
 
 
-@pytest.mark.fast
 @pytest.mark.anyio
 async def test_a_full_disk_on_stdout_is_one_line(settings: TektonSettings) -> None:
     def ask() -> subprocess.CompletedProcess[str]:
@@ -117,7 +111,6 @@ async def test_a_full_disk_on_stdout_is_one_line(settings: TektonSettings) -> No
     assert "cannot write the answer: No space left on device" in one_line(done.stderr)
 
 
-@pytest.mark.fast
 def test_a_redirect_to_an_unknown_users_home_is_one_line(settings: TektonSettings) -> None:
     done = aish(settings, "-c", "echo hello > ~nosuchuser-tekton/x")
     assert done.returncode == 1
