@@ -79,7 +79,7 @@ async def test_the_bridge_answers_a_specialists_error_with_the_policys_status(
     async with (
         bridge(settings) as url,
         Bus.connect(settings) as bus,
-        httpx.AsyncClient(base_url=url) as http,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
         await rogue(bus, "rogue", code, started=False)
         answer = await http.post("/api/chat", json={"specialist": "rogue", "message": "x"})
@@ -90,7 +90,7 @@ async def test_the_bridge_answers_a_specialists_error_with_the_policys_status(
 async def test_refusals_have_the_same_error_body_as_everything_else(settings: TektonSettings) -> None:
     limits = {"http_tokens": ["s3cret"], "http_rate_per_s": 0.01, "http_burst": 1}
     guarded = settings.model_copy(update=limits)
-    async with bridge(guarded) as url, httpx.AsyncClient(base_url=url) as http:
+    async with bridge(guarded) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         refused = await http.get("/api/capabilities")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
         ok = {"Authorization": "Bearer s3cret"}
