@@ -241,9 +241,9 @@ class SpecialistService:
         received = time.perf_counter()
         first_token: float | None = None
         tokens = 0
-        messages, options = self._prompt(request)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         try:
+            messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
                 await reply.send(
                     StartFrame,
