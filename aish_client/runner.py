@@ -11,14 +11,8 @@ from aish_client.fanout import Layout, plan_pipeline, run_plan
 from aish_client.parser import AUTO, Pipeline, Target
 from aish_client.render import Renderer
 from bus.client import Bus
-from bus.errors import (
-    BadRequest,
-    BusError,
-    Cancelled,
-    GatewayUnavailable,
-    PayloadTooLarge,
-    SessionNotFound,
-)
+from bus.errors import BusError
+from bus.failover import Opened, open_first
 from bus.wire import ChatMessage, ChatOptions
 
 
@@ -85,22 +79,17 @@ async def run_pipeline(
                 )
             candidates = await choose(bus, target, prompt, renderer)
             messages = [ChatMessage(role="user", content=prompt)]
-            for n, name in enumerate(candidates):
-                stage_out = _StageOutput(renderer, name, last, out)
-                try:
-                    async with bus.stream(name, messages, options, session=session) as s:
-                        async for chunk in s:
-                            stage_out.chunk(chunk)
-                    result = await s.result()
-                    if last and s.first_chunk_at is not None:
-                        renderer.footer(
-                            name, (s.first_chunk_at - s.sent_at) * 1000, result.done.timings.tokens_per_s
-                        )
-                    break
-                except BusError as err:
-                    if stage_out.tokens or n + 1 == len(candidates) or not _worth_another(err):
-                        raise
-                    renderer.note(f"{name} failed before answering ({err}); trying {candidates[n + 1]}")
+            opened, stage_out = await _open_stage(
+                bus, candidates, messages, options, session, _StageOutputs(renderer, last, out)
+            )
+            async with opened.stream as s:
+                async for chunk in opened.texts:
+                    stage_out.chunk(chunk)
+            result = await s.result()
+            if last and s.first_chunk_at is not None:
+                renderer.footer(
+                    opened.name, (s.first_chunk_at - s.sent_at) * 1000, result.done.timings.tokens_per_s
+                )
             stage_out.done()
             text = result.text
         if out is None:
@@ -108,11 +97,36 @@ async def run_pipeline(
     return text or ""
 
 
-def _worth_another(err: BusError) -> bool:
-    """An error another specialist might not have (not the request's own fault, not a cancel)."""
-    return not isinstance(
-        err, BadRequest | PayloadTooLarge | Cancelled | SessionNotFound | GatewayUnavailable
+class _StageOutputs:
+    """Makes the output of each candidate tried for one stage; the last one made is the one answering."""
+
+    def __init__(self, renderer: Renderer, last: bool, out: TextIO | None):
+        self.renderer, self.last, self.out = renderer, last, out
+        self.made: list[_StageOutput] = []
+
+    def attempt(self, name: str) -> None:
+        self.made.append(_StageOutput(self.renderer, name, self.last, self.out))
+
+    def skipped(self, name: str, err: BusError, then: str) -> None:
+        self.renderer.stop_waiting()
+        self.renderer.note(f"{name} failed before answering ({err}); trying {then}")
+
+
+async def _open_stage(
+    bus: Bus,
+    candidates: list[str],
+    messages: list[ChatMessage],
+    options: ChatOptions | None,
+    session: str | None,
+    outputs: _StageOutputs,
+) -> tuple[Opened, _StageOutput]:
+    opened = await open_first(
+        candidates,
+        lambda name: bus.stream(name, messages, options, session=session),
+        on_try=outputs.attempt,
+        on_skip=outputs.skipped,
     )
+    return opened, outputs.made[-1]
 
 
 class _StageOutput:
@@ -145,11 +159,14 @@ class _StageOutput:
 def _open_output(pipeline: Pipeline, files: ExitStack) -> TextIO | None:
     if pipeline.redirect is None:
         return None
-    path = Path(pipeline.redirect.path).expanduser()
+    path = Path(pipeline.redirect.path)
     try:
+        path = path.expanduser()
         return files.enter_context(path.open("a" if pipeline.redirect.append else "w", encoding="utf-8"))
+    except RuntimeError as err:  # `~nosuchuser/x`: no such user to find a home for
+        raise BusError(f"cannot write {path}: {err}") from err
     except OSError as err:
-        raise BusError(f"cannot write {path}: {err.strerror}") from err
+        raise BusError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def _write_output(pipeline: Pipeline, renderer: Renderer, text: str) -> None:

@@ -28,7 +28,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
-from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, survey
+from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
     IdleTimeout,
@@ -203,7 +203,10 @@ class Bus:
             yield cls(nc, settings)
         finally:
             with anyio.CancelScope(shield=True):
-                await nc.drain()
+                try:
+                    await nc.drain()
+                except nats.errors.Error:  # the server is gone (reconnecting): nothing left to drain
+                    await nc.close()
 
     def stream(
         self,
@@ -262,6 +265,7 @@ class Bus:
         """Every running instance of a Tekton role (``$SRV.INFO``), optionally only those named ``name``.
         ``thorough``: wait the whole window instead of stopping when answers stop coming."""
         subject = "$SRV.INFO" + (f".{name}" if name else "")
+        prefix = self.settings.prefix
         found = [
             ServiceInstance(
                 name=a["name"],
@@ -273,7 +277,8 @@ class Bus:
             for a in await self._gather(subject, window, window if thorough else None)
         ]
         return sorted(
-            (i for i in found if i.metadata.get("tekton_role") == role), key=lambda i: (i.name, i.id)
+            (i for i in found if i.metadata.get("tekton_role") == role and same_prefix(i.metadata, prefix)),
+            key=lambda i: (i.name, i.id),
         )
 
     async def stats(
@@ -281,11 +286,16 @@ class Bus:
     ) -> list[dict[str, Any]]:
         subject = "$SRV.STATS" + (f".{name}" if name else "")
         answers = await self._gather(subject, window, window if thorough else None)
-        return [a for a in answers if (a.get("metadata") or {}).get("tekton_role")]
+        return [
+            a
+            for a in answers
+            if (a.get("metadata") or {}).get("tekton_role")
+            and same_prefix(a.get("metadata"), self.settings.prefix)
+        ]
 
     async def survey(self, window: float = 0.05) -> list[SpecialistView]:
         """Every running specialist with its capabilities and live figures, replicas aggregated."""
-        return (await survey(self.nc, window=window))[0]
+        return (await survey(self.nc, window=window, prefix=self.settings.prefix))[0]
 
     async def running_names(self, window: float = 0.05) -> list[str]:
         return sorted({i.name for i in await self.instances(window=window)})

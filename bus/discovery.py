@@ -17,9 +17,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import Field
 
-from bus.wire import Wire
+from bus.subjects import DEFAULT_PREFIX
+from bus.wire import PROTOCOL_VERSION, Wire
 
 SPECIALIST_ROLE = "specialist"
+# Micro metadata key naming the subject prefix a service serves: `$SRV` subjects are server-wide, so
+# discovery keeps only the services of its own prefix (one without the key serves the default one).
+PREFIX_KEY = "tekton_prefix"
 # Quiet time after the last answer that ends a gather. Answers from processes on a busy machine
 # spread out: 10 ms lost some of ten specialist processes in CI; 30 ms has not.
 STALL_S = 0.03
@@ -107,6 +111,7 @@ class Discover(Wire):
     """``<prefix>.gateway.discover``: the running specialists, optionally only those with
     ``capability``; with ``capability`` or ``text``, also a ranking and the one chosen."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     capability: str | None = Field(default=None, max_length=64)
     text: str | None = None
     threshold: float | None = Field(default=None, ge=0, le=1)
@@ -125,6 +130,7 @@ class Ranked(Wire):
 
 
 class DiscoveryReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["discovery"] = "discovery"
     specialists: list[SpecialistView]
     ranked: list[Ranked] = []
@@ -161,15 +167,23 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[SpecialistView]:
-    """One view per specialist name from raw ``$SRV.INFO`` and ``$SRV.STATS`` answers."""
+def same_prefix(metadata: dict[str, str] | None, prefix: str) -> bool:
+    """Whether a service with this micro ``metadata`` serves subjects under ``prefix``."""
+    return (metadata or {}).get(PREFIX_KEY, DEFAULT_PREFIX) == prefix
+
+
+def aggregate(
+    infos: list[dict[str, Any]], stats: list[dict[str, Any]], prefix: str = DEFAULT_PREFIX
+) -> list[SpecialistView]:
+    """One view per specialist name of ``prefix`` from raw ``$SRV.INFO`` and ``$SRV.STATS`` answers."""
     data_by_id: dict[str, dict[str, Any]] = {}
     for s in stats:
         endpoints = s.get("endpoints") or [{}]
         data_by_id[s.get("id", "")] = endpoints[0].get("data") or {}
     by_name: dict[str, list[dict[str, Any]]] = {}
     for info in infos:
-        if (info.get("metadata") or {}).get("tekton_role") == SPECIALIST_ROLE:
+        meta = info.get("metadata") or {}
+        if meta.get("tekton_role") == SPECIALIST_ROLE and same_prefix(meta, prefix):
             by_name.setdefault(info["name"], []).append(info)
     views = []
     for name, replicas in sorted(by_name.items()):
@@ -244,6 +258,7 @@ async def survey(
     window: float = 0.05,
     stall: float = STALL_S,
     known: dict[str, dict[str, Any]] | None = None,
+    prefix: str = DEFAULT_PREFIX,
 ) -> tuple[list[SpecialistView], int]:
     """Every running specialist (``$SRV.INFO`` and ``$SRV.STATS`` gathered at once, aggregated) and how
     many micro services answered (pass it as ``expected`` next time to stop as soon as all did).
@@ -252,7 +267,7 @@ async def survey(
     next) only ``$SRV.STATS`` is gathered, and ``$SRV.INFO`` asked only of instances not known yet:
     an instance's INFO never changes, and with its example requests it is ten times its STATS."""
     if known is not None:
-        return await _survey_known(nc, known, expected=expected, window=window, stall=stall)
+        return await _survey_known(nc, known, expected=expected, window=window, stall=stall, prefix=prefix)
     results: dict[str, list[dict[str, Any]]] = {}
 
     async def one(subject: str) -> None:
@@ -262,11 +277,17 @@ async def survey(
         tg.start_soon(one, "$SRV.INFO")
         tg.start_soon(one, "$SRV.STATS")
     infos = results["$SRV.INFO"]
-    return aggregate(infos, results["$SRV.STATS"]), len(infos)
+    return aggregate(infos, results["$SRV.STATS"], prefix), len(infos)
 
 
 async def _survey_known(
-    nc: NATS, known: dict[str, dict[str, Any]], *, expected: int | None, window: float, stall: float
+    nc: NATS,
+    known: dict[str, dict[str, Any]],
+    *,
+    expected: int | None,
+    window: float,
+    stall: float,
+    prefix: str,
 ) -> tuple[list[SpecialistView], int]:
     stats = await gather(nc, "$SRV.STATS", expected=expected, window=window, stall=stall)
     answered = {str(s.get("id", "")): s for s in stats if s.get("id") and s.get("name")}
@@ -286,4 +307,4 @@ async def _survey_known(
         for gone in set(known) - set(answered):
             del known[gone]
     infos = [known[i] for i in answered if i in known]
-    return aggregate(infos, stats), len(stats)
+    return aggregate(infos, stats, prefix), len(stats)

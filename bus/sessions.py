@@ -27,7 +27,7 @@ from bus.errors import (
     SpecialistUnavailable,
     from_wire,
 )
-from bus.subjects import discover_subject, session_subject
+from bus.subjects import REPLY_SUBJECT_PATTERN, discover_subject, session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
 AUTO = "auto"  # `@auto`: routed by the request's text
@@ -105,6 +105,7 @@ class SessionSummary(Wire):
 
 
 class CreateSession(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     specialist: str | None = None
     name: str | None = Field(default=None, pattern=SESSION_NAME_RE.pattern)
     context_window: int = Field(default=10, ge=0, le=1000)
@@ -114,16 +115,19 @@ class CreateSession(Wire):
 class SessionRef(Wire):
     """``session`` is an id or a name."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
 
 
 class ListSessions(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     specialist: str | None = None
     name: str | None = None
     limit: int = Field(default=50, ge=1, le=10_000)
 
 
 class ForkSession(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
     # Keep the first ``at`` turns (all when absent).
     at: int | None = Field(default=None, ge=0)
@@ -131,6 +135,7 @@ class ForkSession(Wire):
 
 
 class RenameSession(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
     name: str = Field(pattern=SESSION_NAME_RE.pattern)
 
@@ -140,9 +145,10 @@ class SessionChat(Wire):
     context before them, forwards to the specialist with ``inbox`` as the reply subject and records the
     answer it hears there. The client reads the stream from the specialist directly."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
     specialist: str | None = None
-    inbox: str = Field(min_length=1)
+    inbox: str = Field(min_length=1, max_length=255, pattern=REPLY_SUBJECT_PATTERN)
     request: ChatRequest
 
 
@@ -150,21 +156,25 @@ class SessionChat(Wire):
 
 
 class SessionReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["session"] = "session"
     session: Session
 
 
 class SessionsReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["sessions"] = "sessions"
     sessions: list[SessionSummary]
 
 
 class DeletedReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["deleted"] = "deleted"
     session: str
 
 
 class ChatAccepted(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["accepted"] = "accepted"
     session: str
     specialist: str
@@ -182,6 +192,7 @@ class StoredFrame(Wire):
 
 
 class ErrorReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["error"] = "error"
     code: str
     message: str

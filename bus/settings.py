@@ -8,10 +8,11 @@ one command can override a persistent setting, as with most Unix tools.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bus.errors import ConfigError
 from bus.subjects import DEFAULT_PREFIX, validate_prefix
 
 
@@ -97,6 +99,30 @@ class TektonSettings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> TektonSettings:
-    """Settings with the given command-line values on top (``None`` values mean "not given")."""
+    """Settings with the given command-line values on top (``None`` values mean "not given").
+
+    A setting that cannot be used raises :class:`ConfigError`: one line naming where it came from."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return TektonSettings(**given)  # type: ignore[arg-type]
+    path = _config_file()
+    try:
+        return TektonSettings(**given)  # type: ignore[arg-type]
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    except OSError as err:  # a directory, unreadable...
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    except ValidationError as err:
+        problem = err.errors(include_url=False)[0]
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        raise ConfigError(
+            f"bad setting {field or '?'}: {problem['msg']} (from {_source(field, given, path)})"
+        ) from None
+
+
+def _source(field: str, given: dict[str, object], path: Path) -> str:
+    """Where a setting's value came from, in the priority order of the sources."""
+    if field in given:
+        return "the command line"
+    env = f"TEKTON_{field.upper()}"
+    if any(k.upper() == env for k in os.environ):
+        return f"${env}"
+    return str(path)

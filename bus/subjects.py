@@ -10,6 +10,8 @@ NAME_RE = re.compile(NAME_PATTERN)
 # A specialist name, or `@capability` / `@auto` for the gateway to choose one.
 TARGET_PATTERN = r"^@?[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+# A subject to publish replies to: dot-separated tokens, no wildcard (`*`, `>`), no whitespace.
+REPLY_SUBJECT_PATTERN = r"^[^.*>\s]+(?:\.[^.*>\s]+)*$"
 
 
 def validate_name(name: str) -> str:

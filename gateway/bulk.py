@@ -264,7 +264,7 @@ class BulkRun:
                 if timer.cancelled_caught:
                     status, error = "timeout", f"'{op.ai}' did not finish within {deadline_ms} ms"
             except BusError as err:
-                if attempt == 1 and err.retryable and not parts:
+                if attempt == 1 and err.may_help_elsewhere and not parts:
                     log.info("retrying operation", op=op.id, error=err.message)
                     if store is not None:
                         with anyio.CancelScope(shield=True):

@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 
 from bus.discovery import SpecialistView, survey
 from bus.errors import BadRequest
+from bus.subjects import DEFAULT_PREFIX
 from gateway.routing import (
     DEFAULT_GENERALIST,
     DEFAULT_THRESHOLD,
@@ -43,10 +44,11 @@ class Catalog:
     needs a name the cache lacks triggers one refresh first."""
 
     def __init__(
-        self, nc: NATS, method: Method, prefix: str = "tekton", generalist: str = DEFAULT_GENERALIST
+        self, nc: NATS, method: Method, prefix: str = DEFAULT_PREFIX, generalist: str = DEFAULT_GENERALIST
     ):
         self.nc = nc
         self.method = method
+        self.prefix = prefix
         self.generalist = generalist
         self._views: list[SpecialistView] = []
         self._at = 0.0
@@ -67,7 +69,7 @@ class Catalog:
         """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
         silence): new instances show up at the latest on the next thorough refresh."""
         expected = None if thorough else self._answers or None
-        views, answered = await survey(self.nc, expected=expected, known=self._infos)
+        views, answered = await survey(self.nc, expected=expected, known=self._infos, prefix=self.prefix)
         if expected and answered < expected:
             # A quick look that missed some (a busy loop answers late): keep what we knew of those
             # until a thorough look confirms they are gone.

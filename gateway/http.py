@@ -22,21 +22,24 @@ from importlib import resources
 from typing import Any, Literal
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
 from bus.errors import (
+    RPC_INTERNAL,
+    RPC_INVALID_PARAMS,
+    RPC_INVALID_REQUEST,
+    RPC_METHOD_NOT_FOUND,
+    RPC_PARSE_ERROR,
     BadRequest,
     BusError,
-    GatewayUnavailable,
-    PayloadTooLarge,
-    SessionNotFound,
-    SessionTooLarge,
-    SpecialistUnavailable,
+    RateLimited,
+    Unauthorized,
 )
+from bus.failover import Opened, open_first
 from bus.settings import TektonSettings
 from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
@@ -106,20 +109,6 @@ class ClosingStream(StreamingResponse):
                 await self.opened.__aexit__(None, None, None)  # closing twice is harmless
 
 
-def http_status(err: BusError) -> int:
-    if isinstance(err, SessionNotFound):
-        return 404
-    if isinstance(err, PayloadTooLarge | SessionTooLarge):
-        return 413
-    if isinstance(err, SpecialistUnavailable):
-        return 404  # like an unknown model in the OpenAI API: nothing by that name runs
-    if isinstance(err, GatewayUnavailable):
-        return 503
-    if isinstance(err, BadRequest):
-        return 400
-    return 502
-
-
 def error_body(err: BusError) -> dict[str, Any]:
     return {"error": {"code": str(err.code), "message": err.message, "retryable": err.retryable}}
 
@@ -160,20 +149,14 @@ class Guard:
             given = authorization[7:].strip()
         if self.tokens:
             if given not in self.tokens:
-                raise HTTPException(
-                    401, {"error": {"code": "unauthorized", "message": "a valid API token is needed"}}
-                )
+                raise Unauthorized("a valid API token is needed")
             return f"token:{given}"
         return f"client:{client}"
 
     def admit(self, caller: str) -> None:
         wait = self.buckets.setdefault(caller, Bucket(self.rate, self.burst)).take()
         if wait:
-            raise HTTPException(
-                429,
-                {"error": {"code": "rate_limited", "message": f"too many requests; retry in {wait:.1f} s"}},
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+            raise RateLimited(max(1, math.ceil(wait)))
 
 
 def create_app(
@@ -219,7 +202,11 @@ def create_app(
 
     @app.exception_handler(BusError)
     async def bus_error(_: Request, err: BusError) -> JSONResponse:
-        return JSONResponse(error_body(err), status_code=http_status(err))
+        return JSONResponse(
+            error_body(err),
+            status_code=err.http_status,
+            headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
+        )
 
     @app.exception_handler(ValidationError)
     async def invalid(_: Request, err: ValidationError) -> JSONResponse:
@@ -234,8 +221,8 @@ def create_app(
         }
         return JSONResponse(body, status_code=422)
 
-    async def open_stream(body: ChatBody) -> tuple[ChatStream, str]:
-        return await open_first(bus(), body)
+    async def open_stream(body: ChatBody) -> Opened:
+        return await open_body(bus(), body)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def console() -> str:
@@ -254,7 +241,8 @@ def create_app(
 
     @app.post("/api/chat", summary="Ask a specialist; the whole answer as JSON")
     async def chat(body: ChatBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        stream, name = await open_stream(body)
+        opened = await open_stream(body)
+        name, stream = opened.name, opened.stream
         async with stream:
             result = await stream.result()
         return {
@@ -267,13 +255,14 @@ def create_app(
 
     @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
     async def chat_stream(body: ChatBody, _: str = Depends(admitted)) -> StreamingResponse:
-        stream, name = await open_stream(body)
+        opened = await open_stream(body)
+        name, stream = opened.name, opened.stream
 
         async def events() -> AsyncIterator[str]:
             async with stream:
                 yield sse("start", {"specialist": name, "request_id": stream.request.id})
                 try:
-                    async for text in stream:
+                    async for text in opened.texts:
                         yield sse("content", {"text": text})
                     result = await stream.result()
                 except BusError as err:
@@ -337,7 +326,8 @@ def create_app(
             messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
             options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
         )
-        stream, name = await open_stream(chat_body)
+        opened = await open_stream(chat_body)
+        name, stream = opened.name, opened.stream
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if not body.stream:
@@ -377,7 +367,7 @@ def create_app(
             async with stream:
                 yield chunk({"role": "assistant"})
                 try:
-                    async for text in stream:
+                    async for text in opened.texts:
                         yield chunk({"content": text})
                     result = await stream.result()
                 except BusError as err:
@@ -401,8 +391,8 @@ def create_app(
                 socket.query_params.get("token"),
                 socket.client.host if socket.client else "?",
             )
-        except HTTPException:
-            await socket.close(code=1008, reason="a valid API token is needed")
+        except Unauthorized as err:
+            await socket.close(code=1008, reason=err.message)
             return
         await socket.accept()
         await JsonRpc(socket, bus(), guard, caller).serve()
@@ -410,58 +400,27 @@ def create_app(
     return app
 
 
-async def open_first(bus: Bus, body: ChatBody) -> tuple[ChatStream, str]:
-    """An open stream from ``body.specialist`` (for ``@capability``: the first candidate that takes
-    the request, as aish falls back), and who answers. ``async with`` on it closes it (entering an
-    open stream again does nothing)."""
+async def open_body(bus: Bus, body: ChatBody) -> Opened:
+    """An open stream from ``body.specialist`` (for ``@capability``: the first candidate that starts,
+    as aish falls back), before any HTTP response has begun."""
     messages = body.chat_messages()
     names, _ = await bus.gateway.pick(body.specialist, messages[-1].content)
-    last: BusError | None = None
-    for name in names:
-        stream = bus.stream(name, messages, body.options, session=body.session)
-        try:
-            await stream.__aenter__()
-        except BusError as err:
-            last = err
-            continue
-        try:
-            await stream.wait_started()  # fail here, before any HTTP response has begun
-        except BusError as err:
-            await stream.__aexit__(None, None, None)
-            last = err
-            if not err.retryable and not isinstance(err, SpecialistUnavailable):
-                raise
-            continue
-        return stream, name
-    assert last is not None
-    raise last
+    return await open_first(
+        names, lambda name: bus.stream(name, messages, body.options, session=body.session)
+    )
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-# JSON-RPC 2.0 error codes
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
-    -32700,
-    -32600,
-    -32601,
-    -32602,
-    -32603,
+    RPC_PARSE_ERROR,
+    RPC_INVALID_REQUEST,
+    RPC_METHOD_NOT_FOUND,
+    RPC_INVALID_PARAMS,
+    RPC_INTERNAL,
 )
-SESSION_EXPIRED, SPECIALIST_UNAVAILABLE, CONTEXT_LIMIT = -32000, -32001, -32002
-
-
-def rpc_code(err: BusError) -> int:
-    if isinstance(err, SessionNotFound):
-        return SESSION_EXPIRED
-    if isinstance(err, SpecialistUnavailable | GatewayUnavailable):
-        return SPECIALIST_UNAVAILABLE
-    if isinstance(err, PayloadTooLarge | SessionTooLarge):
-        return CONTEXT_LIMIT
-    if isinstance(err, BadRequest):
-        return INVALID_PARAMS
-    return INTERNAL
 
 
 class RpcError(Exception):
@@ -526,10 +485,8 @@ class JsonRpc:
                 raise RpcError(INVALID_PARAMS, "params must be an object")
             try:
                 self.guard.admit(self.caller)
-            except HTTPException as err:
-                raise RpcError(
-                    INTERNAL, "rate limited", {"retry_after": err.headers and err.headers.get("Retry-After")}
-                ) from err
+            except RateLimited as err:
+                raise RpcError(err.rpc_code, "rate limited", {"retry_after": str(err.retry_after)}) from err
             result = await method(params)
         except RpcError as err:
             await self.reply_error(request_id, err.code, err.message, err.data)
@@ -543,7 +500,7 @@ class JsonRpc:
             )
             return
         except BusError as err:
-            await self.reply_error(request_id, rpc_code(err), err.message, {"code": str(err.code)})
+            await self.reply_error(request_id, err.rpc_code, err.message, {"code": str(err.code)})
             return
         if request_id is not None:
             await self.send({"id": request_id, "result": result})
@@ -554,17 +511,19 @@ class JsonRpc:
             error["data"] = data
         await self.send({"id": request_id, "error": error})
 
-    async def _open(self, params: dict[str, Any]) -> tuple[ChatStream, str]:
-        return await open_first(self.bus, ChatBody.model_validate(params))
+    async def _open(self, params: dict[str, Any]) -> Opened:
+        return await open_body(self.bus, ChatBody.model_validate(params))
 
     async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
-        stream, name = await self._open(params)
+        opened = await self._open(params)
+        name, stream = opened.name, opened.stream
         async with stream:
             result = await stream.result()
         return {"specialist": name, "text": result.text, "timings": result.done.timings.model_dump()}
 
     async def stream(self, params: dict[str, Any]) -> dict[str, Any]:
-        stream, name = await self._open(params)
+        opened = await self._open(params)
+        name, stream = opened.name, opened.stream
         request_id = stream.request.id
         scope = anyio.CancelScope()
         self.streams[request_id] = scope
@@ -574,7 +533,7 @@ class JsonRpc:
                 with scope:
                     async with stream:
                         try:
-                            async for text in stream:
+                            async for text in opened.texts:
                                 await self.send(
                                     {
                                         "method": "stream.chunk",

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import Bus, ChatStream, is_no_responders
-from bus.discovery import Discover, DiscoveryReply, Ranked
+from bus.discovery import PREFIX_KEY, Discover, DiscoveryReply, Ranked
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
     ChatAccepted,
@@ -111,7 +111,11 @@ class GatewayService:
             name="gateway",
             version=VERSION,
             description="Tekton gateway: conversation sessions in JetStream KV",
-            metadata={"tekton_role": "gateway", "bucket": self.store.kv._name},
+            metadata={
+                "tekton_role": "gateway",
+                "bucket": self.store.kv._name,
+                PREFIX_KEY: self.settings.prefix,
+            },
             stats_handler=self._stats_data,
         )
         endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]

@@ -4,11 +4,17 @@ The micro handler only decodes the request and hands it to its own task, so one 
 blocks the next request. That also means micro's own ``processing_time`` measures dispatch only; the
 real figures (served, errors, cancelled, in flight, average total and first-token ms) are in the
 endpoint's ``data`` in ``$SRV.STATS``.
+
+A stream yields to the event loop every few chunks, so a provider that produces as fast as it can
+never holds up cancels, heartbeats or another request's start. Every ``heartbeat_s`` one frame of each
+stream is published with a reply subject of ours: when nobody listens on the stream's subject any more
+(the asker left without a cancel), NATS answers that probe with "no responders" and the request stops.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +29,8 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from bus.client import is_no_responders
+from bus.discovery import PREFIX_KEY
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
 from bus.settings import TektonSettings
 from bus.subjects import cancel_wildcard, chat_subject, queue_group
@@ -46,6 +54,11 @@ from specialists.roster import SpecialistSpec
 log = structlog.get_logger("tekton.specialist")
 
 VERSION = "0.1.0"
+# A stream hands the event loop back after this many chunks (cancels, heartbeats, other requests).
+YIELD_EVERY = 16
+# A cancel for a request not (yet) known here is remembered this long, in case the request follows.
+EARLY_CANCEL_S = 30.0
+EARLY_CANCEL_MAX = 10_000
 
 
 class ReplyStream:
@@ -56,11 +69,18 @@ class ReplyStream:
         self.subject = subject
         self.seq = 0
         self.last_sent = time.monotonic()
+        self.last_probe = self.last_sent
+        # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
+        self.probe: str | None = None
 
     async def _publish(self, data: bytes) -> None:
         self.seq += 1
         self.last_sent = time.monotonic()
-        await self.nc.publish(self.subject, data)
+        if self.probe is None:
+            await self.nc.publish(self.subject, data)
+        else:
+            probe, self.probe = self.probe, None
+            await self.nc.publish(self.subject, data, reply=probe)
 
     async def send(self, frame_type: type[Any], **fields: Any) -> None:
         await self._publish(encode(frame_type(seq=self.seq, **fields)))
@@ -77,6 +97,8 @@ class ServiceCounters:
     served: int = 0
     errors: int = 0
     cancelled: int = 0
+    # Of the cancelled: stopped because nobody listened any more (the asker left without a cancel).
+    abandoned: int = 0
     in_flight: int = 0
     total_ms: float = 0.0
     first_token_ms: float = 0.0
@@ -107,6 +129,10 @@ class SpecialistService:
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._scopes: dict[str, anyio.CancelScope] = {}
+        # Cancels that arrived before their request: request id -> when (monotonic), oldest first.
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()
+        self._probe_prefix = nc.new_inbox()
+        self._probe_sub: Any = None
         self._streaming: dict[str, ReplyStream] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -122,6 +148,7 @@ class SpecialistService:
 
     async def start(self) -> None:
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
+        self._probe_sub = await self.nc.subscribe(f"{self._probe_prefix}.*", cb=self._on_probe_answer)
         self._service = await add_service(
             self.nc,
             name=self.spec.name,
@@ -130,6 +157,7 @@ class SpecialistService:
             metadata={
                 **self.spec.micro_metadata(self.provider.name, self.provider.model),
                 "max_concurrency": str(self.settings.max_concurrency),
+                PREFIX_KEY: self.settings.prefix,
             },
             stats_handler=self._stats_data,
         )
@@ -153,6 +181,29 @@ class SpecialistService:
         if scope is not None:
             self.log.info("cancel received", request_id=request_id)
             scope.cancel()
+            return
+        # Perhaps its request is still on its way (another subscription, another task): remember it.
+        now = time.monotonic()
+        early = self._early_cancels
+        early[request_id] = now
+        early.move_to_end(request_id)
+        while early and (len(early) > EARLY_CANCEL_MAX or now - next(iter(early.values())) > EARLY_CANCEL_S):
+            early.popitem(last=False)
+
+    def _cancelled_early(self, request_id: str) -> bool:
+        when = self._early_cancels.pop(request_id, None)
+        return when is not None and time.monotonic() - when <= EARLY_CANCEL_S
+
+    async def _on_probe_answer(self, msg: Msg) -> None:
+        """NATS's "no responders" to a probe: nobody subscribes to that stream's subject any more."""
+        if not is_no_responders(msg):
+            return
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        scope = self._scopes.get(request_id)
+        if scope is not None and not scope.cancel_called:
+            self.log.info("nobody listens any more; stopping", request_id=request_id)
+            self.counters.abandoned += 1
+            scope.cancel()
 
     async def _on_chat(self, req: Request) -> None:
         reply_to = req._msg.reply  # micro exposes no public accessor for the reply subject
@@ -174,7 +225,12 @@ class SpecialistService:
             return
         self.counters.in_flight += 1
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        self._tg.start_soon(self._serve, request, reply)
+        # Registered before the task starts, so a cancel between now and then finds it.
+        scope = anyio.CancelScope()
+        self._scopes[request.id] = scope
+        if self._cancelled_early(request.id):
+            scope.cancel()
+        self._tg.start_soon(self._serve, request, reply, scope)
 
     def _prompt(self, request: ChatRequest) -> tuple[list[ChatMessage], ChatOptions]:
         messages = [ChatMessage(role="system", content=self.spec.system_prompt), *request.messages]
@@ -182,16 +238,14 @@ class SpecialistService:
         given = request.options.model_dump(exclude_none=True)
         return messages, ChatOptions(**{**defaults, **given})
 
-    async def _serve(self, request: ChatRequest, reply: ReplyStream) -> None:
+    async def _serve(self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope) -> None:
         log = self.log.bind(request_id=request.id)
         received = time.perf_counter()
         first_token: float | None = None
         tokens = 0
-        messages, options = self._prompt(request)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
-        scope = anyio.CancelScope()
-        self._scopes[request.id] = scope
         try:
+            messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
                 await reply.send(
                     StartFrame,
@@ -215,6 +269,10 @@ class SpecialistService:
                                 if first_token is None:
                                     first_token = time.perf_counter()
                                     # Let the first token leave now instead of with the next batch.
+                                    await anyio.lowlevel.checkpoint()
+                                elif tokens % YIELD_EVERY == 0:
+                                    # A provider that never waits must still let cancels, heartbeats
+                                    # and other requests in (and its own frames out).
                                     await anyio.lowlevel.checkpoint()
                 finally:
                     self._streaming.pop(request.id, None)
@@ -270,12 +328,16 @@ class SpecialistService:
 
     async def _heartbeats(self) -> None:
         """One ticker per service: a stream silent for ``heartbeat_s`` (model thinking, or waiting for a
-        free slot) gets a heartbeat, so the client can tell "slow" from "dead"."""
+        free slot) gets a heartbeat, so the client can tell "slow" from "dead". Every ``heartbeat_s``
+        a stream's next frame also probes whether anyone still listens (see :meth:`_on_probe_answer`)."""
         interval = self.settings.heartbeat_s
         while True:
             await anyio.sleep(interval / 2)
             now = time.monotonic()
-            for reply in list(self._streaming.values()):
+            for request_id, reply in list(self._streaming.items()):
+                if now - reply.last_probe >= interval:
+                    reply.last_probe = now
+                    reply.probe = f"{self._probe_prefix}.{request_id}"
                 if now - reply.last_sent >= interval:
                     await reply.send(HeartbeatFrame)
 
@@ -290,5 +352,7 @@ class SpecialistService:
             scope.cancel()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
+        if self._probe_sub is not None:
+            await self._probe_sub.unsubscribe()
         await self.provider.aclose()
         self.log.info("specialist stopped", served=self.counters.served)

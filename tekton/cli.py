@@ -330,11 +330,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BusError as err:
         print(f"tekton: {err}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # A piece that failed to start (a missing API key, say) fails its task group: say why, once.
+        first = _first_bus_error(group)
+        if first is None:
+            raise
+        print(f"tekton: {first}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tekton status | head`: the reader left; stop quietly
         sys.stderr.close()
         return 0
+
+
+def _first_bus_error(group: BaseExceptionGroup) -> BusError | None:
+    for err in group.exceptions:
+        found = _first_bus_error(err) if isinstance(err, BaseExceptionGroup) else err
+        if isinstance(found, BusError):
+            return found
+    return None
 
 
 if __name__ == "__main__":
