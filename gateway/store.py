@@ -43,6 +43,7 @@ class StoreLimits:
     ttl_s: float
     max_turns: int
     max_bytes: int
+    replicas: int = 1
 
 
 def bucket_name(prefix: str) -> str:
@@ -64,6 +65,7 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         max_value_size=limits.max_bytes,
         storage=StorageType.FILE,
         direct=True,
+        replicas=limits.replicas,
     )
     try:
         return await js.create_key_value(config)
