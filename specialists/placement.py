@@ -124,6 +124,13 @@ class Placement:
         if self.free != before:
             self._changed.set()
 
+    async def finishing(self) -> None:
+        """A request is about to end (its last frame goes next): tell peers its slot is free *before*
+        the asker hears "done", so a request it sends at once finds this replica counted as free.
+        (One connection's messages reach the server in order.)"""
+        if not self._stopped:
+            await self._announce(min(self.slots, self.free + 1))
+
     def forward_target(self, msg: Msg) -> tuple[str, dict[str, str]] | None:
         """Where to send a request that reached us while we are full: a peer with room (subject and
         headers), or None to take it here."""

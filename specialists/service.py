@@ -236,6 +236,8 @@ class SpecialistService:
                     self._streaming.pop(request.id, None)
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
+                if self.placement:
+                    await self.placement.finishing()
                 await reply.send(
                     DoneFrame,
                     finish_reason="length" if options.max_tokens and tokens >= options.max_tokens else "stop",

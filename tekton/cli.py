@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        dest="nats_url",
+        help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
     common.add_argument("--provider", help="run every specialist on this provider (e.g. scripted, for tests)")
     common.add_argument("--data-dir", help="where the embedded server keeps its JetStream store")
