@@ -185,7 +185,7 @@ class LocalCluster:
         try:
             for server in self.servers:
                 server.start(timeout)
-            wait_jetstream(self.url, timeout)
+            wait_jetstream(self.url, timeout, replicas=min(DEFAULT_REPLICAS, len(self.servers)))
         except BaseException:
             self.stop()
             raise
@@ -212,8 +212,9 @@ class LocalCluster:
         self.stop()
 
 
-def wait_jetstream(url: str, timeout: float = 30.0) -> None:
-    """Block until JetStream answers at ``url`` (a cluster elects its meta leader after "ready")."""
+def wait_jetstream(url: str, timeout: float = 30.0, replicas: int = 1) -> None:
+    """Block until JetStream at ``url`` can place a stream of ``replicas`` replicas (a cluster elects
+    its meta leader, and its peers register, some time after each node says "ready")."""
 
     async def probe() -> None:
         deadline = time.monotonic() + timeout
@@ -225,7 +226,10 @@ def wait_jetstream(url: str, timeout: float = 30.0) -> None:
                 last = str(err) or type(err).__name__
             else:
                 try:
-                    await nc.jetstream().account_info()
+                    js = nc.jetstream()
+                    probe = f"tekton_ready_{time.monotonic_ns()}"
+                    await js.add_stream(name=probe, subjects=[f"_tekton.{probe}"], num_replicas=replicas)
+                    await js.delete_stream(probe)
                     return
                 except Exception as err:
                     last = str(err) or type(err).__name__

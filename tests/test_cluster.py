@@ -18,7 +18,7 @@ import pytest
 from nats.js.api import StreamInfo
 
 from bus.client import Bus, connect
-from bus.cluster import LocalCluster, NodeConfig, free_ports
+from bus.cluster import LocalCluster, NodeConfig, free_ports, wait_jetstream
 from bus.errors import BusError, SpecialistUnavailable
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
@@ -379,3 +379,35 @@ async def test_a_laptop_on_a_leaf_node_works_offline_and_reaches_the_team_when_c
     finally:
         assert up.stop() == 0
         hub_server.stop()
+
+
+async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Path) -> None:
+    """`tekton nats --cluster` on three "machines" (here: ports and data dirs) routed to each other."""
+    ports, routes = free_ports(3), free_ports(3)
+    children = []
+    try:
+        for i in range(3):
+            peers = ",".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i)
+            argv = [sys.executable, "-m", "tekton", "nats", "--name", f"m{i + 1}"]
+            argv += ["--cluster", f"127.0.0.1:{routes[i]}", "--routes", peers]
+            settings = TektonSettings(
+                nats_url=f"nats://127.0.0.1:{ports[i]}", data_dir=tmp_path / f"m{i + 1}"
+            )
+            children.append(spawn(argv, child_env(settings)))
+        for child in children:
+            line = await anyio.to_thread.run_sync(lambda c=child: c.wait_for(lambda s: s.startswith("ready")))
+            assert "of cluster tekton" in line
+        url = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        await anyio.to_thread.run_sync(lambda: wait_jetstream(url, replicas=3))
+        nc = await connect(url)
+        try:
+            kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
+            await kv.put("k", b"v")
+            info = await nc.jetstream().stream_info("KV_probe")
+            assert info.cluster is not None
+            assert {info.cluster.leader, *(p.name for p in info.cluster.replicas or [])} == {"m1", "m2", "m3"}
+        finally:
+            await nc.close()
+    finally:
+        for child in children:
+            assert child.stop() == 0
