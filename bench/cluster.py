@@ -116,7 +116,7 @@ async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
             for _ in range(kills):
                 nc = await connect(n3)  # the client sits on the node about to die
                 bus = Bus(nc, settings)
-                await bus.ask("apollo", "before")
+                await _until_answered(partial(bus.ask, "apollo", "before"))  # interest has spread
                 session = await bus.gateway.create("apollo")
                 killed = time.perf_counter()
                 await anyio.to_thread.run_sync(cluster.kill, 2)
