@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the words are one pipeline: run it and exit (aish -c 'echo \"x\" | apollo | athena')",
     )
     parser.add_argument(
-        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        dest="nats_url",
+        help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
     parser.add_argument("--max-tokens", type=_number(int, 1, 1_000_000), help="cap each answer at N tokens")
     parser.add_argument("--temperature", type=_number(float, 0, 2), help="0 to 2")

@@ -66,14 +66,18 @@ def is_no_responders(msg: Msg) -> bool:
 
 
 async def connect(url: str, *, name: str = "tekton", connect_timeout: float = 2.0) -> NATS:
-    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server."""
+    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server.
+
+    ``url`` may list several servers, comma-separated (the nodes of a cluster): the first that answers
+    is used, and on losing it nats-py fails over to the others (and to peers the cluster advertises).
+    """
 
     async def quiet(err: Exception) -> None:
         log.debug("nats error", error=str(err))
 
     try:
         nc = await nats.connect(
-            servers=[url],
+            servers=[u.strip() for u in url.split(",") if u.strip()] or [url],
             name=name,
             connect_timeout=connect_timeout,
             # nats-py retries the *first* connect until attempts run out, and -1 means never: bound it

@@ -61,7 +61,7 @@ class EmbeddedNats:
         *,
         port: int = 4222,
         host: str = "127.0.0.1",
-        config: str | None = "single",
+        config: str | Path | None = "single",
         log_file: Path | None = None,
         websocket_port: int | None = None,
         allowed_origins: list[str] | None = None,
@@ -95,6 +95,8 @@ class EmbeddedNats:
 
     def _config_file(self) -> Path | None:
         """The config to start with: the named one, plus the WebSocket block when asked for."""
+        if isinstance(self.config, Path):  # a generated one (bus/cluster.py)
+            return self.config
         if self.requested_ws_port is None:
             return config_path(self.config) if self.config else None
         base = config_path(self.config).read_text() if self.config else ""

@@ -40,6 +40,7 @@ def _data_dir() -> Path:
 class TektonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEKTON_", extra="ignore")
 
+    # One server, or the nodes of a cluster comma-separated (clients fail over between them).
     nats_url: str = "nats://127.0.0.1:4222"
     prefix: str = DEFAULT_PREFIX
     data_dir: Path = Field(default_factory=_data_dir)
@@ -51,6 +52,9 @@ class TektonSettings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     # Specialist: requests one replica generates at once (more wait, with heartbeats).
     max_concurrency: int = Field(default=8, ge=1)
+    # Specialist: "slots" keeps a full replica out of the queue group while another has room
+    # (specialists/placement.py); "random" leaves the choice to the queue group alone.
+    placement: Literal["slots", "random"] = "slots"
     # Specialist: on SIGTERM, how long in-flight streams may take to finish.
     drain_grace_s: float = Field(default=30.0, ge=0)
     # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
@@ -80,6 +84,10 @@ class TektonSettings(BaseSettings):
     session_max_turns: int = Field(default=200, ge=2)
     # Gateway: the largest stored session value (bytes); at most the server's max_payload.
     session_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Gateway: the sessions bucket's JetStream replicas (None: 3 on a cluster, 1 on a single server).
+    session_replicas: int | None = Field(default=None, ge=1, le=5)
+    # Specialist/gateway processes note their instances here for `tekton probe` (Kubernetes readiness).
+    ready_file: Path | None = None
 
     @field_validator("prefix")
     @classmethod

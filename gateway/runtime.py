@@ -11,6 +11,7 @@ import uvicorn
 from anyio.abc import TaskStatus
 
 from bus.client import connect
+from bus.cluster import session_replicas
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from gateway.http import create_app
@@ -53,6 +54,7 @@ async def serve_gateway(
             ttl_s=settings.session_ttl_s,
             max_turns=settings.session_max_turns,
             max_bytes=min(settings.session_max_bytes, nc.max_payload),
+            replicas=session_replicas(nc, settings.session_replicas),
         )
         kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
         async with anyio.create_task_group() as tg:

@@ -400,6 +400,8 @@ class GatewayService:
                     stored = await self._finish(session_id, turn, "".join(parts), status, error)
                     if stored is not None:
                         await self.nc.publish(inbox, encode(stored))
+                except Exception:  # the store is unreachable: this turn stays pending, the gateway lives
+                    log.exception("answer not stored", session=session_id)
                 finally:
                     self._recording(-1)
 

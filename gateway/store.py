@@ -14,8 +14,9 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import msgpack
@@ -43,6 +44,7 @@ class StoreLimits:
     ttl_s: float
     max_turns: int
     max_bytes: int
+    replicas: int = 1
 
 
 def bucket_name(prefix: str) -> str:
@@ -64,11 +66,27 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         max_value_size=limits.max_bytes,
         storage=StorageType.FILE,
         direct=True,
+        replicas=limits.replicas,
     )
     try:
         return await js.create_key_value(config)
     except nats.js.errors.BadRequestError:  # another replica created it at the same moment
         return await js.key_value(name)
+
+
+async def _leader_write(write: Callable[[], Awaitable[int]]) -> int:
+    """A KV write, again while nobody takes it: on a cluster the bucket's leader is gone and its replicas
+    are electing another (a second or two); "no responders" means nothing was written."""
+    deadline = time.monotonic() + CAS_PATIENCE_S
+    while True:
+        try:
+            return await write()
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            if time.monotonic() > deadline:
+                raise BusError(
+                    "the sessions store has no leader; nothing was written", retryable=True
+                ) from None
+            await anyio.sleep(0.1)
 
 
 def _key(session_id: str) -> str:
@@ -186,7 +204,7 @@ class SessionStore:
     async def create(self, session: Session) -> Session:
         await self.check_name_free(session.name)
         session, data = self._encode(session)
-        self._remember(session, await self.kv.create(_key(session.id), data))
+        self._remember(session, await _leader_write(lambda: self.kv.create(_key(session.id), data)))
         return session
 
     async def update(self, ref: str, change: Callable[[Session], Session]) -> Session:
@@ -206,7 +224,8 @@ class SessionStore:
             changed = self._prune(change(session).model_copy(update={"updated": time.time()}))
             changed, data = self._encode(changed)
             try:
-                self._remember(changed, await self.kv.update(_key(session.id), data, last=revision))
+                write = partial(self.kv.update, _key(session.id), data, last=revision)
+                self._remember(changed, await _leader_write(write))
                 return changed
             except nats.js.errors.KeyWrongLastSequenceError:
                 if time.monotonic() > deadline:

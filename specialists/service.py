@@ -48,6 +48,7 @@ from bus.wire import (
     encode,
     encode_chunk,
 )
+from specialists.placement import Placement
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
 
@@ -140,6 +141,7 @@ class SpecialistService:
         self.counters = ServiceCounters()
         self._service: Service | None = None
         self._cancel_sub: Any = None
+        self.placement: Placement | None = None
         self.log = log.bind(specialist=spec.name)
 
     @property
@@ -168,9 +170,24 @@ class SpecialistService:
             handler=self._on_chat,
             metadata=self.spec.endpoint_metadata(),
         )
+        if self.settings.placement == "slots":
+            self.placement = Placement(
+                self.nc,
+                self._service,
+                self._service._endpoints[-1],
+                name=self.spec.name,
+                prefix=self.settings.prefix,
+                slots=self.settings.max_concurrency,
+                interval=self.settings.heartbeat_s,
+            )
+            await self.placement.start(self._tg, self._on_direct)
         self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
+
+    async def _on_direct(self, msg: Msg) -> None:
+        """A request another replica forwarded to us (placement.py)."""
+        await self._on_chat(Request(msg))
 
     def _stats_data(self, _endpoint: EndpointStats) -> dict[str, Any]:
         return self.counters.as_data()
@@ -216,6 +233,10 @@ class SpecialistService:
                 BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
             )
             return
+        target = self.placement.forward_target(req._msg) if self.placement else None
+        if target is not None:  # full here, room on another replica: send it there (placement.py)
+            await self.nc.publish(target[0], req.data, reply=reply_to, headers=target[1])
+            return
         try:
             request = decode_request(req.data)
         except BusError as err:
@@ -224,6 +245,8 @@ class SpecialistService:
             await reply.error(err)
             return
         self.counters.in_flight += 1
+        if self.placement:
+            self.placement.update(self.counters.in_flight)
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         # Registered before the task starts, so a cancel between now and then finds it.
         scope = anyio.CancelScope()
@@ -278,6 +301,8 @@ class SpecialistService:
                     self._streaming.pop(request.id, None)
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
+                if self.placement:
+                    await self.placement.finishing()
                 await reply.send(
                     DoneFrame,
                     finish_reason="length" if options.max_tokens and tokens >= options.max_tokens else "stop",
@@ -323,6 +348,8 @@ class SpecialistService:
         finally:
             self._scopes.pop(request.id, None)
             self.counters.in_flight -= 1
+            if self.placement:
+                self.placement.update(self.counters.in_flight)
             if self.counters.in_flight == 0:
                 self._idle.set()
 
@@ -344,6 +371,8 @@ class SpecialistService:
     async def drain(self, grace: float) -> None:
         """Take no new requests; let in-flight streams finish for up to ``grace`` seconds, then stop them."""
         self._draining = True
+        if self.placement is not None:
+            await self.placement.stop()
         if self._service is not None:
             await self._service.stop()
         with anyio.move_on_after(grace):

@@ -3,7 +3,8 @@
 tekton up [-- CMD ...]        nats-server (embedded, or the one already at --nats) + every specialist
 tekton specialist NAME ...    one or more specialists against any NATS URL (scale-out)
 tekton gateway                a gateway replica (sessions in JetStream KV)
-tekton nats                   just the embedded nats-server
+tekton nats                   just the embedded nats-server (--cluster: one node of a cluster)
+tekton cluster up             a local N-node NATS cluster (development and tests)
 tekton status                 running specialists, replicas and live stats
 """
 
@@ -30,6 +31,18 @@ from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
 from specialists.runtime import select, serve_specialists
 from specialists.service import SpecialistService
+from tekton.cluster import (
+    UsageError,
+    add_cluster_parser,
+    add_nats_cluster_options,
+    add_probe_parser,
+    cmd_cluster,
+    cmd_nats_node,
+    cmd_probe,
+    node_config,
+    start_leaf,
+    write_ready,
+)
 from tekton.supervisor import run_child
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
@@ -39,9 +52,11 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket: int | None = None) -> str:
+async def ensure_nats(
+    settings: TektonSettings, stack: AsyncExitStack, websocket: int | None = None, leaf: str | None = None
+) -> str:
     """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one
-    (with a WebSocket listener on port ``websocket`` when given)."""
+    (with a WebSocket listener on port ``websocket`` when given; a leaf node of hub ``leaf`` if given)."""
     try:
         nc = await connect(settings.nats_url, connect_timeout=1.0)
     except NatsUnavailable:
@@ -49,15 +64,19 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket
     else:
         await nc.close()
         _say(f"using the nats-server already running at {settings.nats_url}")
-        if websocket is not None:
-            _say("(its own config decides whether it listens for WebSocket clients)")
+        if websocket is not None or leaf is not None:
+            _say("(its own config decides whether it listens for WebSocket clients or joins a hub)")
         return settings.nats_url
+    if "," in settings.nats_url:
+        raise NatsUnavailable(settings.nats_url, "no node of that cluster answers (tekton cluster up?)")
     url = urlparse(settings.nats_url)
     if url.scheme != "nats" or (url.hostname or "") not in LOCAL_HOSTS:
         raise NatsUnavailable(
             settings.nats_url, "and it is not a local nats:// URL where one could be started"
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if leaf is not None:
+        return await start_leaf(settings, stack, leaf)
     server = EmbeddedNats(
         settings.data_dir / "nats",
         host=url.hostname or "127.0.0.1",
@@ -102,7 +121,7 @@ async def _start_children(
 async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
     roster = load_roster(settings.roster, settings.provider)
     async with AsyncExitStack() as stack:
-        url = await ensure_nats(settings, stack, args.websocket)
+        url = await ensure_nats(settings, stack, args.websocket, args.leaf)
         settings = settings.model_copy(update={"nats_url": url})
         stop = anyio.Event()
         exit_code = 0
@@ -177,6 +196,7 @@ async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> 
     def ready(services: list[SpecialistService]) -> None:
         for service in services:
             _say(f"ready {service.spec.name} {service.instance_id} on {settings.nats_url}")
+        write_ready(settings, [(s.spec.name, s.instance_id) for s in services])
 
     await serve_specialists(settings, args.names, on_ready=ready)
     return 0
@@ -191,6 +211,7 @@ async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int
             )
         )
         _say(f"ready gateway {service.instance_id} on {settings.nats_url}")
+        write_ready(settings, [("gateway", service.instance_id)])
     return 0
 
 
@@ -199,6 +220,9 @@ def _http_ready(url: str) -> None:
 
 
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
+    config = node_config(settings, args)
+    if config is not None:
+        return await cmd_nats_node(settings, args, config)
     url = urlparse(settings.nats_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     server = EmbeddedNats(
@@ -276,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        dest="nats_url",
+        help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
     common.add_argument("--provider", help="run every specialist on this provider (e.g. scripted, for tests)")
     common.add_argument("--data-dir", help="where the embedded server keeps its JetStream store")
@@ -288,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
     up.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
     up.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
+    up.add_argument("--leaf", metavar="URL", help="join a team's hub as a NATS leaf node (nats://hub:7422)")
     up.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
     )
@@ -301,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     nats_cmd = sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
     nats_cmd.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
+    add_nats_cluster_options(nats_cmd)
+    add_cluster_parser(sub, common)
+    add_probe_parser(sub, common)
 
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")
@@ -314,6 +344,8 @@ COMMANDS = {
     "gateway": cmd_gateway,
     "nats": cmd_nats,
     "status": cmd_status,
+    "cluster": cmd_cluster,
+    "probe": cmd_probe,
 }
 
 
@@ -327,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(nats_url=args.nats_url, provider=args.provider, data_dir=args.data_dir)
         return anyio.run(COMMANDS[args.cmd], settings, args)
+    except UsageError as err:
+        print(f"tekton: {err}", file=sys.stderr)
+        return 2
     except BusError as err:
         print(f"tekton: {err}", file=sys.stderr)
         return 1
