@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
     )
+    parser.add_argument(
+        "--creds", help="credentials file (default $TEKTON_CREDS, else tekton's local user's)"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate to verify the server with (tls:// URLs)")
     parser.add_argument("--max-tokens", type=int, help="cap each answer at N tokens")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--timeout", type=float, help="deadline of each request, seconds")
@@ -170,7 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     renderer = Renderer()
     try:
         settings = load_settings(
-            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+            nats_url=args.nats_url,
+            idle_timeout_s=args.idle_timeout,
+            request_timeout_s=args.timeout,
+            creds=args.creds,
+            tls_ca=args.tls_ca,
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings, args.capability)

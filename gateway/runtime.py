@@ -10,7 +10,7 @@ import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
-from bus.client import connect
+from bus.client import connect_as
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from gateway.http import create_app
@@ -47,7 +47,7 @@ async def serve_gateway(
 
     With ``http`` (host, port) the HTTP bridge runs too; ``on_http`` hears its URL once it listens.
     """
-    nc = await connect(settings.nats_url, name="tekton-gateway")
+    nc = await connect_as(settings, name="tekton-gateway", identity="gateway")
     try:
         limits = StoreLimits(
             ttl_s=settings.session_ttl_s,

@@ -24,7 +24,7 @@ from nats.micro.service import EndpointStats, Service
 
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
 from bus.settings import TektonSettings
-from bus.subjects import cancel_wildcard, chat_subject, queue_group
+from bus.subjects import ANONYMOUS, cancel_parts, cancel_wildcard, chat_subject, inbox_owner, queue_group
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -106,6 +106,7 @@ class SpecialistService:
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._scopes: dict[str, anyio.CancelScope] = {}
+        self._owners: dict[str, str] = {}
         self._streaming: dict[str, ReplyStream] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -146,9 +147,14 @@ class SpecialistService:
         return self.counters.as_data()
 
     async def _on_cancel(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
+        # The server lets a user publish cancels under their own name only; a request is that user's
+        # when its answer goes to their inbox.
+        user, request_id = cancel_parts(msg.subject)
         scope = self._scopes.get(request_id)
-        if scope is not None:
+        owner = self._owners.get(request_id)
+        if scope is not None and owner is not None and owner != user:
+            self.log.warning("cancel refused: not the asker's request", request_id=request_id, user=user)
+        elif scope is not None:
             self.log.info("cancel received", request_id=request_id)
             scope.cancel()
 
@@ -189,6 +195,7 @@ class SpecialistService:
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
+        self._owners[request.id] = inbox_owner(reply.subject) or ANONYMOUS
         try:
             with scope:
                 await reply.send(
@@ -257,6 +264,7 @@ class SpecialistService:
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
             self._scopes.pop(request.id, None)
+            self._owners.pop(request.id, None)
             self.counters.in_flight -= 1
             if self.counters.in_flight == 0:
                 self._idle.set()

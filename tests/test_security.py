@@ -1,0 +1,315 @@
+"""Two users, alice and bob, on one real nats-server with auth: every attack from issue 15 is tried by
+bob and refused by the server (or, where the server pins who asks, by the gateway/specialist that
+reads the pinned name); alice is unaffected. Revocation cuts a user off; a wrong CA fails the TLS
+handshake; an exposed listener without auth and TLS is refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from bus.auth import load_credentials
+from bus.client import Bus, connect
+from bus.errors import BusError, NatsUnavailable, SessionNotFound
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings
+from bus.subjects import ALL_USERS
+from bus.wire import ChatMessage, DoneFrame
+from tekton import certs
+from tekton.users import Users
+from tests.helpers import child_env, env, eventually, in_process_gateway, in_process_specialists
+
+pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+
+
+@dataclass
+class Team:
+    server: EmbeddedNats
+    users: Users
+    services: TektonSettings  # the gateway's and specialists' (their creds are the data dir's)
+    alice: TektonSettings
+    bob: TektonSettings
+    admin: TektonSettings
+
+
+@pytest.fixture
+def team(tmp_path: Path) -> Iterator[Team]:
+    data = tmp_path / "data"
+    users = Users(data, "tekton")
+    users.ensure_local()
+    users.add("alice")
+    users.add("bob")
+    server = EmbeddedNats(data / "nats", port=0, auth_file=users.auth_file, log_file=tmp_path / "nats.log")
+    server.start()
+    base = TektonSettings(
+        nats_url=server.url, data_dir=data, provider="scripted", heartbeat_s=0.2, idle_timeout_s=5.0
+    )
+    try:
+        yield Team(
+            server=server,
+            users=users,
+            services=base,
+            alice=base.model_copy(update={"creds": users.user_creds_path("alice")}),
+            bob=base.model_copy(update={"creds": users.user_creds_path("bob")}),
+            admin=base,  # the local user tekton made on first run is an admin
+        )
+    finally:
+        server.stop()
+
+
+class Raw:
+    """Bob's own nats-py connection (his credentials, any subject he likes) and what the server said."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: NATS | None = None
+
+    async def connect(self, settings: TektonSettings) -> NATS:
+        creds = load_credentials(Path(str(settings.creds)))
+
+        async def on_error(err: Exception) -> None:
+            self.errors.append(str(err))
+
+        self.nc = await nats.connect(
+            settings.nats_url,
+            nkeys_seed_str=creds.seed,
+            inbox_prefix=f"_INBOX.{creds.user}",
+            error_cb=on_error,
+            max_reconnect_attempts=0,
+        )
+        return self.nc
+
+    async def refused(self, what: str) -> None:
+        # nats-py passes the server's -ERR on lowercased.
+        await eventually(lambda: any(what.lower() in e.lower() for e in self.errors), within=10)
+
+
+@pytest.fixture
+async def bob(team: Team) -> AsyncIterator[Raw]:
+    raw = Raw()
+    await raw.connect(team.bob)
+    yield raw
+    assert raw.nc is not None
+    await raw.nc.close()
+
+
+async def ask(settings: TektonSettings, specialist: str, text: str, session: str | None = None) -> str:
+    message = [ChatMessage(role="user", content=text)]
+    async with (
+        Bus.connect(settings, name="test") as bus,
+        bus.stream(specialist, message, session=session) as s,
+    ):
+        return "".join([t async for t in s])
+
+
+def test_credentials_files_are_private(team: Team) -> None:
+    for path in [team.users.user_creds_path("alice"), *team.users.dir.glob("*.creds")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(team.users.dir.stat().st_mode) == 0o700
+    assert load_credentials(team.users.user_creds_path("alice")).user == "alice"
+
+
+async def test_a_client_without_credentials_is_refused(team: Team) -> None:
+    with pytest.raises(NatsUnavailable) as refused:
+        await connect(team.server.url)
+    assert "requires credentials" in str(refused.value)
+
+
+async def test_bob_cannot_read_other_replies_or_requests(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    heard: list[bytes] = []
+
+    async def keep(msg: nats.aio.msg.Msg) -> None:
+        heard.append(msg.data)
+
+    for subject in ["_INBOX.>", "_INBOX.alice.>", "tekton.ai.*.chat", "tekton.cancel.>", ">"]:
+        await bob.nc.subscribe(subject, cb=keep)
+        await bob.refused(f'Permissions Violation for Subscription to "{subject}"')
+    async with in_process_specialists(team.services, "apollo"):
+        assert await ask(team.alice, "apollo", "secret plans") == "apollo heard: secret plans"
+        # Bob's own requests still work: the refusals were about others' subjects.
+        assert await ask(team.bob, "apollo", "mine") == "apollo heard: mine"
+    await bob.nc.flush()
+    assert heard == []
+
+
+async def test_bob_cannot_answer_for_a_specialist_or_fake_a_service(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    await bob.nc.subscribe("tekton.ai.apollo.chat", queue="tekton.ai.apollo")
+    await bob.refused('Permissions Violation for Subscription to "tekton.ai.apollo.chat"')
+    await bob.nc.subscribe("$SRV.PING")
+    await bob.refused('Permissions Violation for Subscription to "$SRV.PING"')
+    async with in_process_specialists(team.services, "apollo"):
+        answers = [await ask(team.alice, "apollo", f"q{i}") for i in range(10)]
+        assert answers == [f"apollo heard: q{i}" for i in range(10)]
+        async with Bus.connect(team.alice, name="test") as bus:
+            assert {i.name for i in await bus.instances(window=0.5)} == {"apollo"}
+
+
+async def test_bob_cannot_touch_the_sessions_bucket(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    async with in_process_gateway(team.services):
+        await bob.nc.publish("$JS.API.STREAM.INFO.KV_tekton_sessions", b"")
+        await bob.refused('Permissions Violation for Publish to "$JS.API.STREAM.INFO.KV_tekton_sessions"')
+        await bob.nc.publish("$KV.tekton_sessions.s.x", b"overwrite")
+        await bob.refused('Permissions Violation for Publish to "$KV.tekton_sessions.s.x"')
+
+
+async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bobs,
+        Bus.connect(team.admin, name="admin") as admin,
+    ):
+        work = await alice.gateway.create("apollo", name="work")
+        assert await ask(team.alice, "apollo", "remember", session="work") == "apollo heard: remember"
+        # Through the gateway as himself: alice's session does not exist for bob.
+        assert await bobs.gateway.list() == []
+        for attempt in (
+            lambda: bobs.gateway.get(work.id),
+            lambda: bobs.gateway.get("work"),
+            lambda: bobs.gateway.delete(work.id),
+            lambda: bobs.gateway.fork(work.id),
+            lambda: bobs.gateway.rename(work.id, "mine"),
+        ):
+            with pytest.raises(SessionNotFound):
+                await attempt()
+        with pytest.raises(SessionNotFound):
+            await ask(team.bob, "apollo", "overwrite", session=work.id)
+        # As alice: the server will not let him put her name in the subject.
+        await bob.nc.publish("tekton.gateway.alice.session.list", b"")
+        await bob.refused('Permissions Violation for Publish to "tekton.gateway.alice.session.list"')
+        await bob.nc.publish(f"tekton.gateway.{ALL_USERS}.session.list", b"")
+        await bob.refused(f'Permissions Violation for Publish to "tekton.gateway.{ALL_USERS}.session.list"')
+        # His own session may share her session's name.
+        mine = await bobs.gateway.create("apollo", name="work")
+        assert [s.id for s in await bobs.gateway.list()] == [mine.id]
+        # Alice is unaffected.
+        kept = await alice.gateway.get("work")
+        assert kept.id == work.id and kept.owner == "alice" and len(kept.turns) == 2
+        # An admin sees everyone's.
+        everyone = Bus(admin.nc, team.admin, acting_for=ALL_USERS).gateway
+        assert {(s.owner, s.id) for s in await everyone.list()} == {("alice", work.id), ("bob", mine.id)}
+
+
+async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    with env(TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
+        async with in_process_specialists(team.services, "apollo") as services:
+            async with Bus.connect(team.alice, name="alice") as alice:
+                async with alice.stream("apollo", [ChatMessage(role="user", content="long")]) as s:
+                    await s.wait_started()
+                    rid = s.request.id  # suppose bob learnt it
+                    await bob.nc.publish(f"tekton.cancel.alice.{rid}", b"")
+                    await bob.refused(f'Permissions Violation for Publish to "tekton.cancel.alice.{rid}"')
+                    await bob.nc.publish(f"tekton.cancel.bob.{rid}", b"")  # allowed subject, not his request
+                    await bob.nc.flush()
+                    text = "".join([t async for t in s])
+                result = await s.result()
+            assert isinstance(result.done, DoneFrame) and result.done.usage.completion_tokens == 30
+            assert text.startswith("apollo heard: long")
+            assert services["apollo"].counters.cancelled == 0
+
+
+async def test_alice_can_cancel_her_own_request(team: Team) -> None:
+    with env(TEKTON_SCRIPTED_TOKENS="300", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
+        async with in_process_specialists(team.services, "apollo") as services:
+            long = [ChatMessage(role="user", content="long")]
+            async with Bus.connect(team.alice, name="alice") as alice, alice.stream("apollo", long) as s:
+                await s.wait_started()
+                await s.cancel()
+            await eventually(lambda: services["apollo"].counters.cancelled == 1, within=10)
+
+
+async def test_a_revoked_user_is_cut_off(team: Team) -> None:
+    closed = anyio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    creds = load_credentials(team.users.user_creds_path("alice"))
+    nc = await nats.connect(
+        team.server.url,
+        nkeys_seed_str=creds.seed,
+        inbox_prefix="_INBOX.alice",
+        closed_cb=on_closed,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.1,
+    )
+    try:
+        team.users.remove("alice")
+        team.server.reload()
+        with anyio.fail_after(20):
+            await closed.wait()
+    finally:
+        await nc.close()
+    with pytest.raises(NatsUnavailable) as refused:
+        await connect(team.server.url, creds=creds)
+    assert "refused the credentials of 'alice'" in str(refused.value)
+    async with Bus.connect(team.bob, name="bob") as bobs:  # bob is unaffected
+        assert bobs.user == "bob"
+
+
+def test_tekton_users_rm_reloads_the_running_server(team: Team) -> None:
+    env_ = child_env(team.services)
+    done = subprocess.run(
+        [sys.executable, "-m", "tekton", "users", "rm", "bob"],
+        env=env_,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "removed bob" in done.stdout and "reloaded" in done.stdout
+    creds = load_credentials(Path(str(team.bob.creds))) if Path(str(team.bob.creds)).exists() else None
+    assert creds is None  # his credentials file is gone too
+
+    added = subprocess.run(
+        [sys.executable, "-m", "tekton", "users", "add", "Bad Name"], env=env_, capture_output=True, text=True
+    )
+    assert added.returncode == 1 and "invalid user name" in added.stderr and "Traceback" not in added.stderr
+
+
+def test_listening_beyond_loopback_needs_auth_and_tls(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "store", host="0.0.0.0", port=0)
+    with pytest.raises(BusError) as refused:
+        server.start()
+    assert "refusing to listen on 0.0.0.0 without auth and TLS" in str(refused.value)
+    assert server.process is None
+
+
+async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
+    good = certs.generate(tmp_path / "good")
+    other = certs.generate(tmp_path / "other")
+    assert stat.S_IMODE(good.key.stat().st_mode) == 0o600
+    server = EmbeddedNats(tmp_path / "store", port=0, tls=good)
+    server.start()
+    try:
+        assert server.url.startswith("tls://")
+        settings = TektonSettings(nats_url=server.url, data_dir=tmp_path / "none", tls_ca=good.ca)
+        async with Bus.connect(settings, name="test") as bus:
+            assert bus.nc.is_connected
+        wrong = settings.model_copy(update={"tls_ca": other.ca})
+        with pytest.raises(NatsUnavailable) as refused:
+            async with Bus.connect(wrong, name="test"):
+                pass
+        assert "TLS handshake failed" in str(refused.value)
+    finally:
+        server.stop()
+
+
+def test_env_is_clean() -> None:
+    assert "TEKTON_CREDS" not in os.environ
