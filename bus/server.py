@@ -27,7 +27,7 @@ log = structlog.get_logger("tekton.nats")
 
 _LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (\S+)")
-_WS_LISTEN_RE = re.compile(r"Listening for websocket clients on ws://(\S+):(\d+)")
+_WS_LISTEN_RE = re.compile(r"Listening for websocket clients on wss?://(\S+):(\d+)")
 _READY = "Server is ready"
 
 

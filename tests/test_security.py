@@ -27,7 +27,15 @@ from bus.subjects import ALL_USERS
 from bus.wire import ChatMessage, DoneFrame
 from tekton import certs
 from tekton.users import Users
-from tests.helpers import child_env, env, eventually, in_process_gateway, in_process_specialists
+from tests.helpers import (
+    aish,
+    child_env,
+    env,
+    eventually,
+    in_process_gateway,
+    in_process_specialists,
+    spawn,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fast]
 
@@ -313,3 +321,27 @@ async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None
 
 def test_env_is_clean() -> None:
     assert "TEKTON_CREDS" not in os.environ
+
+
+def test_tekton_up_tls_serves_nats_and_websocket_over_tls(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = TektonSettings(nats_url=f"nats://127.0.0.1:{port}", data_dir=tmp_path / "data")
+    argv = [sys.executable, "-m", "tekton", "up", "--tls", "--websocket", "0", "--provider", "scripted"]
+    up = spawn([*argv, "--log-level", "warning"], child_env(settings))
+    try:
+        line = up.wait_for(lambda s: s.startswith("NATS WebSocket on wss://"), timeout=60)
+        wss_url = line.split()[3]
+        up.wait_for(lambda s: s.startswith("Tekton is up"), timeout=60)
+        tls_url = f"tls://127.0.0.1:{port}"
+        for url in (tls_url, wss_url):  # aish finds the local user's credentials and tekton's CA
+            done = aish(settings.model_copy(update={"nats_url": url}), "athena", "sealed")
+            assert done.stdout == "athena heard: sealed\n", done.stderr
+        # A plain connection to the TLS port is refused.
+        plain = aish(settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{port}"}), "athena", "x")
+        assert plain.returncode != 0 and "Traceback" not in plain.stderr
+    finally:
+        up.stop()
