@@ -68,6 +68,9 @@ class TektonSettings(BaseSettings):
     # the CA that signed the server's TLS certificate (default: the data dir's generated one for tls://).
     creds: Path | None = None
     tls_ca: Path | None = None
+    # HTTP bridge: serve https with this certificate and key (`tekton up --tls` sets them).
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
     routing_method: Literal["lexical", "embedding", "hybrid"] = "lexical"
     # Gateway: a capability match below this score is not chosen.

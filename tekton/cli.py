@@ -76,6 +76,12 @@ def server_tls(settings: TektonSettings, args: argparse.Namespace) -> TlsFiles |
     return certs.ensure(settings.data_dir / "tls", [url.hostname] if url.hostname else None)
 
 
+def _http_tls(settings: TektonSettings, args: argparse.Namespace) -> dict[str, Path]:
+    """With --tls the HTTP bridge serves https with the server's certificate."""
+    tls = server_tls(settings, args)
+    return {"http_tls_cert": tls.cert, "http_tls_key": tls.key} if tls else {}
+
+
 class UsageError(BusError):
     """A command line that cannot work (exit 2)."""
 
@@ -150,7 +156,7 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
     roster = load_roster(settings.roster, settings.provider)
     async with AsyncExitStack() as stack:
         url = await ensure_nats(settings, stack, args.websocket, args)
-        settings = settings.model_copy(update={"nats_url": url})
+        settings = settings.model_copy(update={"nats_url": url, **_http_tls(settings, args)})
         stop = anyio.Event()
         exit_code = 0
         http = (args.http_host, args.http) if args.http is not None else None

@@ -6,14 +6,17 @@ handshake; an exposed listener without auth and TLS is refused."""
 from __future__ import annotations
 
 import os
+import ssl
 import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -25,6 +28,7 @@ from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import ALL_USERS
 from bus.wire import ChatMessage, DoneFrame
+from gateway.runtime import serve_gateway
 from tekton import certs
 from tekton.users import Users
 from tests.helpers import (
@@ -345,3 +349,59 @@ def test_tekton_up_tls_serves_nats_and_websocket_over_tls(tmp_path: Path) -> Non
         assert plain.returncode != 0 and "Traceback" not in plain.stderr
     finally:
         up.stop()
+
+
+@asynccontextmanager
+async def bridge(settings: TektonSettings) -> AsyncIterator[str]:
+    """A gateway with its HTTP bridge on a free port, in this event loop; yields the base URL."""
+    stop = anyio.Event()
+    urls: list[str] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            lambda task_status: serve_gateway(
+                settings, stop=stop, task_status=task_status, http=("127.0.0.1", 0), on_http=urls.append
+            )
+        )
+        try:
+            yield urls[0]
+        finally:
+            stop.set()
+
+
+async def test_http_tokens_act_as_their_users_over_https(team: Team, tmp_path: Path) -> None:
+    tls = certs.generate(tmp_path / "tls")
+    settings = team.services.model_copy(
+        update={
+            "http_tokens": ["alice=alice-token", "bob=bob-token"],
+            "http_tls_cert": tls.cert,
+            "http_tls_key": tls.key,
+        }
+    )
+    verify = ssl.create_default_context(cafile=str(tls.ca))
+    async with bridge(settings) as url, in_process_specialists(team.services, "apollo"):
+        assert url.startswith("https://")
+        as_alice = httpx.AsyncClient(
+            base_url=url, verify=verify, headers={"Authorization": "Bearer alice-token"}
+        )
+        as_bob = httpx.AsyncClient(base_url=url, verify=verify, headers={"Authorization": "Bearer bob-token"})
+        async with as_alice, as_bob:
+            created = await as_alice.post("/api/sessions", json={"name": "web", "specialist": "apollo"})
+            assert created.status_code == 200 and created.json()["owner"] == "alice"
+            said = await as_alice.post(
+                "/api/chat", json={"specialist": "apollo", "message": "mine", "session": "web"}
+            )
+            assert said.json().get("text") == "apollo heard: mine", said.text
+            assert (await as_bob.get("/api/sessions")).json()["sessions"] == []
+            assert (await as_bob.get("/api/sessions/web")).status_code == 404
+            assert (await as_bob.delete(f"/api/sessions/{created.json()['id']}")).status_code == 404
+            assert [s["name"] for s in (await as_alice.get("/api/sessions")).json()["sessions"]] == ["web"]
+            # ?token= is for /ws only (a browser's WebSocket cannot send a header).
+            async with httpx.AsyncClient(base_url=url, verify=verify) as anonymous:
+                assert (await anonymous.get("/api/sessions?token=alice-token")).status_code == 401
+                # Guessing tokens: a few tries, then the address is slowed down.
+                codes = [(await anonymous.get("/api/sessions")).status_code for _ in range(8)]
+                assert 429 in codes and codes[0] == 401
+        # An HTTPS client that does not know tekton's CA refuses the bridge.
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient(base_url=url) as unverified:
+                await unverified.get("/api/sessions")
