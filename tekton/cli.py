@@ -11,6 +11,7 @@ tekton users add|rm|list      identities on the bus (nats-server users with nkey
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -147,9 +148,12 @@ async def _start_children(
     settings: TektonSettings,
     http: tuple[str, int] | None = None,
 ) -> None:
+    # The HTTP bridge's certificate (--tls) reaches a gateway child through its environment.
+    tls = {"TEKTON_HTTP_TLS_CERT": settings.http_tls_cert, "TEKTON_HTTP_TLS_KEY": settings.http_tls_key}
+    child = functools.partial(run_child, env={k: str(v) for k, v in tls.items() if v})
     async with anyio.create_task_group() as starting:
         for label, names in groups:
-            starting.start_soon(tg.start, run_child, _child_argv(names, settings, http), label)
+            starting.start_soon(tg.start, child, _child_argv(names, settings, http), label)
 
 
 async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
@@ -382,7 +386,13 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
 
 
 async def cmd_users(settings: TektonSettings, args: argparse.Namespace) -> int:
-    users = Users(settings.data_dir, settings.prefix)
+    try:
+        return _users(Users(settings.data_dir, settings.prefix), args)
+    except BusError as err:  # a name that cannot be, one that exists, one that does not
+        raise UsageError(err.message) from err
+
+
+def _users(users: Users, args: argparse.Namespace) -> int:
     if args.users_cmd == "list":
         for user in sorted(users.load().values(), key=lambda u: u.name):
             _say(f"{user.name:<24} {user.role:<11} {user.nkey}")

@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from bus.auth import load_credentials
+from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus, connect
 from bus.errors import BusError, NatsUnavailable, SessionNotFound
 from bus.server import EmbeddedNats
@@ -292,7 +293,7 @@ def test_tekton_users_rm_reloads_the_running_server(team: Team) -> None:
     added = subprocess.run(
         [sys.executable, "-m", "tekton", "users", "add", "Bad Name"], env=env_, capture_output=True, text=True
     )
-    assert added.returncode == 1 and "invalid user name" in added.stderr and "Traceback" not in added.stderr
+    assert added.returncode == 2 and "invalid user name" in added.stderr and "Traceback" not in added.stderr
 
 
 def test_listening_beyond_loopback_needs_auth_and_tls(tmp_path: Path) -> None:
@@ -405,3 +406,31 @@ async def test_http_tokens_act_as_their_users_over_https(team: Team, tmp_path: P
         with pytest.raises(httpx.ConnectError):
             async with httpx.AsyncClient(base_url=url) as unverified:
                 await unverified.get("/api/sessions")
+
+
+async def test_bulk_runs_as_its_user(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bobs,
+    ):
+        await alice.gateway.create("apollo", name="plans")
+        # Bob's bulk operation naming alice's session does not find it; alice's own does.
+        into_hers = BulkPlan(operations=[BulkOperation(id="a", ai="apollo", message="x", session="plans")])
+        async with bobs.bulk(into_hers) as run:
+            async for _ in run:
+                pass
+        assert (await run.result()).operations[0].status == "failed"
+        async with alice.bulk(into_hers) as run:
+            async for _ in run:
+                pass
+        assert (await run.result()).status == "ok"
+        assert len((await alice.gateway.get("plans")).turns) == 2
+        # Discovery and routing work for a user.
+        found = await alice.gateway.discover(capability="code-analysis")
+        assert [v.name for v in found.specialists] == ["apollo"]
+        # Bob cannot stop alice's bulk request by its id under her name.
+        await bob.nc.publish("tekton.cancel.alice.some-bulk-id", b"")
+        await bob.refused('Permissions Violation for Publish to "tekton.cancel.alice.some-bulk-id"')
