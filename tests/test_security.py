@@ -24,11 +24,12 @@ from nats.aio.client import Client as NATS
 from bus.auth import load_credentials
 from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus, connect
-from bus.errors import BusError, NatsUnavailable, SessionNotFound
+from bus.errors import BadRequest, BusError, NatsUnavailable, SessionNotFound
 from bus.server import EmbeddedNats
+from bus.sessions import SessionChat
 from bus.settings import TektonSettings
 from bus.subjects import ALL_USERS
-from bus.wire import ChatMessage, DoneFrame
+from bus.wire import ChatMessage, ChatRequest, DoneFrame
 from gateway.runtime import serve_gateway
 from tekton import certs
 from tekton.users import Users
@@ -209,6 +210,11 @@ async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
         await bob.refused(f'Permissions Violation for Publish to "tekton.gateway.{ALL_USERS}.session.list"')
         # His own session may share her session's name.
         mine = await bobs.gateway.create("apollo", name="work")
+        # ...but its answers go to his inbox only: the gateway will not listen on (record) hers.
+        request = ChatRequest(messages=[ChatMessage(role="user", content="x")])
+        into_hers = SessionChat(session=mine.id, inbox="_INBOX.alice.abc.1", request=request)
+        with pytest.raises(BadRequest, match="is not yours"):
+            await bobs.gateway.call("chat", into_hers)
         assert [s.id for s in await bobs.gateway.list()] == [mine.id]
         # Alice is unaffected.
         kept = await alice.gateway.get("work")
