@@ -17,7 +17,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from bus.errors import BusError, NatsUnavailable
 from bus.subjects import INBOX_ROOT, inbox_prefix, validate_name
@@ -26,9 +26,12 @@ Role = Literal["user", "admin", "specialist", "gateway"]
 ROLES: tuple[str, ...] = get_args(Role)
 SERVICE_ROLES = ("specialist", "gateway")
 SRV = "$SRV.>"
+# A specialist may answer a request with this many frames within this long (its whole stream).
+RESPONSE_FRAMES_MAX = 1_000_000
+RESPONSE_WINDOW = "1h"
 
 
-def permissions(role: str, user: str, prefix: str) -> dict[str, dict[str, list[str]]]:
+def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
     """The nats-server ``permissions`` block of ``user`` in ``role``.
 
     A user publishes requests (to specialists, to the gateway under their own name, cancels under their
@@ -44,8 +47,11 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, dict[str, list[s
             publish += [f"{prefix}.gateway.*.>", f"{prefix}.cancel.*.*"]
         return {"publish": {"allow": publish}, "subscribe": {"allow": [own_inbox]}}
     if role == "specialist":
+        # Only answers to requests it received (any number of frames within the hour), nothing else:
+        # a specialist's credentials cannot write into an inbox nobody asked it to answer.
         return {
-            "publish": {"allow": [f"{INBOX_ROOT}.>"]},
+            "publish": {"allow": []},
+            "allow_responses": {"max": RESPONSE_FRAMES_MAX, "expires": RESPONSE_WINDOW},
             "subscribe": {"allow": [chat, f"{prefix}.cancel.*.*", SRV, own_inbox]},
         }
     if role == "gateway":

@@ -440,3 +440,15 @@ async def test_bulk_runs_as_its_user(team: Team, bob: Raw) -> None:
         # Bob cannot stop alice's bulk request by its id under her name.
         await bob.nc.publish("tekton.cancel.alice.some-bulk-id", b"")
         await bob.refused('Permissions Violation for Publish to "tekton.cancel.alice.some-bulk-id"')
+
+
+async def test_a_specialist_may_answer_only_what_it_was_asked(team: Team) -> None:
+    rogue = Raw()
+    nc = await rogue.connect(team.services.model_copy(update={"creds": team.users.dir / "specialist.creds"}))
+    try:
+        await nc.publish("_INBOX.alice.abc.1", b"injected")
+        await rogue.refused('Permissions Violation for Publish to "_INBOX.alice.abc.1"')
+    finally:
+        await nc.close()
+    async with in_process_specialists(team.services, "apollo"):  # answering a real request is allowed
+        assert await ask(team.alice, "apollo", "still fine") == "apollo heard: still fine"
