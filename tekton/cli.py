@@ -45,7 +45,13 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def secured_server(settings: TektonSettings, args: argparse.Namespace, **options: object) -> EmbeddedNats:
+def secured_server(
+    settings: TektonSettings,
+    args: argparse.Namespace,
+    *,
+    websocket_port: int | None = None,
+    log_file: Path | None = None,
+) -> EmbeddedNats:
     """The embedded server for ``settings.nats_url``, with auth (users made on first run) unless
     --no-auth, and TLS with --tls (tekton's own CA, or the files given)."""
     url = urlparse(settings.nats_url)
@@ -62,7 +68,9 @@ def secured_server(settings: TektonSettings, args: argparse.Namespace, **options
         port=url.port or 4222,
         auth_file=auth_file,
         tls=server_tls(settings, args),
-        **options,  # type: ignore[arg-type]
+        log_file=log_file,
+        websocket_port=websocket_port,
+        allowed_origins=settings.ws_allowed_origins,
     )
 
 
@@ -115,7 +123,6 @@ async def ensure_nats(
         args or argparse.Namespace(),
         log_file=settings.data_dir / "nats-server.log",
         websocket_port=websocket,
-        allowed_origins=settings.ws_allowed_origins,
     )
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
@@ -257,9 +264,7 @@ def _http_ready(url: str) -> None:
 
 
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
-    server = secured_server(
-        settings, args, websocket_port=args.websocket, allowed_origins=settings.ws_allowed_origins
-    )
+    server = secured_server(settings, args, websocket_port=args.websocket)
     await anyio.to_thread.run_sync(server.start)
     try:
         if server.ws_port:

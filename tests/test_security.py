@@ -452,3 +452,12 @@ async def test_a_specialist_may_answer_only_what_it_was_asked(team: Team) -> Non
         await nc.close()
     async with in_process_specialists(team.services, "apollo"):  # answering a real request is allowed
         assert await ask(team.alice, "apollo", "still fine") == "apollo heard: still fine"
+
+
+def test_tekton_nats_refuses_an_open_listener_in_one_line(tmp_path: Path) -> None:
+    settings = TektonSettings(nats_url="nats://0.0.0.0:4999", data_dir=tmp_path / "data")
+    argv = [sys.executable, "-m", "tekton", "nats", "--no-auth", "--log-level", "warning"]
+    done = subprocess.run(argv, env=child_env(settings), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("tekton: refusing to listen on 0.0.0.0 without auth and TLS")
+    assert done.stderr.count("\n") == 1
