@@ -282,24 +282,44 @@ async def test_a_revoked_user_is_cut_off(team: Team) -> None:
         assert bobs.user == "bob"
 
 
-def test_tekton_users_rm_reloads_the_running_server(team: Team) -> None:
-    env_ = child_env(team.services)
-    done = subprocess.run(
-        [sys.executable, "-m", "tekton", "users", "rm", "bob"],
-        env=env_,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+async def test_tekton_users_add_and_rm_reload_the_running_server(team: Team) -> None:
+    def tekton_users(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "tekton", "users", *args]
+        return subprocess.run(argv, env=child_env(team.services), capture_output=True, text=True, timeout=60)
+
+    bob = load_credentials(Path(str(team.bob.creds)))
+    done = await anyio.to_thread.run_sync(tekton_users, "rm", "bob")
     assert done.returncode == 0, done.stderr
     assert "removed bob" in done.stdout and "reloaded" in done.stdout
-    creds = load_credentials(Path(str(team.bob.creds))) if Path(str(team.bob.creds)).exists() else None
-    assert creds is None  # his credentials file is gone too
+    assert not await anyio.to_thread.run_sync(Path(str(team.bob.creds)).exists)  # his file is gone too
 
-    added = subprocess.run(
-        [sys.executable, "-m", "tekton", "users", "add", "Bad Name"], env=env_, capture_output=True, text=True
+    async def bob_refused() -> bool:
+        try:
+            nc = await connect(team.server.url, creds=bob)
+        except NatsUnavailable:
+            return True
+        await nc.close()
+        return False
+
+    await eventually(bob_refused, within=20)
+
+    added = await anyio.to_thread.run_sync(
+        tekton_users, "add", "carol", "--out", str(team.users.dir / "c.creds")
     )
-    assert added.returncode == 2 and "invalid user name" in added.stderr and "Traceback" not in added.stderr
+    assert added.returncode == 0 and "added carol (user)" in added.stdout, added.stderr
+    carol = team.services.model_copy(update={"creds": team.users.dir / "c.creds"})
+
+    async def carol_in() -> bool:
+        try:
+            async with Bus.connect(carol, name="carol") as bus:
+                return bus.user == "carol"
+        except NatsUnavailable:
+            return False
+
+    await eventually(carol_in, within=20)
+
+    bad = await anyio.to_thread.run_sync(tekton_users, "add", "Bad Name")
+    assert bad.returncode == 2 and "invalid user name" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_listening_beyond_loopback_needs_auth_and_tls(tmp_path: Path) -> None:
