@@ -43,7 +43,8 @@ from tests.helpers import (
     spawn,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+# Quick ones are in the fast tier; `tekton up --tls` starts ten specialists and is not.
+pytestmark = pytest.mark.anyio
 
 
 @dataclass
@@ -126,6 +127,7 @@ async def ask(settings: TektonSettings, specialist: str, text: str, session: str
         return "".join([t async for t in s])
 
 
+@pytest.mark.fast
 def test_credentials_files_are_private(team: Team) -> None:
     for path in [team.users.user_creds_path("alice"), *team.users.dir.glob("*.creds")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -133,12 +135,14 @@ def test_credentials_files_are_private(team: Team) -> None:
     assert load_credentials(team.users.user_creds_path("alice")).user == "alice"
 
 
+@pytest.mark.fast
 async def test_a_client_without_credentials_is_refused(team: Team) -> None:
     with pytest.raises(NatsUnavailable) as refused:
         await connect(team.server.url)
     assert "requires credentials" in str(refused.value)
 
 
+@pytest.mark.fast
 async def test_bob_cannot_read_other_replies_or_requests(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     heard: list[bytes] = []
@@ -157,6 +161,7 @@ async def test_bob_cannot_read_other_replies_or_requests(team: Team, bob: Raw) -
     assert heard == []
 
 
+@pytest.mark.fast
 async def test_bob_cannot_answer_for_a_specialist_or_fake_a_service(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     await bob.nc.subscribe("tekton.ai.apollo.chat", queue="tekton.ai.apollo")
@@ -170,6 +175,7 @@ async def test_bob_cannot_answer_for_a_specialist_or_fake_a_service(team: Team, 
             assert {i.name for i in await bus.instances(window=0.5)} == {"apollo"}
 
 
+@pytest.mark.fast
 async def test_bob_cannot_touch_the_sessions_bucket(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     async with in_process_gateway(team.services):
@@ -179,6 +185,7 @@ async def test_bob_cannot_touch_the_sessions_bucket(team: Team, bob: Raw) -> Non
         await bob.refused('Permissions Violation for Publish to "$KV.tekton_sessions.s.x"')
 
 
+@pytest.mark.fast
 async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     async with (
@@ -224,6 +231,7 @@ async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
         assert {(s.owner, s.id) for s in await everyone.list()} == {("alice", work.id), ("bob", mine.id)}
 
 
+@pytest.mark.fast
 async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     with env(TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
@@ -243,6 +251,7 @@ async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
             assert services["apollo"].counters.cancelled == 0
 
 
+@pytest.mark.fast
 async def test_alice_can_cancel_her_own_request(team: Team) -> None:
     with env(TEKTON_SCRIPTED_TOKENS="300", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
         async with in_process_specialists(team.services, "apollo") as services:
@@ -253,6 +262,7 @@ async def test_alice_can_cancel_her_own_request(team: Team) -> None:
             await eventually(lambda: services["apollo"].counters.cancelled == 1, within=10)
 
 
+@pytest.mark.fast
 async def test_a_revoked_user_is_cut_off(team: Team) -> None:
     closed = anyio.Event()
 
@@ -282,6 +292,7 @@ async def test_a_revoked_user_is_cut_off(team: Team) -> None:
         assert bobs.user == "bob"
 
 
+@pytest.mark.fast
 async def test_tekton_users_add_and_rm_reload_the_running_server(team: Team) -> None:
     def tekton_users(*args: str) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "tekton", "users", *args]
@@ -322,6 +333,7 @@ async def test_tekton_users_add_and_rm_reload_the_running_server(team: Team) -> 
     assert bad.returncode == 2 and "invalid user name" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.fast
 def test_listening_beyond_loopback_needs_auth_and_tls(tmp_path: Path) -> None:
     server = EmbeddedNats(tmp_path / "store", host="0.0.0.0", port=0)
     with pytest.raises(BusError) as refused:
@@ -330,6 +342,7 @@ def test_listening_beyond_loopback_needs_auth_and_tls(tmp_path: Path) -> None:
     assert server.process is None
 
 
+@pytest.mark.fast
 async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
     good = certs.generate(tmp_path / "good")
     other = certs.generate(tmp_path / "other")
@@ -350,6 +363,7 @@ async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None
         server.stop()
 
 
+@pytest.mark.fast
 def test_env_is_clean() -> None:
     assert "TEKTON_CREDS" not in os.environ
 
@@ -395,6 +409,7 @@ async def bridge(settings: TektonSettings) -> AsyncIterator[str]:
             stop.set()
 
 
+@pytest.mark.fast
 async def test_http_tokens_act_as_their_users_over_https(team: Team, tmp_path: Path) -> None:
     tls = certs.generate(tmp_path / "tls")
     settings = team.services.model_copy(
@@ -434,6 +449,7 @@ async def test_http_tokens_act_as_their_users_over_https(team: Team, tmp_path: P
                 await unverified.get("/api/sessions")
 
 
+@pytest.mark.fast
 async def test_bulk_runs_as_its_user(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     async with (
@@ -462,6 +478,7 @@ async def test_bulk_runs_as_its_user(team: Team, bob: Raw) -> None:
         await bob.refused('Permissions Violation for Publish to "tekton.cancel.alice.some-bulk-id"')
 
 
+@pytest.mark.fast
 async def test_a_specialist_may_answer_only_what_it_was_asked(team: Team) -> None:
     rogue = Raw()
     nc = await rogue.connect(team.services.model_copy(update={"creds": team.users.dir / "specialist.creds"}))
@@ -474,6 +491,7 @@ async def test_a_specialist_may_answer_only_what_it_was_asked(team: Team) -> Non
         assert await ask(team.alice, "apollo", "still fine") == "apollo heard: still fine"
 
 
+@pytest.mark.fast
 def test_tekton_nats_refuses_an_open_listener_in_one_line(tmp_path: Path) -> None:
     settings = TektonSettings(nats_url="nats://0.0.0.0:4999", data_dir=tmp_path / "data")
     argv = [sys.executable, "-m", "tekton", "nats", "--no-auth", "--log-level", "warning"]
