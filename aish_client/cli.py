@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
-        "words", nargs="*", help="`list`, `sessions ...`, or a specialist name and a question"
+        "words",
+        nargs="*",
+        help='`list`, `sessions ...`, `route "question"` (who would answer it, and why), '
+        "or a specialist name and a question",
     )
     return parser
 
@@ -103,6 +106,26 @@ async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None) 
         for conflict in v.conflicts:
             renderer.note(f"  {v.name}: {conflict}")
     return 0
+
+
+async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
+    """How the gateway would route ``text``: every specialist that fits, best first, and why."""
+    reply = await bus.gateway.discover(text=text)
+    for r in reply.ranked:
+        if r.fit >= 0.01 or r.name == reply.chosen:  # what shows as 0.00 tells nothing
+            mark = "*" if r.name == reply.chosen else " "
+            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  {r.why}\n")
+    if reply.chosen is None or reply.generalist:
+        renderer.note(reply.reason)
+    return 0 if reply.chosen else EXIT_ERROR
+
+
+async def run_route(settings: TektonSettings, words: Sequence[str], stdin_text: str | None) -> int:
+    text = " ".join(words) or (stdin_text or "")
+    if not text.strip():
+        raise PipelineSyntaxError('route needs a request: aish route "what is a mutex?"', 1, "route")
+    async with Bus.connect(settings, name="aish") as bus:
+        return await cmd_route(bus, Renderer(), text)
 
 
 async def run_once(
@@ -182,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings, args.capability)
+        if args.pipeline is None and args.words and args.words[0] == "route":
+            piped = None if sys.stdin.isatty() or len(args.words) > 1 else sys.stdin.read()
+            return anyio.run(run_route, settings, args.words[1:], piped)
         if args.pipeline is None and args.words and args.words[0] == "bulk":
             return anyio.run(run_bulk, settings, args, args.words[1:])
         if args.pipeline is None and args.words and args.words[0] == "sessions":

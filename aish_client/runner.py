@@ -6,8 +6,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TextIO
 
+from aish_client import routes
 from aish_client.fanout import Layout, plan_pipeline, run_plan
-from aish_client.parser import Pipeline, Target
+from aish_client.parser import AUTO, Pipeline, Target
 from aish_client.render import Renderer
 from bus.client import Bus
 from bus.errors import (
@@ -28,10 +29,17 @@ def compose(message: str | None, piped: str | None) -> str:
 
 
 async def choose(bus: Bus, target: Target, text: str, renderer: Renderer) -> list[str]:
-    """The specialists to try for ``target``, best first; for ``@capability`` / ``@auto`` says why."""
+    """The specialists to try for ``target``, best first; for ``@capability`` / ``@auto`` says why.
+    A routed request is remembered, and a named rerun of it corrects the routing (aish_client.routes)."""
+    if not target.capability:
+        note = await routes.correct_if_rerun(bus, target.name, text)
+        if note:
+            renderer.note(note)
     names, why = await bus.gateway.pick(str(target), text)
     if why:
         renderer.note(why)
+    if target.capability and target.name == AUTO:
+        routes.remember(bus, text, names[0])
     return names
 
 

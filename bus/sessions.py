@@ -323,10 +323,12 @@ class GatewayClient:
         text: str | None = None,
         threshold: float | None = None,
         refresh: bool = False,
+        correct: str | None = None,
     ) -> DiscoveryReply:
-        """Running specialists; with ``capability`` or ``text`` also the ranking and the chosen one."""
+        """Running specialists; with ``capability`` or ``text`` also the ranking and the chosen one; with
+        ``text`` and ``correct``, first teach the gateway that such requests belong to ``correct``."""
         request = self._request(
-            Discover, capability=capability, text=text, threshold=threshold, refresh=refresh
+            Discover, capability=capability, text=text, threshold=threshold, refresh=refresh, correct=correct
         )
         reply = await self.call("discover", request, subject=discover_subject(self.prefix, self.user))
         assert isinstance(reply, DiscoveryReply)

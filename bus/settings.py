@@ -72,7 +72,9 @@ class TektonSettings(BaseSettings):
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
-    routing_method: Literal["lexical", "embedding", "hybrid"] = "lexical"
+    routing_method: Literal["examples", "lexical", "embedding", "hybrid"] = "examples"
+    # Gateway: who answers an @auto request that no specialist's profile matches.
+    routing_generalist: str = "athena"
     # Gateway: a capability match below this score is not chosen.
     routing_threshold: float = Field(default=0.7, ge=0, le=1)
     # Gateway: operations of one bulk request running at once (a request may ask for fewer).

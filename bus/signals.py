@@ -39,3 +39,14 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before we asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's end in words: ``Illegal instruction (SIGILL)`` for a signal, else its exit code."""
+    if code is not None and code < 0:
+        try:
+            sig = signal.Signals(-code)
+        except ValueError:
+            return f"killed by signal {-code}"
+        return f"{signal.strsignal(sig) or sig.name} ({sig.name})"
+    return f"exit code {code}"

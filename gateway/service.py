@@ -123,7 +123,7 @@ class GatewayService:
             "discover": (Discover, self._discover),
         }
         self.bus = Bus(nc, settings)
-        self.running = Catalog(nc, settings.routing_method)
+        self.running = Catalog(nc, settings.routing_method, settings.prefix, settings.routing_generalist)
 
     @property
     def instance_id(self) -> str:
@@ -326,7 +326,7 @@ class GatewayService:
         views = await self.running.views(refresh=r.refresh)
         threshold = self.settings.routing_threshold if r.threshold is None else r.threshold
         ranked: list[Candidate] = []
-        chosen, reason, alternatives = None, "", []
+        chosen, reason, alternatives, generalist = None, "", [], False
         if r.capability:
             ranked = await self.running.for_capability(r.capability)
             views = [v for v in views if r.capability in v.capabilities]
@@ -342,15 +342,14 @@ class GatewayService:
                 )
         elif r.text:
             what = "text match"
-            ranked = await self.running.for_text(r.text)
-            if ranked and ranked[0].fit > 0:
-                chosen, reason = ranked[0].name, f"{ranked[0].name}: {ranked[0].why(what)}"
-                # Next best, while they fit at least half as well.
-                alternatives = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= ranked[0].score / 2]
-            else:
-                reason = "nothing in the request matches what any running specialist does; name one"
+            if r.correct:
+                await self.running.learn(r.text, r.correct)
+            route = await self.running.for_text(r.text)
+            ranked, chosen, alternatives = route.ranked, route.chosen, route.alternatives
+            reason, generalist = route.reason, route.generalist
         return DiscoveryReply(
-            specialists=views,
+            # Without their example requests: routing reads those here; askers need the rest.
+            specialists=[v.model_copy(update={"examples": []}) for v in views],
             ranked=[
                 Ranked(name=c.name, score=c.score, fit=c.fit, health=c.health, why=c.why(what))
                 for c in ranked
@@ -358,6 +357,7 @@ class GatewayService:
             chosen=chosen,
             alternatives=alternatives,
             reason=reason,
+            generalist=generalist,
             took_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 

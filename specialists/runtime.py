@@ -1,4 +1,4 @@
-"""Run a set of specialists in one process: one NATS connection, one shared model, drain on SIGTERM."""
+"""Run a set of specialists in one process: one NATS connection, drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ async def serve_specialists(
     providers = [
         create_provider(s.provider, s.provider_options, ProviderContext(s.name, shared)) for s in specs
     ]
+    # Providers that run something of their own (the local model's process) start it now, all at once.
+    async with anyio.create_task_group() as starting:
+        for provider in providers:
+            if (start := getattr(provider, "start", None)) is not None:
+                starting.start_soon(start)
     nc = await connect_as(
         settings, name=f"tekton-specialists:{','.join(s.name for s in specs)}", identity="specialist"
     )

@@ -9,6 +9,7 @@ endpoint's ``data`` in ``$SRV.STATS``.
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -138,6 +139,7 @@ class SpecialistService:
             subject=chat_subject(self.spec.name, self.settings.prefix),
             queue_group=queue_group(self.spec.name, self.settings.prefix),
             handler=self._on_chat,
+            metadata=self.spec.endpoint_metadata(),
         )
         self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
@@ -208,8 +210,13 @@ class SpecialistService:
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
-                        async with self._limiter:
-                            async for text in self.provider.stream(messages, options):
+                        # aclosing: a stopped answer releases the provider (its model) now, not
+                        # whenever the abandoned generator is collected.
+                        async with (
+                            self._limiter,
+                            aclosing(self.provider.stream(messages, options)) as texts,  # type: ignore[type-var]
+                        ):
+                            async for text in texts:
                                 await reply.chunk(text)
                                 tokens += 1
                                 if first_token is None:

