@@ -5,7 +5,6 @@ handshake; an exposed listener without auth and TLS is refused."""
 
 from __future__ import annotations
 
-import os
 import ssl
 import stat
 import subprocess
@@ -361,11 +360,6 @@ async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None
         assert "TLS handshake failed" in str(refused.value)
     finally:
         server.stop()
-
-
-@pytest.mark.fast
-def test_env_is_clean() -> None:
-    assert "TEKTON_CREDS" not in os.environ
 
 
 def test_tekton_up_tls_serves_nats_and_websocket_over_tls(tmp_path: Path) -> None:
