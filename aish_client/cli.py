@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after N s without a token or heartbeat",
     )
     parser.add_argument(
+        "--creds", help="credentials file (default $TEKTON_CREDS, else tekton's local user's)"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate to verify the server with (tls:// URLs)")
+    parser.add_argument(
         "--session",
         nargs="?",
         const=sessions.NEW,
@@ -239,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is None:  # `aish ... >&-`
             renderer.error("standard output is closed: nowhere to write the answer (redirect it to a file)")
             return EXIT_ERROR
-        settings = load_settings(nats_url=args.nats_url, idle_timeout_s=args.idle_timeout)
+        settings = load_settings(
+            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, creds=args.creds, tls_ca=args.tls_ca
+        )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings, args.capability)
         if args.pipeline is None and args.words and args.words[0] == "route":

@@ -165,7 +165,7 @@ class BulkStream:
         self.sent_at = time.perf_counter()
         try:
             reply = await self.bus.gateway.call(
-                "bulk", request, subject=bulk_subject(self.bus.settings.prefix)
+                "bulk", request, subject=bulk_subject(self.bus.settings.prefix, self.bus.acting_for)
             )
         except BaseException:
             self.bus.close_inbox(self._inbox)
@@ -188,7 +188,7 @@ class BulkStream:
 
     async def cancel(self) -> None:
         """Stop every running operation of this request on its specialist."""
-        await self.bus.nc.publish(cancel_subject(self.id, self.bus.settings.prefix), b"")
+        await self.bus.nc.publish(cancel_subject(self.id, self.bus.acting_for, self.bus.settings.prefix), b"")
         await self.bus.nc.flush(timeout=1)
 
     def __aiter__(self) -> AsyncIterator[BulkEvent]:

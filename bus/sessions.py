@@ -27,7 +27,7 @@ from bus.errors import (
     SpecialistUnavailable,
     from_wire,
 )
-from bus.subjects import REPLY_SUBJECT_PATTERN, discover_subject, session_subject
+from bus.subjects import ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
 AUTO = "auto"  # `@auto`: routed by the request's text
@@ -71,6 +71,9 @@ class Session(Wire):
     turns: list[Turn] = []
     # Turns dropped from the front when the stored history reached its cap.
     dropped: int = 0
+    # The user who created it (from the gateway subject the server pinned to them); only they (and
+    # admins) can see, change or fork it.
+    owner: str = ""
 
     def context(self) -> list[ChatMessage]:
         """The prompt history: the last ``context_window`` turns that completed."""
@@ -88,6 +91,7 @@ class Session(Wire):
             updated=self.updated,
             turns=len(self.turns) + self.dropped,
             last=last[:80],
+            owner=self.owner,
         )
 
 
@@ -99,6 +103,7 @@ class SessionSummary(Wire):
     updated: float
     turns: int
     last: str = ""
+    owner: str = ""
 
 
 # Requests
@@ -235,10 +240,12 @@ W = TypeVar("W", bound=Wire)
 class GatewayClient:
     """Calls the sessions API. ``nc`` is a connected nats-py client."""
 
-    def __init__(self, nc: Any, prefix: str, timeout: float = 5.0):
+    def __init__(self, nc: Any, prefix: str, timeout: float = 5.0, user: str = ANONYMOUS):
         self.nc = nc
         self.prefix = prefix
         self.timeout = timeout
+        # The name in our gateway subjects: nats-server lets us publish under our own only.
+        self.user = user
 
     @staticmethod
     def _request(model: type[W], **fields: Any) -> W:
@@ -252,7 +259,7 @@ class GatewayClient:
         """One gateway request/reply (``op`` names it in errors); an error reply is raised."""
         try:
             msg = await self.nc.request(
-                subject or session_subject(op, self.prefix),
+                subject or session_subject(op, self.prefix, self.user),
                 encode(request, self.nc.max_payload),
                 timeout=self.timeout,
             )
@@ -334,7 +341,7 @@ class GatewayClient:
         request = self._request(
             Discover, capability=capability, text=text, threshold=threshold, refresh=refresh, correct=correct
         )
-        reply = await self.call("discover", request, subject=discover_subject(self.prefix))
+        reply = await self.call("discover", request, subject=discover_subject(self.prefix, self.user))
         assert isinstance(reply, DiscoveryReply)
         return reply
 

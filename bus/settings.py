@@ -70,6 +70,13 @@ class TektonSettings(BaseSettings):
     http_rate_per_s: float = Field(default=50.0, gt=0)
     http_burst: float = Field(default=100.0, ge=1)
     http_allowed_origins: list[str] | None = None
+    # Credentials file (see bus/auth.py; default: the data dir's file for this process's identity) and
+    # the CA that signed the server's TLS certificate (default: the data dir's generated one for tls://).
+    creds: Path | None = None
+    tls_ca: Path | None = None
+    # HTTP bridge: serve https with this certificate and key (`tekton up --tls` sets them).
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
     routing_method: Literal["examples", "lexical", "embedding", "hybrid"] = "examples"
     # Gateway: who answers an @auto request that no specialist's profile matches.

@@ -135,11 +135,25 @@ class Bucket:
         return (1 - self.tokens) / self.rate
 
 
+# Wrong tokens from one address: a few at once, then one a second (guessing tokens is slow).
+FAILED_RATE_PER_S = 1.0
+FAILED_BURST = 5.0
+
+
 class Guard:
-    """API tokens (required unless the bridge listens on localhost only) and a rate limit per caller."""
+    """API tokens (required unless the bridge listens on localhost only) and a rate limit per caller.
+
+    A token given as ``NAME=TOKEN`` acts as the bus user NAME: its sessions and bulk requests are
+    NAME's, exactly as if NAME used aish (the bridge holds the gateway's credentials, which may use
+    any user's name in gateway subjects). A bare token acts as the bridge's own identity.
+    """
 
     def __init__(self, tokens: list[str], rate: float, burst: float):
-        self.tokens = set(tokens)
+        self.users: dict[str, str | None] = {}
+        for entry in tokens:
+            name, sep, token = entry.partition("=")
+            self.users[token if sep else entry] = name if sep else None
+        self.tokens = set(self.users)
         self.rate, self.burst = rate, burst
         self.buckets: dict[str, Bucket] = {}
 
@@ -149,32 +163,39 @@ class Guard:
             given = authorization[7:].strip()
         if self.tokens:
             if given not in self.tokens:
+                self.admit(f"failed:{client}", FAILED_RATE_PER_S, FAILED_BURST)
                 raise Unauthorized("a valid API token is needed")
             return f"token:{given}"
         return f"client:{client}"
 
-    def admit(self, caller: str) -> None:
-        wait = self.buckets.setdefault(caller, Bucket(self.rate, self.burst)).take()
+    def user(self, caller: str) -> str | None:
+        """The bus user a caller acts as (None: the bridge's own)."""
+        return self.users.get(caller.removeprefix("token:")) if caller.startswith("token:") else None
+
+    def admit(self, caller: str, rate: float | None = None, burst: float | None = None) -> None:
+        bucket = Bucket(rate or self.rate, burst or self.burst)
+        wait = self.buckets.setdefault(caller, bucket).take()
         if wait:
             raise RateLimited(max(1, math.ceil(wait)))
 
 
 def create_app(
-    settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None
+    settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None, tls: bool = False
 ) -> FastAPI:
     """The bridge's app; ``ready`` is set once it is connected to NATS and can serve."""
     tokens = settings.http_tokens or []
-    if not tokens and host not in LOCAL_HOSTS:
+    if host not in LOCAL_HOSTS and not (tokens and tls):
         raise BadRequest(
-            f"the HTTP bridge on {host} needs API tokens (TEKTON_HTTP_TOKENS); without them it only "
-            "listens on localhost"
+            f"the HTTP bridge on {host} needs API tokens (TEKTON_HTTP_TOKENS) and TLS (--tls); without "
+            "them it only listens on localhost"
         )
     guard = Guard(tokens, settings.http_rate_per_s, settings.http_burst)
     state: dict[str, Bus] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with Bus.connect(settings, name="tekton-http") as bus:
+        # The gateway's identity: it may put any caller's user name in gateway subjects.
+        async with Bus.connect(settings, name="tekton-http", identity="gateway") as bus:
             state["bus"] = bus
             if ready is not None:
                 ready.set()
@@ -188,13 +209,20 @@ def create_app(
         lifespan=lifespan,
     )
 
-    def bus() -> Bus:
-        return state["bus"]
+    def bus(caller: str) -> Bus:
+        """The bus as the caller's user (one Bus, with its own inbox, per user, on one connection)."""
+        user = guard.user(caller)
+        if user is None:
+            return state["bus"]
+        if user not in state:
+            state[user] = Bus(state["bus"].nc, settings, acting_for=user)
+        return state[user]
 
     async def admitted(request: Request) -> str:
+        # ?token= only on /ws, where a browser cannot set a header: in a URL it ends up in logs.
         caller = guard.caller(
             request.headers.get("authorization"),
-            request.query_params.get("token"),
+            None,
             request.client.host if request.client else "?",
         )
         guard.admit(caller)
@@ -221,27 +249,27 @@ def create_app(
         }
         return JSONResponse(body, status_code=422)
 
-    async def open_stream(body: ChatBody) -> Opened:
-        return await open_body(bus(), body)
+    async def open_stream(body: ChatBody, caller: str) -> Opened:
+        return await open_body(bus(caller), body)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def console() -> str:
         return (resources.files("gateway") / "console.html").read_text()
 
     @app.get("/api/capabilities", summary="Running specialists, their capabilities and health")
-    async def capabilities(_: str = Depends(admitted)) -> dict[str, Any]:
-        reply = await bus().gateway.discover()
+    async def capabilities(caller: str = Depends(admitted)) -> dict[str, Any]:
+        reply = await bus(caller).gateway.discover()
         return {"specialists": [v.model_dump() for v in reply.specialists]}
 
     @app.get("/api/discover", summary="Rank specialists for a capability or a text")
     async def discover(
-        capability: str | None = None, text: str | None = None, _: str = Depends(admitted)
+        capability: str | None = None, text: str | None = None, caller: str = Depends(admitted)
     ) -> dict[str, Any]:
-        return (await bus().gateway.discover(capability=capability, text=text)).model_dump()
+        return (await bus(caller).gateway.discover(capability=capability, text=text)).model_dump()
 
     @app.post("/api/chat", summary="Ask a specialist; the whole answer as JSON")
-    async def chat(body: ChatBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        opened = await open_stream(body)
+    async def chat(body: ChatBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        opened = await open_stream(body, caller)
         name, stream = opened.name, opened.stream
         async with stream:
             result = await stream.result()
@@ -254,8 +282,8 @@ def create_app(
         }
 
     @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
-    async def chat_stream(body: ChatBody, _: str = Depends(admitted)) -> StreamingResponse:
-        opened = await open_stream(body)
+    async def chat_stream(body: ChatBody, caller: str = Depends(admitted)) -> StreamingResponse:
+        opened = await open_stream(body, caller)
         name, stream = opened.name, opened.stream
 
         async def events() -> AsyncIterator[str]:
@@ -276,31 +304,31 @@ def create_app(
         return ClosingStream(events(), stream)
 
     @app.get("/api/sessions", summary="Sessions, most recently changed first")
-    async def list_sessions(specialist: str | None = None, _: str = Depends(admitted)) -> dict[str, Any]:
-        return {"sessions": [s.model_dump() for s in await bus().gateway.list(specialist=specialist)]}
+    async def list_sessions(specialist: str | None = None, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return {"sessions": [s.model_dump() for s in await bus(caller).gateway.list(specialist=specialist)]}
 
     @app.post("/api/sessions", summary="Start a session")
-    async def create_session(body: SessionCreateBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        created = await bus().gateway.create(
+    async def create_session(body: SessionCreateBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        created = await bus(caller).gateway.create(
             body.specialist, name=body.name, context_window=body.context_window, metadata=body.metadata
         )
         return created.model_dump()
 
     @app.get("/api/sessions/{ref}", summary="One session with its turns")
-    async def get_session(ref: str, _: str = Depends(admitted)) -> dict[str, Any]:
-        return (await bus().gateway.get(ref)).model_dump()
+    async def get_session(ref: str, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus(caller).gateway.get(ref)).model_dump()
 
     @app.delete("/api/sessions/{ref}", summary="Delete a session")
-    async def delete_session(ref: str, _: str = Depends(admitted)) -> dict[str, Any]:
-        return {"deleted": await bus().gateway.delete(ref)}
+    async def delete_session(ref: str, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return {"deleted": await bus(caller).gateway.delete(ref)}
 
     @app.post("/api/sessions/{ref}/fork", summary="A new session from the first turns of another")
-    async def fork_session(ref: str, body: ForkBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        return (await bus().gateway.fork(ref, at=body.at, name=body.name)).model_dump()
+    async def fork_session(ref: str, body: ForkBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus(caller).gateway.fork(ref, at=body.at, name=body.name)).model_dump()
 
     @app.post("/api/bulk", summary="Run a bulk plan; progress as server-sent events")
-    async def bulk(plan: BulkPlan, _: str = Depends(admitted)) -> StreamingResponse:
-        run = bus().bulk(plan)
+    async def bulk(plan: BulkPlan, caller: str = Depends(admitted)) -> StreamingResponse:
+        run = bus(caller).bulk(plan)
         await run.__aenter__()
 
         async def events() -> AsyncIterator[str]:
@@ -314,19 +342,19 @@ def create_app(
         return ClosingStream(events(), run)
 
     @app.get("/v1/models", summary="OpenAI-compatible: specialists and @capabilities as models")
-    async def models(_: str = Depends(admitted)) -> dict[str, Any]:
-        views = (await bus().gateway.discover()).specialists
+    async def models(caller: str = Depends(admitted)) -> dict[str, Any]:
+        views = (await bus(caller).gateway.discover()).specialists
         names = [v.name for v in views] + sorted({f"@{c}" for v in views for c in v.capabilities}) + ["@auto"]
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tekton"} for n in names]}
 
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions (streaming or not)")
-    async def completions(body: OpenAIChat, _: str = Depends(admitted)) -> Any:
+    async def completions(body: OpenAIChat, caller: str = Depends(admitted)) -> Any:
         chat_body = ChatBody(
             specialist=body.model,
             messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
             options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
         )
-        opened = await open_stream(chat_body)
+        opened = await open_stream(chat_body, caller)
         name, stream = opened.name, opened.stream
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -395,7 +423,7 @@ def create_app(
             await socket.close(code=1008, reason=err.message)
             return
         await socket.accept()
-        await JsonRpc(socket, bus(), guard, caller).serve()
+        await JsonRpc(socket, bus(caller), guard, caller).serve()
 
     return app
 

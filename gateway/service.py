@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -45,11 +46,14 @@ from bus.sessions import (
 )
 from bus.settings import TektonSettings
 from bus.subjects import (
+    ALL_USERS,
     SESSION_OPS,
     bulk_subject,
     chat_subject,
     discover_subject,
     gateway_queue,
+    gateway_user,
+    inbox_owner,
     session_subject,
     validate_name,
 )
@@ -75,6 +79,26 @@ log = structlog.get_logger("tekton.gateway")
 VERSION = "0.1.0"
 
 Handler = Callable[[Any], Awaitable[Wire]]
+
+# Who is asking, from the user token of the request's subject (nats-server lets each user publish
+# under their own name only); set per request task, never read from the payload.
+asking: ContextVar[str] = ContextVar("asking")
+
+
+def _owner() -> str | None:
+    """The owner whose sessions this request may touch; None for an admin asking as ``_all``."""
+    user = asking.get()
+    return None if user == ALL_USERS else user
+
+
+def _new_owner(like: Session | None = None) -> str:
+    """The owner of a session this request creates: the asker, or for ``_all`` the source's owner."""
+    user = asking.get()
+    if user != ALL_USERS:
+        return user
+    if like is None:
+        raise BadRequest("as _all (every user's sessions) you cannot create one: ask as its user")
+    return like.owner
 
 
 class GatewayService:
@@ -118,9 +142,10 @@ class GatewayService:
             },
             stats_handler=self._stats_data,
         )
-        endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]
-        endpoints.append(("bulk", bulk_subject(self.settings.prefix), "bulk"))
-        endpoints.append(("discover", discover_subject(self.settings.prefix), "discover"))
+        prefix = self.settings.prefix
+        endpoints = [(f"session-{op}", session_subject(op, prefix, "*"), op) for op in SESSION_OPS]
+        endpoints.append(("bulk", bulk_subject(prefix, "*"), "bulk"))
+        endpoints.append(("discover", discover_subject(prefix, "*"), "discover"))
         for name, subject, op in endpoints:
             await self._service.add_endpoint(
                 name=name,
@@ -154,6 +179,7 @@ class GatewayService:
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
         """Validate, run, reply; whatever goes wrong becomes an error reply and the gateway goes on."""
         self.counters["requests"] += 1
+        asking.set(gateway_user(req.subject, self.settings.prefix))
         try:
             try:
                 request = model.model_validate(unpack_frame(req.data))
@@ -184,22 +210,26 @@ class GatewayService:
         if r.specialist is not None:
             _check_name(r.specialist)
         session = Session(
-            name=r.name, specialist=r.specialist, context_window=r.context_window, metadata=r.metadata
+            name=r.name,
+            specialist=r.specialist,
+            context_window=r.context_window,
+            metadata=r.metadata,
+            owner=_new_owner(),
         )
         return SessionReply(session=await self.store.create(session))
 
     async def _get(self, r: SessionRef) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
+        session, _ = await self.store.resolve(r.session, _owner())
         return SessionReply(session=session)
 
     async def _list(self, r: ListSessions) -> SessionsReply:
-        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit))
+        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit, _owner()))
 
     async def _delete(self, r: SessionRef) -> DeletedReply:
-        return DeletedReply(session=await self.store.delete(r.session))
+        return DeletedReply(session=await self.store.delete(r.session, _owner()))
 
     async def _fork(self, r: ForkSession) -> SessionReply:
-        source, _ = await self.store.resolve(r.session)
+        source, _ = await self.store.resolve(r.session, _owner())
         at = len(source.turns) if r.at is None else r.at
         if at > len(source.turns):
             raise BadRequest(
@@ -214,12 +244,13 @@ class GatewayService:
             created=now,
             updated=now,
             turns=source.turns[:at],
+            owner=_new_owner(source),
         )
         return SessionReply(session=await self.store.create(fork))
 
     async def _rename(self, r: RenameSession) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
-        await self.store.check_name_free(r.name, but=session.id)
+        session, _ = await self.store.resolve(r.session, _owner())
+        await self.store.check_name_free(r.name, but=session.id, owner=session.owner)
         renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
         return SessionReply(session=renamed)
 
@@ -228,7 +259,7 @@ class GatewayService:
     ) -> tuple[str, Turn, ChatRequest]:
         """Store the user turn (first, so it survives whatever happens to the answer) and return the
         request with the session's context before the new message(s)."""
-        session = await self.store.recent(ref)
+        session = await self.store.recent(ref, _owner())
         specialist = specialist or session.specialist
         if not specialist:
             raise BadRequest(
@@ -249,7 +280,13 @@ class GatewayService:
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
+    def _check_inbox(self, inbox: str) -> None:
+        """Answers go only to the asker's own inbox (or ours, for the HTTP bridge we run)."""
+        if inbox_owner(inbox) not in (asking.get(), self.bus.user):
+            raise BadRequest(f"inbox {inbox!r} is not yours: use one under _INBOX.{asking.get()}")
+
     async def _chat(self, r: SessionChat) -> ChatAccepted:
+        self._check_inbox(r.inbox)
         session_id, turn, request = await self._begin_turn(r.session, r.specialist, r.request)
         try:
             payload = encode_request(request, limit=self.nc.max_payload)
@@ -329,6 +366,7 @@ class GatewayService:
         )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:
+        self._check_inbox(r.inbox)
         graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))
         run = BulkRun(
             self.nc,
@@ -338,6 +376,7 @@ class GatewayService:
             max_concurrency=self.settings.bulk_max_concurrency,
             heartbeat_s=self.settings.heartbeat_s,
             session_turn=self._session_turn,
+            owner=asking.get(),
         )
         self._recording(+1)
 

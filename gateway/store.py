@@ -150,8 +150,9 @@ class SessionStore:
         self._remember(session, revision)
         return session, revision
 
-    async def scan(self) -> list[Session]:
-        """Every live session (one ephemeral ordered consumer over the bucket's last values)."""
+    async def scan(self, owner: str | None = None) -> list[Session]:
+        """Every live session of ``owner`` (None: everyone's), by one ephemeral ordered consumer over the
+        bucket's last values."""
         watcher = await self.kv.watch("s.*", ignore_deletes=True)
         sessions: list[Session] = []
         try:
@@ -160,7 +161,9 @@ class SessionStore:
                     break
                 if entry.operation is None and entry.value:
                     try:
-                        sessions.append(_decode(entry.value, entry.key))
+                        session = _decode(entry.value, entry.key)
+                        if owner is None or session.owner == owner:
+                            sessions.append(session)
                     except BusError as err:
                         log.warning("skipping unreadable session", key=entry.key, error=err.message)
                 if entry.delta == 0:
@@ -169,14 +172,15 @@ class SessionStore:
             await watcher.stop()
         return sessions
 
-    async def resolve(self, ref: str) -> tuple[Session, int]:
-        """The session with id ``ref``, else the newest one named ``ref``, else the one whose id starts
-        with ``ref`` (at least 6 hex digits), with its revision."""
+    async def resolve(self, ref: str, owner: str | None = None) -> tuple[Session, int]:
+        """The session of ``owner`` (None: anyone's) with id ``ref``, else the newest one named ``ref``,
+        else the one whose id starts with ``ref`` (at least 6 hex digits), with its revision. Another
+        user's session is not found, exactly as if it did not exist."""
         if SESSION_ID_RE.match(ref):
             found = await self._load(ref)
-            if found is not None:
+            if found is not None and (owner is None or found[0].owner == owner):
                 return found
-        sessions = await self.scan()
+        sessions = await self.scan(owner)
         named = [s for s in sessions if s.name == ref]
         if not named and ID_PREFIX_RE.match(ref):
             named = [s for s in sessions if s.id.startswith(ref)]
@@ -189,20 +193,24 @@ class SessionStore:
                 return found
         raise SessionNotFound.named(ref, self.limits.ttl_s)
 
-    async def recent(self, ref: str) -> Session:
+    async def recent(self, ref: str, owner: str | None = None) -> Session:
         """The session as this replica last saw it, else as stored: for callers that go on to write it
         (a stale value is caught by the compare-and-set, and the write returns the fresh one)."""
         cached = self._recent.get(ref)
-        return cached[0] if cached else (await self.resolve(ref))[0]
+        if cached and (owner is None or cached[0].owner == owner):
+            return cached[0]
+        return (await self.resolve(ref, owner))[0]
 
-    async def check_name_free(self, name: str | None, but: str | None = None) -> None:
+    async def check_name_free(
+        self, name: str | None, but: str | None = None, owner: str | None = None
+    ) -> None:
         if name is None:
             return
-        if any(s.name == name and s.id != but for s in await self.scan()):
+        if any(s.name == name and s.id != but for s in await self.scan(owner)):
             raise BadRequest(f"a session named '{name}' already exists; pick another name")
 
     async def create(self, session: Session) -> Session:
-        await self.check_name_free(session.name)
+        await self.check_name_free(session.name, owner=session.owner)
         session, data = self._encode(session)
         self._remember(session, await _leader_write(lambda: self.kv.create(_key(session.id), data)))
         return session
@@ -237,16 +245,18 @@ class SessionStore:
                 session, revision = found
         raise BusError(f"session {ref} is changing too fast to update; try again", retryable=True)
 
-    async def delete(self, ref: str) -> str:
-        session, _ = await self.resolve(ref)
+    async def delete(self, ref: str, owner: str | None = None) -> str:
+        session, _ = await self.resolve(ref, owner)
         await self.kv.purge(_key(session.id))
         self._recent.pop(session.id, None)
         return session.id
 
-    async def list(self, specialist: str | None, name: str | None, limit: int) -> list[SessionSummary]:
+    async def list(
+        self, specialist: str | None, name: str | None, limit: int, owner: str | None = None
+    ) -> list[SessionSummary]:
         sessions = [
             s
-            for s in await self.scan()
+            for s in await self.scan(owner)
             if (specialist is None or s.specialist == specialist) and (name is None or s.name == name)
         ]
         sessions.sort(key=lambda s: s.updated, reverse=True)

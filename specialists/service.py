@@ -33,7 +33,7 @@ from bus.client import is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
 from bus.settings import TektonSettings
-from bus.subjects import cancel_wildcard, chat_subject, queue_group
+from bus.subjects import ANONYMOUS, cancel_parts, cancel_wildcard, chat_subject, inbox_owner, queue_group
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -130,10 +130,13 @@ class SpecialistService:
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._scopes: dict[str, anyio.CancelScope] = {}
-        # Cancels that arrived before their request: request id -> when (monotonic), oldest first.
-        self._early_cancels: OrderedDict[str, float] = OrderedDict()
+        # Cancels that arrived before their request: request id -> (when (monotonic), who sent it),
+        # oldest first.
+        self._early_cancels: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._probe_prefix = nc.new_inbox()
         self._probe_sub: Any = None
+        # Whose each request is (the user whose inbox gets its answer): only they may cancel it.
+        self._owners: dict[str, str] = {}
         self._streaming: dict[str, ReplyStream] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -193,8 +196,14 @@ class SpecialistService:
         return self.counters.as_data()
 
     async def _on_cancel(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
+        # The server lets a user publish cancels under their own name only; a request is that user's
+        # when its answer goes to their inbox.
+        user, request_id = cancel_parts(msg.subject)
         scope = self._scopes.get(request_id)
+        owner = self._owners.get(request_id)
+        if scope is not None and owner is not None and owner != user:
+            self.log.warning("cancel refused: not the asker's request", request_id=request_id, user=user)
+            return
         if scope is not None:
             self.log.info("cancel received", request_id=request_id)
             scope.cancel()
@@ -202,14 +211,17 @@ class SpecialistService:
         # Perhaps its request is still on its way (another subscription, another task): remember it.
         now = time.monotonic()
         early = self._early_cancels
-        early[request_id] = now
+        early[request_id] = (now, user)
         early.move_to_end(request_id)
-        while early and (len(early) > EARLY_CANCEL_MAX or now - next(iter(early.values())) > EARLY_CANCEL_S):
+        while early and (
+            len(early) > EARLY_CANCEL_MAX or now - next(iter(early.values()))[0] > EARLY_CANCEL_S
+        ):
             early.popitem(last=False)
 
-    def _cancelled_early(self, request_id: str) -> bool:
-        when = self._early_cancels.pop(request_id, None)
-        return when is not None and time.monotonic() - when <= EARLY_CANCEL_S
+    def _cancelled_early(self, request_id: str, owner: str) -> bool:
+        """A cancel for this request came before it, from its own user, not too long ago."""
+        early = self._early_cancels.pop(request_id, None)
+        return early is not None and early[1] == owner and time.monotonic() - early[0] <= EARLY_CANCEL_S
 
     async def _on_probe_answer(self, msg: Msg) -> None:
         """NATS's "no responders" to a probe: nobody subscribes to that stream's subject any more."""
@@ -251,7 +263,8 @@ class SpecialistService:
         # Registered before the task starts, so a cancel between now and then finds it.
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
-        if self._cancelled_early(request.id):
+        owner = self._owners[request.id] = inbox_owner(reply_to) or ANONYMOUS
+        if self._cancelled_early(request.id, owner):
             scope.cancel()
         self._tg.start_soon(self._serve, request, reply, scope)
 
@@ -347,6 +360,7 @@ class SpecialistService:
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
             self._scopes.pop(request.id, None)
+            self._owners.pop(request.id, None)
             self.counters.in_flight -= 1
             if self.placement:
                 self.placement.update(self.counters.in_flight)

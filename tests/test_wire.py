@@ -113,7 +113,7 @@ def test_subjects() -> None:
     assert chat_subject("apollo") == "tekton.ai.apollo.chat"
     assert chat_subject("apollo", prefix="dev") == "dev.ai.apollo.chat"
     assert queue_group("apollo") == "tekton.ai.apollo"
-    assert cancel_subject("abc") == "tekton.cancel.abc"
+    assert cancel_subject("abc", "alice") == "tekton.cancel.alice.abc"
     for bad in ["Apollo", "a.b", "-x", "x-", "", "a b", "a*"]:
         with pytest.raises(ValueError):
             validate_name(bad)
