@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from bus import tracing
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import Bus, ChatStream, is_no_responders
-from bus.discovery import Discover, DiscoveryReply, Ranked
+from bus.discovery import PREFIX_KEY, Discover, DiscoveryReply, Ranked
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
     ChatAccepted,
@@ -46,11 +47,14 @@ from bus.sessions import (
 )
 from bus.settings import TektonSettings
 from bus.subjects import (
+    ALL_USERS,
     SESSION_OPS,
     bulk_subject,
     chat_subject,
     discover_subject,
     gateway_queue,
+    gateway_user,
+    inbox_owner,
     session_subject,
     validate_name,
 )
@@ -77,6 +81,26 @@ VERSION = "0.1.0"
 
 Handler = Callable[[Any], Awaitable[Wire]]
 
+# Who is asking, from the user token of the request's subject (nats-server lets each user publish
+# under their own name only); set per request task, never read from the payload.
+asking: ContextVar[str] = ContextVar("asking")
+
+
+def _owner() -> str | None:
+    """The owner whose sessions this request may touch; None for an admin asking as ``_all``."""
+    user = asking.get()
+    return None if user == ALL_USERS else user
+
+
+def _new_owner(like: Session | None = None) -> str:
+    """The owner of a session this request creates: the asker, or for ``_all`` the source's owner."""
+    user = asking.get()
+    if user != ALL_USERS:
+        return user
+    if like is None:
+        raise BadRequest("as _all (every user's sessions) you cannot create one: ask as its user")
+    return like.owner
+
 
 class GatewayService:
     def __init__(self, nc: NATS, store: SessionStore, settings: TektonSettings, task_group: TaskGroup):
@@ -100,7 +124,7 @@ class GatewayService:
             "discover": (Discover, self._discover),
         }
         self.bus = Bus(nc, settings)
-        self.running = Catalog(nc, settings.routing_method)
+        self.running = Catalog(nc, settings.routing_method, settings.prefix, settings.routing_generalist)
 
     @property
     def instance_id(self) -> str:
@@ -112,12 +136,17 @@ class GatewayService:
             name="gateway",
             version=VERSION,
             description="Tekton gateway: conversation sessions in JetStream KV",
-            metadata={"tekton_role": "gateway", "bucket": self.store.kv._name},
+            metadata={
+                "tekton_role": "gateway",
+                "bucket": self.store.kv._name,
+                PREFIX_KEY: self.settings.prefix,
+            },
             stats_handler=self._stats_data,
         )
-        endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]
-        endpoints.append(("bulk", bulk_subject(self.settings.prefix), "bulk"))
-        endpoints.append(("discover", discover_subject(self.settings.prefix), "discover"))
+        prefix = self.settings.prefix
+        endpoints = [(f"session-{op}", session_subject(op, prefix, "*"), op) for op in SESSION_OPS]
+        endpoints.append(("bulk", bulk_subject(prefix, "*"), "bulk"))
+        endpoints.append(("discover", discover_subject(prefix, "*"), "discover"))
         for name, subject, op in endpoints:
             await self._service.add_endpoint(
                 name=name,
@@ -158,6 +187,7 @@ class GatewayService:
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
         """Validate, run, reply; whatever goes wrong becomes an error reply and the gateway goes on."""
         self.counters["requests"] += 1
+        asking.set(gateway_user(req.subject, self.settings.prefix))
         try:
             try:
                 request = model.model_validate(unpack_frame(req.data))
@@ -188,22 +218,26 @@ class GatewayService:
         if r.specialist is not None:
             _check_name(r.specialist)
         session = Session(
-            name=r.name, specialist=r.specialist, context_window=r.context_window, metadata=r.metadata
+            name=r.name,
+            specialist=r.specialist,
+            context_window=r.context_window,
+            metadata=r.metadata,
+            owner=_new_owner(),
         )
         return SessionReply(session=await self.store.create(session))
 
     async def _get(self, r: SessionRef) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
+        session, _ = await self.store.resolve(r.session, _owner())
         return SessionReply(session=session)
 
     async def _list(self, r: ListSessions) -> SessionsReply:
-        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit))
+        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit, _owner()))
 
     async def _delete(self, r: SessionRef) -> DeletedReply:
-        return DeletedReply(session=await self.store.delete(r.session))
+        return DeletedReply(session=await self.store.delete(r.session, _owner()))
 
     async def _fork(self, r: ForkSession) -> SessionReply:
-        source, _ = await self.store.resolve(r.session)
+        source, _ = await self.store.resolve(r.session, _owner())
         at = len(source.turns) if r.at is None else r.at
         if at > len(source.turns):
             raise BadRequest(
@@ -218,12 +252,13 @@ class GatewayService:
             created=now,
             updated=now,
             turns=source.turns[:at],
+            owner=_new_owner(source),
         )
         return SessionReply(session=await self.store.create(fork))
 
     async def _rename(self, r: RenameSession) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
-        await self.store.check_name_free(r.name, but=session.id)
+        session, _ = await self.store.resolve(r.session, _owner())
+        await self.store.check_name_free(r.name, but=session.id, owner=session.owner)
         renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
         return SessionReply(session=renamed)
 
@@ -232,7 +267,7 @@ class GatewayService:
     ) -> tuple[str, Turn, ChatRequest]:
         """Store the user turn (first, so it survives whatever happens to the answer) and return the
         request with the session's context before the new message(s)."""
-        session = await self.store.recent(ref)
+        session = await self.store.recent(ref, _owner())
         specialist = specialist or session.specialist
         if not specialist:
             raise BadRequest(
@@ -253,7 +288,13 @@ class GatewayService:
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
+    def _check_inbox(self, inbox: str) -> None:
+        """Answers go only to the asker's own inbox (or ours, for the HTTP bridge we run)."""
+        if inbox_owner(inbox) not in (asking.get(), self.bus.user):
+            raise BadRequest(f"inbox {inbox!r} is not yours: use one under _INBOX.{asking.get()}")
+
     async def _chat(self, r: SessionChat) -> ChatAccepted:
+        self._check_inbox(r.inbox)
         session_id, turn, request = await self._begin_turn(r.session, r.specialist, r.request)
         try:
             payload = encode_request(request, limit=self.nc.max_payload)
@@ -298,7 +339,7 @@ class GatewayService:
         views = await self.running.views(refresh=r.refresh)
         threshold = self.settings.routing_threshold if r.threshold is None else r.threshold
         ranked: list[Candidate] = []
-        chosen, reason, alternatives = None, "", []
+        chosen, reason, alternatives, generalist = None, "", [], False
         if r.capability:
             ranked = await self.running.for_capability(r.capability)
             views = [v for v in views if r.capability in v.capabilities]
@@ -314,15 +355,14 @@ class GatewayService:
                 )
         elif r.text:
             what = "text match"
-            ranked = await self.running.for_text(r.text)
-            if ranked and ranked[0].fit > 0:
-                chosen, reason = ranked[0].name, f"{ranked[0].name}: {ranked[0].why(what)}"
-                # Next best, while they fit at least half as well.
-                alternatives = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= ranked[0].score / 2]
-            else:
-                reason = "nothing in the request matches what any running specialist does; name one"
+            if r.correct:
+                await self.running.learn(r.text, r.correct)
+            route = await self.running.for_text(r.text)
+            ranked, chosen, alternatives = route.ranked, route.chosen, route.alternatives
+            reason, generalist = route.reason, route.generalist
         return DiscoveryReply(
-            specialists=views,
+            # Without their example requests: routing reads those here; askers need the rest.
+            specialists=[v.model_copy(update={"examples": []}) for v in views],
             ranked=[
                 Ranked(name=c.name, score=c.score, fit=c.fit, health=c.health, why=c.why(what))
                 for c in ranked
@@ -330,10 +370,12 @@ class GatewayService:
             chosen=chosen,
             alternatives=alternatives,
             reason=reason,
+            generalist=generalist,
             took_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:
+        self._check_inbox(r.inbox)
         graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))
         run = BulkRun(
             self.nc,
@@ -343,6 +385,7 @@ class GatewayService:
             max_concurrency=self.settings.bulk_max_concurrency,
             heartbeat_s=self.settings.heartbeat_s,
             session_turn=self._session_turn,
+            owner=asking.get(),
         )
         self._recording(+1)
 
@@ -405,6 +448,8 @@ class GatewayService:
                     stored = await self._finish(session_id, turn, "".join(parts), status, error)
                     if stored is not None:
                         await self.nc.publish(inbox, encode(stored))
+                except Exception:  # the store is unreachable: this turn stays pending, the gateway lives
+                    log.exception("answer not stored", session=session_id)
                 finally:
                     self._recording(-1)
 
