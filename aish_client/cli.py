@@ -205,6 +205,25 @@ async def run_sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
         return await sessions.run(bus, argv, Renderer())
 
 
+async def run_usage(settings: TektonSettings) -> int:
+    """`aish usage`: the tokens you have spent (per session too) and your budget, from the gateway."""
+    async with Bus.connect(settings, name="aish") as bus:
+        u = await bus.gateway.usage()
+    t = u.total
+    line = (
+        f"{u.user}: {t.requests} requests, {t.prompt_tokens} prompt + {t.completion_tokens} completion"
+        f" = {t.tokens} tokens"
+    )
+    if u.budget_tokens is not None:
+        line += f" (budget {u.budget_tokens}, {max(0, u.budget_tokens - t.tokens)} left)"
+    print(line)
+    if u.sessions:
+        print(f"{'SESSION':<34} {'REQUESTS':>8} {'PROMPT':>8} {'COMPLETION':>10}")
+        for session, s in sorted(u.sessions.items()):
+            print(f"{session:<34} {s.requests:>8} {s.prompt_tokens:>8} {s.completion_tokens:>10}")
+    return 0
+
+
 async def run_list(settings: TektonSettings, capability: str | None) -> int:
     async with Bus.connect(settings, name="aish") as bus:
         return await cmd_list(bus, Renderer(), capability)
@@ -250,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings, args.capability)
+        if args.pipeline is None and args.words == ["usage"]:
+            return anyio.run(run_usage, settings)
         if args.pipeline is None and args.words and args.words[0] == "route":
             piped = None if sys.stdin.isatty() or len(args.words) > 1 else sys.stdin.read()
             return anyio.run(run_route, settings, args.words[1:], piped)

@@ -49,10 +49,11 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
     if role == "specialist":
         # Only answers to requests it received (any number of frames within the hour), nothing else:
         # a specialist's credentials cannot write into an inbox nobody asked it to answer.
+        # And one usage record per answer, to the gateway's usage book; it hears who is over budget.
         return {
-            "publish": {"allow": []},
+            "publish": {"allow": [f"{prefix}.usage.*"]},
             "allow_responses": {"max": RESPONSE_FRAMES_MAX, "expires": RESPONSE_WINDOW},
-            "subscribe": {"allow": [chat, f"{prefix}.cancel.*.*", SRV, own_inbox]},
+            "subscribe": {"allow": [chat, f"{prefix}.cancel.*.*", SRV, own_inbox, f"{prefix}.budget"]},
         }
     if role == "gateway":
         return {
@@ -66,10 +67,19 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                     "$JS.>",
                     "$KV.>",
                     SRV,
+                    f"{prefix}.budget",
                 ]
             },
             # The whole inbox tree: a session chat is recorded by listening on the client's inbox.
-            "subscribe": {"allow": [f"{prefix}.gateway.>", f"{INBOX_ROOT}.>", f"{prefix}.cancel.*.*", SRV]},
+            "subscribe": {
+                "allow": [
+                    f"{prefix}.gateway.>",
+                    f"{INBOX_ROOT}.>",
+                    f"{prefix}.cancel.*.*",
+                    SRV,
+                    f"{prefix}.usage.*",
+                ]
+            },
         }
     raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
 

@@ -40,6 +40,8 @@ class ErrorCode(StrEnum):
     # The HTTP bridge's own refusals.
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
+    # The user's token budget is spent (the gateway's usage book; docs/observability.md).
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 # JSON-RPC 2.0 error codes (the -32000 range is ours; see docs/http.md)
@@ -73,6 +75,7 @@ POLICY: dict[ErrorCode, Policy] = {
     ErrorCode.BAD_CONFIG: Policy(500, RPC_INTERNAL, False),
     ErrorCode.UNAUTHORIZED: Policy(401, RPC_INVALID_REQUEST, False),
     ErrorCode.RATE_LIMITED: Policy(429, RPC_INTERNAL, False),
+    ErrorCode.BUDGET_EXCEEDED: Policy(429, RPC_INTERNAL, False),
     # The bus itself is missing: every candidate is behind the same gateway or server.
     ErrorCode.GATEWAY_UNAVAILABLE: Policy(503, RPC_UNAVAILABLE, False),
     ErrorCode.NATS_UNAVAILABLE: Policy(503, RPC_UNAVAILABLE, False),
@@ -255,6 +258,10 @@ class RateLimited(BusError):
         self.retry_after = retry_after
 
 
+class BudgetExceeded(BusError):
+    code = ErrorCode.BUDGET_EXCEEDED
+
+
 class SpecialistError(BusError):
     """An ``error`` frame sent by a specialist (provider failures, overload, shutdown, ...)."""
 
@@ -275,6 +282,7 @@ _BY_CODE: dict[ErrorCode, type[BusError]] = {
     ErrorCode.BAD_CONFIG: ConfigError,
     ErrorCode.UNAUTHORIZED: Unauthorized,
     ErrorCode.RATE_LIMITED: RateLimited,
+    ErrorCode.BUDGET_EXCEEDED: BudgetExceeded,
 }
 
 

@@ -29,6 +29,7 @@ from bus.errors import (
     from_wire,
 )
 from bus.subjects import ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
+from bus.usage import UsageQuery, UsageReply, usage_query_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
 AUTO = "auto"  # `@auto`: routed by the request's text
@@ -216,6 +217,7 @@ REPLIES: dict[str, type[Wire]] = {
     "accepted": ChatAccepted,
     "bulk_accepted": BulkAccepted,
     "discovery": DiscoveryReply,
+    "usage": UsageReply,
 }
 
 
@@ -331,6 +333,12 @@ class GatewayClient:
         reply = await self.call("rename", self._request(RenameSession, session=ref, name=name))
         assert isinstance(reply, SessionReply)
         return reply.session
+
+    async def usage(self) -> UsageReply:
+        """The asker's token totals (all of them, and per session) and budget."""
+        reply = await self.call("usage", UsageQuery(), subject=usage_query_subject(self.prefix, self.user))
+        assert isinstance(reply, UsageReply)
+        return reply
 
     async def discover(
         self,

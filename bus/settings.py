@@ -93,6 +93,9 @@ class TektonSettings(BaseSettings):
     session_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Gateway: the sessions bucket's JetStream replicas (None: 3 on a cluster, 1 on a single server).
     session_replicas: int | None = Field(default=None, ge=1, le=5)
+    # Gateway: tokens (prompt + completion) each user may spend; None: no budget. Specialists refuse
+    # the requests of a user at or over it (docs/observability.md).
+    usage_budget_tokens: int | None = Field(default=None, ge=1)
     # Specialist/gateway processes note their instances here for `tekton probe` (Kubernetes readiness).
     ready_file: Path | None = None
 

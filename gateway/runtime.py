@@ -17,6 +17,7 @@ from bus.signals import set_on_signal
 from gateway.http import create_app
 from gateway.service import GatewayService
 from gateway.store import SessionStore, StoreLimits, open_bucket
+from gateway.usage import UsageBook, open_usage_bucket
 
 
 class _Uvicorn(uvicorn.Server):
@@ -59,6 +60,8 @@ async def serve_gateway(
         kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
         async with anyio.create_task_group() as tg:
             service = GatewayService(nc, SessionStore(kv, limits), settings, tg)
+            usage_kv = await open_usage_bucket(nc, settings.prefix, limits.replicas)
+            service.usage = UsageBook(nc, usage_kv, settings.prefix, settings.usage_budget_tokens)
             await service.start()
             server: _Uvicorn | None = None
             if http is not None:

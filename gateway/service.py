@@ -58,6 +58,7 @@ from bus.subjects import (
     session_subject,
     validate_name,
 )
+from bus.usage import SESSION_HEADER
 from bus.wire import (
     ChatRequest,
     ChunkFrame,
@@ -74,6 +75,7 @@ from gateway.bulk import BulkRun, StoreAnswer, validate
 from gateway.discovery import Catalog
 from gateway.routing import Candidate
 from gateway.store import SessionStore
+from gateway.usage import UsageBook
 
 log = structlog.get_logger("tekton.gateway")
 
@@ -124,6 +126,7 @@ class GatewayService:
             "discover": (Discover, self._discover),
         }
         self.bus = Bus(nc, settings)
+        self.usage: UsageBook | None = None  # set by the runtime once its bucket is open
         self.running = Catalog(nc, settings.routing_method, settings.prefix, settings.routing_generalist)
 
     @property
@@ -155,6 +158,8 @@ class GatewayService:
                 handler=self._dispatcher(op),
             )
         self._tg.start_soon(self.running.keep_fresh)
+        if self.usage is not None:
+            await self.usage.start(self._tg)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
 
@@ -304,7 +309,8 @@ class GatewayService:
         # Listen on the client's inbox before the specialist can answer on it.
         sub = await self.nc.subscribe(r.inbox)
         subject = chat_subject(turn.specialist, self.settings.prefix)
-        await self.nc.publish(subject, payload, reply=r.inbox, headers=tracing.headers())
+        headers = {SESSION_HEADER: session_id, **(tracing.headers() or {})}  # the usage record names it
+        await self.nc.publish(subject, payload, reply=r.inbox, headers=headers)
         self._recording(+1)
         self._tg.start_soon(self._record, session_id, turn, sub, r.inbox)
         return ChatAccepted(

@@ -28,13 +28,15 @@ from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
+from pydantic import ValidationError
 
 from bus import tracing
 from bus.client import is_no_responders
 from bus.discovery import PREFIX_KEY
-from bus.errors import BusError, DeadlineExceeded, ErrorCode
+from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS, cancel_parts, cancel_wildcard, chat_subject, inbox_owner, queue_group
+from bus.usage import SESSION_HEADER, OverBudget, UsageRecord, budget_subject, usage_subject
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -48,6 +50,7 @@ from bus.wire import (
     decode_request,
     encode,
     encode_chunk,
+    unpack_frame,
 )
 from specialists.metrics import SpecialistMetrics
 from specialists.placement import Placement
@@ -153,6 +156,8 @@ class SpecialistService:
         self._service: Service | None = None
         self._cancel_sub: Any = None
         self.tools: ToolBox | None = None  # the roster entry's MCP servers, connected at start
+        self._over_budget: frozenset[str] = frozenset()  # users the gateway says are over budget
+        self._usage_sessions: dict[str, str] = {}  # request id -> session, for the usage record
         self._tools_stop = anyio.Event()
         self.placement: Placement | None = None
         self.log = log.bind(specialist=spec.name)
@@ -165,6 +170,7 @@ class SpecialistService:
         if self.spec.mcp_servers:
             self.tools = await self._tg.start(ToolBox().run, self.spec.mcp_servers, self._tools_stop)
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
+        self._budget_sub = await self.nc.subscribe(budget_subject(self.settings.prefix), cb=self._on_budget)
         self._probe_sub = await self.nc.subscribe(f"{self._probe_prefix}.*", cb=self._on_probe_answer)
         self._service = await add_service(
             self.nc,
@@ -273,6 +279,14 @@ class SpecialistService:
             self.log.warning("bad request", error=err.message)
             await reply.error(err)
             return
+        owner = inbox_owner(reply_to) or ANONYMOUS
+        if owner in self._over_budget:
+            await reply.error(
+                BudgetExceeded(f"user '{owner}' is over their token budget (aish usage shows it)")
+            )
+            return
+        if req._msg.headers and SESSION_HEADER in req._msg.headers:
+            self._usage_sessions[request.id] = req._msg.headers[SESSION_HEADER]
         self.counters.in_flight += 1
         self.metrics.requests.inc()
         if self.placement:
@@ -281,13 +295,31 @@ class SpecialistService:
         # Registered before the task starts, so a cancel between now and then finds it.
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
-        owner = self._owners[request.id] = inbox_owner(reply_to) or ANONYMOUS
+        self._owners[request.id] = owner
         if self._cancelled_early(request.id, owner):
             scope.cancel()
         if tracing.wanted(req._msg.headers):
             self._tg.start_soon(self._serve_traced, request, reply, scope, req._msg.headers)
         else:
             self._tg.start_soon(self._serve, request, reply, scope)
+
+    async def _on_budget(self, msg: Msg) -> None:
+        try:
+            self._over_budget = frozenset(OverBudget.model_validate(unpack_frame(msg.data)).users)
+        except (BusError, ValidationError) as err:
+            self.log.warning("unreadable budget notice", error=str(err))
+
+    async def _report_usage(self, request_id: str, prompt_tokens: int | None, completion_tokens: int) -> None:
+        """What this answer cost, to the gateway's usage book (fire and forget)."""
+        owner = self._owners.get(request_id, ANONYMOUS)
+        record = UsageRecord(
+            request_id=request_id,
+            specialist=self.spec.name,
+            session=self._usage_sessions.pop(request_id, None),
+            prompt_tokens=prompt_tokens or 0,
+            completion_tokens=completion_tokens,
+        )
+        await self.nc.publish(usage_subject(owner, self.settings.prefix), encode(record))
 
     async def _serve_traced(
         self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, headers: Any
@@ -359,6 +391,7 @@ class SpecialistService:
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
                 self.metrics.done(None, first_token - received if first_token else None, total)
+                await self._report_usage(request.id, None, tokens)
                 if first_token:
                     self.counters.first_tokens += 1
                     self.counters.first_token_ms += (first_token - received) * 1000
@@ -393,6 +426,7 @@ class SpecialistService:
             self._scopes.pop(request.id, None)
             self.metrics.tokens_out.inc(reply.chunks)
             self._owners.pop(request.id, None)
+            self._usage_sessions.pop(request.id, None)
             self.counters.in_flight -= 1
             if self.placement:
                 self.placement.update(self.counters.in_flight)

@@ -1,0 +1,155 @@
+"""The usage book: token totals per user and per session in a JetStream KV bucket (every change
+compare-and-set, so gateway replicas sharing the work never lose a count), fed by the specialists'
+usage records; who is over budget, told to every specialist; and the asker's totals on request.
+
+Keys: ``u.<user>`` and ``s.<user>.<session id>``, each a msgpack :class:`~bus.usage.Totals`.
+"""
+
+from __future__ import annotations
+
+import anyio
+import nats.js.errors
+import structlog
+from anyio.abc import TaskGroup
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from bus.errors import BusError
+from bus.sessions import ErrorReply
+from bus.subjects import gateway_queue, gateway_user
+from bus.usage import (
+    OverBudget,
+    Totals,
+    UsageQuery,
+    UsageRecord,
+    UsageReply,
+    budget_subject,
+    usage_query_subject,
+    usage_subject,
+)
+from bus.wire import encode, unpack_frame
+
+log = structlog.get_logger("tekton.usage")
+
+# Specialists that start late, or missed a notice, hear who is over budget at least this often.
+BROADCAST_S = 2.0
+
+
+def bucket_name(prefix: str) -> str:
+    return f"{prefix.replace('.', '_')}_usage"
+
+
+async def open_usage_bucket(nc: NATS, prefix: str, replicas: int = 1) -> KeyValue:
+    js = nc.jetstream()
+    name = bucket_name(prefix)
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=name, description="Tekton token usage", history=1, storage=StorageType.FILE, replicas=replicas
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
+        return await js.key_value(name)
+
+
+class UsageBook:
+    def __init__(self, nc: NATS, kv: KeyValue, prefix: str, budget_tokens: int | None):
+        self.nc = nc
+        self.kv = kv
+        self.prefix = prefix
+        self.budget = budget_tokens
+        self.over: frozenset[str] = frozenset()
+
+    async def start(self, tg: TaskGroup) -> None:
+        queue = gateway_queue(self.prefix)
+        await self.nc.subscribe(usage_subject("*", self.prefix), queue=queue, cb=self._on_record)
+        await self.nc.subscribe(usage_query_subject(self.prefix), queue=queue, cb=self._on_query)
+        if self.budget is not None:
+            tg.start_soon(self._broadcast)
+
+    async def _read(self, key: str) -> tuple[Totals, int | None]:
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return Totals(), None
+        if entry.value is None:
+            return Totals(), None
+        return Totals.model_validate(unpack_frame(entry.value)), entry.revision
+
+    async def _add(self, key: str, record: UsageRecord) -> Totals:
+        while True:
+            totals, revision = await self._read(key)
+            added = totals.add(record)
+            try:
+                if revision is None:
+                    await self.kv.create(key, encode(added))
+                else:
+                    await self.kv.update(key, encode(added), last=revision)
+                return added
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another replica counted in between: read again
+
+    async def _on_record(self, msg: Msg) -> None:
+        user = msg.subject.rsplit(".", 1)[-1]
+        try:
+            record = UsageRecord.model_validate(unpack_frame(msg.data))
+            total = await self._add(f"u.{user}", record)
+            if record.session:
+                await self._add(f"s.{user}.{record.session}", record)
+        except (BusError, ValidationError) as err:
+            log.warning("usage record not counted", user=user, error=str(err))
+            return
+        except Exception as err:  # the bucket is unreachable: this count is lost, the gateway goes on
+            log.warning("usage record not stored", user=user, error=str(err))
+            return
+        if self.budget is not None and total.tokens >= self.budget and user not in self.over:
+            self.over = self.over | {user}
+            await self._tell()
+
+    async def _tell(self) -> None:
+        await self.nc.publish(budget_subject(self.prefix), encode(OverBudget(users=sorted(self.over))))
+
+    async def _broadcast(self) -> None:
+        """Who is over budget, from the bucket (other replicas count too), to every specialist."""
+        assert self.budget is not None
+        while True:
+            over = set()
+            try:
+                keys = await self.kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            for key in keys:
+                if key.startswith("u."):
+                    totals, _ = await self._read(key)
+                    if totals.tokens >= self.budget:
+                        over.add(key[2:])
+            self.over = frozenset(over)
+            await self._tell()
+            await anyio.sleep(BROADCAST_S)
+
+    async def totals(self, user: str) -> UsageReply:
+        total, _ = await self._read(f"u.{user}")
+        sessions = {}
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            if key.startswith(f"s.{user}."):
+                sessions[key.split(".", 2)[2]], _ = await self._read(key)
+        return UsageReply(user=user, total=total, sessions=sessions, budget_tokens=self.budget)
+
+    async def _on_query(self, msg: Msg) -> None:
+        user = gateway_user(msg.subject, self.prefix)
+        try:
+            UsageQuery.model_validate(unpack_frame(msg.data))
+            payload = encode(await self.totals(user))
+        except (BusError, ValidationError) as err:
+            payload = encode(ErrorReply.of(err if isinstance(err, BusError) else BusError(str(err))))
+        await msg.respond(payload)

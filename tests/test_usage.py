@@ -1,0 +1,74 @@
+"""Token usage: every answer's record from the specialist, the gateway's per-user and per-session
+totals (JetStream KV), `aish usage`, and a budget that stops a user's requests with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus.client import Bus
+from bus.errors import BudgetExceeded
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_totals_per_user_and_per_session(settings: TektonSettings) -> None:
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        await bus.ask("apollo", "one two")  # "apollo heard: one two": 4 chunks
+        session = await bus.gateway.create(specialist="apollo", name="costs")
+        async with bus.stream("apollo", [ChatMessage(role="user", content="three")], session="costs") as s:
+            await s.result()  # 3 chunks
+
+        async def counted() -> bool:
+            return (await bus.gateway.usage()).total.requests == 2
+
+        await eventually(counted, within=10)
+        usage = await bus.gateway.usage()
+        assert (usage.total.requests, usage.total.completion_tokens) == (2, 7)
+        assert {k: (v.requests, v.completion_tokens) for k, v in usage.sessions.items()} == {
+            session.id: (1, 3)
+        }
+        assert usage.budget_tokens is None
+
+        shown = await run_aish(settings, "usage")
+        assert shown.returncode == 0, shown.stderr
+        first, header, row = shown.stdout.splitlines()
+        assert first == f"{usage.user}: 2 requests, 0 prompt + 7 completion = 7 tokens"
+        assert header.split() == ["SESSION", "REQUESTS", "PROMPT", "COMPLETION"]
+        assert row.split() == [session.id, "1", "0", "3"]
+
+
+async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"usage_budget_tokens": 10})
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        for _ in range(3):  # 4 tokens each: 12 >= 10
+            await bus.ask("apollo", "one two")
+
+        async def refused() -> bool:
+            try:
+                await bus.ask("apollo", "one more")
+            except BudgetExceeded:
+                return True
+            return False
+
+        await eventually(refused, within=15)
+        with pytest.raises(BudgetExceeded, match="over their token budget"):
+            await bus.ask("apollo", "and again")
+        usage = await bus.gateway.usage()
+        assert usage.budget_tokens == 10 and usage.total.tokens >= 12
+        shown = await run_aish(settings, "apollo", "please")
+        assert shown.returncode == 1
+        assert (
+            shown.stderr.strip()
+            == f"aish: user '{usage.user}' is over their token budget (aish usage shows it)"
+        )
