@@ -10,6 +10,7 @@ from bus.errors import BudgetExceeded
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish
+from tests.test_security import Raw, Team, bob, team  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.anyio
 
@@ -72,3 +73,34 @@ async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettin
             shown.stderr.strip()
             == f"aish: user '{usage.user}' is over their token budget (aish usage shows it)"
         )
+
+
+async def test_with_identities_each_user_has_their_own_totals_and_budget(team: Team, bob: Raw) -> None:  # noqa: F811
+    services = team.services.model_copy(update={"usage_budget_tokens": 10})
+    assert bob.nc is not None
+    async with (
+        in_process_gateway(services),
+        in_process_specialists(services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bobs,
+    ):
+        for _ in range(3):
+            await alice.ask("apollo", "one two")
+
+        async def alice_refused() -> bool:
+            try:
+                await alice.ask("apollo", "more")
+            except BudgetExceeded as err:
+                return "user 'alice'" in err.message
+            return False
+
+        await eventually(alice_refused, within=15)
+        assert (await bobs.ask("apollo", "fine")).text == "apollo heard: fine"  # bob is under his
+        assert (await alice.gateway.usage()).user == "alice"
+        mine = await bobs.gateway.usage()
+        assert (mine.user, mine.total.requests, mine.total.completion_tokens) == ("bob", 1, 3)
+        # Usage records come from specialists only: bob cannot spend alice's budget, nor refund his.
+        await bob.nc.publish("tekton.usage.alice", b"")
+        await bob.refused('Permissions Violation for Publish to "tekton.usage.alice"')
+        await bob.nc.publish("tekton.budget", b"")
+        await bob.refused('Permissions Violation for Publish to "tekton.budget"')
