@@ -29,7 +29,7 @@ from starlette.routing import Mount
 
 from bus.client import Bus
 from bus.discovery import SpecialistView
-from bus.errors import BusError
+from bus.errors import BusError, ErrorCode
 from bus.wire import ChatMessage
 
 A2A_PREFIX = "/a2a"
@@ -105,6 +105,45 @@ class SpecialistExecutor(AgentExecutor):
         # the specialist. Here the task only has to say so.
         if context.task_id and context.context_id:
             await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
+
+
+class A2ARouter:
+    """ASGI app for ``/a2a/NAME/...`` on the HTTP bridge: each specialist's agent is built on its first
+    request from a fresh discovery (so specialists started after the bridge are served too).
+    ``bus_for(scope)`` returns the bus to ask with (the caller's, after the bridge's own checks) or
+    raises :class:`BusError`."""
+
+    def __init__(self, bus_for: Any, base_url: str | None = None):
+        self.bus_for = bus_for
+        self.base_url = base_url
+        self._apps: dict[tuple[str, int], Starlette] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root) :] if root and path.startswith(root) else path  # below the mount
+        name = route.strip("/").split("/")[0]
+        try:
+            bus = self.bus_for(scope)
+            views = [v for v in await bus.survey(window=0.3) if v.name == name]
+            if not views:
+                running = ", ".join(v.name for v in await bus.survey(window=0.1)) or "none"
+                raise BusError(
+                    f"no specialist named '{name}' is running (running: {running})",
+                    code=ErrorCode.SPECIALIST_UNAVAILABLE,
+                )
+        except BusError as err:
+            body = {"error": {"code": str(err.code), "message": err.message}}
+            return await JSONResponse(body, status_code=err.http_status)(scope, receive, send)
+        key = (name, id(bus))
+        if key not in self._apps:
+            server = scope.get("server") or ("127.0.0.1", 80)
+            base = self.base_url or f"{scope.get('scheme', 'http')}://{server[0]}:{server[1]}"
+            self._apps[key] = create_a2a_app(bus, views, base)
+        await self._apps[key]({**scope, "path": A2A_PREFIX + route, "root_path": ""}, receive, send)
 
 
 def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> Starlette:

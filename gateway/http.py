@@ -23,9 +23,13 @@ from typing import Any, Literal
 
 import anyio
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
+from bridge.a2a import A2ARouter
+from bridge.metrics import BusCollector, BusFigures
+from bridge.tracing import TraceContext
 from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
 from bus.errors import (
@@ -209,6 +213,8 @@ def create_app(
         lifespan=lifespan,
     )
 
+    app.add_middleware(TraceContext)
+
     def bus(caller: str) -> Bus:
         """The bus as the caller's user (one Bus, with its own inbox, per user, on one connection)."""
         user = guard.user(caller)
@@ -227,6 +233,23 @@ def create_app(
         )
         guard.admit(caller)
         return caller
+
+    def a2a_bus(scope: dict[str, Any]) -> Bus:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client") or ("?", 0)
+        caller = guard.caller(headers.get("authorization"), None, client[0])
+        guard.admit(caller)
+        return bus(caller)
+
+    app.mount("/a2a", A2ARouter(a2a_bus))  # docs/interop.md
+
+    @app.get("/metrics", summary="Prometheus metrics of every specialist on the bus", include_in_schema=False)
+    async def metrics(caller: str = Depends(admitted)) -> Response:
+        figures = BusFigures()
+        await figures.refresh(bus(caller), window=0.2)
+        registry = CollectorRegistry()
+        registry.register(BusCollector(figures))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(BusError)
     async def bus_error(_: Request, err: BusError) -> JSONResponse:

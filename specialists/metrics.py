@@ -2,7 +2,7 @@
 
 They are recorded once per request (never per token), and the same figures leave the process in the
 ``data`` of the replica's ``$SRV.STATS`` answer (:meth:`SpecialistMetrics.snapshot`), so anyone on the
-bus can gather them: ``tekton top``, and the ``/metrics`` endpoint of ``tekton up`` (tekton/metrics.py).
+bus can gather them: ``tekton top``, and the ``/metrics`` endpoint of ``tekton up`` (bridge/metrics.py).
 """
 
 from __future__ import annotations

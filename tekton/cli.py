@@ -231,7 +231,7 @@ async def _serve_metrics(
     host: str,
     stop: anyio.Event,
 ) -> None:
-    from tekton.metrics import BusFigures, MetricsListener
+    from bridge.metrics import BusFigures, MetricsListener
 
     bus = await stack.enter_async_context(Bus.connect(settings, name="tekton-metrics"))
     figures = BusFigures()
@@ -261,7 +261,7 @@ async def cmd_top(settings: TektonSettings, args: argparse.Namespace) -> int:
 async def cmd_metrics(settings: TektonSettings, args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from tekton.metrics import BusCollector, BusFigures
+    from bridge.metrics import BusCollector, BusFigures
 
     figures = BusFigures()
     async with Bus.connect(settings, name="tekton-metrics") as bus:

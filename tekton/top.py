@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from bridge.metrics import BusFigures, endpoint_data, quantile
 from bus.client import Bus
-from tekton.metrics import BusFigures, endpoint_data, quantile
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import anyio
 import pytest
 from rich.console import Console
 
+from bridge.metrics import endpoint_data, quantile
 from bus.client import Bus
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from tekton.metrics import endpoint_data, quantile
 from tekton.top import run_top
 from tests.helpers import child_env, env, eventually, in_process_specialists, spawn
 

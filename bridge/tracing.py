@@ -1,0 +1,26 @@
+"""W3C trace context from HTTP callers: a request with a ``traceparent`` header is served inside a
+span continuing that trace, so the bus requests it makes (and the specialists') join it. Off and
+free when tracing is off: one check per request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bus import tracing
+
+
+class TraceContext:
+    """ASGI middleware (HTTP and WebSocket)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or not tracing.enabled():
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not tracing.wanted(headers):
+            return await self.app(scope, receive, send)
+        name = f"{scope.get('method', 'WS')} {scope.get('path', '')}"
+        with tracing.current(name, "server", headers, {"http.target": scope.get("path", "")}):
+            return await self.app(scope, receive, send)

@@ -1,0 +1,95 @@
+"""The HTTP bridge's interop edges: A2A agents at /a2a/NAME/, /metrics, and W3C trace context from an
+HTTP caller carried on to the specialist (real gateway + bridge, real specialists, real HTTP)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from a2a.client import create_client
+from a2a.helpers.proto_helpers import get_artifact_text
+from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from bus import tracing
+from bus.settings import TektonSettings
+from tests.helpers import eventually, in_process_specialists
+from tests.test_http import bridge
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a2a_agents_are_served_by_the_bridge(settings: TektonSettings) -> None:
+    async with bridge(settings) as url, in_process_specialists(settings, "athena"):
+        async with httpx.AsyncClient() as http:
+            card = (await http.get(f"{url}/a2a/athena/.well-known/agent-card.json")).json()
+            assert card["name"] == "athena" and card["supportedInterfaces"][0]["url"] == f"{url}/a2a/athena/"
+            missing = await http.get(f"{url}/a2a/atena/.well-known/agent-card.json")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["message"].startswith("no specialist named 'atena' is running")
+        client = await create_client(f"{url}/a2a/athena/")
+        try:
+            request = SendMessageRequest(
+                message=Message(role=Role.ROLE_USER, parts=[Part(text="via the bridge")], message_id="m")
+            )
+            events = [e async for e in client.send_message(request)]
+        finally:
+            await client.close()
+    text = "".join(
+        get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
+    )
+    assert text == "athena heard: via the bridge"
+    assert [e.status_update.status.state for e in events if e.HasField("status_update")][-1] == (
+        TaskState.TASK_STATE_COMPLETED
+    )
+
+
+async def test_metrics_of_the_bus_on_the_bridge(settings: TektonSettings) -> None:
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await http.post("/api/chat", json={"specialist": "apollo", "message": "count me"})
+        scraped = await http.get("/metrics")
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+        assert re.search(r'tekton_requests_total\{instance="\w+",specialist="apollo"\} 1\.0', scraped.text)
+        assert re.search(
+            r'tekton_total_seconds_count\{instance="\w+",specialist="apollo"\} 1\.0', scraped.text
+        )
+
+
+async def test_an_http_caller_s_trace_reaches_the_model(settings: TektonSettings) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        async with (
+            bridge(settings) as url,
+            in_process_specialists(settings, "apollo"),
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+            answer = await http.post(
+                "/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers
+            )
+            assert answer.status_code == 200
+            await eventually(lambda: "generate scripted" in {s.name for s in exporter.get_finished_spans()})
+    finally:
+        tracing.install(None)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    http_span, client, server, model = (
+        spans["POST /api/chat"],
+        spans["chat apollo"],
+        spans["serve apollo"],
+        spans["generate scripted"],
+    )
+    assert {format(s.context.trace_id, "032x") for s in (http_span, client, server, model)} == {trace_id}
+    assert http_span.parent is not None and format(http_span.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert client.parent is not None and client.parent.span_id == http_span.context.span_id
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
