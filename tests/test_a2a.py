@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx
@@ -18,6 +19,7 @@ from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from bridge.a2a import create_a2a_app
 from bus.client import Bus
 from bus.discovery import SpecialistView
+from bus.errors import BusError
 from bus.settings import TektonSettings
 from tests.helpers import eventually, in_process_specialists
 
@@ -95,3 +97,39 @@ async def test_message_send_and_a_specialist_that_is_not_running(settings: Tekto
         assert failed.task.status.state == TaskState.TASK_STATE_FAILED
         said = failed.task.status.message.parts[0].text
         assert said.startswith("specialist_unavailable: no specialist named 'ghost' is running")
+
+
+async def test_an_a2a_agent_elsewhere_is_a_specialist_in_the_roster(
+    settings: TektonSettings, tmp_path: Path
+) -> None:
+    """`provider = "a2a"`: the remote agent here is athena behind the A2A server, reached over HTTP."""
+    async with in_process_specialists(settings, "athena"), a2a_bridge(settings) as base:
+        roster = tmp_path / "roster.toml"
+        roster.write_text(
+            f"""
+[specialists.scout]
+description = "A remote A2A agent"
+primary = ["research"]
+capabilities = {{ research = 0.9 }}
+system_prompt = "unused: the remote agent has its own"
+provider = "a2a"
+provider_options = {{ url = "{base}/a2a/athena/" }}
+
+[specialists.lost]
+description = "An A2A agent that is not there"
+primary = ["research"]
+capabilities = {{ research = 0.5 }}
+system_prompt = "-"
+provider = "a2a"
+provider_options = {{ url = "{base}/a2a/ghost/" }}
+"""
+        )
+        remote = settings.model_copy(update={"provider": None, "roster": roster})
+        async with in_process_specialists(remote, "scout", "lost"), Bus.connect(settings) as bus:
+            answer = await bus.ask("scout", "what is out there?")
+            assert answer.text == "athena heard: what is out there?"
+            assert (
+                answer.start.provider == "a2a" and answer.done.usage.completion_tokens == 6
+            )  # chunk by chunk
+            with pytest.raises(BusError, match="failed: specialist_unavailable: no specialist named 'ghost'"):
+                await bus.ask("lost", "anyone?")
