@@ -212,7 +212,7 @@ async def run_usage(settings: TektonSettings) -> int:
     t = u.total
     line = (
         f"{u.user}: {t.requests} requests, {t.prompt_tokens} prompt + {t.completion_tokens} completion"
-        f" = {t.tokens} tokens"
+        f" = {t.tokens} tokens" + (f", cost {t.cost:.4f}" if t.cost else "")
     )
     if u.budget_tokens is not None:
         line += f" (budget {u.budget_tokens}, {max(0, u.budget_tokens - t.tokens)} left)"

@@ -40,12 +40,15 @@ class UsageRecord(Wire):
     session: str | None = None
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
+    # What the answer cost where the roster prices the specialist (cost_per_1k_tokens), else 0.
+    cost: float = Field(default=0.0, ge=0)
 
 
 class Totals(Wire):
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -56,6 +59,7 @@ class Totals(Wire):
             requests=self.requests + 1,
             prompt_tokens=self.prompt_tokens + record.prompt_tokens,
             completion_tokens=self.completion_tokens + record.completion_tokens,
+            cost=round(self.cost + record.cost, 6),
         )
 
 

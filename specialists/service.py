@@ -318,6 +318,7 @@ class SpecialistService:
             session=self._usage_sessions.pop(request_id, None),
             prompt_tokens=prompt_tokens or 0,
             completion_tokens=completion_tokens,
+            cost=round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 6),
         )
         await self.nc.publish(usage_subject(owner, self.settings.prefix), encode(record))
 

@@ -3,6 +3,8 @@ totals (JetStream KV), `aish usage`, and a budget that stops a user's requests w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bus.client import Bus
@@ -35,7 +37,7 @@ async def test_totals_per_user_and_per_session(settings: TektonSettings) -> None
         assert {k: (v.requests, v.completion_tokens) for k, v in usage.sessions.items()} == {
             session.id: (1, 3)
         }
-        assert usage.budget_tokens is None
+        assert usage.budget_tokens is None and usage.total.cost == 0.0  # the scripted roster is free
 
         shown = await run_aish(settings, "usage")
         assert shown.returncode == 0, shown.stderr
@@ -104,3 +106,33 @@ async def test_with_identities_each_user_has_their_own_totals_and_budget(team: T
         await bob.refused('Permissions Violation for Publish to "tekton.usage.alice"')
         await bob.nc.publish("tekton.budget", b"")
         await bob.refused('Permissions Violation for Publish to "tekton.budget"')
+
+
+async def test_cost_where_the_roster_prices_the_specialist(settings: TektonSettings, tmp_path: Path) -> None:
+    roster = tmp_path / "roster.toml"
+    roster.write_text(
+        """
+[specialists.apollo]
+description = "Priced"
+primary = ["code-analysis"]
+capabilities = { code-analysis = 0.9 }
+system_prompt = "-"
+provider = "scripted"
+cost_per_1k_tokens = 250.0
+"""
+    )
+    settings = settings.model_copy(update={"roster": roster})
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        await bus.ask("apollo", "one two")  # 4 tokens x 0.25
+
+        async def counted() -> bool:
+            return (await bus.gateway.usage()).total.requests == 1
+
+        await eventually(counted, within=10)
+        assert (await bus.gateway.usage()).total.cost == 1.0
+        shown = await run_aish(settings, "usage")
+        assert shown.stdout.splitlines()[0].endswith("= 4 tokens, cost 1.0000")
