@@ -48,7 +48,7 @@ def cancel_wildcard(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.cancel.*"
 
 
-SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat")
+SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat", "settle")
 
 
 def session_subject(op: str, prefix: str = DEFAULT_PREFIX) -> str:
