@@ -57,6 +57,9 @@ class Turn(Wire):
     status: TurnStatus = "ok"
     request_id: str | None = None
     error: str | None = None
+    # A pending turn still pending after this (epoch seconds) never gets its answer (its gateway and
+    # its client both stopped): the session's next write marks it ``error``.
+    settle_by: float | None = None
 
 
 class Session(Wire):

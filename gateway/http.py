@@ -325,6 +325,8 @@ def create_app(
     def bus() -> Bus:
         return state["bus"]
 
+    app.state.bus = bus  # the connection in use now (it is replaced when lost)
+
     async def admitted(request: Request) -> str:
         caller = guard.caller(
             request.headers.get("authorization"),

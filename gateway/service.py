@@ -23,7 +23,7 @@ from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
-from bus.client import Bus, ChatStream, FrameReader
+from bus.client import SETTLE_WAIT_S, STORED_WAIT_S, Bus, ChatStream, FrameReader
 from bus.discovery import Discover, DiscoveryReply, Ranked
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
@@ -239,15 +239,20 @@ class GatewayService:
             )
         _check_name(specialist)
         users = [m for m in request.messages if m.role == "user"]
+        now = time.time()
+        # Past the request's deadline, the stream's idle timeout and the client's wait to settle it,
+        # nobody can still store this turn's answer.
+        budget = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         turn = Turn(
             role="user",
             content=users[-1].content if users else request.messages[-1].content,
             specialist=specialist,
             status="pending",
             request_id=request.id,
+            settle_by=now + budget + self.settings.idle_timeout_s + STORED_WAIT_S + SETTLE_WAIT_S,
         )
         session = await self.store.update(
-            session.id, lambda s: s.model_copy(update={"turns": [*s.turns, turn]})
+            session.id, lambda s: s.model_copy(update={"turns": [*_abandoned(s.turns, now), turn]})
         )
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
@@ -447,6 +452,17 @@ class GatewayService:
 def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> list[Turn]:
     return [
         t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
+        for t in turns
+    ]
+
+
+def _abandoned(turns: list[Turn], now: float) -> list[Turn]:
+    """Pending turns whose answer can no longer arrive, marked as such."""
+    note = "no answer was stored: its gateway and its client both stopped before the answer ended"
+    return [
+        t.model_copy(update={"status": "error", "error": note})
+        if t.status == "pending" and t.settle_by is not None and t.settle_by < now
+        else t
         for t in turns
     ]
 

@@ -4,6 +4,7 @@ that nats-py closed for good, a gateway killed mid-answer, a stream with a gap; 
 from __future__ import annotations
 
 import random
+import time
 from functools import partial
 
 import anyio
@@ -208,6 +209,7 @@ async def test_gateway_killed_with_sigkill_mid_answer_then_restarted_settles_the
             restarted.stop()
 
 
+@pytest.mark.fast
 async def test_a_stream_with_a_seq_gap_is_stored_as_an_error_not_an_answer(settings: TektonSettings) -> None:
     """A specialist (here a plain subscriber) whose stream skips a seq: the client raises StreamGap and
     the recorder must not store the text as a complete "ok" answer."""
@@ -259,3 +261,27 @@ async def test_a_bad_inbox_is_refused_and_the_gateway_keeps_its_connection(
         assert msgpack.unpackb(reply.data)["code"] == "bad_request"
         assert not gateway.nc.is_closed
         assert (await bus.gateway.create(name="fine")).name == "fine"
+
+
+@pytest.mark.fast
+async def test_a_turn_abandoned_by_both_gateway_and_client_is_settled_by_the_next_turn(
+    settings: TektonSettings,
+) -> None:
+    async with (
+        in_process_gateway(settings) as gateway,
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+    ):
+        session = await bus.gateway.create("apollo")
+        lost = Turn(
+            role="user", content="lost", specialist="apollo", status="pending", settle_by=time.time() - 1
+        )
+        await gateway.store.update(session.id, lambda s: s.model_copy(update={"turns": [lost]}))
+        await say(bus, session.id, "next")
+        turns = (await bus.gateway.get(session.id)).turns
+        assert [(t.content, t.status) for t in turns] == [
+            ("lost", "error"),
+            ("next", "ok"),
+            ("apollo heard: next", "ok"),
+        ]
+        assert "both stopped" in (turns[0].error or "")
