@@ -81,10 +81,21 @@ async def measure(settings: TektonSettings, n: int) -> dict[str, Any]:
                 await api.get("small")
                 break
             except BusError:
-                if time.perf_counter() - start > 600:
+                if time.perf_counter() - start > 120:
                     break
+                await anyio.sleep(0.5)  # a retry's pause: it is busy, or gone
         figures["answering_again_after_burst_s"] = round(time.perf_counter() - start, 3)
-        figures["get_small_by_name_after_burst"] = summary(await timed(lambda: api.get("small"), 20))
+        after: list[float] = []
+        errors: list[str] = []
+        for _ in range(20):
+            began = time.perf_counter()
+            try:
+                await api.get("small")
+                after.append(time.perf_counter() - began)
+            except BusError as err:  # the baseline's gateway may be gone by now: that is the finding
+                errors.append(err.message)
+        figures["get_small_by_name_after_burst"] = summary(after) if after else None
+        figures["get_after_burst_errors"] = sorted(set(errors))
     return figures
 
 
