@@ -189,9 +189,10 @@ class FrameReader:
     def read(self, msg: Msg) -> str | StartFrame | HeartbeatFrame | DoneFrame | ErrorFrame | None:
         """A chunk's text, another frame as its model, or None for NATS "no responders" (nobody
         subscribes to the request's subject). Raises MalformedFrame or StreamGap."""
-        if is_no_responders(msg):
+        data = msg.data
+        if not data and is_no_responders(msg):
             return None
-        raw = unpack_frame(msg.data)
+        raw = unpack_frame(data)
         chunk = chunk_fields(raw)  # the hot path: no model per chunk
         item: str | StartFrame | HeartbeatFrame | DoneFrame | ErrorFrame
         if chunk is not None:
