@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import shlex
 import signal
 import sys
@@ -149,7 +150,7 @@ class Repl:
         talk = f"session {self.session_label}" if self.session else "no session"
         return HTML(f" {link} · {talk} · {len(self.specialists)} specialists · Tab completes · Ctrl-D exits")
 
-    async def refresh_names(self) -> None:
+    async def refresh_names(self, sessions: bool = True) -> None:
         """What completion offers: refreshed before each prompt (a few ms on the bus)."""
         assert self.bus is not None
         try:
@@ -161,6 +162,8 @@ class Repl:
             return
         self.specialists = [v.name for v in views]
         self.capabilities = sorted({c for v in views for c in v.capabilities})
+        if not sessions:
+            return
         try:
             listed = await self.bus.gateway.list(limit=200)
         except BusError:
@@ -195,9 +198,10 @@ class Repl:
             self._current.cancel()
 
     async def _keep_names_fresh(self) -> None:
-        while True:
+        for round_ in itertools.count(1):
             await anyio.sleep(2)
-            await self.refresh_names()
+            # New specialists show up within 2 s; session names change rarely: list them every 30 s.
+            await self.refresh_names(sessions=round_ % 15 == 0)
 
     async def _start_session(self) -> None:
         """The REPL talks in one session, so follow-up questions keep their context."""

@@ -65,7 +65,8 @@ class TektonSettings(BaseSettings):
     ws_allowed_origins: list[str] | None = None
     # HTTP bridge: API tokens (JSON list; required unless it listens on localhost), requests per second
     # per token (or per client address without tokens) and the burst allowed, browser origins allowed
-    # on /ws (None: any, which is only sensible on localhost).
+    # besides the bridge's own and loopback pages ("*": any), Host names it answers to (None: loopback
+    # names when it listens on loopback, any elsewhere), the largest request body.
     http_tokens: list[str] | None = None
     http_rate_per_s: float = Field(default=50.0, gt=0)
     http_burst: float = Field(default=100.0, ge=1)
@@ -77,6 +78,8 @@ class TektonSettings(BaseSettings):
     # HTTP bridge: serve https with this certificate and key (`tekton up --tls` sets them).
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    http_allowed_hosts: list[str] | None = None
+    http_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
     routing_method: Literal["examples", "lexical", "embedding", "hybrid"] = "examples"
     # Gateway: who answers an @auto request that no specialist's profile matches.
