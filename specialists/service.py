@@ -39,6 +39,7 @@ from bus.wire import (
     encode,
     encode_chunk,
 )
+from specialists.models import ModelPool
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
 
@@ -98,10 +99,13 @@ class SpecialistService:
         provider: Provider,
         settings: TektonSettings,
         task_group: TaskGroup,
+        models: ModelPool | None = None,
     ):
         self.nc = nc
         self.spec = spec
         self.provider = provider
+        # Providers for the models requests name (``-m ollama:qwen2.5:7b``), built on first use.
+        self.models = models
         self.settings = settings
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
@@ -127,7 +131,9 @@ class SpecialistService:
             version=VERSION,
             description=self.spec.description,
             metadata={
-                **self.spec.micro_metadata(self.provider.name, self.provider.model),
+                **self.spec.micro_metadata(
+                    self.models.own.provider if self.models else self.provider.name, self.provider.model
+                ),
                 "max_concurrency": str(self.settings.max_concurrency),
             },
             stats_handler=self._stats_data,
@@ -191,18 +197,22 @@ class SpecialistService:
         self._scopes[request.id] = scope
         try:
             with scope:
+                provider, provider_name = self.provider, self.provider.name
+                if self.models is not None:
+                    choice, provider = await self.models.get(request.model)
+                    provider_name = choice.provider
                 await reply.send(
                     StartFrame,
                     specialist=self.spec.name,
                     instance=self.instance_id,
-                    provider=self.provider.name,
-                    model=self.provider.model,
+                    provider=provider_name,
+                    model=provider.model,
                 )
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
                         async with self._limiter:
-                            async for text in self.provider.stream(messages, options):
+                            async for text in provider.stream(messages, options):
                                 await reply.chunk(text)
                                 tokens += 1
                                 if first_token is None:
@@ -283,5 +293,5 @@ class SpecialistService:
             scope.cancel()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
-        await self.provider.aclose()
+        await (self.models or self.provider).aclose()
         self.log.info("specialist stopped", served=self.counters.served)

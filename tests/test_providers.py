@@ -188,7 +188,7 @@ def test_missing_key(name: str) -> None:
 
 
 def test_unknown_provider_lists_the_installed_ones() -> None:
-    with pytest.raises(ProviderError, match="installed: anthropic, local, openai, scripted"):
+    with pytest.raises(ProviderError, match="installed: anthropic, local, ollama, openai, scripted"):
         _provider("gpt-magic")
 
 

@@ -34,16 +34,36 @@ class AnthropicProvider:
     def __init__(self, options: AnthropicOptions, context: ProviderContext):
         if options.api_key is None:
             raise ApiKeyMissing(
-                f"'{context.specialist}' uses Anthropic but TEKTON_ANTHROPIC_API_KEY is not set"
+                f"'{context.specialist}' uses Anthropic but no API key is set: set TEKTON_ANTHROPIC_API_KEY, "
+                "or api_key under [providers.anthropic] in config.toml"
             )
         self.options = options
         self.model = options.model
-        self._client = anthropic.AsyncAnthropic(
-            api_key=options.api_key.get_secret_value(),
+        self._client = self.client(options)
+
+    @staticmethod
+    def client(options: AnthropicOptions) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            api_key=options.api_key.get_secret_value() if options.api_key else None,
             base_url=options.base_url,
             timeout=options.timeout_s,
             max_retries=0,
         )
+
+    @classmethod
+    async def list_models(cls, options: AnthropicOptions) -> list[str]:
+        """The Models API's list."""
+        if options.api_key is None:
+            raise ApiKeyMissing("no API key: set TEKTON_ANTHROPIC_API_KEY or [providers.anthropic] api_key")
+        client = cls.client(options)
+        try:
+            return sorted([m.id async for m in client.models.list()])
+        except anthropic.APIConnectionError as err:
+            raise ProviderUnavailable(f"cannot reach {options.base_url or 'the Anthropic API'}") from err
+        except anthropic.APIStatusError as err:
+            raise ProviderError(f"Anthropic answered {err.status_code}: {err.message}") from err
+        finally:
+            await client.close()
 
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
         system = "\n\n".join(m.content for m in messages if m.role == "system")

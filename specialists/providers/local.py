@@ -94,6 +94,12 @@ class LocalProvider:
         except Exception as err:  # llama.cpp reports a bad file as ValueError/RuntimeError
             raise ModelMissing(f"cannot load local model {path}: {err}") from err
 
+    @classmethod
+    async def list_models(cls, options: LocalOptions) -> list[str]:
+        """The GGUF file it would load (the bundled demo model unless TEKTON_LOCAL_MODEL_PATH says)."""
+        path = options.model_path or bundled_model_path()
+        return [str(path)] if path is not None else []
+
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -101,8 +107,9 @@ class LocalProvider:
         loaded = self._loaded
         payload = [{"role": m.role, "content": m.content} for m in messages]
         kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or 256, "stream": True}
-        if options.temperature is not None:
-            kwargs["temperature"] = options.temperature
+        for key in ("temperature", "top_p", "repeat_penalty", "seed"):
+            if (value := getattr(options, key)) is not None:
+                kwargs[key] = value
 
         def generate() -> None:
             try:

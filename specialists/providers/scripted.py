@@ -35,6 +35,8 @@ class ScriptedOptions(BaseSettings):
     # Answer with every user/assistant message it was given ("apollo heard: user: q1 | assistant: a1 |
     # user: q2"), so tests can see what context reached the specialist.
     echo_context: bool = False
+    # What it reports as its model (tests of per-request models: `-m scripted:NAME`).
+    model: str = "scripted"
 
 
 class ScriptedProvider:
@@ -44,13 +46,16 @@ class ScriptedProvider:
     def __init__(self, options: ScriptedOptions, context: ProviderContext):
         self.options = options
         self.specialist = context.specialist
-        self.model = "scripted"
+        self.model = options.model
 
     def script(self, messages: Sequence[ChatMessage]) -> list[str]:
         if self.options.text is not None:
             text = self.options.text
         elif self.options.echo_context:
-            seen = " | ".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
+            # Every message but the persona (the first system message), so a request's own system
+            # prompt (`aish --system`) shows too.
+            rest = messages[1:] if messages and messages[0].role == "system" else messages
+            seen = " | ".join(f"{m.role}: {m.content}" for m in rest)
             text = f"{self.specialist} heard: {seen}"
         else:
             last = next((m.content for m in reversed(messages) if m.role == "user"), "")
