@@ -69,8 +69,11 @@ def provider_options(
         raise ProviderError(f"unknown provider {name!r} (known: {known})") from None
     prefix = str(cls.Options.model_config.get("env_prefix", ""))
     options = dict(base or {})
+    env = {k.upper() for k in os.environ}
     for key, value in table.items():
-        if f"{prefix}{key}".upper() not in {k.upper() for k in os.environ}:
+        # TEKTON_OPENAI_* name the `openai` provider itself, not a server of that type under another
+        # name: there the table wins.
+        if name != kind or f"{prefix}{key}".upper() not in env:
             options[key] = value
     return kind, options
 

@@ -43,6 +43,8 @@ def test_a_model_name_picks_provider_and_model(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("TEKTON_OPENAI_API_KEY", "from-env")
     openai = resolve("openai:gpt-4o-mini", settings)
     assert "api_key" not in openai.options and openai.options["timeout_s"] == 9
+    monkeypatch.setenv("TEKTON_OPENAI_BASE_URL", "https://elsewhere.test/v1")
+    assert resolve("groq:x", settings).options["base_url"] == "https://example.test/v1"  # its own table
     # A bare name is a model of the specialist's own provider; a provider alone, its default model.
     assert resolve("qwen2.5:7b", settings, own_provider="ollama").options == {"model": "qwen2.5:7b"}
     assert resolve("anthropic", settings).options == {}
