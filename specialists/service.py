@@ -191,6 +191,7 @@ class SpecialistService:
         received = time.perf_counter()
         first_token: float | None = None
         tokens = 0
+        reported: Usage | None = None
         messages, options = self._prompt(request)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         scope = anyio.CancelScope()
@@ -213,6 +214,9 @@ class SpecialistService:
                     with anyio.fail_after(timeout):
                         async with self._limiter:
                             async for text in provider.stream(messages, options):
+                                if isinstance(text, Usage):  # a provider's own count (see Provider)
+                                    reported = text
+                                    continue
                                 await reply.chunk(text)
                                 tokens += 1
                                 if first_token is None:
@@ -226,7 +230,10 @@ class SpecialistService:
                 await reply.send(
                     DoneFrame,
                     finish_reason="length" if options.max_tokens and tokens >= options.max_tokens else "stop",
-                    usage=Usage(completion_tokens=tokens),
+                    usage=Usage(
+                        prompt_tokens=reported.prompt_tokens if reported else None,
+                        completion_tokens=reported.completion_tokens if reported else tokens,
+                    ),
                     timings=Timings(
                         first_token_ms=round((first_token - received) * 1000, 3) if first_token else None,
                         total_ms=round(total * 1000, 3),

@@ -38,6 +38,7 @@ async def test_one_shot_answers_render_markdown_with_a_footer(
     assert "They share work between replicas." in screen  # ** and ` gone: rendered
     assert "nc.subscribe(q)" in screen and "```" not in screen
     assert "── apollo · first token" in screen and "scripted:scripted" in screen
+    assert " in / " in screen and " out" in screen and "? in" not in screen
     # Piped: the text as it came, and no footer on stdout.
     assert "# Queue groups" in plain and "**work**" in plain and "```" in plain
 

@@ -12,7 +12,7 @@ import anthropic
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ApiKeyMissing, ProviderContext, ProviderError, ProviderUnavailable
 
 
@@ -65,7 +65,9 @@ class AnthropicProvider:
         finally:
             await client.close()
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         system = "\n\n".join(m.content for m in messages if m.role == "system")
         kwargs: dict[str, Any] = {}
         if system:
@@ -80,6 +82,10 @@ class AnthropicProvider:
                 async for text in stream.text_stream:
                     if text:
                         yield text
+                final = await stream.get_final_message()
+                yield Usage(
+                    prompt_tokens=final.usage.input_tokens, completion_tokens=final.usage.output_tokens
+                )
         except anthropic.APIConnectionError as err:
             where = self.options.base_url or "the Anthropic API"
             raise ProviderUnavailable(f"cannot reach {where}") from err

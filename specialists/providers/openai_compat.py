@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import (
     ApiKeyMissing,
     ModelMissing,
@@ -102,7 +102,9 @@ class OpenAIProvider:
         finally:
             await client.close()
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         extra: dict[str, Any] = {}
         if options.top_p is not None:
             extra["top_p"] = options.top_p
@@ -116,6 +118,7 @@ class OpenAIProvider:
                     [{"role": m.role, "content": m.content} for m in messages],
                 ),
                 stream=True,
+                stream_options={"include_usage": True},
                 max_tokens=options.max_tokens if options.max_tokens is not None else openai.omit,
                 temperature=options.temperature if options.temperature is not None else openai.omit,
                 **extra,
@@ -124,6 +127,11 @@ class OpenAIProvider:
                 async for event in response:
                     if event.choices and (text := event.choices[0].delta.content):
                         yield text
+                    if event.usage is not None:  # the last event, when the server counts
+                        yield Usage(
+                            prompt_tokens=event.usage.prompt_tokens,
+                            completion_tokens=event.usage.completion_tokens,
+                        )
         except openai.APIConnectionError as err:
             raise ProviderUnavailable(
                 f"cannot reach the OpenAI-compatible server at {self.options.base_url}"

@@ -17,7 +17,7 @@ import anyio
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ProviderContext
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
@@ -62,7 +62,9 @@ class ScriptedProvider:
             text = f"{self.specialist} heard: {last}"
         return _TOKEN_RE.findall(text) or [""]
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         tokens = self.script(messages)
         count = self.options.tokens or len(tokens)
         if options.max_tokens is not None:
@@ -74,6 +76,9 @@ class ScriptedProvider:
             if delay > 0:
                 await anyio.sleep(delay)
             yield token
+        # Its tokens are words: the prompt counted the same way, so token counts can be followed
+        # end to end in tests.
+        yield Usage(prompt_tokens=sum(len(m.content.split()) for m in messages), completion_tokens=count)
 
     async def aclose(self) -> None:
         return None
