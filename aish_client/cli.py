@@ -148,6 +148,7 @@ async def run_once(
                 model=args.model,
                 system=args.system,
                 logbook=logbook(settings, args),
+                deadline_s=args.timeout,
             )
     except BusError as err:
         if renderer.json_events:

@@ -286,6 +286,7 @@ class Repl:
                 model=getattr(self.args, "model", None),
                 system=getattr(self.args, "system", None),
                 logbook=self.logbook,
+                deadline_s=self.args.timeout,
             )
         )
 

@@ -52,11 +52,12 @@ async def run_pipeline(
     model: str | None = None,
     system: str | None = None,
     logbook: Logbook | None = None,
+    deadline_s: float | None = None,
 ) -> str:
     """Run ``pipeline``; returns the last stage's whole answer. With ``session`` every stage is a turn
     of that session, so each stage (and the next command) sees what came before. ``model`` is the
     model of every stage that names none (``apollo -m ...``); ``system`` a system prompt for each;
-    ``logbook`` records every prompt and answer."""
+    ``logbook`` records every prompt and answer; ``deadline_s`` is each request's deadline (seconds)."""
     text = pipeline.source.text if pipeline.source else stdin_text
     if any(stage.fan_out for stage in pipeline.stages):
         # Several specialists at once: the gateway runs the whole pipeline as one dependency graph.
@@ -92,7 +93,9 @@ async def run_pipeline(
             stage_model = stage.model or model
             for n, name in enumerate(candidates):
                 stage_out = _StageOutput(renderer, name, last, out, i + 1)
-                s = bus.stream(name, messages, options, session=session, model=stage_model)
+                s = bus.stream(
+                    name, messages, options, session=session, model=stage_model, timeout=deadline_s
+                )
                 try:
                     async with s:
                         async for chunk in s:

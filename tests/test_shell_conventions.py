@@ -152,6 +152,14 @@ def test_attachments_have_size_limits_and_must_be_text(settings: TektonSettings,
     assert done.returncode == 2 and "not UTF-8 text" in done.stderr
 
 
+async def test_timeout_is_each_requests_deadline(settings: TektonSettings) -> None:
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="10", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with in_process_specialists(settings, "apollo"):
+            done = await run_aish(settings, "--timeout", "0.5", "apollo", "talk")
+    assert done.returncode == 1
+    assert "did not finish within its 0.5 s deadline" in done.stderr and "Traceback" not in done.stderr
+
+
 async def test_json_events_for_scripts(settings: TektonSettings) -> None:
     async with in_process_specialists(settings, "apollo"):
         done = await run_aish(settings, "--json", "apollo", "one two")
