@@ -242,6 +242,10 @@ class MarkdownStream:
         # Back to the first row of the raw text (the cursor is on its last row, or just below it when it
         # ends with a newline), and clear from there down.
         up = self._rows(shown) - (0 if shown.endswith("\n") else 1)
+        if up >= self.console.height - 1:
+            # Part of it has scrolled off the screen, where the cursor cannot go: leave it raw.
+            self.blocks += 1
+            return
         self.out.write("\r" + (f"\x1b[{up}A" if up > 0 else "") + "\x1b[J")
         if self.blocks:
             self.out.write("\n")

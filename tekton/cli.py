@@ -93,6 +93,8 @@ def _child_argv(
     argv = [sys.executable, "-m", "tekton", "specialist", *names, "--nats", settings.nats_url]
     if settings.provider:
         argv += ["--provider", settings.provider]
+    if settings.model:
+        argv += ["--model", settings.model]
     return argv
 
 

@@ -20,13 +20,14 @@ from specialists.providers.base import ProviderError
 from specialists.providers.openai_compat import OllamaOptions
 from tests.helpers import child_env, in_process_specialists, run_aish
 
-pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+pytestmark = pytest.mark.anyio
 
 
 def events(stdout: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+@pytest.mark.fast
 def test_a_model_name_picks_provider_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = TektonSettings(
         providers={
@@ -52,6 +53,7 @@ def test_a_model_name_picks_provider_and_model(monkeypatch: pytest.MonkeyPatch) 
         resolve("olama:qwen", settings, own_provider="local")
 
 
+@pytest.mark.fast
 def test_ollama_is_found_at_its_usual_address_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     assert OllamaOptions().base_url == "http://127.0.0.1:11434/v1" and OllamaOptions().api_key is None
@@ -59,6 +61,7 @@ def test_ollama_is_found_at_its_usual_address_without_a_key(monkeypatch: pytest.
     assert OllamaOptions().base_url == "http://127.0.0.1:11500/v1"
 
 
+@pytest.mark.fast
 def test_the_request_carries_the_model_only_when_one_is_named() -> None:
     plain = ChatRequest(messages=[{"role": "user", "content": "x"}])  # type: ignore[list-item]
     assert b"model" not in encode_request(plain)  # what older specialists accept, byte for byte
@@ -132,6 +135,7 @@ async def test_a_default_model_in_the_config_file(settings: TektonSettings, tmp_
     assert "scripted:from-config" in listed.stdout
 
 
+@pytest.mark.fast
 def test_the_demo_model_says_what_it_is_once(tmp_path: Path) -> None:
     demo = StartFrame(specialist="apollo", instance="i", provider="local", model="SmolLM2-135M-Instruct.Q4_1")
     seen = []

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from aish_client.completion import script as completion_script
+from aish_client.prompt_parts import UsageError, attachments, chat_options
 from bus.client import Bus
 from bus.settings import TektonSettings
+from bus.wire import ChatOptions
 from tests.helpers import AISH, aish, child_env, env, in_process_gateway, in_process_specialists, run_aish
 
-pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+pytestmark = pytest.mark.anyio
 
 TEKTON = [sys.executable, "-m", "tekton"]
 
@@ -60,8 +63,9 @@ def test_tekton_subcommands_have_help(settings: TektonSettings) -> None:
         assert done.returncode == 0 and f"usage: tekton {sub}" in done.stdout
 
 
+@pytest.mark.fast
 def test_bash_completion_completes_subcommands_names_and_options(settings: TektonSettings) -> None:
-    script = run([*AISH, "completion", "bash"], settings).stdout
+    script = completion_script("bash")  # what `aish completion bash` prints (checked below for zsh/fish)
     if shutil.which("bash") is None:
         pytest.skip("no bash")
 
@@ -90,6 +94,23 @@ def test_zsh_and_fish_scripts_parse(settings: TektonSettings, shell: str) -> Non
         pytest.skip(f"{shell} is not installed")
     check = ["zsh", "-n", "-c", script] if shell == "zsh" else ["fish", "--no-execute", "-c", script]
     assert subprocess.run(check, capture_output=True, text=True).returncode == 0
+
+
+@pytest.mark.fast
+def test_options_and_attachments_in_process(tmp_path: Path) -> None:
+    assert chat_options(["temperature=0.2", "repeat-penalty=1.2"], max_tokens=5) == ChatOptions(
+        max_tokens=5, temperature=0.2, repeat_penalty=1.2
+    )
+    with pytest.raises(UsageError, match="no such option"):
+        chat_options(["colour=red"])
+    with pytest.raises(UsageError, match="less than or equal to 2"):
+        chat_options(["temperature=9"])
+    (tmp_path / "x.md").write_text("hello\n")
+    assert (
+        attachments([str(tmp_path / "*.md")])
+        == f"--- {tmp_path / 'x.md'} ---\nhello\n--- end of {tmp_path / 'x.md'} ---"
+    )
+    assert attachments([]) is None
 
 
 async def test_system_options_files_and_stdin_reach_the_specialist(
