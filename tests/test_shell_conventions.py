@@ -233,3 +233,33 @@ def test_tekton_up_logs_to_a_file_not_into_the_command(settings: TektonSettings)
     logs = run([*TEKTON, "logs"], settings)
     assert f"using the nats-server already running at {settings.nats_url}" in logs.stdout
     assert "Tekton is up" in logs.stdout and "Tekton stopped" in logs.stdout
+
+
+@pytest.mark.fast
+def test_markdown_is_redrawn_block_by_block_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from aish_client.render import Renderer
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    out = Tty()
+    renderer = Renderer(out, Tty())
+    renderer.render_markdown()
+    for token in ["# Ti", "tle\n", "\n", "some **bo", "ld** text"]:
+        renderer.answer(token)
+    first = out.getvalue()
+    assert "# Title\n\n" in first and "\x1b[2A\x1b[J" in first  # raw, then back up over it
+    assert "some **bold** text" in first.split("\x1b[J")[-1]  # the unfinished block stays raw for now
+    renderer.end_answer()
+    assert "**" not in out.getvalue().split("\x1b[J")[-1]  # redrawn rendered
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Tty()
+    piped = Renderer(plain, Tty())
+    piped.render_markdown()
+    piped.answer("# Title\n\n**x**\n\n")
+    assert plain.getvalue() == "# Title\n\n**x**\n\n"
