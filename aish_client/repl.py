@@ -47,7 +47,7 @@ BUILTINS = {
 }
 HELP = """Pipelines:  apollo "question"   echo "text" | apollo | athena   apollo,athena << "msg"
             {apollo|athena} | prometheus   @code-analysis << "msg"   "any question" (routed)
-            ... > file   ... >> file
+            ... > file   ... >> file   apollo -m ollama:qwen2.5:7b "question" (a model per stage)
 Keys:       Tab completes names, @capabilities, sessions, paths after >   Ctrl-R searches history
             a line ending in | , { << or \\ continues on the next line   Ctrl-C cancels an answer"""
 
