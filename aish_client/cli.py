@@ -37,6 +37,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Talk to Tekton's AI specialists: aish -c 'echo \"text\" | apollo | athena'",
         epilog="subcommands (each with its own -h): " + ", ".join(SUBCOMMANDS),
         add_help=add_help,
+        # The pass that finds a subcommand must not read its options as abbreviations of ours
+        # (`sessions fork X --at 2` is not --attach).
+        allow_abbrev=add_help,
     )
     parser.add_argument("--version", action="version", version=version("aish"))
     parser.add_argument(

@@ -117,7 +117,9 @@ def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> i
     args = parser.parse_args(argv)
     renderer = Renderer()
     handlers: dict[str, Callable[[], int]] = {
-        "list": lambda: anyio.run(_list, _settings(top), args.capability, args.json or top.json),
+        "list": lambda: anyio.run(
+            _list, _settings(top), args.capability or top.capability, args.json or top.json
+        ),
         "bulk": lambda: anyio.run(_bulk, _settings(top), args.plan, args.layout or top.layout),
         "sessions": lambda: anyio.run(_sessions, _settings(top), argv),
         "logs": lambda: _logs(_settings(top), args, renderer, top),
