@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -47,7 +47,12 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket: int | None = None) -> str:
+async def ensure_nats(
+    settings: TektonSettings,
+    stack: AsyncExitStack,
+    websocket: int | None = None,
+    say: Callable[[str], None] = _say,
+) -> str:
     """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one
     (with a WebSocket listener on port ``websocket`` when given)."""
     try:
@@ -78,7 +83,7 @@ async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket
     stack.callback(server.stop)
     _say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
     if server.ws_port:
-        _say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
+        say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
     return server.url
 
 
@@ -153,7 +158,7 @@ async def _up(
             print(text, file=terminal[0], flush=True)
 
     async with AsyncExitStack() as stack:
-        url = await ensure_nats(settings, stack, args.websocket)
+        url = await ensure_nats(settings, stack, args.websocket, say=tell)
         settings = settings.model_copy(update={"nats_url": url})
         stop = anyio.Event()
         exit_code = 0
@@ -167,7 +172,11 @@ async def _up(
                     starting.start_soon(
                         tg.start,
                         lambda task_status: serve_gateway(
-                            settings, stop=stop, task_status=task_status, http=http, on_http=_http_ready
+                            settings,
+                            stop=stop,
+                            task_status=task_status,
+                            http=http,
+                            on_http=lambda url: tell(_http_line(url)),
                         ),
                     )
                     starting.start_soon(
@@ -247,8 +256,12 @@ async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int
     return 0
 
 
+def _http_line(url: str) -> str:
+    return f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)"
+
+
 def _http_ready(url: str) -> None:
-    _say(f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)")
+    _say(_http_line(url))
 
 
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
