@@ -18,6 +18,7 @@ from aish_client import sessions
 from aish_client.completion import SHELLS, script
 from aish_client.logbook import Logbook, as_json, as_text
 from aish_client.render import Renderer
+from aish_client.runner import DEMO_MODEL
 from bus.client import Bus
 from bus.errors import BadRequest, BusError
 from bus.settings import TektonSettings, load_settings
@@ -25,7 +26,6 @@ from bus.settings import TektonSettings, load_settings
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-DEMO_MODEL = "SmolLM2-135M"
 
 
 def version(prog: str) -> str:
