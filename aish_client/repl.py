@@ -28,13 +28,15 @@ from prompt_toolkit.shortcuts import clear
 
 from aish_client import sessions
 from aish_client.fanout import Layout
+from aish_client.logbook import Logbook
 from aish_client.parser import PipelineSyntaxError, parse, tokenize
+from aish_client.prompt_parts import chat_options
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
+from aish_client.subcommands import cmd_list
 from bus.client import Bus
 from bus.errors import BusError, GatewayUnavailable
 from bus.settings import TektonSettings
-from bus.wire import ChatOptions
 
 BUILTINS = {
     "help": "this help",
@@ -46,7 +48,7 @@ BUILTINS = {
 }
 HELP = """Pipelines:  apollo "question"   echo "text" | apollo | athena   apollo,athena << "msg"
             {apollo|athena} | prometheus   @code-analysis << "msg"   "any question" (routed)
-            ... > file   ... >> file
+            ... > file   ... >> file   apollo -m ollama:qwen2.5:7b "question" (a model per stage)
 Keys:       Tab completes names, @capabilities, sessions, paths after >   Ctrl-R searches history
             a line ending in | , { << or \\ continues on the next line   Ctrl-C cancels an answer"""
 
@@ -103,6 +105,9 @@ class Repl:
         self.args = args
         self.renderer = Renderer()
         self.renderer.footers = True
+        self.renderer.notes_dir = settings.data_dir
+        self.renderer.render_markdown()
+        self.logbook = None if getattr(args, "no_log", False) else Logbook(settings.data_dir / "logs.db")
         self.specialists: list[str] = []
         self.capabilities: list[str] = []
         self.session_names: list[str] = []
@@ -275,9 +280,17 @@ class Repl:
                 self.bus,  # type: ignore[arg-type]
                 pipeline,
                 self.renderer,
-                options=ChatOptions(max_tokens=self.args.max_tokens, temperature=self.args.temperature),
+                options=chat_options(
+                    getattr(self.args, "options", []),
+                    max_tokens=self.args.max_tokens,
+                    temperature=self.args.temperature,
+                ),
                 session=self.session,
                 layout=self._layout(),
+                model=getattr(self.args, "model", None),
+                system=getattr(self.args, "system", None),
+                logbook=self.logbook,
+                deadline_s=self.args.timeout,
             )
         )
 
@@ -307,8 +320,6 @@ class Repl:
             self.renderer.token(f"  {name:<8} {what}\n")
 
     async def _list(self, args: list[str]) -> None:
-        from aish_client.cli import cmd_list
-
         assert self.bus is not None
         await cmd_list(self.bus, self.renderer, args[0].lstrip("@") if args else None)
 

@@ -340,6 +340,7 @@ class Bus:
         idle_timeout: float | None = None,
         request_id: str | None = None,
         session: str | None = None,
+        model: str | None = None,
     ) -> ChatStream:
         """One streamed answer (see :class:`ChatStream`).
 
@@ -351,6 +352,7 @@ class Bus:
             messages=list(messages),
             options=options or ChatOptions(),
             timeout_ms=int(timeout * 1000) if timeout else None,
+            model=model,
             **({"id": request_id} if request_id else {}),
         )
         idle = idle_timeout or self.settings.idle_timeout_s
@@ -538,6 +540,11 @@ class ChatStream:
             elif isinstance(item, ErrorFrame):
                 self._finished = True
                 raise from_wire(item.code, item.message, item.retryable)
+
+    @property
+    def text_so_far(self) -> str:
+        """What arrived until now (all of it once the stream is done)."""
+        return "".join(self._parts)
 
     async def result(self) -> StreamResult:
         """The whole answer with usage and timings; reads what is left of the stream first."""
