@@ -59,6 +59,9 @@ class Turn(Wire):
     status: TurnStatus = "ok"
     request_id: str | None = None
     error: str | None = None
+    # A pending turn still pending after this (epoch seconds) never gets its answer (its gateway and
+    # its client both stopped): the session's next write marks it ``error``.
+    settle_by: float | None = None
 
 
 class Session(Wire):
@@ -159,6 +162,15 @@ class SessionChat(Wire):
     request: ChatRequest
 
 
+class SettleTurn(Wire):
+    """A client's copy of a whole answer (it saw ``done``) whose gateway stopped before storing it: the
+    gateway stores it if the user turn of ``request_id`` is still ``pending``, else changes nothing."""
+
+    session: str = Field(min_length=1, max_length=64)
+    request_id: str = Field(min_length=1, max_length=64)
+    answer: str
+
+
 # Replies
 
 
@@ -218,6 +230,7 @@ REPLIES: dict[str, type[Wire]] = {
     "bulk_accepted": BulkAccepted,
     "discovery": DiscoveryReply,
     "usage": UsageReply,
+    "stored": StoredFrame,
 }
 
 
@@ -338,6 +351,13 @@ class GatewayClient:
         """The asker's token totals (all of them, and per session) and budget."""
         reply = await self.call("usage", UsageQuery(), subject=usage_query_subject(self.prefix, self.user))
         assert isinstance(reply, UsageReply)
+        return reply
+
+    async def settle(self, session: str, request_id: str, answer: str) -> StoredFrame:
+        reply = await self.call(
+            "settle", self._request(SettleTurn, session=session, request_id=request_id, answer=answer)
+        )
+        assert isinstance(reply, StoredFrame)
         return reply
 
     async def discover(

@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import Any, cast
 
 from bus import tracing
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import Provider
 
 
@@ -28,7 +28,9 @@ class TracedProvider:
     def __getattr__(self, attr: str) -> Any:  # start() and the like: the provider's own
         return getattr(self.inner, attr)
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         if not tracing.recording():  # this trace was sampled out: no span to make
             async with aclosing(self.inner.stream(messages, options)) as texts:  # type: ignore[type-var]
                 async for text in texts:
@@ -43,6 +45,9 @@ class TracedProvider:
         try:
             async with aclosing(self.inner.stream(messages, options)) as texts:  # type: ignore[type-var]
                 async for text in texts:
+                    if isinstance(text, Usage):  # the provider's own count: passed on, not a chunk
+                        yield text
+                        continue
                     if not chunks:
                         tracing.event(span, "first chunk")
                     chunks += 1

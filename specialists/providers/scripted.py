@@ -18,7 +18,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.errors import BusError
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ProviderContext
 from specialists.tools import current as current_tools
 
@@ -40,6 +40,8 @@ class ScriptedOptions(BaseSettings):
     # Call this MCP tool first ({"server": ..., "tool": ..., "arguments": {...}}, JSON in
     # TEKTON_SCRIPTED_TOOL) and end the answer with what it said: the tool path without a model.
     tool: dict[str, Any] | None = None
+    # What it reports as its model (tests of per-request models: `-m scripted:NAME`).
+    model: str = "scripted"
 
 
 class ScriptedProvider:
@@ -49,20 +51,25 @@ class ScriptedProvider:
     def __init__(self, options: ScriptedOptions, context: ProviderContext):
         self.options = options
         self.specialist = context.specialist
-        self.model = "scripted"
+        self.model = options.model
 
     def script(self, messages: Sequence[ChatMessage]) -> list[str]:
         if self.options.text is not None:
             text = self.options.text
         elif self.options.echo_context:
-            seen = " | ".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
+            # Every message but the persona (the first system message), so a request's own system
+            # prompt (`aish --system`) shows too.
+            rest = messages[1:] if messages and messages[0].role == "system" else messages
+            seen = " | ".join(f"{m.role}: {m.content}" for m in rest)
             text = f"{self.specialist} heard: {seen}"
         else:
             last = next((m.content for m in reversed(messages) if m.role == "user"), "")
             text = f"{self.specialist} heard: {last}"
         return _TOKEN_RE.findall(text) or [""]
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         tokens = self.script(messages)
         if self.options.tool is not None:
             tools = current_tools()
@@ -81,6 +88,9 @@ class ScriptedProvider:
             if delay > 0:
                 await anyio.sleep(delay)
             yield token
+        # Its tokens are words: the prompt counted the same way, so token counts can be followed
+        # end to end in tests.
+        yield Usage(prompt_tokens=sum(len(m.content.split()) for m in messages), completion_tokens=count)
 
     async def aclose(self) -> None:
         return None
