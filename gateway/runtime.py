@@ -12,12 +12,12 @@ import uvicorn
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
+from bridge.app import create_app
 from bus.client import connect_as
 from bus.cluster import session_replicas
 from bus.errors import NatsUnavailable
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
-from gateway.http import create_app
 from gateway.service import GatewayService
 from gateway.store import SessionStore, StoreLimits, open_bucket, value_limit
 from gateway.usage import UsageBook, open_usage_bucket

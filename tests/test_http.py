@@ -16,9 +16,9 @@ import openai
 import pytest
 import uvicorn
 
+from bridge.app import create_app
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
-from gateway.http import create_app
 from gateway.runtime import _Uvicorn, http_socket, serve_gateway
 from gateway.service import GatewayService
 from tests.helpers import env, eventually, in_process_gateway, in_process_specialists

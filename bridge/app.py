@@ -1,0 +1,191 @@
+"""The HTTP bridge (`tekton gateway --http PORT`): for clients that do not speak NATS.
+
+- JSON and SSE chat per specialist (or `@capability`), sessions, bulk, discovery: `/api/...`
+- JSON-RPC 2.0 over a WebSocket at `/ws`, with `stream.chunk` / `stream.complete` notifications
+- OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`
+- a small browser console at `/`, the OpenAPI document at `/openapi.json`
+
+Every request is turned into the same bus calls aish makes; tokens go from the NATS stream to the
+HTTP client with no per-token work beyond encoding.
+
+This module wires the pieces together; each protocol is its own module (rest, openai, jsonrpc, a2a,
+metrics), over the bus client and the one error map (bus/errors.py POLICY).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+
+from bridge import jsonrpc, openai, rest
+from bridge.a2a import A2ARouter
+from bridge.edge import LOCAL_HOSTS, EdgeGuard, Guard, error_body
+from bridge.metrics import BusCollector, BusFigures
+from bridge.rest import ChatBody, open_body
+from bridge.tracing import TraceContext
+from bus.client import Bus, connect_as
+from bus.errors import (
+    BadRequest,
+    BusError,
+    NatsUnavailable,
+    RateLimited,
+)
+from bus.failover import Opened
+from bus.settings import TektonSettings
+
+
+@dataclass
+class Bridge:
+    """What the protocol modules' routes need from the app."""
+
+    settings: TektonSettings
+    guard: Guard
+    bus: Callable[..., Bus]
+    admitted: Callable[..., Awaitable[str]]
+    open_stream: Callable[[ChatBody, str], Awaitable[Opened]]
+
+
+def create_app(
+    settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None, tls: bool = False
+) -> FastAPI:
+    """The bridge's app; ``ready`` is set once it is connected to NATS and can serve."""
+    tokens = settings.http_tokens or []
+    if host not in LOCAL_HOSTS and not (tokens and tls):
+        raise BadRequest(
+            f"the HTTP bridge on {host} needs API tokens (TEKTON_HTTP_TOKENS) and TLS (--tls); without "
+            "them it only listens on localhost"
+        )
+    guard = Guard(tokens, settings.http_rate_per_s, settings.http_burst)
+    state: dict[str, Bus] = {}
+
+    async def keep_connected(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The bridge's connection; a new one whenever nats-py closes it for good (a server -ERR)."""
+        first = True
+        while True:
+            lost = anyio.Event()
+            try:
+                # The gateway's identity: it may put any caller's user name in gateway subjects.
+                nc = await connect_as(settings, name="tekton-http", identity="gateway", closed=lost)
+            except NatsUnavailable:
+                if first:
+                    raise
+                await anyio.sleep(1.0)  # a retry's backoff: the server is away
+                continue
+            state.clear()  # the per-user buses of a lost connection go with it
+            state["bus"] = Bus(nc, settings)
+            if first:
+                first = False
+                task_status.started()
+            try:
+                await lost.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not nc.is_closed:
+                        await nc.drain()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            await tg.start(keep_connected)
+            if ready is not None:
+                ready.set()
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+
+    app = FastAPI(
+        title="Tekton",
+        version="0.1.0",
+        description="Talk to Tekton's AI specialists over HTTP: JSON, SSE, JSON-RPC over WebSocket, "
+        "and an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(EdgeGuard, settings=settings, host=host)
+
+    app.add_middleware(TraceContext)
+
+    def bus(caller: str | None = None) -> Bus:
+        """The bus as the caller's user (one Bus, with its own inbox, per user, on one connection)."""
+        user = guard.user(caller) if caller is not None else None
+        if user is None:
+            return state["bus"]
+        if user not in state:
+            state[user] = Bus(state["bus"].nc, settings, acting_for=user)
+        return state[user]
+
+    app.state.bus = bus  # the connection in use now (it is replaced when lost)
+
+    async def admitted(request: Request) -> str:
+        # ?token= only on /ws, where a browser cannot set a header: in a URL it ends up in logs.
+        caller = guard.caller(
+            request.headers.get("authorization"),
+            None,
+            request.client.host if request.client else "?",
+        )
+        guard.admit(caller)
+        return caller
+
+    def a2a_bus(scope: dict[str, Any]) -> Bus:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client") or ("?", 0)
+        caller = guard.caller(headers.get("authorization"), None, client[0])
+        guard.admit(caller)
+        return bus(caller)
+
+    app.mount("/a2a", A2ARouter(a2a_bus))  # docs/interop.md
+
+    @app.get("/metrics", summary="Prometheus metrics of every specialist on the bus", include_in_schema=False)
+    async def metrics(caller: str = Depends(admitted)) -> Response:
+        figures = BusFigures()
+        await figures.refresh(bus(caller), window=0.2)
+        registry = CollectorRegistry()
+        registry.register(BusCollector(figures))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(BusError)
+    async def bus_error(_: Request, err: BusError) -> JSONResponse:
+        return JSONResponse(
+            error_body(err),
+            status_code=err.http_status,
+            headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        """A 422 that names the problems and never echoes the body back (it may be megabytes)."""
+        problems = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in err.errors()]
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems[:3])
+        body = {"error": {"code": "bad_request", "message": message[:500], "details": problems[:20]}}
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def invalid(_: Request, err: ValidationError) -> JSONResponse:
+        """A value that passed the request schema but not a model built from it (a 422, not a 500)."""
+        problems = err.errors(include_url=False, include_context=False, include_input=False)
+        body = {
+            "error": {
+                "code": "bad_request",
+                "message": f"{len(problems)} invalid value(s)",
+                "details": problems,
+            }
+        }
+        return JSONResponse(body, status_code=422)
+
+    async def open_stream(body: ChatBody, caller: str) -> Opened:
+        return await open_body(bus(caller), body)
+
+    ctx = Bridge(settings, guard, bus, admitted, open_stream)
+    for protocol in (rest, openai, jsonrpc):
+        protocol.add_routes(app, ctx)
+    return app

@@ -1,0 +1,201 @@
+"""What every protocol edge of the HTTP bridge shares: the access guard (API tokens, rate limits), the
+Host/Origin/body-size checks in front of every route, the JSON error body (codes and statuses from the
+one map, bus/errors.py POLICY), and an SSE response that closes its bus stream however it ends."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+from fastapi.responses import StreamingResponse
+
+from bus.bulk import BulkStream
+from bus.client import ChatStream
+from bus.errors import (
+    BusError,
+    RateLimited,
+    Unauthorized,
+)
+from bus.settings import TektonSettings
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+class ClosingStream(StreamingResponse):
+    """Server-sent events over an already open bus stream, which is closed however the response ends:
+    also when the client leaves before the first byte (the body generator then never runs, and the
+    specialist would go on answering nobody)."""
+
+    def __init__(self, content: AsyncIterator[str], opened: ChatStream | BulkStream):
+        super().__init__(content, media_type="text/event-stream", headers=NO_CACHE)
+        self.opened = opened
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.opened.__aexit__(None, None, None)  # closing twice is harmless
+
+
+def error_body(err: BusError) -> dict[str, Any]:
+    return {"error": {"code": str(err.code), "message": err.message, "retryable": err.retryable}}
+
+
+@dataclass
+class Bucket:
+    """A token bucket: ``rate`` requests a second, bursts up to ``burst``."""
+
+    rate: float
+    burst: float
+    tokens: float = field(default=-1.0)
+    at: float = field(default_factory=time.monotonic)
+
+    def take(self) -> float:
+        """0 when allowed, else the seconds to wait."""
+        now = time.monotonic()
+        if self.tokens < 0:
+            self.tokens = self.burst
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+# Wrong tokens from one address: a few at once, then one a second (guessing tokens is slow).
+FAILED_RATE_PER_S = 1.0
+FAILED_BURST = 5.0
+
+
+class Guard:
+    """API tokens (required unless the bridge listens on localhost only) and a rate limit per caller.
+
+    A token given as ``NAME=TOKEN`` acts as the bus user NAME: its sessions and bulk requests are
+    NAME's, exactly as if NAME used aish (the bridge holds the gateway's credentials, which may use
+    any user's name in gateway subjects). A bare token acts as the bridge's own identity.
+    """
+
+    def __init__(self, tokens: list[str], rate: float, burst: float):
+        self.users: dict[str, str | None] = {}
+        for entry in tokens:
+            name, sep, token = entry.partition("=")
+            self.users[token if sep else entry] = name if sep else None
+        self.tokens = set(self.users)
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, Bucket] = {}
+
+    def caller(self, authorization: str | None, token_param: str | None, client: str) -> str:
+        given = token_param
+        if authorization and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if self.tokens:
+            if given not in self.tokens:
+                self.admit(f"failed:{client}", FAILED_RATE_PER_S, FAILED_BURST)
+                raise Unauthorized("a valid API token is needed")
+            return f"token:{given}"
+        return f"client:{client}"
+
+    def user(self, caller: str) -> str | None:
+        """The bus user a caller acts as (None: the bridge's own)."""
+        return self.users.get(caller.removeprefix("token:")) if caller.startswith("token:") else None
+
+    def admit(self, caller: str, rate: float | None = None, burst: float | None = None) -> None:
+        bucket = Bucket(rate or self.rate, burst or self.burst)
+        wait = self.buckets.setdefault(caller, bucket).take()
+        if wait:
+            raise RateLimited(max(1, math.ceil(wait)))
+
+
+def _hostname(netloc: str) -> str:
+    """``host`` of ``host:port`` / ``[v6]:port``, lower case."""
+    return (urlsplit(f"//{netloc}").hostname or "").lower()
+
+
+class EdgeGuard:
+    """Before any route: the Host header (DNS rebinding), the Origin of browser requests (another web
+    page the user has open), and the request body's size. ASGI middleware, so it covers /ws too."""
+
+    def __init__(self, app: Any, settings: TektonSettings, host: str):
+        self.app = app
+        self.max_body = settings.http_max_body_bytes
+        self.origins = set(settings.http_allowed_origins or [])
+        hosts = settings.http_allowed_hosts
+        # On loopback only loopback names are this bridge; elsewhere API tokens guard it (see Guard).
+        self.hosts = set(hosts) if hosts is not None else (LOCAL_HOSTS if host in LOCAL_HOSTS else None)
+
+    def _refusal(self, headers: dict[str, str]) -> str | None:
+        host = headers.get("host")
+        if (
+            host is not None
+            and self.hosts is not None
+            and "*" not in self.hosts
+            and _hostname(host) not in self.hosts
+        ):
+            return f"host '{host[:100]}' is not this bridge's (set TEKTON_HTTP_ALLOWED_HOSTS)"
+        origin = headers.get("origin")
+        if origin is None or origin in self.origins or "*" in self.origins:
+            return None  # not a browser's cross-site request, or an origin let in by name
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https") and (
+            (parts.hostname or "") in LOCAL_HOSTS or (host is not None and parts.netloc == host)
+        ):
+            return None  # a page of this bridge, or of another local server of the user's
+        return f"origin '{origin[:100]}' is not allowed (set TEKTON_HTTP_ALLOWED_ORIGINS)"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(headers)
+        if scope["type"] == "websocket":
+            if refusal is not None:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": refusal[:120]})
+                return None
+            return await self.app(scope, receive, send)
+        if refusal is not None:
+            return await _reply(send, 403, "forbidden", refusal)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await _too_large(send, int(declared), self.max_body)
+        # Read the body here, bounded (also when no length is declared), and hand it on in one piece.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await _too_large(send, size, self.max_body)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Any:
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _too_large(send: Any, size: int, limit: int) -> None:
+    message = (
+        f"request body is over {limit:,} bytes ({size:,} so far); send less (TEKTON_HTTP_MAX_BODY_BYTES)"
+    )
+    await _reply(send, 413, "payload_too_large", message)
+
+
+async def _reply(send: Any, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message, "retryable": False}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

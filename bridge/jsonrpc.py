@@ -1,0 +1,252 @@
+"""JSON-RPC 2.0 over a WebSocket at `/ws`: chat, streams with `stream.chunk` / `stream.complete`
+notifications, cancel, sessions, bulk and discovery (docs/http.md); error codes from bus/errors.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from bridge.edge import Guard, error_body
+from bridge.rest import ChatBody, SessionCreateBody, open_body
+from bus.bulk import BulkPlan
+from bus.client import Bus
+from bus.errors import (
+    RPC_INTERNAL,
+    RPC_INVALID_PARAMS,
+    RPC_INVALID_REQUEST,
+    RPC_METHOD_NOT_FOUND,
+    RPC_PARSE_ERROR,
+    BusError,
+    RateLimited,
+    Unauthorized,
+)
+from bus.failover import Opened
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
+    RPC_PARSE_ERROR,
+    RPC_INVALID_REQUEST,
+    RPC_METHOD_NOT_FOUND,
+    RPC_INVALID_PARAMS,
+    RPC_INTERNAL,
+)
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+class JsonRpc:
+    """One WebSocket's JSON-RPC session. Streams run as tasks; `cancel` or a disconnect stops them on
+    their specialists."""
+
+    def __init__(self, socket: WebSocket, bus: Bus, guard: Guard, caller: str):
+        self.socket, self.bus, self.guard, self.caller = socket, bus, guard, caller
+        self.streams: dict[str, anyio.CancelScope] = {}
+        self.send_lock = anyio.Lock()
+        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "chat": self.chat,
+            "stream": self.stream,
+            "cancel": self.cancel,
+            "discover": self.discover,
+            "sessions.list": self.sessions_list,
+            "sessions.get": self.sessions_get,
+            "sessions.create": self.sessions_create,
+            "sessions.delete": self.sessions_delete,
+            "bulk": self.bulk,
+        }
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self.send_lock:
+            await self.socket.send_text(json.dumps({"jsonrpc": "2.0", **message}))
+
+    async def serve(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            try:
+                while True:
+                    raw = await self.socket.receive_text()
+                    tg.start_soon(self.handle, raw)
+            except WebSocketDisconnect:
+                pass
+            finally:
+                tg.cancel_scope.cancel()  # a client that left stops every stream it started
+
+    async def handle(self, raw: str) -> None:
+        request_id: Any = None
+        try:
+            try:
+                message = json.loads(raw)
+            except ValueError as err:
+                raise RpcError(PARSE_ERROR, f"parse error: {err}") from err
+            if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or "method" not in message:
+                raise RpcError(INVALID_REQUEST, "invalid request: need jsonrpc '2.0' and a method")
+            request_id = message.get("id")
+            method = self.methods.get(message["method"])
+            if method is None:
+                raise RpcError(
+                    METHOD_NOT_FOUND, f"method not found: {message['method']}", sorted(self.methods)
+                )
+            params = message.get("params") or {}
+            if not isinstance(params, dict):
+                raise RpcError(INVALID_PARAMS, "params must be an object")
+            try:
+                self.guard.admit(self.caller)
+            except RateLimited as err:
+                raise RpcError(err.rpc_code, "rate limited", {"retry_after": str(err.retry_after)}) from err
+            result = await method(params)
+        except RpcError as err:
+            await self.reply_error(request_id, err.code, err.message, err.data)
+            return
+        except ValidationError as err:
+            await self.reply_error(
+                request_id,
+                INVALID_PARAMS,
+                f"invalid params: {err.error_count()} problem(s)",
+                err.errors(include_url=False),
+            )
+            return
+        except BusError as err:
+            await self.reply_error(request_id, err.rpc_code, err.message, {"code": str(err.code)})
+            return
+        if request_id is not None:
+            await self.send({"id": request_id, "result": result})
+
+    async def reply_error(self, request_id: Any, code: int, message: str, data: Any = None) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        await self.send({"id": request_id, "error": error})
+
+    async def _open(self, params: dict[str, Any]) -> Opened:
+        return await open_body(self.bus, ChatBody.model_validate(params))
+
+    async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
+        opened = await self._open(params)
+        name, stream = opened.name, opened.stream
+        async with stream:
+            result = await stream.result()
+        return {"specialist": name, "text": result.text, "timings": result.done.timings.model_dump()}
+
+    async def stream(self, params: dict[str, Any]) -> dict[str, Any]:
+        opened = await self._open(params)
+        name, stream = opened.name, opened.stream
+        request_id = stream.request.id
+        scope = anyio.CancelScope()
+        self.streams[request_id] = scope
+
+        async def pump() -> None:
+            try:
+                with scope:
+                    async with stream:
+                        try:
+                            async for text in opened.texts:
+                                await self.send(
+                                    {
+                                        "method": "stream.chunk",
+                                        "params": {"request_id": request_id, "text": text},
+                                    }
+                                )
+                            result = await stream.result()
+                            await self.send(
+                                {
+                                    "method": "stream.complete",
+                                    "params": {
+                                        "request_id": request_id,
+                                        "timings": result.done.timings.model_dump(),
+                                    },
+                                }
+                            )
+                        except BusError as err:
+                            await self.send(
+                                {
+                                    "method": "stream.complete",
+                                    "params": {"request_id": request_id, "error": error_body(err)["error"]},
+                                }
+                            )
+                if scope.cancelled_caught:
+                    with anyio.CancelScope(shield=True):
+                        await self.send(
+                            {
+                                "method": "stream.complete",
+                                "params": {"request_id": request_id, "cancelled": True},
+                            }
+                        )
+            finally:
+                self.streams.pop(request_id, None)
+
+        self.tg.start_soon(pump)
+        return {"request_id": request_id, "specialist": name}
+
+    async def cancel(self, params: dict[str, Any]) -> dict[str, Any]:
+        request_id = params.get("request_id")
+        scope = self.streams.get(str(request_id))
+        if scope is None:
+            raise RpcError(INVALID_PARAMS, f"no running stream {request_id!r}")
+        scope.cancel()
+        return {"cancelled": request_id}
+
+    async def discover(self, params: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.bus.gateway.discover(capability=params.get("capability"), text=params.get("text"))
+        return reply.model_dump()
+
+    async def sessions_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "sessions": [
+                s.model_dump() for s in await self.bus.gateway.list(specialist=params.get("specialist"))
+            ]
+        }
+
+    async def sessions_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        return (await self.bus.gateway.get(str(params.get("session", "")))).model_dump()
+
+    async def sessions_create(self, params: dict[str, Any]) -> dict[str, Any]:
+        body = SessionCreateBody.model_validate(params)
+        created = await self.bus.gateway.create(
+            body.specialist, name=body.name, context_window=body.context_window
+        )
+        return created.model_dump()
+
+    async def sessions_delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": await self.bus.gateway.delete(str(params.get("session", "")))}
+
+    async def bulk(self, params: dict[str, Any]) -> dict[str, Any]:
+        plan = BulkPlan.model_validate(params)
+        run = self.bus.bulk(plan)
+        await run.__aenter__()
+
+        async def pump() -> None:
+            async with run:
+                async for event in run:
+                    await self.send({"method": "bulk.event", "params": {"id": run.id, **event.model_dump()}})
+
+        self.tg.start_soon(pump)
+        return {"id": run.id, "operations": len(plan.operations)}
+
+
+def add_routes(app: FastAPI, ctx: Bridge) -> None:
+    bus, guard = ctx.bus, ctx.guard
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        try:
+            caller = guard.caller(
+                socket.headers.get("authorization"),
+                socket.query_params.get("token"),
+                socket.client.host if socket.client else "?",
+            )
+        except Unauthorized as err:
+            await socket.close(code=1008, reason=err.message)
+            return
+        await socket.accept()
+        await JsonRpc(socket, bus(caller), guard, caller).serve()

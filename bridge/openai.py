@@ -1,0 +1,106 @@
+"""The OpenAI-compatible API: `GET /v1/models` (specialists, `@capabilities` and `@auto` as models) and
+`POST /v1/chat/completions`, streaming or not."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, Field
+
+from bridge.edge import ClosingStream, error_body
+from bridge.rest import ChatBody
+from bus.errors import (
+    BusError,
+)
+from bus.subjects import TARGET_PATTERN
+from bus.wire import ChatMessage, ChatOptions
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+
+class OpenAIMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class OpenAIChat(BaseModel):
+    model: str = Field(pattern=TARGET_PATTERN, description="a specialist name, `@capability` or `@auto`")
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+
+def add_routes(app: FastAPI, ctx: Bridge) -> None:
+    bus, admitted, open_stream = ctx.bus, ctx.admitted, ctx.open_stream
+
+    @app.get("/v1/models", summary="OpenAI-compatible: specialists and @capabilities as models")
+    async def models(caller: str = Depends(admitted)) -> dict[str, Any]:
+        views = (await bus(caller).gateway.discover()).specialists
+        names = [v.name for v in views] + sorted({f"@{c}" for v in views for c in v.capabilities}) + ["@auto"]
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tekton"} for n in names]}
+
+    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions (streaming or not)")
+    async def completions(body: OpenAIChat, caller: str = Depends(admitted)) -> Any:
+        chat_body = ChatBody(
+            specialist=body.model,
+            messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
+            options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
+        )
+        opened = await open_stream(chat_body, caller)
+        name, stream = opened.name, opened.stream
+        created = int(time.time())
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if not body.stream:
+            async with stream:
+                result = await stream.result()
+            usage = result.done.usage
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.done.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens or 0,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": (usage.prompt_tokens or 0) + usage.completion_tokens,
+                },
+            }
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
+            data = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            async with stream:
+                yield chunk({"role": "assistant"})
+                try:
+                    async for text in opened.texts:
+                        yield chunk({"content": text})
+                    result = await stream.result()
+                except BusError as err:
+                    yield f"data: {json.dumps(error_body(err))}\n\n"
+                    return
+                yield chunk({}, result.done.finish_reason)
+                yield "data: [DONE]\n\n"
+
+        return ClosingStream(events(), stream)

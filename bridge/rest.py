@@ -1,0 +1,165 @@
+"""JSON and server-sent events over HTTP: chat per specialist (or `@capability`), sessions, bulk,
+discovery (`/api/...`), and the small browser console at `/`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from bridge.edge import ClosingStream, error_body
+from bus.bulk import BulkPlan
+from bus.client import Bus
+from bus.errors import (
+    BadRequest,
+    BusError,
+)
+from bus.failover import Opened, open_first
+from bus.subjects import TARGET_PATTERN
+from bus.wire import ChatMessage, ChatOptions
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+
+class ChatBody(BaseModel):
+    """A chat request over HTTP: one ``message`` or the whole ``messages`` list."""
+
+    specialist: str = Field(
+        pattern=TARGET_PATTERN, description="a specialist name, `@capability`, or `@auto`"
+    )
+    message: str | None = None
+    messages: list[ChatMessage] | None = None
+    session: str | None = None
+    options: ChatOptions = ChatOptions()
+
+    def chat_messages(self) -> list[ChatMessage]:
+        if self.messages:
+            return self.messages
+        if self.message is None:
+            raise BadRequest("give `message` or `messages`")
+        return [ChatMessage(role="user", content=self.message)]
+
+
+class SessionCreateBody(BaseModel):
+    specialist: str | None = None
+    name: str | None = None
+    context_window: int = 10
+    metadata: dict[str, str] = {}
+
+
+class ForkBody(BaseModel):
+    at: int | None = None
+    name: str | None = None
+
+
+async def open_body(bus: Bus, body: ChatBody) -> Opened:
+    """An open stream from ``body.specialist`` (for ``@capability``: the first candidate that starts,
+    as aish falls back), before any HTTP response has begun."""
+    messages = body.chat_messages()
+    names, _ = await bus.gateway.pick(body.specialist, messages[-1].content)
+    return await open_first(
+        names, lambda name: bus.stream(name, messages, body.options, session=body.session)
+    )
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def add_routes(app: FastAPI, ctx: Bridge) -> None:
+    bus, admitted, open_stream = ctx.bus, ctx.admitted, ctx.open_stream
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def console() -> str:
+        return (resources.files("bridge") / "console.html").read_text()
+
+    @app.get("/api/capabilities", summary="Running specialists, their capabilities and health")
+    async def capabilities(caller: str = Depends(admitted)) -> dict[str, Any]:
+        reply = await bus(caller).gateway.discover()
+        return {"specialists": [v.model_dump() for v in reply.specialists]}
+
+    @app.get("/api/discover", summary="Rank specialists for a capability or a text")
+    async def discover(
+        capability: str | None = None, text: str | None = None, caller: str = Depends(admitted)
+    ) -> dict[str, Any]:
+        return (await bus(caller).gateway.discover(capability=capability, text=text)).model_dump()
+
+    @app.post("/api/chat", summary="Ask a specialist; the whole answer as JSON")
+    async def chat(body: ChatBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        opened = await open_stream(body, caller)
+        name, stream = opened.name, opened.stream
+        async with stream:
+            result = await stream.result()
+        return {
+            "specialist": name,
+            "text": result.text,
+            "usage": result.done.usage.model_dump(),
+            "timings": result.done.timings.model_dump(),
+            "finish_reason": result.done.finish_reason,
+        }
+
+    @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
+    async def chat_stream(body: ChatBody, caller: str = Depends(admitted)) -> StreamingResponse:
+        opened = await open_stream(body, caller)
+        name, stream = opened.name, opened.stream
+
+        async def events() -> AsyncIterator[str]:
+            async with stream:
+                yield sse("start", {"specialist": name, "request_id": stream.request.id})
+                try:
+                    async for text in opened.texts:
+                        yield sse("content", {"text": text})
+                    result = await stream.result()
+                except BusError as err:
+                    yield sse("error", error_body(err)["error"])
+                    return
+                yield sse(
+                    "done",
+                    {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
+                )
+
+        return ClosingStream(events(), stream)
+
+    @app.get("/api/sessions", summary="Sessions, most recently changed first")
+    async def list_sessions(specialist: str | None = None, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return {"sessions": [s.model_dump() for s in await bus(caller).gateway.list(specialist=specialist)]}
+
+    @app.post("/api/sessions", summary="Start a session")
+    async def create_session(body: SessionCreateBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        created = await bus(caller).gateway.create(
+            body.specialist, name=body.name, context_window=body.context_window, metadata=body.metadata
+        )
+        return created.model_dump()
+
+    @app.get("/api/sessions/{ref}", summary="One session with its turns")
+    async def get_session(ref: str, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus(caller).gateway.get(ref)).model_dump()
+
+    @app.delete("/api/sessions/{ref}", summary="Delete a session")
+    async def delete_session(ref: str, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return {"deleted": await bus(caller).gateway.delete(ref)}
+
+    @app.post("/api/sessions/{ref}/fork", summary="A new session from the first turns of another")
+    async def fork_session(ref: str, body: ForkBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus(caller).gateway.fork(ref, at=body.at, name=body.name)).model_dump()
+
+    @app.post("/api/bulk", summary="Run a bulk plan; progress as server-sent events")
+    async def bulk(plan: BulkPlan, caller: str = Depends(admitted)) -> StreamingResponse:
+        run = bus(caller).bulk(plan)
+        await run.__aenter__()
+
+        async def events() -> AsyncIterator[str]:
+            async with run:
+                try:
+                    async for event in run:
+                        yield sse(event.type, event.model_dump())
+                except BusError as err:
+                    yield sse("error", error_body(err)["error"])
+
+        return ClosingStream(events(), run)
