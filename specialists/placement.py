@@ -54,6 +54,10 @@ def hops(msg: Msg) -> int:
         return MAX_HOPS
 
 
+# Room left for the headers a forwarded request gains (hops, and those it came with).
+FORWARD_HEADROOM = 4096
+
+
 class Placement:
     """Keeps one replica's chat endpoint in its queue group only while it has room (see module doc)."""
 
@@ -135,6 +139,10 @@ class Placement:
         """Where to send a request that reached us while we are full: a peer with room (subject and
         headers), or None to take it here."""
         if self.free > 0 or hops(msg) >= MAX_HOPS or self._stopped:
+            return None
+        # Forwarding adds headers: a request near max_payload would then be refused by nats-server,
+        # which closes the connection that sent it. Such a request waits for a slot here instead.
+        if len(msg.data) + FORWARD_HEADROOM > self.nc.max_payload:
             return None
         peer = self.room_elsewhere()
         if peer is None:

@@ -96,3 +96,26 @@ async def test_a_replica_that_stops_hands_the_anchor_on(settings: TektonSettings
             assert a.is_anchor()
             bus = await stack.enter_async_context(Bus.connect(settings))
             assert len(await ask_all(bus, 3)) == 3  # queued on the one left, never "not running"
+
+
+async def test_a_request_near_max_payload_is_not_forwarded(settings: TektonSettings) -> None:
+    """Forwarding adds headers; a request that then went over max_payload would make nats-server close
+    the forwarding replica's connection. Such a request waits for a slot where it landed instead."""
+    from nats.aio.msg import Msg
+
+    async with AsyncExitStack() as stack:
+        services = await replicas(stack, settings, 2)
+        anchor = next(s.placement for s in services if s.placement and s.placement.is_anchor())
+        assert anchor is not None
+        anchor.update(1)  # its one slot taken: it would forward to the other, which has room
+        try:
+            nc = services[0].nc
+            # The big one first: a forward counts a slot taken on the peer until it says otherwise.
+            big = Msg(
+                _client=nc, subject="tekton.ai.apollo.chat", reply="r", data=b"x" * (nc.max_payload - 64)
+            )
+            assert anchor.forward_target(big) is None
+            small = Msg(_client=nc, subject="tekton.ai.apollo.chat", reply="r", data=b"x" * 100)
+            assert anchor.forward_target(small) is not None
+        finally:
+            anchor.update(0)
