@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from aish_client import sessions
+from aish_client import runs, sessions
 from aish_client.fanout import load_plan, run_plan
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.render import Renderer
@@ -68,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="several answers at once: one after another under headers (stacked), or side by side as "
         "labelled lines (lines)",
     )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="start the question as a run that goes on without aish: prints its id (aish attach RUN)",
+    )
+    parser.add_argument(
+        "--after", type=int, default=-1, metavar="SEQ", help="aish attach: only the frames after this seq"
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
-        "words", nargs="*", help="`list`, `sessions ...`, or a specialist name and a question"
+        "words",
+        nargs="*",
+        help="`list`, `sessions ...`, `runs`, `attach RUN`, `cancel RUN`, or a specialist and a question",
     )
     return parser
 
@@ -106,6 +116,8 @@ async def run_once(
 ) -> int:
     renderer = Renderer()
     async with Bus.connect(settings, name="aish") as bus:
+        if args.detach:
+            return await runs.detach(bus, pipeline, _options(args), renderer)
         session = await sessions.resolve(bus, args.session, args.resume, renderer)
         await run_pipeline(
             bus,
@@ -131,6 +143,19 @@ async def run_bulk(settings: TektonSettings, args: argparse.Namespace, files: Se
 async def run_sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
     async with Bus.connect(settings, name="aish") as bus:
         return await sessions.run(bus, argv, Renderer())
+
+
+async def run_runs(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """`aish runs`, `aish attach RUN [--after SEQ]`, `aish cancel RUN`."""
+    verb, words, renderer = args.words[0], args.words[1:], Renderer()
+    if verb == "runs" and words:
+        raise runs.UsageError("usage: aish runs")
+    async with Bus.connect(settings, name="aish") as bus:
+        if verb == "attach":
+            return await runs.attach(bus, words, args.after, renderer)
+        if verb == "cancel":
+            return await runs.cancel(bus, words, renderer)
+        return await runs.list_runs(bus, renderer)
 
 
 async def run_list(settings: TektonSettings, capability: str | None) -> int:
@@ -174,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings, args.capability)
+        if args.pipeline is None and args.words and args.words[0] in ("runs", "attach", "cancel"):
+            if args.detach:
+                raise runs.UsageError('--detach starts a question: aish --detach apollo "long job"')
+            return anyio.run(run_runs, settings, args)
         if args.pipeline is None and args.words and args.words[0] == "bulk":
             return anyio.run(run_bulk, settings, args, args.words[1:])
         if args.pipeline is None and args.words and args.words[0] == "sessions":
@@ -194,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(run_once, settings, pipeline, args, stdin_text)
     except PipelineSyntaxError as err:
         renderer.error(err.render())
+        return EXIT_USAGE
+    except runs.UsageError as err:
+        renderer.error(str(err))
         return EXIT_USAGE
     except BusError as err:
         renderer.end_answer()

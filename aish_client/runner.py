@@ -81,6 +81,9 @@ async def run_pipeline(
                 stage_out = _StageOutput(renderer, name, last, out)
                 try:
                     async with bus.stream(name, messages, options, session=session) as s:
+                        s.on_resume = lambda seq: renderer.note(
+                            f"(the connection dropped frames; the answer goes on from frame {seq})"
+                        )
                         async for chunk in s:
                             stage_out.chunk(chunk)
                     result = await s.result()

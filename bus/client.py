@@ -13,8 +13,8 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,6 +25,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
@@ -34,10 +35,12 @@ from bus.errors import (
     IdleTimeout,
     MalformedFrame,
     NatsUnavailable,
+    RunNotFound,
     SpecialistUnavailable,
     StreamGap,
     from_wire,
 )
+from bus.runs import RunSummary, list_runs, run_listen_subject, run_subject, runs_stream_name
 from bus.sessions import ChatAccepted, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject, chat_subject
@@ -56,6 +59,9 @@ from bus.wire import (
 )
 
 log = structlog.get_logger("tekton.bus")
+
+# Who we are on the bus when the server has no users (see docs/security.md once users exist).
+ANONYMOUS = "anonymous"
 
 NO_RESPONDERS = "503"
 
@@ -174,6 +180,8 @@ class Bus:
         self._inbox_sub: Subscription | None = None
         self._inbox_seq = 0
         self._routes: dict[str, Inbox] = {}
+        self._run_subs: dict[str, Subscription] = {}
+        self.user = ANONYMOUS
 
     async def open_inbox(self) -> tuple[str, Inbox]:
         """A fresh reply subject, already subscribed, and the inbox its messages arrive in."""
@@ -189,6 +197,60 @@ class Bus:
 
     def close_inbox(self, subject: str) -> None:
         self._routes.pop(subject, None)
+
+    async def open_run(self, subject: str) -> Inbox:
+        """Listen live to a run's frames subject (see bus/runs.py); its messages arrive in the inbox."""
+        inbox = Inbox()
+        self._routes[subject] = inbox
+        # The run's probes arrive here too and are dropped by _route: a probe answered by silence
+        # tells the specialist someone still listens.
+        self._run_subs[subject] = await self.nc.subscribe(
+            run_listen_subject(subject), cb=self._route, pending_msgs_limit=1_000_000
+        )
+        return inbox
+
+    async def close_run(self, subject: str) -> None:
+        self._routes.pop(subject, None)
+        sub = self._run_subs.pop(subject, None)
+        if sub is not None:
+            with suppress(nats.errors.Error):  # already gone (a closed connection, say)
+                await sub.unsubscribe()
+
+    async def replay(self, subject: str, first_seq: int, inbox: Inbox) -> Subscription:
+        """Frames of a run from the runs stream into ``inbox``: those with ``seq >= first_seq`` (and
+        the start frame, which says who serves it), then live ones as they are stored, in order."""
+
+        async def keep(msg: Msg) -> None:
+            try:
+                raw = unpack_frame(msg.data)
+                seq = raw["seq"] if isinstance(raw, dict) else -1
+            except (MalformedFrame, KeyError):
+                seq = first_seq  # let the reader report it
+            if seq >= first_seq or (isinstance(raw, dict) and raw.get("type") == "start"):
+                inbox.put(msg)
+
+        js = self.nc.jetstream()
+        return await js.subscribe(
+            subject,
+            cb=keep,
+            stream=runs_stream_name(self.settings.prefix),
+            ordered_consumer=True,
+            pending_msgs_limit=1_000_000,
+            inactive_threshold=60.0,
+        )
+
+    async def runs(self) -> list[RunSummary]:
+        """Our runs still kept in the runs stream, oldest first."""
+        return await list_runs(self.nc, self.settings, self.user)
+
+    def attach(self, run_id: str, *, after: int = -1, idle_timeout: float | None = None) -> RunAttachment:
+        """Read one of our runs from the runs stream: the frames after ``seq`` ``after``, then live."""
+        subject = run_subject(self.user, run_id, self.settings.prefix)
+        return RunAttachment(self, run_id, subject, after, idle_timeout or self.settings.idle_timeout_s)
+
+    async def cancel_run(self, run_id: str) -> None:
+        await self.nc.publish(cancel_subject(run_id, self.settings.prefix), b"")
+        await self.nc.flush(timeout=1)
 
     async def _route(self, msg: Msg) -> None:
         inbox = self._routes.get(msg.subject)
@@ -215,6 +277,7 @@ class Bus:
         idle_timeout: float | None = None,
         request_id: str | None = None,
         session: str | None = None,
+        detach: bool = False,
     ) -> ChatStream:
         """One streamed answer (see :class:`ChatStream`).
 
@@ -226,6 +289,7 @@ class Bus:
             messages=list(messages),
             options=options or ChatOptions(),
             timeout_ms=int(timeout * 1000) if timeout else None,
+            detach=True if detach else None,
             **({"id": request_id} if request_id else {}),
         )
         idle = idle_timeout or self.settings.idle_timeout_s
@@ -312,21 +376,90 @@ class ChatStream:
         self.sent_at = 0.0
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
+        # A durable run: frames come live on the run subject and are kept in the runs stream, so a lost
+        # frame (a reconnect, a slow consumer) is read back from there instead of failing the answer.
+        self.run_subject = (
+            run_subject(bus.user, request.id, bus.settings.prefix) if bus.settings.runs else None
+        )
+        self._replay: Subscription | None = None
+        self._resumed_from: int | None = None
+        # Told the frame seq a resume continues from (aish prints a note).
+        self.on_resume: Callable[[int], None] | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.request.id if self.run_subject else None
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the last frame read (-1: none yet): what to resume after."""
+        return self._next_seq - 1
 
     async def __aenter__(self) -> ChatStream:
         if self._inbox is not None:  # already open (e.g. opened to wait_started() first)
             return self
         # Listen before publishing so no frame can arrive before we do.
-        self._inbox, self._frames = await self.bus.open_inbox()
+        if self.run_subject is not None:
+            self._inbox, self._frames = self.run_subject, await self.bus.open_run(self.run_subject)
+        else:
+            self._inbox, self._frames = await self.bus.open_inbox()
         self.sent_at = time.perf_counter()
         try:
             await self._send(self._inbox)
         except BaseException:
             self._finished = True
-            self.bus.close_inbox(self._inbox)
-            self._inbox = None
+            await self._close_source()
             raise
         return self
+
+    async def _close_source(self) -> None:
+        if self._replay is not None:
+            replay, self._replay = self._replay, None
+            await replay.unsubscribe()
+        if self._inbox is not None:
+            if self._inbox == self.run_subject:
+                await self.bus.close_run(self._inbox)
+            else:
+                self.bus.close_inbox(self._inbox)
+            self._inbox = None
+
+    async def resume(self) -> None:
+        """Continue from the runs stream after the last frame read: no gap, no duplicate."""
+        if self.run_subject is None:
+            raise BusError("this answer is not a durable run: nothing to resume from")
+        if self._inbox == self.run_subject:
+            await self.bus.close_run(self._inbox)
+            self._inbox = None
+        if self._replay is not None:
+            await self._replay.unsubscribe()
+        self._resumed_from = self._next_seq
+        self._frames = Inbox()
+        try:
+            self._replay = await self.bus.replay(self.run_subject, self._next_seq, self._frames)
+        except NotFoundError as err:
+            raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
+        log.info("run resumed", run_id=self.request.id, after=self._next_seq - 1)
+        if self.on_resume is not None:
+            self.on_resume(self._next_seq)
+
+    def detach(self) -> str:
+        """Leave a detached run (``stream(..., detach=True)``) to go on without us; its run id."""
+        if self.run_subject is None or not self.request.detach:
+            raise BusError("only a run started with detach=True goes on without its asker")
+        self._finished = True  # nothing to cancel on the way out
+        return self.request.id
+
+    async def _recover(self, err: BusError) -> None:
+        """A lost frame or a silence: read the rest from the runs stream, once per point of progress;
+        raise ``err`` when that cannot help (not a run, or nothing came since the last resume)."""
+        if self.run_subject is None or self._resumed_from == self._next_seq:
+            self._finished = True
+            raise err
+        try:
+            await self.resume()
+        except RunNotFound:  # not kept (no runs stream on this server): the loss stands
+            self._finished = True
+            raise err from None
 
     async def _send(self, inbox: str) -> None:
         nc = self.bus.nc
@@ -342,9 +475,7 @@ class ChatStream:
                     await self.cancel()
                 except Exception as err:  # the connection may be gone: nothing more to stop
                     log.debug("cancel not sent", error=str(err))
-            if self._inbox is not None:
-                self.bus.close_inbox(self._inbox)
-                self._inbox = None
+            await self._close_source()
 
     async def cancel(self) -> None:
         """Ask the specialist to stop generating now."""
@@ -374,11 +505,12 @@ class ChatStream:
             raise from_wire(frame.code, frame.message, frame.retryable)
 
     async def _next_msg(self) -> Msg:
-        msg = await self._frames.get(self.idle_timeout)
-        if msg is None:
-            self._finished = True  # nobody is generating any more: nothing to cancel
-            raise IdleTimeout(self.specialist, self.idle_timeout)
-        return msg
+        while True:
+            msg = await self._frames.get(self.idle_timeout)
+            if msg is not None:
+                return msg
+            # Nobody is generating any more (nothing to cancel), unless the frames went astray.
+            await self._recover(IdleTimeout(self.specialist, self.idle_timeout))
 
     async def _texts(self) -> AsyncIterator[str]:
         while not self._finished:
@@ -395,7 +527,10 @@ class ChatStream:
             if chunk is not None:
                 seq, text = chunk
                 if seq != self._next_seq:
-                    raise StreamGap(self._next_seq, seq)
+                    if seq < self._next_seq:
+                        continue  # already read (a resume may overlap what was in flight)
+                    await self._recover(StreamGap(self._next_seq, seq))
+                    continue
                 self._next_seq += 1
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.perf_counter()
@@ -407,8 +542,13 @@ class ChatStream:
             except MalformedFrame:
                 self._finished = True
                 raise
+            if isinstance(frame, StartFrame) and self.start_frame is None:
+                self.start_frame = frame  # also when a replay starts past it
             if frame.seq != self._next_seq:
-                raise StreamGap(self._next_seq, frame.seq)
+                if frame.seq < self._next_seq:
+                    continue
+                await self._recover(StreamGap(self._next_seq, frame.seq))
+                continue
             self._next_seq += 1
             if isinstance(frame, ChunkFrame):
                 if self.first_chunk_at is None:
@@ -475,3 +615,44 @@ class SessionChatStream(ChatStream):
         except (MalformedFrame, ValidationError):
             log.warning("unexpected frame after done", session=self.session)
             return None
+
+
+class RunAttachment(ChatStream):
+    """A run read from the runs stream by someone other than its live asker (``aish attach``, a
+    reconnecting client): the frames after ``after``, then the rest live, each exactly once.
+
+    Leaving the block does not stop the run (``cancel()`` does).
+    """
+
+    def __init__(self, bus: Bus, run_id: str, subject: str, after: int, idle_timeout: float):
+        # An attachment sends no request; the model only carries the run's id.
+        placeholder = ChatRequest(id=run_id, messages=[ChatMessage(role="user", content="")])
+        super().__init__(bus, "", placeholder, idle_timeout)
+        self.run_subject = subject
+        self._next_seq = after + 1
+
+    async def __aenter__(self) -> RunAttachment:
+        if self._replay is not None:
+            return self
+        js = self.bus.nc.jetstream()
+        try:
+            await js.get_last_msg(runs_stream_name(self.bus.settings.prefix), self.run_subject or "")
+        except NotFoundError as err:
+            raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
+        self.sent_at = time.perf_counter()
+        self._frames = Inbox()
+        self._replay = await self.bus.replay(self.run_subject or "", self._next_seq, self._frames)
+        self._resumed_from = self._next_seq
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._close_source()
+
+    async def _texts(self) -> AsyncIterator[str]:
+        async for text in super()._texts():
+            if not self.specialist and self.start_frame is not None:
+                self.specialist = self.start_frame.specialist
+            yield text

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_TOO_LARGE = "session_too_large"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
+    RUN_NOT_FOUND = "run_not_found"
     # Raised on the client side only; never sent in an error frame.
     NATS_UNAVAILABLE = "nats_unavailable"
     SPECIALIST_UNAVAILABLE = "specialist_unavailable"
@@ -141,6 +142,17 @@ class SessionNotFound(BusError):
     def named(cls, ref: str, ttl_s: float | None = None) -> SessionNotFound:
         expiry = f", or expired after {ttl_s:g} s unused" if ttl_s else ", or expired"
         return cls(f"no session '{ref}' (unknown, deleted{expiry}); `aish sessions` lists them")
+
+
+class RunNotFound(BusError):
+    code = ErrorCode.RUN_NOT_FOUND
+
+    @classmethod
+    def named(cls, run_id: str, keep_s: float) -> RunNotFound:
+        return cls(
+            f"no run '{run_id}' of yours is kept (finished runs are kept {keep_s:g} s); "
+            "`aish runs` lists them"
+        )
 
 
 class SessionTooLarge(BusError):

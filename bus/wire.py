@@ -46,6 +46,8 @@ class ChatRequest(Wire):
     # The request's deadline, relative to when the specialist receives it (clocks across machines
     # are not trusted to agree). None: the specialist's own default.
     timeout_ms: int | None = Field(default=None, ge=1, le=86_400_000)
+    # A detached run (aish --detach) goes on to its end with nobody listening, unless cancelled.
+    detach: bool | None = None
 
     @field_validator("id")
     @classmethod

@@ -24,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
+from bus.runs import ensure_runs_stream
 from bus.settings import TektonSettings
 from bus.subjects import cancel_wildcard, chat_subject, queue_group
 from bus.wire import (
@@ -121,6 +122,10 @@ class SpecialistService:
         return self._service.id if self._service else ""
 
     async def start(self) -> None:
+        try:
+            await ensure_runs_stream(self.nc, self.settings)
+        except Exception as err:  # no JetStream, or no right to it: answers still stream live
+            self.log.warning("runs stream not available; answers will not be resumable", error=str(err))
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
         self._service = await add_service(
             self.nc,
