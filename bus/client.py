@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +26,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
@@ -216,9 +218,12 @@ class Bus:
             with suppress(nats.errors.Error):  # already gone (a closed connection, say)
                 await sub.unsubscribe()
 
-    async def replay(self, subject: str, first_seq: int, inbox: Inbox) -> Subscription:
+    async def replay(
+        self, subject: str, first_seq: int, inbox: Inbox, since: float | None = None
+    ) -> Subscription:
         """Frames of a run from the runs stream into ``inbox``: those with ``seq >= first_seq`` (and
-        the start frame, which says who serves it), then live ones as they are stored, in order."""
+        the start frame, which says who serves it), then live ones as they are stored, in order.
+        ``since`` (unix time): skip frames stored before it, so a long run is not read from its start."""
 
         async def keep(msg: Msg) -> None:
             try:
@@ -230,9 +235,14 @@ class Bus:
                 inbox.put(msg)
 
         js = self.nc.jetstream()
+        config = api.ConsumerConfig()
+        if since is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = datetime.fromtimestamp(since, UTC)
         return await js.subscribe(
             subject,
             cb=keep,
+            config=config,
             stream=runs_stream_name(self.settings.prefix),
             ordered_consumer=True,
             pending_msgs_limit=1_000_000,
@@ -383,6 +393,8 @@ class ChatStream:
         )
         self._replay: Subscription | None = None
         self._resumed_from: int | None = None
+        # Every MARK_EVERY frames: (seq, unix time) of a frame read, where a resume may start reading.
+        self._mark: tuple[int, float] | None = None
         # Told the frame seq a resume continues from (aish prints a note).
         self.on_resume: Callable[[int], None] | None = None
 
@@ -434,8 +446,11 @@ class ChatStream:
             await self._replay.unsubscribe()
         self._resumed_from = self._next_seq
         self._frames = Inbox()
+        # From a little before a frame we read (clocks of two machines differ a little); if that was
+        # too late after all, the next resume reads from the start (see _recover).
+        since = self._mark[1] - RESUME_MARGIN_S if self._mark else None
         try:
-            self._replay = await self.bus.replay(self.run_subject, self._next_seq, self._frames)
+            self._replay = await self.bus.replay(self.run_subject, self._next_seq, self._frames, since)
         except NotFoundError as err:
             raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
         log.info("run resumed", run_id=self.request.id, after=self._next_seq - 1)
@@ -452,6 +467,8 @@ class ChatStream:
     async def _recover(self, err: BusError) -> None:
         """A lost frame or a silence: read the rest from the runs stream, once per point of progress;
         raise ``err`` when that cannot help (not a run, or nothing came since the last resume)."""
+        if self._resumed_from == self._next_seq and self._mark is not None:
+            self._mark, self._resumed_from = None, None  # the shortcut missed frames: from the start
         if self.run_subject is None or self._resumed_from == self._next_seq:
             self._finished = True
             raise err
@@ -532,6 +549,8 @@ class ChatStream:
                     await self._recover(StreamGap(self._next_seq, seq))
                     continue
                 self._next_seq += 1
+                if not seq & MARK_MASK:
+                    self._mark = (seq, time.time())
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.perf_counter()
                 self._parts.append(text)
@@ -574,6 +593,10 @@ class ChatStream:
             raise BusError("the stream ended without a done frame")
         return StreamResult(text="".join(self._parts), start=self.start_frame, done=self._done)
 
+
+# A resume reads from RESUME_MARGIN_S before the last mark, taken every MARK_MASK + 1 frames.
+MARK_MASK = 63
+RESUME_MARGIN_S = 1.0
 
 # The gateway stores an answer within milliseconds of its done frame; past this it has died, and the
 # answer is on screen anyway.
