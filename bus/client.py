@@ -42,7 +42,14 @@ from bus.errors import (
     StreamGap,
     from_wire,
 )
-from bus.runs import RunSummary, list_runs, run_listen_subject, run_subject, runs_stream_name
+from bus.runs import (
+    RunSummary,
+    list_runs,
+    probe_subject,
+    run_listen_subject,
+    run_subject,
+    runs_stream_name,
+)
 from bus.sessions import ChatAccepted, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject, chat_subject
@@ -118,6 +125,18 @@ class ServiceInstance:
     @property
     def primary(self) -> list[str]:
         return list(json.loads(self.metadata.get("primary", "[]")))
+
+
+@dataclass
+class Replay:
+    """The subscriptions reading one run back from the runs stream."""
+
+    subs: list[Subscription]
+
+    async def unsubscribe(self) -> None:
+        for sub in self.subs:
+            with suppress(nats.errors.Error):  # already gone (a closed connection, say)
+                await sub.unsubscribe()
 
 
 @dataclass
@@ -218,9 +237,7 @@ class Bus:
             with suppress(nats.errors.Error):  # already gone (a closed connection, say)
                 await sub.unsubscribe()
 
-    async def replay(
-        self, subject: str, first_seq: int, inbox: Inbox, since: float | None = None
-    ) -> Subscription:
+    async def replay(self, subject: str, first_seq: int, inbox: Inbox, since: float | None = None) -> Replay:
         """Frames of a run from the runs stream into ``inbox``: those with ``seq >= first_seq`` (and
         the start frame, which says who serves it), then live ones as they are stored, in order.
         ``since`` (unix time): skip frames stored before it, so a long run is not read from its start."""
@@ -239,7 +256,7 @@ class Bus:
         if since is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = datetime.fromtimestamp(since, UTC)
-        return await js.subscribe(
+        consumer = await js.subscribe(
             subject,
             cb=keep,
             config=config,
@@ -248,6 +265,14 @@ class Bus:
             pending_msgs_limit=1_000_000,
             inactive_threshold=60.0,
         )
+
+        async def heard(_msg: Msg) -> None:
+            return None
+
+        # A reader of the stream listens to the run's probes too, so the specialist knows someone
+        # still follows the run (the consumer's deliveries go to an inbox of ours, not the run subject).
+        presence = await self.nc.subscribe(probe_subject(subject), cb=heard)
+        return Replay([consumer, presence])
 
     async def runs(self) -> list[RunSummary]:
         """Our runs still kept in the runs stream, oldest first."""
@@ -391,7 +416,7 @@ class ChatStream:
         self.run_subject = (
             run_subject(bus.user, request.id, bus.settings.prefix) if bus.settings.runs else None
         )
-        self._replay: Subscription | None = None
+        self._replay: Replay | None = None
         self._resumed_from: int | None = None
         # Every MARK_EVERY frames: (seq, unix time) of a frame read, where a resume may start reading.
         self._mark: tuple[int, float] | None = None
