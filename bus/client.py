@@ -50,7 +50,7 @@ from bus.runs import (
     run_subject,
     runs_stream_name,
 )
-from bus.sessions import ChatAccepted, GatewayClient, SessionChat, StoredFrame
+from bus.sessions import ChatAccepted, DoubleText, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject, chat_subject
 from bus.wire import (
@@ -313,6 +313,7 @@ class Bus:
         request_id: str | None = None,
         session: str | None = None,
         detach: bool = False,
+        double_text: DoubleText | None = None,
     ) -> ChatStream:
         """One streamed answer (see :class:`ChatStream`).
 
@@ -329,7 +330,7 @@ class Bus:
         )
         idle = idle_timeout or self.settings.idle_timeout_s
         if session is not None:
-            return SessionChatStream(self, specialist, request, idle, session)
+            return SessionChatStream(self, specialist, request, idle, session, double_text)
         return ChatStream(self, specialist, request, idle)
 
     def bulk(self, plan: BulkPlan, *, idle_timeout: float | None = None) -> BulkStream:
@@ -420,6 +421,8 @@ class ChatStream:
         self._resumed_from: int | None = None
         # Every MARK_EVERY frames: (seq, unix time) of a frame read, where a resume may start reading.
         self._mark: tuple[int, float] | None = None
+        # How long the first frame may take (None: the idle timeout).
+        self.first_frame_wait: float | None = None
         # Told the frame seq a resume continues from (aish prints a note).
         self.on_resume: Callable[[int], None] | None = None
 
@@ -548,7 +551,10 @@ class ChatStream:
 
     async def _next_msg(self) -> Msg:
         while True:
-            msg = await self._frames.get(self.idle_timeout)
+            wait = self.idle_timeout
+            if self._next_seq == 0 and self.first_frame_wait is not None:
+                wait = self.first_frame_wait
+            msg = await self._frames.get(wait)
             if msg is not None:
                 return msg
             # Nobody is generating any more (nothing to cancel), unless the frames went astray.
@@ -631,20 +637,35 @@ STORED_WAIT_S = 2.0
 class SessionChatStream(ChatStream):
     """A :class:`ChatStream` whose request the gateway forwards with the session's context."""
 
-    def __init__(self, bus: Bus, specialist: str, request: ChatRequest, idle_timeout: float, session: str):
+    def __init__(
+        self,
+        bus: Bus,
+        specialist: str,
+        request: ChatRequest,
+        idle_timeout: float,
+        session: str,
+        double_text: DoubleText | None = None,
+    ):
         super().__init__(bus, specialist, request, idle_timeout)
         self.session = session
+        self.double_text = double_text
         self.accepted: ChatAccepted | None = None
         self.stored: StoredFrame | None = None
 
     async def _send(self, inbox: str) -> None:
         chat = SessionChat(
-            session=self.session, specialist=self.specialist or None, inbox=inbox, request=self.request
+            session=self.session,
+            specialist=self.specialist or None,
+            inbox=inbox,
+            request=self.request,
+            double_text=self.double_text,
         )
         reply = await self.bus.gateway.call("chat", chat)
         assert isinstance(reply, ChatAccepted)
         self.accepted = reply
         self.specialist = reply.specialist
+        if reply.queued:  # the first frame comes once the answer ahead is done
+            self.first_frame_wait = self.bus.settings.request_timeout_s + self.idle_timeout
 
     async def _texts(self) -> AsyncIterator[str]:
         async for text in super()._texts():

@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     SESSION_TOO_LARGE = "session_too_large"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     RUN_NOT_FOUND = "run_not_found"
+    SESSION_BUSY = "session_busy"
     # Raised on the client side only; never sent in an error frame.
     NATS_UNAVAILABLE = "nats_unavailable"
     SPECIALIST_UNAVAILABLE = "specialist_unavailable"
@@ -155,6 +156,12 @@ class RunNotFound(BusError):
         )
 
 
+class SessionBusy(BusError):
+    """A message to a session still answering, with the double-texting policy ``reject``."""
+
+    code = ErrorCode.SESSION_BUSY
+
+
 class SessionTooLarge(BusError):
     code = ErrorCode.SESSION_TOO_LARGE
 
@@ -179,6 +186,7 @@ class SpecialistError(BusError):
 
 _BY_CODE: dict[ErrorCode, type[BusError]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
+    ErrorCode.SESSION_BUSY: SessionBusy,
     ErrorCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.SPECIALIST_UNAVAILABLE: SpecialistUnavailable,

@@ -25,7 +25,14 @@ from pydantic import ValidationError
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import Bus, ChatStream, is_no_responders
 from bus.discovery import Discover, DiscoveryReply, Ranked
-from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
+from bus.errors import (
+    BadRequest,
+    BusError,
+    ErrorCode,
+    SessionBusy,
+    SessionTooLarge,
+    SpecialistUnavailable,
+)
 from bus.sessions import (
     ChatAccepted,
     CreateSession,
@@ -47,6 +54,7 @@ from bus.settings import TektonSettings
 from bus.subjects import (
     SESSION_OPS,
     bulk_subject,
+    cancel_subject,
     chat_subject,
     discover_subject,
     gateway_queue,
@@ -245,7 +253,58 @@ class GatewayService:
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
+    async def _double_text(self, r: SessionChat) -> list[str]:
+        """Apply the caller's double-texting policy when an answer in the session is still streaming;
+        the request ids a queued message must wait for (none: go ahead now)."""
+        if r.double_text is None:
+            return []
+        session, _ = await self.store.resolve(r.session)
+        busy = {t.request_id for t in session.turns if t.status == "pending" and t.request_id}
+        if not busy:
+            return []
+        if r.double_text == "reject":
+            raise SessionBusy(
+                f"session {session.name or session.id} is still answering; wait for it, or send with "
+                "another double-texting policy (queue, interrupt, rollback)"
+            )
+        if r.double_text == "queue":
+            return sorted(busy)
+        for request_id in busy:
+            await self.nc.publish(cancel_subject(request_id, self.settings.prefix), b"")
+        await self.store.wait_settled(session.id, busy, self._settle_within())
+        if r.double_text == "rollback":
+            await self.store.update(
+                session.id,
+                lambda s: s.model_copy(update={"turns": [t for t in s.turns if t.request_id not in busy]}),
+            )
+        return []
+
+    def _settle_within(self) -> float:
+        return self.settings.request_timeout_s + self.settings.idle_timeout_s
+
     async def _chat(self, r: SessionChat) -> ChatAccepted:
+        behind = await self._double_text(r)
+        if behind:
+            # Queued: the turn begins (with the earlier answer in its context) once that one is stored.
+            session = await self.store.recent(r.session)
+            specialist = r.specialist or session.specialist
+            self._recording(+1)
+            self._tg.start_soon(self._queued, session.id, behind, r)
+            return ChatAccepted(session=session.id, specialist=specialist or "", context_turns=0, queued=True)
+        return await self._start_chat(r)
+
+    async def _queued(self, session_id: str, behind: list[str], r: SessionChat) -> None:
+        try:
+            await self.store.wait_settled(session_id, set(behind), self._settle_within())
+            await self._start_chat(r)
+        except Exception as err:  # the asker waits on its inbox: tell it there
+            error = err if isinstance(err, BusError) else BusError(f"queued message failed: {err}")
+            with contextlib.suppress(Exception):
+                await self.nc.publish(r.inbox, encode(_error_frame(error)))
+        finally:
+            self._recording(-1)
+
+    async def _start_chat(self, r: SessionChat) -> ChatAccepted:
         session_id, turn, request = await self._begin_turn(r.session, r.specialist, r.request)
         try:
             payload = encode_request(request, limit=self.nc.max_payload)
