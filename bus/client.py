@@ -278,9 +278,12 @@ class Bus:
         """Our runs still kept in the runs stream, oldest first."""
         return await list_runs(self.nc, self.settings, self.user)
 
-    def attach(self, run_id: str, *, after: int = -1, idle_timeout: float | None = None) -> RunAttachment:
-        """Read one of our runs from the runs stream: the frames after ``seq`` ``after``, then live."""
-        subject = run_subject(self.user, run_id, self.settings.prefix)
+    def attach(
+        self, run_id: str, *, after: int = -1, idle_timeout: float | None = None, user: str | None = None
+    ) -> RunAttachment:
+        """Read one of our runs from the runs stream: the frames after ``seq`` ``after``, then live.
+        ``user``: whose run (a gateway recording for its callers)."""
+        subject = run_subject(user or self.user, run_id, self.settings.prefix)
         return RunAttachment(self, run_id, subject, after, idle_timeout or self.settings.idle_timeout_s)
 
     async def cancel_run(self, run_id: str) -> None:
@@ -484,6 +487,11 @@ class ChatStream:
         log.info("run resumed", run_id=self.request.id, after=self._next_seq - 1)
         if self.on_resume is not None:
             self.on_resume(self._next_seq)
+
+    def leave(self) -> None:
+        """Stop reading without cancelling: the run goes on for its resume window, so this client (or
+        another) can come back to it (``Bus.attach``)."""
+        self._finished = True
 
     def detach(self) -> str:
         """Leave a detached run (``stream(..., detach=True)``) to go on without us; its run id."""

@@ -28,7 +28,9 @@ from bus.discovery import Discover, DiscoveryReply, Ranked
 from bus.errors import (
     BadRequest,
     BusError,
+    Cancelled,
     ErrorCode,
+    RunNotFound,
     SessionBusy,
     SessionTooLarge,
     SpecialistUnavailable,
@@ -133,6 +135,7 @@ class GatewayService:
                 handler=self._dispatcher(op),
             )
         self._tg.start_soon(self.running.keep_fresh)
+        self._tg.start_soon(self._recover_pending)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
 
@@ -407,6 +410,48 @@ class GatewayService:
         self._tg.start_soon(running)
         return BulkAccepted(id=r.id, operations=len(r.operations))
 
+    async def _recover_pending(self) -> None:
+        """At start: answers left pending by a gateway that died while recording them are read from
+        their runs (still going or kept a while after their end) and stored, so no turn stays pending."""
+        try:
+            sessions = await self.store.scan()
+        except Exception as err:  # no bucket yet, or the connection is gone: nothing to recover
+            log.warning("pending turns not checked", error=str(err))
+            return
+        for session in sessions:
+            for turn in session.turns:
+                if turn.role == "user" and turn.status == "pending" and turn.request_id:
+                    self._recording(+1)
+                    self._tg.start_soon(self._record_run, session.id, turn)
+
+    async def _record_run(self, session_id: str, turn: Turn) -> None:
+        """Store one pending turn's answer from its run in the runs stream."""
+        assert turn.request_id is not None
+        parts: list[str] = []
+        status: TurnStatus = "error"
+        error = "the gateway stopped before the answer was stored, and its run is no longer kept"
+        try:
+            async with self.bus.attach(turn.request_id, idle_timeout=self.settings.idle_timeout_s) as run:
+                async for text in run:
+                    parts.append(text)
+                await run.result()
+            status, error = "ok", ""
+        except Cancelled as err:
+            status, error = "cancelled", err.message
+        except RunNotFound:
+            pass
+        except BusError as err:
+            error = err.message
+        except Exception as err:
+            error = f"gateway lost the run: {err}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._finish(session_id, turn, "".join(parts), status, error)
+                    log.info("pending turn recovered", session=session_id, request=turn.request_id)
+                finally:
+                    self._recording(-1)
+
     async def _record(self, session_id: str, turn: Turn, sub: Any, inbox: str) -> None:
         """Hear the answer on the client's inbox and store it when the stream ends, however it ends."""
         parts: list[str] = []
@@ -464,6 +509,8 @@ class GatewayService:
         """Mark the user turn with how its answer ended and store the answer (partial ones too)."""
 
         def change(s: Session) -> Session:
+            if not any(t.id == turn.id and t.status == "pending" for t in s.turns):
+                return s  # settled already (by another recorder)
             turns = _mark(s.turns, turn.id, status, error)
             if answer or status == "ok":
                 turns.append(

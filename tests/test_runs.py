@@ -17,7 +17,15 @@ from bus.client import Bus
 from bus.errors import Cancelled, RunNotFound
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from tests.helpers import child_env, env, eventually, in_process_specialists, run_aish, spawn
+from tests.helpers import (
+    child_env,
+    env,
+    eventually,
+    gateway_process,
+    in_process_specialists,
+    run_aish,
+    spawn,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -166,3 +174,39 @@ async def test_run_commands_misused_are_usage_errors(settings: TektonSettings) -
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     unknown = await run_aish(settings, "attach", "nosuchrun")
     assert unknown.returncode == 1 and "no run 'nosuchrun'" in unknown.stderr
+
+
+async def test_a_gateway_killed_mid_answer_stores_it_when_back(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            gateway = await anyio.to_thread.run_sync(gateway_process, settings)
+            try:
+                session = await bus.gateway.create("apollo")
+                async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
+                    got = []
+                    async for chunk in s:
+                        got.append(chunk)
+                        if len(got) == 3:
+                            break
+                    gateway.stop(signal.SIGKILL)
+                    s.leave()  # the asker goes too, without a cancel: nobody settles the turn
+            finally:
+                gateway.stop(signal.SIGKILL)
+            # The answer goes on to its end in the runs stream meanwhile.
+            await eventually(lambda: _run_done(bus, s.request.id), within=20)
+            back = await anyio.to_thread.run_sync(gateway_process, settings)
+            try:
+
+                async def stored() -> bool:
+                    turns = (await bus.gateway.get(session.id)).turns
+                    return len(turns) == 2 and turns[0].status == "ok"
+
+                await eventually(stored, within=20)
+                turns = (await bus.gateway.get(session.id)).turns
+            finally:
+                back.stop()
+    assert (turns[1].role, turns[1].status, turns[1].content) == ("assistant", "ok", "".join(TOKENS))
+
+
+async def _run_done(bus: Bus, run_id: str) -> bool:
+    return any(r.run_id == run_id and r.state == "done" for r in await bus.runs())
