@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -33,6 +33,8 @@ from bus.errors import (
     BusError,
     GatewayUnavailable,
     PayloadTooLarge,
+    RunNotFound,
+    SessionBusy,
     SessionNotFound,
     SessionTooLarge,
     SpecialistUnavailable,
@@ -102,13 +104,18 @@ class ClosingStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if isinstance(self.opened, ChatStream) and self.opened.run_id is not None:
+                # A durable run outlives its connection for the resume window (Last-Event-ID).
+                self.opened.leave()
             with anyio.CancelScope(shield=True):
                 await self.opened.__aexit__(None, None, None)  # closing twice is harmless
 
 
 def http_status(err: BusError) -> int:
-    if isinstance(err, SessionNotFound):
+    if isinstance(err, SessionNotFound | RunNotFound):
         return 404
+    if isinstance(err, SessionBusy):
+        return 409
     if isinstance(err, PayloadTooLarge | SessionTooLarge):
         return 413
     if isinstance(err, SpecialistUnavailable):
@@ -268,23 +275,22 @@ def create_app(
     @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
     async def chat_stream(body: ChatBody, _: str = Depends(admitted)) -> StreamingResponse:
         stream, name = await open_stream(body)
+        return ClosingStream(chat_events(stream, name), stream)
 
-        async def events() -> AsyncIterator[str]:
-            async with stream:
-                yield sse("start", {"specialist": name, "request_id": stream.request.id})
-                try:
-                    async for text in stream:
-                        yield sse("content", {"text": text})
-                    result = await stream.result()
-                except BusError as err:
-                    yield sse("error", error_body(err)["error"])
-                    return
-                yield sse(
-                    "done",
-                    {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
-                )
-
-        return ClosingStream(events(), stream)
+    @app.get("/api/runs/{run_id}/events", summary="Resume a run: its events after Last-Event-ID, then live")
+    async def run_events(
+        run_id: str,
+        after: int | None = None,
+        last_event_id: str | None = Header(default=None),
+        _: str = Depends(admitted),
+    ) -> StreamingResponse:
+        start = after if after is not None else _event_id(last_event_id)
+        try:
+            stream = bus().attach(run_id, after=start)
+        except ValueError as err:
+            raise BadRequest(str(err)) from err
+        await stream.__aenter__()
+        return ClosingStream(chat_events(stream, stream.specialist), stream)
 
     @app.get("/api/sessions", summary="Sessions, most recently changed first")
     async def list_sessions(specialist: str | None = None, _: str = Depends(admitted)) -> dict[str, Any]:
@@ -437,8 +443,50 @@ async def open_first(bus: Bus, body: ChatBody) -> tuple[ChatStream, str]:
     raise last
 
 
-def sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+def sse(event: str, data: dict[str, Any], seq: int | None = None) -> str:
+    """One server-sent event; ``seq`` becomes its id, which a reconnecting client sends back as
+    ``Last-Event-ID`` to resume after it."""
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _event_id(value: str | None) -> int:
+    """The seq a Last-Event-ID names (-1: none, from the start)."""
+    if value is None or not value.strip():
+        return -1
+    try:
+        seq = int(value)
+    except ValueError:
+        raise BadRequest(f"Last-Event-ID must be an event id this bridge sent, not {value!r}") from None
+    if seq < -1:
+        raise BadRequest("Last-Event-ID must be -1 or more")
+    return seq
+
+
+def chat_events(stream: ChatStream, name: str) -> AsyncIterator[str]:
+    """A chat's server-sent events: start (with the run id), content with ids, then done or error."""
+
+    async def events() -> AsyncIterator[str]:
+        async with stream:
+            yield sse("start", {"specialist": name, "request_id": stream.request.id})
+            try:
+                async for text in stream:
+                    yield sse("content", {"text": text}, stream.last_seq)
+                result = await stream.result()
+            except BusError as err:
+                yield sse("error", error_body(err)["error"], stream.last_seq)
+                return
+            except BaseException:  # the client went away: a durable run waits for it to come back
+                if stream.run_id is not None:
+                    stream.leave()
+                raise
+            yield sse(
+                "done",
+                {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
+                stream.last_seq,
+            )
+
+    return events()
 
 
 # JSON-RPC 2.0 error codes
@@ -477,10 +525,12 @@ class JsonRpc:
     def __init__(self, socket: WebSocket, bus: Bus, guard: Guard, caller: str):
         self.socket, self.bus, self.guard, self.caller = socket, bus, guard, caller
         self.streams: dict[str, anyio.CancelScope] = {}
+        self.opened: dict[str, ChatStream] = {}
         self.send_lock = anyio.Lock()
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "chat": self.chat,
             "stream": self.stream,
+            "stream.resume": self.resume,
             "cancel": self.cancel,
             "discover": self.discover,
             "sessions.list": self.sessions_list,
@@ -504,7 +554,12 @@ class JsonRpc:
             except WebSocketDisconnect:
                 pass
             finally:
-                tg.cancel_scope.cancel()  # a client that left stops every stream it started
+                # A client that left stops every stream it started, but durable runs go on for their
+                # resume window (stream.resume from a new connection).
+                for stream in self.opened.values():
+                    if stream.run_id is not None:
+                        stream.leave()
+                tg.cancel_scope.cancel()
 
     async def handle(self, raw: str) -> None:
         request_id: Any = None
@@ -565,9 +620,30 @@ class JsonRpc:
 
     async def stream(self, params: dict[str, Any]) -> dict[str, Any]:
         stream, name = await self._open(params)
+        self._pump(stream)
+        return {"request_id": stream.request.id, "specialist": name}
+
+    async def resume(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``stream.resume``: a run's chunks after ``after`` (the last ``seq`` seen), then the rest live,
+        as the same ``stream.chunk`` / ``stream.complete`` notifications."""
+        request_id, after = params.get("request_id"), params.get("after", -1)
+        if not isinstance(request_id, str) or type(after) is not int or after < -1:
+            raise RpcError(INVALID_PARAMS, "stream.resume needs request_id (a run id) and after (a seq)")
+        if request_id in self.streams:
+            raise RpcError(INVALID_PARAMS, f"stream {request_id!r} is already running here")
+        try:
+            stream = self.bus.attach(request_id, after=after)
+        except ValueError as err:
+            raise RpcError(INVALID_PARAMS, str(err)) from err
+        await stream.__aenter__()
+        self._pump(stream)
+        return {"request_id": request_id, "after": after}
+
+    def _pump(self, stream: ChatStream) -> None:
         request_id = stream.request.id
         scope = anyio.CancelScope()
         self.streams[request_id] = scope
+        self.opened[request_id] = stream
 
         async def pump() -> None:
             try:
@@ -578,7 +654,11 @@ class JsonRpc:
                                 await self.send(
                                     {
                                         "method": "stream.chunk",
-                                        "params": {"request_id": request_id, "text": text},
+                                        "params": {
+                                            "request_id": request_id,
+                                            "text": text,
+                                            "seq": stream.last_seq,
+                                        },
                                     }
                                 )
                             result = await stream.result()
@@ -608,9 +688,9 @@ class JsonRpc:
                         )
             finally:
                 self.streams.pop(request_id, None)
+                self.opened.pop(request_id, None)
 
         self.tg.start_soon(pump)
-        return {"request_id": request_id, "specialist": name}
 
     async def cancel(self, params: dict[str, Any]) -> dict[str, Any]:
         request_id = params.get("request_id")

@@ -23,10 +23,11 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from bus.client import is_no_responders
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
-from bus.runs import ensure_runs_stream
+from bus.runs import ensure_runs_stream, parse_run_subject, probe_subject
 from bus.settings import TektonSettings
-from bus.subjects import cancel_wildcard, chat_subject, queue_group
+from bus.subjects import DEFAULT_PREFIX, cancel_wildcard, chat_subject, queue_group
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -52,11 +53,12 @@ VERSION = "0.1.0"
 class ReplyStream:
     """Frames of one answer, published to the request's reply subject with consecutive ``seq``."""
 
-    def __init__(self, nc: NATS, subject: str):
+    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX):
         self.nc = nc
         self.subject = subject
         self.seq = 0
         self.last_sent = time.monotonic()
+        self.listeners = RunListeners(subject, prefix)
 
     async def _publish(self, data: bytes) -> None:
         self.seq += 1
@@ -71,6 +73,32 @@ class ReplyStream:
 
     async def error(self, err: BusError) -> None:
         await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
+
+
+class RunListeners:
+    """Whether anyone still follows a run (bus/runs.py): an empty probe goes to the run's probe subject
+    every ``heartbeat_s`` with a reply subject of ours; NATS answers "no responders" when nobody
+    subscribes there. Nobody for the whole resume window (or at once for a detached run: never) and
+    the run stops. Streams that are not runs are none of its business."""
+
+    def __init__(self, subject: str, prefix: str):
+        self.probe = probe_subject(subject) if parse_run_subject(subject, prefix) else None
+        self.detached = False
+        self.probed_at = 0.0
+        self.unheard_at = 0.0  # the last "no responders"
+        self.unheard_since: float | None = None
+
+    def tick(self, now: float, window: float, answer_within: float) -> bool:
+        """Called every half heartbeat; True when the run should stop for want of listeners. A probe
+        with no "no responders" within ``answer_within`` seconds found someone."""
+        if self.probed_at and self.unheard_at < self.probed_at and now - self.probed_at >= answer_within:
+            self.unheard_since = None  # the last probe found someone
+        return self.unheard_since is not None and not self.detached and now - self.unheard_since >= window
+
+    def unheard(self, now: float) -> None:
+        self.unheard_at = now
+        if self.unheard_since is None:
+            self.unheard_since = now
 
 
 @dataclass
@@ -115,6 +143,8 @@ class SpecialistService:
         self.counters = ServiceCounters()
         self._service: Service | None = None
         self._cancel_sub: Any = None
+        self._run_probe_sub: Any = None
+        self._run_probes = ""
         self.log = log.bind(specialist=spec.name)
 
     @property
@@ -144,6 +174,8 @@ class SpecialistService:
             queue_group=queue_group(self.spec.name, self.settings.prefix),
             handler=self._on_chat,
         )
+        self._run_probes = self.nc.new_inbox()
+        self._run_probe_sub = await self.nc.subscribe(f"{self._run_probes}.*", cb=self._on_run_probe)
         self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
@@ -158,12 +190,18 @@ class SpecialistService:
             self.log.info("cancel received", request_id=request_id)
             scope.cancel()
 
+    async def _on_run_probe(self, msg: Msg) -> None:
+        if is_no_responders(msg):
+            reply = self._streaming.get(msg.subject.rsplit(".", 1)[-1])
+            if reply is not None:
+                reply.listeners.unheard(time.monotonic())
+
     async def _on_chat(self, req: Request) -> None:
         reply_to = req._msg.reply  # micro exposes no public accessor for the reply subject
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
             return
-        reply = ReplyStream(self.nc, reply_to)
+        reply = ReplyStream(self.nc, reply_to, self.settings.prefix)
         if self._draining:
             await reply.error(
                 BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
@@ -204,6 +242,7 @@ class SpecialistService:
                     provider=self.provider.name,
                     model=self.provider.model,
                 )
+                reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
@@ -279,9 +318,24 @@ class SpecialistService:
         while True:
             await anyio.sleep(interval / 2)
             now = time.monotonic()
-            for reply in list(self._streaming.values()):
+            for request_id, reply in list(self._streaming.items()):
                 if now - reply.last_sent >= interval:
                     await reply.send(HeartbeatFrame)
+                await self._check_listeners(request_id, reply, now)
+
+    async def _check_listeners(self, request_id: str, reply: ReplyStream, now: float) -> None:
+        listeners = reply.listeners
+        if listeners.probe is None:
+            return
+        if listeners.tick(now, self.settings.run_resume_window_s, self.settings.heartbeat_s / 2):
+            scope = self._scopes.get(request_id)
+            if scope is not None and not scope.cancel_called:
+                self.log.info("nobody followed the run for its resume window", request_id=request_id)
+                scope.cancel()
+            return
+        if now - listeners.probed_at >= self.settings.heartbeat_s:
+            listeners.probed_at = now
+            await self.nc.publish(listeners.probe, b"", reply=f"{self._run_probes}.{request_id}")
 
     async def drain(self, grace: float) -> None:
         """Take no new requests; let in-flight streams finish for up to ``grace`` seconds, then stop them."""
@@ -294,5 +348,7 @@ class SpecialistService:
             scope.cancel()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
+        if self._run_probe_sub is not None:
+            await self._run_probe_sub.unsubscribe()
         await self.provider.aclose()
         self.log.info("specialist stopped", served=self.counters.served)
