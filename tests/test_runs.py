@@ -210,3 +210,31 @@ async def test_a_gateway_killed_mid_answer_stores_it_when_back(settings: TektonS
 
 async def _run_done(bus: Bus, run_id: str) -> bool:
     return any(r.run_id == run_id and r.state == "done" for r in await bus.runs())
+
+
+@pytest.mark.fast
+async def test_a_run_nobody_follows_stops_after_its_resume_window(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"run_resume_window_s": 0.5})
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            async with bus.stream("apollo", user("long")) as s:
+                async for _ in s:
+                    break
+                s.leave()  # gone without a cancel, as a killed client
+            await eventually(lambda: services["apollo"].counters.cancelled == 1, within=15)
+            with pytest.raises(Cancelled):
+                async with bus.attach(s.request.id) as a:
+                    async for _ in a:
+                        pass
+
+
+@pytest.mark.fast
+async def test_a_detached_run_goes_on_with_nobody_listening(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"run_resume_window_s": 0.0})
+    with SLOW:
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            async with bus.stream("apollo", user(QUESTION), detach=True) as s:
+                await s.wait_started()
+                run_id = s.detach()
+            await eventually(lambda: _run_done(bus, run_id), within=20)
+            assert services["apollo"].counters.cancelled == 0
