@@ -39,6 +39,7 @@ from bus.errors import (
     SessionTooLarge,
     SpecialistUnavailable,
 )
+from bus.sessions import DoubleText
 from bus.settings import TektonSettings
 from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
@@ -56,6 +57,8 @@ class ChatBody(BaseModel):
     message: str | None = None
     messages: list[ChatMessage] | None = None
     session: str | None = None
+    # With a session whose answer is still streaming: reject, queue, interrupt or rollback.
+    double_text: DoubleText | None = None
     options: ChatOptions = ChatOptions()
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -424,7 +427,7 @@ async def open_first(bus: Bus, body: ChatBody) -> tuple[ChatStream, str]:
     names, _ = await bus.gateway.pick(body.specialist, messages[-1].content)
     last: BusError | None = None
     for name in names:
-        stream = bus.stream(name, messages, body.options, session=body.session)
+        stream = bus.stream(name, messages, body.options, session=body.session, double_text=body.double_text)
         try:
             await stream.__aenter__()
         except BusError as err:
