@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -252,7 +253,9 @@ class Bus:
                 inbox.put(msg)
 
         js = self.nc.jetstream()
-        config = api.ConsumerConfig()
+        # A named consumer is created on $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, which
+        # nats-server permissions can limit to the user's own runs (docs/security.md).
+        config = api.ConsumerConfig(name=uuid.uuid4().hex)
         if since is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = datetime.fromtimestamp(since, UTC)
