@@ -65,6 +65,6 @@ async def list_runs(bus: Bus, renderer: Renderer) -> int:
     for r in runs:
         renderer.token(
             f"{r.run_id}  {r.specialist:<12} {r.state:<8} {r.frames:>6} frames"
-            f"  {now - r.started:>5.0f} s ago\n"
+            f"  {now - r.updated:>5.0f} s ago\n"
         )
     return 0

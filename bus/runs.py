@@ -122,7 +122,7 @@ class RunSummary:
     specialist: str
     state: str  # running | done | error
     frames: int
-    started: float  # unix time of its first frame
+    updated: float  # unix time of its last frame
 
 
 async def list_runs(nc: NATS, settings: TektonSettings, user: str) -> list[RunSummary]:
@@ -139,15 +139,20 @@ async def list_runs(nc: NATS, settings: TektonSettings, user: str) -> list[RunSu
         if ref is None:
             continue
         try:
-            first = await js.get_msg(stream, seq=1, subject=subject, next=True)
-            last = await js.get_last_msg(stream, subject)
-        except NotFoundError:  # expired between the two questions
+            # Direct gets by subject: a permission can allow them on the user's own run subjects only.
+            last = await js.get_msg(stream, subject=subject, direct=True)
+        except NotFoundError:  # expired meanwhile
             continue
-        head, tail = _frame(first.data), _frame(last.data)
+        try:
+            first = await js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
+            head = _frame(first.data)
+        except Exception:  # not allowed (next-by-subject cannot be limited to a subject) or expired
+            head = {}
+        tail = _frame(last.data)
         state = str(tail["type"]) if tail.get("type") in ("done", "error") else "running"
-        started = first.time.timestamp() if first.time is not None else 0.0
-        found.append(RunSummary(ref.run_id, str(head.get("specialist", "?")), state, count, started))
-    return sorted(found, key=lambda r: r.started)
+        updated = last.time.timestamp() if last.time is not None else 0.0
+        found.append(RunSummary(ref.run_id, str(head.get("specialist", "?")), state, count, updated))
+    return sorted(found, key=lambda r: r.updated)
 
 
 def _frame(data: bytes | None) -> dict[str, object]:
