@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -15,7 +19,7 @@ from aish_client.render import Renderer
 from aish_client.repl import repl
 from aish_client.runner import run_pipeline
 from bus.client import Bus
-from bus.errors import BadRequest, BusError
+from bus.errors import BadRequest, BusError, DeadlineExceeded
 from bus.logs import configure_logging
 from bus.settings import TektonSettings, load_settings
 from bus.subjects import NAME_RE
@@ -27,8 +31,36 @@ EXIT_INTERRUPTED = 130
 BUILTINS = ("list", "help")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), not the whole usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type[float] | type[int], low: float, high: float, low_open: bool = False) -> Any:
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
+
+    def show(x: float) -> str:
+        return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+    above = f"above {show(low)}" if low_open else f"at least {show(low)}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {above} and at most {show(high)}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="aish",
         description="Talk to Tekton's AI specialists: aish -c 'echo \"text\" | apollo | athena'",
     )
@@ -39,12 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="the words are one pipeline: run it and exit (aish -c 'echo \"x\" | apollo | athena')",
     )
     parser.add_argument(
-        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        dest="nats_url",
+        help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
-    parser.add_argument("--max-tokens", type=int, help="cap each answer at N tokens")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--timeout", type=float, help="deadline of each request, seconds")
-    parser.add_argument("--idle-timeout", type=float, help="give up after N s without a token or heartbeat")
+    parser.add_argument("--max-tokens", type=_number(int, 1, 1_000_000), help="cap each answer at N tokens")
+    parser.add_argument("--temperature", type=_number(float, 0, 2), help="0 to 2")
+    parser.add_argument(
+        "--timeout", type=_number(float, 0, 86_400, low_open=True), help="deadline of the whole run, seconds"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_number(float, 0, 86_400, low_open=True),
+        help="give up after N s without a token or heartbeat",
+    )
+    parser.add_argument(
+        "--creds", help="credentials file (default $TEKTON_CREDS, else tekton's local user's)"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate to verify the server with (tls:// URLs)")
     parser.add_argument(
         "--session",
         nargs="?",
@@ -80,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "words",
         nargs="*",
-        help="`list`, `sessions ...`, `runs`, `attach RUN`, `cancel RUN`, or a specialist and a question",
+        help='`list`, `sessions ...`, `route "question"` (who would answer it, and why), `runs`, '
+        "`attach RUN`, `cancel RUN`, or a specialist name and a question",
     )
     return parser
 
@@ -111,23 +156,47 @@ async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None) 
     return 0
 
 
+async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
+    """How the gateway would route ``text``: every specialist that fits, best first, and why."""
+    reply = await bus.gateway.discover(text=text)
+    for r in reply.ranked:
+        if r.fit >= 0.01 or r.name == reply.chosen:  # what shows as 0.00 tells nothing
+            mark = "*" if r.name == reply.chosen else " "
+            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  {r.why}\n")
+    if reply.chosen is None or reply.generalist:
+        renderer.note(reply.reason)
+    return 0 if reply.chosen else EXIT_ERROR
+
+
+async def run_route(settings: TektonSettings, words: Sequence[str], stdin_text: str | None) -> int:
+    text = " ".join(words) or (stdin_text or "")
+    if not text.strip():
+        raise PipelineSyntaxError('route needs a request: aish route "what is a mutex?"', 1, "route")
+    async with Bus.connect(settings, name="aish") as bus:
+        return await cmd_route(bus, Renderer(), text)
+
+
 async def run_once(
     settings: TektonSettings, pipeline: Pipeline, args: argparse.Namespace, stdin_text: str | None
 ) -> int:
     renderer = Renderer()
-    async with Bus.connect(settings, name="aish") as bus:
-        if args.detach:
-            return await runs.detach(bus, pipeline, _options(args), renderer)
-        session = await sessions.resolve(bus, args.session, args.resume, renderer)
-        await run_pipeline(
-            bus,
-            pipeline,
-            renderer,
-            stdin_text=stdin_text,
-            options=_options(args),
-            session=session,
-            layout=args.layout,
-        )
+    # --timeout bounds the whole run; leaving the stream's block cancels it on the specialist.
+    with anyio.move_on_after(args.timeout) as deadline:
+        async with Bus.connect(settings, name="aish") as bus:
+            if args.detach:
+                return await runs.detach(bus, pipeline, _options(args), renderer)
+            session = await sessions.resolve(bus, args.session, args.resume, renderer)
+            await run_pipeline(
+                bus,
+                pipeline,
+                renderer,
+                stdin_text=stdin_text,
+                options=_options(args),
+                session=session,
+                layout=args.layout,
+            )
+    if deadline.cancelled_caught:
+        raise DeadlineExceeded(f"no complete answer within --timeout {args.timeout:g} s; stopped the request")
     return 0
 
 
@@ -194,8 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     renderer = Renderer()
     try:
+        if sys.stdout is None:  # `aish ... >&-`
+            renderer.error("standard output is closed: nowhere to write the answer (redirect it to a file)")
+            return EXIT_ERROR
         settings = load_settings(
-            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, creds=args.creds, tls_ca=args.tls_ca
         )
         if args.pipeline is None and args.words and args.words[0] == "list":
             return anyio.run(run_list, settings, args.capability)
@@ -203,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.detach:
                 raise runs.UsageError('--detach starts a question: aish --detach apollo "long job"')
             return anyio.run(run_runs, settings, args)
+        if args.pipeline is None and args.words and args.words[0] == "route":
+            piped = None if sys.stdin.isatty() or len(args.words) > 1 else sys.stdin.read()
+            return anyio.run(run_route, settings, args.words[1:], piped)
         if args.pipeline is None and args.words and args.words[0] == "bulk":
             return anyio.run(run_bulk, settings, args, args.words[1:])
         if args.pipeline is None and args.words and args.words[0] == "sessions":
@@ -239,6 +314,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`aish list | head`): stop quietly, like other Unix tools.
         sys.stderr.close()
         return 0
+    except OSError as err:  # stdout on a full disk (`> /dev/full`), an I/O error...
+        _silence_stdout()
+        renderer.error(f"cannot write the answer: {err.strerror or err}")
+        return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

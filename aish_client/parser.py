@@ -3,6 +3,7 @@
     pipeline := stage ('|' stage)* [('>' | '>>') WORD]
     stage    := 'echo' WORD*                      (first stage only)
               | targets ['<<' WORD | WORD+]       (the words are the stage's own message)
+              | QUOTED WORD*                      (a question with no name: routed, as @auto)
     targets  := target (',' target)*  |  '{' target ('|' target)* '}'
     target   := NAME | '@'CAPABILITY
 
@@ -254,6 +255,12 @@ class _Parser:
 
     def stage(self) -> Ask:
         start = self.peek()
+        if start.kind is Kind.WORD and start.quoted:
+            # A quoted question where a name would be: the gateway picks who answers it (@auto).
+            words = []
+            while self.peek().kind is Kind.WORD:
+                words.append(self.take().text)
+            return Ask((Target(AUTO, start.column, True),), " ".join(words), start.column)
         grouped = False
         if start.kind is Kind.LBRACE:
             self.take()

@@ -6,18 +6,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TextIO
 
+from aish_client import routes
 from aish_client.fanout import Layout, plan_pipeline, run_plan
-from aish_client.parser import Pipeline, Target
+from aish_client.parser import AUTO, Pipeline, Target
 from aish_client.render import Renderer
 from bus.client import Bus
-from bus.errors import (
-    BadRequest,
-    BusError,
-    Cancelled,
-    GatewayUnavailable,
-    PayloadTooLarge,
-    SessionNotFound,
-)
+from bus.errors import BusError
+from bus.failover import Opened, open_first
 from bus.wire import ChatMessage, ChatOptions
 
 
@@ -28,10 +23,17 @@ def compose(message: str | None, piped: str | None) -> str:
 
 
 async def choose(bus: Bus, target: Target, text: str, renderer: Renderer) -> list[str]:
-    """The specialists to try for ``target``, best first; for ``@capability`` / ``@auto`` says why."""
+    """The specialists to try for ``target``, best first; for ``@capability`` / ``@auto`` says why.
+    A routed request is remembered, and a named rerun of it corrects the routing (aish_client.routes)."""
+    if not target.capability:
+        note = await routes.correct_if_rerun(bus, target.name, text)
+        if note:
+            renderer.note(note)
     names, why = await bus.gateway.pick(str(target), text)
     if why:
         renderer.note(why)
+    if target.capability and target.name == AUTO:
+        routes.remember(bus, text, names[0])
     return names
 
 
@@ -77,25 +79,20 @@ async def run_pipeline(
                 )
             candidates = await choose(bus, target, prompt, renderer)
             messages = [ChatMessage(role="user", content=prompt)]
-            for n, name in enumerate(candidates):
-                stage_out = _StageOutput(renderer, name, last, out)
-                try:
-                    async with bus.stream(name, messages, options, session=session) as s:
-                        s.on_resume = lambda seq: renderer.note(
-                            f"(the connection dropped frames; the answer goes on from frame {seq})"
-                        )
-                        async for chunk in s:
-                            stage_out.chunk(chunk)
-                    result = await s.result()
-                    if last and s.first_chunk_at is not None:
-                        renderer.footer(
-                            name, (s.first_chunk_at - s.sent_at) * 1000, result.done.timings.tokens_per_s
-                        )
-                    break
-                except BusError as err:
-                    if stage_out.tokens or n + 1 == len(candidates) or not _worth_another(err):
-                        raise
-                    renderer.note(f"{name} failed before answering ({err}); trying {candidates[n + 1]}")
+            opened, stage_out = await _open_stage(
+                bus, candidates, messages, options, session, _StageOutputs(renderer, last, out)
+            )
+            async with opened.stream as s:
+                s.on_resume = lambda seq: renderer.note(
+                    f"(the connection dropped frames; the answer goes on from frame {seq})"
+                )
+                async for chunk in opened.texts:
+                    stage_out.chunk(chunk)
+            result = await s.result()
+            if last and s.first_chunk_at is not None:
+                renderer.footer(
+                    opened.name, (s.first_chunk_at - s.sent_at) * 1000, result.done.timings.tokens_per_s
+                )
             stage_out.done()
             text = result.text
         if out is None:
@@ -103,11 +100,36 @@ async def run_pipeline(
     return text or ""
 
 
-def _worth_another(err: BusError) -> bool:
-    """An error another specialist might not have (not the request's own fault, not a cancel)."""
-    return not isinstance(
-        err, BadRequest | PayloadTooLarge | Cancelled | SessionNotFound | GatewayUnavailable
+class _StageOutputs:
+    """Makes the output of each candidate tried for one stage; the last one made is the one answering."""
+
+    def __init__(self, renderer: Renderer, last: bool, out: TextIO | None):
+        self.renderer, self.last, self.out = renderer, last, out
+        self.made: list[_StageOutput] = []
+
+    def attempt(self, name: str) -> None:
+        self.made.append(_StageOutput(self.renderer, name, self.last, self.out))
+
+    def skipped(self, name: str, err: BusError, then: str) -> None:
+        self.renderer.stop_waiting()
+        self.renderer.note(f"{name} failed before answering ({err}); trying {then}")
+
+
+async def _open_stage(
+    bus: Bus,
+    candidates: list[str],
+    messages: list[ChatMessage],
+    options: ChatOptions | None,
+    session: str | None,
+    outputs: _StageOutputs,
+) -> tuple[Opened, _StageOutput]:
+    opened = await open_first(
+        candidates,
+        lambda name: bus.stream(name, messages, options, session=session),
+        on_try=outputs.attempt,
+        on_skip=outputs.skipped,
     )
+    return opened, outputs.made[-1]
 
 
 class _StageOutput:
@@ -140,11 +162,14 @@ class _StageOutput:
 def _open_output(pipeline: Pipeline, files: ExitStack) -> TextIO | None:
     if pipeline.redirect is None:
         return None
-    path = Path(pipeline.redirect.path).expanduser()
+    path = Path(pipeline.redirect.path)
     try:
+        path = path.expanduser()
         return files.enter_context(path.open("a" if pipeline.redirect.append else "w", encoding="utf-8"))
+    except RuntimeError as err:  # `~nosuchuser/x`: no such user to find a home for
+        raise BusError(f"cannot write {path}: {err}") from err
     except OSError as err:
-        raise BusError(f"cannot write {path}: {err.strerror}") from err
+        raise BusError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def _write_output(pipeline: Pipeline, renderer: Renderer, text: str) -> None:

@@ -10,7 +10,9 @@ async with Bus.connect(settings) as bus:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import time
 import uuid
 from collections import deque
@@ -31,8 +33,9 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
+from bus.auth import Credentials, NotAuthorized, find_credentials
 from bus.bulk import BulkPlan, BulkStream
-from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, survey
+from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
     IdleTimeout,
@@ -53,7 +56,7 @@ from bus.runs import (
 )
 from bus.sessions import ChatAccepted, DoubleText, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
-from bus.subjects import cancel_subject, chat_subject
+from bus.subjects import ANONYMOUS, cancel_subject, chat_subject, inbox_owner, inbox_prefix
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -70,9 +73,6 @@ from bus.wire import (
 
 log = structlog.get_logger("tekton.bus")
 
-# Who we are on the bus when the server has no users (see docs/security.md once users exist).
-ANONYMOUS = "anonymous"
-
 NO_RESPONDERS = "503"
 
 
@@ -81,31 +81,101 @@ def is_no_responders(msg: Msg) -> bool:
     return not msg.data and msg.headers is not None and msg.headers.get("Status") == NO_RESPONDERS
 
 
-async def connect(url: str, *, name: str = "tekton", connect_timeout: float = 2.0) -> NATS:
-    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server."""
+async def connect(
+    url: str,
+    *,
+    name: str = "tekton",
+    connect_timeout: float = 2.0,
+    creds: Credentials | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> NATS:
+    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server.
+
+    ``url`` may list several servers, comma-separated (the nodes of a cluster): the first that answers
+    is used, and on losing it nats-py fails over to the others (and to peers the cluster advertises).
+    With ``creds`` the connection signs in with the nkey and its replies arrive under the user's own
+    inbox prefix (the only one the server lets it subscribe to); with ``tls`` the server is verified.
+    """
+
+    seen: list[str] = []
+    # nats-py reports a failed TLS verification on the first connect to the error callback and then
+    # waits forever: stop it ourselves.
+    tls_failed: asyncio.Future[ssl.SSLError] = asyncio.get_running_loop().create_future()
 
     async def quiet(err: Exception) -> None:
-        log.debug("nats error", error=str(err))
+        seen.append(str(err))
+        if isinstance(err, ssl.SSLError) and not tls_failed.done():
+            tls_failed.set_result(err)
+        # Permission violations are the server refusing something we asked: worth a user's attention.
+        if "permission" in str(err).lower():
+            log.warning("nats-server refused", error=str(err))
+        else:
+            log.debug("nats error", error=str(err))
 
-    try:
-        nc = await nats.connect(
-            servers=[url],
+    # Without credentials (a server without auth) we are the anonymous user, inbox and all.
+    auth: dict[str, Any] = {"inbox_prefix": inbox_prefix(creds.user if creds else ANONYMOUS)}
+    if creds is not None:
+        auth["nkeys_seed_str"] = creds.seed
+    if tls is not None:
+        auth["tls"] = tls
+    connecting: asyncio.Future[NATS] = asyncio.ensure_future(
+        nats.connect(
+            servers=[u.strip() for u in url.split(",") if u.strip()] or [url],
             name=name,
             connect_timeout=connect_timeout,
+            **auth,
             # nats-py retries the *first* connect until attempts run out, and -1 means never: bound it
             # here so a missing server is a fast, clear error...
             max_reconnect_attempts=1,
             reconnect_time_wait=0.1,
             error_cb=quiet,
         )
-    except (OSError, TimeoutError, nats.errors.NoServersError) as err:
+    )
+    try:
+        await asyncio.wait([connecting, tls_failed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            raise tls_failed.result()
+        nc = connecting.result()
+    except nats.errors.Error as err:
+        # The server's reason arrives through the error callback; the exception only says it gave up.
+        if any("authorization violation" in e.lower() for e in [*seen, str(err)]):
+            raise NotAuthorized(url, creds.user if creds else None) from err
+        raise NatsUnavailable(url, type(err).__name__) from err
+    except ssl.SSLError as err:
+        raise NatsUnavailable(url, f"TLS handshake failed ({err.reason or err}); check --tls-ca") from err
+    except (OSError, TimeoutError) as err:
         raise NatsUnavailable(url, type(err).__name__) from err
     except Exception as err:  # nats-py wraps some socket errors in its own types
         raise NatsUnavailable(url, str(err) or type(err).__name__) from err
+    finally:
+        if not connecting.done():  # we were cancelled while connecting
+            connecting.cancel()
     # ...and once connected, ride out server restarts by reconnecting forever.
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
     return nc
+
+
+def client_tls(settings: TektonSettings) -> ssl.SSLContext | None:
+    """A context that verifies the server against ``tls_ca`` (or the data dir's generated CA) when the
+    URL asks for TLS (``tls://``, ``wss://``) or a CA is given; None for plain connections."""
+    ca = settings.tls_ca
+    generated = settings.data_dir / "tls" / "ca.pem"
+    if ca is None and settings.nats_url.startswith(("tls://", "wss://")) and generated.exists():
+        ca = generated
+    if ca is None and not settings.nats_url.startswith(("tls://", "wss://")):
+        return None
+    return ssl.create_default_context(cafile=str(ca) if ca else None)
+
+
+async def connect_as(settings: TektonSettings, *, name: str, identity: str = "local") -> NATS:
+    """:func:`connect` with the credentials and TLS ``settings`` find for ``identity`` (``--creds``,
+    ``TEKTON_CREDS``, else the data dir's file for it; see bus/auth.py)."""
+    creds = find_credentials(settings.creds, settings.data_dir, identity)
+    return await connect(settings.nats_url, name=name, creds=creds, tls=client_tls(settings))
 
 
 @dataclass(frozen=True)
@@ -193,17 +263,21 @@ class Inbox:
 class Bus:
     """A NATS connection plus the settings that name subjects and bound waits."""
 
-    def __init__(self, nc: NATS, settings: TektonSettings):
+    def __init__(self, nc: NATS, settings: TektonSettings, *, acting_for: str | None = None):
         self.nc = nc
         self.settings = settings
         # Every stream gets a fresh, unique inbox subject under one wildcard subscription (as nats-py's
         # own request() does): no SUB/UNSUB and no subscription task per request.
         self._inbox_prefix = nc.new_inbox()
+        # Who we are on the bus: the name in our inbox prefix, which the server pins to our credentials.
+        self.user = inbox_owner(self._inbox_prefix) or ANONYMOUS
+        # Whose sessions and bulk requests these are: ours, unless a trusted bridge (the HTTP bridge, with
+        # the gateway's credentials, which may use any user's name) acts for one of its callers.
+        self.acting_for = acting_for or self.user
         self._inbox_sub: Subscription | None = None
         self._inbox_seq = 0
         self._routes: dict[str, Inbox] = {}
         self._run_subs: dict[str, Subscription] = {}
-        self.user = ANONYMOUS
 
     async def open_inbox(self) -> tuple[str, Inbox]:
         """A fresh reply subject, already subscribed, and the inbox its messages arrive in."""
@@ -279,18 +353,18 @@ class Bus:
 
     async def runs(self) -> list[RunSummary]:
         """Our runs still kept in the runs stream, oldest first."""
-        return await list_runs(self.nc, self.settings, self.user)
+        return await list_runs(self.nc, self.settings, self.acting_for)
 
     def attach(
         self, run_id: str, *, after: int = -1, idle_timeout: float | None = None, user: str | None = None
     ) -> RunAttachment:
         """Read one of our runs from the runs stream: the frames after ``seq`` ``after``, then live.
         ``user``: whose run (a gateway recording for its callers)."""
-        subject = run_subject(user or self.user, run_id, self.settings.prefix)
+        subject = run_subject(user or self.acting_for, run_id, self.settings.prefix)
         return RunAttachment(self, run_id, subject, after, idle_timeout or self.settings.idle_timeout_s)
 
     async def cancel_run(self, run_id: str) -> None:
-        await self.nc.publish(cancel_subject(run_id, self.settings.prefix), b"")
+        await self.nc.publish(cancel_subject(run_id, self.acting_for, self.settings.prefix), b"")
         await self.nc.flush(timeout=1)
 
     async def _route(self, msg: Msg) -> None:
@@ -300,13 +374,18 @@ class Bus:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, settings: TektonSettings, *, name: str = "tekton") -> AsyncIterator[Bus]:
-        nc = await connect(settings.nats_url, name=name)
+    async def connect(
+        cls, settings: TektonSettings, *, name: str = "tekton", identity: str = "local"
+    ) -> AsyncIterator[Bus]:
+        nc = await connect_as(settings, name=name, identity=identity)
         try:
             yield cls(nc, settings)
         finally:
             with anyio.CancelScope(shield=True):
-                await nc.drain()
+                try:
+                    await nc.drain()
+                except nats.errors.Error:  # the server is gone (reconnecting): nothing left to drain
+                    await nc.close()
 
     def stream(
         self,
@@ -346,7 +425,7 @@ class Bus:
     @property
     def gateway(self) -> GatewayClient:
         """The gateway's API: sessions, bulk, discovery and routing."""
-        return GatewayClient(self.nc, self.settings.prefix)
+        return GatewayClient(self.nc, self.settings.prefix, user=self.acting_for)
 
     async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
         async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:
@@ -368,6 +447,7 @@ class Bus:
         """Every running instance of a Tekton role (``$SRV.INFO``), optionally only those named ``name``.
         ``thorough``: wait the whole window instead of stopping when answers stop coming."""
         subject = "$SRV.INFO" + (f".{name}" if name else "")
+        prefix = self.settings.prefix
         found = [
             ServiceInstance(
                 name=a["name"],
@@ -379,7 +459,8 @@ class Bus:
             for a in await self._gather(subject, window, window if thorough else None)
         ]
         return sorted(
-            (i for i in found if i.metadata.get("tekton_role") == role), key=lambda i: (i.name, i.id)
+            (i for i in found if i.metadata.get("tekton_role") == role and same_prefix(i.metadata, prefix)),
+            key=lambda i: (i.name, i.id),
         )
 
     async def stats(
@@ -387,11 +468,16 @@ class Bus:
     ) -> list[dict[str, Any]]:
         subject = "$SRV.STATS" + (f".{name}" if name else "")
         answers = await self._gather(subject, window, window if thorough else None)
-        return [a for a in answers if (a.get("metadata") or {}).get("tekton_role")]
+        return [
+            a
+            for a in answers
+            if (a.get("metadata") or {}).get("tekton_role")
+            and same_prefix(a.get("metadata"), self.settings.prefix)
+        ]
 
     async def survey(self, window: float = 0.05) -> list[SpecialistView]:
         """Every running specialist with its capabilities and live figures, replicas aggregated."""
-        return (await survey(self.nc, window=window))[0]
+        return (await survey(self.nc, window=window, prefix=self.settings.prefix))[0]
 
     async def running_names(self, window: float = 0.05) -> list[str]:
         return sorted({i.name for i in await self.instances(window=window)})
@@ -421,7 +507,7 @@ class ChatStream:
         # A durable run: frames come live on the run subject and are kept in the runs stream, so a lost
         # frame (a reconnect, a slow consumer) is read back from there instead of failing the answer.
         self.run_subject = (
-            run_subject(bus.user, request.id, bus.settings.prefix) if bus.settings.runs else None
+            run_subject(bus.acting_for, request.id, bus.settings.prefix) if bus.settings.runs else None
         )
         self._replay: Replay | None = None
         self._resumed_from: int | None = None
@@ -537,7 +623,9 @@ class ChatStream:
         """Ask the specialist to stop generating now."""
         self._finished = True
         nc = self.bus.nc
-        await nc.publish(cancel_subject(self.request.id, self.bus.settings.prefix), b"")
+        # A run is its (acting) user's: the specialist takes a cancel only from the run's owner.
+        user = self.bus.acting_for if self.run_subject else self.bus.user
+        await nc.publish(cancel_subject(self.request.id, user, self.bus.settings.prefix), b"")
         await nc.flush(timeout=1)
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -716,8 +804,10 @@ class RunAttachment(ChatStream):
             return self
         js = self.bus.nc.jetstream()
         try:
-            await js.get_last_msg(runs_stream_name(self.bus.settings.prefix), self.run_subject or "")
-        except NotFoundError as err:
+            await js.get_msg(
+                runs_stream_name(self.bus.settings.prefix), subject=self.run_subject, direct=True
+            )
+        except (NotFoundError, nats.errors.TimeoutError) as err:  # not kept, or not ours to read
             raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
         self.sent_at = time.perf_counter()
         self._frames = Inbox()

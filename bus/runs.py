@@ -19,10 +19,11 @@ its helpers take a connection.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bus.settings import TektonSettings
@@ -104,9 +105,9 @@ def runs_stream_config(settings: TektonSettings) -> api.StreamConfig:
     )
 
 
-async def ensure_runs_stream(nc: NATS, settings: TektonSettings) -> None:
+async def ensure_runs_stream(nc: NATS, settings: TektonSettings, api_wait: float = 5.0) -> None:
     """Create the runs stream, or bring an existing one to this configuration."""
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=api_wait)
     config = runs_stream_config(settings)
     try:
         await js.add_stream(config)
@@ -143,16 +144,28 @@ async def list_runs(nc: NATS, settings: TektonSettings, user: str) -> list[RunSu
             last = await js.get_msg(stream, subject=subject, direct=True)
         except NotFoundError:  # expired meanwhile
             continue
-        try:
-            first = await js.get_msg(stream, seq=1, subject=subject, next=True, direct=True)
-            head = _frame(first.data)
-        except Exception:  # not allowed (next-by-subject cannot be limited to a subject) or expired
-            head = {}
+        head = await _first_frame(js, stream, subject)
         tail = _frame(last.data)
         state = str(tail["type"]) if tail.get("type") in ("done", "error") else "running"
         updated = last.time.timestamp() if last.time is not None else 0.0
         found.append(RunSummary(ref.run_id, str(head.get("specialist", "?")), state, count, updated))
     return sorted(found, key=lambda r: r.updated)
+
+
+async def _first_frame(js: JetStreamContext, stream: str, subject: str) -> dict[str, object]:
+    """A run's start frame, through a consumer on its subject (what a user's permissions allow; a
+    direct get of the first message by subject cannot be limited to one's own subjects)."""
+    config = api.ConsumerConfig(name=uuid.uuid4().hex)
+    try:
+        sub = await js.subscribe(subject, stream=stream, config=config, ordered_consumer=True)
+    except Exception:  # expired meanwhile
+        return {}
+    try:
+        return _frame((await sub.next_msg(timeout=1.0)).data)
+    except Exception:
+        return {}
+    finally:
+        await sub.unsubscribe()
 
 
 def _frame(data: bytes | None) -> dict[str, object]:

@@ -148,7 +148,10 @@ def encode_chunk(seq: int, text: str) -> bytes:
 
 
 def decode_request(data: bytes) -> ChatRequest:
-    raw = _unpack(data)
+    try:
+        raw = _unpack(data)
+    except MalformedFrame as err:  # a bad *request* is the asker's fault: bad_request, as documented
+        raise BadRequest(f"not a ChatRequest: {err.message}") from err
     try:
         return ChatRequest.model_validate(raw)
     except ValidationError as err:

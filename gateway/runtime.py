@@ -10,7 +10,8 @@ import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
-from bus.client import connect
+from bus.client import connect_as
+from bus.cluster import session_replicas
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from gateway.http import create_app
@@ -47,12 +48,13 @@ async def serve_gateway(
 
     With ``http`` (host, port) the HTTP bridge runs too; ``on_http`` hears its URL once it listens.
     """
-    nc = await connect(settings.nats_url, name="tekton-gateway")
+    nc = await connect_as(settings, name="tekton-gateway", identity="gateway")
     try:
         limits = StoreLimits(
             ttl_s=settings.session_ttl_s,
             max_turns=settings.session_max_turns,
             max_bytes=min(settings.session_max_bytes, nc.max_payload),
+            replicas=session_replicas(nc, settings.session_replicas),
         )
         kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
         async with anyio.create_task_group() as tg:
@@ -61,14 +63,23 @@ async def serve_gateway(
             server: _Uvicorn | None = None
             if http is not None:
                 ready = anyio.Event()
-                app = create_app(settings, host=http[0], ready=ready)
+                tls = settings.http_tls_cert is not None and settings.http_tls_key is not None
+                app = create_app(settings, host=http[0], ready=ready, tls=tls)
                 sock = http_socket(*http)  # bound now: connections wait in its backlog until served
-                server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on"))
+                server = _Uvicorn(
+                    uvicorn.Config(
+                        app,
+                        log_level="warning",
+                        lifespan="on",
+                        ssl_certfile=settings.http_tls_cert if tls else None,
+                        ssl_keyfile=settings.http_tls_key if tls else None,
+                    )
+                )
                 tg.start_soon(server.serve, [sock])
                 await ready.wait()
                 host, port = sock.getsockname()[:2]
                 if on_http:
-                    on_http(f"http://{host}:{port}")
+                    on_http(f"{'https' if tls else 'http'}://{host}:{port}")
             task_status.started(service)
             if stop is None:
                 stop = anyio.Event()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import Bus, ChatStream, is_no_responders
-from bus.discovery import Discover, DiscoveryReply, Ranked
+from bus.discovery import PREFIX_KEY, Discover, DiscoveryReply, Ranked
 from bus.errors import (
     BadRequest,
     BusError,
@@ -35,6 +36,7 @@ from bus.errors import (
     SessionTooLarge,
     SpecialistUnavailable,
 )
+from bus.runs import ensure_runs_stream, parse_run_subject
 from bus.sessions import (
     ChatAccepted,
     CreateSession,
@@ -54,12 +56,15 @@ from bus.sessions import (
 )
 from bus.settings import TektonSettings
 from bus.subjects import (
+    ALL_USERS,
     SESSION_OPS,
     bulk_subject,
     cancel_subject,
     chat_subject,
     discover_subject,
     gateway_queue,
+    gateway_user,
+    inbox_owner,
     session_subject,
     validate_name,
 )
@@ -86,6 +91,26 @@ VERSION = "0.1.0"
 
 Handler = Callable[[Any], Awaitable[Wire]]
 
+# Who is asking, from the user token of the request's subject (nats-server lets each user publish
+# under their own name only); set per request task, never read from the payload.
+asking: ContextVar[str] = ContextVar("asking")
+
+
+def _owner() -> str | None:
+    """The owner whose sessions this request may touch; None for an admin asking as ``_all``."""
+    user = asking.get()
+    return None if user == ALL_USERS else user
+
+
+def _new_owner(like: Session | None = None) -> str:
+    """The owner of a session this request creates: the asker, or for ``_all`` the source's owner."""
+    user = asking.get()
+    if user != ALL_USERS:
+        return user
+    if like is None:
+        raise BadRequest("as _all (every user's sessions) you cannot create one: ask as its user")
+    return like.owner
+
 
 class GatewayService:
     def __init__(self, nc: NATS, store: SessionStore, settings: TektonSettings, task_group: TaskGroup):
@@ -109,24 +134,34 @@ class GatewayService:
             "discover": (Discover, self._discover),
         }
         self.bus = Bus(nc, settings)
-        self.running = Catalog(nc, settings.routing_method)
+        self.running = Catalog(nc, settings.routing_method, settings.prefix, settings.routing_generalist)
 
     @property
     def instance_id(self) -> str:
         return self._service.id if self._service else ""
 
     async def start(self) -> None:
+        # The gateway may create streams (a specialist's credentials may not): the runs stream too.
+        try:
+            await ensure_runs_stream(self.nc, self.settings)
+        except Exception as err:  # no JetStream: answers still stream, only not resumable
+            log.warning("runs stream not available; answers will not be resumable", error=str(err))
         self._service = await add_service(
             self.nc,
             name="gateway",
             version=VERSION,
             description="Tekton gateway: conversation sessions in JetStream KV",
-            metadata={"tekton_role": "gateway", "bucket": self.store.kv._name},
+            metadata={
+                "tekton_role": "gateway",
+                "bucket": self.store.kv._name,
+                PREFIX_KEY: self.settings.prefix,
+            },
             stats_handler=self._stats_data,
         )
-        endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]
-        endpoints.append(("bulk", bulk_subject(self.settings.prefix), "bulk"))
-        endpoints.append(("discover", discover_subject(self.settings.prefix), "discover"))
+        prefix = self.settings.prefix
+        endpoints = [(f"session-{op}", session_subject(op, prefix, "*"), op) for op in SESSION_OPS]
+        endpoints.append(("bulk", bulk_subject(prefix, "*"), "bulk"))
+        endpoints.append(("discover", discover_subject(prefix, "*"), "discover"))
         for name, subject, op in endpoints:
             await self._service.add_endpoint(
                 name=name,
@@ -161,6 +196,7 @@ class GatewayService:
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
         """Validate, run, reply; whatever goes wrong becomes an error reply and the gateway goes on."""
         self.counters["requests"] += 1
+        asking.set(gateway_user(req.subject, self.settings.prefix))
         try:
             try:
                 request = model.model_validate(unpack_frame(req.data))
@@ -191,22 +227,26 @@ class GatewayService:
         if r.specialist is not None:
             _check_name(r.specialist)
         session = Session(
-            name=r.name, specialist=r.specialist, context_window=r.context_window, metadata=r.metadata
+            name=r.name,
+            specialist=r.specialist,
+            context_window=r.context_window,
+            metadata=r.metadata,
+            owner=_new_owner(),
         )
         return SessionReply(session=await self.store.create(session))
 
     async def _get(self, r: SessionRef) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
+        session, _ = await self.store.resolve(r.session, _owner())
         return SessionReply(session=session)
 
     async def _list(self, r: ListSessions) -> SessionsReply:
-        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit))
+        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit, _owner()))
 
     async def _delete(self, r: SessionRef) -> DeletedReply:
-        return DeletedReply(session=await self.store.delete(r.session))
+        return DeletedReply(session=await self.store.delete(r.session, _owner()))
 
     async def _fork(self, r: ForkSession) -> SessionReply:
-        source, _ = await self.store.resolve(r.session)
+        source, _ = await self.store.resolve(r.session, _owner())
         at = len(source.turns) if r.at is None else r.at
         if at > len(source.turns):
             raise BadRequest(
@@ -221,12 +261,13 @@ class GatewayService:
             created=now,
             updated=now,
             turns=source.turns[:at],
+            owner=_new_owner(source),
         )
         return SessionReply(session=await self.store.create(fork))
 
     async def _rename(self, r: RenameSession) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
-        await self.store.check_name_free(r.name, but=session.id)
+        session, _ = await self.store.resolve(r.session, _owner())
+        await self.store.check_name_free(r.name, but=session.id, owner=session.owner)
         renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
         return SessionReply(session=renamed)
 
@@ -235,7 +276,7 @@ class GatewayService:
     ) -> tuple[str, Turn, ChatRequest]:
         """Store the user turn (first, so it survives whatever happens to the answer) and return the
         request with the session's context before the new message(s)."""
-        session = await self.store.recent(ref)
+        session = await self.store.recent(ref, _owner())
         specialist = specialist or session.specialist
         if not specialist:
             raise BadRequest(
@@ -256,12 +297,18 @@ class GatewayService:
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
+    def _check_inbox(self, inbox: str) -> None:
+        """Answers go only to the asker's own inbox (or ours, for the HTTP bridge we run)."""
+        run = parse_run_subject(inbox, self.settings.prefix)
+        if (inbox_owner(inbox) or (run.user if run else "")) not in (asking.get(), self.bus.user):
+            raise BadRequest(f"inbox {inbox!r} is not yours: use one under _INBOX.{asking.get()}")
+
     async def _double_text(self, r: SessionChat) -> list[str]:
         """Apply the caller's double-texting policy when an answer in the session is still streaming;
         the request ids a queued message must wait for (none: go ahead now)."""
         if r.double_text is None:
             return []
-        session, _ = await self.store.resolve(r.session)
+        session, _ = await self.store.resolve(r.session, _owner())
         busy = {t.request_id for t in session.turns if t.status == "pending" and t.request_id}
         if not busy:
             return []
@@ -273,7 +320,9 @@ class GatewayService:
         if r.double_text == "queue":
             return sorted(busy)
         for request_id in busy:
-            await self.nc.publish(cancel_subject(request_id, self.settings.prefix), b"")
+            # Asked by the session's owner, or by the HTTP bridge we run for them.
+            for user in {session.owner, self.bus.user}:
+                await self.nc.publish(cancel_subject(request_id, user, self.settings.prefix), b"")
         await self.store.wait_settled(session.id, busy, self._settle_within())
         if r.double_text == "rollback":
             await self.store.update(
@@ -286,10 +335,11 @@ class GatewayService:
         return self.settings.request_timeout_s + self.settings.idle_timeout_s
 
     async def _chat(self, r: SessionChat) -> ChatAccepted:
+        self._check_inbox(r.inbox)
         behind = await self._double_text(r)
         if behind:
             # Queued: the turn begins (with the earlier answer in its context) once that one is stored.
-            session = await self.store.recent(r.session)
+            session = await self.store.recent(r.session, _owner())
             specialist = r.specialist or session.specialist
             self._recording(+1)
             self._tg.start_soon(self._queued, session.id, behind, r)
@@ -351,7 +401,7 @@ class GatewayService:
         views = await self.running.views(refresh=r.refresh)
         threshold = self.settings.routing_threshold if r.threshold is None else r.threshold
         ranked: list[Candidate] = []
-        chosen, reason, alternatives = None, "", []
+        chosen, reason, alternatives, generalist = None, "", [], False
         if r.capability:
             ranked = await self.running.for_capability(r.capability)
             views = [v for v in views if r.capability in v.capabilities]
@@ -367,15 +417,14 @@ class GatewayService:
                 )
         elif r.text:
             what = "text match"
-            ranked = await self.running.for_text(r.text)
-            if ranked and ranked[0].fit > 0:
-                chosen, reason = ranked[0].name, f"{ranked[0].name}: {ranked[0].why(what)}"
-                # Next best, while they fit at least half as well.
-                alternatives = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= ranked[0].score / 2]
-            else:
-                reason = "nothing in the request matches what any running specialist does; name one"
+            if r.correct:
+                await self.running.learn(r.text, r.correct)
+            route = await self.running.for_text(r.text)
+            ranked, chosen, alternatives = route.ranked, route.chosen, route.alternatives
+            reason, generalist = route.reason, route.generalist
         return DiscoveryReply(
-            specialists=views,
+            # Without their example requests: routing reads those here; askers need the rest.
+            specialists=[v.model_copy(update={"examples": []}) for v in views],
             ranked=[
                 Ranked(name=c.name, score=c.score, fit=c.fit, health=c.health, why=c.why(what))
                 for c in ranked
@@ -383,10 +432,12 @@ class GatewayService:
             chosen=chosen,
             alternatives=alternatives,
             reason=reason,
+            generalist=generalist,
             took_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:
+        self._check_inbox(r.inbox)
         graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))
         run = BulkRun(
             self.nc,
@@ -396,6 +447,7 @@ class GatewayService:
             max_concurrency=self.settings.bulk_max_concurrency,
             heartbeat_s=self.settings.heartbeat_s,
             session_turn=self._session_turn,
+            owner=asking.get(),
         )
         self._recording(+1)
 
@@ -422,24 +474,30 @@ class GatewayService:
             for turn in session.turns:
                 if turn.role == "user" and turn.status == "pending" and turn.request_id:
                     self._recording(+1)
-                    self._tg.start_soon(self._record_run, session.id, turn)
+                    self._tg.start_soon(self._record_run, session.id, session.owner, turn)
 
-    async def _record_run(self, session_id: str, turn: Turn) -> None:
-        """Store one pending turn's answer from its run in the runs stream."""
+    async def _record_run(self, session_id: str, owner: str, turn: Turn) -> None:
+        """Store one pending turn's answer from its run in the runs stream (the run of the session's
+        owner, or of the HTTP bridge we run, which asks for its callers)."""
         assert turn.request_id is not None
         parts: list[str] = []
         status: TurnStatus = "error"
         error = "the gateway stopped before the answer was stored, and its run is no longer kept"
         try:
-            async with self.bus.attach(turn.request_id, idle_timeout=self.settings.idle_timeout_s) as run:
-                async for text in run:
-                    parts.append(text)
-                await run.result()
-            status, error = "ok", ""
+            for user in dict.fromkeys([owner, self.bus.user]):
+                try:
+                    async with self.bus.attach(
+                        turn.request_id, idle_timeout=self.settings.idle_timeout_s, user=user
+                    ) as run:
+                        async for text in run:
+                            parts.append(text)
+                        await run.result()
+                    status, error = "ok", ""
+                    break
+                except RunNotFound:
+                    continue
         except Cancelled as err:
             status, error = "cancelled", err.message
-        except RunNotFound:
-            pass
         except BusError as err:
             error = err.message
         except Exception as err:
@@ -500,6 +558,8 @@ class GatewayService:
                     stored = await self._finish(session_id, turn, "".join(parts), status, error)
                     if stored is not None:
                         await self.nc.publish(inbox, encode(stored))
+                except Exception:  # the store is unreachable: this turn stays pending, the gateway lives
+                    log.exception("answer not stored", session=session_id)
                 finally:
                     self._recording(-1)
 

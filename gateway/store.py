@@ -14,8 +14,9 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import msgpack
@@ -43,6 +44,7 @@ class StoreLimits:
     ttl_s: float
     max_turns: int
     max_bytes: int
+    replicas: int = 1
 
 
 def bucket_name(prefix: str) -> str:
@@ -64,11 +66,27 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         max_value_size=limits.max_bytes,
         storage=StorageType.FILE,
         direct=True,
+        replicas=limits.replicas,
     )
     try:
         return await js.create_key_value(config)
     except nats.js.errors.BadRequestError:  # another replica created it at the same moment
         return await js.key_value(name)
+
+
+async def _leader_write(write: Callable[[], Awaitable[int]]) -> int:
+    """A KV write, again while nobody takes it: on a cluster the bucket's leader is gone and its replicas
+    are electing another (a second or two); "no responders" means nothing was written."""
+    deadline = time.monotonic() + CAS_PATIENCE_S
+    while True:
+        try:
+            return await write()
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            if time.monotonic() > deadline:
+                raise BusError(
+                    "the sessions store has no leader; nothing was written", retryable=True
+                ) from None
+            await anyio.sleep(0.1)
 
 
 def _key(session_id: str) -> str:
@@ -132,8 +150,9 @@ class SessionStore:
         self._remember(session, revision)
         return session, revision
 
-    async def scan(self) -> list[Session]:
-        """Every live session (one ephemeral ordered consumer over the bucket's last values)."""
+    async def scan(self, owner: str | None = None) -> list[Session]:
+        """Every live session of ``owner`` (None: everyone's), by one ephemeral ordered consumer over the
+        bucket's last values."""
         watcher = await self.kv.watch("s.*", ignore_deletes=True)
         sessions: list[Session] = []
         try:
@@ -142,7 +161,9 @@ class SessionStore:
                     break
                 if entry.operation is None and entry.value:
                     try:
-                        sessions.append(_decode(entry.value, entry.key))
+                        session = _decode(entry.value, entry.key)
+                        if owner is None or session.owner == owner:
+                            sessions.append(session)
                     except BusError as err:
                         log.warning("skipping unreadable session", key=entry.key, error=err.message)
                 if entry.delta == 0:
@@ -169,14 +190,15 @@ class SessionStore:
         finally:
             await watcher.stop()
 
-    async def resolve(self, ref: str) -> tuple[Session, int]:
-        """The session with id ``ref``, else the newest one named ``ref``, else the one whose id starts
-        with ``ref`` (at least 6 hex digits), with its revision."""
+    async def resolve(self, ref: str, owner: str | None = None) -> tuple[Session, int]:
+        """The session of ``owner`` (None: anyone's) with id ``ref``, else the newest one named ``ref``,
+        else the one whose id starts with ``ref`` (at least 6 hex digits), with its revision. Another
+        user's session is not found, exactly as if it did not exist."""
         if SESSION_ID_RE.match(ref):
             found = await self._load(ref)
-            if found is not None:
+            if found is not None and (owner is None or found[0].owner == owner):
                 return found
-        sessions = await self.scan()
+        sessions = await self.scan(owner)
         named = [s for s in sessions if s.name == ref]
         if not named and ID_PREFIX_RE.match(ref):
             named = [s for s in sessions if s.id.startswith(ref)]
@@ -189,22 +211,26 @@ class SessionStore:
                 return found
         raise SessionNotFound.named(ref, self.limits.ttl_s)
 
-    async def recent(self, ref: str) -> Session:
+    async def recent(self, ref: str, owner: str | None = None) -> Session:
         """The session as this replica last saw it, else as stored: for callers that go on to write it
         (a stale value is caught by the compare-and-set, and the write returns the fresh one)."""
         cached = self._recent.get(ref)
-        return cached[0] if cached else (await self.resolve(ref))[0]
+        if cached and (owner is None or cached[0].owner == owner):
+            return cached[0]
+        return (await self.resolve(ref, owner))[0]
 
-    async def check_name_free(self, name: str | None, but: str | None = None) -> None:
+    async def check_name_free(
+        self, name: str | None, but: str | None = None, owner: str | None = None
+    ) -> None:
         if name is None:
             return
-        if any(s.name == name and s.id != but for s in await self.scan()):
+        if any(s.name == name and s.id != but for s in await self.scan(owner)):
             raise BadRequest(f"a session named '{name}' already exists; pick another name")
 
     async def create(self, session: Session) -> Session:
-        await self.check_name_free(session.name)
+        await self.check_name_free(session.name, owner=session.owner)
         session, data = self._encode(session)
-        self._remember(session, await self.kv.create(_key(session.id), data))
+        self._remember(session, await _leader_write(lambda: self.kv.create(_key(session.id), data)))
         return session
 
     async def update(self, ref: str, change: Callable[[Session], Session]) -> Session:
@@ -224,7 +250,8 @@ class SessionStore:
             changed = self._prune(change(session).model_copy(update={"updated": time.time()}))
             changed, data = self._encode(changed)
             try:
-                self._remember(changed, await self.kv.update(_key(session.id), data, last=revision))
+                write = partial(self.kv.update, _key(session.id), data, last=revision)
+                self._remember(changed, await _leader_write(write))
                 return changed
             except nats.js.errors.KeyWrongLastSequenceError:
                 if time.monotonic() > deadline:
@@ -236,16 +263,18 @@ class SessionStore:
                 session, revision = found
         raise BusError(f"session {ref} is changing too fast to update; try again", retryable=True)
 
-    async def delete(self, ref: str) -> str:
-        session, _ = await self.resolve(ref)
+    async def delete(self, ref: str, owner: str | None = None) -> str:
+        session, _ = await self.resolve(ref, owner)
         await self.kv.purge(_key(session.id))
         self._recent.pop(session.id, None)
         return session.id
 
-    async def list(self, specialist: str | None, name: str | None, limit: int) -> list[SessionSummary]:
+    async def list(
+        self, specialist: str | None, name: str | None, limit: int, owner: str | None = None
+    ) -> list[SessionSummary]:
         sessions = [
             s
-            for s in await self.scan()
+            for s in await self.scan(owner)
             if (specialist is None or s.specialist == specialist) and (name is None or s.name == name)
         ]
         sessions.sort(key=lambda s: s.updated, reverse=True)

@@ -8,7 +8,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from bus.client import connect
+from bus.client import connect_as
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from specialists.providers.base import ProviderContext, SharedResources, create_provider
@@ -51,7 +51,9 @@ async def serve_specialists(
         for provider in providers:
             if (start := getattr(provider, "start", None)) is not None:
                 starting.start_soon(start)
-    nc = await connect(settings.nats_url, name=f"tekton-specialists:{','.join(s.name for s in specs)}")
+    nc = await connect_as(
+        settings, name=f"tekton-specialists:{','.join(s.name for s in specs)}", identity="specialist"
+    )
     try:
         async with anyio.create_task_group() as tg:
             services = [
