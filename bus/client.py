@@ -807,7 +807,11 @@ class RunAttachment(ChatStream):
             await js.get_msg(
                 runs_stream_name(self.bus.settings.prefix), subject=self.run_subject, direct=True
             )
-        except (NotFoundError, nats.errors.TimeoutError) as err:  # not kept, or not ours to read
+        except (
+            NotFoundError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+        ) as err:  # not kept, not ours, or no runs stream
             raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
         self.sent_at = time.perf_counter()
         self._frames = Inbox()
