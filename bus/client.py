@@ -206,7 +206,7 @@ class Replay:
 
     async def unsubscribe(self) -> None:
         for sub in self.subs:
-            with suppress(nats.errors.Error):  # already gone (a closed connection, say)
+            with suppress(nats.errors.Error, OSError):  # already gone (a closed connection, say)
                 await sub.unsubscribe()
 
 
@@ -309,7 +309,7 @@ class Bus:
         self._routes.pop(subject, None)
         sub = self._run_subs.pop(subject, None)
         if sub is not None:
-            with suppress(nats.errors.Error):  # already gone (a closed connection, say)
+            with suppress(nats.errors.Error, OSError):  # already gone (a closed connection, say)
                 await sub.unsubscribe()
 
     async def replay(self, subject: str, first_seq: int, inbox: Inbox, since: float | None = None) -> Replay:
@@ -594,12 +594,13 @@ class ChatStream:
         raise ``err`` when that cannot help (not a run, or nothing came since the last resume)."""
         if self._resumed_from == self._next_seq and self._mark is not None:
             self._mark, self._resumed_from = None, None  # the shortcut missed frames: from the start
-        if self.run_subject is None or self._resumed_from == self._next_seq:
-            self._finished = True
+        if self.run_subject is None or self._resumed_from == self._next_seq or not self.bus.nc.is_connected:
+            self._finished = True  # (with the server gone too there is nothing to read back from)
             raise err
         try:
             await self.resume()
-        except RunNotFound:  # not kept (no runs stream on this server): the loss stands
+        except Exception as failed:  # not kept, or the server is gone too: the loss stands
+            log.debug("resume failed", run_id=self.request.id, error=str(failed) or type(failed).__name__)
             self._finished = True
             raise err from None
 
