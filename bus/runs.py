@@ -146,7 +146,9 @@ async def list_runs(nc: NATS, settings: TektonSettings, user: str) -> list[RunSu
             continue
         head = await _first_frame(js, stream, subject)
         tail = _frame(last.data)
-        state = str(tail["type"]) if tail.get("type") in ("done", "error") else "running"
+        # A session's run ends with the gateway's "stored" note, after its done frame.
+        kind = tail.get("type")
+        state = "done" if kind in ("done", "stored") else "error" if kind == "error" else "running"
         updated = last.time.timestamp() if last.time is not None else 0.0
         found.append(RunSummary(ref.run_id, str(head.get("specialist", "?")), state, count, updated))
     return sorted(found, key=lambda r: r.updated)

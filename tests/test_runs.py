@@ -22,6 +22,7 @@ from tests.helpers import (
     env,
     eventually,
     gateway_process,
+    in_process_gateway,
     in_process_specialists,
     run_aish,
     spawn,
@@ -238,3 +239,19 @@ async def test_a_detached_run_goes_on_with_nobody_listening(settings: TektonSett
                 run_id = s.detach()
             await eventually(lambda: _run_done(bus, run_id), within=20)
             assert services["apollo"].counters.cancelled == 0
+
+
+@pytest.mark.fast
+async def test_a_session_answer_is_a_run_listed_done(settings: TektonSettings) -> None:
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+    ):
+        session = await bus.gateway.create("apollo")
+        async with bus.stream("apollo", user("hi"), session=session.id) as s:
+            text = "".join([c async for c in s])
+        assert s.stored is not None  # the gateway's note follows the done frame in the run
+        assert [(r.run_id, r.state) for r in await bus.runs()] == [(s.request.id, "done")]
+        async with bus.attach(s.request.id) as a:
+            assert "".join([c async for c in a]) == text
