@@ -6,13 +6,10 @@ import time
 from collections.abc import Sequence
 
 from aish_client.parser import Pipeline
+from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from bus.client import Bus
 from bus.wire import REQUEST_ID_RE, ChatMessage, ChatOptions
-
-
-class UsageError(ValueError):
-    """A command line aish cannot run: one line, exit 2."""
 
 
 async def detach(bus: Bus, pipeline: Pipeline, options: ChatOptions, renderer: Renderer) -> int:

@@ -40,6 +40,8 @@ class BulkOperation(Wire):
     session: str | None = None
     options: ChatOptions = ChatOptions()
     timeout_ms: int | None = Field(default=None, ge=1, le=DAY_MS)
+    # The model to answer with (``ollama:qwen2.5:7b``); None: the specialist's own.
+    model: str | None = None
 
 
 class BulkPlan(Wire):

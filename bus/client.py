@@ -38,6 +38,7 @@ from bus.bulk import BulkPlan, BulkStream
 from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
+    GatewayUnavailable,
     IdleTimeout,
     MalformedFrame,
     NatsUnavailable,
@@ -64,6 +65,7 @@ from bus.wire import (
     ChunkFrame,
     DoneFrame,
     ErrorFrame,
+    HeartbeatFrame,
     StartFrame,
     chunk_fields,
     encode_request,
@@ -88,6 +90,7 @@ async def connect(
     connect_timeout: float = 2.0,
     creds: Credentials | None = None,
     tls: ssl.SSLContext | None = None,
+    closed: anyio.Event | None = None,
 ) -> NATS:
     """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server.
 
@@ -95,7 +98,13 @@ async def connect(
     is used, and on losing it nats-py fails over to the others (and to peers the cluster advertises).
     With ``creds`` the connection signs in with the nkey and its replies arrive under the user's own
     inbox prefix (the only one the server lets it subscribe to); with ``tls`` the server is verified.
+    ``closed`` is set when the connection is closed for good (by us, or by nats-py after a server's
+    -ERR).
     """
+
+    async def closed_cb() -> None:
+        if closed is not None:
+            closed.set()
 
     seen: list[str] = []
     # nats-py reports a failed TLS verification on the first connect to the error callback and then
@@ -129,6 +138,7 @@ async def connect(
             max_reconnect_attempts=1,
             reconnect_time_wait=0.1,
             error_cb=quiet,
+            closed_cb=closed_cb,
         )
     )
     try:
@@ -171,11 +181,13 @@ def client_tls(settings: TektonSettings) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=str(ca) if ca else None)
 
 
-async def connect_as(settings: TektonSettings, *, name: str, identity: str = "local") -> NATS:
+async def connect_as(
+    settings: TektonSettings, *, name: str, identity: str = "local", closed: anyio.Event | None = None
+) -> NATS:
     """:func:`connect` with the credentials and TLS ``settings`` find for ``identity`` (``--creds``,
     ``TEKTON_CREDS``, else the data dir's file for it; see bus/auth.py)."""
     creds = find_credentials(settings.creds, settings.data_dir, identity)
-    return await connect(settings.nats_url, name=name, creds=creds, tls=client_tls(settings))
+    return await connect(settings.nats_url, name=name, creds=creds, tls=client_tls(settings), closed=closed)
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,36 @@ class Inbox:
         if not self._messages and not await self._wait(within):
             return None
         return self._messages.popleft()
+
+
+class FrameReader:
+    """Turns the messages of one reply stream into frames, in order: the one place that reads them
+    (a client's ChatStream and the gateway's recorder both use it). ``seq`` must run 0, 1, 2...: core
+    NATS is at-most-once, so a gap is an error, never silently missing text."""
+
+    __slots__ = ("next_seq",)
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+
+    def read(self, msg: Msg) -> str | StartFrame | HeartbeatFrame | DoneFrame | ErrorFrame | None:
+        """A chunk's text, another frame as its model, or None for NATS "no responders" (nobody
+        subscribes to the request's subject). Raises MalformedFrame or StreamGap."""
+        data = msg.data
+        if not data and is_no_responders(msg):
+            return None
+        raw = unpack_frame(data)
+        chunk = chunk_fields(raw)  # the hot path: no model per chunk
+        item: str | StartFrame | HeartbeatFrame | DoneFrame | ErrorFrame
+        if chunk is not None:
+            seq, item = chunk
+        else:
+            frame = validate_frame(raw)
+            seq, item = frame.seq, frame.text if isinstance(frame, ChunkFrame) else frame
+        if seq != self.next_seq:
+            raise StreamGap(self.next_seq, seq)
+        self.next_seq += 1
+        return item
 
 
 class Bus:
@@ -399,6 +441,7 @@ class Bus:
         session: str | None = None,
         detach: bool = False,
         double_text: DoubleText | None = None,
+        model: str | None = None,
     ) -> ChatStream:
         """One streamed answer (see :class:`ChatStream`).
 
@@ -411,6 +454,7 @@ class Bus:
             options=options or ChatOptions(),
             timeout_ms=int(timeout * 1000) if timeout else None,
             detach=True if detach else None,
+            model=model,
             **({"id": request_id} if request_id else {}),
         )
         idle = idle_timeout or self.settings.idle_timeout_s
@@ -497,7 +541,7 @@ class ChatStream:
         self.start_frame: StartFrame | None = None
         self._frames = Inbox()
         self._inbox: str | None = None
-        self._next_seq = 0
+        self._reader = FrameReader()
         self._parts: list[str] = []
         self._done: DoneFrame | None = None
         self._finished = False
@@ -661,59 +705,61 @@ class ChatStream:
             await self._recover(IdleTimeout(self.specialist, self.idle_timeout))
 
     async def _texts(self) -> AsyncIterator[str]:
+        reader = self._reader
         while not self._finished:
             msg = await self._next_msg()
-            if is_no_responders(msg):
+            try:
+                item = reader.read(msg)
+            except MalformedFrame:
+                self._finished = True
+                raise
+            except StreamGap as gap:
+                if gap.got < reader.next_seq:  # already read (a resume overlaps what was in flight)
+                    self._keep_start(msg)
+                    continue
+                await self._recover(gap)  # lost frames: read them back from the run
+                continue
+            if type(item) is str:
+                if not (reader.next_seq - 1) & MARK_MASK:
+                    self._mark = (reader.next_seq - 1, time.time())
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
+                self._parts.append(item)
+                yield item
+            elif item is None:
                 self._finished = True
                 raise SpecialistUnavailable.named(self.specialist, await self.bus.running_names())
-            try:
-                raw = unpack_frame(msg.data)
-            except MalformedFrame:
-                self._finished = True
-                raise
-            chunk = chunk_fields(raw)
-            if chunk is not None:
-                seq, text = chunk
-                if seq != self._next_seq:
-                    if seq < self._next_seq:
-                        continue  # already read (a resume may overlap what was in flight)
-                    await self._recover(StreamGap(self._next_seq, seq))
-                    continue
-                self._next_seq += 1
-                if not seq & MARK_MASK:
-                    self._mark = (seq, time.time())
-                if self.first_chunk_at is None:
-                    self.first_chunk_at = time.perf_counter()
-                self._parts.append(text)
-                yield text
-                continue
-            try:
-                frame = validate_frame(raw)
-            except MalformedFrame:
-                self._finished = True
-                raise
-            if isinstance(frame, StartFrame) and self.start_frame is None:
-                self.start_frame = frame  # also when a replay starts past it
-            if frame.seq != self._next_seq:
-                if frame.seq < self._next_seq:
-                    continue
-                await self._recover(StreamGap(self._next_seq, frame.seq))
-                continue
-            self._next_seq += 1
-            if isinstance(frame, ChunkFrame):
-                if self.first_chunk_at is None:
-                    self.first_chunk_at = time.perf_counter()
-                self._parts.append(frame.text)
-                yield frame.text
-            elif isinstance(frame, StartFrame):
-                self.start_frame = frame
-            elif isinstance(frame, DoneFrame):
+            elif isinstance(item, StartFrame):
+                self.start_frame = item
+            elif isinstance(item, DoneFrame):
                 self.done_at = time.perf_counter()
-                self._done = frame
+                self._done = item
                 self._finished = True
-            elif isinstance(frame, ErrorFrame):
+            elif isinstance(item, ErrorFrame):
                 self._finished = True
-                raise from_wire(frame.code, frame.message, frame.retryable)
+                raise from_wire(item.code, item.message, item.retryable)
+
+    def _keep_start(self, msg: Msg) -> None:
+        """The start frame of a replay that begins past it: who serves the run."""
+        if self.start_frame is None:
+            raw = unpack_frame(msg.data)
+            if isinstance(raw, dict) and raw.get("type") == "start":
+                frame = validate_frame(raw)
+                assert isinstance(frame, StartFrame)
+                self.start_frame = frame
+
+    @property
+    def _next_seq(self) -> int:
+        return self._reader.next_seq
+
+    @_next_seq.setter
+    def _next_seq(self, seq: int) -> None:
+        self._reader.next_seq = seq
+
+    @property
+    def text_so_far(self) -> str:
+        """What arrived until now (all of it once the stream is done)."""
+        return "".join(self._parts)
 
     async def result(self) -> StreamResult:
         """The whole answer with usage and timings; reads what is left of the stream first."""
@@ -732,6 +778,8 @@ RESUME_MARGIN_S = 1.0
 # The gateway stores an answer within milliseconds of its done frame; past this it has died, and the
 # answer is on screen anyway.
 STORED_WAIT_S = 2.0
+# Then the client settles the turn itself, waiting this long for a gateway (one restarting, say).
+SETTLE_WAIT_S = 10.0
 
 
 class SessionChatStream(ChatStream):
@@ -771,7 +819,27 @@ class SessionChatStream(ChatStream):
         async for text in super()._texts():
             yield text
         if self._done is not None and self.stored is None:
-            self.stored = await self._wait_stored()
+            self.stored = await self._wait_stored() or await self._settle()
+
+    async def _settle(self) -> StoredFrame | None:
+        """The gateway that heard this answer stopped before storing it: hand our copy (we saw the whole
+        answer, ``done`` included) to whichever gateway answers, waiting a while for one to come back.
+        It is stored only if the turn is still pending, so a late recorder and this never both write."""
+        if self.accepted is None:
+            return None
+        answer, wait = "".join(self._parts), 0.05
+        with anyio.move_on_after(SETTLE_WAIT_S):
+            while True:
+                try:
+                    return await self.bus.gateway.settle(self.accepted.session, self.request.id, answer)
+                except GatewayUnavailable:
+                    await anyio.sleep(wait)  # a retry's backoff: the gateway is restarting
+                    wait = min(wait * 2, 1.0)
+                except BusError as err:
+                    log.warning("the answer was not stored", session=self.session, error=err.message)
+                    return None
+        log.warning("no gateway stored the answer", session=self.session, waited_s=SETTLE_WAIT_S)
+        return None
 
     async def _wait_stored(self) -> StoredFrame | None:
         """The gateway's note that the answer is in the session (it follows ``done`` within a few ms)."""

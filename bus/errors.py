@@ -193,6 +193,8 @@ class StreamGap(BusError):
             f"reply stream lost frames (expected seq {expected}, got {got}); "
             "the client fell behind or the connection dropped, retry the request"
         )
+        self.expected = expected
+        self.got = got
 
 
 class IdleTimeout(BusError):

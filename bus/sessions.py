@@ -57,6 +57,9 @@ class Turn(Wire):
     status: TurnStatus = "ok"
     request_id: str | None = None
     error: str | None = None
+    # A pending turn still pending after this (epoch seconds) never gets its answer (its gateway and
+    # its client both stopped): the session's next write marks it ``error``.
+    settle_by: float | None = None
 
 
 class Session(Wire):
@@ -164,6 +167,15 @@ class SessionChat(Wire):
     double_text: DoubleText | None = None
 
 
+class SettleTurn(Wire):
+    """A client's copy of a whole answer (it saw ``done``) whose gateway stopped before storing it: the
+    gateway stores it if the user turn of ``request_id`` is still ``pending``, else changes nothing."""
+
+    session: str = Field(min_length=1, max_length=64)
+    request_id: str = Field(min_length=1, max_length=64)
+    answer: str
+
+
 # Replies
 
 
@@ -224,6 +236,7 @@ REPLIES: dict[str, type[Wire]] = {
     "accepted": ChatAccepted,
     "bulk_accepted": BulkAccepted,
     "discovery": DiscoveryReply,
+    "stored": StoredFrame,
 }
 
 
@@ -335,6 +348,13 @@ class GatewayClient:
         reply = await self.call("rename", self._request(RenameSession, session=ref, name=name))
         assert isinstance(reply, SessionReply)
         return reply.session
+
+    async def settle(self, session: str, request_id: str, answer: str) -> StoredFrame:
+        reply = await self.call(
+            "settle", self._request(SettleTurn, session=session, request_id=request_id, answer=answer)
+        )
+        assert isinstance(reply, StoredFrame)
+        return reply
 
     async def discover(
         self,

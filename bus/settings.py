@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -24,7 +24,8 @@ from bus.errors import ConfigError
 from bus.subjects import DEFAULT_PREFIX, validate_prefix
 
 
-def _config_file() -> Path:
+def config_file() -> Path:
+    """Where the config file is: ``$TEKTON_CONFIG``, else ``$XDG_CONFIG_HOME/tekton/config.toml``."""
     explicit = os.environ.get("TEKTON_CONFIG")
     if explicit:
         return Path(explicit)
@@ -59,13 +60,21 @@ class TektonSettings(BaseSettings):
     drain_grace_s: float = Field(default=30.0, ge=0)
     # Run every specialist on this provider instead of the roster's (e.g. "scripted" in tests).
     provider: str | None = None
+    # The default model of every specialist, ``provider:model`` (``ollama:qwen2.5:7b``,
+    # ``anthropic:claude-3-5-haiku-latest``); None: the roster's (the bundled demo model).
+    model: str | None = None
+    # Model providers by name, each a table of that provider's options (``[providers.ollama]
+    # base_url = ...``); ``type = "openai"`` makes a new name for any OpenAI-compatible server. The
+    # environment (TEKTON_OPENAI_API_KEY, ...) beats these, as it beats the rest of the file.
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     roster: Path | None = None
     # nats-server's WebSocket listener: browser origins allowed to connect (None: the listener's own
     # http://localhost:PORT and http://127.0.0.1:PORT). JSON list in TEKTON_WS_ALLOWED_ORIGINS.
     ws_allowed_origins: list[str] | None = None
     # HTTP bridge: API tokens (JSON list; required unless it listens on localhost), requests per second
     # per token (or per client address without tokens) and the burst allowed, browser origins allowed
-    # on /ws (None: any, which is only sensible on localhost).
+    # besides the bridge's own and loopback pages ("*": any), Host names it answers to (None: loopback
+    # names when it listens on loopback, any elsewhere), the largest request body.
     http_tokens: list[str] | None = None
     http_rate_per_s: float = Field(default=50.0, gt=0)
     http_burst: float = Field(default=100.0, ge=1)
@@ -77,6 +86,8 @@ class TektonSettings(BaseSettings):
     # HTTP bridge: serve https with this certificate and key (`tekton up --tls` sets them).
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    http_allowed_hosts: list[str] | None = None
+    http_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Gateway: how text is matched to specialists for @auto (see gateway/routing.py).
     routing_method: Literal["examples", "lexical", "embedding", "hybrid"] = "examples"
     # Gateway: who answers an @auto request that no specialist's profile matches.
@@ -85,8 +96,9 @@ class TektonSettings(BaseSettings):
     routing_threshold: float = Field(default=0.7, ge=0, le=1)
     # Gateway: operations of one bulk request running at once (a request may ask for fewer).
     bulk_max_concurrency: int = Field(default=16, ge=1, le=1024)
-    # Gateway: sessions expire this long after their last change (the KV bucket's TTL).
-    session_ttl_s: float = Field(default=3600.0, gt=0)
+    # Gateway: sessions expire this long after their last change (the KV bucket's TTL); 0: they last
+    # until deleted.
+    session_ttl_s: float = Field(default=0.0, ge=0)
     # Gateway: turns kept in a stored session; older ones are dropped, oldest first.
     session_max_turns: int = Field(default=200, ge=2)
     # Gateway: the largest stored session value (bytes); at most the server's max_payload.
@@ -119,7 +131,7 @@ class TektonSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file()))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file()))
 
 
 def load_settings(**overrides: object) -> TektonSettings:
@@ -127,7 +139,7 @@ def load_settings(**overrides: object) -> TektonSettings:
 
     A setting that cannot be used raises :class:`ConfigError`: one line naming where it came from."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    path = _config_file()
+    path = config_file()
     try:
         return TektonSettings(**given)  # type: ignore[arg-type]
     except tomllib.TOMLDecodeError as err:

@@ -75,7 +75,7 @@ def cancel_parts(subject: str) -> tuple[str, str]:
     return user, request_id
 
 
-SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat")
+SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat", "settle")
 
 
 # Gateway subjects carry the asking user's name as a token: nats-server's permissions let a user

@@ -244,6 +244,7 @@ class BulkRun:
                 messages=[ChatMessage(role="user", content=message)],
                 options=op.options,
                 timeout_ms=deadline_ms,
+                model=op.model,
             )
             parts: list[str] = []
             began = time.perf_counter()
@@ -257,7 +258,12 @@ class BulkRun:
                     stream, store = await self.session_turn(op.session, op.ai, request)
                 else:
                     stream = self.bus.stream(
-                        op.ai, request.messages, op.options, timeout=deadline_s, request_id=request.id
+                        op.ai,
+                        request.messages,
+                        op.options,
+                        timeout=deadline_s,
+                        request_id=request.id,
+                        model=op.model,
                     )
                 with anyio.move_on_after(deadline_s) as timer:
                     async with stream:

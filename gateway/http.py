@@ -20,14 +20,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
+from anyio.abc import TaskStatus
 from fastapi import Depends, FastAPI, Header, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
-from bus.client import Bus, ChatStream
+from bus.client import Bus, ChatStream, connect_as
 from bus.errors import (
     RPC_INTERNAL,
     RPC_INVALID_PARAMS,
@@ -36,6 +39,7 @@ from bus.errors import (
     RPC_PARSE_ERROR,
     BadRequest,
     BusError,
+    NatsUnavailable,
     RateLimited,
     Unauthorized,
 )
@@ -185,6 +189,92 @@ class Guard:
             raise RateLimited(max(1, math.ceil(wait)))
 
 
+def _hostname(netloc: str) -> str:
+    """``host`` of ``host:port`` / ``[v6]:port``, lower case."""
+    return (urlsplit(f"//{netloc}").hostname or "").lower()
+
+
+class EdgeGuard:
+    """Before any route: the Host header (DNS rebinding), the Origin of browser requests (another web
+    page the user has open), and the request body's size. ASGI middleware, so it covers /ws too."""
+
+    def __init__(self, app: Any, settings: TektonSettings, host: str):
+        self.app = app
+        self.max_body = settings.http_max_body_bytes
+        self.origins = set(settings.http_allowed_origins or [])
+        hosts = settings.http_allowed_hosts
+        # On loopback only loopback names are this bridge; elsewhere API tokens guard it (see Guard).
+        self.hosts = set(hosts) if hosts is not None else (LOCAL_HOSTS if host in LOCAL_HOSTS else None)
+
+    def _refusal(self, headers: dict[str, str]) -> str | None:
+        host = headers.get("host")
+        if (
+            host is not None
+            and self.hosts is not None
+            and "*" not in self.hosts
+            and _hostname(host) not in self.hosts
+        ):
+            return f"host '{host[:100]}' is not this bridge's (set TEKTON_HTTP_ALLOWED_HOSTS)"
+        origin = headers.get("origin")
+        if origin is None or origin in self.origins or "*" in self.origins:
+            return None  # not a browser's cross-site request, or an origin let in by name
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https") and (
+            (parts.hostname or "") in LOCAL_HOSTS or (host is not None and parts.netloc == host)
+        ):
+            return None  # a page of this bridge, or of another local server of the user's
+        return f"origin '{origin[:100]}' is not allowed (set TEKTON_HTTP_ALLOWED_ORIGINS)"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(headers)
+        if scope["type"] == "websocket":
+            if refusal is not None:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": refusal[:120]})
+                return None
+            return await self.app(scope, receive, send)
+        if refusal is not None:
+            return await _reply(send, 403, "forbidden", refusal)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await _too_large(send, int(declared), self.max_body)
+        # Read the body here, bounded (also when no length is declared), and hand it on in one piece.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await _too_large(send, size, self.max_body)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Any:
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _too_large(send: Any, size: int, limit: int) -> None:
+    message = (
+        f"request body is over {limit:,} bytes ({size:,} so far); send less (TEKTON_HTTP_MAX_BODY_BYTES)"
+    )
+    await _reply(send, 413, "payload_too_large", message)
+
+
+async def _reply(send: Any, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message, "retryable": False}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
     settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None, tls: bool = False
 ) -> FastAPI:
@@ -198,14 +288,41 @@ def create_app(
     guard = Guard(tokens, settings.http_rate_per_s, settings.http_burst)
     state: dict[str, Bus] = {}
 
+    async def keep_connected(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The bridge's connection; a new one whenever nats-py closes it for good (a server -ERR)."""
+        first = True
+        while True:
+            lost = anyio.Event()
+            try:
+                # The gateway's identity: it may put any caller's user name in gateway subjects.
+                nc = await connect_as(settings, name="tekton-http", identity="gateway", closed=lost)
+            except NatsUnavailable:
+                if first:
+                    raise
+                await anyio.sleep(1.0)  # a retry's backoff: the server is away
+                continue
+            state.clear()  # the per-user buses of a lost connection go with it
+            state["bus"] = Bus(nc, settings)
+            if first:
+                first = False
+                task_status.started()
+            try:
+                await lost.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not nc.is_closed:
+                        await nc.drain()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # The gateway's identity: it may put any caller's user name in gateway subjects.
-        async with Bus.connect(settings, name="tekton-http", identity="gateway") as bus:
-            state["bus"] = bus
+        async with anyio.create_task_group() as tg:
+            await tg.start(keep_connected)
             if ready is not None:
                 ready.set()
-            yield
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
 
     app = FastAPI(
         title="Tekton",
@@ -214,15 +331,18 @@ def create_app(
         "and an OpenAI-compatible API.",
         lifespan=lifespan,
     )
+    app.add_middleware(EdgeGuard, settings=settings, host=host)
 
-    def bus(caller: str) -> Bus:
+    def bus(caller: str | None = None) -> Bus:
         """The bus as the caller's user (one Bus, with its own inbox, per user, on one connection)."""
-        user = guard.user(caller)
+        user = guard.user(caller) if caller is not None else None
         if user is None:
             return state["bus"]
         if user not in state:
             state[user] = Bus(state["bus"].nc, settings, acting_for=user)
         return state[user]
+
+    app.state.bus = bus  # the connection in use now (it is replaced when lost)
 
     async def admitted(request: Request) -> str:
         # ?token= only on /ws, where a browser cannot set a header: in a URL it ends up in logs.
@@ -241,6 +361,14 @@ def create_app(
             status_code=err.http_status,
             headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        """A 422 that names the problems and never echoes the body back (it may be megabytes)."""
+        problems = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in err.errors()]
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems[:3])
+        body = {"error": {"code": "bad_request", "message": message[:500], "details": problems[:20]}}
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(ValidationError)
     async def invalid(_: Request, err: ValidationError) -> JSONResponse:
@@ -412,11 +540,6 @@ def create_app(
 
     @app.websocket("/ws")
     async def ws(socket: WebSocket) -> None:
-        origin = socket.headers.get("origin")
-        allowed = settings.http_allowed_origins
-        if origin and allowed is not None and origin not in allowed:
-            await socket.close(code=1008, reason="origin not allowed")
-            return
         try:
             caller = guard.caller(
                 socket.headers.get("authorization"),

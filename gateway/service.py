@@ -24,7 +24,7 @@ from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
-from bus.client import Bus, ChatStream, is_no_responders
+from bus.client import SETTLE_WAIT_S, STORED_WAIT_S, Bus, ChatStream, FrameReader
 from bus.discovery import PREFIX_KEY, Discover, DiscoveryReply, Ranked
 from bus.errors import (
     BadRequest,
@@ -50,6 +50,7 @@ from bus.sessions import (
     SessionRef,
     SessionReply,
     SessionsReply,
+    SettleTurn,
     StoredFrame,
     Turn,
     TurnStatus,
@@ -70,15 +71,12 @@ from bus.subjects import (
 )
 from bus.wire import (
     ChatRequest,
-    ChunkFrame,
     DoneFrame,
     ErrorFrame,
     Wire,
-    chunk_fields,
     encode,
     encode_request,
     unpack_frame,
-    validate_frame,
 )
 from gateway.bulk import BulkRun, StoreAnswer, validate
 from gateway.discovery import Catalog
@@ -130,6 +128,7 @@ class GatewayService:
             "fork": (ForkSession, self._fork),
             "rename": (RenameSession, self._rename),
             "chat": (SessionChat, self._chat),
+            "settle": (SettleTurn, self._settle),
             "bulk": (BulkRequest, self._bulk),
             "discover": (Discover, self._discover),
         }
@@ -207,7 +206,7 @@ class GatewayService:
                 raise BadRequest(f"not a valid '{op}' request: {problems}") from err
             except BusError as err:
                 raise BadRequest(f"not a valid '{op}' request: {err.message}") from err
-            payload = encode(await handler(request))
+            payload = encode(await handler(request), self.nc.max_payload)
         except BusError as err:
             self.counters["errors"] += 1
             log.info("request refused", op=op, code=str(err.code), error=err.message)
@@ -266,10 +265,18 @@ class GatewayService:
         return SessionReply(session=await self.store.create(fork))
 
     async def _rename(self, r: RenameSession) -> SessionReply:
+        return SessionReply(session=await self.store.rename(r.session, r.name, _owner()))
+
+    async def _settle(self, r: SettleTurn) -> StoredFrame:
+        """A client's copy of an answer whose recording gateway stopped (see SettleTurn)."""
         session, _ = await self.store.resolve(r.session, _owner())
-        await self.store.check_name_free(r.name, but=session.id, owner=session.owner)
-        renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
-        return SessionReply(session=renamed)
+        turn = next((t for t in session.turns if t.role == "user" and t.request_id == r.request_id), None)
+        if turn is None:
+            raise BadRequest(f"session {session.name or session.id} has no turn for request {r.request_id}")
+        stored = await self._finish(session.id, turn, r.answer, "ok", "")
+        if stored is None:
+            raise BusError("the answer could not be stored; try again", retryable=True)
+        return stored
 
     async def _begin_turn(
         self, ref: str, specialist: str | None, request: ChatRequest
@@ -284,20 +291,25 @@ class GatewayService:
             )
         _check_name(specialist)
         users = [m for m in request.messages if m.role == "user"]
+        now = time.time()
+        # Past the request's deadline, the stream's idle timeout and the client's wait to settle it,
+        # nobody can still store this turn's answer.
+        budget = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         turn = Turn(
             role="user",
             content=users[-1].content if users else request.messages[-1].content,
             specialist=specialist,
             status="pending",
             request_id=request.id,
+            settle_by=now + budget + self.settings.idle_timeout_s + STORED_WAIT_S + SETTLE_WAIT_S,
         )
         session = await self.store.update(
-            session.id, lambda s: s.model_copy(update={"turns": [*s.turns, turn]})
+            session.id, lambda s: s.model_copy(update={"turns": [*_abandoned(s.turns, now), turn]})
         )
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
-    def _check_inbox(self, inbox: str) -> None:
+    def _check_inbox_owner(self, inbox: str) -> None:
         """Answers go only to the asker's own inbox (or ours, for the HTTP bridge we run)."""
         run = parse_run_subject(inbox, self.settings.prefix)
         if (inbox_owner(inbox) or (run.user if run else "")) not in (asking.get(), self.bus.user):
@@ -335,7 +347,8 @@ class GatewayService:
         return self.settings.request_timeout_s + self.settings.idle_timeout_s
 
     async def _chat(self, r: SessionChat) -> ChatAccepted:
-        self._check_inbox(r.inbox)
+        _check_inbox(r.inbox)
+        self._check_inbox_owner(r.inbox)
         behind = await self._double_text(r)
         if behind:
             # Queued: the turn begins (with the earlier answer in its context) once that one is stored.
@@ -437,7 +450,8 @@ class GatewayService:
         )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:
-        self._check_inbox(r.inbox)
+        _check_inbox(r.inbox)
+        self._check_inbox_owner(r.inbox)
         graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))
         run = BulkRun(
             self.nc,
@@ -466,11 +480,15 @@ class GatewayService:
         """At start: answers left pending by a gateway that died while recording them are read from
         their runs (still going or kept a while after their end) and stored, so no turn stays pending."""
         try:
-            sessions = await self.store.scan()
+            summaries = await self.store.summaries()
         except Exception as err:  # no bucket yet, or the connection is gone: nothing to recover
             log.warning("pending turns not checked", error=str(err))
             return
-        for session in sessions:
+        for summary in summaries:
+            try:
+                session, _ = await self.store.resolve(summary.id)
+            except BusError:  # gone meanwhile
+                continue
             for turn in session.turns:
                 if turn.role == "user" and turn.status == "pending" and turn.request_id:
                     self._recording(+1)
@@ -515,6 +533,7 @@ class GatewayService:
         parts: list[str] = []
         status: TurnStatus = "error"
         error = "the answer stream ended without a done frame"
+        reader = FrameReader()
         try:
             while True:
                 try:
@@ -522,31 +541,26 @@ class GatewayService:
                 except TimeoutError:
                     error = f"'{turn.specialist}' went silent for {self.settings.idle_timeout_s:g} s"
                     break
-                if is_no_responders(msg):
+                try:
+                    item = reader.read(msg)
+                except BusError as err:  # unreadable, or frames lost (a seq gap): not a whole answer
+                    error = f"bad answer stream from '{turn.specialist}': {err.message}"
+                    break
+                if type(item) is str:
+                    parts.append(item)
+                elif item is None:
                     # NATS tells only the publisher (us) that nobody listens: pass it on to the client.
                     running = await self.running.names(refresh=True)
                     unavailable = SpecialistUnavailable.named(turn.specialist, running)
                     await self.nc.publish(inbox, encode(_error_frame(unavailable)))
                     error = unavailable.message
                     break
-                try:
-                    raw = unpack_frame(msg.data)
-                    chunk = chunk_fields(raw)
-                    if chunk is not None:
-                        parts.append(chunk[1])
-                        continue
-                    frame = validate_frame(raw)
-                except BusError as err:
-                    error = f"unreadable frame from '{turn.specialist}': {err.message}"
-                    break
-                if isinstance(frame, ChunkFrame):
-                    parts.append(frame.text)
-                elif isinstance(frame, DoneFrame):
+                elif isinstance(item, DoneFrame):
                     status, error = "ok", ""
                     break
-                elif isinstance(frame, ErrorFrame):
-                    status = "cancelled" if frame.code == ErrorCode.CANCELLED else "error"
-                    error = frame.message
+                elif isinstance(item, ErrorFrame):
+                    status = "cancelled" if item.code == ErrorCode.CANCELLED else "error"
+                    error = item.message
                     break
         except Exception as err:  # the connection went away: still try to mark the turn
             error = f"gateway lost the stream: {err}"
@@ -558,8 +572,8 @@ class GatewayService:
                     stored = await self._finish(session_id, turn, "".join(parts), status, error)
                     if stored is not None:
                         await self.nc.publish(inbox, encode(stored))
-                except Exception:  # the store is unreachable: this turn stays pending, the gateway lives
-                    log.exception("answer not stored", session=session_id)
+                except Exception as err:  # never the gateway's death: the client settles the turn
+                    log.warning("stored frame not sent", session=session_id, error=str(err))
                 finally:
                     self._recording(-1)
 
@@ -569,8 +583,8 @@ class GatewayService:
         """Mark the user turn with how its answer ended and store the answer (partial ones too)."""
 
         def change(s: Session) -> Session:
-            if not any(t.id == turn.id and t.status == "pending" for t in s.turns):
-                return s  # settled already (by another recorder)
+            if not _pending(s.turns, turn.id):
+                return s  # settled already (by the client's copy, or by another recorder)
             turns = _mark(s.turns, turn.id, status, error)
             if answer or status == "ok":
                 turns.append(
@@ -586,6 +600,8 @@ class GatewayService:
             return s.model_copy(update={"turns": turns})
 
         def too_large(s: Session) -> Session:
+            if not _pending(s.turns, turn.id):
+                return s
             note = "the answer was too large to store in the session"
             return s.model_copy(update={"turns": _mark(s.turns, turn.id, "error", note)})
 
@@ -594,8 +610,8 @@ class GatewayService:
                 session = await self.store.update(session_id, change)
             except SessionTooLarge:
                 session = await self.store.update(session_id, too_large)
-        except BusError as err:
-            log.warning("answer not stored", session=session_id, request=turn.request_id, error=err.message)
+        except Exception as err:  # a BusError, or nats-py's own (timeout, connection closed)
+            log.warning("answer not stored", session=session_id, request=turn.request_id, error=str(err))
             return None
         return StoredFrame(session=session_id, turns=len(session.turns) + session.dropped)
 
@@ -605,6 +621,31 @@ def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> li
         t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
         for t in turns
     ]
+
+
+def _abandoned(turns: list[Turn], now: float) -> list[Turn]:
+    """Pending turns whose answer can no longer arrive, marked as such."""
+    note = "no answer was stored: its gateway and its client both stopped before the answer ended"
+    return [
+        t.model_copy(update={"status": "error", "error": note})
+        if t.status == "pending" and t.settle_by is not None and t.settle_by < now
+        else t
+        for t in turns
+    ]
+
+
+def _pending(turns: list[Turn], turn_id: str) -> bool:
+    return any(t.id == turn_id and t.status == "pending" for t in turns)
+
+
+def _check_inbox(inbox: str) -> None:
+    """A subject we may subscribe and publish to: no wildcard (we would hear others' streams), no
+    whitespace or empty token (nats-server answers those with -ERR and closes our connection)."""
+    tokens = inbox.split(".")
+    if any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in tokens) or len(inbox) > 256:
+        raise BadRequest(
+            f"inbox {inbox[:80]!r} is not a plain NATS subject (no wildcards, spaces or empty tokens)"
+        )
 
 
 def _error_payload(err: BusError) -> bytes:

@@ -57,6 +57,7 @@ from bus.wire import (
     encode,
     encode_chunk,
 )
+from specialists.models import ModelPool
 from specialists.placement import Placement
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
@@ -158,10 +159,13 @@ class SpecialistService:
         provider: Provider,
         settings: TektonSettings,
         task_group: TaskGroup,
+        models: ModelPool | None = None,
     ):
         self.nc = nc
         self.spec = spec
         self.provider = provider
+        # Providers for the models requests name (``-m ollama:qwen2.5:7b``), built on first use.
+        self.models = models
         self.settings = settings
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
@@ -199,7 +203,9 @@ class SpecialistService:
             version=VERSION,
             description=self.spec.description,
             metadata={
-                **self.spec.micro_metadata(self.provider.name, self.provider.model),
+                **self.spec.micro_metadata(
+                    self.models.own.provider if self.models else self.provider.name, self.provider.model
+                ),
                 "max_concurrency": str(self.settings.max_concurrency),
                 PREFIX_KEY: self.settings.prefix,
             },
@@ -335,16 +341,21 @@ class SpecialistService:
         received = time.perf_counter()
         first_token: float | None = None
         tokens = 0
+        reported: Usage | None = None
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         try:
             messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
+                provider, provider_name = self.provider, self.provider.name
+                if self.models is not None:
+                    choice, provider = await self.models.get(request.model)
+                    provider_name = choice.provider
                 await reply.send(
                     StartFrame,
                     specialist=self.spec.name,
                     instance=self.instance_id,
-                    provider=self.provider.name,
-                    model=self.provider.model,
+                    provider=provider_name,
+                    model=provider.model,
                 )
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
@@ -354,9 +365,12 @@ class SpecialistService:
                         # whenever the abandoned generator is collected.
                         async with (
                             self._limiter,
-                            aclosing(self.provider.stream(messages, options)) as texts,  # type: ignore[type-var]
+                            aclosing(provider.stream(messages, options)) as texts,  # type: ignore[type-var]
                         ):
                             async for text in texts:
+                                if isinstance(text, Usage):  # a provider's own count (see Provider)
+                                    reported = text
+                                    continue
                                 await reply.chunk(text)
                                 tokens += 1
                                 if first_token is None:
@@ -376,7 +390,10 @@ class SpecialistService:
                 await reply.send(
                     DoneFrame,
                     finish_reason="length" if options.max_tokens and tokens >= options.max_tokens else "stop",
-                    usage=Usage(completion_tokens=tokens),
+                    usage=Usage(
+                        prompt_tokens=reported.prompt_tokens if reported else None,
+                        completion_tokens=reported.completion_tokens if reported else tokens,
+                    ),
                     timings=Timings(
                         first_token_ms=round((first_token - received) * 1000, 3) if first_token else None,
                         total_ms=round(total * 1000, 3),
@@ -473,5 +490,5 @@ class SpecialistService:
             await self._run_probe_sub.unsubscribe()
         if self._probe_sub is not None:
             await self._probe_sub.unsubscribe()
-        await self.provider.aclose()
+        await (self.models or self.provider).aclose()
         self.log.info("specialist stopped", served=self.counters.served)

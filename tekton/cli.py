@@ -7,6 +7,8 @@ tekton nats                   just the embedded nats-server (--cluster: one node
 tekton cluster up             a local N-node NATS cluster (development and tests)
 tekton status                 running specialists, replicas and live stats
 tekton users add|rm|list      identities on the bus (nats-server users with nkeys and permissions)
+tekton models                 the models each provider offers (for -m PROVIDER:MODEL)
+tekton logs [-f]              what `tekton up` logged (it writes to a file, not to the terminal)
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any, TextIO
 from urllib.parse import urlparse
 
 import anyio
@@ -29,7 +36,7 @@ from bus.client import Bus, connect_as
 from bus.errors import BusError, NatsUnavailable
 from bus.logs import configure_logging
 from bus.server import EmbeddedNats, TlsFiles
-from bus.settings import TektonSettings, load_settings
+from bus.settings import TektonSettings, config_file, load_settings
 from bus.signals import die_with_parent, set_on_signal
 from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
@@ -110,6 +117,7 @@ async def ensure_nats(
     websocket: int | None = None,
     args: argparse.Namespace | None = None,
     leaf: str | None = None,
+    say: Callable[[str], None] = _say,
 ) -> str:
     """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one
     (with a WebSocket listener on port ``websocket`` when given; a leaf node of hub ``leaf`` if given)."""
@@ -119,9 +127,9 @@ async def ensure_nats(
         pass
     else:
         await nc.close()
-        _say(f"using the nats-server already running at {settings.nats_url}")
+        say(f"using the nats-server already running at {settings.nats_url}")
         if websocket is not None or leaf is not None:
-            _say("(its own config decides whether it listens for WebSocket clients or joins a hub)")
+            say("(its own config decides whether it listens for WebSocket clients or joins a hub)")
         return settings.nats_url
     if "," in settings.nats_url:
         raise NatsUnavailable(settings.nats_url, "no node of that cluster answers (tekton cluster up?)")
@@ -141,9 +149,9 @@ async def ensure_nats(
     )
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
-    _say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
+    say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
     if server.ws_port:
-        _say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
+        say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
     return server.url
 
 
@@ -161,6 +169,8 @@ def _child_argv(
     argv = [sys.executable, "-m", "tekton", "specialist", *names, *common]
     if settings.provider:
         argv += ["--provider", settings.provider]
+    if settings.model:
+        argv += ["--model", settings.model]
     return argv
 
 
@@ -178,10 +188,51 @@ async def _start_children(
             starting.start_soon(tg.start, child, _child_argv(names, settings, http), label)
 
 
+def log_path(settings: TektonSettings) -> Path:
+    return settings.data_dir / "tekton.log"
+
+
+def _log_to_file(path: Path) -> tuple[TextIO, TextIO]:
+    """Send this process's stdout and stderr (and so its children's) to ``path``; returns streams to
+    where they went before. Keeps the REPL that `tekton up -- aish` runs free of log lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return terminal
+
+
 async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
     roster = load_roster(settings.roster, settings.provider)
+    terminal = _log_to_file(log_path(settings))
+    try:
+        return await _up(settings, args, roster, terminal)
+    except BusError as err:  # the log has it too (main prints it there); the person must see it
+        print(f"tekton: {err} (log: {log_path(settings)})", file=terminal[1], flush=True)
+        raise
+
+
+async def _up(
+    settings: TektonSettings,
+    args: argparse.Namespace,
+    roster: dict[str, Any],
+    terminal: tuple[TextIO, TextIO],
+) -> int:
+    _say(f"--- tekton up, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+    def tell(text: str) -> None:
+        """A line for the person at the terminal too (without a command attached: with one, it owns
+        the terminal and gets a clean screen)."""
+        _say(text)
+        if not args.command:
+            print(text, file=terminal[0], flush=True)
+
     async with AsyncExitStack() as stack:
-        url = await ensure_nats(settings, stack, args.websocket, args, args.leaf)
+        url = await ensure_nats(settings, stack, args.websocket, args, args.leaf, say=tell)
         settings = settings.model_copy(update={"nats_url": url, **_http_tls(settings, args)})
         stop = anyio.Event()
         exit_code = 0
@@ -195,7 +246,11 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
                     starting.start_soon(
                         tg.start,
                         lambda task_status: serve_gateway(
-                            settings, stop=stop, task_status=task_status, http=http, on_http=_http_ready
+                            settings,
+                            stop=stop,
+                            task_status=task_status,
+                            http=http,
+                            on_http=lambda url: tell(_http_line(url)),
                         ),
                     )
                     starting.start_soon(
@@ -203,27 +258,29 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
                         lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status),
                     )
             names = ", ".join(roster)
-            _say(f"Tekton is up: gateway + {len(roster)} specialists ({names}) on {settings.nats_url}")
+            tell(f"Tekton is up: gateway + {len(roster)} specialists ({names}) on {settings.nats_url}")
             if args.command:
-                exit_code = await _run_attached(args.command, settings)
+                exit_code = await _run_attached(args.command, settings, terminal)
             else:
-                _say("Ctrl-C to stop")
+                tell(f"logs in {log_path(settings)} (tekton logs -f); Ctrl-C to stop")
                 await set_on_signal(stop)
             stop.set()
             if args.processes:
                 tg.cancel_scope.cancel()
-    _say("Tekton stopped")
+    tell("Tekton stopped")
     return exit_code
 
 
-async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int:
+async def _run_attached(
+    command: Sequence[str], settings: TektonSettings, terminal: tuple[TextIO, TextIO]
+) -> int:
     """Run ``command`` on our terminal; Ctrl-C belongs to it while it runs (SIGTERM still stops us)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # Where the local user's credentials (and a generated CA) are: aish finds them there.
         env = {"TEKTON_NATS_URL": settings.nats_url, "TEKTON_DATA_DIR": str(settings.data_dir)}
         process = await anyio.open_process(
-            list(command), stdin=None, stdout=None, stderr=None, env={**os.environ, **env}
+            list(command), stdin=None, stdout=terminal[0], stderr=terminal[1], env={**os.environ, **env}
         )
         async with anyio.create_task_group() as tg:
 
@@ -276,8 +333,12 @@ async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int
     return 0
 
 
+def _http_line(url: str) -> str:
+    return f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)"
+
+
 def _http_ready(url: str) -> None:
-    _say(f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)")
+    _say(_http_line(url))
 
 
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
@@ -343,6 +404,44 @@ async def _gateways(settings: TektonSettings, window: float) -> list[str]:
         return [i.id for i in await bus.instances(window=window, role="gateway", thorough=True)]
 
 
+async def cmd_models(settings: TektonSettings, args: argparse.Namespace) -> int:
+    from specialists.models import list_models
+
+    found = await list_models(settings, within=args.timeout)
+    default = settings.model or "local (the bundled SmolLM2-135M demo model)"
+    if args.json:
+        for provider, models, note in found:
+            _say(json.dumps({"provider": provider, "models": models, "note": note}))
+        return 0
+    _say(f'default: {default}  (set `model = "PROVIDER:MODEL"` in {config_file()}, or -m per call)')
+    for provider, models, note in found:
+        if not models:
+            _say(f"{provider:<10} - {note}")
+        for model in models:
+            _say(f"{provider:<10} {provider}:{model}")
+    return 0
+
+
+async def cmd_logs(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """The last lines of `tekton up`'s log; with ``-f``, then every new line as it is written."""
+    path = log_path(settings)
+    if not path.exists():
+        print(f"tekton: no log yet at {path} (tekton up writes it)", file=sys.stderr)
+        return 1
+    with path.open("r", encoding="utf-8", errors="replace") as log:
+        for line in list(deque(log, maxlen=args.lines)):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        while args.follow:
+            line = log.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                await anyio.sleep(0.2)  # polling a file: no change notification to wait on portably
+    return 0
+
+
 WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
 HTTP_HELP = "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT"
 
@@ -362,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--creds", help="credentials file (default $TEKTON_CREDS, else the data dir's)")
     common.add_argument("--tls-ca", help="CA certificate to verify the server with (tls:// URLs)")
     common.add_argument("--log-level", default="info")
+    common.add_argument(
+        "-m", "--model", help="every specialist's model, PROVIDER:MODEL (default: config.toml's `model`)"
+    )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
@@ -404,6 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")
     status.add_argument("--window", type=float, default=0.1, help="seconds to wait for answers")
+
+    models = sub.add_parser(
+        "models", parents=[common], help="list the models each provider offers (for -m PROVIDER:MODEL)"
+    )
+    models.add_argument("--json", action="store_true", help="one JSON object per provider")
+    models.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each provider")
+
+    logs = sub.add_parser("logs", parents=[common], help="show what tekton up logged")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many of the last lines (default 50)")
     return parser
 
 
@@ -439,6 +552,13 @@ def _users(users: Users, args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return f"tekton {package_version('tekton')}"
+    except PackageNotFoundError:
+        return "tekton (not installed)"
+
+
 COMMANDS = {
     "users": cmd_users,
     "up": cmd_up,
@@ -448,6 +568,8 @@ COMMANDS = {
     "status": cmd_status,
     "cluster": cmd_cluster,
     "probe": cmd_probe,
+    "models": cmd_models,
+    "logs": cmd_logs,
 }
 
 
@@ -465,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             creds=args.creds,
             tls_ca=args.tls_ca,
+            model=args.model,
         )
         return anyio.run(COMMANDS[args.cmd], settings, args)
     except UsageError as err:

@@ -128,7 +128,7 @@ async def test_the_gateway_refuses_what_the_doc_refuses_with_bad_request(
 ) -> None:
     async with in_process_gateway(settings), Bus.connect(settings) as bus:
         reply = msgpack.unpackb(
-            (await bus.nc.request("tekton.gateway.session.chat", payload, timeout=5)).data
+            (await bus.nc.request("tekton.gateway.anonymous.session.chat", payload, timeout=5)).data
         )
         assert reply["type"] == "error" and reply["code"] == "bad_request", reply
         assert reply["v"] == 1
