@@ -211,8 +211,11 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
     terminal = _log_to_file(log_path(settings))
     try:
         return await _up(settings, args, roster, terminal)
-    except BusError as err:  # the log has it too (main prints it there); the person must see it
-        print(f"tekton: {err} (log: {log_path(settings)})", file=terminal[1], flush=True)
+    except (BusError, BaseExceptionGroup) as err:  # the log has it too (main prints it there)
+        # ...and the person must see it: one line (a piece that failed to start fails a task group).
+        first = _first_bus_error(err) if isinstance(err, BaseExceptionGroup) else err
+        if first is not None:
+            print(f"tekton: {first} (log: {log_path(settings)})", file=terminal[1], flush=True)
         raise
 
 
