@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from aish_client import sessions
+from aish_client import runs, sessions
 from aish_client.logbook import Logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.prompt_parts import UsageError, attachments, chat_options, check_model
@@ -152,12 +152,17 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="several answers at once: one after another under headers (stacked), or side by side as "
         "labelled lines (lines)",
     )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="start the question as a run that goes on without aish: prints its id (aish attach RUN)",
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
         "words",
         nargs="*",
-        help='`list`, `sessions ...`, `route "question"` (who would answer it, and why), '
-        "or a specialist name and a question",
+        help='`list`, `sessions ...`, `route "question"` (who would answer it, and why), `runs`, '
+        "`attach RUN`, `cancel RUN`, or a specialist name and a question",
     )
     return parser
 
@@ -209,6 +214,8 @@ async def run_once(
         # --timeout bounds the whole run; leaving the stream's block cancels it on the specialist.
         with anyio.move_on_after(args.timeout) as deadline:
             async with Bus.connect(settings, name="aish") as bus:
+                if args.detach:
+                    return await runs.detach(bus, pipeline, _options(args), renderer)
                 session = await sessions.resolve(bus, args.session, args.resume, renderer)
                 await run_pipeline(
                     bus,

@@ -110,6 +110,9 @@ async def run_pipeline(
                 for frame in opened.stream.tool_frames:  # any read while finding who answers
                     renderer.tool(frame)
                 async with opened.stream as s:
+                    s.on_resume = lambda seq: renderer.note(
+                        f"(the connection dropped frames; the answer goes on from frame {seq})"
+                    )
                     async for chunk in opened.texts:
                         stage_out.started(s.start_frame)
                         stage_out.chunk(chunk)

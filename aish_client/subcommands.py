@@ -14,9 +14,10 @@ from importlib.metadata import version as package_version
 
 import anyio
 
-from aish_client import sessions
+from aish_client import runs, sessions
 from aish_client.completion import SHELLS, script
 from aish_client.logbook import Logbook, as_json, as_text
+from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from aish_client.runner import DEMO_MODEL
 from bus.client import Bus
@@ -102,10 +103,22 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     parsers["usage"] = argparse.ArgumentParser(
         prog="aish usage", description="The tokens you have spent (per session too) and your budget."
     )
+    parsers["runs"] = argparse.ArgumentParser(
+        prog="aish runs",
+        description="Your recent runs (answers kept for resume and attach) and their states.",
+    )
+    attach = parsers["attach"] = argparse.ArgumentParser(
+        prog="aish attach",
+        description="Replay a run from its start (or after a frame) and follow it to its end.",
+    )
+    attach.add_argument("run", metavar="RUN")
+    attach.add_argument("--after", type=int, default=-1, metavar="SEQ", help="only the frames after this seq")
+    cancel = parsers["cancel"] = argparse.ArgumentParser(prog="aish cancel", description="Stop a run.")
+    cancel.add_argument("run", metavar="RUN")
     return parsers
 
 
-SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage")
+SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs", "attach", "cancel")
 
 
 def _settings(args: argparse.Namespace) -> TektonSettings:
@@ -128,9 +141,18 @@ def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> i
         "logs": lambda: _logs(_settings(top), args, renderer, top),
         "completion": lambda: _completion(args.shell, renderer),
         "usage": lambda: anyio.run(_usage, _settings(top), renderer),
+        "runs": lambda: anyio.run(_runs, _settings(top), name, args, renderer),
+        "attach": lambda: anyio.run(_runs, _settings(top), name, args, renderer),
+        "cancel": lambda: anyio.run(_runs, _settings(top), name, args, renderer),
     }
+    if top.detach:
+        renderer.error(f'--detach starts a question (aish --detach apollo "long job"), not {name}')
+        return EXIT_USAGE
     try:
         return handlers[name]()
+    except UsageError as err:
+        renderer.error(str(err))
+        return EXIT_USAGE
     except BusError as err:
         renderer.end_answer()
         renderer.error(str(err))
@@ -156,6 +178,15 @@ async def _bulk(settings: TektonSettings, path: str, layout: str) -> int:
     async with Bus.connect(settings, name="aish") as bus:
         await run_plan(bus, plan, [op.id for op in plan.operations], Renderer(), layout=layout)  # type: ignore[arg-type]
     return 0
+
+
+async def _runs(settings: TektonSettings, name: str, args: argparse.Namespace, renderer: Renderer) -> int:
+    async with Bus.connect(settings, name="aish") as bus:
+        if name == "attach":
+            return await runs.attach(bus, [args.run], args.after, renderer)
+        if name == "cancel":
+            return await runs.cancel(bus, [args.run], renderer)
+        return await runs.list_runs(bus, renderer)
 
 
 async def _sessions(settings: TektonSettings, argv: Sequence[str]) -> int:

@@ -4,7 +4,7 @@ notifications, cancel, sessions, bulk and discovery (docs/http.md); error codes 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from bridge.edge import Guard, error_body
 from bridge.rest import ChatBody, SessionCreateBody, open_body
 from bus.bulk import BulkPlan
-from bus.client import Bus
+from bus.client import Bus, ChatStream
 from bus.errors import (
     RPC_INTERNAL,
     RPC_INVALID_PARAMS,
@@ -53,10 +53,12 @@ class JsonRpc:
     def __init__(self, socket: WebSocket, bus: Bus, guard: Guard, caller: str):
         self.socket, self.bus, self.guard, self.caller = socket, bus, guard, caller
         self.streams: dict[str, anyio.CancelScope] = {}
+        self.opened: dict[str, ChatStream] = {}
         self.send_lock = anyio.Lock()
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "chat": self.chat,
             "stream": self.stream,
+            "stream.resume": self.resume,
             "cancel": self.cancel,
             "discover": self.discover,
             "sessions.list": self.sessions_list,
@@ -80,7 +82,12 @@ class JsonRpc:
             except WebSocketDisconnect:
                 pass
             finally:
-                tg.cancel_scope.cancel()  # a client that left stops every stream it started
+                # A client that left stops every stream it started, but durable runs go on for their
+                # resume window (stream.resume from a new connection).
+                for stream in self.opened.values():
+                    if stream.run_id is not None:
+                        stream.leave()
+                tg.cancel_scope.cancel()
 
     async def handle(self, raw: str) -> None:
         request_id: Any = None
@@ -140,21 +147,45 @@ class JsonRpc:
 
     async def stream(self, params: dict[str, Any]) -> dict[str, Any]:
         opened = await self._open(params)
-        name, stream = opened.name, opened.stream
+        self._pump(opened.stream, opened.texts)
+        return {"request_id": opened.stream.request.id, "specialist": opened.name}
+
+    async def resume(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``stream.resume``: a run's chunks after ``after`` (the last ``seq`` seen), then the rest live,
+        as the same ``stream.chunk`` / ``stream.complete`` notifications."""
+        request_id, after = params.get("request_id"), params.get("after", -1)
+        if not isinstance(request_id, str) or type(after) is not int or after < -1:
+            raise RpcError(INVALID_PARAMS, "stream.resume needs request_id (a run id) and after (a seq)")
+        if request_id in self.streams:
+            raise RpcError(INVALID_PARAMS, f"stream {request_id!r} is already running here")
+        try:
+            stream = self.bus.attach(request_id, after=after)
+        except ValueError as err:
+            raise RpcError(INVALID_PARAMS, str(err)) from err
+        await stream.__aenter__()
+        self._pump(stream, aiter(stream))
+        return {"request_id": request_id, "after": after}
+
+    def _pump(self, stream: ChatStream, texts: AsyncIterator[str]) -> None:
         request_id = stream.request.id
         scope = anyio.CancelScope()
         self.streams[request_id] = scope
+        self.opened[request_id] = stream
 
         async def pump() -> None:
             try:
                 with scope:
                     async with stream:
                         try:
-                            async for text in opened.texts:
+                            async for text in texts:
                                 await self.send(
                                     {
                                         "method": "stream.chunk",
-                                        "params": {"request_id": request_id, "text": text},
+                                        "params": {
+                                            "request_id": request_id,
+                                            "text": text,
+                                            "seq": stream.last_seq,
+                                        },
                                     }
                                 )
                             result = await stream.result()
@@ -184,9 +215,9 @@ class JsonRpc:
                         )
             finally:
                 self.streams.pop(request_id, None)
+                self.opened.pop(request_id, None)
 
         self.tg.start_soon(pump)
-        return {"request_id": request_id, "specialist": name}
 
     async def cancel(self, params: dict[str, Any]) -> dict[str, Any]:
         request_id = params.get("request_id")

@@ -8,18 +8,19 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Header
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from bridge.edge import ClosingStream, error_body
 from bus.bulk import BulkPlan
-from bus.client import Bus
+from bus.client import Bus, ChatStream
 from bus.errors import (
     BadRequest,
     BusError,
 )
 from bus.failover import Opened, open_first
+from bus.sessions import DoubleText
 from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
 
@@ -36,6 +37,8 @@ class ChatBody(BaseModel):
     message: str | None = None
     messages: list[ChatMessage] | None = None
     session: str | None = None
+    # With a session whose answer is still streaming: reject, queue, interrupt or rollback.
+    double_text: DoubleText | None = None
     options: ChatOptions = ChatOptions()
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -64,12 +67,57 @@ async def open_body(bus: Bus, body: ChatBody) -> Opened:
     messages = body.chat_messages()
     names, _ = await bus.gateway.pick(body.specialist, messages[-1].content)
     return await open_first(
-        names, lambda name: bus.stream(name, messages, body.options, session=body.session)
+        names,
+        lambda name: bus.stream(
+            name, messages, body.options, session=body.session, double_text=body.double_text
+        ),
     )
 
 
-def sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+def sse(event: str, data: dict[str, Any], seq: int | None = None) -> str:
+    """One server-sent event; ``seq`` becomes its id, which a reconnecting client sends back as
+    ``Last-Event-ID`` to resume after it."""
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _event_id(value: str | None) -> int:
+    """The seq a Last-Event-ID names (-1: none, from the start)."""
+    if value is None or not value.strip():
+        return -1
+    try:
+        seq = int(value)
+    except ValueError:
+        raise BadRequest(f"Last-Event-ID must be an event id this bridge sent, not {value!r}") from None
+    if seq < -1:
+        raise BadRequest("Last-Event-ID must be -1 or more")
+    return seq
+
+
+def chat_events(stream: ChatStream, name: str, texts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A chat's server-sent events: start (with the run id), content with ids, then done or error."""
+
+    async def events() -> AsyncIterator[str]:
+        async with stream:
+            yield sse("start", {"specialist": name, "request_id": stream.request.id})
+            try:
+                async for text in texts:
+                    yield sse("content", {"text": text}, stream.last_seq)
+                result = await stream.result()
+            except BusError as err:
+                yield sse("error", error_body(err)["error"], stream.last_seq)
+                return
+            except BaseException:  # the client went away: a durable run waits for it to come back
+                if stream.run_id is not None:
+                    stream.leave()
+                raise
+            yield sse(
+                "done",
+                {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
+                stream.last_seq,
+            )
+
+    return events()
 
 
 def add_routes(app: FastAPI, ctx: Bridge) -> None:
@@ -107,24 +155,22 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
     @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
     async def chat_stream(body: ChatBody, caller: str = Depends(admitted)) -> StreamingResponse:
         opened = await open_stream(body, caller)
-        name, stream = opened.name, opened.stream
+        return ClosingStream(chat_events(opened.stream, opened.name, opened.texts), opened.stream)
 
-        async def events() -> AsyncIterator[str]:
-            async with stream:
-                yield sse("start", {"specialist": name, "request_id": stream.request.id})
-                try:
-                    async for text in opened.texts:
-                        yield sse("content", {"text": text})
-                    result = await stream.result()
-                except BusError as err:
-                    yield sse("error", error_body(err)["error"])
-                    return
-                yield sse(
-                    "done",
-                    {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
-                )
-
-        return ClosingStream(events(), stream)
+    @app.get("/api/runs/{run_id}/events", summary="Resume a run: its events after Last-Event-ID, then live")
+    async def run_events(
+        run_id: str,
+        after: int | None = None,
+        last_event_id: str | None = Header(default=None),
+        caller: str = Depends(admitted),
+    ) -> StreamingResponse:
+        start = after if after is not None else _event_id(last_event_id)
+        try:
+            stream = bus(caller).attach(run_id, after=start)
+        except ValueError as err:
+            raise BadRequest(str(err)) from err
+        await stream.__aenter__()
+        return ClosingStream(chat_events(stream, stream.specialist, aiter(stream)), stream)
 
     @app.get("/api/sessions", summary="Sessions, most recently changed first")
     async def list_sessions(specialist: str | None = None, caller: str = Depends(admitted)) -> dict[str, Any]:

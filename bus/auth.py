@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from bus.errors import BusError, NatsUnavailable
+from bus.runs import runs_filter, runs_stream_name
 from bus.subjects import INBOX_ROOT, inbox_prefix, validate_name
 
 Role = Literal["user", "admin", "specialist", "gateway"]
@@ -40,20 +41,49 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
     """
     own_inbox = f"{inbox_prefix(user)}.>"
     chat = f"{prefix}.ai.*.chat"
+    runs = runs_stream_name(prefix)
     if role in ("user", "admin"):
         publish = [chat, f"{prefix}.cancel.{user}.*", f"{prefix}.gateway.{user}.>", SRV]
+        # Their own runs only (bus/runs.py): a consumer whose filter is one of their run subjects (the
+        # filter is in the API subject of a named consumer), direct gets by such a subject, the stream's
+        # info (run ids and counts, no content), flow control of their consumers.
+        publish += [
+            f"$JS.API.CONSUMER.CREATE.{runs}.*.{runs_filter(prefix, user)}",
+            f"$JS.API.DIRECT.GET.{runs}.{runs_filter(prefix, user)}",
+            f"$JS.API.STREAM.INFO.{runs}",
+            f"$JS.FC.{runs}.>",
+        ]
         if role == "admin":
             # Any user's name in gateway subjects (and _all: every user's sessions) and cancels.
             publish += [f"{prefix}.gateway.*.>", f"{prefix}.cancel.*.*"]
-        return {"publish": {"allow": publish}, "subscribe": {"allow": [own_inbox]}}
+        return {"publish": {"allow": publish}, "subscribe": {"allow": [own_inbox, f"{prefix}.run.{user}.>"]}}
     if role == "specialist":
         # Only answers to requests it received (any number of frames within the hour), nothing else:
         # a specialist's credentials cannot write into an inbox nobody asked it to answer.
         # And one usage record per answer, to the gateway's usage book; it hears who is over budget.
         return {
-            "publish": {"allow": [f"{prefix}.usage.*"]},
+            # ...and empty probes next to a run, asking whether anyone still follows it; and placement
+            # (specialists/placement.py): free slots to their peers, requests forwarded to one with room.
+            "publish": {
+                "allow": [
+                    f"{prefix}.usage.*",
+                    f"{prefix}.run.*.*.p",
+                    f"{prefix}.ai.*.load",
+                    f"{prefix}.ai.*.direct.*",
+                ]
+            },
             "allow_responses": {"max": RESPONSE_FRAMES_MAX, "expires": RESPONSE_WINDOW},
-            "subscribe": {"allow": [chat, f"{prefix}.cancel.*.*", SRV, own_inbox, f"{prefix}.budget"]},
+            "subscribe": {
+                "allow": [
+                    chat,
+                    f"{prefix}.cancel.*.*",
+                    SRV,
+                    own_inbox,
+                    f"{prefix}.budget",
+                    f"{prefix}.ai.*.load",
+                    f"{prefix}.ai.*.direct.*",
+                ]
+            },
         }
     if role == "gateway":
         return {
@@ -64,6 +94,7 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                     chat,
                     f"{prefix}.gateway.>",
                     f"{prefix}.cancel.*.*",
+                    f"{prefix}.run.>",
                     "$JS.>",
                     "$KV.>",
                     SRV,
@@ -71,11 +102,13 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                 ]
             },
             # The whole inbox tree: a session chat is recorded by listening on the client's inbox.
+            # And every run: it records session answers from them, and its HTTP bridge resumes them.
             "subscribe": {
                 "allow": [
                     f"{prefix}.gateway.>",
                     f"{INBOX_ROOT}.>",
                     f"{prefix}.cancel.*.*",
+                    f"{prefix}.run.>",
                     SRV,
                     f"{prefix}.usage.*",
                 ]

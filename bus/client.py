@@ -14,10 +14,12 @@ import contextlib
 import json
 import ssl
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +29,8 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import api
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from bus import tracing
@@ -39,11 +43,20 @@ from bus.errors import (
     IdleTimeout,
     MalformedFrame,
     NatsUnavailable,
+    RunNotFound,
     SpecialistUnavailable,
     StreamGap,
     from_wire,
 )
-from bus.sessions import ChatAccepted, GatewayClient, SessionChat, StoredFrame
+from bus.runs import (
+    RunSummary,
+    list_runs,
+    probe_subject,
+    run_listen_subject,
+    run_subject,
+    runs_stream_name,
+)
+from bus.sessions import ChatAccepted, DoubleText, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS, cancel_subject, chat_subject, inbox_owner, inbox_prefix
 from bus.wire import (
@@ -201,6 +214,18 @@ class ServiceInstance:
 
 
 @dataclass
+class Replay:
+    """The subscriptions reading one run back from the runs stream."""
+
+    subs: list[Subscription]
+
+    async def unsubscribe(self) -> None:
+        for sub in self.subs:
+            with suppress(nats.errors.Error, OSError):  # already gone (a closed connection, say)
+                await sub.unsubscribe()
+
+
+@dataclass
 class StreamResult:
     text: str
     start: StartFrame
@@ -297,6 +322,7 @@ class Bus:
         self._inbox_sub: Subscription | None = None
         self._inbox_seq = 0
         self._routes: dict[str, Inbox] = {}
+        self._run_subs: dict[str, Subscription] = {}
 
     async def open_inbox(self) -> tuple[str, Inbox]:
         """A fresh reply subject, already subscribed, and the inbox its messages arrive in."""
@@ -312,6 +338,79 @@ class Bus:
 
     def close_inbox(self, subject: str) -> None:
         self._routes.pop(subject, None)
+
+    async def open_run(self, subject: str) -> Inbox:
+        """Listen live to a run's frames subject (see bus/runs.py); its messages arrive in the inbox."""
+        inbox = Inbox()
+        self._routes[subject] = inbox
+        # The run's probes arrive here too and are dropped by _route: a probe answered by silence
+        # tells the specialist someone still listens.
+        self._run_subs[subject] = await self.nc.subscribe(
+            run_listen_subject(subject), cb=self._route, pending_msgs_limit=1_000_000
+        )
+        return inbox
+
+    async def close_run(self, subject: str) -> None:
+        self._routes.pop(subject, None)
+        sub = self._run_subs.pop(subject, None)
+        if sub is not None:
+            with suppress(nats.errors.Error, OSError):  # already gone (a closed connection, say)
+                await sub.unsubscribe()
+
+    async def replay(self, subject: str, first_seq: int, inbox: Inbox, since: float | None = None) -> Replay:
+        """Frames of a run from the runs stream into ``inbox``: those with ``seq >= first_seq`` (and
+        the start frame, which says who serves it), then live ones as they are stored, in order.
+        ``since`` (unix time): skip frames stored before it, so a long run is not read from its start."""
+
+        async def keep(msg: Msg) -> None:
+            try:
+                raw = unpack_frame(msg.data)
+                seq = raw["seq"] if isinstance(raw, dict) else -1
+            except (MalformedFrame, KeyError):
+                seq = first_seq  # let the reader report it
+            if seq >= first_seq or (isinstance(raw, dict) and raw.get("type") == "start"):
+                inbox.put(msg)
+
+        js = self.nc.jetstream()
+        # A named consumer is created on $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, which
+        # nats-server permissions can limit to the user's own runs (docs/security.md).
+        config = api.ConsumerConfig(name=uuid.uuid4().hex)
+        if since is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = datetime.fromtimestamp(since, UTC)
+        consumer = await js.subscribe(
+            subject,
+            cb=keep,
+            config=config,
+            stream=runs_stream_name(self.settings.prefix),
+            ordered_consumer=True,
+            pending_msgs_limit=1_000_000,
+            inactive_threshold=60.0,
+        )
+
+        async def heard(_msg: Msg) -> None:
+            return None
+
+        # A reader of the stream listens to the run's probes too, so the specialist knows someone
+        # still follows the run (the consumer's deliveries go to an inbox of ours, not the run subject).
+        presence = await self.nc.subscribe(probe_subject(subject), cb=heard)
+        return Replay([consumer, presence])
+
+    async def runs(self) -> list[RunSummary]:
+        """Our runs still kept in the runs stream, oldest first."""
+        return await list_runs(self.nc, self.settings, self.acting_for)
+
+    def attach(
+        self, run_id: str, *, after: int = -1, idle_timeout: float | None = None, user: str | None = None
+    ) -> RunAttachment:
+        """Read one of our runs from the runs stream: the frames after ``seq`` ``after``, then live.
+        ``user``: whose run (a gateway recording for its callers)."""
+        subject = run_subject(user or self.acting_for, run_id, self.settings.prefix)
+        return RunAttachment(self, run_id, subject, after, idle_timeout or self.settings.idle_timeout_s)
+
+    async def cancel_run(self, run_id: str) -> None:
+        await self.nc.publish(cancel_subject(run_id, self.acting_for, self.settings.prefix), b"")
+        await self.nc.flush(timeout=1)
 
     async def _route(self, msg: Msg) -> None:
         inbox = self._routes.get(msg.subject)
@@ -343,6 +442,8 @@ class Bus:
         idle_timeout: float | None = None,
         request_id: str | None = None,
         session: str | None = None,
+        detach: bool = False,
+        double_text: DoubleText | None = None,
         model: str | None = None,
     ) -> ChatStream:
         """One streamed answer (see :class:`ChatStream`).
@@ -355,12 +456,13 @@ class Bus:
             messages=list(messages),
             options=options or ChatOptions(),
             timeout_ms=int(timeout * 1000) if timeout else None,
+            detach=True if detach else None,
             model=model,
             **({"id": request_id} if request_id else {}),
         )
         idle = idle_timeout or self.settings.idle_timeout_s
         if session is not None:
-            return SessionChatStream(self, specialist, request, idle, session)
+            return SessionChatStream(self, specialist, request, idle, session, double_text)
         return ChatStream(self, specialist, request, idle)
 
     def bulk(self, plan: BulkPlan, *, idle_timeout: float | None = None) -> BulkStream:
@@ -453,12 +555,37 @@ class ChatStream:
         # The specialist's tool calls and their results, in order; ``on_tool`` sees each as it comes.
         self.tool_frames: list[ToolCallFrame | ToolResultFrame] = []
         self.on_tool: Callable[[ToolCallFrame | ToolResultFrame], None] | None = None
+        # A durable run: frames come live on the run subject and are kept in the runs stream, so a lost
+        # frame (a reconnect, a slow consumer) is read back from there instead of failing the answer.
+        self.run_subject = (
+            run_subject(bus.acting_for, request.id, bus.settings.prefix) if bus.settings.runs else None
+        )
+        self._replay: Replay | None = None
+        self._resumed_from: int | None = None
+        # Every MARK_EVERY frames: (seq, unix time) of a frame read, where a resume may start reading.
+        self._mark: tuple[int, float] | None = None
+        # How long the first frame may take (None: the idle timeout).
+        self.first_frame_wait: float | None = None
+        # Told the frame seq a resume continues from (aish prints a note).
+        self.on_resume: Callable[[int], None] | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.request.id if self.run_subject else None
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the last frame read (-1: none yet): what to resume after."""
+        return self._next_seq - 1
 
     async def __aenter__(self) -> ChatStream:
         if self._inbox is not None:  # already open (e.g. opened to wait_started() first)
             return self
         # Listen before publishing so no frame can arrive before we do.
-        self._inbox, self._frames = await self.bus.open_inbox()
+        if self.run_subject is not None:
+            self._inbox, self._frames = self.run_subject, await self.bus.open_run(self.run_subject)
+        else:
+            self._inbox, self._frames = await self.bus.open_inbox()
         if tracing.enabled():
             self._span = tracing.start(
                 f"chat {self.specialist or 'session'}",
@@ -470,10 +597,69 @@ class ChatStream:
             await self._send(self._inbox)
         except BaseException:
             self._finished = True
-            self.bus.close_inbox(self._inbox)
-            self._inbox = None
+            await self._close_source()
             raise
         return self
+
+    async def _close_source(self) -> None:
+        if self._replay is not None:
+            replay, self._replay = self._replay, None
+            await replay.unsubscribe()
+        if self._inbox is not None:
+            if self._inbox == self.run_subject:
+                await self.bus.close_run(self._inbox)
+            else:
+                self.bus.close_inbox(self._inbox)
+            self._inbox = None
+
+    async def resume(self) -> None:
+        """Continue from the runs stream after the last frame read: no gap, no duplicate."""
+        if self.run_subject is None:
+            raise BusError("this answer is not a durable run: nothing to resume from")
+        if self._inbox == self.run_subject:
+            await self.bus.close_run(self._inbox)
+            self._inbox = None
+        if self._replay is not None:
+            await self._replay.unsubscribe()
+        self._resumed_from = self._next_seq
+        self._frames = Inbox()
+        # From a little before a frame we read (clocks of two machines differ a little); if that was
+        # too late after all, the next resume reads from the start (see _recover).
+        since = self._mark[1] - RESUME_MARGIN_S if self._mark else None
+        try:
+            self._replay = await self.bus.replay(self.run_subject, self._next_seq, self._frames, since)
+        except NotFoundError as err:
+            raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
+        log.info("run resumed", run_id=self.request.id, after=self._next_seq - 1)
+        if self.on_resume is not None:
+            self.on_resume(self._next_seq)
+
+    def leave(self) -> None:
+        """Stop reading without cancelling: the run goes on for its resume window, so this client (or
+        another) can come back to it (``Bus.attach``)."""
+        self._finished = True
+
+    def detach(self) -> str:
+        """Leave a detached run (``stream(..., detach=True)``) to go on without us; its run id."""
+        if self.run_subject is None or not self.request.detach:
+            raise BusError("only a run started with detach=True goes on without its asker")
+        self._finished = True  # nothing to cancel on the way out
+        return self.request.id
+
+    async def _recover(self, err: BusError) -> None:
+        """A lost frame or a silence: read the rest from the runs stream, once per point of progress;
+        raise ``err`` when that cannot help (not a run, or nothing came since the last resume)."""
+        if self._resumed_from == self._next_seq and self._mark is not None:
+            self._mark, self._resumed_from = None, None  # the shortcut missed frames: from the start
+        if self.run_subject is None or self._resumed_from == self._next_seq or not self.bus.nc.is_connected:
+            self._finished = True  # (with the server gone too there is nothing to read back from)
+            raise err
+        try:
+            await self.resume()
+        except Exception as failed:  # not kept, or the server is gone too: the loss stands
+            log.debug("resume failed", run_id=self.request.id, error=str(failed) or type(failed).__name__)
+            self._finished = True
+            raise err from None
 
     async def _send(self, inbox: str) -> None:
         nc = self.bus.nc
@@ -490,9 +676,7 @@ class ChatStream:
                     await self.cancel()
                 except Exception as err:  # the connection may be gone: nothing more to stop
                     log.debug("cancel not sent", error=str(err))
-            if self._inbox is not None:
-                self.bus.close_inbox(self._inbox)
-                self._inbox = None
+            await self._close_source()
             if self._span is not None:
                 tracing.end(self._span, exc if isinstance(exc, Exception) else None)
                 self._span = None
@@ -501,7 +685,9 @@ class ChatStream:
         """Ask the specialist to stop generating now."""
         self._finished = True
         nc = self.bus.nc
-        await nc.publish(cancel_subject(self.request.id, self.bus.user, self.bus.settings.prefix), b"")
+        # A run is its (acting) user's: the specialist takes a cancel only from the run's owner.
+        user = self.bus.acting_for if self.run_subject else self.bus.user
+        await nc.publish(cancel_subject(self.request.id, user, self.bus.settings.prefix), b"")
         await nc.flush(timeout=1)
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -525,11 +711,15 @@ class ChatStream:
             raise from_wire(frame.code, frame.message, frame.retryable)
 
     async def _next_msg(self) -> Msg:
-        msg = await self._frames.get(self.idle_timeout)
-        if msg is None:
-            self._finished = True  # nobody is generating any more: nothing to cancel
-            raise IdleTimeout(self.specialist, self.idle_timeout)
-        return msg
+        while True:
+            wait = self.idle_timeout
+            if self._next_seq == 0 and self.first_frame_wait is not None:
+                wait = self.first_frame_wait
+            msg = await self._frames.get(wait)
+            if msg is not None:
+                return msg
+            # Nobody is generating any more (nothing to cancel), unless the frames went astray.
+            await self._recover(IdleTimeout(self.specialist, self.idle_timeout))
 
     async def _texts(self) -> AsyncIterator[str]:
         reader = self._reader
@@ -540,7 +730,15 @@ class ChatStream:
             except MalformedFrame:
                 self._finished = True
                 raise
+            except StreamGap as gap:
+                if gap.got < reader.next_seq:  # already read (a resume overlaps what was in flight)
+                    self._keep_start(msg)
+                    continue
+                await self._recover(gap)  # lost frames: read them back from the run
+                continue
             if type(item) is str:
+                if not (reader.next_seq - 1) & MARK_MASK:
+                    self._mark = (reader.next_seq - 1, time.time())
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.perf_counter()
                 self._parts.append(item)
@@ -562,6 +760,23 @@ class ChatStream:
                 if self.on_tool is not None:
                     self.on_tool(item)
 
+    def _keep_start(self, msg: Msg) -> None:
+        """The start frame of a replay that begins past it: who serves the run."""
+        if self.start_frame is None:
+            raw = unpack_frame(msg.data)
+            if isinstance(raw, dict) and raw.get("type") == "start":
+                frame = validate_frame(raw)
+                assert isinstance(frame, StartFrame)
+                self.start_frame = frame
+
+    @property
+    def _next_seq(self) -> int:
+        return self._reader.next_seq
+
+    @_next_seq.setter
+    def _next_seq(self, seq: int) -> None:
+        self._reader.next_seq = seq
+
     @property
     def text_so_far(self) -> str:
         """What arrived until now (all of it once the stream is done)."""
@@ -577,6 +792,10 @@ class ChatStream:
         return StreamResult(text="".join(self._parts), start=self.start_frame, done=self._done)
 
 
+# A resume reads from RESUME_MARGIN_S before the last mark, taken every MARK_MASK + 1 frames.
+MARK_MASK = 63
+RESUME_MARGIN_S = 1.0
+
 # The gateway stores an answer within milliseconds of its done frame; past this it has died, and the
 # answer is on screen anyway.
 STORED_WAIT_S = 2.0
@@ -587,20 +806,35 @@ SETTLE_WAIT_S = 10.0
 class SessionChatStream(ChatStream):
     """A :class:`ChatStream` whose request the gateway forwards with the session's context."""
 
-    def __init__(self, bus: Bus, specialist: str, request: ChatRequest, idle_timeout: float, session: str):
+    def __init__(
+        self,
+        bus: Bus,
+        specialist: str,
+        request: ChatRequest,
+        idle_timeout: float,
+        session: str,
+        double_text: DoubleText | None = None,
+    ):
         super().__init__(bus, specialist, request, idle_timeout)
         self.session = session
+        self.double_text = double_text
         self.accepted: ChatAccepted | None = None
         self.stored: StoredFrame | None = None
 
     async def _send(self, inbox: str) -> None:
         chat = SessionChat(
-            session=self.session, specialist=self.specialist or None, inbox=inbox, request=self.request
+            session=self.session,
+            specialist=self.specialist or None,
+            inbox=inbox,
+            request=self.request,
+            double_text=self.double_text,
         )
         reply = await self.bus.gateway.call("chat", chat, headers=tracing.headers(self._span))
         assert isinstance(reply, ChatAccepted)
         self.accepted = reply
         self.specialist = reply.specialist
+        if reply.queued:  # the first frame comes once the answer ahead is done
+            self.first_frame_wait = self.bus.settings.request_timeout_s + self.idle_timeout
 
     async def _texts(self) -> AsyncIterator[str]:
         async for text in super()._texts():
@@ -639,3 +873,50 @@ class SessionChatStream(ChatStream):
         except (MalformedFrame, ValidationError):
             log.warning("unexpected frame after done", session=self.session)
             return None
+
+
+class RunAttachment(ChatStream):
+    """A run read from the runs stream by someone other than its live asker (``aish attach``, a
+    reconnecting client): the frames after ``after``, then the rest live, each exactly once.
+
+    Leaving the block does not stop the run (``cancel()`` does).
+    """
+
+    def __init__(self, bus: Bus, run_id: str, subject: str, after: int, idle_timeout: float):
+        # An attachment sends no request; the model only carries the run's id.
+        placeholder = ChatRequest(id=run_id, messages=[ChatMessage(role="user", content="")])
+        super().__init__(bus, "", placeholder, idle_timeout)
+        self.run_subject = subject
+        self._next_seq = after + 1
+
+    async def __aenter__(self) -> RunAttachment:
+        if self._replay is not None:
+            return self
+        js = self.bus.nc.jetstream()
+        try:
+            await js.get_msg(
+                runs_stream_name(self.bus.settings.prefix), subject=self.run_subject, direct=True
+            )
+        except (
+            NotFoundError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+        ) as err:  # not kept, not ours, or no runs stream
+            raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
+        self.sent_at = time.perf_counter()
+        self._frames = Inbox()
+        self._replay = await self.bus.replay(self.run_subject or "", self._next_seq, self._frames)
+        self._resumed_from = self._next_seq
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._close_source()
+
+    async def _texts(self) -> AsyncIterator[str]:
+        async for text in super()._texts():
+            if not self.specialist and self.start_frame is not None:
+                self.specialist = self.start_frame.specialist
+            yield text

@@ -30,6 +30,8 @@ class ErrorCode(StrEnum):
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_TOO_LARGE = "session_too_large"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
+    RUN_NOT_FOUND = "run_not_found"
+    SESSION_BUSY = "session_busy"
     # Raised on the client side only; never sent in an error frame.
     NATS_UNAVAILABLE = "nats_unavailable"
     SPECIALIST_UNAVAILABLE = "specialist_unavailable"
@@ -53,6 +55,7 @@ RPC_INTERNAL = -32603
 RPC_SESSION_EXPIRED = -32000
 RPC_UNAVAILABLE = -32001
 RPC_CONTEXT_LIMIT = -32002
+RPC_BUSY = -32003
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ POLICY: dict[ErrorCode, Policy] = {
     ErrorCode.PAYLOAD_TOO_LARGE: Policy(413, RPC_CONTEXT_LIMIT, False),
     ErrorCode.SESSION_TOO_LARGE: Policy(413, RPC_CONTEXT_LIMIT, False),
     ErrorCode.SESSION_NOT_FOUND: Policy(404, RPC_SESSION_EXPIRED, False),
+    ErrorCode.RUN_NOT_FOUND: Policy(404, RPC_SESSION_EXPIRED, False),
+    ErrorCode.SESSION_BUSY: Policy(409, RPC_BUSY, False),
     ErrorCode.CANCELLED: Policy(499, RPC_INTERNAL, False),
     ErrorCode.DEADLINE_EXCEEDED: Policy(504, RPC_INTERNAL, False),
     ErrorCode.BAD_CONFIG: Policy(500, RPC_INTERNAL, False),
@@ -191,6 +196,8 @@ class StreamGap(BusError):
             f"reply stream lost frames (expected seq {expected}, got {got}); "
             "the client fell behind or the connection dropped, retry the request"
         )
+        self.expected = expected
+        self.got = got
 
 
 class IdleTimeout(BusError):
@@ -219,6 +226,23 @@ class SessionNotFound(BusError):
     def named(cls, ref: str, ttl_s: float | None = None) -> SessionNotFound:
         expiry = f", or expired after {ttl_s:g} s unused" if ttl_s else ", or expired"
         return cls(f"no session '{ref}' (unknown, deleted{expiry}); `aish sessions` lists them")
+
+
+class RunNotFound(BusError):
+    code = ErrorCode.RUN_NOT_FOUND
+
+    @classmethod
+    def named(cls, run_id: str, keep_s: float) -> RunNotFound:
+        return cls(
+            f"no run '{run_id}' of yours is kept (finished runs are kept {keep_s:g} s); "
+            "`aish runs` lists them"
+        )
+
+
+class SessionBusy(BusError):
+    """A message to a session still answering, with the double-texting policy ``reject``."""
+
+    code = ErrorCode.SESSION_BUSY
 
 
 class SessionTooLarge(BusError):
@@ -268,6 +292,8 @@ class SpecialistError(BusError):
 
 _BY_CODE: dict[ErrorCode, type[BusError]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
+    ErrorCode.SESSION_BUSY: SessionBusy,
+    ErrorCode.RUN_NOT_FOUND: RunNotFound,
     ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
     ErrorCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorCode.CANCELLED: Cancelled,

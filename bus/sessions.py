@@ -150,6 +150,9 @@ class RenameSession(Wire):
     name: str = Field(pattern=SESSION_NAME_RE.pattern)
 
 
+DoubleText = Literal["reject", "queue", "interrupt", "rollback"]
+
+
 class SessionChat(Wire):
     """One user turn. ``request.messages`` holds just the new message(s); the gateway puts the session's
     context before them, forwards to the specialist with ``inbox`` as the reply subject and records the
@@ -160,6 +163,10 @@ class SessionChat(Wire):
     specialist: str | None = None
     inbox: str = Field(min_length=1, max_length=255, pattern=REPLY_SUBJECT_PATTERN)
     request: ChatRequest
+    # A message while an answer in this session is still streaming (None: both go on at once):
+    # reject it, queue it after that answer, interrupt that answer (kept as cancelled) or roll it
+    # back (cancelled and removed with its question).
+    double_text: DoubleText | None = None
 
 
 class SettleTurn(Wire):
@@ -198,6 +205,8 @@ class ChatAccepted(Wire):
     session: str
     specialist: str
     context_turns: int
+    # Behind an answer still streaming (double_text "queue"): the stream starts once that one is stored.
+    queued: bool = False
 
 
 class StoredFrame(Wire):

@@ -103,6 +103,15 @@ class TektonSettings(BaseSettings):
     session_max_turns: int = Field(default=200, ge=2)
     # Gateway: the largest stored session value (bytes); at most the server's max_payload.
     session_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Runs (bus/runs.py): clients ask for durable runs (frames also kept in the runs stream).
+    runs: bool = True
+    # How long a finished run stays readable (the stream keeps frames request_timeout_s + this).
+    runs_keep_s: float = Field(default=300.0, gt=0)
+    # The runs stream's byte limit; the oldest frames go first when it is reached.
+    runs_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    runs_storage: Literal["file", "memory"] = "file"
+    # Specialist: a run nobody listens to any more keeps going this long for a client to come back.
+    run_resume_window_s: float = Field(default=60.0, ge=0)
     # Gateway: the sessions bucket's JetStream replicas (None: 3 on a cluster, 1 on a single server).
     session_replicas: int | None = Field(default=None, ge=1, le=5)
     # Gateway: tokens (prompt + completion) each user may spend; None: no budget. Specialists refuse

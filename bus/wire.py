@@ -55,6 +55,8 @@ class ChatRequest(Wire):
     # The request's deadline, relative to when the specialist receives it (clocks across machines
     # are not trusted to agree). None: the specialist's own default.
     timeout_ms: int | None = Field(default=None, ge=1, le=86_400_000)
+    # A detached run (aish --detach) goes on to its end with nobody listening, unless cancelled.
+    detach: bool | None = None
     # The model to answer with (see MODEL_RE); None: the specialist's own. Optional and sent only when
     # set (protocol 1 stays 1: a specialist that predates it answers bad_request to a request naming one).
     model: str | None = None

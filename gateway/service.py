@@ -27,7 +27,17 @@ from bus import tracing
 from bus.bulk import BulkAccepted, BulkRequest
 from bus.client import SETTLE_WAIT_S, STORED_WAIT_S, Bus, ChatStream, FrameReader
 from bus.discovery import PREFIX_KEY, Discover, DiscoveryReply, Ranked
-from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
+from bus.errors import (
+    BadRequest,
+    BusError,
+    Cancelled,
+    ErrorCode,
+    RunNotFound,
+    SessionBusy,
+    SessionTooLarge,
+    SpecialistUnavailable,
+)
+from bus.runs import ensure_runs_stream, parse_run_subject
 from bus.sessions import (
     ChatAccepted,
     CreateSession,
@@ -51,6 +61,7 @@ from bus.subjects import (
     ALL_USERS,
     SESSION_OPS,
     bulk_subject,
+    cancel_subject,
     chat_subject,
     discover_subject,
     gateway_queue,
@@ -133,6 +144,11 @@ class GatewayService:
         return self._service.id if self._service else ""
 
     async def start(self) -> None:
+        # The gateway may create streams (a specialist's credentials may not): the runs stream too.
+        try:
+            await ensure_runs_stream(self.nc, self.settings)
+        except Exception as err:  # no JetStream: answers still stream, only not resumable
+            log.warning("runs stream not available; answers will not be resumable", error=str(err))
         self._service = await add_service(
             self.nc,
             name="gateway",
@@ -159,6 +175,7 @@ class GatewayService:
         self._tg.start_soon(self.running.keep_fresh)
         if self.usage is not None:
             await self.usage.start(self._tg)
+        self._tg.start_soon(self._recover_pending)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
 
@@ -307,12 +324,66 @@ class GatewayService:
 
     def _check_inbox_owner(self, inbox: str) -> None:
         """Answers go only to the asker's own inbox (or ours, for the HTTP bridge we run)."""
-        if inbox_owner(inbox) not in (asking.get(), self.bus.user):
+        run = parse_run_subject(inbox, self.settings.prefix)
+        if (inbox_owner(inbox) or (run.user if run else "")) not in (asking.get(), self.bus.user):
             raise BadRequest(f"inbox {inbox!r} is not yours: use one under _INBOX.{asking.get()}")
+
+    async def _double_text(self, r: SessionChat) -> list[str]:
+        """Apply the caller's double-texting policy when an answer in the session is still streaming;
+        the request ids a queued message must wait for (none: go ahead now)."""
+        if r.double_text is None:
+            return []
+        session, _ = await self.store.resolve(r.session, _owner())
+        busy = {t.request_id for t in session.turns if t.status == "pending" and t.request_id}
+        if not busy:
+            return []
+        if r.double_text == "reject":
+            raise SessionBusy(
+                f"session {session.name or session.id} is still answering; wait for it, or send with "
+                "another double-texting policy (queue, interrupt, rollback)"
+            )
+        if r.double_text == "queue":
+            return sorted(busy)
+        for request_id in busy:
+            # Asked by the session's owner, or by the HTTP bridge we run for them.
+            for user in {session.owner, self.bus.user}:
+                await self.nc.publish(cancel_subject(request_id, user, self.settings.prefix), b"")
+        await self.store.wait_settled(session.id, busy, self._settle_within())
+        if r.double_text == "rollback":
+            await self.store.update(
+                session.id,
+                lambda s: s.model_copy(update={"turns": [t for t in s.turns if t.request_id not in busy]}),
+            )
+        return []
+
+    def _settle_within(self) -> float:
+        return self.settings.request_timeout_s + self.settings.idle_timeout_s
 
     async def _chat(self, r: SessionChat) -> ChatAccepted:
         _check_inbox(r.inbox)
         self._check_inbox_owner(r.inbox)
+        behind = await self._double_text(r)
+        if behind:
+            # Queued: the turn begins (with the earlier answer in its context) once that one is stored.
+            session = await self.store.recent(r.session, _owner())
+            specialist = r.specialist or session.specialist
+            self._recording(+1)
+            self._tg.start_soon(self._queued, session.id, behind, r)
+            return ChatAccepted(session=session.id, specialist=specialist or "", context_turns=0, queued=True)
+        return await self._start_chat(r)
+
+    async def _queued(self, session_id: str, behind: list[str], r: SessionChat) -> None:
+        try:
+            await self.store.wait_settled(session_id, set(behind), self._settle_within())
+            await self._start_chat(r)
+        except Exception as err:  # the asker waits on its inbox: tell it there
+            error = err if isinstance(err, BusError) else BusError(f"queued message failed: {err}")
+            with contextlib.suppress(Exception):
+                await self.nc.publish(r.inbox, encode(_error_frame(error)))
+        finally:
+            self._recording(-1)
+
+    async def _start_chat(self, r: SessionChat) -> ChatAccepted:
         session_id, turn, request = await self._begin_turn(r.session, r.specialist, r.request)
         try:
             payload = encode_request(request, limit=self.nc.max_payload)
@@ -419,6 +490,58 @@ class GatewayService:
 
         self._tg.start_soon(running)
         return BulkAccepted(id=r.id, operations=len(r.operations))
+
+    async def _recover_pending(self) -> None:
+        """At start: answers left pending by a gateway that died while recording them are read from
+        their runs (still going or kept a while after their end) and stored, so no turn stays pending."""
+        try:
+            summaries = await self.store.summaries()
+        except Exception as err:  # no bucket yet, or the connection is gone: nothing to recover
+            log.warning("pending turns not checked", error=str(err))
+            return
+        for summary in summaries:
+            try:
+                session, _ = await self.store.resolve(summary.id)
+            except BusError:  # gone meanwhile
+                continue
+            for turn in session.turns:
+                if turn.role == "user" and turn.status == "pending" and turn.request_id:
+                    self._recording(+1)
+                    self._tg.start_soon(self._record_run, session.id, session.owner, turn)
+
+    async def _record_run(self, session_id: str, owner: str, turn: Turn) -> None:
+        """Store one pending turn's answer from its run in the runs stream (the run of the session's
+        owner, or of the HTTP bridge we run, which asks for its callers)."""
+        assert turn.request_id is not None
+        parts: list[str] = []
+        status: TurnStatus = "error"
+        error = "the gateway stopped before the answer was stored, and its run is no longer kept"
+        try:
+            for user in dict.fromkeys([owner, self.bus.user]):
+                try:
+                    async with self.bus.attach(
+                        turn.request_id, idle_timeout=self.settings.idle_timeout_s, user=user
+                    ) as run:
+                        async for text in run:
+                            parts.append(text)
+                        await run.result()
+                    status, error = "ok", ""
+                    break
+                except RunNotFound:
+                    continue
+        except Cancelled as err:
+            status, error = "cancelled", err.message
+        except BusError as err:
+            error = err.message
+        except Exception as err:
+            error = f"gateway lost the run: {err}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._finish(session_id, turn, "".join(parts), status, error)
+                    log.info("pending turn recovered", session=session_id, request=turn.request_id)
+                finally:
+                    self._recording(-1)
 
     async def _record(self, session_id: str, turn: Turn, sub: Any, inbox: str) -> None:
         """Hear the answer on the client's inbox and store it when the stream ends, however it ends."""

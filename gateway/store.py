@@ -255,6 +255,24 @@ class SessionStore:
             return None
         return (entry.value or b"").decode(), entry.revision or 0
 
+    async def wait_settled(self, session_id: str, request_ids: set[str], within: float) -> None:
+        """Return once none of the turns asked by ``request_ids`` is pending any more (their answers
+        stored, by whichever replica records them), or the session is gone; TimeoutError after
+        ``within`` seconds."""
+        watcher = await self.kv.watch(_key(session_id))
+        try:
+            with anyio.fail_after(within):
+                async for entry in watcher:
+                    if entry is None:  # the end of the current values: wait for the next change
+                        continue
+                    if entry.operation is not None or not entry.value:
+                        return
+                    session = _decode(entry.value, entry.key)
+                    if not any(t.status == "pending" and t.request_id in request_ids for t in session.turns):
+                        return
+        finally:
+            await watcher.stop()
+
     async def resolve(self, ref: str, owner: str | None = None) -> tuple[Session, int]:
         """The session of ``owner`` (None: anyone's) with id ``ref``, else the one named ``ref``, else the
         one whose id starts with ``ref`` (at least 6 hex digits), with its revision. Another user's

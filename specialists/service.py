@@ -34,8 +34,17 @@ from bus import tracing
 from bus.client import is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
+from bus.runs import ensure_runs_stream, parse_run_subject, probe_subject
 from bus.settings import TektonSettings
-from bus.subjects import ANONYMOUS, cancel_parts, cancel_wildcard, chat_subject, inbox_owner, queue_group
+from bus.subjects import (
+    ANONYMOUS,
+    DEFAULT_PREFIX,
+    cancel_parts,
+    cancel_wildcard,
+    chat_subject,
+    inbox_owner,
+    queue_group,
+)
 from bus.usage import SESSION_HEADER, OverBudget, UsageRecord, budget_subject, usage_subject
 from bus.wire import (
     ChatMessage,
@@ -74,12 +83,13 @@ EARLY_CANCEL_MAX = 10_000
 class ReplyStream:
     """Frames of one answer, published to the request's reply subject with consecutive ``seq``."""
 
-    def __init__(self, nc: NATS, subject: str):
+    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX):
         self.nc = nc
         self.subject = subject
         self.seq = 0
         self.chunks = 0
         self.last_sent = time.monotonic()
+        self.listeners = RunListeners(subject, prefix)
         self.last_probe = self.last_sent
         # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
         self.probe: str | None = None
@@ -102,6 +112,32 @@ class ReplyStream:
 
     async def error(self, err: BusError) -> None:
         await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
+
+
+class RunListeners:
+    """Whether anyone still follows a run (bus/runs.py): an empty probe goes to the run's probe subject
+    every ``heartbeat_s`` with a reply subject of ours; NATS answers "no responders" when nobody
+    subscribes there. Nobody for the whole resume window (or at once for a detached run: never) and
+    the run stops. Streams that are not runs are none of its business."""
+
+    def __init__(self, subject: str, prefix: str):
+        self.probe = probe_subject(subject) if parse_run_subject(subject, prefix) else None
+        self.detached = False
+        self.probed_at = 0.0
+        self.unheard_at = 0.0  # the last "no responders"
+        self.unheard_since: float | None = None
+
+    def tick(self, now: float, window: float, answer_within: float) -> bool:
+        """Called every half heartbeat; True when the run should stop for want of listeners. A probe
+        with no "no responders" within ``answer_within`` seconds found someone."""
+        if self.probed_at and self.unheard_at < self.probed_at and now - self.probed_at >= answer_within:
+            self.unheard_since = None  # the last probe found someone
+        return self.unheard_since is not None and not self.detached and now - self.unheard_since >= window
+
+    def unheard(self, now: float) -> None:
+        self.unheard_at = now
+        if self.unheard_since is None:
+            self.unheard_since = now
 
 
 @dataclass
@@ -163,6 +199,8 @@ class SpecialistService:
         self._over_budget: frozenset[str] = frozenset()  # users the gateway says are over budget
         self._usage_sessions: dict[str, str] = {}  # request id -> session, for the usage record
         self._tools_stop = anyio.Event()
+        self._run_probe_sub: Any = None
+        self._run_probes = ""
         self.placement: Placement | None = None
         self.log = log.bind(specialist=spec.name)
 
@@ -171,6 +209,7 @@ class SpecialistService:
         return self._service.id if self._service else ""
 
     async def start(self) -> None:
+        await self._ensure_runs_stream()
         if self.spec.mcp_servers:
             self.tools = await self._tg.start(ToolBox().run, self.spec.mcp_servers, self._tools_stop)
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
@@ -197,6 +236,8 @@ class SpecialistService:
             handler=self._on_chat,
             metadata=self.spec.endpoint_metadata(),
         )
+        self._run_probes = self.nc.new_inbox()
+        self._run_probe_sub = await self.nc.subscribe(f"{self._run_probes}.*", cb=self._on_run_probe)
         if self.settings.placement == "slots":
             self.placement = Placement(
                 self.nc,
@@ -215,6 +256,14 @@ class SpecialistService:
     async def _on_direct(self, msg: Msg) -> None:
         """A request another replica forwarded to us (placement.py)."""
         await self._on_chat(Request(msg))
+
+    async def _ensure_runs_stream(self) -> None:
+        """Create the runs stream when nobody has (the gateway does where a specialist may not)."""
+        try:
+            # Short: where a specialist may not create streams the server only says so in an -ERR.
+            await ensure_runs_stream(self.nc, self.settings, api_wait=0.5)
+        except Exception as err:  # no JetStream, or no right to it: the gateway's job then
+            self.log.info("runs stream not created here", error=str(err) or type(err).__name__)
 
     def _stats_data(self, _endpoint: EndpointStats) -> dict[str, Any]:
         slots = self._limiter.statistics()
@@ -263,12 +312,18 @@ class SpecialistService:
             self.counters.abandoned += 1
             scope.cancel()
 
+    async def _on_run_probe(self, msg: Msg) -> None:
+        if is_no_responders(msg):
+            reply = self._streaming.get(msg.subject.rsplit(".", 1)[-1])
+            if reply is not None:
+                reply.listeners.unheard(time.monotonic())
+
     async def _on_chat(self, req: Request) -> None:
         reply_to = req._msg.reply  # micro exposes no public accessor for the reply subject
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
             return
-        reply = ReplyStream(self.nc, reply_to)
+        reply = ReplyStream(self.nc, reply_to, self.settings.prefix)
         if self._draining:
             await reply.error(
                 BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
@@ -285,7 +340,8 @@ class SpecialistService:
             self.log.warning("bad request", error=err.message)
             await reply.error(err)
             return
-        owner = inbox_owner(reply_to) or ANONYMOUS
+        run = parse_run_subject(reply_to, self.settings.prefix)
+        owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
             await reply.error(
                 BudgetExceeded(f"user '{owner}' is over their token budget (aish usage shows it)")
@@ -366,6 +422,7 @@ class SpecialistService:
                     provider=provider_name,
                     model=provider.model,
                 )
+                reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
@@ -465,11 +522,28 @@ class SpecialistService:
             await anyio.sleep(interval / 2)
             now = time.monotonic()
             for request_id, reply in list(self._streaming.items()):
-                if now - reply.last_probe >= interval:
+                # Runs are probed on their own probe subject (_check_listeners): a frame with a reply
+                # subject to a run would be acknowledged by JetStream, never "no responders".
+                if reply.listeners.probe is None and now - reply.last_probe >= interval:
                     reply.last_probe = now
                     reply.probe = f"{self._probe_prefix}.{request_id}"
                 if now - reply.last_sent >= interval:
                     await reply.send(HeartbeatFrame)
+                await self._check_listeners(request_id, reply, now)
+
+    async def _check_listeners(self, request_id: str, reply: ReplyStream, now: float) -> None:
+        listeners = reply.listeners
+        if listeners.probe is None:
+            return
+        if listeners.tick(now, self.settings.run_resume_window_s, self.settings.heartbeat_s / 2):
+            scope = self._scopes.get(request_id)
+            if scope is not None and not scope.cancel_called:
+                self.log.info("nobody followed the run for its resume window", request_id=request_id)
+                scope.cancel()
+            return
+        if now - listeners.probed_at >= self.settings.heartbeat_s:
+            listeners.probed_at = now
+            await self.nc.publish(listeners.probe, b"", reply=f"{self._run_probes}.{request_id}")
 
     async def drain(self, grace: float) -> None:
         """Take no new requests; let in-flight streams finish for up to ``grace`` seconds, then stop them."""
@@ -484,6 +558,8 @@ class SpecialistService:
             scope.cancel()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
+        if self._run_probe_sub is not None:
+            await self._run_probe_sub.unsubscribe()
         if self._probe_sub is not None:
             await self._probe_sub.unsubscribe()
         await (self.models or self.provider).aclose()

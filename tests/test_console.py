@@ -102,6 +102,28 @@ async def test_console_chats_streams_continues_and_cancels(
             await eventually(stopped)
 
 
+@needs_browser
+async def test_console_reload_continues_the_answer(settings: TektonSettings, browser: Browser) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    words = " ".join(f"w{i}" for i in range(60))
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20"):
+        async with bridge(settings) as url, in_process_specialists(settings, "apollo") as services:
+            page = await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_selector("#status:text('connected')")
+            await page.select_option("#target", "apollo")
+            await page.fill("#message", words)
+            await page.press("#message", "Enter")
+            await page.wait_for_selector(".turn.answer >> text=/w5 /")
+            await page.reload()  # mid-answer: the socket closes, the run goes on
+            await page.wait_for_selector("text=(continued after a reload)")
+            await page.wait_for_selector("text=/first token \\d+ ms/", timeout=30_000)
+            await page.screenshot(path=str(ARTIFACTS / "console-reloaded.png"), full_page=True)
+            answer = await page.inner_text(".turn.answer span")
+            assert answer == f"apollo heard: {words}"  # every chunk once, in order
+            assert services["apollo"].counters.cancelled == 0
+
+
 FOREIGN_PAGE = """<!doctype html><title>elsewhere</title><script>
 window.attempt = new Promise((resolve) => {
   const ws = new WebSocket("BRIDGE_WS");

@@ -127,6 +127,8 @@ async def rpc(
 
 
 async def test_json_rpc_over_websocket(settings: TektonSettings) -> None:
+    # No resume window: a run whose socket closed stops once the specialist finds nobody listening.
+    settings = settings.model_copy(update={"run_resume_window_s": 0.0})
     with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
         slow = in_process_specialists(settings, "athena")
         async with bridge(settings) as url, slow as services, aiohttp.ClientSession() as http:
@@ -161,7 +163,7 @@ async def test_json_rpc_over_websocket(settings: TektonSettings) -> None:
                     )
 
                 await eventually(lambda: cancelled(1))
-                # A client that disconnects mid-stream: its stream is cancelled on the specialist too.
+                # A client that disconnects mid-stream: its run stops on the specialist too.
                 await rpc(ws, "stream", {"specialist": "athena", "message": "again"}, rid=3)
                 await eventually(lambda: services["athena"].counters.in_flight == 1)
             await eventually(lambda: cancelled(2))
@@ -267,6 +269,8 @@ async def test_schemathesis_finds_no_server_error(settings: TektonSettings) -> N
 
 
 async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(settings: TektonSettings) -> None:
+    # Without a resume window: the run stops as soon as the specialist finds nobody listening.
+    settings = settings.model_copy(update={"run_resume_window_s": 0.0})
     with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
         async with (
             bridge(settings) as url,

@@ -1,0 +1,187 @@
+"""Durable runs benchmark: answers as durable runs (run subject + runs stream) against plain core-NATS
+inbox streams, in the same run against the same specialist processes; then resume latency.
+
+    python -m bench.runs [--quick]
+
+Specialists run as their own processes on the scripted provider at 0 ms, so only the bus is measured.
+Plain and durable rounds alternate so drift on a shared machine hits both alike. Prints the figures
+and writes bench/results/runs.json. Goals (issue 17): first chunk durable/plain <= 1.2, chunks/s
+durable/plain >= 0.8, resume p99 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.common import concurrent, start_child, summary, write_results
+from bus.client import Bus
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage, ChatOptions
+
+PROMPT = [ChatMessage(role="user", content="hello")]
+
+
+async def first_chunk(bus: Bus) -> float:
+    async with bus.stream("apollo", PROMPT) as s:
+        async for _ in s:
+            pass
+    assert s.first_chunk_at is not None
+    return s.first_chunk_at - s.sent_at
+
+
+async def chunks_per_s(bus: Bus) -> float:
+    n = 0
+    async with bus.stream("athena", PROMPT, ChatOptions(max_tokens=1_000_000)) as s:
+        async for _ in s:
+            if n == 0:
+                start = time.perf_counter()
+            n += 1
+    return (n - 1) / (time.perf_counter() - start)
+
+
+async def resume_midway(bus: Bus, tokens: int, name: str = "athena") -> float:
+    """Read half an answer live, resume from the runs stream: seconds until the next chunk."""
+    got = 0
+    resumed_at = 0.0
+    took = 0.0
+    async with bus.stream(name, PROMPT, ChatOptions(max_tokens=tokens)) as s:
+        async for _ in s:
+            got += 1
+            if resumed_at:
+                took = time.perf_counter() - resumed_at
+                resumed_at = 0.0
+            if got == tokens // 2:
+                resumed_at = time.perf_counter()
+                await s.resume()
+    assert got == tokens, got
+    return took
+
+
+async def attach_finished(bus: Bus, run_id: str, after: int) -> float:
+    start = time.perf_counter()
+    async with bus.attach(run_id, after=after) as a:
+        async for _ in a:
+            return time.perf_counter() - start
+    raise AssertionError("nothing after the resume point")
+
+
+async def measure(url: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    seq_rounds, seq_n, width, conc_rounds, long_rounds, resumes = (
+        (2, 50, 100, 1, 2, 30) if args.quick else (5, 200, 100, 3, 3, 200)
+    )
+    plain_s = TektonSettings(nats_url=url, data_dir=data_dir, runs=False, idle_timeout_s=30)
+    durable_s = TektonSettings(nats_url=url, data_dir=data_dir, runs=True, idle_timeout_s=30)
+    samples: dict[str, dict[str, list[float]]] = {
+        k: {"seq": [], "conc": [], "rate": []} for k in ("plain", "durable")
+    }
+    async with Bus.connect(plain_s) as plain, Bus.connect(durable_s) as durable:
+        buses = {"plain": plain, "durable": durable}
+        for bus in buses.values():
+            for _ in range(50):
+                await first_chunk(bus)
+        for _ in range(seq_rounds):
+            for name, bus in buses.items():
+                samples[name]["seq"] += [await first_chunk(bus) for _ in range(seq_n)]
+        for _ in range(conc_rounds):
+            for name, bus in buses.items():
+                samples[name]["conc"] += await concurrent(lambda b=bus: first_chunk(b), width, 1)
+        for _ in range(long_rounds):
+            for name, bus in buses.items():
+                samples[name]["rate"].append(await chunks_per_s(bus))
+        midway = [await resume_midway(durable, args.resume_tokens) for _ in range(resumes)]
+        # At a model's pace (prometheus: 200 tokens/s), resumed at token 300 (1.5 s in).
+        paced = [await resume_midway(durable, 600, "prometheus") for _ in range(resumes // 5)]
+        finished = await durable.ask("athena", "x", ChatOptions(max_tokens=args.resume_tokens))
+        run = (await durable.runs())[-1]
+        assert run.state == "done" and run.frames == args.resume_tokens + 2, run
+        attach = [await attach_finished(durable, run.run_id, args.resume_tokens // 2) for _ in range(resumes)]
+        assert finished.text
+    figures: dict[str, Any] = {}
+    for name, s in samples.items():
+        figures[name] = {
+            "first_chunk_sequential": summary(s["seq"]),
+            f"first_chunk_{width}_concurrent": summary(s["conc"]),
+            "one_stream_chunks_per_s_median": round(statistics.median(s["rate"])),
+            "one_stream_chunks_per_s_all": [round(r) for r in s["rate"]],
+        }
+    p, d = figures["plain"], figures["durable"]
+    key = f"first_chunk_{width}_concurrent"
+    figures["ratios_durable_over_plain"] = {
+        "first_chunk_sequential_p50": round(
+            d["first_chunk_sequential"]["p50_ms"] / p["first_chunk_sequential"]["p50_ms"], 2
+        ),
+        "first_chunk_sequential_p99": round(
+            d["first_chunk_sequential"]["p99_ms"] / p["first_chunk_sequential"]["p99_ms"], 2
+        ),
+        "first_chunk_concurrent_p50": round(d[key]["p50_ms"] / p[key]["p50_ms"], 2),
+        "first_chunk_concurrent_p99": round(d[key]["p99_ms"] / p[key]["p99_ms"], 2),
+        "chunks_per_s": round(d["one_stream_chunks_per_s_median"] / p["one_stream_chunks_per_s_median"], 2),
+    }
+    figures["resume"] = {
+        "answer_tokens": args.resume_tokens,
+        "resume_midway_to_next_chunk": summary(midway),
+        "paced_200_tokens_per_s_resume_at_300_of_600": summary(paced),
+        "attach_finished_run_to_first_chunk": summary(attach),
+    }
+    figures["long_stream_tokens"] = args.long_tokens
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--long-tokens", type=int, default=100_000)
+    parser.add_argument("--resume-tokens", type=int, default=1000, help="length of the resumed answers")
+    args = parser.parse_args()
+    if args.quick:
+        args.long_tokens = min(args.long_tokens, 20_000)
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "store", port=0) as server:
+        base = {
+            "TEKTON_NATS_URL": server.url,
+            "TEKTON_MAX_CONCURRENCY": "512",
+            "TEKTON_CONFIG": "/nonexistent",
+        }
+        argv = [py, "-m", "tekton", "specialist", "--provider", "scripted", "--log-level", "warning"]
+        children = [
+            start_child([*argv[:4], "apollo", *argv[4:]], {**base, "TEKTON_SCRIPTED_TOKENS": "8"}, "ready"),
+            start_child(
+                [*argv[:4], "athena", *argv[4:]],
+                {**base, "TEKTON_SCRIPTED_TOKENS": str(args.long_tokens)},
+                "ready",
+            ),
+            start_child(
+                [*argv[:4], "prometheus", *argv[4:]],
+                {**base, "TEKTON_SCRIPTED_TOKENS": "600", "TEKTON_SCRIPTED_TOKENS_PER_S": "200"},
+                "ready",
+            ),
+        ]
+        try:
+            figures = anyio.run(measure, server.url, Path(tmp), args)
+        finally:
+            for child in children:
+                child.terminate()
+                child.wait(30)
+    figures["quick"] = args.quick
+    path = write_results("runs", figures)
+    print(
+        json.dumps(
+            {k: figures[k] for k in ("plain", "durable", "ratios_durable_over_plain", "resume")}, indent=1
+        )
+    )
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Durable runs: an answer's frames, kept for a while in a JetStream stream so they can be read again.
+
+A Tekton client asks for a run by giving a *run subject* as the request's reply subject::
+
+    <prefix>.run.<user>.<run id>.f
+
+Core NATS delivers each frame live to the subscribers of that subject (the fast path: the specialist
+publishes once, with no JetStream acknowledgement to wait for), and the runs stream, which captures
+``<prefix>.run.*.*.f``, keeps a copy. A client that lost frames (a reconnect, a crash, a browser reload)
+reads them back from the stream after the last ``seq`` it saw, with an ordered consumer that also
+follows the run live until its last frame. A specialist checks whether anyone still listens by
+publishing an empty probe to the sibling subject ``...<run id>.p`` (which the stream does not capture)
+with a reply subject: NATS answers "no responders" when nobody subscribes to ``...<run id>.*``.
+
+This module opens no sockets of its own: it names subjects and builds the stream's configuration, and
+its helpers take a connection.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from bus.settings import TektonSettings
+from bus.wire import REQUEST_ID_RE, unpack_frame
+
+FRAMES = "f"
+PROBE = "p"
+# A user token as nats-server's config and our inbox prefixes allow it.
+_USER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def runs_stream_name(prefix: str) -> str:
+    """The JetStream stream holding every run's frames under ``prefix``."""
+    return prefix.replace(".", "_").replace("-", "_").upper() + "_RUNS"
+
+
+def run_subject(user: str, run_id: str, prefix: str) -> str:
+    """Where the frames of run ``run_id`` of ``user`` are published (the request's reply subject)."""
+    if not _USER_RE.match(user):
+        raise ValueError(f"invalid user name {user!r}")
+    if not REQUEST_ID_RE.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: 1-64 characters of [A-Za-z0-9_-]")
+    return f"{prefix}.run.{user}.{run_id}.{FRAMES}"
+
+
+def run_listen_subject(frames_subject: str) -> str:
+    """What a live listener subscribes to: the frames and the probes of one run."""
+    return frames_subject[: -len(FRAMES)] + "*"
+
+
+def runs_filter(prefix: str, user: str = "*") -> str:
+    """Every run subject of ``user`` (or of everyone)."""
+    return f"{prefix}.run.{user}.*.{FRAMES}"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    user: str
+    run_id: str
+
+
+def parse_run_subject(subject: str, prefix: str) -> RunRef | None:
+    """``(user, run id)`` if ``subject`` is a run's frames subject under ``prefix``, else None."""
+    head = f"{prefix}.run."
+    if not subject.startswith(head):
+        return None
+    parts = subject[len(head) :].split(".")
+    if len(parts) != 3 or parts[2] != FRAMES:
+        return None
+    user, run_id = parts[0], parts[1]
+    if not _USER_RE.match(user) or not REQUEST_ID_RE.match(run_id):
+        return None
+    return RunRef(user, run_id)
+
+
+def probe_subject(frames_subject: str) -> str:
+    """The probe subject next to a run's frames subject (not kept by the stream)."""
+    return frames_subject[: -len(FRAMES)] + PROBE
+
+
+def runs_stream_config(settings: TektonSettings) -> api.StreamConfig:
+    """The runs stream: limits retention, oldest dropped first when the byte limit is reached.
+
+    A message's age counts from when it was stored, so ``max_age`` is the longest a run may take (the
+    specialists' request deadline) plus how long a finished run is kept: every run stays readable for
+    at least ``runs_keep_s`` after its end.
+    """
+    return api.StreamConfig(
+        name=runs_stream_name(settings.prefix),
+        description="Tekton runs: every answer's frames, kept briefly for resume and attach",
+        subjects=[runs_filter(settings.prefix)],
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.OLD,
+        max_age=settings.request_timeout_s + settings.runs_keep_s,
+        max_bytes=settings.runs_max_bytes,
+        storage=api.StorageType.FILE if settings.runs_storage == "file" else api.StorageType.MEMORY,
+        num_replicas=1,
+        allow_direct=True,
+    )
+
+
+async def ensure_runs_stream(nc: NATS, settings: TektonSettings, api_wait: float = 5.0) -> None:
+    """Create the runs stream, or bring an existing one to this configuration."""
+    js = nc.jetstream(timeout=api_wait)
+    config = runs_stream_config(settings)
+    try:
+        await js.add_stream(config)
+    except BadRequestError:  # exists with another configuration (e.g. a new retention)
+        await js.update_stream(config)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run as ``aish runs`` lists it, read from the stream: its first and its last frame."""
+
+    run_id: str
+    specialist: str
+    state: str  # running | done | error
+    frames: int
+    updated: float  # unix time of its last frame
+
+
+async def list_runs(nc: NATS, settings: TektonSettings, user: str) -> list[RunSummary]:
+    """The runs of ``user`` still kept in the stream, oldest first."""
+    js = nc.jetstream()
+    stream = runs_stream_name(settings.prefix)
+    try:
+        info = await js.stream_info(stream, subjects_filter=runs_filter(settings.prefix, user))
+    except NotFoundError:
+        return []
+    found: list[RunSummary] = []
+    for subject, count in (info.state.subjects or {}).items():
+        ref = parse_run_subject(subject, settings.prefix)
+        if ref is None:
+            continue
+        try:
+            # Direct gets by subject: a permission can allow them on the user's own run subjects only.
+            last = await js.get_msg(stream, subject=subject, direct=True)
+        except NotFoundError:  # expired meanwhile
+            continue
+        head = await _first_frame(js, stream, subject)
+        tail = _frame(last.data)
+        # A session's run ends with the gateway's "stored" note, after its done frame.
+        kind = tail.get("type")
+        state = "done" if kind in ("done", "stored") else "error" if kind == "error" else "running"
+        updated = last.time.timestamp() if last.time is not None else 0.0
+        found.append(RunSummary(ref.run_id, str(head.get("specialist", "?")), state, count, updated))
+    return sorted(found, key=lambda r: r.updated)
+
+
+async def _first_frame(js: JetStreamContext, stream: str, subject: str) -> dict[str, object]:
+    """A run's start frame, through a consumer on its subject (what a user's permissions allow; a
+    direct get of the first message by subject cannot be limited to one's own subjects)."""
+    config = api.ConsumerConfig(name=uuid.uuid4().hex)
+    try:
+        sub = await js.subscribe(subject, stream=stream, config=config, ordered_consumer=True)
+    except Exception:  # expired meanwhile
+        return {}
+    try:
+        return _frame((await sub.next_msg(timeout=1.0)).data)
+    except Exception:
+        return {}
+    finally:
+        await sub.unsubscribe()
+
+
+def _frame(data: bytes | None) -> dict[str, object]:
+    try:
+        raw = unpack_frame(data or b"")
+    except Exception:  # a frame we cannot read says nothing about the run's state
+        return {}
+    return raw if isinstance(raw, dict) else {}

@@ -1,0 +1,258 @@
+"""Durable runs (bus/runs.py): resume after lost frames or a killed client, attach, detach, list.
+
+Real nats-server with JetStream, specialists in this process (scripted provider), clients as real
+subprocesses where the test is about a process going away.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+
+import anyio
+import pytest
+
+from bus.client import Bus
+from bus.errors import Cancelled, RunNotFound
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from tests.helpers import (
+    child_env,
+    env,
+    eventually,
+    gateway_process,
+    in_process_gateway,
+    in_process_specialists,
+    run_aish,
+    spawn,
+)
+
+pytestmark = pytest.mark.anyio
+
+WORDS = [f"w{i}" for i in range(40)]
+QUESTION = " ".join(WORDS)
+# What the scripted apollo answers to QUESTION, token by token: every word is unique, so a duplicate
+# or a gap shows.
+TOKENS = ["apollo ", "heard: ", *(w + " " for w in WORDS[:-1]), WORDS[-1]]
+SLOW = env(TEKTON_SCRIPTED_TOKENS_PER_S="40")
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+@pytest.mark.fast
+async def test_frames_lost_on_the_live_path_are_read_back_from_the_run(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            resumed: list[int] = []
+            got: list[str] = []
+            async with bus.stream("apollo", user(QUESTION), idle_timeout=0.5) as s:
+                s.on_resume = resumed.append
+                async for chunk in s:
+                    got.append(chunk)
+                    if len(got) == 5:
+                        # As a dropped connection would: the live subscription goes away, frames
+                        # published meanwhile reach nobody but the runs stream.
+                        assert s.run_subject is not None
+                        await bus._run_subs[s.run_subject].unsubscribe()
+                result = await s.result()
+    assert got == TOKENS
+    assert result.text == "".join(TOKENS)
+    assert resumed == [6]  # frames 0 (start) and 1-5 (chunks) were read live
+
+
+@pytest.mark.fast
+async def test_resume_midway_gives_every_chunk_once(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            got: list[str] = []
+            async with bus.stream("apollo", user(QUESTION)) as s:
+                async for chunk in s:
+                    got.append(chunk)
+                    if len(got) in (3, 20):
+                        await s.resume()
+    assert got == TOKENS
+
+
+@pytest.mark.fast
+async def test_attach_after_a_seq_and_list_runs(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        result = await bus.ask("apollo", QUESTION)
+        runs = await bus.runs()
+        assert [(r.specialist, r.state) for r in runs] == [("apollo", "done")]
+        async with bus.attach(runs[0].run_id, after=10) as a:
+            rest = [c async for c in a]
+        assert (await a.result()).done == result.done
+    # Frame 10 is chunk 10 (frame 0 is the start): the rest begins with chunk 11.
+    assert rest == TOKENS[10:]
+
+
+@pytest.mark.fast
+async def test_attach_to_an_unknown_run_says_so(settings: TektonSettings) -> None:
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        with pytest.raises(RunNotFound, match="no run 'nosuchrun'"):
+            async with bus.attach("nosuchrun") as a:
+                async for _ in a:
+                    pass
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, anyio
+    from bus.client import Bus
+    from bus.settings import load_settings
+    from bus.wire import ChatMessage
+
+    async def main():
+        async with Bus.connect(load_settings()) as bus:
+            msgs = [ChatMessage(role="user", content=sys.argv[1])]
+            async with bus.stream("apollo", msgs) as s:
+                print("RUN", s.run_id, flush=True)
+                async for chunk in s:
+                    print("CHUNK", s.last_seq, repr(chunk), flush=True)
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_killed_client_resumes_from_its_last_seq(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            child = spawn([sys.executable, "-c", CLIENT, QUESTION], child_env(settings))
+            try:
+                run_id = (
+                    await anyio.to_thread.run_sync(child.wait_for, lambda ln: ln.startswith("RUN"))
+                ).split()[1]
+                await anyio.to_thread.run_sync(child.wait_for, lambda ln: ln.startswith("CHUNK 8 "))
+            finally:
+                child.stop(signal.SIGKILL)
+            seen = [line.split(" ", 2) for line in child.seen if line.startswith("CHUNK")]
+            before = [eval(text) for _, _, text in seen]  # repr() of a str, printed by the child
+            last = int(seen[-1][1])
+            async with bus.attach(run_id, after=last) as a:
+                after = [c async for c in a]
+    assert before + after == TOKENS
+    assert len(before) >= 8
+
+
+async def test_detach_then_attach_from_another_process(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"):
+            detached = await run_aish(settings, "--detach", "apollo", QUESTION)
+            assert detached.returncode == 0, detached.stderr
+            run_id = detached.stdout.strip()
+            assert "aish attach" in detached.stderr
+            attached = await run_aish(settings, "attach", run_id)
+            assert attached.returncode == 0, attached.stderr
+            assert attached.stdout == "".join(TOKENS) + "\n"
+            listed = await run_aish(settings, "runs")
+            assert listed.returncode == 0, listed.stderr
+            line = next(ln for ln in listed.stdout.splitlines() if ln.startswith(run_id))
+            assert line.split()[1:3] == ["apollo", "done"]
+
+
+async def test_a_detached_run_can_be_cancelled(settings: TektonSettings) -> None:
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="5"):
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            detached = await run_aish(settings, "--detach", "apollo", QUESTION)
+            run_id = detached.stdout.strip()
+            cancelled = await run_aish(settings, "cancel", run_id)
+            assert cancelled.returncode == 0, cancelled.stderr
+            await eventually(lambda: services["apollo"].counters.cancelled == 1, within=10)
+            with pytest.raises(Cancelled):
+                async with bus.attach(run_id) as a:
+                    async for _ in a:
+                        pass
+
+
+async def test_run_commands_misused_are_usage_errors(settings: TektonSettings) -> None:
+    for args in (("attach",), ("attach", "a.b"), ("runs", "x"), ("--detach", "runs")):
+        done = await run_aish(settings, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        # One line, or argparse's usage line and then the error, as every aish subcommand does.
+        assert done.stderr.count("\n") <= 2 and "Traceback" not in done.stderr
+    unknown = await run_aish(settings, "attach", "nosuchrun")
+    assert unknown.returncode == 1 and "no run 'nosuchrun'" in unknown.stderr
+
+
+async def test_a_gateway_killed_mid_answer_stores_it_when_back(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            gateway = await anyio.to_thread.run_sync(gateway_process, settings)
+            try:
+                session = await bus.gateway.create("apollo")
+                async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
+                    got = []
+                    async for chunk in s:
+                        got.append(chunk)
+                        if len(got) == 3:
+                            break
+                    gateway.stop(signal.SIGKILL)
+                    s.leave()  # the asker goes too, without a cancel: nobody settles the turn
+            finally:
+                gateway.stop(signal.SIGKILL)
+            # The answer goes on to its end in the runs stream meanwhile.
+            await eventually(lambda: _run_done(bus, s.request.id), within=20)
+            back = await anyio.to_thread.run_sync(gateway_process, settings)
+            try:
+
+                async def stored() -> bool:
+                    turns = (await bus.gateway.get(session.id)).turns
+                    return len(turns) == 2 and turns[0].status == "ok"
+
+                await eventually(stored, within=20)
+                turns = (await bus.gateway.get(session.id)).turns
+            finally:
+                back.stop()
+    assert (turns[1].role, turns[1].status, turns[1].content) == ("assistant", "ok", "".join(TOKENS))
+
+
+async def _run_done(bus: Bus, run_id: str) -> bool:
+    return any(r.run_id == run_id and r.state == "done" for r in await bus.runs())
+
+
+@pytest.mark.fast
+async def test_a_run_nobody_follows_stops_after_its_resume_window(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"run_resume_window_s": 0.5})
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            async with bus.stream("apollo", user("long")) as s:
+                async for _ in s:
+                    break
+                s.leave()  # gone without a cancel, as a killed client
+            await eventually(lambda: services["apollo"].counters.cancelled == 1, within=15)
+            with pytest.raises(Cancelled):
+                async with bus.attach(s.request.id) as a:
+                    async for _ in a:
+                        pass
+
+
+@pytest.mark.fast
+async def test_a_detached_run_goes_on_with_nobody_listening(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"run_resume_window_s": 0.0})
+    with SLOW:
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            async with bus.stream("apollo", user(QUESTION), detach=True) as s:
+                await s.wait_started()
+                run_id = s.detach()
+            await eventually(lambda: _run_done(bus, run_id), within=20)
+            assert services["apollo"].counters.cancelled == 0
+
+
+@pytest.mark.fast
+async def test_a_session_answer_is_a_run_listed_done(settings: TektonSettings) -> None:
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+    ):
+        session = await bus.gateway.create("apollo")
+        async with bus.stream("apollo", user("hi"), session=session.id) as s:
+            text = "".join([c async for c in s])
+        assert s.stored is not None  # the gateway's note follows the done frame in the run
+        assert [(r.run_id, r.state) for r in await bus.runs()] == [(s.request.id, "done")]
+        async with bus.attach(s.request.id) as a:
+            assert "".join([c async for c in a]) == text
