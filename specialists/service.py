@@ -30,15 +30,13 @@ from bus.wire import (
     ChatMessage,
     ChatOptions,
     ChatRequest,
-    DoneFrame,
     ErrorFrame,
     HeartbeatFrame,
     StartFrame,
-    Timings,
-    Usage,
     decode_request,
     encode,
     encode_chunk,
+    encode_done,
 )
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
@@ -61,6 +59,9 @@ class ReplyStream:
         self.seq += 1
         self.last_sent = time.monotonic()
         await self.nc.publish(self.subject, data)
+
+    async def send_encoded(self, data: bytes) -> None:
+        await self._publish(data)
 
     async def send(self, frame_type: type[Any], **fields: Any) -> None:
         await self._publish(encode(frame_type(seq=self.seq, **fields)))
@@ -115,6 +116,11 @@ class SpecialistService:
         self._service: Service | None = None
         self._cancel_sub: Any = None
         self.log = log.bind(specialist=spec.name)
+        # Per-request work kept off the hot path: the persona message, the roster's default options
+        # and the start frame (always seq 0, the same for every answer) are built once.
+        self._system = ChatMessage(role="system", content=spec.system_prompt)
+        self._defaults = spec.options.model_dump(exclude_none=True)
+        self._start_frame = b""
 
     @property
     def instance_id(self) -> str:
@@ -138,6 +144,14 @@ class SpecialistService:
             subject=chat_subject(self.spec.name, self.settings.prefix),
             queue_group=queue_group(self.spec.name, self.settings.prefix),
             handler=self._on_chat,
+        )
+        self._start_frame = encode(
+            StartFrame(
+                specialist=self.spec.name,
+                instance=self.instance_id,
+                provider=self.provider.name,
+                model=self.provider.model,
+            )
         )
         self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
@@ -176,10 +190,9 @@ class SpecialistService:
         self._tg.start_soon(self._serve, request, reply)
 
     def _prompt(self, request: ChatRequest) -> tuple[list[ChatMessage], ChatOptions]:
-        messages = [ChatMessage(role="system", content=self.spec.system_prompt), *request.messages]
-        defaults = self.spec.options.model_dump(exclude_none=True)
         given = request.options.model_dump(exclude_none=True)
-        return messages, ChatOptions(**{**defaults, **given})
+        # Both sides are validated ChatOptions already: merging them needs no second validation.
+        return [self._system, *request.messages], ChatOptions.model_construct(**{**self._defaults, **given})
 
     async def _serve(self, request: ChatRequest, reply: ReplyStream) -> None:
         log = self.log.bind(request_id=request.id)
@@ -192,13 +205,7 @@ class SpecialistService:
         self._scopes[request.id] = scope
         try:
             with scope:
-                await reply.send(
-                    StartFrame,
-                    specialist=self.spec.name,
-                    instance=self.instance_id,
-                    provider=self.provider.name,
-                    model=self.provider.model,
-                )
+                await reply.send_encoded(self._start_frame)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
@@ -219,15 +226,15 @@ class SpecialistService:
                     self._streaming.pop(request.id, None)
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
-                await reply.send(
-                    DoneFrame,
-                    finish_reason="length" if options.max_tokens and tokens >= options.max_tokens else "stop",
-                    usage=Usage(completion_tokens=tokens),
-                    timings=Timings(
-                        first_token_ms=round((first_token - received) * 1000, 3) if first_token else None,
+                await reply.send_encoded(
+                    encode_done(
+                        reply.seq,
+                        "length" if options.max_tokens and tokens >= options.max_tokens else "stop",
+                        completion_tokens=tokens,
                         total_ms=round(total * 1000, 3),
+                        first_token_ms=round((first_token - received) * 1000, 3) if first_token else None,
                         tokens_per_s=round((tokens - 1) / gen, 2) if tokens > 1 and gen > 0 else None,
-                    ),
+                    )
                 )
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
