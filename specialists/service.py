@@ -44,6 +44,10 @@ from specialists.roster import SpecialistSpec
 log = structlog.get_logger("tekton.specialist")
 
 VERSION = "0.1.0"
+# A stream yields the event loop after this long of producing without a pause: often enough that
+# other requests and cancels wait at most a few ms, rarely enough that its frames still leave in
+# large writes (a yield per few chunks costs a socket write each and halves a fast stream).
+SLICE_S = 0.002
 
 
 class ReplyStream:
@@ -198,6 +202,7 @@ class SpecialistService:
         log = self.log.bind(request_id=request.id)
         received = time.perf_counter()
         first_token: float | None = None
+        slice_start = 0.0
         tokens = 0
         messages, options = self._prompt(request)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
@@ -221,6 +226,13 @@ class SpecialistService:
                                 if first_token is None:
                                     first_token = time.perf_counter()
                                     # Let the first token leave now instead of with the next batch.
+                                    await anyio.lowlevel.checkpoint()
+                                    slice_start = reply.last_sent
+                                elif reply.last_sent - slice_start >= SLICE_S:
+                                    # A provider producing flat out never suspends (a publish only
+                                    # buffers), so nothing else in this process would run: not
+                                    # other requests, not the read loop that brings its cancel.
+                                    slice_start = reply.last_sent
                                     await anyio.lowlevel.checkpoint()
                 finally:
                     self._streaming.pop(request.id, None)

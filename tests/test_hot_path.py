@@ -1,0 +1,120 @@
+"""The hot path's fairness and bounds, over a real nats-server with real specialist processes.
+
+Speed itself is measured in bench/hot_path.py, never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgpack
+import nats
+import pytest
+
+from bus.client import Bus
+from bus.settings import TektonSettings
+from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
+from tests.helpers import specialist_process
+
+pytestmark = pytest.mark.anyio
+
+FLAT_OUT = "1000000"  # tokens (the most a request may ask): a stream at unlimited rate lasting seconds
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def request(specialist_text: str, max_tokens: int) -> bytes:
+    return msgpack.packb(
+        {
+            "v": 1,
+            "id": uuid.uuid4().hex,
+            "messages": [{"role": "user", "content": specialist_text}],
+            "options": {"max_tokens": max_tokens},
+        }
+    )
+
+
+@pytest.mark.fast
+def test_done_frame_fast_path_matches_the_model() -> None:
+    for first, rate in ((0.5, 120.0), (None, None)):
+        model = DoneFrame(
+            seq=9,
+            finish_reason="stop",
+            usage=Usage(completion_tokens=8),
+            timings=Timings(first_token_ms=first, total_ms=1.5, tokens_per_s=rate),
+        )
+        assert encode_done(9, "stop", 8, 1.5, first, rate) == encode(model)
+
+
+async def test_a_flat_out_stream_starves_neither_other_requests_nor_its_cancel(
+    settings: TektonSettings,
+) -> None:
+    with specialist_process(settings, "apollo", "athena", TEKTON_SCRIPTED_TOKENS=FLAT_OUT):
+        nc = await nats.connect(settings.nats_url)
+        frames: list[dict[str, Any]] = []
+        ended = anyio.Event()
+
+        async def on_frame(msg: Any) -> None:
+            frame = msgpack.unpackb(msg.data)
+            if frame["type"] in ("done", "error"):
+                frames.append(frame)
+                ended.set()
+            elif not frames:
+                frames.append(frame)  # the start frame: proof it runs
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_frame, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        long = request("flat out", int(FLAT_OUT))
+        await nc.publish("tekton.ai.athena.chat", long, reply=inbox)
+        async with Bus.connect(settings) as bus:
+            # Another request to the same process while athena streams as fast as it can.
+            with anyio.fail_after(30):
+                result = await bus.ask("apollo", "still there?", ChatOptions(max_tokens=3))
+            assert result.text == "apollo heard: still "
+            assert not ended.is_set(), "the flat-out stream ended before the other request was served"
+            # Its cancel is heard too, long before the stream would have ended on its own.
+            await nc.publish(f"tekton.cancel.{msgpack.unpackb(long)['id']}", b"")
+            with anyio.fail_after(30):
+                await ended.wait()
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "cancelled"
+        await nc.close()
+
+
+async def test_a_client_that_stops_reading_does_not_grow_the_specialist(settings: TektonSettings) -> None:
+    """A reply subject whose reader never reads: the server drops it as a slow consumer, and the
+    specialist's outgoing buffer stays bounded (nats-py's pending limit), so its memory does too."""
+    with specialist_process(settings, "athena", TEKTON_SCRIPTED_TOKENS=FLAT_OUT) as (child, _):
+        pid = child.process.pid
+        host, port = settings.nats_url.removeprefix("nats://").rsplit(":", 1)
+        before = rss_kib(pid)
+        # A raw NATS client that subscribes, asks for a huge answer and then never reads a byte.
+        with socket.create_connection((host, int(port))) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.recv(4096)  # INFO
+            payload = request("never read", int(FLAT_OUT))
+            stuck.sendall(
+                b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB stuck.inbox 1\r\n'
+                + b"PUB tekton.ai.athena.chat stuck.inbox %d\r\n" % len(payload)
+                + payload
+                + b"\r\nPING\r\n"
+            )
+            peak = before
+            async with Bus.connect(settings) as bus:
+                for _ in range(20):  # while athena generates for nobody, it still answers others
+                    with anyio.fail_after(30):
+                        result = await bus.ask("athena", "and me?", ChatOptions(max_tokens=2))
+                    assert result.text == "athena heard: "
+                    peak = max(peak, rss_kib(pid))
+                    await asyncio.sleep(0.1)  # sampling interval for the RSS, not synchronisation
+        # 1 M chunks of ~60 bytes would be ~60 MB if the specialist buffered them.
+        assert peak - before < 32 * 1024, f"specialist RSS grew by {(peak - before) // 1024} MiB"
