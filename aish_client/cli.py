@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
 from aish_client import sessions
-from aish_client.fanout import load_plan, run_plan
+from aish_client.logbook import Logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
+from aish_client.prompt_parts import UsageError, attachments, chat_options, check_model
 from aish_client.render import Renderer
 from aish_client.repl import repl
-from aish_client.runner import run_pipeline
+from aish_client.runner import compose, run_pipeline
+from aish_client.subcommands import SUBCOMMANDS, cmd_list, run_subcommand, version
 from bus.client import Bus
-from bus.errors import BadRequest, BusError
+from bus.errors import BusError, DeadlineExceeded
 from bus.logs import configure_logging
 from bus.settings import TektonSettings, load_settings
 from bus.subjects import NAME_RE
 from bus.wire import ChatOptions
+
+__all__ = ["cmd_list", "main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -27,11 +35,74 @@ EXIT_INTERRUPTED = 130
 BUILTINS = ("list", "help")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), not the whole usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type[float] | type[int], low: float, high: float, low_open: bool = False) -> Any:
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
+
+    def show(x: float) -> str:
+        return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+    above = f"above {show(low)}" if low_open else f"at least {show(low)}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {above} and at most {show(high)}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = OneLineParser(
         prog="aish",
         description="Talk to Tekton's AI specialists: aish -c 'echo \"text\" | apollo | athena'",
+        epilog="subcommands (each with its own -h): " + ", ".join(SUBCOMMANDS),
+        add_help=add_help,
+        # The pass that finds a subcommand must not read its options as abbreviations of ours
+        # (`sessions fork X --at 2` is not --attach).
+        allow_abbrev=add_help,
     )
+    parser.add_argument("--version", action="version", version=version("aish"))
+    parser.add_argument(
+        "-m",
+        "--model",
+        help="the model to answer with, PROVIDER:MODEL (ollama:qwen2.5:7b, "
+        "anthropic:claude-3-5-haiku-latest, openai:gpt-4o-mini); `tekton models` lists them",
+    )
+    parser.add_argument("--system", help="a system prompt for this request (after the specialist's persona)")
+    parser.add_argument(
+        "-o",
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a request option: max_tokens, temperature, top_p, repeat_penalty, seed (repeatable)",
+    )
+    parser.add_argument(
+        "-f",
+        "--attach",
+        dest="attach",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="add a file's text to the question (globs too: -f 'src/*.py'; 256 KiB a file, 512 KiB in all)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per event on stdout (docs/aish-json.md)"
+    )
+    parser.add_argument("--no-log", action="store_true", help="do not record this in the log (aish logs)")
     parser.add_argument(
         "-c",
         dest="command",
@@ -39,12 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="the words are one pipeline: run it and exit (aish -c 'echo \"x\" | apollo | athena')",
     )
     parser.add_argument(
-        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        dest="nats_url",
+        help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
-    parser.add_argument("--max-tokens", type=int, help="cap each answer at N tokens")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--timeout", type=float, help="deadline of each request, seconds")
-    parser.add_argument("--idle-timeout", type=float, help="give up after N s without a token or heartbeat")
+    parser.add_argument("--max-tokens", type=_number(int, 1, 1_000_000), help="cap each answer at N tokens")
+    parser.add_argument("--temperature", type=_number(float, 0, 2), help="0 to 2")
+    parser.add_argument(
+        "--timeout", type=_number(float, 0, 86_400, low_open=True), help="deadline of the whole run, seconds"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_number(float, 0, 86_400, low_open=True),
+        help="give up after N s without a token or heartbeat",
+    )
+    parser.add_argument(
+        "--creds", help="credentials file (default $TEKTON_CREDS, else tekton's local user's)"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate to verify the server with (tls:// URLs)")
     parser.add_argument(
         "--session",
         nargs="?",
@@ -70,72 +153,84 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
-        "words", nargs="*", help="`list`, `sessions ...`, or a specialist name and a question"
+        "words",
+        nargs="*",
+        help='`list`, `sessions ...`, `route "question"` (who would answer it, and why), '
+        "or a specialist name and a question",
     )
     return parser
 
 
 def _options(args: argparse.Namespace) -> ChatOptions:
-    return ChatOptions(max_tokens=args.max_tokens, temperature=args.temperature)
+    return chat_options(args.options, max_tokens=args.max_tokens, temperature=args.temperature)
 
 
-async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None) -> int:
-    """Running specialists with capabilities, replicas and health; with ``capability``, ranked for it."""
-    views = await bus.survey()
-    if not views:
-        renderer.error(f"no specialists are running on {bus.settings.nats_url} (start them with `tekton up`)")
-        return EXIT_ERROR
-    if capability:
-        reply = await bus.gateway.discover(capability=capability)
-        for r in reply.ranked:
+def logbook(settings: TektonSettings, args: argparse.Namespace) -> Logbook | None:
+    return None if getattr(args, "no_log", False) else Logbook(settings.data_dir / "logs.db")
+
+
+def renderer_for(settings: TektonSettings, args: argparse.Namespace) -> Renderer:
+    """The renderer of an answer: --json events, or markdown and a footer on a terminal."""
+    renderer = Renderer()
+    renderer.notes_dir = settings.data_dir
+    renderer.json_events = bool(getattr(args, "json", False))
+    if not renderer.json_events:
+        renderer.footers = renderer.err_tty
+        renderer.render_markdown()
+    return renderer
+
+
+async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
+    """How the gateway would route ``text``: every specialist that fits, best first, and why."""
+    reply = await bus.gateway.discover(text=text)
+    for r in reply.ranked:
+        if r.fit >= 0.01 or r.name == reply.chosen:  # what shows as 0.00 tells nothing
             mark = "*" if r.name == reply.chosen else " "
-            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  ({r.why})\n")
-        if reply.chosen is None:
-            renderer.note(reply.reason)
-        return 0
-    for v in views:
-        caps = ", ".join(f"{c} {s:.2f}" for c, s in sorted(v.capabilities.items(), key=lambda kv: -kv[1]))
-        renderer.token(f"{v.name:<12} x{len(v.instances)} health {v.health:.2f}  {v.model:<28} {caps}\n")
-        for conflict in v.conflicts:
-            renderer.note(f"  {v.name}: {conflict}")
-    return 0
+            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  {r.why}\n")
+    if reply.chosen is None or reply.generalist:
+        renderer.note(reply.reason)
+    return 0 if reply.chosen else EXIT_ERROR
+
+
+async def run_route(settings: TektonSettings, words: Sequence[str], stdin_text: str | None) -> int:
+    text = " ".join(words) or (stdin_text or "")
+    if not text.strip():
+        raise PipelineSyntaxError('route needs a request: aish route "what is a mutex?"', 1, "route")
+    async with Bus.connect(settings, name="aish") as bus:
+        return await cmd_route(bus, Renderer(), text)
 
 
 async def run_once(
     settings: TektonSettings, pipeline: Pipeline, args: argparse.Namespace, stdin_text: str | None
 ) -> int:
-    renderer = Renderer()
-    async with Bus.connect(settings, name="aish") as bus:
-        session = await sessions.resolve(bus, args.session, args.resume, renderer)
-        await run_pipeline(
-            bus,
-            pipeline,
-            renderer,
-            stdin_text=stdin_text,
-            options=_options(args),
-            session=session,
-            layout=args.layout,
-        )
+    renderer = renderer_for(settings, args)
+    try:
+        # --timeout bounds the whole run; leaving the stream's block cancels it on the specialist.
+        with anyio.move_on_after(args.timeout) as deadline:
+            async with Bus.connect(settings, name="aish") as bus:
+                session = await sessions.resolve(bus, args.session, args.resume, renderer)
+                await run_pipeline(
+                    bus,
+                    pipeline,
+                    renderer,
+                    stdin_text=stdin_text,
+                    options=_options(args),
+                    session=session,
+                    layout=args.layout,
+                    model=args.model,
+                    system=args.system,
+                    logbook=logbook(settings, args),
+                    deadline_s=args.timeout,
+                )
+        if deadline.cancelled_caught:
+            raise DeadlineExceeded(
+                f"no complete answer within --timeout {args.timeout:g} s; stopped the request"
+            )
+    except BusError as err:
+        if renderer.json_events:
+            renderer.event("error", code=str(err.code), message=str(err), retryable=err.retryable)
+        raise
     return 0
-
-
-async def run_bulk(settings: TektonSettings, args: argparse.Namespace, files: Sequence[str]) -> int:
-    if len(files) != 1:
-        raise BadRequest("usage: aish bulk PLAN.yaml (or .json)")
-    plan = load_plan(files[0])
-    async with Bus.connect(settings, name="aish") as bus:
-        await run_plan(bus, plan, [op.id for op in plan.operations], Renderer(), layout=args.layout)
-    return 0
-
-
-async def run_sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
-    async with Bus.connect(settings, name="aish") as bus:
-        return await sessions.run(bus, argv, Renderer())
-
-
-async def run_list(settings: TektonSettings, capability: str | None) -> int:
-    async with Bus.connect(settings, name="aish") as bus:
-        return await cmd_list(bus, Renderer(), capability)
 
 
 def _pipeline_from_words(words: Sequence[str], capability: str | None = None) -> Pipeline:
@@ -145,6 +240,8 @@ def _pipeline_from_words(words: Sequence[str], capability: str | None = None) ->
     """
     if capability is not None:
         return Pipeline(None, (Ask((Target(capability, 1, True),), " ".join(words) or None, 1),), None)
+    if not words:  # only -f files: routed by their text
+        return Pipeline(None, (Ask((Target(AUTO, 1, True),), None, 1),), None)
     head = words[0]
     if not NAME_RE.match(head) and not head.startswith("@"):
         return Pipeline(None, (Ask((Target(AUTO, 1, True),), " ".join(words), 1),), None, " ".join(words))
@@ -160,25 +257,33 @@ def _pipeline_from_words(words: Sequence[str], capability: str | None = None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A subcommand (`aish sessions -h`, `aish logs -n 3`) takes the words after it, with its own help.
+    args, rest = build_parser(add_help=False).parse_known_args(argv)
+    if not args.command and args.words and args.words[0] in SUBCOMMANDS:
+        configure_logging(args.log_level)
+        return run_subcommand(args.words[0], [*args.words[1:], *rest], args)
     args, rest = build_parser().parse_known_args(argv)
     args.pipeline = " ".join(args.words) if args.command else None
     if args.command and not args.words:
         build_parser().error("-c needs a pipeline: aish -c 'echo \"text\" | apollo'")
-    if rest and not (args.words and args.words[0] == "sessions"):
+    if rest:
         build_parser().parse_args(argv)  # the usual usage error for unknown options
     configure_logging(args.log_level)
     renderer = Renderer()
     try:
+        if sys.stdout is None:  # `aish ... >&-`
+            renderer.error("standard output is closed: nowhere to write the answer (redirect it to a file)")
+            return EXIT_ERROR
         settings = load_settings(
-            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+            nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, creds=args.creds, tls_ca=args.tls_ca
         )
-        if args.pipeline is None and args.words and args.words[0] == "list":
-            return anyio.run(run_list, settings, args.capability)
-        if args.pipeline is None and args.words and args.words[0] == "bulk":
-            return anyio.run(run_bulk, settings, args, args.words[1:])
-        if args.pipeline is None and args.words and args.words[0] == "sessions":
-            return anyio.run(run_sessions, settings, [*args.words[1:], *rest])
-        if args.pipeline is None and not args.words:
+        if args.pipeline is None and args.words and args.words[0] == "route":
+            piped = None if sys.stdin.isatty() or len(args.words) > 1 else sys.stdin.read()
+            return anyio.run(run_route, settings, args.words[1:], piped)
+        _options(args)  # a bad -o value is a usage error before anything connects
+        check_model(args.model)
+        attached = attachments(args.attach)
+        if args.pipeline is None and not args.words and not attached:
             if sys.stdin.isatty():
                 return anyio.run(repl, settings, args)
             renderer.error("nothing to run: aish -c 'PIPELINE', aish NAME \"question\", or aish list")
@@ -191,9 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stdin_text = None
         if pipeline.source is None and not sys.stdin.isatty():
             stdin_text = sys.stdin.read() or None
+        if attached:  # after what was piped in, as `cat x | llm -f y` does
+            stdin_text = compose(stdin_text, attached)
         return anyio.run(run_once, settings, pipeline, args, stdin_text)
     except PipelineSyntaxError as err:
         renderer.error(err.render())
+        return EXIT_USAGE
+    except UsageError as err:
+        renderer.error(str(err))
         return EXIT_USAGE
     except BusError as err:
         renderer.end_answer()
@@ -207,6 +317,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`aish list | head`): stop quietly, like other Unix tools.
         sys.stderr.close()
         return 0
+    except OSError as err:  # stdout on a full disk (`> /dev/full`), an I/O error...
+        _silence_stdout()
+        renderer.error(f"cannot write the answer: {err.strerror or err}")
+        return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

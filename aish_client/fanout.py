@@ -28,6 +28,7 @@ def plan_pipeline(
     options: ChatOptions | None,
     session: str | None,
     chosen: dict[Target, str] | None = None,
+    model: str | None = None,
 ) -> tuple[BulkPlan, list[str]]:
     """The bulk plan of ``pipeline`` and the ids of its last stage's operations (the ones shown).
 
@@ -67,6 +68,7 @@ def plan_pipeline(
                     depends_on=[op for op, _ in previous],
                     session=session,
                     options=options or ChatOptions(),
+                    model=stage.model or model,
                 )
             )
             current.append((op_id, name))

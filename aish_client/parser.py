@@ -2,7 +2,8 @@
 
     pipeline := stage ('|' stage)* [('>' | '>>') WORD]
     stage    := 'echo' WORD*                      (first stage only)
-              | targets ['<<' WORD | WORD+]       (the words are the stage's own message)
+              | targets ['-m' MODEL] ['<<' WORD | WORD+]   (the words are the stage's own message)
+              | QUOTED WORD*                      (a question with no name: routed, as @auto)
     targets  := target (',' target)*  |  '{' target ('|' target)* '}'
     target   := NAME | '@'CAPABILITY
 
@@ -16,6 +17,7 @@ from enum import Enum
 
 from bus.sessions import AUTO
 from bus.subjects import NAME_RE
+from bus.wire import MODEL_RE
 
 __all__ = [
     "AUTO",
@@ -159,6 +161,8 @@ class Ask:
     message: str | None
     column: int
     grouped: bool = False
+    # `apollo -m ollama:qwen2.5:7b`: the model this stage asks for (None: the specialist's own).
+    model: str | None = None
 
     @property
     def fan_out(self) -> bool:
@@ -254,6 +258,12 @@ class _Parser:
 
     def stage(self) -> Ask:
         start = self.peek()
+        if start.kind is Kind.WORD and start.quoted:
+            # A quoted question where a name would be: the gateway picks who answers it (@auto).
+            words = []
+            while self.peek().kind is Kind.WORD:
+                words.append(self.take().text)
+            return Ask((Target(AUTO, start.column, True),), " ".join(words), start.column)
         grouped = False
         if start.kind is Kind.LBRACE:
             self.take()
@@ -268,6 +278,13 @@ class _Parser:
             while self.peek().kind is Kind.COMMA:
                 self.take()
                 targets.append(self.target())
+        model: str | None = None
+        flag = self.peek()
+        if flag.kind is Kind.WORD and not flag.quoted and flag.text in ("-m", "--model"):
+            self.take()
+            model = self.expect(Kind.WORD, f"a model after {flag.text} (e.g. ollama:qwen2.5:7b)").text
+            if not MODEL_RE.match(model):
+                raise self.fail(f"'{model}' is not a model name (PROVIDER:MODEL, no spaces)", flag)
         message: str | None = None
         if self.peek().kind is Kind.HEREDOC:
             self.take()
@@ -277,7 +294,7 @@ class _Parser:
             while self.peek().kind is Kind.WORD:
                 words.append(self.take().text)
             message = " ".join(words)
-        return Ask(tuple(targets), message, start.column, grouped)
+        return Ask(tuple(targets), message, start.column, grouped, model)
 
 
 def parse(source: str) -> Pipeline:

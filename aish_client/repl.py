@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import shlex
 import signal
 import sys
@@ -27,13 +28,15 @@ from prompt_toolkit.shortcuts import clear
 
 from aish_client import sessions
 from aish_client.fanout import Layout
+from aish_client.logbook import Logbook
 from aish_client.parser import PipelineSyntaxError, parse, tokenize
+from aish_client.prompt_parts import chat_options
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
+from aish_client.subcommands import cmd_list
 from bus.client import Bus
 from bus.errors import BusError, GatewayUnavailable
 from bus.settings import TektonSettings
-from bus.wire import ChatOptions
 
 BUILTINS = {
     "help": "this help",
@@ -45,7 +48,7 @@ BUILTINS = {
 }
 HELP = """Pipelines:  apollo "question"   echo "text" | apollo | athena   apollo,athena << "msg"
             {apollo|athena} | prometheus   @code-analysis << "msg"   "any question" (routed)
-            ... > file   ... >> file
+            ... > file   ... >> file   apollo -m ollama:qwen2.5:7b "question" (a model per stage)
 Keys:       Tab completes names, @capabilities, sessions, paths after >   Ctrl-R searches history
             a line ending in | , { << or \\ continues on the next line   Ctrl-C cancels an answer"""
 
@@ -102,6 +105,9 @@ class Repl:
         self.args = args
         self.renderer = Renderer()
         self.renderer.footers = True
+        self.renderer.notes_dir = settings.data_dir
+        self.renderer.render_markdown()
+        self.logbook = None if getattr(args, "no_log", False) else Logbook(settings.data_dir / "logs.db")
         self.specialists: list[str] = []
         self.capabilities: list[str] = []
         self.session_names: list[str] = []
@@ -149,7 +155,7 @@ class Repl:
         talk = f"session {self.session_label}" if self.session else "no session"
         return HTML(f" {link} · {talk} · {len(self.specialists)} specialists · Tab completes · Ctrl-D exits")
 
-    async def refresh_names(self) -> None:
+    async def refresh_names(self, sessions: bool = True) -> None:
         """What completion offers: refreshed before each prompt (a few ms on the bus)."""
         assert self.bus is not None
         try:
@@ -161,6 +167,8 @@ class Repl:
             return
         self.specialists = [v.name for v in views]
         self.capabilities = sorted({c for v in views for c in v.capabilities})
+        if not sessions:
+            return
         try:
             listed = await self.bus.gateway.list(limit=200)
         except BusError:
@@ -195,9 +203,10 @@ class Repl:
             self._current.cancel()
 
     async def _keep_names_fresh(self) -> None:
-        while True:
+        for round_ in itertools.count(1):
             await anyio.sleep(2)
-            await self.refresh_names()
+            # New specialists show up within 2 s; session names change rarely: list them every 30 s.
+            await self.refresh_names(sessions=round_ % 15 == 0)
 
     async def _start_session(self) -> None:
         """The REPL talks in one session, so follow-up questions keep their context."""
@@ -271,9 +280,17 @@ class Repl:
                 self.bus,  # type: ignore[arg-type]
                 pipeline,
                 self.renderer,
-                options=ChatOptions(max_tokens=self.args.max_tokens, temperature=self.args.temperature),
+                options=chat_options(
+                    getattr(self.args, "options", []),
+                    max_tokens=self.args.max_tokens,
+                    temperature=self.args.temperature,
+                ),
                 session=self.session,
                 layout=self._layout(),
+                model=getattr(self.args, "model", None),
+                system=getattr(self.args, "system", None),
+                logbook=self.logbook,
+                deadline_s=self.args.timeout,
             )
         )
 
@@ -303,8 +320,6 @@ class Repl:
             self.renderer.token(f"  {name:<8} {what}\n")
 
     async def _list(self, args: list[str]) -> None:
-        from aish_client.cli import cmd_list
-
         assert self.bus is not None
         await cmd_list(self.bus, self.renderer, args[0].lstrip("@") if args else None)
 

@@ -42,7 +42,13 @@ async def resolve(bus: Bus, ref: object, resume_last: bool, renderer: Renderer) 
         return found.id
     if SESSION_ID_RE.match(ref) or not SESSION_NAME_RE.match(ref):
         raise SessionNotFound.named(ref)
-    session = await bus.gateway.create(name=ref)
+    try:
+        session = await bus.gateway.create(name=ref)
+    except BadRequest:  # another command started it a moment ago: talk in that one
+        found = await bus.gateway.find(ref)
+        if found is None:
+            raise
+        return found.id
     renderer.note(f"new session {label(session)}")
     return session.id
 

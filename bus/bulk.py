@@ -19,7 +19,7 @@ import msgpack
 from pydantic import Field, TypeAdapter, ValidationError
 
 from bus.errors import IdleTimeout, MalformedFrame, StreamGap
-from bus.subjects import NAME_PATTERN, bulk_subject, cancel_subject
+from bus.subjects import NAME_PATTERN, REPLY_SUBJECT_PATTERN, bulk_subject, cancel_subject
 from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, new_request_id, unpack_frame
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ class BulkOperation(Wire):
     session: str | None = None
     options: ChatOptions = ChatOptions()
     timeout_ms: int | None = Field(default=None, ge=1, le=DAY_MS)
+    # The model to answer with (``ollama:qwen2.5:7b``); None: the specialist's own.
+    model: str | None = None
 
 
 class BulkPlan(Wire):
@@ -56,10 +58,11 @@ class BulkPlan(Wire):
 class BulkRequest(BulkPlan):
     v: Literal[1] = PROTOCOL_VERSION
     id: str = Field(default_factory=new_request_id, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    inbox: str = Field(min_length=1)
+    inbox: str = Field(min_length=1, max_length=255, pattern=REPLY_SUBJECT_PATTERN)
 
 
 class BulkAccepted(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["bulk_accepted"] = "bulk_accepted"
     id: str
     operations: int
@@ -164,7 +167,7 @@ class BulkStream:
         self.sent_at = time.perf_counter()
         try:
             reply = await self.bus.gateway.call(
-                "bulk", request, subject=bulk_subject(self.bus.settings.prefix)
+                "bulk", request, subject=bulk_subject(self.bus.settings.prefix, self.bus.acting_for)
             )
         except BaseException:
             self.bus.close_inbox(self._inbox)
@@ -187,7 +190,7 @@ class BulkStream:
 
     async def cancel(self) -> None:
         """Stop every running operation of this request on its specialist."""
-        await self.bus.nc.publish(cancel_subject(self.id, self.bus.settings.prefix), b"")
+        await self.bus.nc.publish(cancel_subject(self.id, self.bus.acting_for, self.bus.settings.prefix), b"")
         await self.bus.nc.flush(timeout=1)
 
     def __aiter__(self) -> AsyncIterator[BulkEvent]:

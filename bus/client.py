@@ -10,7 +10,9 @@ async with Bus.connect(settings) as bus:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -27,10 +29,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from bus.auth import Credentials, NotAuthorized, find_credentials
 from bus.bulk import BulkPlan, BulkStream
-from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, survey
+from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
+    GatewayUnavailable,
     IdleTimeout,
     MalformedFrame,
     NatsUnavailable,
@@ -40,7 +44,7 @@ from bus.errors import (
 )
 from bus.sessions import ChatAccepted, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
-from bus.subjects import cancel_subject, chat_subject
+from bus.subjects import ANONYMOUS, cancel_subject, chat_subject, inbox_owner, inbox_prefix
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -48,6 +52,7 @@ from bus.wire import (
     ChunkFrame,
     DoneFrame,
     ErrorFrame,
+    HeartbeatFrame,
     StartFrame,
     chunk_fields,
     encode_request,
@@ -65,31 +70,111 @@ def is_no_responders(msg: Msg) -> bool:
     return not msg.data and msg.headers is not None and msg.headers.get("Status") == NO_RESPONDERS
 
 
-async def connect(url: str, *, name: str = "tekton", connect_timeout: float = 2.0) -> NATS:
-    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server."""
+async def connect(
+    url: str,
+    *,
+    name: str = "tekton",
+    connect_timeout: float = 2.0,
+    creds: Credentials | None = None,
+    tls: ssl.SSLContext | None = None,
+    closed: anyio.Event | None = None,
+) -> NATS:
+    """Connect to NATS, or raise :class:`NatsUnavailable` saying how to start a server.
+
+    ``url`` may list several servers, comma-separated (the nodes of a cluster): the first that answers
+    is used, and on losing it nats-py fails over to the others (and to peers the cluster advertises).
+    With ``creds`` the connection signs in with the nkey and its replies arrive under the user's own
+    inbox prefix (the only one the server lets it subscribe to); with ``tls`` the server is verified.
+    ``closed`` is set when the connection is closed for good (by us, or by nats-py after a server's
+    -ERR).
+    """
+
+    async def closed_cb() -> None:
+        if closed is not None:
+            closed.set()
+
+    seen: list[str] = []
+    # nats-py reports a failed TLS verification on the first connect to the error callback and then
+    # waits forever: stop it ourselves.
+    tls_failed: asyncio.Future[ssl.SSLError] = asyncio.get_running_loop().create_future()
 
     async def quiet(err: Exception) -> None:
-        log.debug("nats error", error=str(err))
+        seen.append(str(err))
+        if isinstance(err, ssl.SSLError) and not tls_failed.done():
+            tls_failed.set_result(err)
+        # Permission violations are the server refusing something we asked: worth a user's attention.
+        if "permission" in str(err).lower():
+            log.warning("nats-server refused", error=str(err))
+        else:
+            log.debug("nats error", error=str(err))
 
-    try:
-        nc = await nats.connect(
-            servers=[url],
+    # Without credentials (a server without auth) we are the anonymous user, inbox and all.
+    auth: dict[str, Any] = {"inbox_prefix": inbox_prefix(creds.user if creds else ANONYMOUS)}
+    if creds is not None:
+        auth["nkeys_seed_str"] = creds.seed
+    if tls is not None:
+        auth["tls"] = tls
+    connecting: asyncio.Future[NATS] = asyncio.ensure_future(
+        nats.connect(
+            servers=[u.strip() for u in url.split(",") if u.strip()] or [url],
             name=name,
             connect_timeout=connect_timeout,
+            **auth,
             # nats-py retries the *first* connect until attempts run out, and -1 means never: bound it
             # here so a missing server is a fast, clear error...
             max_reconnect_attempts=1,
             reconnect_time_wait=0.1,
             error_cb=quiet,
+            closed_cb=closed_cb,
         )
-    except (OSError, TimeoutError, nats.errors.NoServersError) as err:
+    )
+    try:
+        await asyncio.wait([connecting, tls_failed], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            raise tls_failed.result()
+        nc = connecting.result()
+    except nats.errors.Error as err:
+        # The server's reason arrives through the error callback; the exception only says it gave up.
+        if any("authorization violation" in e.lower() for e in [*seen, str(err)]):
+            raise NotAuthorized(url, creds.user if creds else None) from err
+        raise NatsUnavailable(url, type(err).__name__) from err
+    except ssl.SSLError as err:
+        raise NatsUnavailable(url, f"TLS handshake failed ({err.reason or err}); check --tls-ca") from err
+    except (OSError, TimeoutError) as err:
         raise NatsUnavailable(url, type(err).__name__) from err
     except Exception as err:  # nats-py wraps some socket errors in its own types
         raise NatsUnavailable(url, str(err) or type(err).__name__) from err
+    finally:
+        if not connecting.done():  # we were cancelled while connecting
+            connecting.cancel()
     # ...and once connected, ride out server restarts by reconnecting forever.
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
     return nc
+
+
+def client_tls(settings: TektonSettings) -> ssl.SSLContext | None:
+    """A context that verifies the server against ``tls_ca`` (or the data dir's generated CA) when the
+    URL asks for TLS (``tls://``, ``wss://``) or a CA is given; None for plain connections."""
+    ca = settings.tls_ca
+    generated = settings.data_dir / "tls" / "ca.pem"
+    if ca is None and settings.nats_url.startswith(("tls://", "wss://")) and generated.exists():
+        ca = generated
+    if ca is None and not settings.nats_url.startswith(("tls://", "wss://")):
+        return None
+    return ssl.create_default_context(cafile=str(ca) if ca else None)
+
+
+async def connect_as(
+    settings: TektonSettings, *, name: str, identity: str = "local", closed: anyio.Event | None = None
+) -> NATS:
+    """:func:`connect` with the credentials and TLS ``settings`` find for ``identity`` (``--creds``,
+    ``TEKTON_CREDS``, else the data dir's file for it; see bus/auth.py)."""
+    creds = find_credentials(settings.creds, settings.data_dir, identity)
+    return await connect(settings.nats_url, name=name, creds=creds, tls=client_tls(settings), closed=closed)
 
 
 @dataclass(frozen=True)
@@ -162,15 +247,50 @@ class Inbox:
         return self._messages.popleft()
 
 
+class FrameReader:
+    """Turns the messages of one reply stream into frames, in order: the one place that reads them
+    (a client's ChatStream and the gateway's recorder both use it). ``seq`` must run 0, 1, 2...: core
+    NATS is at-most-once, so a gap is an error, never silently missing text."""
+
+    __slots__ = ("next_seq",)
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+
+    def read(self, msg: Msg) -> str | StartFrame | HeartbeatFrame | DoneFrame | ErrorFrame | None:
+        """A chunk's text, another frame as its model, or None for NATS "no responders" (nobody
+        subscribes to the request's subject). Raises MalformedFrame or StreamGap."""
+        data = msg.data
+        if not data and is_no_responders(msg):
+            return None
+        raw = unpack_frame(data)
+        chunk = chunk_fields(raw)  # the hot path: no model per chunk
+        item: str | StartFrame | HeartbeatFrame | DoneFrame | ErrorFrame
+        if chunk is not None:
+            seq, item = chunk
+        else:
+            frame = validate_frame(raw)
+            seq, item = frame.seq, frame.text if isinstance(frame, ChunkFrame) else frame
+        if seq != self.next_seq:
+            raise StreamGap(self.next_seq, seq)
+        self.next_seq += 1
+        return item
+
+
 class Bus:
     """A NATS connection plus the settings that name subjects and bound waits."""
 
-    def __init__(self, nc: NATS, settings: TektonSettings):
+    def __init__(self, nc: NATS, settings: TektonSettings, *, acting_for: str | None = None):
         self.nc = nc
         self.settings = settings
         # Every stream gets a fresh, unique inbox subject under one wildcard subscription (as nats-py's
         # own request() does): no SUB/UNSUB and no subscription task per request.
         self._inbox_prefix = nc.new_inbox()
+        # Who we are on the bus: the name in our inbox prefix, which the server pins to our credentials.
+        self.user = inbox_owner(self._inbox_prefix) or ANONYMOUS
+        # Whose sessions and bulk requests these are: ours, unless a trusted bridge (the HTTP bridge, with
+        # the gateway's credentials, which may use any user's name) acts for one of its callers.
+        self.acting_for = acting_for or self.user
         self._inbox_sub: Subscription | None = None
         self._inbox_seq = 0
         self._routes: dict[str, Inbox] = {}
@@ -197,13 +317,18 @@ class Bus:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, settings: TektonSettings, *, name: str = "tekton") -> AsyncIterator[Bus]:
-        nc = await connect(settings.nats_url, name=name)
+    async def connect(
+        cls, settings: TektonSettings, *, name: str = "tekton", identity: str = "local"
+    ) -> AsyncIterator[Bus]:
+        nc = await connect_as(settings, name=name, identity=identity)
         try:
             yield cls(nc, settings)
         finally:
             with anyio.CancelScope(shield=True):
-                await nc.drain()
+                try:
+                    await nc.drain()
+                except nats.errors.Error:  # the server is gone (reconnecting): nothing left to drain
+                    await nc.close()
 
     def stream(
         self,
@@ -215,6 +340,7 @@ class Bus:
         idle_timeout: float | None = None,
         request_id: str | None = None,
         session: str | None = None,
+        model: str | None = None,
     ) -> ChatStream:
         """One streamed answer (see :class:`ChatStream`).
 
@@ -226,6 +352,7 @@ class Bus:
             messages=list(messages),
             options=options or ChatOptions(),
             timeout_ms=int(timeout * 1000) if timeout else None,
+            model=model,
             **({"id": request_id} if request_id else {}),
         )
         idle = idle_timeout or self.settings.idle_timeout_s
@@ -240,7 +367,7 @@ class Bus:
     @property
     def gateway(self) -> GatewayClient:
         """The gateway's API: sessions, bulk, discovery and routing."""
-        return GatewayClient(self.nc, self.settings.prefix)
+        return GatewayClient(self.nc, self.settings.prefix, user=self.acting_for)
 
     async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
         async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:
@@ -262,6 +389,7 @@ class Bus:
         """Every running instance of a Tekton role (``$SRV.INFO``), optionally only those named ``name``.
         ``thorough``: wait the whole window instead of stopping when answers stop coming."""
         subject = "$SRV.INFO" + (f".{name}" if name else "")
+        prefix = self.settings.prefix
         found = [
             ServiceInstance(
                 name=a["name"],
@@ -273,7 +401,8 @@ class Bus:
             for a in await self._gather(subject, window, window if thorough else None)
         ]
         return sorted(
-            (i for i in found if i.metadata.get("tekton_role") == role), key=lambda i: (i.name, i.id)
+            (i for i in found if i.metadata.get("tekton_role") == role and same_prefix(i.metadata, prefix)),
+            key=lambda i: (i.name, i.id),
         )
 
     async def stats(
@@ -281,11 +410,16 @@ class Bus:
     ) -> list[dict[str, Any]]:
         subject = "$SRV.STATS" + (f".{name}" if name else "")
         answers = await self._gather(subject, window, window if thorough else None)
-        return [a for a in answers if (a.get("metadata") or {}).get("tekton_role")]
+        return [
+            a
+            for a in answers
+            if (a.get("metadata") or {}).get("tekton_role")
+            and same_prefix(a.get("metadata"), self.settings.prefix)
+        ]
 
     async def survey(self, window: float = 0.05) -> list[SpecialistView]:
         """Every running specialist with its capabilities and live figures, replicas aggregated."""
-        return (await survey(self.nc, window=window))[0]
+        return (await survey(self.nc, window=window, prefix=self.settings.prefix))[0]
 
     async def running_names(self, window: float = 0.05) -> list[str]:
         return sorted({i.name for i in await self.instances(window=window)})
@@ -305,7 +439,7 @@ class ChatStream:
         self.start_frame: StartFrame | None = None
         self._frames = Inbox()
         self._inbox: str | None = None
-        self._next_seq = 0
+        self._reader = FrameReader()
         self._parts: list[str] = []
         self._done: DoneFrame | None = None
         self._finished = False
@@ -350,7 +484,7 @@ class ChatStream:
         """Ask the specialist to stop generating now."""
         self._finished = True
         nc = self.bus.nc
-        await nc.publish(cancel_subject(self.request.id, self.bus.settings.prefix), b"")
+        await nc.publish(cancel_subject(self.request.id, self.bus.user, self.bus.settings.prefix), b"")
         await nc.flush(timeout=1)
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -381,49 +515,36 @@ class ChatStream:
         return msg
 
     async def _texts(self) -> AsyncIterator[str]:
+        reader = self._reader
         while not self._finished:
             msg = await self._next_msg()
-            if is_no_responders(msg):
+            try:
+                item = reader.read(msg)
+            except MalformedFrame:
+                self._finished = True
+                raise
+            if type(item) is str:
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.perf_counter()
+                self._parts.append(item)
+                yield item
+            elif item is None:
                 self._finished = True
                 raise SpecialistUnavailable.named(self.specialist, await self.bus.running_names())
-            try:
-                raw = unpack_frame(msg.data)
-            except MalformedFrame:
-                self._finished = True
-                raise
-            chunk = chunk_fields(raw)
-            if chunk is not None:
-                seq, text = chunk
-                if seq != self._next_seq:
-                    raise StreamGap(self._next_seq, seq)
-                self._next_seq += 1
-                if self.first_chunk_at is None:
-                    self.first_chunk_at = time.perf_counter()
-                self._parts.append(text)
-                yield text
-                continue
-            try:
-                frame = validate_frame(raw)
-            except MalformedFrame:
-                self._finished = True
-                raise
-            if frame.seq != self._next_seq:
-                raise StreamGap(self._next_seq, frame.seq)
-            self._next_seq += 1
-            if isinstance(frame, ChunkFrame):
-                if self.first_chunk_at is None:
-                    self.first_chunk_at = time.perf_counter()
-                self._parts.append(frame.text)
-                yield frame.text
-            elif isinstance(frame, StartFrame):
-                self.start_frame = frame
-            elif isinstance(frame, DoneFrame):
+            elif isinstance(item, StartFrame):
+                self.start_frame = item
+            elif isinstance(item, DoneFrame):
                 self.done_at = time.perf_counter()
-                self._done = frame
+                self._done = item
                 self._finished = True
-            elif isinstance(frame, ErrorFrame):
+            elif isinstance(item, ErrorFrame):
                 self._finished = True
-                raise from_wire(frame.code, frame.message, frame.retryable)
+                raise from_wire(item.code, item.message, item.retryable)
+
+    @property
+    def text_so_far(self) -> str:
+        """What arrived until now (all of it once the stream is done)."""
+        return "".join(self._parts)
 
     async def result(self) -> StreamResult:
         """The whole answer with usage and timings; reads what is left of the stream first."""
@@ -438,6 +559,8 @@ class ChatStream:
 # The gateway stores an answer within milliseconds of its done frame; past this it has died, and the
 # answer is on screen anyway.
 STORED_WAIT_S = 2.0
+# Then the client settles the turn itself, waiting this long for a gateway (one restarting, say).
+SETTLE_WAIT_S = 10.0
 
 
 class SessionChatStream(ChatStream):
@@ -462,7 +585,27 @@ class SessionChatStream(ChatStream):
         async for text in super()._texts():
             yield text
         if self._done is not None and self.stored is None:
-            self.stored = await self._wait_stored()
+            self.stored = await self._wait_stored() or await self._settle()
+
+    async def _settle(self) -> StoredFrame | None:
+        """The gateway that heard this answer stopped before storing it: hand our copy (we saw the whole
+        answer, ``done`` included) to whichever gateway answers, waiting a while for one to come back.
+        It is stored only if the turn is still pending, so a late recorder and this never both write."""
+        if self.accepted is None:
+            return None
+        answer, wait = "".join(self._parts), 0.05
+        with anyio.move_on_after(SETTLE_WAIT_S):
+            while True:
+                try:
+                    return await self.bus.gateway.settle(self.accepted.session, self.request.id, answer)
+                except GatewayUnavailable:
+                    await anyio.sleep(wait)  # a retry's backoff: the gateway is restarting
+                    wait = min(wait * 2, 1.0)
+                except BusError as err:
+                    log.warning("the answer was not stored", session=self.session, error=err.message)
+                    return None
+        log.warning("no gateway stored the answer", session=self.session, waited_s=SETTLE_WAIT_S)
+        return None
 
     async def _wait_stored(self) -> StoredFrame | None:
         """The gateway's note that the answer is in the session (it follows ``done`` within a few ms)."""

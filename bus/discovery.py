@@ -8,6 +8,7 @@ came for ``stall`` seconds after the last one, and at the latest after ``window`
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -16,9 +17,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import Field
 
-from bus.wire import Wire
+from bus.subjects import DEFAULT_PREFIX
+from bus.wire import PROTOCOL_VERSION, Wire
 
 SPECIALIST_ROLE = "specialist"
+# Micro metadata key naming the subject prefix a service serves: `$SRV` subjects are server-wide, so
+# discovery keeps only the services of its own prefix (one without the key serves the default one).
+PREFIX_KEY = "tekton_prefix"
 # Quiet time after the last answer that ends a gather. Answers from processes on a busy machine
 # spread out: 10 ms lost some of ten specialist processes in CI; 30 ms has not.
 STALL_S = 0.03
@@ -63,6 +68,15 @@ async def gather(
     return answers
 
 
+_WORDS = re.compile(r"\w+")
+
+
+def normalise_request(text: str) -> str:
+    """The form a routing correction is remembered by (client and gateway agree on it): lowercase words
+    with single spaces, at most 2,000 characters."""
+    return " ".join(_WORDS.findall(text.lower()))[:2000]
+
+
 class SpecialistView(Wire):
     """One specialist as discovery sees it: what its replicas announce, plus their live figures."""
 
@@ -72,6 +86,8 @@ class SpecialistView(Wire):
     primary: list[str] = []
     capabilities: dict[str, float] = {}
     keywords: list[str] = []
+    # Requests it is for, in varied phrasings: what text routing compares a request with.
+    examples: list[str] = []
     provider: str = ""
     model: str = ""
     max_tokens: int | None = None
@@ -95,10 +111,14 @@ class Discover(Wire):
     """``<prefix>.gateway.discover``: the running specialists, optionally only those with
     ``capability``; with ``capability`` or ``text``, also a ranking and the one chosen."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     capability: str | None = Field(default=None, max_length=64)
     text: str | None = None
     threshold: float | None = Field(default=None, ge=0, le=1)
     refresh: bool = False
+    # With ``text``: the user sent that request to this specialist instead of the one routing chose.
+    # The gateway remembers it and routes that request, and ones like it, there from now on.
+    correct: str | None = Field(default=None, max_length=64)
 
 
 class Ranked(Wire):
@@ -110,6 +130,7 @@ class Ranked(Wire):
 
 
 class DiscoveryReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["discovery"] = "discovery"
     specialists: list[SpecialistView]
     ranked: list[Ranked] = []
@@ -118,6 +139,8 @@ class DiscoveryReply(Wire):
     alternatives: list[str] = []
     # Why ``chosen`` won, or why nobody was chosen.
     reason: str = ""
+    # No specialist's profile matched the text, so the generalist was chosen.
+    generalist: bool = False
     took_ms: float = 0.0
 
 
@@ -144,15 +167,23 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[SpecialistView]:
-    """One view per specialist name from raw ``$SRV.INFO`` and ``$SRV.STATS`` answers."""
+def same_prefix(metadata: dict[str, str] | None, prefix: str) -> bool:
+    """Whether a service with this micro ``metadata`` serves subjects under ``prefix``."""
+    return (metadata or {}).get(PREFIX_KEY, DEFAULT_PREFIX) == prefix
+
+
+def aggregate(
+    infos: list[dict[str, Any]], stats: list[dict[str, Any]], prefix: str = DEFAULT_PREFIX
+) -> list[SpecialistView]:
+    """One view per specialist name of ``prefix`` from raw ``$SRV.INFO`` and ``$SRV.STATS`` answers."""
     data_by_id: dict[str, dict[str, Any]] = {}
     for s in stats:
         endpoints = s.get("endpoints") or [{}]
         data_by_id[s.get("id", "")] = endpoints[0].get("data") or {}
     by_name: dict[str, list[dict[str, Any]]] = {}
     for info in infos:
-        if (info.get("metadata") or {}).get("tekton_role") == SPECIALIST_ROLE:
+        meta = info.get("metadata") or {}
+        if meta.get("tekton_role") == SPECIALIST_ROLE and same_prefix(meta, prefix):
             by_name.setdefault(info["name"], []).append(info)
     views = []
     for name, replicas in sorted(by_name.items()):
@@ -181,6 +212,7 @@ def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[
                 primary=_json(meta.get("primary"), []),
                 capabilities={str(k): float(v) for k, v in _json(meta.get("capabilities"), {}).items()},
                 keywords=_json(meta.get("keywords"), []),
+                examples=_json(_endpoint_meta(replicas[0]).get("examples"), []),
                 provider=meta.get("provider", ""),
                 model=meta.get("model", ""),
                 max_tokens=int(n) if (n := _number(meta.get("max_tokens"))) else None,
@@ -201,6 +233,13 @@ def aggregate(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> list[
     return views
 
 
+def _endpoint_meta(info: dict[str, Any]) -> dict[str, Any]:
+    """The first endpoint's metadata in a ``$SRV.INFO`` answer (a specialist's chat endpoint)."""
+    endpoints = info.get("endpoints") or [{}]
+    meta = endpoints[0].get("metadata") if isinstance(endpoints[0], dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _weighted(datas: list[dict[str, Any]], key: str) -> float | None:
     """The replicas' ``key`` averaged, weighted by how many requests each served."""
     pairs = [(float(d[key]), int(d.get("served", 0))) for d in datas if d.get(key) is not None]
@@ -213,10 +252,22 @@ def _weighted(datas: list[dict[str, Any]], key: str) -> float | None:
 
 
 async def survey(
-    nc: NATS, *, expected: int | None = None, window: float = 0.05, stall: float = STALL_S
+    nc: NATS,
+    *,
+    expected: int | None = None,
+    window: float = 0.05,
+    stall: float = STALL_S,
+    known: dict[str, dict[str, Any]] | None = None,
+    prefix: str = DEFAULT_PREFIX,
 ) -> tuple[list[SpecialistView], int]:
     """Every running specialist (``$SRV.INFO`` and ``$SRV.STATS`` gathered at once, aggregated) and how
-    many micro services answered (pass it as ``expected`` next time to stop as soon as all did)."""
+    many micro services answered (pass it as ``expected`` next time to stop as soon as all did).
+
+    With ``known`` (instance id -> its ``$SRV.INFO`` answer, kept by the caller from one call to the
+    next) only ``$SRV.STATS`` is gathered, and ``$SRV.INFO`` asked only of instances not known yet:
+    an instance's INFO never changes, and with its example requests it is ten times its STATS."""
+    if known is not None:
+        return await _survey_known(nc, known, expected=expected, window=window, stall=stall, prefix=prefix)
     results: dict[str, list[dict[str, Any]]] = {}
 
     async def one(subject: str) -> None:
@@ -226,4 +277,34 @@ async def survey(
         tg.start_soon(one, "$SRV.INFO")
         tg.start_soon(one, "$SRV.STATS")
     infos = results["$SRV.INFO"]
-    return aggregate(infos, results["$SRV.STATS"]), len(infos)
+    return aggregate(infos, results["$SRV.STATS"], prefix), len(infos)
+
+
+async def _survey_known(
+    nc: NATS,
+    known: dict[str, dict[str, Any]],
+    *,
+    expected: int | None,
+    window: float,
+    stall: float,
+    prefix: str,
+) -> tuple[list[SpecialistView], int]:
+    stats = await gather(nc, "$SRV.STATS", expected=expected, window=window, stall=stall)
+    answered = {str(s.get("id", "")): s for s in stats if s.get("id") and s.get("name")}
+
+    async def info(instance: str, name: str) -> None:
+        try:
+            reply = await nc.request(f"$SRV.INFO.{name}.{instance}", b"", timeout=max(window, 0.5))
+            known[instance] = json.loads(reply.data)
+        except Exception:  # gone meanwhile, or not answering: the next refresh asks again
+            return
+
+    async with anyio.create_task_group() as tg:
+        for instance, s in answered.items():
+            if instance not in known:
+                tg.start_soon(info, instance, str(s["name"]))
+    if expected is None:  # a thorough look: forget instances that did not answer it
+        for gone in set(known) - set(answered):
+            del known[gone]
+    infos = [known[i] for i in answered if i in known]
+    return aggregate(infos, stats, prefix), len(stats)

@@ -1,14 +1,17 @@
-"""One error tree for everything that crosses the bus.
+"""One error tree for everything that crosses the bus, and one policy for every error code.
 
 Every error has a stable ``code`` (the same string an ``error`` frame carries on the wire), a message a
 person can act on, and ``retryable``. Clients turn error frames back into these classes with
-:func:`from_wire`.
+:func:`from_wire`. :data:`POLICY` says once, per code, what the HTTP bridge answers, what JSON-RPC
+code it becomes and whether another candidate specialist may help: aish, the bridge and the gateway
+read it there and keep no rules of their own.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -33,6 +36,59 @@ class ErrorCode(StrEnum):
     STREAM_GAP = "stream_gap"
     IDLE_TIMEOUT = "idle_timeout"
     MALFORMED_FRAME = "malformed_frame"
+    BAD_CONFIG = "bad_config"
+    # The HTTP bridge's own refusals.
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+
+
+# JSON-RPC 2.0 error codes (the -32000 range is ours; see docs/http.md)
+RPC_PARSE_ERROR = -32700
+RPC_INVALID_REQUEST = -32600
+RPC_METHOD_NOT_FOUND = -32601
+RPC_INVALID_PARAMS = -32602
+RPC_INTERNAL = -32603
+RPC_SESSION_EXPIRED = -32000
+RPC_UNAVAILABLE = -32001
+RPC_CONTEXT_LIMIT = -32002
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What one error code means to every edge."""
+
+    http: int  # the HTTP bridge's status
+    rpc: int  # the JSON-RPC error code on /ws
+    elsewhere: bool  # another candidate specialist may answer where this one failed
+
+
+POLICY: dict[ErrorCode, Policy] = {
+    # The request's own fault: no other specialist does better.
+    ErrorCode.BAD_REQUEST: Policy(400, RPC_INVALID_PARAMS, False),
+    ErrorCode.PAYLOAD_TOO_LARGE: Policy(413, RPC_CONTEXT_LIMIT, False),
+    ErrorCode.SESSION_TOO_LARGE: Policy(413, RPC_CONTEXT_LIMIT, False),
+    ErrorCode.SESSION_NOT_FOUND: Policy(404, RPC_SESSION_EXPIRED, False),
+    ErrorCode.CANCELLED: Policy(499, RPC_INTERNAL, False),
+    ErrorCode.DEADLINE_EXCEEDED: Policy(504, RPC_INTERNAL, False),
+    ErrorCode.BAD_CONFIG: Policy(500, RPC_INTERNAL, False),
+    ErrorCode.UNAUTHORIZED: Policy(401, RPC_INVALID_REQUEST, False),
+    ErrorCode.RATE_LIMITED: Policy(429, RPC_INTERNAL, False),
+    # The bus itself is missing: every candidate is behind the same gateway or server.
+    ErrorCode.GATEWAY_UNAVAILABLE: Policy(503, RPC_UNAVAILABLE, False),
+    ErrorCode.NATS_UNAVAILABLE: Policy(503, RPC_UNAVAILABLE, False),
+    # This specialist (or its replica, provider, model) failed: another one may not.
+    ErrorCode.SPECIALIST_UNAVAILABLE: Policy(404, RPC_UNAVAILABLE, True),
+    ErrorCode.SHUTTING_DOWN: Policy(503, RPC_UNAVAILABLE, True),
+    ErrorCode.OVERLOADED: Policy(503, RPC_UNAVAILABLE, True),
+    ErrorCode.MODEL_MISSING: Policy(502, RPC_INTERNAL, True),
+    ErrorCode.API_KEY_MISSING: Policy(502, RPC_INTERNAL, True),
+    ErrorCode.PROVIDER_UNAVAILABLE: Policy(502, RPC_INTERNAL, True),
+    ErrorCode.PROVIDER_ERROR: Policy(502, RPC_INTERNAL, True),
+    ErrorCode.INTERNAL: Policy(502, RPC_INTERNAL, True),
+    ErrorCode.STREAM_GAP: Policy(502, RPC_INTERNAL, True),
+    ErrorCode.IDLE_TIMEOUT: Policy(504, RPC_INTERNAL, True),
+    ErrorCode.MALFORMED_FRAME: Policy(502, RPC_INTERNAL, True),
+}
 
 
 class BusError(Exception):
@@ -49,6 +105,23 @@ class BusError(Exception):
         if retryable is not None:
             self.retryable = retryable
 
+    @property
+    def policy(self) -> Policy:
+        return POLICY[self.code]
+
+    @property
+    def http_status(self) -> int:
+        return self.policy.http
+
+    @property
+    def rpc_code(self) -> int:
+        return self.policy.rpc
+
+    @property
+    def may_help_elsewhere(self) -> bool:
+        """Another candidate specialist might answer where this error came from."""
+        return self.policy.elsewhere
+
 
 class BadRequest(BusError):
     code = ErrorCode.BAD_REQUEST
@@ -60,6 +133,8 @@ class MalformedFrame(BusError):
 
 class PayloadTooLarge(BusError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
+    size = 0
+    limit = 0
 
     def __init__(self, size: int, limit: int, what: str = "message"):
         super().__init__(
@@ -161,25 +236,56 @@ class GatewayUnavailable(BusError):
         )
 
 
+class ConfigError(BusError):
+    """A setting that cannot be used (bad TOML, a value out of range); the message names where."""
+
+    code = ErrorCode.BAD_CONFIG
+
+
+class Unauthorized(BusError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class RateLimited(BusError):
+    code = ErrorCode.RATE_LIMITED
+    retry_after = 1
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many requests; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
 class SpecialistError(BusError):
     """An ``error`` frame sent by a specialist (provider failures, overload, shutdown, ...)."""
 
 
 _BY_CODE: dict[ErrorCode, type[BusError]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
+    ErrorCode.PAYLOAD_TOO_LARGE: PayloadTooLarge,
     ErrorCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.SPECIALIST_UNAVAILABLE: SpecialistUnavailable,
     ErrorCode.SESSION_NOT_FOUND: SessionNotFound,
     ErrorCode.SESSION_TOO_LARGE: SessionTooLarge,
+    ErrorCode.GATEWAY_UNAVAILABLE: GatewayUnavailable,
+    ErrorCode.NATS_UNAVAILABLE: NatsUnavailable,
+    ErrorCode.STREAM_GAP: StreamGap,
+    ErrorCode.IDLE_TIMEOUT: IdleTimeout,
+    ErrorCode.MALFORMED_FRAME: MalformedFrame,
+    ErrorCode.BAD_CONFIG: ConfigError,
+    ErrorCode.UNAUTHORIZED: Unauthorized,
+    ErrorCode.RATE_LIMITED: RateLimited,
 }
 
 
 def from_wire(code: str, message: str, retryable: bool) -> BusError:
-    """Rebuild the exception a specialist reported in an ``error`` frame."""
+    """Rebuild the exception an ``error`` frame or reply reported, as the class its code belongs to."""
     try:
         known = ErrorCode(code)
     except ValueError:
         known = ErrorCode.INTERNAL
     cls = _BY_CODE.get(known, SpecialistError)
-    return cls(message, code=known, retryable=retryable)
+    # Some classes build their message from fields; from the wire the message is already written.
+    err = cls.__new__(cls)
+    BusError.__init__(err, message, code=known, retryable=retryable)
+    return err

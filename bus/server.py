@@ -6,6 +6,7 @@ own log line. Readiness is the server's "Server is ready" line, never a sleep.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +27,7 @@ log = structlog.get_logger("tekton.nats")
 
 _LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (\S+)")
-_WS_LISTEN_RE = re.compile(r"Listening for websocket clients on ws://(\S+):(\d+)")
+_WS_LISTEN_RE = re.compile(r"Listening for websocket clients on wss?://(\S+):(\d+)")
 _READY = "Server is ready"
 
 
@@ -52,6 +54,70 @@ def config_path(name: str = "single") -> Path:
     return path
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server certificate and key (PEM), and the CA clients verify it with."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def check_exposure(host: str, auth: bool, tls: bool) -> None:
+    """Refuse to listen beyond this machine without both auth and TLS."""
+    if host not in LOOPBACK and not (auth and tls):
+        missing = " and ".join(w for w, ok in (("auth", auth), ("TLS", tls)) if not ok)
+        raise BusError(
+            f"refusing to listen on {host} without {missing}: anyone who can reach it would own the bus "
+            "(use --tls and `tekton users add`, or listen on 127.0.0.1)"
+        )
+
+
+def _quote(path: Path) -> str:
+    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def tls_block(tls: TlsFiles, indent: str = "") -> str:
+    return (
+        f"{indent}tls {{\n{indent}  cert_file: {_quote(tls.cert)}\n{indent}  key_file: {_quote(tls.key)}\n"
+        f"{indent}  ca_file: {_quote(tls.ca)}\n{indent}  timeout: 5\n{indent}}}\n"
+    )
+
+
+def server_config(
+    *,
+    config_dir: Path,
+    base: str = "",
+    websocket: str = "",
+    auth_file: Path | None = None,
+    tls: TlsFiles | None = None,
+    pid_file: Path | None = None,
+    extra: str = "",
+) -> str:
+    """The text of a nats-server config: ``base`` (e.g. deploy/nats/single.conf), then the TLS block,
+    the authorization file (included, so `tekton users` can rewrite it and ask for a reload), the
+    WebSocket block (with TLS when the server has it) and ``extra`` (e.g. a cluster block).
+
+    ``config_dir`` is where the text will be written: nats-server resolves includes relative to it.
+    """
+    parts = [base]
+    if pid_file is not None:
+        parts.append(f"pid_file: {_quote(pid_file)}\n")
+    if tls is not None:
+        parts.append(tls_block(tls))
+    if auth_file is not None:
+        parts.append(f"include {_quote(Path(os.path.relpath(auth_file, config_dir)))}\n")
+    if websocket:
+        if tls is not None:
+            websocket = websocket.replace("  no_tls: true\n", tls_block(tls, "  "))
+        parts.append(websocket)
+    parts.append(extra)
+    return "\n".join(p for p in parts if p)
+
+
 class EmbeddedNats:
     """A nats-server child process. ``start()`` returns once the server says it is ready."""
 
@@ -61,10 +127,13 @@ class EmbeddedNats:
         *,
         port: int = 4222,
         host: str = "127.0.0.1",
-        config: str | None = "single",
+        config: str | Path | None = "single",
         log_file: Path | None = None,
         websocket_port: int | None = None,
         allowed_origins: list[str] | None = None,
+        auth_file: Path | None = None,
+        tls: TlsFiles | None = None,
+        extra_config: str = "",
     ):
         self.store_dir = Path(store_dir)
         self.requested_port = port
@@ -76,6 +145,10 @@ class EmbeddedNats:
         self.requested_ws_port = websocket_port
         self.allowed_origins = allowed_origins
         self.ws_port: int | None = None
+        # Users and their permissions (a file holding an `authorization` block; see tekton/users.py).
+        self.auth_file = auth_file
+        self.tls = tls
+        self.extra_config = extra_config
         self.process: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
         self._lines: list[str] = []
@@ -85,45 +158,71 @@ class EmbeddedNats:
     def url(self) -> str:
         if self.port is None:
             raise BusError("nats-server is not started")
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
         if self.ws_port is None:
             raise BusError("nats-server has no WebSocket listener")
-        return f"ws://{self.host}:{self.ws_port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.ws_port}"
 
-    def _config_file(self) -> Path | None:
-        """The config to start with: the named one, plus the WebSocket block when asked for."""
+    @property
+    def pid_file(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    def _websocket_block(self) -> str:
         if self.requested_ws_port is None:
-            return config_path(self.config) if self.config else None
-        base = config_path(self.config).read_text() if self.config else ""
+            return ""
         port = "-1" if self.requested_ws_port == 0 else str(self.requested_ws_port)
         origins = self.allowed_origins
         if origins is None and self.requested_ws_port:
-            origins = [f"http://localhost:{port}", f"http://127.0.0.1:{port}"]
-        block = (
+            scheme = "https" if self.tls else "http"
+            origins = [f"{scheme}://localhost:{port}", f"{scheme}://127.0.0.1:{port}"]
+        return (
             config_path("websocket")
             .read_text()
             .replace("@HOST@", self.host)
             .replace("@PORT@", port)
             .replace("@ORIGINS@", ", ".join(f'"{o}"' for o in origins or []))
         )
+
+    def _base_config(self) -> str:
+        if isinstance(self.config, Path):  # a generated one (bus/cluster.py)
+            return self.config.read_text()
+        return config_path(self.config).read_text() if self.config else ""
+
+    def _config_file(self) -> Path:
+        """Write the config to start with (see :func:`server_config`) and return its path."""
         path = self.store_dir / "tekton-nats.conf"
-        path.write_text(base + "\n" + block)
+        path.write_text(
+            server_config(
+                config_dir=path.parent,
+                base=self._base_config(),
+                websocket=self._websocket_block(),
+                auth_file=self.auth_file,
+                tls=self.tls,
+                pid_file=self.pid_file,
+                extra=self.extra_config,
+            )
+        )
         return path
 
+    def reload(self) -> None:
+        """Ask the running server to re-read its config (users added or revoked): SIGHUP, which is
+        what `nats-server --signal reload` sends. Connections of removed users are closed."""
+        if self.process is None or self.process.poll() is not None:
+            raise BusError("nats-server is not running")
+        self.process.send_signal(signal.SIGHUP)
+
     def command(self) -> list[str]:
-        cmd = [str(nats_server_binary())]
-        config = self._config_file()
-        if config:
-            cmd += ["-c", str(config)]
+        cmd = [str(nats_server_binary()), "-c", str(self._config_file())]
         # Flags override the config file.
         port = "-1" if self.requested_port == 0 else str(self.requested_port)
         cmd += ["-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
         return cmd
 
     def start(self, timeout: float = 15.0) -> EmbeddedNats:
+        check_exposure(self.host, self.auth_file is not None, self.tls is not None)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(),

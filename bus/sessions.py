@@ -27,7 +27,7 @@ from bus.errors import (
     SpecialistUnavailable,
     from_wire,
 )
-from bus.subjects import discover_subject, session_subject
+from bus.subjects import ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
 AUTO = "auto"  # `@auto`: routed by the request's text
@@ -57,6 +57,9 @@ class Turn(Wire):
     status: TurnStatus = "ok"
     request_id: str | None = None
     error: str | None = None
+    # A pending turn still pending after this (epoch seconds) never gets its answer (its gateway and
+    # its client both stopped): the session's next write marks it ``error``.
+    settle_by: float | None = None
 
 
 class Session(Wire):
@@ -71,6 +74,9 @@ class Session(Wire):
     turns: list[Turn] = []
     # Turns dropped from the front when the stored history reached its cap.
     dropped: int = 0
+    # The user who created it (from the gateway subject the server pinned to them); only they (and
+    # admins) can see, change or fork it.
+    owner: str = ""
 
     def context(self) -> list[ChatMessage]:
         """The prompt history: the last ``context_window`` turns that completed."""
@@ -88,6 +94,7 @@ class Session(Wire):
             updated=self.updated,
             turns=len(self.turns) + self.dropped,
             last=last[:80],
+            owner=self.owner,
         )
 
 
@@ -99,12 +106,14 @@ class SessionSummary(Wire):
     updated: float
     turns: int
     last: str = ""
+    owner: str = ""
 
 
 # Requests
 
 
 class CreateSession(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     specialist: str | None = None
     name: str | None = Field(default=None, pattern=SESSION_NAME_RE.pattern)
     context_window: int = Field(default=10, ge=0, le=1000)
@@ -114,16 +123,19 @@ class CreateSession(Wire):
 class SessionRef(Wire):
     """``session`` is an id or a name."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
 
 
 class ListSessions(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     specialist: str | None = None
     name: str | None = None
     limit: int = Field(default=50, ge=1, le=10_000)
 
 
 class ForkSession(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
     # Keep the first ``at`` turns (all when absent).
     at: int | None = Field(default=None, ge=0)
@@ -131,6 +143,7 @@ class ForkSession(Wire):
 
 
 class RenameSession(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
     name: str = Field(pattern=SESSION_NAME_RE.pattern)
 
@@ -140,31 +153,45 @@ class SessionChat(Wire):
     context before them, forwards to the specialist with ``inbox`` as the reply subject and records the
     answer it hears there. The client reads the stream from the specialist directly."""
 
+    v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
     specialist: str | None = None
-    inbox: str = Field(min_length=1)
+    inbox: str = Field(min_length=1, max_length=255, pattern=REPLY_SUBJECT_PATTERN)
     request: ChatRequest
+
+
+class SettleTurn(Wire):
+    """A client's copy of a whole answer (it saw ``done``) whose gateway stopped before storing it: the
+    gateway stores it if the user turn of ``request_id`` is still ``pending``, else changes nothing."""
+
+    session: str = Field(min_length=1, max_length=64)
+    request_id: str = Field(min_length=1, max_length=64)
+    answer: str
 
 
 # Replies
 
 
 class SessionReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["session"] = "session"
     session: Session
 
 
 class SessionsReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["sessions"] = "sessions"
     sessions: list[SessionSummary]
 
 
 class DeletedReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["deleted"] = "deleted"
     session: str
 
 
 class ChatAccepted(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["accepted"] = "accepted"
     session: str
     specialist: str
@@ -182,6 +209,7 @@ class StoredFrame(Wire):
 
 
 class ErrorReply(Wire):
+    v: Literal[1] = PROTOCOL_VERSION
     type: Literal["error"] = "error"
     code: str
     message: str
@@ -199,6 +227,7 @@ REPLIES: dict[str, type[Wire]] = {
     "accepted": ChatAccepted,
     "bulk_accepted": BulkAccepted,
     "discovery": DiscoveryReply,
+    "stored": StoredFrame,
 }
 
 
@@ -224,10 +253,12 @@ W = TypeVar("W", bound=Wire)
 class GatewayClient:
     """Calls the sessions API. ``nc`` is a connected nats-py client."""
 
-    def __init__(self, nc: Any, prefix: str, timeout: float = 5.0):
+    def __init__(self, nc: Any, prefix: str, timeout: float = 5.0, user: str = ANONYMOUS):
         self.nc = nc
         self.prefix = prefix
         self.timeout = timeout
+        # The name in our gateway subjects: nats-server lets us publish under our own only.
+        self.user = user
 
     @staticmethod
     def _request(model: type[W], **fields: Any) -> W:
@@ -241,7 +272,7 @@ class GatewayClient:
         """One gateway request/reply (``op`` names it in errors); an error reply is raised."""
         try:
             msg = await self.nc.request(
-                subject or session_subject(op, self.prefix),
+                subject or session_subject(op, self.prefix, self.user),
                 encode(request, self.nc.max_payload),
                 timeout=self.timeout,
             )
@@ -309,6 +340,13 @@ class GatewayClient:
         assert isinstance(reply, SessionReply)
         return reply.session
 
+    async def settle(self, session: str, request_id: str, answer: str) -> StoredFrame:
+        reply = await self.call(
+            "settle", self._request(SettleTurn, session=session, request_id=request_id, answer=answer)
+        )
+        assert isinstance(reply, StoredFrame)
+        return reply
+
     async def discover(
         self,
         *,
@@ -316,12 +354,14 @@ class GatewayClient:
         text: str | None = None,
         threshold: float | None = None,
         refresh: bool = False,
+        correct: str | None = None,
     ) -> DiscoveryReply:
-        """Running specialists; with ``capability`` or ``text`` also the ranking and the chosen one."""
+        """Running specialists; with ``capability`` or ``text`` also the ranking and the chosen one; with
+        ``text`` and ``correct``, first teach the gateway that such requests belong to ``correct``."""
         request = self._request(
-            Discover, capability=capability, text=text, threshold=threshold, refresh=refresh
+            Discover, capability=capability, text=text, threshold=threshold, refresh=refresh, correct=correct
         )
-        reply = await self.call("discover", request, subject=discover_subject(self.prefix))
+        reply = await self.call("discover", request, subject=discover_subject(self.prefix, self.user))
         assert isinstance(reply, DiscoveryReply)
         return reply
 

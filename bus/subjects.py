@@ -10,6 +10,8 @@ NAME_RE = re.compile(NAME_PATTERN)
 # A specialist name, or `@capability` / `@auto` for the gateway to choose one.
 TARGET_PATTERN = r"^@?[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+# A subject to publish replies to: dot-separated tokens, no wildcard (`*`, `>`), no whitespace.
+REPLY_SUBJECT_PATTERN = r"^[^.*>\s]+(?:\.[^.*>\s]+)*$"
 
 
 def validate_name(name: str) -> str:
@@ -38,34 +40,69 @@ def queue_group(name: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}.ai.{validate_name(name)}"
 
 
-def cancel_subject(request_id: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Published by a client to stop generation of one request."""
-    return f"{prefix}.cancel.{request_id}"
+# The identity of a client that has no credentials (a server without auth lets anyone in).
+ANONYMOUS = "anonymous"
+# A user token only admins may publish under: the gateway answers it for every user's sessions.
+ALL_USERS = "_all"
+INBOX_ROOT = "_INBOX"
+
+
+def inbox_prefix(user: str) -> str:
+    """Where ``user``'s replies arrive; nats-server lets only that user subscribe under it."""
+    return f"{INBOX_ROOT}.{user}"
+
+
+def inbox_owner(reply: str) -> str:
+    """The user whose private inbox ``reply`` is, or "" when it is not one."""
+    parts = reply.split(".", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == INBOX_ROOT else ""
+
+
+def cancel_subject(request_id: str, user: str = ANONYMOUS, prefix: str = DEFAULT_PREFIX) -> str:
+    """Published by ``user`` to stop one of their requests (nats-server lets each user publish
+    only under their own name, and the specialist checks the request is that user's)."""
+    return f"{prefix}.cancel.{user}.{request_id}"
 
 
 def cancel_wildcard(prefix: str = DEFAULT_PREFIX) -> str:
     """What a specialist process subscribes to once to hear every cancel."""
-    return f"{prefix}.cancel.*"
+    return f"{prefix}.cancel.*.*"
 
 
-SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat")
+def cancel_parts(subject: str) -> tuple[str, str]:
+    """``(user, request_id)`` of a cancel subject."""
+    user, request_id = subject.rsplit(".", 2)[-2:]
+    return user, request_id
 
 
-def session_subject(op: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Where gateway replicas take one sessions-API operation (see docs/protocol.md)."""
+SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat", "settle")
+
+
+# Gateway subjects carry the asking user's name as a token: nats-server's permissions let a user
+# publish only under their own name, so the gateway knows who asks without trusting the payload.
+
+
+def session_subject(op: str, prefix: str = DEFAULT_PREFIX, user: str = ANONYMOUS) -> str:
+    """Where gateway replicas take one sessions-API operation of ``user`` (see docs/protocol.md);
+    ``user="*"`` is the subject the gateway serves."""
     if op not in SESSION_OPS:
         raise ValueError(f"unknown session operation {op!r}")
-    return f"{prefix}.gateway.session.{op}"
+    return f"{prefix}.gateway.{user}.session.{op}"
 
 
-def bulk_subject(prefix: str = DEFAULT_PREFIX) -> str:
+def bulk_subject(prefix: str = DEFAULT_PREFIX, user: str = ANONYMOUS) -> str:
     """Where gateway replicas take bulk requests."""
-    return f"{prefix}.gateway.bulk"
+    return f"{prefix}.gateway.{user}.bulk"
 
 
-def discover_subject(prefix: str = DEFAULT_PREFIX) -> str:
+def discover_subject(prefix: str = DEFAULT_PREFIX, user: str = ANONYMOUS) -> str:
     """Where gateway replicas answer discovery and routing questions."""
-    return f"{prefix}.gateway.discover"
+    return f"{prefix}.gateway.{user}.discover"
+
+
+def gateway_user(subject: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The user token of a gateway subject (which nats-server pinned to the publisher)."""
+    return subject.split(".")[prefix.count(".") + 2]
 
 
 def gateway_queue(prefix: str = DEFAULT_PREFIX) -> str:

@@ -18,6 +18,9 @@ from bus.errors import BadRequest, MalformedFrame, PayloadTooLarge
 
 PROTOCOL_VERSION: Literal[1] = 1
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A model as a request names it: ``provider:model`` (``ollama:qwen2.5:7b``) or a bare model name for the
+# specialist's own provider. Printable, no spaces.
+MODEL_RE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
 
 
 class Wire(BaseModel):
@@ -32,6 +35,12 @@ class ChatMessage(Wire):
 class ChatOptions(Wire):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    # Added in protocol 1 without a version bump: optional, and sent only when set, so a request that
+    # does not use them is byte-for-byte what older specialists accept.
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Penalise tokens already in the answer (1.0: off). Small models loop without it.
+    repeat_penalty: float | None = Field(default=None, ge=1.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
 
 
 def new_request_id() -> str:
@@ -46,6 +55,16 @@ class ChatRequest(Wire):
     # The request's deadline, relative to when the specialist receives it (clocks across machines
     # are not trusted to agree). None: the specialist's own default.
     timeout_ms: int | None = Field(default=None, ge=1, le=86_400_000)
+    # The model to answer with (see MODEL_RE); None: the specialist's own. Optional and sent only when
+    # set (protocol 1 stays 1: a specialist that predates it answers bad_request to a request naming one).
+    model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_RE.match(value):
+            raise ValueError("model must be 1-200 characters of [A-Za-z0-9_.:/@+-], e.g. ollama:qwen2.5:7b")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -163,6 +182,7 @@ def encode_done(
     total_ms: float,
     first_token_ms: float | None = None,
     tokens_per_s: float | None = None,
+    prompt_tokens: int | None = None,
 ) -> bytes:
     """The closing frame of every answer, without building models (same bytes as ``encode``)."""
     timings: dict[str, float] = {}
@@ -177,14 +197,21 @@ def encode_done(
             "type": "done",
             "seq": seq,
             "finish_reason": finish_reason,
-            "usage": {"completion_tokens": completion_tokens},
+            "usage": (
+                {"completion_tokens": completion_tokens}
+                if prompt_tokens is None
+                else {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+            ),
             "timings": timings,
         }
     )
 
 
 def decode_request(data: bytes) -> ChatRequest:
-    raw = _unpack(data)
+    try:
+        raw = _unpack(data)
+    except MalformedFrame as err:  # a bad *request* is the asker's fault: bad_request, as documented
+        raise BadRequest(f"not a ChatRequest: {err.message}") from err
     try:
         return ChatRequest.model_validate(raw)
     except ValidationError as err:

@@ -30,7 +30,7 @@ from bus.bulk import (
 )
 from bus.client import Bus, ChatStream
 from bus.errors import BadRequest, BusError
-from bus.subjects import NAME_RE, cancel_subject
+from bus.subjects import ANONYMOUS, NAME_RE, cancel_subject
 from bus.wire import ChatMessage, ChatRequest, encode
 
 log = structlog.get_logger("tekton.gateway.bulk")
@@ -133,8 +133,11 @@ class BulkRun:
         max_concurrency: int,
         heartbeat_s: float,
         session_turn: SessionTurn,
+        owner: str = ANONYMOUS,
     ):
         self.nc = nc
+        # Whose request: only their cancel subject (which the server pins to them) stops it.
+        self.owner = owner
         self.bus = bus
         self.request = request
         self.graph = graph
@@ -162,7 +165,9 @@ class BulkRun:
 
     async def run(self) -> None:
         started = time.perf_counter()
-        cancel_sub = await self.nc.subscribe(cancel_subject(self.request.id, self.bus.settings.prefix))
+        cancel_sub = await self.nc.subscribe(
+            cancel_subject(self.request.id, self.owner, self.bus.settings.prefix)
+        )
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._heartbeats)
 
@@ -239,6 +244,7 @@ class BulkRun:
                 messages=[ChatMessage(role="user", content=message)],
                 options=op.options,
                 timeout_ms=deadline_ms,
+                model=op.model,
             )
             parts: list[str] = []
             began = time.perf_counter()
@@ -252,7 +258,12 @@ class BulkRun:
                     stream, store = await self.session_turn(op.session, op.ai, request)
                 else:
                     stream = self.bus.stream(
-                        op.ai, request.messages, op.options, timeout=deadline_s, request_id=request.id
+                        op.ai,
+                        request.messages,
+                        op.options,
+                        timeout=deadline_s,
+                        request_id=request.id,
+                        model=op.model,
                     )
                 with anyio.move_on_after(deadline_s) as timer:
                     async with stream:
@@ -264,7 +275,7 @@ class BulkRun:
                 if timer.cancelled_caught:
                     status, error = "timeout", f"'{op.ai}' did not finish within {deadline_ms} ms"
             except BusError as err:
-                if attempt == 1 and err.retryable and not parts:
+                if attempt == 1 and err.may_help_elsewhere and not parts:
                     log.info("retrying operation", op=op.id, error=err.message)
                     if store is not None:
                         with anyio.CancelScope(shield=True):

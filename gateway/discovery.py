@@ -1,23 +1,36 @@
 """What runs on the bus, as the gateway sees it: a cached, refreshed survey of `$SRV.INFO`/`$SRV.STATS`,
-and routing decisions over it."""
+and routing decisions over it, with the corrections users made (kept in a JetStream KV bucket that
+every gateway replica follows)."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import anyio
+import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
 
 from bus.discovery import SpecialistView, survey
+from bus.errors import BadRequest
+from bus.subjects import DEFAULT_PREFIX
 from gateway.routing import (
+    DEFAULT_GENERALIST,
     DEFAULT_THRESHOLD,
     Candidate,
     Method,
     TextMatcher,
     matcher,
+    normalise,
     rank_by_capability,
     rank_by_text,
 )
@@ -30,20 +43,33 @@ class Catalog:
     """The specialists running now. Refreshed in the background every ``FRESH_S / 2``; a request that
     needs a name the cache lacks triggers one refresh first."""
 
-    def __init__(self, nc: NATS, method: Method):
+    def __init__(
+        self, nc: NATS, method: Method, prefix: str = DEFAULT_PREFIX, generalist: str = DEFAULT_GENERALIST
+    ):
         self.nc = nc
         self.method = method
+        self.prefix = prefix
+        self.generalist = generalist
         self._views: list[SpecialistView] = []
         self._at = 0.0
         self._answers = 0  # instances that answered last time: the next gather stops when all did
         self._matcher: TextMatcher | None = None
-        self._profiles: tuple[tuple[str, str], ...] = ()
+        # What the text matcher is built from: the profiles and corrections, as a cheap-to-compare
+        # generation number bumped whenever either changes (a request must not hash 1,000 examples).
+        self._profiles: tuple[object, ...] = ()
+        self._generation = 0
+        self._built_generation = -1
+        self._bucket_name = f"{prefix.replace('.', '_')}_routing"
+        self._kv: KeyValue | None = None
+        self._learned: dict[str, tuple[str, str]] = {}  # KV key -> (request text, specialist)
+        self._building = anyio.Lock()
+        self._infos: dict[str, dict[str, Any]] = {}  # instance id -> its $SRV.INFO answer (never changes)
 
     async def refresh(self, *, thorough: bool = False) -> list[SpecialistView]:
         """Stop the gather when as many answered as last time, unless ``thorough`` (then wait for
         silence): new instances show up at the latest on the next thorough refresh."""
         expected = None if thorough else self._answers or None
-        views, answered = await survey(self.nc, expected=expected)
+        views, answered = await survey(self.nc, expected=expected, known=self._infos, prefix=self.prefix)
         if expected and answered < expected:
             # A quick look that missed some (a busy loop answers late): keep what we knew of those
             # until a thorough look confirms they are gone.
@@ -52,6 +78,12 @@ class Catalog:
         else:
             self._answers = answered
         self._views, self._at = views, time.monotonic()
+        profiles = tuple(
+            (v.name, v.description, str(v.capabilities), tuple(v.keywords), tuple(v.examples)) for v in views
+        )
+        if profiles != self._profiles:
+            self._profiles = profiles
+            self._generation += 1
         return views
 
     async def views(self, need: Iterable[str] = (), *, refresh: bool = False) -> list[SpecialistView]:
@@ -65,6 +97,12 @@ class Catalog:
         return {v.name for v in await self.views(need, refresh=refresh)}
 
     async def keep_fresh(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow_corrections)
+            tg.start_soon(self._prepare_matcher_forever)
+            await self._refresh_forever()
+
+    async def _refresh_forever(self) -> None:
         for round_ in itertools.count():
             try:
                 await self.refresh(thorough=round_ % 5 == 0)
@@ -72,12 +110,87 @@ class Catalog:
                 log.info("discovery refresh failed", error=str(err))
             await anyio.sleep(FRESH_S / 2)
 
-    def text_matcher(self) -> TextMatcher:
-        """Built once per set of profiles (they change only when specialists come or go)."""
-        profiles = tuple((v.name, v.description + str(v.capabilities) + str(v.keywords)) for v in self._views)
-        if self._matcher is None or profiles != self._profiles:
-            self._matcher, self._profiles = matcher(self.method, self._views), profiles
-        return self._matcher
+    async def text_matcher(self) -> TextMatcher:
+        """Built once per set of profiles and corrections (they change only when specialists come or go
+        or a user corrects a choice), in a worker thread: embedding a thousand examples takes a while.
+        Its classifier is trained afterwards in the background; until then it votes alone."""
+        async with self._building:
+            if self._matcher is None or self._built_generation != self._generation:
+                generation = self._generation
+                build = partial(matcher, self.method, self._views, list(self._learned.values()), train=False)
+                self._matcher = await anyio.to_thread.run_sync(build)
+                self._built_generation = generation
+            return self._matcher
+
+    async def _prepare_matcher_forever(self) -> None:
+        """Have the text matcher for what runs now built and trained before a request needs it (apart
+        from the refresh loop, which training would hold up for seconds)."""
+        while True:
+            try:
+                if self._views:
+                    built = await self.text_matcher()
+                    if not built.trained:
+                        # A gateway stopping does not wait for this: the half-trained matcher is dropped.
+                        await anyio.to_thread.run_sync(built.train, abandon_on_cancel=True)
+            except Exception:  # a bad profile must not stop discovery; requests will report it
+                log.exception("building the text matcher failed")
+            await anyio.sleep(FRESH_S / 2)
+
+    async def _bucket(self) -> KeyValue:
+        """The corrections bucket, created if missing (file storage: they outlive restarts)."""
+        if self._kv is None:
+            js = self.nc.jetstream()
+            try:
+                self._kv = await js.key_value(self._bucket_name)
+            except nats.js.errors.BucketNotFoundError:
+                config = KeyValueConfig(
+                    bucket=self._bucket_name,
+                    description="Tekton routing corrections: requests users sent to another specialist",
+                    history=1,
+                    storage=StorageType.FILE,
+                )
+                try:
+                    self._kv = await js.create_key_value(config)
+                except nats.js.errors.BadRequestError:  # another replica created it at the same moment
+                    self._kv = await js.key_value(self._bucket_name)
+        return self._kv
+
+    async def learn(self, text: str, specialist: str) -> None:
+        """Remember that ``text`` belongs to ``specialist`` (a user reran it with that name)."""
+        if specialist not in await self.names([specialist]):
+            raise BadRequest(f"cannot learn a route to '{specialist}': no specialist of that name is running")
+        key = "c." + hashlib.sha256(normalise(text).encode()).hexdigest()[:32]
+        value = json.dumps({"text": text[:2000], "specialist": specialist, "at": time.time()})
+        await (await self._bucket()).put(key, value.encode())
+        self._learned[key] = (text[:2000], specialist)  # at once here; other replicas hear it from the watch
+        self._generation += 1
+
+    async def _follow_corrections(self) -> None:
+        """Every replica keeps every correction: the bucket's current values, then each change."""
+        while True:
+            try:
+                watcher = await (await self._bucket()).watch("c.*")
+                try:
+                    async for entry in watcher:
+                        if entry is None:
+                            continue  # the current values have all arrived
+                        if entry.operation is not None or not entry.value:  # deleted or purged
+                            if self._learned.pop(entry.key, None) is not None:
+                                self._generation += 1
+                            continue
+                        try:
+                            data = json.loads(entry.value)
+                            learned = (str(data["text"]), str(data["specialist"]))
+                            if self._learned.get(entry.key) != learned:
+                                self._learned[entry.key] = learned
+                                self._generation += 1
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("skipping unreadable routing correction", key=entry.key)
+                finally:
+                    await watcher.stop()
+            except Exception as err:  # NATS reconnecting, say: follow again shortly
+                log.info("following routing corrections failed", error=str(err))
+            await anyio.sleep(FRESH_S)
 
     async def for_capability(self, capability: str) -> list[Candidate]:
         views = await self.views()
@@ -85,9 +198,35 @@ class Catalog:
             views = await self.refresh(thorough=True)
         return rank_by_capability(views, capability)
 
-    async def for_text(self, text: str) -> list[Candidate]:
+    async def for_text(self, text: str) -> TextRoute:
+        """The ranking for ``text`` and who answers: the best fit, or the generalist when nothing fits
+        (or the best-ranked one when the generalist is not running). Never nobody while any runs."""
         views = await self.views()
-        return rank_by_text(views, self.text_matcher().scores(text)) if views else []
+        if not views:
+            return TextRoute([], None, [], "no specialists are running (start them with `tekton up`)")
+        judgement = (await self.text_matcher()).judge(text)
+        ranked = rank_by_text(views, judgement)
+        best = ranked[0]
+        if judgement.matched and best.fit > 0:
+            # Next best, while they fit at least half as well.
+            others = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= best.score / 2]
+            return TextRoute(ranked, best.name, others, f"{best.name}: {best.why('text match')}")
+        running = {c.name for c in ranked}
+        chosen = self.generalist if self.generalist in running else best.name
+        others = [c.name for c in ranked if c.name != chosen][:3]
+        hint = f"best: {best.name} {best.fit:.2f}" + (f", {best.because}" if best.because else "")
+        what = "the generalist" if chosen == self.generalist else "the best-ranked specialist"
+        reason = f"{chosen}: no specialist's profile matches this request ({hint}), so {what} answers"
+        return TextRoute(ranked, chosen, others, reason, generalist=True)
+
+
+@dataclass(frozen=True)
+class TextRoute:
+    ranked: list[Candidate]
+    chosen: str | None
+    alternatives: list[str]
+    reason: str
+    generalist: bool = False
 
 
 def above(candidates: list[Candidate], threshold: float = DEFAULT_THRESHOLD) -> list[Candidate]:

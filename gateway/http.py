@@ -20,23 +20,30 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from anyio.abc import TaskStatus
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from bus.bulk import BulkPlan, BulkStream
-from bus.client import Bus, ChatStream
+from bus.client import Bus, ChatStream, connect_as
 from bus.errors import (
+    RPC_INTERNAL,
+    RPC_INVALID_PARAMS,
+    RPC_INVALID_REQUEST,
+    RPC_METHOD_NOT_FOUND,
+    RPC_PARSE_ERROR,
     BadRequest,
     BusError,
-    GatewayUnavailable,
-    PayloadTooLarge,
-    SessionNotFound,
-    SessionTooLarge,
-    SpecialistUnavailable,
+    NatsUnavailable,
+    RateLimited,
+    Unauthorized,
 )
+from bus.failover import Opened, open_first
 from bus.settings import TektonSettings
 from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
@@ -106,20 +113,6 @@ class ClosingStream(StreamingResponse):
                 await self.opened.__aexit__(None, None, None)  # closing twice is harmless
 
 
-def http_status(err: BusError) -> int:
-    if isinstance(err, SessionNotFound):
-        return 404
-    if isinstance(err, PayloadTooLarge | SessionTooLarge):
-        return 413
-    if isinstance(err, SpecialistUnavailable):
-        return 404  # like an unknown model in the OpenAI API: nothing by that name runs
-    if isinstance(err, GatewayUnavailable):
-        return 503
-    if isinstance(err, BadRequest):
-        return 400
-    return 502
-
-
 def error_body(err: BusError) -> dict[str, Any]:
     return {"error": {"code": str(err.code), "message": err.message, "retryable": err.retryable}}
 
@@ -146,11 +139,25 @@ class Bucket:
         return (1 - self.tokens) / self.rate
 
 
+# Wrong tokens from one address: a few at once, then one a second (guessing tokens is slow).
+FAILED_RATE_PER_S = 1.0
+FAILED_BURST = 5.0
+
+
 class Guard:
-    """API tokens (required unless the bridge listens on localhost only) and a rate limit per caller."""
+    """API tokens (required unless the bridge listens on localhost only) and a rate limit per caller.
+
+    A token given as ``NAME=TOKEN`` acts as the bus user NAME: its sessions and bulk requests are
+    NAME's, exactly as if NAME used aish (the bridge holds the gateway's credentials, which may use
+    any user's name in gateway subjects). A bare token acts as the bridge's own identity.
+    """
 
     def __init__(self, tokens: list[str], rate: float, burst: float):
-        self.tokens = set(tokens)
+        self.users: dict[str, str | None] = {}
+        for entry in tokens:
+            name, sep, token = entry.partition("=")
+            self.users[token if sep else entry] = name if sep else None
+        self.tokens = set(self.users)
         self.rate, self.burst = rate, burst
         self.buckets: dict[str, Bucket] = {}
 
@@ -160,42 +167,156 @@ class Guard:
             given = authorization[7:].strip()
         if self.tokens:
             if given not in self.tokens:
-                raise HTTPException(
-                    401, {"error": {"code": "unauthorized", "message": "a valid API token is needed"}}
-                )
+                self.admit(f"failed:{client}", FAILED_RATE_PER_S, FAILED_BURST)
+                raise Unauthorized("a valid API token is needed")
             return f"token:{given}"
         return f"client:{client}"
 
-    def admit(self, caller: str) -> None:
-        wait = self.buckets.setdefault(caller, Bucket(self.rate, self.burst)).take()
+    def user(self, caller: str) -> str | None:
+        """The bus user a caller acts as (None: the bridge's own)."""
+        return self.users.get(caller.removeprefix("token:")) if caller.startswith("token:") else None
+
+    def admit(self, caller: str, rate: float | None = None, burst: float | None = None) -> None:
+        bucket = Bucket(rate or self.rate, burst or self.burst)
+        wait = self.buckets.setdefault(caller, bucket).take()
         if wait:
-            raise HTTPException(
-                429,
-                {"error": {"code": "rate_limited", "message": f"too many requests; retry in {wait:.1f} s"}},
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+            raise RateLimited(max(1, math.ceil(wait)))
+
+
+def _hostname(netloc: str) -> str:
+    """``host`` of ``host:port`` / ``[v6]:port``, lower case."""
+    return (urlsplit(f"//{netloc}").hostname or "").lower()
+
+
+class EdgeGuard:
+    """Before any route: the Host header (DNS rebinding), the Origin of browser requests (another web
+    page the user has open), and the request body's size. ASGI middleware, so it covers /ws too."""
+
+    def __init__(self, app: Any, settings: TektonSettings, host: str):
+        self.app = app
+        self.max_body = settings.http_max_body_bytes
+        self.origins = set(settings.http_allowed_origins or [])
+        hosts = settings.http_allowed_hosts
+        # On loopback only loopback names are this bridge; elsewhere API tokens guard it (see Guard).
+        self.hosts = set(hosts) if hosts is not None else (LOCAL_HOSTS if host in LOCAL_HOSTS else None)
+
+    def _refusal(self, headers: dict[str, str]) -> str | None:
+        host = headers.get("host")
+        if (
+            host is not None
+            and self.hosts is not None
+            and "*" not in self.hosts
+            and _hostname(host) not in self.hosts
+        ):
+            return f"host '{host[:100]}' is not this bridge's (set TEKTON_HTTP_ALLOWED_HOSTS)"
+        origin = headers.get("origin")
+        if origin is None or origin in self.origins or "*" in self.origins:
+            return None  # not a browser's cross-site request, or an origin let in by name
+        parts = urlsplit(origin)
+        if parts.scheme in ("http", "https") and (
+            (parts.hostname or "") in LOCAL_HOSTS or (host is not None and parts.netloc == host)
+        ):
+            return None  # a page of this bridge, or of another local server of the user's
+        return f"origin '{origin[:100]}' is not allowed (set TEKTON_HTTP_ALLOWED_ORIGINS)"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(headers)
+        if scope["type"] == "websocket":
+            if refusal is not None:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": refusal[:120]})
+                return None
+            return await self.app(scope, receive, send)
+        if refusal is not None:
+            return await _reply(send, 403, "forbidden", refusal)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await _too_large(send, int(declared), self.max_body)
+        # Read the body here, bounded (also when no length is declared), and hand it on in one piece.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await _too_large(send, size, self.max_body)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Any:
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _too_large(send: Any, size: int, limit: int) -> None:
+    message = (
+        f"request body is over {limit:,} bytes ({size:,} so far); send less (TEKTON_HTTP_MAX_BODY_BYTES)"
+    )
+    await _reply(send, 413, "payload_too_large", message)
+
+
+async def _reply(send: Any, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message, "retryable": False}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(
-    settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None
+    settings: TektonSettings, *, host: str = "127.0.0.1", ready: anyio.Event | None = None, tls: bool = False
 ) -> FastAPI:
     """The bridge's app; ``ready`` is set once it is connected to NATS and can serve."""
     tokens = settings.http_tokens or []
-    if not tokens and host not in LOCAL_HOSTS:
+    if host not in LOCAL_HOSTS and not (tokens and tls):
         raise BadRequest(
-            f"the HTTP bridge on {host} needs API tokens (TEKTON_HTTP_TOKENS); without them it only "
-            "listens on localhost"
+            f"the HTTP bridge on {host} needs API tokens (TEKTON_HTTP_TOKENS) and TLS (--tls); without "
+            "them it only listens on localhost"
         )
     guard = Guard(tokens, settings.http_rate_per_s, settings.http_burst)
     state: dict[str, Bus] = {}
 
+    async def keep_connected(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The bridge's connection; a new one whenever nats-py closes it for good (a server -ERR)."""
+        first = True
+        while True:
+            lost = anyio.Event()
+            try:
+                # The gateway's identity: it may put any caller's user name in gateway subjects.
+                nc = await connect_as(settings, name="tekton-http", identity="gateway", closed=lost)
+            except NatsUnavailable:
+                if first:
+                    raise
+                await anyio.sleep(1.0)  # a retry's backoff: the server is away
+                continue
+            state.clear()  # the per-user buses of a lost connection go with it
+            state["bus"] = Bus(nc, settings)
+            if first:
+                first = False
+                task_status.started()
+            try:
+                await lost.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not nc.is_closed:
+                        await nc.drain()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with Bus.connect(settings, name="tekton-http") as bus:
-            state["bus"] = bus
+        async with anyio.create_task_group() as tg:
+            await tg.start(keep_connected)
             if ready is not None:
                 ready.set()
-            yield
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
 
     app = FastAPI(
         title="Tekton",
@@ -204,14 +325,24 @@ def create_app(
         "and an OpenAI-compatible API.",
         lifespan=lifespan,
     )
+    app.add_middleware(EdgeGuard, settings=settings, host=host)
 
-    def bus() -> Bus:
-        return state["bus"]
+    def bus(caller: str | None = None) -> Bus:
+        """The bus as the caller's user (one Bus, with its own inbox, per user, on one connection)."""
+        user = guard.user(caller) if caller is not None else None
+        if user is None:
+            return state["bus"]
+        if user not in state:
+            state[user] = Bus(state["bus"].nc, settings, acting_for=user)
+        return state[user]
+
+    app.state.bus = bus  # the connection in use now (it is replaced when lost)
 
     async def admitted(request: Request) -> str:
+        # ?token= only on /ws, where a browser cannot set a header: in a URL it ends up in logs.
         caller = guard.caller(
             request.headers.get("authorization"),
-            request.query_params.get("token"),
+            None,
             request.client.host if request.client else "?",
         )
         guard.admit(caller)
@@ -219,7 +350,19 @@ def create_app(
 
     @app.exception_handler(BusError)
     async def bus_error(_: Request, err: BusError) -> JSONResponse:
-        return JSONResponse(error_body(err), status_code=http_status(err))
+        return JSONResponse(
+            error_body(err),
+            status_code=err.http_status,
+            headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        """A 422 that names the problems and never echoes the body back (it may be megabytes)."""
+        problems = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in err.errors()]
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems[:3])
+        body = {"error": {"code": "bad_request", "message": message[:500], "details": problems[:20]}}
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(ValidationError)
     async def invalid(_: Request, err: ValidationError) -> JSONResponse:
@@ -234,27 +377,28 @@ def create_app(
         }
         return JSONResponse(body, status_code=422)
 
-    async def open_stream(body: ChatBody) -> tuple[ChatStream, str]:
-        return await open_first(bus(), body)
+    async def open_stream(body: ChatBody, caller: str) -> Opened:
+        return await open_body(bus(caller), body)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def console() -> str:
         return (resources.files("gateway") / "console.html").read_text()
 
     @app.get("/api/capabilities", summary="Running specialists, their capabilities and health")
-    async def capabilities(_: str = Depends(admitted)) -> dict[str, Any]:
-        reply = await bus().gateway.discover()
+    async def capabilities(caller: str = Depends(admitted)) -> dict[str, Any]:
+        reply = await bus(caller).gateway.discover()
         return {"specialists": [v.model_dump() for v in reply.specialists]}
 
     @app.get("/api/discover", summary="Rank specialists for a capability or a text")
     async def discover(
-        capability: str | None = None, text: str | None = None, _: str = Depends(admitted)
+        capability: str | None = None, text: str | None = None, caller: str = Depends(admitted)
     ) -> dict[str, Any]:
-        return (await bus().gateway.discover(capability=capability, text=text)).model_dump()
+        return (await bus(caller).gateway.discover(capability=capability, text=text)).model_dump()
 
     @app.post("/api/chat", summary="Ask a specialist; the whole answer as JSON")
-    async def chat(body: ChatBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        stream, name = await open_stream(body)
+    async def chat(body: ChatBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        opened = await open_stream(body, caller)
+        name, stream = opened.name, opened.stream
         async with stream:
             result = await stream.result()
         return {
@@ -266,14 +410,15 @@ def create_app(
         }
 
     @app.post("/api/chat/stream", summary="Ask a specialist; the answer as server-sent events")
-    async def chat_stream(body: ChatBody, _: str = Depends(admitted)) -> StreamingResponse:
-        stream, name = await open_stream(body)
+    async def chat_stream(body: ChatBody, caller: str = Depends(admitted)) -> StreamingResponse:
+        opened = await open_stream(body, caller)
+        name, stream = opened.name, opened.stream
 
         async def events() -> AsyncIterator[str]:
             async with stream:
                 yield sse("start", {"specialist": name, "request_id": stream.request.id})
                 try:
-                    async for text in stream:
+                    async for text in opened.texts:
                         yield sse("content", {"text": text})
                     result = await stream.result()
                 except BusError as err:
@@ -287,31 +432,31 @@ def create_app(
         return ClosingStream(events(), stream)
 
     @app.get("/api/sessions", summary="Sessions, most recently changed first")
-    async def list_sessions(specialist: str | None = None, _: str = Depends(admitted)) -> dict[str, Any]:
-        return {"sessions": [s.model_dump() for s in await bus().gateway.list(specialist=specialist)]}
+    async def list_sessions(specialist: str | None = None, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return {"sessions": [s.model_dump() for s in await bus(caller).gateway.list(specialist=specialist)]}
 
     @app.post("/api/sessions", summary="Start a session")
-    async def create_session(body: SessionCreateBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        created = await bus().gateway.create(
+    async def create_session(body: SessionCreateBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        created = await bus(caller).gateway.create(
             body.specialist, name=body.name, context_window=body.context_window, metadata=body.metadata
         )
         return created.model_dump()
 
     @app.get("/api/sessions/{ref}", summary="One session with its turns")
-    async def get_session(ref: str, _: str = Depends(admitted)) -> dict[str, Any]:
-        return (await bus().gateway.get(ref)).model_dump()
+    async def get_session(ref: str, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus(caller).gateway.get(ref)).model_dump()
 
     @app.delete("/api/sessions/{ref}", summary="Delete a session")
-    async def delete_session(ref: str, _: str = Depends(admitted)) -> dict[str, Any]:
-        return {"deleted": await bus().gateway.delete(ref)}
+    async def delete_session(ref: str, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return {"deleted": await bus(caller).gateway.delete(ref)}
 
     @app.post("/api/sessions/{ref}/fork", summary="A new session from the first turns of another")
-    async def fork_session(ref: str, body: ForkBody, _: str = Depends(admitted)) -> dict[str, Any]:
-        return (await bus().gateway.fork(ref, at=body.at, name=body.name)).model_dump()
+    async def fork_session(ref: str, body: ForkBody, caller: str = Depends(admitted)) -> dict[str, Any]:
+        return (await bus(caller).gateway.fork(ref, at=body.at, name=body.name)).model_dump()
 
     @app.post("/api/bulk", summary="Run a bulk plan; progress as server-sent events")
-    async def bulk(plan: BulkPlan, _: str = Depends(admitted)) -> StreamingResponse:
-        run = bus().bulk(plan)
+    async def bulk(plan: BulkPlan, caller: str = Depends(admitted)) -> StreamingResponse:
+        run = bus(caller).bulk(plan)
         await run.__aenter__()
 
         async def events() -> AsyncIterator[str]:
@@ -325,19 +470,20 @@ def create_app(
         return ClosingStream(events(), run)
 
     @app.get("/v1/models", summary="OpenAI-compatible: specialists and @capabilities as models")
-    async def models(_: str = Depends(admitted)) -> dict[str, Any]:
-        views = (await bus().gateway.discover()).specialists
+    async def models(caller: str = Depends(admitted)) -> dict[str, Any]:
+        views = (await bus(caller).gateway.discover()).specialists
         names = [v.name for v in views] + sorted({f"@{c}" for v in views for c in v.capabilities}) + ["@auto"]
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tekton"} for n in names]}
 
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions (streaming or not)")
-    async def completions(body: OpenAIChat, _: str = Depends(admitted)) -> Any:
+    async def completions(body: OpenAIChat, caller: str = Depends(admitted)) -> Any:
         chat_body = ChatBody(
             specialist=body.model,
             messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
             options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
         )
-        stream, name = await open_stream(chat_body)
+        opened = await open_stream(chat_body, caller)
+        name, stream = opened.name, opened.stream
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if not body.stream:
@@ -377,7 +523,7 @@ def create_app(
             async with stream:
                 yield chunk({"role": "assistant"})
                 try:
-                    async for text in stream:
+                    async for text in opened.texts:
                         yield chunk({"content": text})
                     result = await stream.result()
                 except BusError as err:
@@ -390,78 +536,42 @@ def create_app(
 
     @app.websocket("/ws")
     async def ws(socket: WebSocket) -> None:
-        origin = socket.headers.get("origin")
-        allowed = settings.http_allowed_origins
-        if origin and allowed is not None and origin not in allowed:
-            await socket.close(code=1008, reason="origin not allowed")
-            return
         try:
             caller = guard.caller(
                 socket.headers.get("authorization"),
                 socket.query_params.get("token"),
                 socket.client.host if socket.client else "?",
             )
-        except HTTPException:
-            await socket.close(code=1008, reason="a valid API token is needed")
+        except Unauthorized as err:
+            await socket.close(code=1008, reason=err.message)
             return
         await socket.accept()
-        await JsonRpc(socket, bus(), guard, caller).serve()
+        await JsonRpc(socket, bus(caller), guard, caller).serve()
 
     return app
 
 
-async def open_first(bus: Bus, body: ChatBody) -> tuple[ChatStream, str]:
-    """An open stream from ``body.specialist`` (for ``@capability``: the first candidate that takes
-    the request, as aish falls back), and who answers. ``async with`` on it closes it (entering an
-    open stream again does nothing)."""
+async def open_body(bus: Bus, body: ChatBody) -> Opened:
+    """An open stream from ``body.specialist`` (for ``@capability``: the first candidate that starts,
+    as aish falls back), before any HTTP response has begun."""
     messages = body.chat_messages()
     names, _ = await bus.gateway.pick(body.specialist, messages[-1].content)
-    last: BusError | None = None
-    for name in names:
-        stream = bus.stream(name, messages, body.options, session=body.session)
-        try:
-            await stream.__aenter__()
-        except BusError as err:
-            last = err
-            continue
-        try:
-            await stream.wait_started()  # fail here, before any HTTP response has begun
-        except BusError as err:
-            await stream.__aexit__(None, None, None)
-            last = err
-            if not err.retryable and not isinstance(err, SpecialistUnavailable):
-                raise
-            continue
-        return stream, name
-    assert last is not None
-    raise last
+    return await open_first(
+        names, lambda name: bus.stream(name, messages, body.options, session=body.session)
+    )
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-# JSON-RPC 2.0 error codes
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
-    -32700,
-    -32600,
-    -32601,
-    -32602,
-    -32603,
+    RPC_PARSE_ERROR,
+    RPC_INVALID_REQUEST,
+    RPC_METHOD_NOT_FOUND,
+    RPC_INVALID_PARAMS,
+    RPC_INTERNAL,
 )
-SESSION_EXPIRED, SPECIALIST_UNAVAILABLE, CONTEXT_LIMIT = -32000, -32001, -32002
-
-
-def rpc_code(err: BusError) -> int:
-    if isinstance(err, SessionNotFound):
-        return SESSION_EXPIRED
-    if isinstance(err, SpecialistUnavailable | GatewayUnavailable):
-        return SPECIALIST_UNAVAILABLE
-    if isinstance(err, PayloadTooLarge | SessionTooLarge):
-        return CONTEXT_LIMIT
-    if isinstance(err, BadRequest):
-        return INVALID_PARAMS
-    return INTERNAL
 
 
 class RpcError(Exception):
@@ -526,10 +636,8 @@ class JsonRpc:
                 raise RpcError(INVALID_PARAMS, "params must be an object")
             try:
                 self.guard.admit(self.caller)
-            except HTTPException as err:
-                raise RpcError(
-                    INTERNAL, "rate limited", {"retry_after": err.headers and err.headers.get("Retry-After")}
-                ) from err
+            except RateLimited as err:
+                raise RpcError(err.rpc_code, "rate limited", {"retry_after": str(err.retry_after)}) from err
             result = await method(params)
         except RpcError as err:
             await self.reply_error(request_id, err.code, err.message, err.data)
@@ -543,7 +651,7 @@ class JsonRpc:
             )
             return
         except BusError as err:
-            await self.reply_error(request_id, rpc_code(err), err.message, {"code": str(err.code)})
+            await self.reply_error(request_id, err.rpc_code, err.message, {"code": str(err.code)})
             return
         if request_id is not None:
             await self.send({"id": request_id, "result": result})
@@ -554,17 +662,19 @@ class JsonRpc:
             error["data"] = data
         await self.send({"id": request_id, "error": error})
 
-    async def _open(self, params: dict[str, Any]) -> tuple[ChatStream, str]:
-        return await open_first(self.bus, ChatBody.model_validate(params))
+    async def _open(self, params: dict[str, Any]) -> Opened:
+        return await open_body(self.bus, ChatBody.model_validate(params))
 
     async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
-        stream, name = await self._open(params)
+        opened = await self._open(params)
+        name, stream = opened.name, opened.stream
         async with stream:
             result = await stream.result()
         return {"specialist": name, "text": result.text, "timings": result.done.timings.model_dump()}
 
     async def stream(self, params: dict[str, Any]) -> dict[str, Any]:
-        stream, name = await self._open(params)
+        opened = await self._open(params)
+        name, stream = opened.name, opened.stream
         request_id = stream.request.id
         scope = anyio.CancelScope()
         self.streams[request_id] = scope
@@ -574,7 +684,7 @@ class JsonRpc:
                 with scope:
                     async with stream:
                         try:
-                            async for text in stream:
+                            async for text in opened.texts:
                                 await self.send(
                                     {
                                         "method": "stream.chunk",

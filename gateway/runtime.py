@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
+import structlog
 import uvicorn
 from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
 
-from bus.client import connect
+from bus.client import connect_as
+from bus.cluster import session_replicas
+from bus.errors import NatsUnavailable
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from gateway.http import create_app
 from gateway.service import GatewayService
-from gateway.store import SessionStore, StoreLimits, open_bucket
+from gateway.store import SessionStore, StoreLimits, open_bucket, value_limit
+
+log = structlog.get_logger("tekton.gateway")
 
 
 class _Uvicorn(uvicorn.Server):
@@ -46,39 +52,94 @@ async def serve_gateway(
     """Serve until ``stop`` is set (SIGTERM/SIGINT when no event is given), then finish recording.
 
     With ``http`` (host, port) the HTTP bridge runs too; ``on_http`` hears its URL once it listens.
+    nats-py rides out server restarts by itself but closes the connection for good on some server
+    errors: then the replica starts over on a new connection instead of living on disconnected.
     """
-    nc = await connect(settings.nats_url, name="tekton-gateway")
-    try:
-        limits = StoreLimits(
-            ttl_s=settings.session_ttl_s,
-            max_turns=settings.session_max_turns,
-            max_bytes=min(settings.session_max_bytes, nc.max_payload),
-        )
-        kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
-        async with anyio.create_task_group() as tg:
-            service = GatewayService(nc, SessionStore(kv, limits), settings, tg)
-            await service.start()
-            server: _Uvicorn | None = None
+    async with anyio.create_task_group() as tg:
+        if stop is None:
+            stop = anyio.Event()
+            tg.start_soon(set_on_signal, stop)
+        server: _Uvicorn | None = None
+        first = True
+
+        async def ready(service: GatewayService) -> None:
+            nonlocal first, server
+            if not first:
+                log.info("gateway serving again", instance=service.instance_id)
+                return
+            first = False
             if http is not None:
-                ready = anyio.Event()
-                app = create_app(settings, host=http[0], ready=ready)
+                bridge_ready = anyio.Event()
+                tls = settings.http_tls_cert is not None and settings.http_tls_key is not None
+                app = create_app(settings, host=http[0], ready=bridge_ready, tls=tls)
                 sock = http_socket(*http)  # bound now: connections wait in its backlog until served
-                server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on"))
+                server = _Uvicorn(
+                    uvicorn.Config(
+                        app,
+                        log_level="warning",
+                        lifespan="on",
+                        ssl_certfile=settings.http_tls_cert if tls else None,
+                        ssl_keyfile=settings.http_tls_key if tls else None,
+                    )
+                )
                 tg.start_soon(server.serve, [sock])
-                await ready.wait()
+                await bridge_ready.wait()
                 host, port = sock.getsockname()[:2]
                 if on_http:
-                    on_http(f"http://{host}:{port}")
+                    on_http(f"{'https' if tls else 'http'}://{host}:{port}")
             task_status.started(service)
-            if stop is None:
-                stop = anyio.Event()
-                tg.start_soon(set_on_signal, stop)
-            await stop.wait()
+
+        while not stop.is_set():
+            lost = anyio.Event()
+            try:
+                nc = await connect_as(settings, name="tekton-gateway", identity="gateway", closed=lost)
+            except NatsUnavailable:
+                if first:
+                    raise
+                with anyio.move_on_after(1.0):  # a retry's backoff that still ends at once on stop
+                    await stop.wait()
+                continue
+            try:
+                await _serve_connection(nc, settings, lost, stop, ready)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not nc.is_closed:
+                        await nc.drain()
+            if lost.is_set() and not stop.is_set():
+                log.error("gateway lost its NATS connection for good; connecting again")
+        if server is not None:
+            server.should_exit = True
+        tg.cancel_scope.cancel()
+
+
+async def _serve_connection(
+    nc: NATS,
+    settings: TektonSettings,
+    lost: anyio.Event,
+    stop: anyio.Event,
+    ready: Callable[[GatewayService], Awaitable[None]],
+) -> None:
+    """One connection's life: serve until ``stop`` (then let recordings finish) or until it is lost."""
+    limits = StoreLimits(
+        ttl_s=settings.session_ttl_s,
+        max_turns=settings.session_max_turns,
+        max_bytes=value_limit(nc.max_payload, settings.session_max_bytes),
+        replicas=session_replicas(nc, settings.session_replicas),
+    )
+    kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
+    async with anyio.create_task_group() as tg:
+        service = GatewayService(nc, SessionStore(kv, limits), settings, tg)
+        await service.start()
+        await ready(service)
+        async with anyio.create_task_group() as waiting:
+            for event in (stop, lost):
+                waiting.start_soon(_cancel_on, event, waiting.cancel_scope)
+        if stop.is_set() and not lost.is_set():
             with anyio.CancelScope(shield=True):
-                if server is not None:
-                    server.should_exit = True
                 await service.stop(settings.drain_grace_s)
-            tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await nc.drain()
+        tg.cancel_scope.cancel()
+
+
+async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

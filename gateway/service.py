@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -23,8 +24,8 @@ from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
 from bus.bulk import BulkAccepted, BulkRequest
-from bus.client import Bus, ChatStream, is_no_responders
-from bus.discovery import Discover, DiscoveryReply, Ranked
+from bus.client import SETTLE_WAIT_S, STORED_WAIT_S, Bus, ChatStream, FrameReader
+from bus.discovery import PREFIX_KEY, Discover, DiscoveryReply, Ranked
 from bus.errors import BadRequest, BusError, ErrorCode, SessionTooLarge, SpecialistUnavailable
 from bus.sessions import (
     ChatAccepted,
@@ -39,31 +40,32 @@ from bus.sessions import (
     SessionRef,
     SessionReply,
     SessionsReply,
+    SettleTurn,
     StoredFrame,
     Turn,
     TurnStatus,
 )
 from bus.settings import TektonSettings
 from bus.subjects import (
+    ALL_USERS,
     SESSION_OPS,
     bulk_subject,
     chat_subject,
     discover_subject,
     gateway_queue,
+    gateway_user,
+    inbox_owner,
     session_subject,
     validate_name,
 )
 from bus.wire import (
     ChatRequest,
-    ChunkFrame,
     DoneFrame,
     ErrorFrame,
     Wire,
-    chunk_fields,
     encode,
     encode_request,
     unpack_frame,
-    validate_frame,
 )
 from gateway.bulk import BulkRun, StoreAnswer, validate
 from gateway.discovery import Catalog
@@ -75,6 +77,26 @@ log = structlog.get_logger("tekton.gateway")
 VERSION = "0.1.0"
 
 Handler = Callable[[Any], Awaitable[Wire]]
+
+# Who is asking, from the user token of the request's subject (nats-server lets each user publish
+# under their own name only); set per request task, never read from the payload.
+asking: ContextVar[str] = ContextVar("asking")
+
+
+def _owner() -> str | None:
+    """The owner whose sessions this request may touch; None for an admin asking as ``_all``."""
+    user = asking.get()
+    return None if user == ALL_USERS else user
+
+
+def _new_owner(like: Session | None = None) -> str:
+    """The owner of a session this request creates: the asker, or for ``_all`` the source's owner."""
+    user = asking.get()
+    if user != ALL_USERS:
+        return user
+    if like is None:
+        raise BadRequest("as _all (every user's sessions) you cannot create one: ask as its user")
+    return like.owner
 
 
 class GatewayService:
@@ -95,11 +117,12 @@ class GatewayService:
             "fork": (ForkSession, self._fork),
             "rename": (RenameSession, self._rename),
             "chat": (SessionChat, self._chat),
+            "settle": (SettleTurn, self._settle),
             "bulk": (BulkRequest, self._bulk),
             "discover": (Discover, self._discover),
         }
         self.bus = Bus(nc, settings)
-        self.running = Catalog(nc, settings.routing_method)
+        self.running = Catalog(nc, settings.routing_method, settings.prefix, settings.routing_generalist)
 
     @property
     def instance_id(self) -> str:
@@ -111,12 +134,17 @@ class GatewayService:
             name="gateway",
             version=VERSION,
             description="Tekton gateway: conversation sessions in JetStream KV",
-            metadata={"tekton_role": "gateway", "bucket": self.store.kv._name},
+            metadata={
+                "tekton_role": "gateway",
+                "bucket": self.store.kv._name,
+                PREFIX_KEY: self.settings.prefix,
+            },
             stats_handler=self._stats_data,
         )
-        endpoints = [(f"session-{op}", session_subject(op, self.settings.prefix), op) for op in SESSION_OPS]
-        endpoints.append(("bulk", bulk_subject(self.settings.prefix), "bulk"))
-        endpoints.append(("discover", discover_subject(self.settings.prefix), "discover"))
+        prefix = self.settings.prefix
+        endpoints = [(f"session-{op}", session_subject(op, prefix, "*"), op) for op in SESSION_OPS]
+        endpoints.append(("bulk", bulk_subject(prefix, "*"), "bulk"))
+        endpoints.append(("discover", discover_subject(prefix, "*"), "discover"))
         for name, subject, op in endpoints:
             await self._service.add_endpoint(
                 name=name,
@@ -150,6 +178,7 @@ class GatewayService:
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
         """Validate, run, reply; whatever goes wrong becomes an error reply and the gateway goes on."""
         self.counters["requests"] += 1
+        asking.set(gateway_user(req.subject, self.settings.prefix))
         try:
             try:
                 request = model.model_validate(unpack_frame(req.data))
@@ -160,7 +189,7 @@ class GatewayService:
                 raise BadRequest(f"not a valid '{op}' request: {problems}") from err
             except BusError as err:
                 raise BadRequest(f"not a valid '{op}' request: {err.message}") from err
-            payload = encode(await handler(request))
+            payload = encode(await handler(request), self.nc.max_payload)
         except BusError as err:
             self.counters["errors"] += 1
             log.info("request refused", op=op, code=str(err.code), error=err.message)
@@ -180,22 +209,26 @@ class GatewayService:
         if r.specialist is not None:
             _check_name(r.specialist)
         session = Session(
-            name=r.name, specialist=r.specialist, context_window=r.context_window, metadata=r.metadata
+            name=r.name,
+            specialist=r.specialist,
+            context_window=r.context_window,
+            metadata=r.metadata,
+            owner=_new_owner(),
         )
         return SessionReply(session=await self.store.create(session))
 
     async def _get(self, r: SessionRef) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
+        session, _ = await self.store.resolve(r.session, _owner())
         return SessionReply(session=session)
 
     async def _list(self, r: ListSessions) -> SessionsReply:
-        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit))
+        return SessionsReply(sessions=await self.store.list(r.specialist, r.name, r.limit, _owner()))
 
     async def _delete(self, r: SessionRef) -> DeletedReply:
-        return DeletedReply(session=await self.store.delete(r.session))
+        return DeletedReply(session=await self.store.delete(r.session, _owner()))
 
     async def _fork(self, r: ForkSession) -> SessionReply:
-        source, _ = await self.store.resolve(r.session)
+        source, _ = await self.store.resolve(r.session, _owner())
         at = len(source.turns) if r.at is None else r.at
         if at > len(source.turns):
             raise BadRequest(
@@ -210,21 +243,30 @@ class GatewayService:
             created=now,
             updated=now,
             turns=source.turns[:at],
+            owner=_new_owner(source),
         )
         return SessionReply(session=await self.store.create(fork))
 
     async def _rename(self, r: RenameSession) -> SessionReply:
-        session, _ = await self.store.resolve(r.session)
-        await self.store.check_name_free(r.name, but=session.id)
-        renamed = await self.store.update(session.id, lambda s: s.model_copy(update={"name": r.name}))
-        return SessionReply(session=renamed)
+        return SessionReply(session=await self.store.rename(r.session, r.name, _owner()))
+
+    async def _settle(self, r: SettleTurn) -> StoredFrame:
+        """A client's copy of an answer whose recording gateway stopped (see SettleTurn)."""
+        session, _ = await self.store.resolve(r.session, _owner())
+        turn = next((t for t in session.turns if t.role == "user" and t.request_id == r.request_id), None)
+        if turn is None:
+            raise BadRequest(f"session {session.name or session.id} has no turn for request {r.request_id}")
+        stored = await self._finish(session.id, turn, r.answer, "ok", "")
+        if stored is None:
+            raise BusError("the answer could not be stored; try again", retryable=True)
+        return stored
 
     async def _begin_turn(
         self, ref: str, specialist: str | None, request: ChatRequest
     ) -> tuple[str, Turn, ChatRequest]:
         """Store the user turn (first, so it survives whatever happens to the answer) and return the
         request with the session's context before the new message(s)."""
-        session = await self.store.recent(ref)
+        session = await self.store.recent(ref, _owner())
         specialist = specialist or session.specialist
         if not specialist:
             raise BadRequest(
@@ -232,20 +274,32 @@ class GatewayService:
             )
         _check_name(specialist)
         users = [m for m in request.messages if m.role == "user"]
+        now = time.time()
+        # Past the request's deadline, the stream's idle timeout and the client's wait to settle it,
+        # nobody can still store this turn's answer.
+        budget = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         turn = Turn(
             role="user",
             content=users[-1].content if users else request.messages[-1].content,
             specialist=specialist,
             status="pending",
             request_id=request.id,
+            settle_by=now + budget + self.settings.idle_timeout_s + STORED_WAIT_S + SETTLE_WAIT_S,
         )
         session = await self.store.update(
-            session.id, lambda s: s.model_copy(update={"turns": [*s.turns, turn]})
+            session.id, lambda s: s.model_copy(update={"turns": [*_abandoned(s.turns, now), turn]})
         )
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
+    def _check_inbox_owner(self, inbox: str) -> None:
+        """Answers go only to the asker's own inbox (or ours, for the HTTP bridge we run)."""
+        if inbox_owner(inbox) not in (asking.get(), self.bus.user):
+            raise BadRequest(f"inbox {inbox!r} is not yours: use one under _INBOX.{asking.get()}")
+
     async def _chat(self, r: SessionChat) -> ChatAccepted:
+        _check_inbox(r.inbox)
+        self._check_inbox_owner(r.inbox)
         session_id, turn, request = await self._begin_turn(r.session, r.specialist, r.request)
         try:
             payload = encode_request(request, limit=self.nc.max_payload)
@@ -289,7 +343,7 @@ class GatewayService:
         views = await self.running.views(refresh=r.refresh)
         threshold = self.settings.routing_threshold if r.threshold is None else r.threshold
         ranked: list[Candidate] = []
-        chosen, reason, alternatives = None, "", []
+        chosen, reason, alternatives, generalist = None, "", [], False
         if r.capability:
             ranked = await self.running.for_capability(r.capability)
             views = [v for v in views if r.capability in v.capabilities]
@@ -305,15 +359,14 @@ class GatewayService:
                 )
         elif r.text:
             what = "text match"
-            ranked = await self.running.for_text(r.text)
-            if ranked and ranked[0].fit > 0:
-                chosen, reason = ranked[0].name, f"{ranked[0].name}: {ranked[0].why(what)}"
-                # Next best, while they fit at least half as well.
-                alternatives = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= ranked[0].score / 2]
-            else:
-                reason = "nothing in the request matches what any running specialist does; name one"
+            if r.correct:
+                await self.running.learn(r.text, r.correct)
+            route = await self.running.for_text(r.text)
+            ranked, chosen, alternatives = route.ranked, route.chosen, route.alternatives
+            reason, generalist = route.reason, route.generalist
         return DiscoveryReply(
-            specialists=views,
+            # Without their example requests: routing reads those here; askers need the rest.
+            specialists=[v.model_copy(update={"examples": []}) for v in views],
             ranked=[
                 Ranked(name=c.name, score=c.score, fit=c.fit, health=c.health, why=c.why(what))
                 for c in ranked
@@ -321,10 +374,13 @@ class GatewayService:
             chosen=chosen,
             alternatives=alternatives,
             reason=reason,
+            generalist=generalist,
             took_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:
+        _check_inbox(r.inbox)
+        self._check_inbox_owner(r.inbox)
         graph = validate(r.operations, await self.running.names({op.ai for op in r.operations}))
         run = BulkRun(
             self.nc,
@@ -334,6 +390,7 @@ class GatewayService:
             max_concurrency=self.settings.bulk_max_concurrency,
             heartbeat_s=self.settings.heartbeat_s,
             session_turn=self._session_turn,
+            owner=asking.get(),
         )
         self._recording(+1)
 
@@ -353,6 +410,7 @@ class GatewayService:
         parts: list[str] = []
         status: TurnStatus = "error"
         error = "the answer stream ended without a done frame"
+        reader = FrameReader()
         try:
             while True:
                 try:
@@ -360,31 +418,26 @@ class GatewayService:
                 except TimeoutError:
                     error = f"'{turn.specialist}' went silent for {self.settings.idle_timeout_s:g} s"
                     break
-                if is_no_responders(msg):
+                try:
+                    item = reader.read(msg)
+                except BusError as err:  # unreadable, or frames lost (a seq gap): not a whole answer
+                    error = f"bad answer stream from '{turn.specialist}': {err.message}"
+                    break
+                if type(item) is str:
+                    parts.append(item)
+                elif item is None:
                     # NATS tells only the publisher (us) that nobody listens: pass it on to the client.
                     running = await self.running.names(refresh=True)
                     unavailable = SpecialistUnavailable.named(turn.specialist, running)
                     await self.nc.publish(inbox, encode(_error_frame(unavailable)))
                     error = unavailable.message
                     break
-                try:
-                    raw = unpack_frame(msg.data)
-                    chunk = chunk_fields(raw)
-                    if chunk is not None:
-                        parts.append(chunk[1])
-                        continue
-                    frame = validate_frame(raw)
-                except BusError as err:
-                    error = f"unreadable frame from '{turn.specialist}': {err.message}"
-                    break
-                if isinstance(frame, ChunkFrame):
-                    parts.append(frame.text)
-                elif isinstance(frame, DoneFrame):
+                elif isinstance(item, DoneFrame):
                     status, error = "ok", ""
                     break
-                elif isinstance(frame, ErrorFrame):
-                    status = "cancelled" if frame.code == ErrorCode.CANCELLED else "error"
-                    error = frame.message
+                elif isinstance(item, ErrorFrame):
+                    status = "cancelled" if item.code == ErrorCode.CANCELLED else "error"
+                    error = item.message
                     break
         except Exception as err:  # the connection went away: still try to mark the turn
             error = f"gateway lost the stream: {err}"
@@ -396,6 +449,8 @@ class GatewayService:
                     stored = await self._finish(session_id, turn, "".join(parts), status, error)
                     if stored is not None:
                         await self.nc.publish(inbox, encode(stored))
+                except Exception as err:  # never the gateway's death: the client settles the turn
+                    log.warning("stored frame not sent", session=session_id, error=str(err))
                 finally:
                     self._recording(-1)
 
@@ -405,6 +460,8 @@ class GatewayService:
         """Mark the user turn with how its answer ended and store the answer (partial ones too)."""
 
         def change(s: Session) -> Session:
+            if not _pending(s.turns, turn.id):
+                return s  # settled already (by the client's copy, or by another recorder)
             turns = _mark(s.turns, turn.id, status, error)
             if answer or status == "ok":
                 turns.append(
@@ -420,6 +477,8 @@ class GatewayService:
             return s.model_copy(update={"turns": turns})
 
         def too_large(s: Session) -> Session:
+            if not _pending(s.turns, turn.id):
+                return s
             note = "the answer was too large to store in the session"
             return s.model_copy(update={"turns": _mark(s.turns, turn.id, "error", note)})
 
@@ -428,8 +487,8 @@ class GatewayService:
                 session = await self.store.update(session_id, change)
             except SessionTooLarge:
                 session = await self.store.update(session_id, too_large)
-        except BusError as err:
-            log.warning("answer not stored", session=session_id, request=turn.request_id, error=err.message)
+        except Exception as err:  # a BusError, or nats-py's own (timeout, connection closed)
+            log.warning("answer not stored", session=session_id, request=turn.request_id, error=str(err))
             return None
         return StoredFrame(session=session_id, turns=len(session.turns) + session.dropped)
 
@@ -439,6 +498,31 @@ def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> li
         t.model_copy(update={"status": status, "error": error or None}) if t.id == turn_id else t
         for t in turns
     ]
+
+
+def _abandoned(turns: list[Turn], now: float) -> list[Turn]:
+    """Pending turns whose answer can no longer arrive, marked as such."""
+    note = "no answer was stored: its gateway and its client both stopped before the answer ended"
+    return [
+        t.model_copy(update={"status": "error", "error": note})
+        if t.status == "pending" and t.settle_by is not None and t.settle_by < now
+        else t
+        for t in turns
+    ]
+
+
+def _pending(turns: list[Turn], turn_id: str) -> bool:
+    return any(t.id == turn_id and t.status == "pending" for t in turns)
+
+
+def _check_inbox(inbox: str) -> None:
+    """A subject we may subscribe and publish to: no wildcard (we would hear others' streams), no
+    whitespace or empty token (nats-server answers those with -ERR and closes our connection)."""
+    tokens = inbox.split(".")
+    if any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in tokens) or len(inbox) > 256:
+        raise BadRequest(
+            f"inbox {inbox[:80]!r} is not a plain NATS subject (no wildcards, spaces or empty tokens)"
+        )
 
 
 def _error_payload(err: BusError) -> bytes:

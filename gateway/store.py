@@ -1,9 +1,11 @@
-"""Sessions in a JetStream key-value bucket: one session = one key, every change compare-and-set.
+"""Sessions in a JetStream key-value bucket, every change compare-and-set.
 
-Keys are ``s.<id>``. The bucket has file storage, a TTL (a session expires that long after its last
-change) and a little history. Names are not indexed: a name is resolved by scanning the bucket
-(``list`` does the same), which costs one ephemeral consumer per lookup and is fine for people-sized
-numbers of sessions; ids are one direct get.
+Keys: ``s.<id>`` the session; ``i.<id>`` its summary (small, rewritten with every change, what listing
+reads); ``n.o<hex of owner>.<hex of name>`` the id of the session holding that name, created atomically
+(``kv.create``), so a name is resolved with two direct gets and two first uses of a name make one
+session. Names belong to their owner (the user who made the session): two users may both have a
+"work". The bucket has file storage, a TTL (a key expires that long after its last change) and a
+little history.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import msgpack
@@ -37,12 +40,23 @@ ID_PREFIX_RE = re.compile(r"^[0-9a-f]{6,31}$")
 # with backoff every writer gets through. Past this, something is wrong: say so.
 CAS_PATIENCE_S = 10.0
 
+# A KV write is a JetStream publish with headers (the expected last sequence, and trace context or a
+# message TTL where used). nats-server counts them against max_payload, and answers a publish over it
+# by closing the connection: stored values stay this far under max_payload.
+KV_HEADROOM = 4096
+
+
+def value_limit(max_payload: int, wanted: int) -> int:
+    """The largest session value the store writes on a server with ``max_payload``."""
+    return min(wanted, max_payload - KV_HEADROOM)
+
 
 @dataclass(frozen=True)
 class StoreLimits:
     ttl_s: float
     max_turns: int
-    max_bytes: int
+    max_bytes: int  # of one stored session value: see value_limit()
+    replicas: int = 1
 
 
 def bucket_name(prefix: str) -> str:
@@ -64,6 +78,7 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         max_value_size=limits.max_bytes,
         storage=StorageType.FILE,
         direct=True,
+        replicas=limits.replicas,
     )
     try:
         return await js.create_key_value(config)
@@ -71,8 +86,32 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         return await js.key_value(name)
 
 
+async def _leader_write(write: Callable[[], Awaitable[int]]) -> int:
+    """A KV write, again while nobody takes it: on a cluster the bucket's leader is gone and its replicas
+    are electing another (a second or two); "no responders" means nothing was written."""
+    deadline = time.monotonic() + CAS_PATIENCE_S
+    while True:
+        try:
+            return await write()
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            if time.monotonic() > deadline:
+                raise BusError(
+                    "the sessions store has no leader; nothing was written", retryable=True
+                ) from None
+            await anyio.sleep(0.1)
+
+
 def _key(session_id: str) -> str:
     return f"s.{session_id}"
+
+
+def _summary_key(session_id: str) -> str:
+    return f"i.{session_id}"
+
+
+def _name_key(name: str, owner: str) -> str:
+    # Names may hold dots and dashes; hex keeps every name one valid key token.
+    return f"n.o{owner.encode().hex()}.{name.encode().hex()}"
 
 
 def _decode(data: bytes | None, key: str) -> Session:
@@ -82,32 +121,64 @@ def _decode(data: bytes | None, key: str) -> Session:
         raise BusError(f"stored session {key} is unreadable: {err}") from err
 
 
+def _pack(session: Session) -> bytes:
+    data: bytes = msgpack.packb(session.model_dump(mode="python", exclude_none=True))
+    return data
+
+
 class SessionStore:
-    def __init__(self, kv: KeyValue, limits: StoreLimits, cache_size: int = 1024):
+    def __init__(
+        self, kv: KeyValue, limits: StoreLimits, cache_size: int = 1024, cache_bytes: int = 64 * 1024 * 1024
+    ):
         self.kv = kv
         self.limits = limits
         # The last value and revision this replica read or wrote, per session: an append then costs one
         # compare-and-set write instead of a read and a write. A stale entry (another replica wrote) only
-        # costs the retry the compare-and-set does anyway.
-        self._recent: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        # costs the retry the compare-and-set does anyway. Bounded in count and in encoded bytes.
+        self._recent: OrderedDict[str, tuple[Session, int, int]] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self.cached_bytes = 0
         # Writers of one session in this replica take turns (no compare-and-set fights among
         # themselves); compare-and-set still settles writers in other replicas and processes.
         self._writing: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+        # When this replica last rewrote a name's index key (it expires with the bucket's TTL like any
+        # key, so a name in use is rewritten now and then).
+        self._names_touched: OrderedDict[str, float] = OrderedDict()
 
-    def _remember(self, session: Session, revision: int) -> None:
-        self._recent[session.id] = (session, revision)
-        self._recent.move_to_end(session.id)
-        if len(self._recent) > self._cache_size:
-            self._recent.popitem(last=False)
+    def _remember(self, session: Session, revision: int, size: int) -> None:
+        self._forget(session.id)
+        self._recent[session.id] = (session, revision, size)
+        self.cached_bytes += size
+        while self._recent and (
+            len(self._recent) > self._cache_size or self.cached_bytes > self._cache_bytes
+        ):
+            _, (_, _, dropped) = self._recent.popitem(last=False)
+            self.cached_bytes -= dropped
+
+    def _forget(self, session_id: str) -> None:
+        old = self._recent.pop(session_id, None)
+        if old is not None:
+            self.cached_bytes -= old[2]
+
+    def _cached(self, session_id: str) -> tuple[Session, int] | None:
+        found = self._recent.get(session_id)
+        return (found[0], found[1]) if found else None
 
     def _encode(self, session: Session) -> tuple[Session, bytes]:
         """The stored bytes; over the size limit, the oldest turns are dropped until it fits (never the
         newest one: a single turn over the limit is an error and nothing is written)."""
-        data: bytes = msgpack.packb(session.model_dump(mode="python", exclude_none=True))
+        data = _pack(session)
         while len(data) > self.limits.max_bytes and len(session.turns) > 1:
-            session = session.model_copy(update={"turns": session.turns[1:], "dropped": session.dropped + 1})
-            data = msgpack.packb(session.model_dump(mode="python", exclude_none=True))
+            # Drop as many of the oldest turns as the excess needs at once, not one re-encode per turn.
+            excess, cut = len(data) - self.limits.max_bytes, 0
+            while cut < len(session.turns) - 1 and excess > 0:
+                excess -= len(msgpack.packb(session.turns[cut].model_dump(mode="python", exclude_none=True)))
+                cut += 1
+            session = session.model_copy(
+                update={"turns": session.turns[cut:], "dropped": session.dropped + cut}
+            )
+            data = _pack(session)
         if len(data) > self.limits.max_bytes:
             raise SessionTooLarge(
                 f"session {session.name or session.id} would be {len(data):,} bytes even with only its "
@@ -126,67 +197,152 @@ class SessionStore:
         try:
             entry = await self.kv.get(_key(session_id))
         except nats.js.errors.KeyNotFoundError:
-            self._recent.pop(session_id, None)
+            self._forget(session_id)
             return None
         session, revision = _decode(entry.value, entry.key), entry.revision or 0
-        self._remember(session, revision)
+        self._remember(session, revision, len(entry.value or b""))
         return session, revision
 
-    async def scan(self) -> list[Session]:
-        """Every live session (one ephemeral ordered consumer over the bucket's last values)."""
-        watcher = await self.kv.watch("s.*", ignore_deletes=True)
-        sessions: list[Session] = []
+    async def _summarise(self, session: Session) -> None:
+        """Rewrite the session's summary (what listing reads) and keep its name's index key alive."""
+        await self.kv.put(
+            _summary_key(session.id), msgpack.packb(session.summary().model_dump(exclude_none=True))
+        )
+        if session.name is None:
+            return
+        key = _name_key(session.name, session.owner)
+        touched = self._names_touched.get(key)
+        if touched is not None and time.monotonic() - touched < self.limits.ttl_s / 4:
+            return
+        try:
+            entry = await self.kv.get(key)
+            if entry.value == session.id.encode():
+                await self.kv.update(key, entry.value, last=entry.revision)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyWrongLastSequenceError):
+            return  # renamed or taken over meanwhile: the index is someone else's now
+        self._names_touched[key] = time.monotonic()
+        self._names_touched.move_to_end(key)
+        if len(self._names_touched) > self._cache_size:
+            self._names_touched.popitem(last=False)
+
+    async def summaries(self, owner: str | None = None) -> list[SessionSummary]:
+        """Every live session's summary, of ``owner`` (None: everyone's), by one ephemeral ordered
+        consumer over the small ``i.*`` keys."""
+        watcher = await self.kv.watch("i.*", ignore_deletes=True)
+        found: list[SessionSummary] = []
         try:
             async for entry in watcher:
                 if entry is None:
                     break
                 if entry.operation is None and entry.value:
                     try:
-                        sessions.append(_decode(entry.value, entry.key))
-                    except BusError as err:
-                        log.warning("skipping unreadable session", key=entry.key, error=err.message)
+                        summary = SessionSummary.model_validate(msgpack.unpackb(entry.value, raw=False))
+                        if owner is None or summary.owner == owner:
+                            found.append(summary)
+                    except (ValidationError, ValueError, msgpack.UnpackException) as err:
+                        log.warning("skipping unreadable summary", key=entry.key, error=str(err))
                 if entry.delta == 0:
                     break
         finally:
             await watcher.stop()
-        return sessions
+        return found
 
-    async def resolve(self, ref: str) -> tuple[Session, int]:
-        """The session with id ``ref``, else the newest one named ``ref``, else the one whose id starts
-        with ``ref`` (at least 6 hex digits), with its revision."""
+    async def _holder(self, name: str, owner: str) -> tuple[str, int] | None:
+        """The id ``owner``'s name's index key points at, with the key's revision."""
+        try:
+            entry = await self.kv.get(_name_key(name, owner))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return (entry.value or b"").decode(), entry.revision or 0
+
+    async def resolve(self, ref: str, owner: str | None = None) -> tuple[Session, int]:
+        """The session of ``owner`` (None: anyone's) with id ``ref``, else the one named ``ref``, else the
+        one whose id starts with ``ref`` (at least 6 hex digits), with its revision. Another user's
+        session is not found, exactly as if it did not exist."""
+
+        def mine(found: tuple[Session, int] | None) -> bool:
+            return found is not None and (owner is None or found[0].owner == owner)
+
         if SESSION_ID_RE.match(ref):
             found = await self._load(ref)
-            if found is not None:
+            if found is not None and mine(found):
                 return found
-        sessions = await self.scan()
-        named = [s for s in sessions if s.name == ref]
-        if not named and ID_PREFIX_RE.match(ref):
-            named = [s for s in sessions if s.id.startswith(ref)]
+        if owner is not None:
+            holder = await self._holder(ref, owner)
+            if holder is not None:
+                found = await self._load(holder[0])
+                if found is not None and mine(found) and found[0].name == ref:
+                    return found
+        else:  # an admin looking at everyone's: the newest session of that name
+            named = [s for s in await self.summaries() if s.name == ref]
+            if named and (found := await self._load(max(named, key=lambda s: s.updated).id)):
+                return found
+        if ID_PREFIX_RE.match(ref):
+            named = [s for s in await self.summaries(owner) if s.id.startswith(ref)]
             if len(named) > 1:
                 raise BadRequest(f"'{ref}' is the start of {len(named)} session ids; give more of it")
-        if named:
-            newest = max(named, key=lambda s: s.updated)
-            found = await self._load(newest.id)
-            if found is not None:
-                return found
+            if named:
+                found = await self._load(named[0].id)
+                if found is not None:
+                    return found
         raise SessionNotFound.named(ref, self.limits.ttl_s)
 
-    async def recent(self, ref: str) -> Session:
+    async def recent(self, ref: str, owner: str | None = None) -> Session:
         """The session as this replica last saw it, else as stored: for callers that go on to write it
         (a stale value is caught by the compare-and-set, and the write returns the fresh one)."""
-        cached = self._recent.get(ref)
-        return cached[0] if cached else (await self.resolve(ref))[0]
+        cached = self._cached(ref)
+        if cached and (owner is None or cached[0].owner == owner):
+            return cached[0]
+        return (await self.resolve(ref, owner))[0]
 
-    async def check_name_free(self, name: str | None, but: str | None = None) -> None:
-        if name is None:
-            return
-        if any(s.name == name and s.id != but for s in await self.scan()):
-            raise BadRequest(f"a session named '{name}' already exists; pick another name")
+    async def claim_name(self, name: str, session_id: str, owner: str) -> None:
+        """Make ``owner``'s ``name`` point at ``session_id``, atomically: refused while a live session
+        holds it."""
+        key, value = _name_key(name, owner), session_id.encode()
+        for _ in range(20):
+            try:
+                await self.kv.create(key, value)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            holder = await self._holder(name, owner)
+            if holder is None:
+                continue  # released meanwhile: create again
+            if holder[0] == session_id:
+                return
+            found = await self._load(holder[0])
+            if found is not None and found[0].name == name:
+                raise BadRequest(f"a session named '{name}' already exists; pick another name")
+            try:  # the holder expired, was deleted or renamed: take the name over
+                await self.kv.update(key, value, last=holder[1])
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        raise BusError(f"the name '{name}' is changing too fast to claim; try again", retryable=True)
+
+    async def release_name(self, name: str, session_id: str, owner: str) -> None:
+        """Drop the name's index key if it still points at ``session_id``."""
+        holder = await self._holder(name, owner)
+        if holder is not None and holder[0] == session_id:
+            try:
+                await self.kv.delete(_name_key(name, owner), last=holder[1])
+            except nats.js.errors.APIError as err:  # changed meanwhile: it is someone else's now
+                log.info("name index left as it is", name=name, error=str(err))
+        self._names_touched.pop(_name_key(name, owner), None)
 
     async def create(self, session: Session) -> Session:
-        await self.check_name_free(session.name)
         session, data = self._encode(session)
-        self._remember(session, await self.kv.create(_key(session.id), data))
+        if session.name is not None:
+            await self.claim_name(session.name, session.id, session.owner)
+        try:
+            revision = await _leader_write(lambda: self.kv.create(_key(session.id), data))
+        except BaseException:
+            if session.name is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.release_name(session.name, session.id, session.owner)
+            raise
+        self._remember(session, revision, len(data))
+        await self._summarise(session)
         return session
 
     async def update(self, ref: str, change: Callable[[Session], Session]) -> Session:
@@ -197,16 +353,19 @@ class SessionStore:
         if lock is None:
             lock = self._writing[ref] = anyio.Lock()
         async with lock:
-            return await self._update(ref, change)
+            session = await self._update(ref, change)
+        await self._summarise(session)
+        return session
 
     async def _update(self, ref: str, change: Callable[[Session], Session]) -> Session:
-        session, revision = self._recent.get(ref) or await self.resolve(ref)
+        session, revision = self._cached(ref) or await self.resolve(ref)
         deadline = time.monotonic() + CAS_PATIENCE_S
         for attempt in itertools.count():
             changed = self._prune(change(session).model_copy(update={"updated": time.time()}))
             changed, data = self._encode(changed)
             try:
-                self._remember(changed, await self.kv.update(_key(session.id), data, last=revision))
+                write = partial(self.kv.update, _key(session.id), data, last=revision)
+                self._remember(changed, await _leader_write(write), len(data))
                 return changed
             except nats.js.errors.KeyWrongLastSequenceError:
                 if time.monotonic() > deadline:
@@ -218,17 +377,35 @@ class SessionStore:
                 session, revision = found
         raise BusError(f"session {ref} is changing too fast to update; try again", retryable=True)
 
-    async def delete(self, ref: str) -> str:
-        session, _ = await self.resolve(ref)
+    async def rename(self, ref: str, name: str, owner: str | None = None) -> Session:
+        session, _ = await self.resolve(ref, owner)
+        await self.claim_name(name, session.id, session.owner)
+        try:
+            renamed = await self.update(session.id, lambda s: s.model_copy(update={"name": name}))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.release_name(name, session.id, session.owner)
+            raise
+        if session.name is not None and session.name != name:
+            await self.release_name(session.name, session.id, session.owner)
+        return renamed
+
+    async def delete(self, ref: str, owner: str | None = None) -> str:
+        session, _ = await self.resolve(ref, owner)
         await self.kv.purge(_key(session.id))
-        self._recent.pop(session.id, None)
+        await self.kv.purge(_summary_key(session.id))
+        if session.name is not None:
+            await self.release_name(session.name, session.id, session.owner)
+        self._forget(session.id)
         return session.id
 
-    async def list(self, specialist: str | None, name: str | None, limit: int) -> list[SessionSummary]:
-        sessions = [
+    async def list(
+        self, specialist: str | None, name: str | None, limit: int, owner: str | None = None
+    ) -> list[SessionSummary]:
+        summaries = [
             s
-            for s in await self.scan()
+            for s in await self.summaries(owner)
             if (specialist is None or s.specialist == specialist) and (name is None or s.name == name)
         ]
-        sessions.sort(key=lambda s: s.updated, reverse=True)
-        return [s.summary() for s in sessions[:limit]]
+        summaries.sort(key=lambda s: s.updated, reverse=True)
+        return summaries[:limit]

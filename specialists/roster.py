@@ -28,6 +28,7 @@ class SpecialistSpec(BaseModel):
     primary: list[str] = Field(min_length=1)
     capabilities: dict[str, float]
     keywords: list[str] = []
+    examples: list[str] = []  # requests it is for, in varied phrasings (text routing learns from them)
     context_window: int = Field(default=2048, ge=1)
     cost_per_1k_tokens: float = Field(default=0.0, ge=0)
     features: list[str] = ["streaming"]
@@ -69,6 +70,11 @@ class SpecialistSpec(BaseModel):
             "cost_per_1k_tokens": str(self.cost_per_1k_tokens),
             "features": json.dumps(self.features),
         }
+
+    def endpoint_metadata(self) -> dict[str, str]:
+        """What only ``$SRV.INFO`` carries (on the chat endpoint): the example requests text routing
+        learns from. Kept out of the service metadata, which every PING and STATS answer repeats."""
+        return {"examples": json.dumps(self.examples, ensure_ascii=False)}
 
 
 def default_roster_path() -> Path:

@@ -8,10 +8,11 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from bus.client import connect
+from bus.client import connect_as
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
-from specialists.providers.base import ProviderContext, SharedResources, create_provider
+from specialists.models import ModelPool, build, resolve
+from specialists.providers.base import ProviderContext, SharedResources
 from specialists.roster import RosterError, SpecialistSpec, load_roster
 from specialists.service import SpecialistService
 
@@ -43,19 +44,27 @@ async def serve_specialists(
     """
     specs = select(load_roster(settings.roster, settings.provider), names)
     shared = SharedResources()
-    providers = [
-        create_provider(s.provider, s.provider_options, ProviderContext(s.name, shared)) for s in specs
+    # The config file's default model, unless a provider is forced on every specialist (tests).
+    default_model = None if settings.provider else settings.model
+    choices = [
+        resolve(default_model, settings, own_provider=s.provider, own_options=s.provider_options)
+        for s in specs
     ]
+    contexts = [ProviderContext(s.name, shared) for s in specs]
+    providers = [build(c, ctx) for c, ctx in zip(choices, contexts, strict=True)]
     # Providers that run something of their own (the local model's process) start it now, all at once.
     async with anyio.create_task_group() as starting:
         for provider in providers:
             if (start := getattr(provider, "start", None)) is not None:
                 starting.start_soon(start)
-    nc = await connect(settings.nats_url, name=f"tekton-specialists:{','.join(s.name for s in specs)}")
+    nc = await connect_as(
+        settings, name=f"tekton-specialists:{','.join(s.name for s in specs)}", identity="specialist"
+    )
     try:
         async with anyio.create_task_group() as tg:
             services = [
-                SpecialistService(nc, spec, p, settings, tg) for spec, p in zip(specs, providers, strict=True)
+                SpecialistService(nc, spec, p, settings, tg, ModelPool(settings, choice, p, ctx))
+                for spec, p, choice, ctx in zip(specs, providers, choices, contexts, strict=True)
             ]
             for service in services:
                 await service.start()

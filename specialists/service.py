@@ -4,11 +4,17 @@ The micro handler only decodes the request and hands it to its own task, so one 
 blocks the next request. That also means micro's own ``processing_time`` measures dispatch only; the
 real figures (served, errors, cancelled, in flight, average total and first-token ms) are in the
 endpoint's ``data`` in ``$SRV.STATS``.
+
+A stream yields to the event loop every few chunks, so a provider that produces as fast as it can
+never holds up cancels, heartbeats or another request's start. Every ``heartbeat_s`` one frame of each
+stream is published with a reply subject of ours: when nobody listens on the stream's subject any more
+(the asker left without a cancel), NATS answers that probe with "no responders" and the request stops.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,9 +29,11 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from bus.client import is_no_responders
+from bus.discovery import PREFIX_KEY
 from bus.errors import BusError, DeadlineExceeded, ErrorCode
 from bus.settings import TektonSettings
-from bus.subjects import cancel_wildcard, chat_subject, queue_group
+from bus.subjects import ANONYMOUS, cancel_parts, cancel_wildcard, chat_subject, inbox_owner, queue_group
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -33,11 +41,14 @@ from bus.wire import (
     ErrorFrame,
     HeartbeatFrame,
     StartFrame,
+    Usage,
     decode_request,
     encode,
     encode_chunk,
     encode_done,
 )
+from specialists.models import ModelPool
+from specialists.placement import Placement
 from specialists.providers.base import Provider
 from specialists.roster import SpecialistSpec
 
@@ -46,8 +57,11 @@ log = structlog.get_logger("tekton.specialist")
 VERSION = "0.1.0"
 # A stream yields the event loop after this long of producing without a pause: often enough that
 # other requests and cancels wait at most a few ms, rarely enough that its frames still leave in
-# large writes (a yield per few chunks costs a socket write each and halves a fast stream).
+# large writes (a yield per few chunks costs a socket write each and slows a fast stream).
 SLICE_S = 0.002
+# A cancel for a request not (yet) known here is remembered this long, in case the request follows.
+EARLY_CANCEL_S = 30.0
+EARLY_CANCEL_MAX = 10_000
 
 
 class ReplyStream:
@@ -58,11 +72,18 @@ class ReplyStream:
         self.subject = subject
         self.seq = 0
         self.last_sent = time.monotonic()
+        self.last_probe = self.last_sent
+        # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
+        self.probe: str | None = None
 
     async def _publish(self, data: bytes) -> None:
         self.seq += 1
         self.last_sent = time.monotonic()
-        await self.nc.publish(self.subject, data)
+        if self.probe is None:
+            await self.nc.publish(self.subject, data)
+        else:
+            probe, self.probe = self.probe, None
+            await self.nc.publish(self.subject, data, reply=probe)
 
     async def send_encoded(self, data: bytes) -> None:
         await self._publish(data)
@@ -82,6 +103,8 @@ class ServiceCounters:
     served: int = 0
     errors: int = 0
     cancelled: int = 0
+    # Of the cancelled: stopped because nobody listened any more (the asker left without a cancel).
+    abandoned: int = 0
     in_flight: int = 0
     total_ms: float = 0.0
     first_token_ms: float = 0.0
@@ -104,14 +127,24 @@ class SpecialistService:
         provider: Provider,
         settings: TektonSettings,
         task_group: TaskGroup,
+        models: ModelPool | None = None,
     ):
         self.nc = nc
         self.spec = spec
         self.provider = provider
+        # Providers for the models requests name (``-m ollama:qwen2.5:7b``), built on first use.
+        self.models = models
         self.settings = settings
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._scopes: dict[str, anyio.CancelScope] = {}
+        # Cancels that arrived before their request: request id -> (when (monotonic), who sent it),
+        # oldest first.
+        self._early_cancels: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._probe_prefix = nc.new_inbox()
+        self._probe_sub: Any = None
+        # Whose each request is (the user whose inbox gets its answer): only they may cancel it.
+        self._owners: dict[str, str] = {}
         self._streaming: dict[str, ReplyStream] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -119,12 +152,13 @@ class SpecialistService:
         self.counters = ServiceCounters()
         self._service: Service | None = None
         self._cancel_sub: Any = None
+        self.placement: Placement | None = None
         self.log = log.bind(specialist=spec.name)
         # Per-request work kept off the hot path: the persona message, the roster's default options
-        # and the start frame (always seq 0, the same for every answer) are built once.
+        # and the start frame (always seq 0, the same for every answer of one model) are built once.
         self._system = ChatMessage(role="system", content=spec.system_prompt)
         self._defaults = spec.options.model_dump(exclude_none=True)
-        self._start_frame = b""
+        self._start_frames: dict[tuple[str, str], bytes] = {}
 
     @property
     def instance_id(self) -> str:
@@ -132,14 +166,18 @@ class SpecialistService:
 
     async def start(self) -> None:
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
+        self._probe_sub = await self.nc.subscribe(f"{self._probe_prefix}.*", cb=self._on_probe_answer)
         self._service = await add_service(
             self.nc,
             name=self.spec.name,
             version=VERSION,
             description=self.spec.description,
             metadata={
-                **self.spec.micro_metadata(self.provider.name, self.provider.model),
+                **self.spec.micro_metadata(
+                    self.models.own.provider if self.models else self.provider.name, self.provider.model
+                ),
                 "max_concurrency": str(self.settings.max_concurrency),
+                PREFIX_KEY: self.settings.prefix,
             },
             stats_handler=self._stats_data,
         )
@@ -148,27 +186,67 @@ class SpecialistService:
             subject=chat_subject(self.spec.name, self.settings.prefix),
             queue_group=queue_group(self.spec.name, self.settings.prefix),
             handler=self._on_chat,
+            metadata=self.spec.endpoint_metadata(),
         )
-        self._start_frame = encode(
-            StartFrame(
-                specialist=self.spec.name,
-                instance=self.instance_id,
-                provider=self.provider.name,
-                model=self.provider.model,
+        if self.settings.placement == "slots":
+            self.placement = Placement(
+                self.nc,
+                self._service,
+                self._service._endpoints[-1],
+                name=self.spec.name,
+                prefix=self.settings.prefix,
+                slots=self.settings.max_concurrency,
+                interval=self.settings.heartbeat_s,
             )
-        )
+            await self.placement.start(self._tg, self._on_direct)
         self._tg.start_soon(self._heartbeats)
         await self.nc.flush()
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
+
+    async def _on_direct(self, msg: Msg) -> None:
+        """A request another replica forwarded to us (placement.py)."""
+        await self._on_chat(Request(msg))
 
     def _stats_data(self, _endpoint: EndpointStats) -> dict[str, Any]:
         return self.counters.as_data()
 
     async def _on_cancel(self, msg: Msg) -> None:
-        request_id = msg.subject.rsplit(".", 1)[-1]
+        # The server lets a user publish cancels under their own name only; a request is that user's
+        # when its answer goes to their inbox.
+        user, request_id = cancel_parts(msg.subject)
         scope = self._scopes.get(request_id)
+        owner = self._owners.get(request_id)
+        if scope is not None and owner is not None and owner != user:
+            self.log.warning("cancel refused: not the asker's request", request_id=request_id, user=user)
+            return
         if scope is not None:
             self.log.info("cancel received", request_id=request_id)
+            scope.cancel()
+            return
+        # Perhaps its request is still on its way (another subscription, another task): remember it.
+        now = time.monotonic()
+        early = self._early_cancels
+        early[request_id] = (now, user)
+        early.move_to_end(request_id)
+        while early and (
+            len(early) > EARLY_CANCEL_MAX or now - next(iter(early.values()))[0] > EARLY_CANCEL_S
+        ):
+            early.popitem(last=False)
+
+    def _cancelled_early(self, request_id: str, owner: str) -> bool:
+        """A cancel for this request came before it, from its own user, not too long ago."""
+        early = self._early_cancels.pop(request_id, None)
+        return early is not None and early[1] == owner and time.monotonic() - early[0] <= EARLY_CANCEL_S
+
+    async def _on_probe_answer(self, msg: Msg) -> None:
+        """NATS's "no responders" to a probe: nobody subscribes to that stream's subject any more."""
+        if not is_no_responders(msg):
+            return
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        scope = self._scopes.get(request_id)
+        if scope is not None and not scope.cancel_called:
+            self.log.info("nobody listens any more; stopping", request_id=request_id)
+            self.counters.abandoned += 1
             scope.cancel()
 
     async def _on_chat(self, req: Request) -> None:
@@ -182,6 +260,10 @@ class SpecialistService:
                 BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
             )
             return
+        target = self.placement.forward_target(req._msg) if self.placement else None
+        if target is not None:  # full here, room on another replica: send it there (placement.py)
+            await self.nc.publish(target[0], req.data, reply=reply_to, headers=target[1])
+            return
         try:
             request = decode_request(req.data)
         except BusError as err:
@@ -190,27 +272,47 @@ class SpecialistService:
             await reply.error(err)
             return
         self.counters.in_flight += 1
+        if self.placement:
+            self.placement.update(self.counters.in_flight)
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
-        self._tg.start_soon(self._serve, request, reply)
+        # Registered before the task starts, so a cancel between now and then finds it.
+        scope = anyio.CancelScope()
+        self._scopes[request.id] = scope
+        owner = self._owners[request.id] = inbox_owner(reply_to) or ANONYMOUS
+        if self._cancelled_early(request.id, owner):
+            scope.cancel()
+        self._tg.start_soon(self._serve, request, reply, scope)
+
+    def _start_frame(self, provider: str, model: str) -> bytes:
+        frame = self._start_frames.get((provider, model))
+        if frame is None:
+            start = StartFrame(
+                specialist=self.spec.name, instance=self.instance_id, provider=provider, model=model
+            )
+            frame = self._start_frames[provider, model] = encode(start)
+        return frame
 
     def _prompt(self, request: ChatRequest) -> tuple[list[ChatMessage], ChatOptions]:
         given = request.options.model_dump(exclude_none=True)
         # Both sides are validated ChatOptions already: merging them needs no second validation.
         return [self._system, *request.messages], ChatOptions.model_construct(**{**self._defaults, **given})
 
-    async def _serve(self, request: ChatRequest, reply: ReplyStream) -> None:
+    async def _serve(self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope) -> None:
         log = self.log.bind(request_id=request.id)
         received = time.perf_counter()
         first_token: float | None = None
         slice_start = 0.0
         tokens = 0
-        messages, options = self._prompt(request)
+        reported: Usage | None = None
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
-        scope = anyio.CancelScope()
-        self._scopes[request.id] = scope
         try:
+            messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
-                await reply.send_encoded(self._start_frame)
+                provider, provider_name = self.provider, self.provider.name
+                if self.models is not None:
+                    choice, provider = await self.models.get(request.model)
+                    provider_name = choice.provider
+                await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
                 try:
                     with anyio.fail_after(timeout):
@@ -218,9 +320,12 @@ class SpecialistService:
                         # whenever the abandoned generator is collected.
                         async with (
                             self._limiter,
-                            aclosing(self.provider.stream(messages, options)) as texts,  # type: ignore[type-var]
+                            aclosing(provider.stream(messages, options)) as texts,  # type: ignore[type-var]
                         ):
                             async for text in texts:
+                                if isinstance(text, Usage):  # a provider's own count (see Provider)
+                                    reported = text
+                                    continue
                                 await reply.chunk(text)
                                 tokens += 1
                                 if first_token is None:
@@ -238,11 +343,14 @@ class SpecialistService:
                     self._streaming.pop(request.id, None)
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
+                if self.placement:
+                    await self.placement.finishing()
                 await reply.send_encoded(
                     encode_done(
                         reply.seq,
                         "length" if options.max_tokens and tokens >= options.max_tokens else "stop",
-                        completion_tokens=tokens,
+                        completion_tokens=reported.completion_tokens if reported else tokens,
+                        prompt_tokens=reported.prompt_tokens if reported else None,
                         total_ms=round(total * 1000, 3),
                         first_token_ms=round((first_token - received) * 1000, 3) if first_token else None,
                         tokens_per_s=round((tokens - 1) / gen, 2) if tokens > 1 and gen > 0 else None,
@@ -282,24 +390,33 @@ class SpecialistService:
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
             self._scopes.pop(request.id, None)
+            self._owners.pop(request.id, None)
             self.counters.in_flight -= 1
+            if self.placement:
+                self.placement.update(self.counters.in_flight)
             if self.counters.in_flight == 0:
                 self._idle.set()
 
     async def _heartbeats(self) -> None:
         """One ticker per service: a stream silent for ``heartbeat_s`` (model thinking, or waiting for a
-        free slot) gets a heartbeat, so the client can tell "slow" from "dead"."""
+        free slot) gets a heartbeat, so the client can tell "slow" from "dead". Every ``heartbeat_s``
+        a stream's next frame also probes whether anyone still listens (see :meth:`_on_probe_answer`)."""
         interval = self.settings.heartbeat_s
         while True:
             await anyio.sleep(interval / 2)
             now = time.monotonic()
-            for reply in list(self._streaming.values()):
+            for request_id, reply in list(self._streaming.items()):
+                if now - reply.last_probe >= interval:
+                    reply.last_probe = now
+                    reply.probe = f"{self._probe_prefix}.{request_id}"
                 if now - reply.last_sent >= interval:
                     await reply.send(HeartbeatFrame)
 
     async def drain(self, grace: float) -> None:
         """Take no new requests; let in-flight streams finish for up to ``grace`` seconds, then stop them."""
         self._draining = True
+        if self.placement is not None:
+            await self.placement.stop()
         if self._service is not None:
             await self._service.stop()
         with anyio.move_on_after(grace):
@@ -308,5 +425,7 @@ class SpecialistService:
             scope.cancel()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
-        await self.provider.aclose()
+        if self._probe_sub is not None:
+            await self._probe_sub.unsubscribe()
+        await (self.models or self.provider).aclose()
         self.log.info("specialist stopped", served=self.counters.served)

@@ -3,34 +3,60 @@
 tekton up [-- CMD ...]        nats-server (embedded, or the one already at --nats) + every specialist
 tekton specialist NAME ...    one or more specialists against any NATS URL (scale-out)
 tekton gateway                a gateway replica (sessions in JetStream KV)
-tekton nats                   just the embedded nats-server
+tekton nats                   just the embedded nats-server (--cluster: one node of a cluster)
+tekton cluster up             a local N-node NATS cluster (development and tests)
 tekton status                 running specialists, replicas and live stats
+tekton users add|rm|list      identities on the bus (nats-server users with nkeys and permissions)
+tekton models                 the models each provider offers (for -m PROVIDER:MODEL)
+tekton logs [-f]              what `tekton up` logged (it writes to a file, not to the terminal)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, TextIO
 from urllib.parse import urlparse
 
 import anyio
 
-from bus.client import Bus, connect
+from bus.auth import ROLES
+from bus.client import Bus, connect_as
 from bus.errors import BusError, NatsUnavailable
 from bus.logs import configure_logging
-from bus.server import EmbeddedNats
-from bus.settings import TektonSettings, load_settings
+from bus.server import EmbeddedNats, TlsFiles
+from bus.settings import TektonSettings, config_file, load_settings
 from bus.signals import die_with_parent, set_on_signal
 from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
 from specialists.runtime import select, serve_specialists
 from specialists.service import SpecialistService
+from tekton import certs
+from tekton.cluster import (
+    UsageError,
+    add_cluster_parser,
+    add_nats_cluster_options,
+    add_probe_parser,
+    cmd_cluster,
+    cmd_nats_node,
+    cmd_probe,
+    node_config,
+    start_leaf,
+    write_ready,
+)
 from tekton.supervisor import run_child
+from tekton.users import Users
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
@@ -39,52 +65,112 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def ensure_nats(settings: TektonSettings, stack: AsyncExitStack, websocket: int | None = None) -> str:
+def secured_server(
+    settings: TektonSettings,
+    args: argparse.Namespace,
+    *,
+    websocket_port: int | None = None,
+    log_file: Path | None = None,
+) -> EmbeddedNats:
+    """The embedded server for ``settings.nats_url``, with auth (users made on first run) unless
+    --no-auth, and TLS with --tls (tekton's own CA, or the files given)."""
+    url = urlparse(settings.nats_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    auth_file = None
+    if not getattr(args, "no_auth", False):
+        users = Users(settings.data_dir, settings.prefix)
+        if users.ensure_local():
+            _say(f"created credentials for the local user and tekton's services in {users.dir}")
+        auth_file = users.write_auth_file()  # permissions follow this version's subjects
+    return EmbeddedNats(
+        settings.data_dir / "nats",
+        host=url.hostname or "127.0.0.1",
+        port=url.port or 4222,
+        auth_file=auth_file,
+        tls=server_tls(settings, args),
+        log_file=log_file,
+        websocket_port=websocket_port,
+        allowed_origins=settings.ws_allowed_origins,
+    )
+
+
+def server_tls(settings: TektonSettings, args: argparse.Namespace) -> TlsFiles | None:
+    if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
+        if not (args.tls_cert and args.tls_key and settings.tls_ca):
+            raise UsageError("--tls-cert needs --tls-key and --tls-ca (the CA clients verify it with)")
+        return TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key), ca=settings.tls_ca)
+    if not getattr(args, "tls", False):
+        return None
+    url = urlparse(settings.nats_url)
+    return certs.ensure(settings.data_dir / "tls", [url.hostname] if url.hostname else None)
+
+
+def _http_tls(settings: TektonSettings, args: argparse.Namespace) -> dict[str, Path]:
+    """With --tls the HTTP bridge serves https with the server's certificate."""
+    tls = server_tls(settings, args)
+    return {"http_tls_cert": tls.cert, "http_tls_key": tls.key} if tls else {}
+
+
+async def ensure_nats(
+    settings: TektonSettings,
+    stack: AsyncExitStack,
+    websocket: int | None = None,
+    args: argparse.Namespace | None = None,
+    leaf: str | None = None,
+    say: Callable[[str], None] = _say,
+) -> str:
     """The URL of a running nats-server: the one already at ``settings.nats_url``, else an embedded one
-    (with a WebSocket listener on port ``websocket`` when given)."""
+    (with a WebSocket listener on port ``websocket`` when given; a leaf node of hub ``leaf`` if given)."""
     try:
-        nc = await connect(settings.nats_url, connect_timeout=1.0)
+        nc = await connect_as(settings, name="tekton-probe")
     except NatsUnavailable:
         pass
     else:
         await nc.close()
-        _say(f"using the nats-server already running at {settings.nats_url}")
-        if websocket is not None:
-            _say("(its own config decides whether it listens for WebSocket clients)")
+        say(f"using the nats-server already running at {settings.nats_url}")
+        if websocket is not None or leaf is not None:
+            say("(its own config decides whether it listens for WebSocket clients or joins a hub)")
         return settings.nats_url
+    if "," in settings.nats_url:
+        raise NatsUnavailable(settings.nats_url, "no node of that cluster answers (tekton cluster up?)")
     url = urlparse(settings.nats_url)
-    if url.scheme != "nats" or (url.hostname or "") not in LOCAL_HOSTS:
+    if url.scheme not in ("nats", "tls") or (url.hostname or "") not in LOCAL_HOSTS:
         raise NatsUnavailable(
             settings.nats_url, "and it is not a local nats:// URL where one could be started"
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedNats(
-        settings.data_dir / "nats",
-        host=url.hostname or "127.0.0.1",
-        port=url.port or 4222,
+    if leaf is not None:
+        return await start_leaf(settings, stack, leaf)
+    server = secured_server(
+        settings,
+        args or argparse.Namespace(),
         log_file=settings.data_dir / "nats-server.log",
         websocket_port=websocket,
-        allowed_origins=settings.ws_allowed_origins,
     )
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
-    _say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
+    say(f"nats-server listening on {server.url} (JetStream store {server.store_dir})")
     if server.ws_port:
-        _say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
+        say(f"NATS WebSocket on {server.ws_url} (aish --nats {server.ws_url})")
     return server.url
 
 
 def _child_argv(
     names: Sequence[str], settings: TektonSettings, http: tuple[str, int] | None = None
 ) -> list[str]:
+    common = ["--nats", settings.nats_url, "--data-dir", str(settings.data_dir)]
+    common += ["--creds", str(settings.creds)] if settings.creds else []
+    common += ["--tls-ca", str(settings.tls_ca)] if settings.tls_ca else []
     if list(names) == ["gateway"]:
-        argv = [sys.executable, "-m", "tekton", "gateway", "--nats", settings.nats_url]
+        argv = [sys.executable, "-m", "tekton", "gateway", *common]
         if http is not None:
             argv += ["--http", str(http[1]), "--http-host", http[0]]
         return argv
-    argv = [sys.executable, "-m", "tekton", "specialist", *names, "--nats", settings.nats_url]
+    argv = [sys.executable, "-m", "tekton", "specialist", *names, *common]
     if settings.provider:
         argv += ["--provider", settings.provider]
+    if settings.model:
+        argv += ["--model", settings.model]
     return argv
 
 
@@ -94,16 +180,63 @@ async def _start_children(
     settings: TektonSettings,
     http: tuple[str, int] | None = None,
 ) -> None:
+    # The HTTP bridge's certificate (--tls) reaches a gateway child through its environment.
+    tls = {"TEKTON_HTTP_TLS_CERT": settings.http_tls_cert, "TEKTON_HTTP_TLS_KEY": settings.http_tls_key}
+    child = functools.partial(run_child, env={k: str(v) for k, v in tls.items() if v})
     async with anyio.create_task_group() as starting:
         for label, names in groups:
-            starting.start_soon(tg.start, run_child, _child_argv(names, settings, http), label)
+            starting.start_soon(tg.start, child, _child_argv(names, settings, http), label)
+
+
+def log_path(settings: TektonSettings) -> Path:
+    return settings.data_dir / "tekton.log"
+
+
+def _log_to_file(path: Path) -> tuple[TextIO, TextIO]:
+    """Send this process's stdout and stderr (and so its children's) to ``path``; returns streams to
+    where they went before. Keeps the REPL that `tekton up -- aish` runs free of log lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    return terminal
 
 
 async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
     roster = load_roster(settings.roster, settings.provider)
+    terminal = _log_to_file(log_path(settings))
+    try:
+        return await _up(settings, args, roster, terminal)
+    except (BusError, BaseExceptionGroup) as err:  # the log has it too (main prints it there)
+        # ...and the person must see it: one line (a piece that failed to start fails a task group).
+        first = _first_bus_error(err) if isinstance(err, BaseExceptionGroup) else err
+        if first is not None:
+            print(f"tekton: {first} (log: {log_path(settings)})", file=terminal[1], flush=True)
+        raise
+
+
+async def _up(
+    settings: TektonSettings,
+    args: argparse.Namespace,
+    roster: dict[str, Any],
+    terminal: tuple[TextIO, TextIO],
+) -> int:
+    _say(f"--- tekton up, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+    def tell(text: str) -> None:
+        """A line for the person at the terminal too (without a command attached: with one, it owns
+        the terminal and gets a clean screen)."""
+        _say(text)
+        if not args.command:
+            print(text, file=terminal[0], flush=True)
+
     async with AsyncExitStack() as stack:
-        url = await ensure_nats(settings, stack, args.websocket)
-        settings = settings.model_copy(update={"nats_url": url})
+        url = await ensure_nats(settings, stack, args.websocket, args, args.leaf, say=tell)
+        settings = settings.model_copy(update={"nats_url": url, **_http_tls(settings, args)})
         stop = anyio.Event()
         exit_code = 0
         http = (args.http_host, args.http) if args.http is not None else None
@@ -116,7 +249,11 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
                     starting.start_soon(
                         tg.start,
                         lambda task_status: serve_gateway(
-                            settings, stop=stop, task_status=task_status, http=http, on_http=_http_ready
+                            settings,
+                            stop=stop,
+                            task_status=task_status,
+                            http=http,
+                            on_http=lambda url: tell(_http_line(url)),
                         ),
                     )
                     starting.start_soon(
@@ -124,26 +261,29 @@ async def cmd_up(settings: TektonSettings, args: argparse.Namespace) -> int:
                         lambda task_status: serve_specialists(settings, stop=stop, task_status=task_status),
                     )
             names = ", ".join(roster)
-            _say(f"Tekton is up: gateway + {len(roster)} specialists ({names}) on {settings.nats_url}")
+            tell(f"Tekton is up: gateway + {len(roster)} specialists ({names}) on {settings.nats_url}")
             if args.command:
-                exit_code = await _run_attached(args.command, settings)
+                exit_code = await _run_attached(args.command, settings, terminal)
             else:
-                _say("Ctrl-C to stop")
+                tell(f"logs in {log_path(settings)} (tekton logs -f); Ctrl-C to stop")
                 await set_on_signal(stop)
             stop.set()
             if args.processes:
                 tg.cancel_scope.cancel()
-    _say("Tekton stopped")
+    tell("Tekton stopped")
     return exit_code
 
 
-async def _run_attached(command: Sequence[str], settings: TektonSettings) -> int:
+async def _run_attached(
+    command: Sequence[str], settings: TektonSettings, terminal: tuple[TextIO, TextIO]
+) -> int:
     """Run ``command`` on our terminal; Ctrl-C belongs to it while it runs (SIGTERM still stops us)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        env = {"TEKTON_NATS_URL": settings.nats_url}
+        # Where the local user's credentials (and a generated CA) are: aish finds them there.
+        env = {"TEKTON_NATS_URL": settings.nats_url, "TEKTON_DATA_DIR": str(settings.data_dir)}
         process = await anyio.open_process(
-            list(command), stdin=None, stdout=None, stderr=None, env={**os.environ, **env}
+            list(command), stdin=None, stdout=terminal[0], stderr=terminal[1], env={**os.environ, **env}
         )
         async with anyio.create_task_group() as tg:
 
@@ -177,6 +317,7 @@ async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> 
     def ready(services: list[SpecialistService]) -> None:
         for service in services:
             _say(f"ready {service.spec.name} {service.instance_id} on {settings.nats_url}")
+        write_ready(settings, [(s.spec.name, s.instance_id) for s in services])
 
     await serve_specialists(settings, args.names, on_ready=ready)
     return 0
@@ -191,23 +332,23 @@ async def cmd_gateway(settings: TektonSettings, args: argparse.Namespace) -> int
             )
         )
         _say(f"ready gateway {service.instance_id} on {settings.nats_url}")
+        write_ready(settings, [("gateway", service.instance_id)])
     return 0
 
 
+def _http_line(url: str) -> str:
+    return f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)"
+
+
 def _http_ready(url: str) -> None:
-    _say(f"HTTP bridge on {url} (console {url}/, OpenAPI {url}/openapi.json)")
+    _say(_http_line(url))
 
 
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
-    url = urlparse(settings.nats_url)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedNats(
-        settings.data_dir / "nats",
-        host=url.hostname or "127.0.0.1",
-        port=url.port or 4222,
-        websocket_port=args.websocket,
-        allowed_origins=settings.ws_allowed_origins,
-    )
+    config = node_config(settings, args)
+    if config is not None:
+        return await cmd_nats_node(settings, args, config)
+    server = secured_server(settings, args, websocket_port=args.websocket)
     await anyio.to_thread.run_sync(server.start)
     try:
         if server.ws_port:
@@ -266,6 +407,44 @@ async def _gateways(settings: TektonSettings, window: float) -> list[str]:
         return [i.id for i in await bus.instances(window=window, role="gateway", thorough=True)]
 
 
+async def cmd_models(settings: TektonSettings, args: argparse.Namespace) -> int:
+    from specialists.models import list_models
+
+    found = await list_models(settings, within=args.timeout)
+    default = settings.model or "local (the bundled SmolLM2-135M demo model)"
+    if args.json:
+        for provider, models, note in found:
+            _say(json.dumps({"provider": provider, "models": models, "note": note}))
+        return 0
+    _say(f'default: {default}  (set `model = "PROVIDER:MODEL"` in {config_file()}, or -m per call)')
+    for provider, models, note in found:
+        if not models:
+            _say(f"{provider:<10} - {note}")
+        for model in models:
+            _say(f"{provider:<10} {provider}:{model}")
+    return 0
+
+
+async def cmd_logs(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """The last lines of `tekton up`'s log; with ``-f``, then every new line as it is written."""
+    path = log_path(settings)
+    if not path.exists():
+        print(f"tekton: no log yet at {path} (tekton up writes it)", file=sys.stderr)
+        return 1
+    with path.open("r", encoding="utf-8", errors="replace") as log:
+        for line in list(deque(log, maxlen=args.lines)):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        while args.follow:
+            line = log.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                await anyio.sleep(0.2)  # polling a file: no change notification to wait on portably
+    return 0
+
+
 WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
 HTTP_HELP = "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT"
 
@@ -276,11 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--nats", dest="nats_url", help="NATS URL (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        dest="nats_url",
+        help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
     common.add_argument("--provider", help="run every specialist on this provider (e.g. scripted, for tests)")
     common.add_argument("--data-dir", help="where the embedded server keeps its JetStream store")
+    common.add_argument("--creds", help="credentials file (default $TEKTON_CREDS, else the data dir's)")
+    common.add_argument("--tls-ca", help="CA certificate to verify the server with (tls:// URLs)")
     common.add_argument("--log-level", default="info")
+    common.add_argument(
+        "-m", "--model", help="every specialist's model, PROVIDER:MODEL (default: config.toml's `model`)"
+    )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
@@ -288,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
     up.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
     up.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
+    up.add_argument("--leaf", metavar="URL", help="join a team's hub as a NATS leaf node (nats://hub:7422)")
+    _server_options(up)
     up.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
     )
@@ -301,19 +490,89 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     nats_cmd = sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
     nats_cmd.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
+    _server_options(nats_cmd)
+    add_nats_cluster_options(nats_cmd)
+    add_cluster_parser(sub, common)
+    add_probe_parser(sub, common)
+
+    users = sub.add_parser("users", parents=[common], help="add, remove and list users of the bus")
+    users_sub = users.add_subparsers(dest="users_cmd", required=True)
+    add = users_sub.add_parser("add", help="create a user and write their credentials file (0600)")
+    add.add_argument("name")
+    add.add_argument(
+        "--role", default="user", choices=ROLES, help="user (default), admin, specialist, gateway"
+    )
+    add.add_argument("--out", help="where to write the credentials (default: the data dir's auth/users/)")
+    rm = users_sub.add_parser("rm", help="revoke a user: the running server cuts them off")
+    rm.add_argument("name")
+    users_sub.add_parser("list", help="list users and roles")
 
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")
     status.add_argument("--window", type=float, default=0.1, help="seconds to wait for answers")
+
+    models = sub.add_parser(
+        "models", parents=[common], help="list the models each provider offers (for -m PROVIDER:MODEL)"
+    )
+    models.add_argument("--json", action="store_true", help="one JSON object per provider")
+    models.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each provider")
+
+    logs = sub.add_parser("logs", parents=[common], help="show what tekton up logged")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="how many of the last lines (default 50)")
     return parser
 
 
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true", help="TLS with a CA and certificate tekton generates")
+    parser.add_argument("--tls-cert", help="your own server certificate (PEM; with --tls-key, --tls-ca)")
+    parser.add_argument("--tls-key", help="the key of --tls-cert")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="no users: anyone who can connect owns the bus (loopback only)"
+    )
+
+
+async def cmd_users(settings: TektonSettings, args: argparse.Namespace) -> int:
+    try:
+        return _users(Users(settings.data_dir, settings.prefix), args)
+    except BusError as err:  # a name that cannot be, one that exists, one that does not
+        raise UsageError(err.message) from err
+
+
+def _users(users: Users, args: argparse.Namespace) -> int:
+    if args.users_cmd == "list":
+        for user in sorted(users.load().values(), key=lambda u: u.name):
+            _say(f"{user.name:<24} {user.role:<11} {user.nkey}")
+        return 0
+    if args.users_cmd == "add":
+        creds, path = users.add(args.name, args.role, Path(args.out) if args.out else None)
+        _say(f"added {creds.user} ({creds.role}); credentials in {path} (use with --creds or TEKTON_CREDS)")
+    else:
+        users.remove(args.name)
+        _say(f"removed {args.name}")
+    if users.reload_server():
+        _say("the running nats-server reloaded its users")
+    return 0
+
+
+def _version() -> str:
+    try:
+        return f"tekton {package_version('tekton')}"
+    except PackageNotFoundError:
+        return "tekton (not installed)"
+
+
 COMMANDS = {
+    "users": cmd_users,
     "up": cmd_up,
     "specialist": cmd_specialist,
     "gateway": cmd_gateway,
     "nats": cmd_nats,
     "status": cmd_status,
+    "cluster": cmd_cluster,
+    "probe": cmd_probe,
+    "models": cmd_models,
+    "logs": cmd_logs,
 }
 
 
@@ -325,16 +584,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = args.command[1:]
     configure_logging(args.log_level)
     try:
-        settings = load_settings(nats_url=args.nats_url, provider=args.provider, data_dir=args.data_dir)
+        settings = load_settings(
+            nats_url=args.nats_url,
+            provider=args.provider,
+            data_dir=args.data_dir,
+            creds=args.creds,
+            tls_ca=args.tls_ca,
+            model=args.model,
+        )
         return anyio.run(COMMANDS[args.cmd], settings, args)
+    except UsageError as err:
+        print(f"tekton: {err}", file=sys.stderr)
+        return 2
     except BusError as err:
         print(f"tekton: {err}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # A piece that failed to start (a missing API key, say) fails its task group: say why, once.
+        first = _first_bus_error(group)
+        if first is None:
+            raise
+        print(f"tekton: {first}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tekton status | head`: the reader left; stop quietly
         sys.stderr.close()
         return 0
+
+
+def _first_bus_error(group: BaseExceptionGroup) -> BusError | None:
+    for err in group.exceptions:
+        found = _first_bus_error(err) if isinstance(err, BaseExceptionGroup) else err
+        if isinstance(found, BusError):
+            return found
+    return None
 
 
 if __name__ == "__main__":

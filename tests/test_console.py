@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from bus.client import Bus
 from bus.settings import TektonSettings
@@ -42,6 +43,8 @@ async def browser() -> AsyncIterator[Browser]:
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
+                # A "foreign" site served by the test itself: evil.example is this machine.
+                "--host-resolver-rules=MAP evil.example 127.0.0.1",
             ],
         )
         try:
@@ -97,3 +100,53 @@ async def test_console_chats_streams_continues_and_cancels(
                 )
 
             await eventually(stopped)
+
+
+FOREIGN_PAGE = """<!doctype html><title>elsewhere</title><script>
+window.attempt = new Promise((resolve) => {
+  const ws = new WebSocket("BRIDGE_WS");
+  ws.onopen = () => ws.send(JSON.stringify({jsonrpc: "2.0", id: 1, method: "sessions.list"}));
+  ws.onmessage = (e) => resolve("read: " + e.data);
+  ws.onclose = (e) => resolve("closed " + e.code);
+});
+</script>"""
+
+
+@needs_browser
+async def test_a_page_from_another_site_cannot_use_the_bridge_and_the_console_still_works(
+    settings: TektonSettings, browser: Browser
+) -> None:
+    async with bridge(settings) as url, in_process_specialists(settings, "apollo"):
+        async with Bus.connect(settings) as bus:
+            await bus.gateway.create("apollo", name="private")
+        # A page of another site the user happens to have open, opening the bridge's /ws.
+        html = FOREIGN_PAGE.replace("BRIDGE_WS", url.replace("http", "ws") + "/ws")
+
+        async def foreign_page(_: web.Request) -> web.Response:
+            return web.Response(text=html, content_type="text/html")
+
+        site = web.Application()
+        site.router.add_get("/", foreign_page)
+        runner = web.AppRunner(site)
+        await runner.setup()
+        try:
+            listener = web.TCPSite(runner, "127.0.0.1", 0)
+            await listener.start()
+            port = listener._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            page = await browser.new_page()
+            await page.goto(f"http://evil.example:{port}/")
+            outcome = await page.evaluate("window.attempt")
+        finally:
+            await runner.cleanup()
+        assert outcome.startswith("closed"), outcome  # never "read: ...private..."
+        # DNS rebinding: evil.example now resolves to this machine, so its page is the bridge's port.
+        rebound = await page.goto(url.replace("127.0.0.1", "evil.example") + "/")
+        assert rebound is not None and rebound.status == 403
+        # The bridge's own console is let in.
+        console = await browser.new_page()
+        await console.goto(url)
+        await console.wait_for_selector("#status:text('connected')")
+        await console.select_option("#target", "apollo")
+        await console.fill("#message", "still mine")
+        await console.press("#message", "Enter")
+        await console.wait_for_selector("text=apollo heard: still mine")

@@ -18,6 +18,7 @@ import pytest
 
 from bus.client import Bus
 from bus.settings import TektonSettings
+from bus.subjects import cancel_subject
 from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
 from tests.helpers import specialist_process
 
@@ -46,14 +47,14 @@ def request(specialist_text: str, max_tokens: int) -> bytes:
 
 @pytest.mark.fast
 def test_done_frame_fast_path_matches_the_model() -> None:
-    for first, rate in ((0.5, 120.0), (None, None)):
+    for first, rate, prompt in ((0.5, 120.0, 12), (None, None, None)):
         model = DoneFrame(
             seq=9,
             finish_reason="stop",
-            usage=Usage(completion_tokens=8),
+            usage=Usage(prompt_tokens=prompt, completion_tokens=8),
             timings=Timings(first_token_ms=first, total_ms=1.5, tokens_per_s=rate),
         )
-        assert encode_done(9, "stop", 8, 1.5, first, rate) == encode(model)
+        assert encode_done(9, "stop", 8, 1.5, first, rate, prompt) == encode(model)
 
 
 async def test_a_flat_out_stream_starves_neither_other_requests_nor_its_cancel(
@@ -83,7 +84,7 @@ async def test_a_flat_out_stream_starves_neither_other_requests_nor_its_cancel(
             assert result.text == "apollo heard: still "
             assert not ended.is_set(), "the flat-out stream ended before the other request was served"
             # Its cancel is heard too, long before the stream would have ended on its own.
-            await nc.publish(f"tekton.cancel.{msgpack.unpackb(long)['id']}", b"")
+            await nc.publish(cancel_subject(msgpack.unpackb(long)["id"]), b"")
             with anyio.fail_after(30):
                 await ended.wait()
         assert frames[-1]["type"] == "error" and frames[-1]["code"] == "cancelled"

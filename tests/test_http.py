@@ -14,13 +14,14 @@ import anyio
 import httpx
 import openai
 import pytest
+import uvicorn
 
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
 from gateway.http import create_app
-from gateway.runtime import serve_gateway
+from gateway.runtime import _Uvicorn, http_socket, serve_gateway
 from gateway.service import GatewayService
-from tests.helpers import env, eventually, in_process_specialists
+from tests.helpers import env, eventually, in_process_gateway, in_process_specialists
 
 pytestmark = pytest.mark.anyio
 
@@ -285,3 +286,70 @@ async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(setting
                 return athena.cancelled == 1 and athena.in_flight == 0
 
             await eventually(stopped)
+
+
+@pytest.mark.fast
+async def test_foreign_origins_and_hosts_are_refused_by_default(settings: TektonSettings) -> None:
+    """Any web page the user has open could reach a loopback bridge: only its own pages and loopback
+    ones may, and a Host that is not a loopback name (DNS rebinding) is refused."""
+    async with bridge(settings) as url, aiohttp.ClientSession() as session:
+        ws_url = url.replace("http", "ws") + "/ws"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(ws_url, headers={"Origin": "https://evil.example"})
+        assert refused.value.status == 403
+        for origin in (url, "http://localhost:5173"):  # the console itself; a local dev page
+            async with session.ws_connect(ws_url, headers={"Origin": origin}) as ws:
+                assert "result" in await rpc(ws, "sessions.list")
+        port = url.rsplit(":", 1)[1]
+        async with httpx.AsyncClient(base_url=url) as http:
+            foreign = await http.get("/api/sessions", headers={"Origin": "https://evil.example"})
+            assert foreign.status_code == 403 and "evil.example" in foreign.json()["error"]["message"]
+            rebound = await http.get("/api/sessions", headers={"Host": f"evil.example:{port}"})
+            assert rebound.status_code == 403 and "host" in rebound.json()["error"]["message"]
+            assert (await http.get("/api/sessions", headers={"Host": f"localhost:{port}"})).status_code == 200
+            assert (await http.get("/api/sessions", headers={"Origin": url})).status_code == 200
+
+
+@pytest.mark.fast
+async def test_request_bodies_are_bounded_and_never_echoed(settings: TektonSettings) -> None:
+    small = settings.model_copy(update={"http_max_body_bytes": 64 * 1024})
+    async with bridge(small) as url, httpx.AsyncClient(base_url=url) as http:
+        declared = await http.post(
+            "/api/sessions", content=b"x" * 100_000, headers={"Content-Type": "application/json"}
+        )
+
+        async def undeclared_body() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"y" * 1024
+
+        chunked = await http.post(
+            "/api/sessions", content=undeclared_body(), headers={"Content-Type": "application/json"}
+        )
+        for refused in (declared, chunked):
+            assert refused.status_code == 413
+            assert refused.json()["error"]["code"] == "payload_too_large"
+            assert len(refused.content) < 300 and "\n" not in refused.text
+        invalid = await http.post("/api/sessions", json={"context_window": "z" * 50_000})
+        assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "bad_request"
+        assert "zzzz" not in invalid.text and len(invalid.content) < 2_000
+        assert (await http.get("/api/sessions")).status_code == 200
+
+
+async def test_the_bridge_connects_again_when_nats_py_closed_its_connection(settings: TektonSettings) -> None:
+    ready = anyio.Event()
+    app = create_app(settings, ready=ready)
+    sock = http_socket("127.0.0.1", 0)
+    server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    async with in_process_gateway(settings), anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        await ready.wait()
+        host, port = sock.getsockname()[:2]
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+            assert (await http.get("/api/sessions")).status_code == 200
+            await app.state.bus().nc.close()  # what nats-py does after a server's -ERR
+
+            async def serving() -> bool:
+                return (await http.get("/api/sessions")).status_code == 200
+
+            await eventually(serving, within=20)
+        server.should_exit = True

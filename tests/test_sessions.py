@@ -11,10 +11,11 @@ import pytest
 from bus.client import Bus
 from bus.errors import BadRequest, GatewayUnavailable, SessionNotFound, SessionTooLarge, SpecialistUnavailable
 from bus.server import EmbeddedNats
-from bus.sessions import Session, Turn
+from bus.sessions import GatewayClient, Session, Turn
 from bus.settings import TektonSettings
 from bus.subjects import session_subject
 from bus.wire import ChatMessage, ChatOptions
+from gateway.store import SessionStore, StoreLimits, open_bucket, value_limit
 from tests.helpers import (
     env,
     eventually,
@@ -229,35 +230,6 @@ async def test_concurrent_appends_from_two_processes_lose_nothing(settings: Tekt
         assert answered == [f"apollo heard: {who}-{i}" for i in range(rounds)]
 
 
-async def test_gateway_killed_mid_answer_then_restarted(settings: TektonSettings) -> None:
-    slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "40", "TEKTON_SCRIPTED_TOKENS": "40"}
-    gateway = gateway_process(settings)
-    with env(**slow):
-        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
-            session = await bus.gateway.create("apollo")
-            async with bus.stream(
-                "apollo", [ChatMessage(role="user", content="during")], session=session.id
-            ) as s:
-                parts = []
-                async for text in s:
-                    parts.append(text)
-                    if len(parts) == 3:
-                        gateway.process.kill()
-            # The tokens never passed through the gateway: the answer arrived whole.
-            assert len(parts) == 40 and s.stored is None
-            gateway = gateway_process(settings)
-            try:
-                turns = (await bus.gateway.get(session.id)).turns
-                assert [(t.content, t.status) for t in turns] == [("during", "pending")]
-                async with bus.stream(
-                    "apollo", [ChatMessage(role="user", content="after")], session=session.id
-                ) as s:
-                    assert "".join([t async for t in s]).startswith("apollo heard: after")
-                assert s.stored is not None and s.stored.turns == 3
-            finally:
-                gateway.stop()
-
-
 async def test_sessions_survive_a_nats_server_restart(tmp_path: Path, settings: TektonSettings) -> None:
     server = EmbeddedNats(tmp_path / "restart-store", port=0)
     server.start()
@@ -363,3 +335,100 @@ async def test_chat_options_reach_the_specialist_through_the_gateway(settings: T
         ) as s:
             assert [t async for t in s] == ["apollo ", "heard: "]
         assert (await s.result()).done.finish_reason == "length"
+
+
+async def test_two_first_uses_of_a_name_make_one_session(settings: TektonSettings) -> None:
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo"),
+        Bus.connect(settings) as bus,
+    ):
+        made: list[str] = []
+        refused: list[str] = []
+
+        async def create() -> None:
+            try:
+                made.append((await bus.gateway.create(name="foo")).id)
+            except BadRequest as err:
+                refused.append(err.message)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(create)
+        assert len(made) == 1 and len(refused) == 19
+        assert all("already exists" in m for m in refused)
+        # Two aish commands using `--session bar` for the first time at once talk in one session.
+        async with anyio.create_task_group() as tg:
+            for word in ("left", "right"):
+                tg.start_soon(run_aish, settings, "--session", "bar", "apollo", word)
+        assert len(await bus.gateway.list(name="bar")) == 1
+        turns = (await bus.gateway.get("bar")).turns
+        assert sorted(t.content for t in turns if t.role == "user") == ["left", "right"]
+
+
+@pytest.mark.fast
+async def test_names_follow_renames_and_deletes(settings: TektonSettings) -> None:
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        api = bus.gateway
+        dotted = await api.create(name="x.y-z_1")
+        assert (await api.get("x.y-z_1")).id == dotted.id
+        await api.rename("x.y-z_1", "w")
+        assert (await api.get("w")).id == dotted.id
+        with pytest.raises(SessionNotFound):
+            await api.get("x.y-z_1")
+        again = await api.create(name="x.y-z_1")  # the old name is free again
+        assert (await api.get("x.y-z_1")).id == again.id
+        with pytest.raises(BadRequest, match="already exists"):
+            await api.rename("w", "x.y-z_1")
+        assert (await api.get("w")).id == dotted.id  # a refused rename changed nothing
+        await api.delete("w")
+        assert (await api.create(name="w")).id != dotted.id
+        assert sorted(s.name or "" for s in await api.list()) == ["w", "x.y-z_1"]
+
+
+async def test_200_named_creates_and_100_lists_at_once_beside_large_sessions(
+    settings: TektonSettings,
+) -> None:
+    """Names and listing no longer read every session: with 30 sessions of ~900 KB in the bucket,
+    200 concurrent named creates and 100 concurrent lists all succeed and the gateway stays responsive
+    (before: the gateway decoded the whole bucket per request, 0 of 200 creates)."""
+    gateway = gateway_process(settings)
+    try:
+        async with Bus.connect(settings) as bus:
+            for i in range(30):
+                await bus.gateway.create(name=f"big{i}", metadata={"pad": "p" * 900_000})
+            patient = GatewayClient(bus.nc, settings.prefix, timeout=60)
+            made: list[str] = []
+            listed: list[int] = []
+
+            async def create(i: int) -> None:
+                made.append((await patient.create("apollo", name=f"n{i}")).id)
+
+            async def list_all() -> None:
+                listed.append(len(await patient.list(limit=10_000)))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(create, i)
+                for _ in range(100):
+                    tg.start_soon(list_all)
+            assert len(set(made)) == 200 and len(listed) == 100 and all(30 <= n <= 230 for n in listed)
+            assert len(await bus.gateway.list(limit=10_000)) == 230
+            assert (await bus.gateway.get("n199")).name == "n199"
+            assert (await bus.gateway.get("big7")).metadata["pad"] == "p" * 900_000
+    finally:
+        if gateway.process.poll() is None:
+            gateway.process.kill()  # it has nothing left to record; a stuck one must not outlive the test
+        gateway.process.wait()
+
+
+@pytest.mark.fast
+async def test_the_session_cache_is_bounded_in_bytes(settings: TektonSettings) -> None:
+    async with Bus.connect(settings) as bus:
+        limits = StoreLimits(ttl_s=60, max_turns=10, max_bytes=value_limit(bus.nc.max_payload, 1 << 20))
+        store = SessionStore(
+            await open_bucket(bus.nc.jetstream(), settings.prefix, limits), limits, cache_bytes=200_000
+        )
+        for _ in range(10):
+            await store.create(Session(metadata={"pad": "q" * 50_000}))
+        assert 0 < store.cached_bytes <= 200_000

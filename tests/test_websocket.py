@@ -74,7 +74,9 @@ def test_tekton_up_websocket_prints_where_to_connect(tmp_path: Path, settings: T
         line = up.wait_for(lambda s: s.startswith("NATS WebSocket on ws://"), timeout=60)
         ws_url = line.split()[3]
         up.wait_for(lambda s: s.startswith("Tekton is up"), timeout=60)
-        done = aish(settings.model_copy(update={"nats_url": ws_url}), "athena", "over the web port")
+        # tekton up made the local user's credentials in its data dir on first run; aish finds them there.
+        local = settings.model_copy(update={"nats_url": ws_url, "data_dir": tmp_path})
+        done = aish(local, "athena", "over the web port")
         assert done.stdout == "athena heard: over the web port\n", done.stderr
     finally:
         up.stop()

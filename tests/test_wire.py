@@ -1,6 +1,9 @@
 import msgpack
 import pytest
+from pydantic import ValidationError
 
+from bus.bulk import BulkRequest
+from bus.discovery import Discover
 from bus.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -9,6 +12,7 @@ from bus.errors import (
     SpecialistError,
     from_wire,
 )
+from bus.sessions import CreateSession, ErrorReply, SessionChat, SessionRef
 from bus.subjects import cancel_subject, chat_subject, queue_group, validate_name
 from bus.wire import (
     ChatMessage,
@@ -24,6 +28,8 @@ from bus.wire import (
     encode_chunk,
     encode_request,
 )
+
+pytestmark = pytest.mark.fast
 
 
 def test_request_round_trip() -> None:
@@ -46,11 +52,32 @@ def test_request_rejects_unknown_fields_and_bad_ids() -> None:
         decode_request(msgpack.packb({"v": 2, "messages": [{"role": "user", "content": "x"}]}))
 
 
-def test_not_msgpack_is_malformed() -> None:
-    with pytest.raises(MalformedFrame):
+def test_not_msgpack_is_a_bad_request_or_a_malformed_frame() -> None:
+    # A request that is not msgpack is the asker's fault (bad_request, as docs/protocol.md says); a
+    # reply frame that is not msgpack is the answerer's (malformed_frame).
+    with pytest.raises(BadRequest, match="not msgpack"):
         decode_request(b"\xc1\xc1 not msgpack")
     with pytest.raises(MalformedFrame):
         decode_frame(b"\xc1")
+
+
+def test_gateway_requests_and_replies_carry_v() -> None:
+    for model in (CreateSession(), SessionRef(session="x"), Discover(), ErrorReply(code="c", message="m")):
+        assert msgpack.unpackb(encode(model))["v"] == 1
+    # A foreign client that follows the doc and sends v is understood; another version is not.
+    assert SessionRef.model_validate({"v": 1, "session": "x"}).session == "x"
+    with pytest.raises(ValidationError):
+        SessionRef.model_validate({"v": 2, "session": "x"})
+
+
+@pytest.mark.parametrize("inbox", ["_INBOX.>", "_INBOX.*", "*", ">", "a..b", "a b", ".a", "a."])
+def test_a_wildcard_or_broken_inbox_is_refused(inbox: str) -> None:
+    request = ChatRequest(messages=[ChatMessage(role="user", content="x")])
+    with pytest.raises(ValidationError, match="inbox"):
+        SessionChat(session="s", inbox=inbox, request=request)
+    with pytest.raises(ValidationError, match="inbox"):
+        BulkRequest(operations=[], inbox=inbox)
+    assert SessionChat(session="s", inbox="_INBOX.abc.1", request=request).inbox == "_INBOX.abc.1"
 
 
 def test_frames_round_trip_and_fast_chunk_matches_model() -> None:
@@ -86,7 +113,7 @@ def test_subjects() -> None:
     assert chat_subject("apollo") == "tekton.ai.apollo.chat"
     assert chat_subject("apollo", prefix="dev") == "dev.ai.apollo.chat"
     assert queue_group("apollo") == "tekton.ai.apollo"
-    assert cancel_subject("abc") == "tekton.cancel.abc"
+    assert cancel_subject("abc", "alice") == "tekton.cancel.alice.abc"
     for bad in ["Apollo", "a.b", "-x", "x-", "", "a b", "a*"]:
         with pytest.raises(ValueError):
             validate_name(bad)

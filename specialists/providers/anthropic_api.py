@@ -12,7 +12,7 @@ import anthropic
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ApiKeyMissing, ProviderContext, ProviderError, ProviderUnavailable
 
 
@@ -34,18 +34,40 @@ class AnthropicProvider:
     def __init__(self, options: AnthropicOptions, context: ProviderContext):
         if options.api_key is None:
             raise ApiKeyMissing(
-                f"'{context.specialist}' uses Anthropic but TEKTON_ANTHROPIC_API_KEY is not set"
+                f"'{context.specialist}' uses Anthropic but no API key is set: set TEKTON_ANTHROPIC_API_KEY, "
+                "or api_key under [providers.anthropic] in config.toml"
             )
         self.options = options
         self.model = options.model
-        self._client = anthropic.AsyncAnthropic(
-            api_key=options.api_key.get_secret_value(),
+        self._client = self.client(options)
+
+    @staticmethod
+    def client(options: AnthropicOptions) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            api_key=options.api_key.get_secret_value() if options.api_key else None,
             base_url=options.base_url,
             timeout=options.timeout_s,
             max_retries=0,
         )
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    @classmethod
+    async def list_models(cls, options: AnthropicOptions) -> list[str]:
+        """The Models API's list."""
+        if options.api_key is None:
+            raise ApiKeyMissing("no API key: set TEKTON_ANTHROPIC_API_KEY or [providers.anthropic] api_key")
+        client = cls.client(options)
+        try:
+            return sorted([m.id async for m in client.models.list()])
+        except anthropic.APIConnectionError as err:
+            raise ProviderUnavailable(f"cannot reach {options.base_url or 'the Anthropic API'}") from err
+        except anthropic.APIStatusError as err:
+            raise ProviderError(f"Anthropic answered {err.status_code}: {err.message}") from err
+        finally:
+            await client.close()
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         system = "\n\n".join(m.content for m in messages if m.role == "system")
         kwargs: dict[str, Any] = {}
         if system:
@@ -60,6 +82,10 @@ class AnthropicProvider:
                 async for text in stream.text_stream:
                     if text:
                         yield text
+                final = await stream.get_final_message()
+                yield Usage(
+                    prompt_tokens=final.usage.input_tokens, completion_tokens=final.usage.output_tokens
+                )
         except anthropic.APIConnectionError as err:
             where = self.options.base_url or "the Anthropic API"
             raise ProviderUnavailable(f"cannot reach {where}") from err

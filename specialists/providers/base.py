@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from bus.errors import BusError, ErrorCode
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 
 
 class ProviderError(BusError):
@@ -57,7 +57,9 @@ class Provider(Protocol):
     Options: ClassVar[type[BaseSettings]]
     model: str
 
-    def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]: ...
+    # Text as it comes; a provider that knows its token counts may end with one ``Usage`` (the
+    # prompt's tokens, the answer's), else the answer is counted in chunks.
+    def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str | Usage]: ...
 
     async def aclose(self) -> None: ...
 

@@ -256,11 +256,18 @@ class LocalProvider:
         """Load the model now, so a broken model or build fails at start-up, not on the first request."""
         await self.worker.start()
 
+    @classmethod
+    async def list_models(cls, options: LocalOptions) -> list[str]:
+        """The GGUF file it would load (the bundled demo model unless TEKTON_LOCAL_MODEL_PATH says)."""
+        path = options.model_path or bundled_model_path()
+        return [str(path)] if path is not None else []
+
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
         payload = [{"role": m.role, "content": m.content} for m in messages]
         kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or 256}
-        if options.temperature is not None:
-            kwargs["temperature"] = options.temperature
+        for key in ("temperature", "top_p", "repeat_penalty", "seed"):
+            if (value := getattr(options, key)) is not None:
+                kwargs[key] = value
         async for text in self.worker.generate(payload, kwargs):
             yield text
 

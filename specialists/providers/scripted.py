@@ -17,7 +17,7 @@ import anyio
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ProviderContext
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
@@ -35,6 +35,8 @@ class ScriptedOptions(BaseSettings):
     # Answer with every user/assistant message it was given ("apollo heard: user: q1 | assistant: a1 |
     # user: q2"), so tests can see what context reached the specialist.
     echo_context: bool = False
+    # What it reports as its model (tests of per-request models: `-m scripted:NAME`).
+    model: str = "scripted"
 
 
 class ScriptedProvider:
@@ -44,20 +46,25 @@ class ScriptedProvider:
     def __init__(self, options: ScriptedOptions, context: ProviderContext):
         self.options = options
         self.specialist = context.specialist
-        self.model = "scripted"
+        self.model = options.model
 
     def script(self, messages: Sequence[ChatMessage]) -> list[str]:
         if self.options.text is not None:
             text = self.options.text
         elif self.options.echo_context:
-            seen = " | ".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
+            # Every message but the persona (the first system message), so a request's own system
+            # prompt (`aish --system`) shows too.
+            rest = messages[1:] if messages and messages[0].role == "system" else messages
+            seen = " | ".join(f"{m.role}: {m.content}" for m in rest)
             text = f"{self.specialist} heard: {seen}"
         else:
             last = next((m.content for m in reversed(messages) if m.role == "user"), "")
             text = f"{self.specialist} heard: {last}"
         return _TOKEN_RE.findall(text) or [""]
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         tokens = self.script(messages)
         count = self.options.tokens or len(tokens)
         if options.max_tokens is not None:
@@ -74,6 +81,9 @@ class ScriptedProvider:
             if delay > 0:
                 await anyio.sleep(delay)
             yield token
+        # Its tokens are words: the prompt counted the same way, so token counts can be followed
+        # end to end in tests.
+        yield Usage(prompt_tokens=sum(len(m.content.split()) for m in messages), completion_tokens=count)
 
     async def aclose(self) -> None:
         return None

@@ -1,0 +1,185 @@
+"""aish's subcommands, each with its own ``-h``: list, bulk, sessions, logs, completion.
+
+The REPL uses :func:`cmd_list` too; it lives here so neither the CLI nor the REPL imports the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import anyio
+
+from aish_client import sessions
+from aish_client.completion import SHELLS, script
+from aish_client.logbook import Logbook, as_json, as_text
+from aish_client.render import Renderer
+from aish_client.runner import DEMO_MODEL
+from bus.client import Bus
+from bus.errors import BadRequest, BusError
+from bus.settings import TektonSettings, load_settings
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def version(prog: str) -> str:
+    try:
+        return f"{prog} {package_version('tekton')}"
+    except PackageNotFoundError:
+        return f"{prog} (not installed)"
+
+
+def model_label(provider: str, model: str) -> str:
+    label = f"{provider}:{model}" if provider else model
+    return label + " (demo)" if provider == "local" and model.startswith(DEMO_MODEL) else label
+
+
+async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None, as_json: bool = False) -> int:
+    """Running specialists with their model, capabilities, replicas and health; with ``capability``,
+    ranked for it."""
+    views = await bus.survey()
+    if not views:
+        renderer.error(f"no specialists are running on {bus.settings.nats_url} (start them with `tekton up`)")
+        return EXIT_ERROR
+    if capability:
+        reply = await bus.gateway.discover(capability=capability)
+        for r in reply.ranked:
+            mark = "*" if r.name == reply.chosen else " "
+            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  ({r.why})\n")
+        if reply.chosen is None:
+            renderer.note(reply.reason)
+        return 0
+    if as_json:
+        for v in views:
+            renderer.token(json.dumps(v.model_dump(), ensure_ascii=False) + "\n")
+        return 0
+    width = max(len(model_label(v.provider, v.model)) for v in views)
+    for v in views:
+        caps = ", ".join(f"{c} {s:.2f}" for c, s in sorted(v.capabilities.items(), key=lambda kv: -kv[1]))
+        model = model_label(v.provider, v.model)
+        renderer.token(f"{v.name:<12} x{len(v.instances)} health {v.health:.2f}  {model:<{width}}  {caps}\n")
+        for conflict in v.conflicts:
+            renderer.note(f"  {v.name}: {conflict}")
+    return 0
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    ls = parsers["list"] = argparse.ArgumentParser(
+        prog="aish list", description="Running specialists: replicas, health, model and capabilities."
+    )
+    ls.add_argument("--capability", metavar="CAP", help="rank the specialists for this capability")
+    ls.add_argument("--json", action="store_true", help="one JSON object per specialist")
+    bulk = parsers["bulk"] = argparse.ArgumentParser(
+        prog="aish bulk",
+        description="Run a dependency graph of requests from a YAML or JSON file (format: docs/bulk.md).",
+    )
+    bulk.add_argument("plan", metavar="PLAN.yaml")
+    bulk.add_argument("--layout", choices=["stacked", "lines"], default=None)
+    parsers["sessions"] = sessions.build_parser()
+    logs = parsers["logs"] = argparse.ArgumentParser(
+        prog="aish logs",
+        description="Every prompt and answer aish recorded (newest last), with model and token counts.",
+    )
+    logs.add_argument(
+        "-n", "--count", type=int, default=3, metavar="N", help="the last N entries (default 3)"
+    )
+    logs.add_argument("-q", "--query", metavar="TEXT", help="only entries whose prompt or answer holds TEXT")
+    logs.add_argument("--json", action="store_true", help="one JSON object per entry")
+    logs.add_argument("--path", action="store_true", help="print where the log is kept")
+    completion = parsers["completion"] = argparse.ArgumentParser(
+        prog="aish completion",
+        description='Print a shell completion script. bash: eval "$(aish completion bash)"; '
+        'zsh: eval "$(aish completion zsh)"; fish: aish completion fish | source',
+    )
+    completion.add_argument("shell", choices=SHELLS)
+    return parsers
+
+
+SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion")
+
+
+def _settings(args: argparse.Namespace) -> TektonSettings:
+    return load_settings(
+        nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+    )
+
+
+def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> int:
+    """Run subcommand ``name`` with its own arguments; ``top`` holds the options given before it."""
+    parser = _parsers()[name]
+    args = parser.parse_args(argv)
+    renderer = Renderer()
+    handlers: dict[str, Callable[[], int]] = {
+        "list": lambda: anyio.run(
+            _list, _settings(top), args.capability or top.capability, args.json or top.json
+        ),
+        "bulk": lambda: anyio.run(_bulk, _settings(top), args.plan, args.layout or top.layout),
+        "sessions": lambda: anyio.run(_sessions, _settings(top), argv),
+        "logs": lambda: _logs(_settings(top), args, renderer, top),
+        "completion": lambda: _completion(args.shell, renderer),
+    }
+    try:
+        return handlers[name]()
+    except BusError as err:
+        renderer.end_answer()
+        renderer.error(str(err))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        renderer.end_answer()
+        renderer.error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+
+
+async def _list(settings: TektonSettings, capability: str | None, as_json: bool) -> int:
+    async with Bus.connect(settings, name="aish") as bus:
+        return await cmd_list(bus, Renderer(), capability, as_json)
+
+
+async def _bulk(settings: TektonSettings, path: str, layout: str) -> int:
+    from aish_client.fanout import load_plan, run_plan
+
+    plan = load_plan(path)
+    async with Bus.connect(settings, name="aish") as bus:
+        await run_plan(bus, plan, [op.id for op in plan.operations], Renderer(), layout=layout)  # type: ignore[arg-type]
+    return 0
+
+
+async def _sessions(settings: TektonSettings, argv: Sequence[str]) -> int:
+    async with Bus.connect(settings, name="aish") as bus:
+        return await sessions.run(bus, argv, Renderer())
+
+
+def _logs(
+    settings: TektonSettings, args: argparse.Namespace, renderer: Renderer, top: argparse.Namespace
+) -> int:
+    book = Logbook(settings.data_dir / "logs.db")
+    if args.path:
+        renderer.token(f"{book.path}\n")
+        return 0
+    if args.count < 1:
+        raise BadRequest("-n takes a number of entries, 1 or more")
+    entries = book.entries(args.count, args.query)
+    if not entries:
+        renderer.note("no matching entries" if args.query else f"nothing logged yet ({book.path})")
+        return 0
+    for entry in entries:
+        if args.json or top.json:
+            renderer.token(as_json(entry) + "\n")
+        else:
+            renderer.token("\n".join(as_text(entry)) + "\n")
+    return 0
+
+
+def _completion(shell: str, renderer: Renderer) -> int:
+    renderer.token(script(shell))
+    return 0

@@ -1,0 +1,316 @@
+"""Cluster benchmark: a 3-node NATS cluster against one nats-server, in the same run.
+
+    python -m bench.cluster [--quick]
+
+- first chunk p50/p99: client and specialist on one server vs client on n1 and specialist on n3;
+- recovery after kill -9 of the client's node: time until its next answer (and, with the sessions
+  bucket's leader killed, until the next session write), p50/p99 over several kills;
+- aggregate chunks/s with specialist replicas (processes) on 1, 2 and 3 nodes;
+- placement: k concurrent requests on k one-slot replicas with a fixed per-request cost (scripted
+  provider): speedup = k x (one request alone) / (the k together); slots placement vs the queue group
+  alone ("random"), same run.
+
+Writes bench/results/cluster.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.common import pct, start_child, summary, write_results
+from bus.client import Bus, connect
+from bus.cluster import LocalCluster
+from bus.errors import BusError
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage, ChatOptions
+from gateway.runtime import serve_gateway
+from gateway.store import bucket_name
+from specialists.runtime import serve_specialists
+
+PROMPT = [ChatMessage(role="user", content="hello")]
+# The fixed per-request cost of the placement rounds (the scripted provider's first-token delay).
+COST_MS = 500
+
+
+def specialist(url: str, *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "tekton", "specialist", "apollo", "--provider", "scripted"]
+    argv += ["--nats", url, "--log-level", "warning"]
+    return start_child(argv, {"TEKTON_CONFIG": "/nonexistent", **(env or {})}, "ready ")
+
+
+def stop(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def first_chunks(url: str, n: int) -> list[float]:
+    settings = TektonSettings(nats_url=url)
+    took = []
+    async with Bus.connect(settings) as bus:
+        await bus.ask("apollo", "warm up")
+        for _ in range(n):
+            async with bus.stream("apollo", PROMPT) as s:
+                async for _ in s:
+                    pass
+            assert s.first_chunk_at is not None
+            took.append(s.first_chunk_at - s.sent_at)
+    return took
+
+
+async def bench_first_chunk(single: EmbeddedNats, cluster: LocalCluster, n: int) -> dict[str, Any]:
+    procs = [specialist(single.url)]
+    try:
+        one = await first_chunks(single.url, n)
+    finally:
+        stop(procs)
+    procs = [specialist(cluster.urls[2])]
+    try:
+        across = await first_chunks(cluster.urls[0], n)
+    finally:
+        stop(procs)
+    a, b = summary(one), summary(across)
+    return {
+        "one_node": a,
+        "across_nodes": b,
+        "p50_ratio": round(b["p50_ms"] / a["p50_ms"], 2),
+        "p99_ratio": round(b["p99_ms"] / a["p99_ms"], 2),
+    }
+
+
+async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
+    """Kill the client's node; how long until its next answer arrives (reconnect + request)."""
+    n1, _n2, n3 = cluster.urls
+    procs = [specialist(n1)]
+    stream_s: list[float] = []
+    session_s: list[float] = []
+    # A request written into the dying node's socket is lost with it: the client retries after 1 s of
+    # silence, as a user (or aish's fallback) would.
+    settings = TektonSettings(nats_url=f"{n3},{n1}", idle_timeout_s=1)
+    try:
+        async with anyio.create_task_group() as tg:
+            stop_gateway = anyio.Event()
+            await tg.start(
+                lambda task_status: serve_gateway(
+                    settings.model_copy(update={"nats_url": cluster.url}),
+                    stop=stop_gateway,
+                    task_status=task_status,
+                )
+            )
+            for _ in range(kills):
+                nc = await connect(n3)  # the client sits on the node about to die
+                bus = Bus(nc, settings)
+                await _until_answered(partial(bus.ask, "apollo", "before"))  # interest has spread
+                session = await bus.gateway.create("apollo")
+                killed = time.perf_counter()
+                await anyio.to_thread.run_sync(cluster.kill, 2)
+                await _until_answered(partial(bus.ask, "apollo", "after"))
+                stream_s.append(time.perf_counter() - killed)
+                await nc.close()
+                await anyio.to_thread.run_sync(cluster.restart, 2)
+                # Now the sessions bucket's leader: kill it, time the next session write from elsewhere.
+                s_nc = await connect(cluster.url)  # gateway and client fail over between all nodes
+                s_bus = Bus(s_nc, settings)
+                leader = await _bucket_leader(s_bus)
+                index = [c.name for c in cluster.configs].index(leader)
+                killed = time.perf_counter()
+                await anyio.to_thread.run_sync(cluster.kill, index)
+                await _until_answered(partial(_session_turn, s_bus, session.id))
+                session_s.append(time.perf_counter() - killed)
+                await s_nc.close()
+                await anyio.to_thread.run_sync(cluster.restart, index)
+            stop_gateway.set()
+    finally:
+        stop(procs)
+    figures: dict[str, Any] = {"stream_after_client_node_kill": summary(stream_s)}
+    if session_s:
+        figures["session_turn_after_leader_kill"] = summary(session_s)
+    figures["p99_under_2s"] = max(stream_s + session_s) < 2.0
+    return figures
+
+
+async def _session_turn(bus: Bus, session: str) -> None:
+    async with bus.stream("", PROMPT, session=session) as s:
+        async for _ in s:
+            pass
+
+
+async def _until_answered(call: Callable[[], Awaitable[Any]]) -> None:
+    """``call`` until it succeeds (a retryable failure: the bus is failing over), for at most 30 s."""
+    with anyio.fail_after(30):
+        while True:
+            try:
+                await call()
+                return
+            except BusError:
+                await anyio.sleep(0.05)
+
+
+async def _bucket_leader(bus: Bus) -> str:
+    with anyio.fail_after(30):
+        while True:
+            try:
+                info = await bus.nc.jetstream().stream_info(f"KV_{bucket_name(bus.settings.prefix)}")
+            except Exception:  # a node just restarted: JetStream there is still starting
+                await anyio.sleep(0.1)
+                continue
+            if info.cluster and info.cluster.leader and all(p.current for p in info.cluster.replicas or []):
+                return str(info.cluster.leader)
+            await anyio.sleep(0.1)
+
+
+async def aggregate(urls: list[str], streams: int, tokens: int) -> float:
+    """``streams`` concurrent streams of ``tokens`` chunks from clients on every node: chunks/s."""
+    buses = [Bus(await connect(u), TektonSettings(nats_url=u)) for u in urls]
+    total = 0
+    options = ChatOptions(max_tokens=tokens)
+
+    async def one(bus: Bus) -> None:
+        nonlocal total
+        async with bus.stream("apollo", PROMPT, options) as s:
+            async for _ in s:
+                total += 1
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(streams):
+            tg.start_soon(one, buses[i % len(buses)])
+    took = time.perf_counter() - start
+    for bus in buses:
+        await bus.nc.close()
+    return total / took
+
+
+async def bench_aggregate(cluster: LocalCluster, streams: int, tokens: int) -> dict[str, Any]:
+    env = {"TEKTON_SCRIPTED_TOKENS": str(tokens)}
+    figures: dict[str, Any] = {}
+    for nodes in (1, 2, 3):
+        procs = [specialist(cluster.urls[i], env=env) for i in range(nodes)]
+        try:
+            await aggregate(cluster.urls, 3, 100)  # warm up
+            figures[f"replicas_on_{nodes}_nodes_chunks_per_s"] = round(
+                await aggregate(cluster.urls, streams, tokens)
+            )
+        finally:
+            stop(procs)
+    return figures
+
+
+async def placement_rounds(url: str, mode: str, k: int, rounds: int, cost_ms: int) -> dict[str, Any]:
+    os.environ["TEKTON_SCRIPTED_FIRST_TOKEN_MS"] = str(cost_ms)
+    os.environ["TEKTON_SCRIPTED_TOKENS"] = "2"
+    settings = TektonSettings(
+        nats_url=url, provider="scripted", max_concurrency=1, placement=mode, heartbeat_s=0.5
+    )
+    speedups = []
+    async with anyio.create_task_group() as tg:
+        stops = [anyio.Event() for _ in range(k)]
+        for ev in stops:
+            await tg.start(
+                lambda task_status, ev=ev: serve_specialists(
+                    settings, ["apollo"], stop=ev, task_status=task_status
+                )
+            )
+        async with Bus.connect(settings) as bus:
+            await anyio.sleep(3 * settings.heartbeat_s)  # let the replicas hear each other (setup only)
+            alones = []
+            for _ in range(3):
+                start = time.perf_counter()
+                await bus.ask("apollo", "alone")
+                alones.append(time.perf_counter() - start)
+            alone = pct(alones, 50)
+            distinct = []
+            for _ in range(rounds):
+                served: list[str] = []
+
+                async def one(i: int, served: list[str] = served) -> None:
+                    served.append((await bus.ask("apollo", f"r{i}")).start.instance)
+
+                start = time.perf_counter()
+                async with anyio.create_task_group() as round_tg:
+                    for i in range(k):
+                        round_tg.start_soon(one, i)
+                speedups.append(k * alone / (time.perf_counter() - start))
+                distinct.append(len(set(served)))
+        for ev in stops:
+            ev.set()
+    return {
+        "k": k,
+        "one_request_s": round(alone, 3),
+        "speedups": [round(s, 2) for s in speedups],
+        "min_speedup": round(min(speedups), 2),
+        "p50_speedup": round(pct(speedups, 50), 2),
+        "rounds_at_least_0.9k": sum(s >= 0.9 * k for s in speedups),
+        # How many replicas each round's k requests went to (k: none waited behind a busy one).
+        "rounds_on_k_replicas": sum(d == k for d in distinct),
+        "rounds": rounds,
+    }
+
+
+PARTS = ("first_chunk", "placement", "aggregate", "recovery")
+
+
+async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="tekton-bench-cluster-"))
+    n = 50 if quick else 300
+    figures: dict[str, Any] = {}
+    single = EmbeddedNats(base / "single", port=0).start()
+    cluster = LocalCluster(base / "cluster", 3)
+    await anyio.to_thread.run_sync(cluster.start)
+    try:
+        if "first_chunk" in parts:
+            figures["first_chunk"] = await bench_first_chunk(single, cluster, n)
+            print("first chunk", figures["first_chunk"], flush=True)
+        if "placement" in parts:
+            figures["placement"] = {}
+            for k in (2, 3):
+                for mode in ("slots", "random"):
+                    figures["placement"][f"{mode}_k{k}"] = await placement_rounds(
+                        single.url, mode, k, 20, cost_ms=COST_MS
+                    )
+                    print("placement", mode, k, figures["placement"][f"{mode}_k{k}"], flush=True)
+            figures["placement"]["on_cluster_slots_k3"] = await placement_rounds(
+                cluster.url, "slots", 3, 20, COST_MS
+            )
+            print("placement on cluster", figures["placement"]["on_cluster_slots_k3"], flush=True)
+        if "aggregate" in parts:
+            figures["aggregate"] = await bench_aggregate(
+                cluster, 6 if quick else 12, 2000 if quick else 10000
+            )
+            print("aggregate", figures["aggregate"], flush=True)
+        if "recovery" in parts:
+            figures["recovery"] = await bench_recovery(cluster, 3 if quick else 10)
+            print("recovery", figures["recovery"], flush=True)
+    finally:
+        cluster.stop()
+        single.stop()
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"some of {', '.join(PARTS)}")
+    args = parser.parse_args()
+    chosen = [p for p in args.parts.split(",") if p]
+    if unknown := set(chosen) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    result = anyio.run(main, args.quick, chosen)
+    name = "cluster" + ("-quick" if args.quick else "") + ("" if set(chosen) == set(PARTS) else "-partial")
+    print(write_results(name, result))

@@ -1,0 +1,207 @@
+"""Load-aware placement: a request goes to a replica with a free slot whenever one exists.
+
+A NATS queue group picks a member at random, so with CPU-bound replicas one request could wait behind a
+busy replica while another idles. Here a replica stays in its chat endpoint's queue group only while it
+has a free slot, so NATS only picks among replicas with room; nats-server still does the choosing (and
+prefers members on the publisher's own node). Replicas announce their free slots to each other on
+``<prefix>.ai.<name>.load`` when that changes (and every ``interval``, so newcomers and the dead are
+noticed).
+
+Two rules keep every request served, even when every replica is full:
+
+- the *anchor* (the replica with the smallest id among the live ones) never leaves the group, so a
+  request always has somewhere to go: there is never a "no responders" for a running specialist;
+- a request that reaches a full replica anyway (the anchor, or one in flight while its replica was
+  leaving) is forwarded straight to a replica that announced a free slot, on that replica's own
+  subject (``<prefix>.ai.<name>.direct.<id>``), at most ``MAX_HOPS`` times; with no room anywhere it is
+  queued where it is (it waits for a slot, with heartbeats), never refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgpack
+import structlog
+from anyio.abc import TaskGroup
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.micro.service import Endpoint, Service
+
+log = structlog.get_logger("tekton.placement")
+
+HOPS_HEADER = "Tekton-Hops"
+MAX_HOPS = 3
+GONE = -1
+
+
+def load_subject(name: str, prefix: str) -> str:
+    return f"{prefix}.ai.{name}.load"
+
+
+def direct_subject(name: str, instance: str, prefix: str) -> str:
+    return f"{prefix}.ai.{name}.direct.{instance}"
+
+
+def hops(msg: Msg) -> int:
+    try:
+        return int((msg.headers or {}).get(HOPS_HEADER, 0))
+    except ValueError:
+        return MAX_HOPS
+
+
+class Placement:
+    """Keeps one replica's chat endpoint in its queue group only while it has room (see module doc)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        service: Service,
+        endpoint: Endpoint,
+        *,
+        name: str,
+        prefix: str,
+        slots: int,
+        interval: float,
+    ):
+        self.nc = nc
+        self.service = service
+        self.endpoint = endpoint
+        self.name = name
+        self.prefix = prefix
+        self.slots = slots
+        self.interval = interval
+        self.in_flight = 0
+        # Peers' free slots as last announced, and when.
+        self.peers: dict[str, tuple[int, float]] = {}
+        self._changed = anyio.Event()
+        self._announced: int | None = None
+        self._subs: list[Any] = []
+        self._stopped = False
+        self.counters = {"forwarded": 0, "left": 0, "joined": 0}
+
+    @property
+    def instance(self) -> str:
+        return str(self.service.id)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.slots - self.in_flight)
+
+    @property
+    def joined(self) -> bool:
+        return self.endpoint._subscription is not None
+
+    async def start(self, task_group: TaskGroup, handle: Callable[[Msg], Awaitable[None]]) -> None:
+        """Listen to peers and on our direct subject (forwarded requests go to ``handle``), then keep
+        the queue membership right until :meth:`stop`."""
+        self._subs = [
+            await self.nc.subscribe(load_subject(self.name, self.prefix), cb=self._on_load),
+            await self.nc.subscribe(direct_subject(self.name, self.instance, self.prefix), cb=handle),
+        ]
+        task_group.start_soon(self._run)
+
+    def _live(self) -> dict[str, int]:
+        horizon = time.monotonic() - 3 * self.interval
+        return {i: free for i, (free, seen) in self.peers.items() if seen >= horizon and free != GONE}
+
+    def is_anchor(self) -> bool:
+        return all(self.instance < other for other in self._live())
+
+    def room_elsewhere(self) -> str | None:
+        """A live peer that announced a free slot (the one with the most), or None."""
+        live = {i: free for i, free in self._live().items() if free > 0}
+        return max(live, key=lambda i: live[i]) if live else None
+
+    def update(self, in_flight: int) -> None:
+        """The replica's requests in flight changed."""
+        before = self.free
+        self.in_flight = in_flight
+        if self.free != before:
+            self._changed.set()
+
+    async def finishing(self) -> None:
+        """A request is about to end (its last frame goes next): tell peers its slot is free *before*
+        the asker hears "done", so a request it sends at once finds this replica counted as free.
+        (One connection's messages reach the server in order.)"""
+        if not self._stopped:
+            await self._announce(min(self.slots, self.free + 1))
+
+    def forward_target(self, msg: Msg) -> tuple[str, dict[str, str]] | None:
+        """Where to send a request that reached us while we are full: a peer with room (subject and
+        headers), or None to take it here."""
+        if self.free > 0 or hops(msg) >= MAX_HOPS or self._stopped:
+            return None
+        peer = self.room_elsewhere()
+        if peer is None:
+            return None
+        free, seen = self.peers[peer]
+        self.peers[peer] = (free - 1, seen)  # until it says otherwise: spread a burst
+        self.counters["forwarded"] += 1
+        headers = dict(msg.headers or {})
+        headers[HOPS_HEADER] = str(hops(msg) + 1)
+        return direct_subject(self.name, peer, self.prefix), headers
+
+    async def _on_load(self, msg: Msg) -> None:
+        try:
+            data = msgpack.unpackb(msg.data)
+            instance, free = str(data["id"]), int(data["free"])
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            return
+        if instance == self.instance:
+            return
+        new = instance not in self.peers
+        self.peers[instance] = (free, time.monotonic())
+        if free == GONE:
+            self.peers.pop(instance, None)
+        if new and free != GONE:
+            self._announced = None  # a newcomer: tell it about us now
+        self._changed.set()
+
+    async def _announce(self, free: int) -> None:
+        self._announced = free
+        await self.nc.publish(
+            load_subject(self.name, self.prefix), msgpack.packb({"id": self.instance, "free": free})
+        )
+
+    async def _run(self) -> None:
+        last = 0.0
+        while not self._stopped:
+            now = time.monotonic()
+            if self._announced != self.free or now - last >= self.interval:
+                last = now
+                await self._announce(self.free)
+            await self._reconcile()
+            with anyio.move_on_after(self.interval):
+                await self._changed.wait()
+            self._changed = anyio.Event()
+
+    async def _reconcile(self) -> None:
+        want = self.free > 0 or self.is_anchor()
+        if want and not self.joined:
+            await self.endpoint._start()
+            self.counters["joined"] += 1
+        elif not want and self.joined:
+            sub = self.endpoint._subscription
+            assert sub is not None
+            self.endpoint._subscription = None
+            self.counters["left"] += 1
+            # Drain, not unsubscribe: requests already delivered to us are still handled (forwarded).
+            with contextlib.suppress(Exception):
+                await sub.drain()
+
+    async def stop(self) -> None:
+        """Tell peers we are gone and stop moving; micro's own stop then ends the endpoint."""
+        self._stopped = True
+        self._changed.set()
+        with contextlib.suppress(Exception):
+            await self._announce(GONE)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if not self.joined and self.endpoint in self.service._endpoints:
+            self.service._endpoints.remove(self.endpoint)  # nothing of ours for micro to unsubscribe

@@ -1,0 +1,227 @@
+"""`tekton cluster up`, `tekton nats --cluster`, `tekton up --leaf`: Tekton's bus past one machine.
+
+nats-server does the clustering (routes), the replication (JetStream R3) and the leaf node links; these
+commands only write its config from a few options and run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+
+from bus.cluster import LocalCluster, NodeConfig, split_urls
+from bus.errors import BusError
+from bus.server import EmbeddedNats, nats_server_binary
+from bus.settings import TektonSettings
+from bus.signals import set_on_signal
+
+# A leaf keeps its own JetStream (sessions work offline) under this domain, apart from the hub's.
+LEAF_DOMAIN = "leaf"
+
+
+class UsageError(BusError):
+    """A bad combination of options: exit 2."""
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _host_port(value: str, default_port: int) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host:
+        host, port = value, str(default_port)
+    try:
+        return host, int(port)
+    except ValueError:
+        raise UsageError(f"not HOST:PORT: {value!r}") from None
+
+
+def add_cluster_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    cluster = sub.add_parser("cluster", help="run a local N-node NATS cluster (development and tests)")
+    actions = cluster.add_subparsers(dest="cluster_cmd", required=True)
+    up = actions.add_parser("up", parents=[common], help="start N nats-servers routed into one cluster")
+    up.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    up.add_argument("--port", type=int, default=4222, help="client port of the first node (then +1, +2...)")
+    up.add_argument("--cluster-port", type=int, default=6222, help="route port of the first node")
+    up.add_argument(
+        "--leafnodes", type=int, metavar="PORT", help="accept leaf nodes on PORT (then +1...): be a hub"
+    )
+
+
+def add_nats_cluster_options(nats_cmd: argparse.ArgumentParser) -> None:
+    nats_cmd.add_argument(
+        "--cluster", metavar="HOST:PORT", help="join a cluster: listen for routes here (e.g. 0.0.0.0:6222)"
+    )
+    nats_cmd.add_argument(
+        "--routes", default="", help="peers' route URLs, comma-separated (nats-route://host:6222,...)"
+    )
+    nats_cmd.add_argument("--name", help="this node's server name (default: the host name); unique")
+    nats_cmd.add_argument("--cluster-name", default="tekton", help="the cluster's name (same on every node)")
+    nats_cmd.add_argument("--leafnodes", type=int, metavar="PORT", help="accept leaf nodes on PORT (a hub)")
+    nats_cmd.add_argument("--leaf", metavar="URL", help="join a hub as a leaf node (nats://hub:7422)")
+    nats_cmd.add_argument(
+        "--print-config", action="store_true", help="print the generated nats-server config and exit"
+    )
+
+
+def node_config(settings: TektonSettings, args: argparse.Namespace) -> NodeConfig | None:
+    """The config ``tekton nats`` options ask for, or None for a plain single server."""
+    if not (args.cluster or args.leafnodes is not None or args.leaf):
+        if args.routes:
+            raise UsageError("--routes needs --cluster HOST:PORT")
+        return None
+    if getattr(args, "websocket", None) is not None:
+        raise UsageError("--websocket is for a single server; put it in the node's config")
+    url = split_urls(settings.nats_url)[0]
+    host, port = _host_port(url.split("://", 1)[-1], 4222)
+    name = args.name or socket.gethostname()
+    config = NodeConfig(
+        name=name,
+        store_dir=settings.data_dir / "nats" / name,
+        host=host,
+        port=port,
+        cluster_name=args.cluster_name,
+        leaf_port=args.leafnodes,
+        leaf_remotes=[_leaf_url(u) for u in split_urls(args.leaf)] if args.leaf else [],
+        js_domain=LEAF_DOMAIN if args.leaf else None,
+    )
+    if args.cluster:
+        config.cluster_host, config.cluster_port = _host_port(args.cluster, 6222)
+        config.routes = split_urls(args.routes) if args.routes else []
+    return config
+
+
+def _leaf_url(url: str) -> str:
+    """A hub's leaf node URL: ``nats://hub:7422`` and ``nats-leaf://hub:7422`` both work for the server."""
+    if "://" not in url:
+        raise UsageError(f"a leaf node URL looks like nats://hub:7422, not {url!r}")
+    return url
+
+
+async def cmd_nats_node(settings: TektonSettings, args: argparse.Namespace, config: NodeConfig) -> int:
+    if args.print_config:
+        _say(config.render().rstrip())
+        return 0
+    server = config.server(log_file=settings.data_dir / f"nats-{config.name}.log")
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        role = f"node {config.name} of cluster {config.cluster_name}" if config.cluster_port else config.name
+        if config.leaf_remotes:
+            role += f", leaf of {', '.join(config.leaf_remotes)}"
+        if config.leaf_port is not None:
+            role += f", hub for leaf nodes on port {config.leaf_port}"
+        _say(f"ready nats-server {role} on {server.url} (JetStream store {server.store_dir}); Ctrl-C to stop")
+        await set_on_signal(anyio.Event())
+    finally:
+        server.stop()
+    return 0
+
+
+async def cmd_cluster(settings: TektonSettings, args: argparse.Namespace) -> int:
+    if args.nodes < 1 or args.nodes > 9:
+        raise UsageError(f"--nodes takes 1 to 9, not {args.nodes}")
+    host = "127.0.0.1"
+    n = args.nodes
+    cluster = LocalCluster(
+        settings.data_dir / "cluster",
+        n,
+        host=host,
+        ports=[args.port + i for i in range(n)],
+        cluster_ports=[args.cluster_port + i for i in range(n)],
+        leaf_ports=[args.leafnodes + i for i in range(n)] if args.leafnodes is not None else None,
+    )
+    await anyio.to_thread.run_sync(cluster.start)
+    try:
+        _say(f"ready cluster of {n} nodes: {cluster.url}")
+        _say(f"stores and logs under {cluster.data_dir}")
+        _say(f"next: tekton up --nats {cluster.url}   (or TEKTON_NATS_URL={cluster.url})")
+        await set_on_signal(anyio.Event())
+    finally:
+        cluster.stop()
+    return 0
+
+
+async def start_leaf(settings: TektonSettings, stack: AsyncExitStack, hub: str) -> str:
+    """A local nats-server that joins ``hub`` as a leaf node (it runs, and serves locally, while the hub
+    is unreachable), for ``tekton up --leaf``. Returns its client URL."""
+    url = split_urls(settings.nats_url)[0]
+    host, port = _host_port(url.split("://", 1)[-1], 4222)
+    config = NodeConfig(
+        name=f"leaf-{socket.gethostname()}",
+        store_dir=settings.data_dir / "nats-leaf",
+        host=host,
+        port=port,
+        leaf_remotes=[_leaf_url(u) for u in split_urls(hub)],
+        js_domain=LEAF_DOMAIN,
+    )
+    server: EmbeddedNats = config.server(log_file=settings.data_dir / "nats-leaf.log")
+    await anyio.to_thread.run_sync(server.start)
+    stack.callback(server.stop)
+    _say(f"nats-server listening on {server.url}, a leaf node of {hub} (works offline too)")
+    return server.url
+
+
+def check_config(path: Path) -> str:
+    """``nats-server -t``: the server's own parse of a config; returns its output, raises when invalid."""
+    import subprocess
+
+    done = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(path)], capture_output=True, text=True, timeout=30
+    )
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise BusError(f"nats-server rejects {path}: {output}")
+    return output
+
+
+def write_ready(settings: TektonSettings, instances: list[tuple[str, str]]) -> None:
+    """Note this process's micro service instances (name, id) in ``TEKTON_READY_FILE`` for the probe."""
+    if settings.ready_file is None:
+        return
+    with settings.ready_file.open("w") as f:  # a restarted process replaces its old instances
+        f.writelines(f"{name} {instance}\n" for name, instance in instances)
+
+
+def add_probe_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    probe = sub.add_parser(
+        "probe", parents=[common], help="readiness: this process's services answer $SRV.PING (exit 0/1)"
+    )
+    probe.add_argument(
+        "--ready-file", help="the file the specialist/gateway wrote (default $TEKTON_READY_FILE)"
+    )
+    probe.add_argument("--timeout", type=float, default=2.0)
+
+
+async def cmd_probe(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """Ready when every instance this pod started answers ``$SRV.PING.<name>.<id>`` over the bus: the
+    process is up, connected, and its micro service is serving (what a Kubernetes readiness probe wants)."""
+    from bus.client import connect
+
+    path = Path(args.ready_file) if args.ready_file else settings.ready_file
+    if path is None:
+        raise UsageError("--ready-file (or TEKTON_READY_FILE) is needed")
+    try:
+        entries = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as err:
+        _say(f"not ready: {path}: {err.strerror}")
+        return 1
+    if not entries:
+        _say(f"not ready: no instance in {path} yet")
+        return 1
+    nc = await connect(settings.nats_url, name="tekton-probe", connect_timeout=args.timeout)
+    try:
+        for name, instance in entries:
+            try:
+                await nc.request(f"$SRV.PING.{name}.{instance}", b"", timeout=args.timeout)
+            except Exception as err:
+                _say(f"not ready: {name} {instance} does not answer ({type(err).__name__})")
+                return 1
+    finally:
+        await nc.close()
+    _say(f"ready: {', '.join(f'{n} {i}' for n, i in entries)}")
+    return 0

@@ -1,0 +1,413 @@
+"""Tekton on a real 3-node NATS cluster (three nats-server processes), a leaf node, and placement.
+
+Every test here starts several nats-servers: ``-m cluster``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from nats.js.api import StreamInfo
+
+from bus.client import Bus, connect
+from bus.cluster import LocalCluster, NodeConfig, free_ports, wait_jetstream
+from bus.errors import BusError, SpecialistUnavailable
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from gateway.store import bucket_name
+from specialists.runtime import serve_specialists
+from tests.helpers import child_env, env, eventually, in_process_gateway, in_process_specialists, spawn
+
+pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path / "cluster", 3) as c:
+        yield c
+
+
+def on(settings: TektonSettings, url: str, **more: Any) -> TektonSettings:
+    return settings.model_copy(update={"nats_url": url, **more})
+
+
+@pytest.fixture
+def csettings(cluster: LocalCluster, tmp_path: Path) -> TektonSettings:
+    return TektonSettings(
+        nats_url=cluster.url,
+        data_dir=tmp_path / "data",
+        provider="scripted",
+        heartbeat_s=0.2,
+        idle_timeout_s=10.0,
+        drain_grace_s=5.0,
+    )
+
+
+def consecutive_free_ports(n: int) -> list[int]:
+    """``n`` consecutive ports free right now (`tekton cluster up` numbers its nodes' ports so)."""
+    for _ in range(100):
+        base = random.randrange(20000, 60000)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + n))
+    raise AssertionError("no run of free ports found")
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+async def sessions_stream(bus: Bus) -> StreamInfo:
+    return await bus.nc.jetstream().stream_info(f"KV_{bucket_name(bus.settings.prefix)}")
+
+
+async def test_cluster_up_command_runs_three_routed_nodes(tmp_path: Path) -> None:
+    ports, routes = consecutive_free_ports(3), consecutive_free_ports(3)
+    settings = TektonSettings(nats_url=",".join(f"nats://127.0.0.1:{p}" for p in ports), data_dir=tmp_path)
+    argv = [sys.executable, "-m", "tekton", "cluster", "up", "--nodes", "3"]
+    argv += ["--port", str(ports[0]), "--cluster-port", str(routes[0])]
+    child = spawn(argv, child_env(settings))
+    try:
+        line = await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: s.startswith("ready cluster")))
+        assert settings.nats_url in line
+        for i in range(3):
+            assert (tmp_path / "cluster" / f"n{i + 1}").is_dir()  # one store per node
+        nc = await connect(f"nats://127.0.0.1:{ports[2]}")
+        try:
+            assert nc._server_info["cluster"] == "tekton"
+            assert nc._server_info["server_name"] == "n3"
+            kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
+            await kv.put("k", b"v")
+            info = await nc.jetstream().stream_info("KV_probe")
+            assert info.config.num_replicas == 3
+            assert info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2
+        finally:
+            await nc.close()
+    finally:
+        assert child.stop() == 0
+
+
+async def test_sessions_bucket_has_three_replicas_on_a_cluster(csettings: TektonSettings) -> None:
+    async with in_process_gateway(csettings), Bus.connect(csettings) as bus:
+        info = await sessions_stream(bus)
+        assert info.config.num_replicas == 3
+
+
+async def test_session_replicas_can_be_set(csettings: TektonSettings) -> None:
+    async with (
+        in_process_gateway(on(csettings, csettings.nats_url, session_replicas=2)),
+        Bus.connect(csettings) as bus,
+    ):
+        assert (await sessions_stream(bus)).config.num_replicas == 2
+
+
+async def test_specialist_gateway_and_client_on_three_different_nodes(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    n1, n2, n3 = cluster.urls
+    async with (
+        in_process_specialists(on(csettings, n1), "apollo") as specialists,
+        in_process_gateway(on(csettings, n2)),
+        Bus.connect(on(csettings, n3)) as bus,
+    ):
+        assert bus.nc.connected_url.port == cluster.configs[2].port
+        assert specialists["apollo"].nc.connected_url.port == cluster.configs[0].port
+        result = await bus.ask("apollo", "across the cluster")
+        assert result.text == "apollo heard: across the cluster"
+        session = await bus.gateway.create("apollo", name="spread")
+        async with bus.stream("", user("remember me"), session="spread") as s:
+            assert "".join([t async for t in s]) == "apollo heard: remember me"
+        assert s.stored is not None
+        turns = (await bus.gateway.get(session.id)).turns
+        assert [t.content for t in turns] == ["remember me", "apollo heard: remember me"]
+
+
+async def _chat_until_accepted(bus: Bus, session: str, text: str, acked: list[str]) -> None:
+    """One session turn; retried (as a user would) while the bus fails over. A turn the gateway
+    accepted is recorded in ``acked``: it must be in the session afterwards."""
+    with anyio.fail_after(60):
+        while True:
+            stream = bus.stream("apollo", user(text), session=session)
+            try:
+                async with stream as s:
+                    if stream.accepted is not None:
+                        acked.append(text)
+                    async for _ in s:
+                        pass
+                return
+            except BusError:
+                if stream.accepted is not None:  # the answer failed; the stored user turn must survive
+                    if text not in acked:
+                        acked.append(text)
+                    return
+                await anyio.sleep(0.1)  # the connection is failing over: try again shortly
+
+
+async def test_a_node_killed_mid_load_loses_nothing(cluster: LocalCluster, csettings: TektonSettings) -> None:
+    """kill -9 one node while 50 streams run and 20 clients append to sessions."""
+    n1, n2, n3 = cluster.urls
+    slow = {"TEKTON_SCRIPTED_TOKENS": "40", "TEKTON_SCRIPTED_TOKENS_PER_S": "20"}  # ~2 s per stream
+    with env(**slow):
+        async with (
+            in_process_specialists(on(csettings, n1, max_concurrency=64), "apollo"),
+            in_process_specialists(on(csettings, n2, max_concurrency=64), "apollo"),
+            in_process_gateway(on(csettings, n1)),
+            in_process_gateway(on(csettings, n2)),
+            Bus.connect(on(csettings, n1)) as b1,
+            Bus.connect(on(csettings, n2)) as b2,
+        ):
+            # The sessions bucket's leader sits on the node about to die: the replicas must take over.
+            await _move_leader(b1, "n3")
+            clients = [await connect(url) for url in (n1, n2, n3) * 7][:20]
+            buses = [Bus(nc, csettings) for nc in clients]
+            names = []
+            for i, bus in enumerate(buses):
+                names.append((await bus.gateway.create("apollo", name=f"c{i}")).id)
+            started = anyio.Event()
+            done: list[int] = []
+            acked: dict[int, list[str]] = {i: [] for i in range(20)}
+
+            async def stream(bus: Bus, i: int) -> None:
+                async with bus.stream("apollo", user(f"s{i}")) as s:
+                    count = 0
+                    async for _ in s:
+                        count += 1
+                        if count == 5 and i == 0:
+                            started.set()
+                    done.append(count)
+
+            async def appender(i: int) -> None:
+                for turn in range(6):
+                    await _chat_until_accepted(buses[i], names[i], f"c{i} t{turn}", acked[i])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(stream, (b1, b2)[i % 2], i)
+                for i in range(20):
+                    tg.start_soon(appender, i)
+                await started.wait()
+                cluster.kill(2)  # SIGKILL node n3 mid-stream
+            assert len(done) == 50 and set(done) == {40}  # streams on surviving nodes all finished
+            assert all(nc.is_connected for nc in clients)  # n3's clients reconnected elsewhere
+            moved = [nc for nc in clients[2::3]]
+            assert all(nc.connected_url.port != cluster.configs[2].port for nc in moved)
+
+            for i, bus in enumerate(buses):
+                stored = [t.content for t in (await bus.gateway.get(names[i])).turns if t.role == "user"]
+                missing = [t for t in acked[i] if t not in stored]
+                assert not missing, f"client {i} lost turns {missing}"
+                assert len(acked[i]) == 6
+
+            cluster.restart(2)  # n3 rejoins and JetStream catches it up
+            await eventually(lambda: _caught_up(b1, "n3"), within=30)
+            for nc in clients:
+                await nc.close()
+
+
+async def _move_leader(bus: Bus, node: str) -> None:
+    subject = f"$JS.API.STREAM.LEADER.STEPDOWN.KV_{bucket_name(bus.settings.prefix)}"
+    with anyio.fail_after(30):
+        while (await sessions_stream(bus)).cluster.leader != node:  # type: ignore[union-attr]
+            request = json.dumps({"placement": {"preferred": node}}).encode()
+            await bus.nc.request(subject, request, timeout=5)
+            await anyio.sleep(0.2)
+
+
+async def _has_leader(bus: Bus, but: str) -> bool:
+    try:
+        info = await sessions_stream(bus)
+    except Exception:  # no leader to answer yet
+        return False
+    return info.cluster is not None and info.cluster.leader not in (None, but)
+
+
+async def _caught_up(bus: Bus, node: str) -> bool:
+    info = await sessions_stream(bus)
+    if info.cluster is None:
+        return False
+    peers = {p.name: p for p in info.cluster.replicas or []}
+    if info.cluster.leader == node:
+        return all(p.current for p in peers.values())
+    peer = peers.get(node)
+    return peer is not None and bool(peer.current) and not peer.lag and not peer.offline
+
+
+async def test_a_restarted_node_catches_up_and_keeps_the_quorum(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    """n3 misses writes while down, rejoins and catches up; then n1 dies too, and n2 + n3 (a quorum of
+    the R3 bucket only if n3 really caught up) still read and write the sessions."""
+    n2 = cluster.urls[1]
+    async with (
+        in_process_specialists(on(csettings, n2), "apollo"),
+        in_process_gateway(on(csettings, n2)),
+        Bus.connect(on(csettings, n2)) as bus,
+    ):
+        cluster.kill(2)
+        await eventually(lambda: _has_leader(bus, "n3"), within=30)  # if n3 led, another one does now
+        session = await bus.gateway.create("apollo", name="while-n3-was-down")
+        async with bus.stream("", user("written during the outage"), session=session.id) as s:
+            async for _ in s:
+                pass
+        cluster.restart(2)
+        await eventually(lambda: _caught_up(bus, "n3"), within=30)
+        cluster.kill(0)
+        async with bus.stream("", user("after n1 died"), session=session.id) as s:
+            async for _ in s:
+                pass
+        turns = [t.content for t in (await bus.gateway.get(session.id)).turns]
+        assert turns == [
+            "written during the outage",
+            "apollo heard: written during the outage",
+            "after n1 died",
+            "apollo heard: after n1 died",
+        ]
+
+
+# Placement ---------------------------------------------------------------------------------------
+
+
+async def _one_round(bus: Bus, k: int) -> list[str]:
+    instances: list[str] = []
+
+    async def one(i: int) -> None:
+        result = await bus.ask("apollo", f"p{i}")
+        instances.append(result.start.instance)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(k):
+            tg.start_soon(one, i)
+    return instances
+
+
+async def _placement_rounds(
+    settings: TektonSettings, urls: list[str], k: int, rounds: int
+) -> list[list[str]]:
+    one_slot = {"max_concurrency": 1}
+    with env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="300", TEKTON_SCRIPTED_TOKENS="2"):
+        async with anyio.create_task_group() as tg, Bus.connect(on(settings, urls[0])) as bus:
+            stops = []
+            for i in range(k):
+                stop = anyio.Event()
+                stops.append(stop)
+                node = on(settings, urls[i % len(urls)], **one_slot)
+                await tg.start(
+                    lambda task_status, node=node, stop=stop: serve_specialists(
+                        node, ["apollo"], stop=stop, task_status=task_status
+                    )
+                )
+            await eventually(lambda: _all_know_each_other(bus, k), within=10)
+            results = [await _one_round(bus, k) for _ in range(rounds)]
+            for stop in stops:
+                stop.set()
+    return results
+
+
+async def _all_know_each_other(bus: Bus, k: int) -> bool:
+    return len(await bus.instances("apollo", window=0.2, thorough=True)) == k
+
+
+async def test_placement_sends_k_requests_to_k_replicas_on_the_cluster(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    rounds = await _placement_rounds(csettings, cluster.urls, k=3, rounds=5)
+    for instances in rounds:
+        assert len(set(instances)) == 3, f"two requests shared a replica while another idled: {rounds}"
+
+
+# Leaf node -----------------------------------------------------------------------------------------
+
+
+async def test_a_laptop_on_a_leaf_node_works_offline_and_reaches_the_team_when_connected(
+    tmp_path: Path,
+) -> None:
+    """`tekton up --leaf`: local apollo, gateway and sessions on the laptop; athena only on the team's hub."""
+    hub_port, hub_leaf_port, laptop_port = free_ports(3)
+    hub = NodeConfig(name="hub", store_dir=tmp_path / "hub" / "store", port=hub_port, leaf_port=hub_leaf_port)
+    hub_server = hub.server(log_file=tmp_path / "hub.log").start()
+    team = TektonSettings(nats_url=hub_server.url, data_dir=tmp_path / "hub", provider="scripted")
+    roster = tmp_path / "laptop-roster.toml"
+    default = (Path(__file__).parent.parent / "deploy" / "roster.toml").read_text()
+    roster.write_text(default.split("[specialists.athena]")[0])  # the laptop runs apollo only
+    laptop = TektonSettings(
+        nats_url=f"nats://127.0.0.1:{laptop_port}", data_dir=tmp_path / "laptop", provider="scripted"
+    )
+    argv = [sys.executable, "-m", "tekton", "up", "--leaf", f"nats://127.0.0.1:{hub_leaf_port}"]
+    up = spawn([*argv, "--provider", "scripted"], child_env(laptop, TEKTON_ROSTER=str(roster)))
+    try:
+        await anyio.to_thread.run_sync(lambda: up.wait_for(lambda s: s.startswith("Tekton is up"), 60))
+        assert any("a leaf node of" in line for line in up.seen)
+        async with in_process_specialists(team, "athena"), Bus.connect(laptop) as bus:
+
+            async def team_reachable() -> bool:
+                try:
+                    return (await bus.ask("athena", "hello team")).text == "athena heard: hello team"
+                except SpecialistUnavailable:
+                    return False
+
+            await eventually(team_reachable, within=20)
+            assert (await bus.ask("apollo", "local")).start.instance  # the laptop's own apollo
+
+            hub_server.stop()  # offline: the hub is gone
+            assert (await bus.ask("apollo", "still here")).text == "apollo heard: still here"
+            session = await bus.gateway.create("apollo", name="offline")  # the laptop's own JetStream
+            async with bus.stream("", user("noted offline"), session=session.id) as s:
+                async for _ in s:
+                    pass
+            assert [t.content for t in (await bus.gateway.get("offline")).turns] == [
+                "noted offline",
+                "apollo heard: noted offline",
+            ]
+            with pytest.raises(SpecialistUnavailable):
+                await bus.ask("athena", "anyone?")
+
+            hub_server = hub.server(log_file=tmp_path / "hub.log").start()  # back online
+            await eventually(team_reachable, within=20)
+    finally:
+        assert up.stop() == 0
+        hub_server.stop()
+
+
+async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Path) -> None:
+    """`tekton nats --cluster` on three "machines" (here: ports and data dirs) routed to each other."""
+    ports, routes = free_ports(3), free_ports(3)
+    children = []
+    try:
+        for i in range(3):
+            peers = ",".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i)
+            argv = [sys.executable, "-m", "tekton", "nats", "--name", f"m{i + 1}"]
+            argv += ["--cluster", f"127.0.0.1:{routes[i]}", "--routes", peers]
+            settings = TektonSettings(
+                nats_url=f"nats://127.0.0.1:{ports[i]}", data_dir=tmp_path / f"m{i + 1}"
+            )
+            children.append(spawn(argv, child_env(settings)))
+        for child in children:
+            line = await anyio.to_thread.run_sync(lambda c=child: c.wait_for(lambda s: s.startswith("ready")))
+            assert "of cluster tekton" in line
+        url = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        await anyio.to_thread.run_sync(lambda: wait_jetstream(url, replicas=3))
+        nc = await connect(url)
+        try:
+            kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
+            await kv.put("k", b"v")
+            info = await nc.jetstream().stream_info("KV_probe")
+            assert info.cluster is not None
+            assert {info.cluster.leader, *(p.name for p in info.cluster.replicas or [])} == {"m1", "m2", "m3"}
+        finally:
+            await nc.close()
+    finally:
+        for child in children:
+            assert child.stop() == 0

@@ -1,0 +1,121 @@
+"""deploy/: what can be checked without a container engine or Kubernetes (neither runs here).
+
+The compose file and manifests parse and have the shape the README promises; every nats-server config
+we ship or generate passes the server's own check (``nats-server -t``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bus.cluster import local_nodes
+from bus.server import nats_server_binary
+from tekton.cluster import check_config
+
+pytestmark = pytest.mark.fast
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+
+
+def nats_check(path: Path, **env: str) -> None:
+    done = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_shipped_cluster_config_passes_nats_server_check() -> None:
+    nats_check(DEPLOY / "nats" / "cluster.conf", SERVER_NAME="nats-1")
+
+
+def test_nats_server_check_rejects_a_broken_config(tmp_path: Path) -> None:
+    """The check can fail: a config with a typo is refused."""
+    bad = tmp_path / "bad.conf"
+    bad.write_text((DEPLOY / "nats" / "cluster.conf").read_text().replace("cluster {", "cluster {{", 1))
+    with pytest.raises(Exception, match="rejects"):
+        check_config(bad)
+
+
+def test_generated_node_configs_pass_nats_server_check(tmp_path: Path) -> None:
+    for node in local_nodes(tmp_path, 3, leaf_ports=[7422, 7423, 7424]):
+        out = check_config(node.write())
+        assert "is valid" in out
+
+
+def test_tekton_nats_cluster_prints_a_valid_node_config(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "tekton", "nats", "--cluster", "0.0.0.0:6222", "--name", "alpha"]
+    argv += ["--routes", "nats-route://beta:6222,nats-route://gamma:6222", "--leafnodes", "7422"]
+    argv += ["--nats", "nats://0.0.0.0:4222", "--data-dir", str(tmp_path), "--print-config"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'server_name: "alpha"' in done.stdout
+    assert '"nats-route://beta:6222", "nats-route://gamma:6222"' in done.stdout
+    conf = tmp_path / "alpha.conf"
+    conf.write_text(done.stdout)
+    check_config(conf)
+
+
+def test_tekton_nats_routes_without_cluster_is_a_usage_error(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "tekton", "nats", "--routes", "nats-route://x:6222"]
+    done = subprocess.run([*argv, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "tekton: --routes needs --cluster HOST:PORT"
+
+
+def test_compose_file_runs_three_nats_nodes_and_replicated_pieces() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    nodes = [s for s in services if s.startswith("nats-")]
+    assert nodes == ["nats-1", "nats-2", "nats-3"]
+    for name in nodes:
+        assert services[name]["environment"]["SERVER_NAME"] == name
+        assert services[name]["command"] == ["-c", "/etc/nats/cluster.conf"]
+    for name in ("gateway", "apollo", "athena"):
+        svc = services[name]
+        assert svc["deploy"]["replicas"] >= 2
+        url = svc["environment"]["TEKTON_NATS_URL"]
+        assert url.split(",") == [f"nats://{n}:4222" for n in nodes]
+        assert "probe" in svc["healthcheck"]["test"]
+        assert svc["stop_grace_period"] == "40s"  # longer than TEKTON_DRAIN_GRACE_S: drains first
+
+
+def _documents(name: str) -> list[dict]:  # type: ignore[type-arg]
+    return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+
+
+def test_kubernetes_manifests_have_a_deployment_per_specialist_with_probe_and_drain() -> None:
+    roster = tomllib.loads((DEPLOY / "roster.toml").read_text())["specialists"]
+    docs = _documents("tekton.yaml") + _documents("specialists.yaml")
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert int(config["TEKTON_DRAIN_GRACE_S"]) == 30
+    assert len(config["TEKTON_NATS_URL"].split(",")) == 3
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"tekton-gateway", *(f"tekton-{n}" for n in roster)}
+    for name, d in deployments.items():
+        assert d["apiVersion"] == "apps/v1"
+        spec = d["spec"]
+        assert spec["replicas"] >= 2
+        assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
+        pod = spec["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > int(config["TEKTON_DRAIN_GRACE_S"])
+        (container,) = pod["containers"]
+        assert container["readinessProbe"]["exec"]["command"][:2] == ["tekton", "probe"], name
+        assert container["args"][0] in {"gateway", "specialist"}
+
+
+def test_helm_values_ask_for_a_three_node_jetstream_cluster_with_leaf_nodes() -> None:
+    values = yaml.safe_load((DEPLOY / "k8s" / "nats-values.yaml").read_text())["config"]
+    assert values["cluster"] == {"enabled": True, "replicas": 3}
+    assert values["jetstream"]["enabled"] and values["jetstream"]["fileStore"]["pvc"]["enabled"]
+    assert values["leafnodes"]["enabled"] and values["leafnodes"]["port"] == 7422

@@ -1,0 +1,169 @@
+"""Bad input and broken surroundings give one line on stderr, never a traceback (run as a user runs them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from bus.settings import TektonSettings
+from tests.helpers import AISH, aish, child_env, eventually, in_process_specialists, spawn
+
+TEKTON = [sys.executable, "-m", "tekton"]
+OFFLINE = TektonSettings(nats_url="nats://127.0.0.1:9", data_dir=Path("/nonexistent/tekton"))
+
+
+def run(argv: list[str], settings: TektonSettings = OFFLINE, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        env=child_env(settings, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-tokens", "0"),
+        ("--temperature", "nan"),
+        ("--timeout", "-5"),
+        ("--idle-timeout", "0"),
+    ],
+)
+def test_an_option_out_of_range_is_a_usage_error(option: str, value: str) -> None:
+    done = run([*AISH, option, value, "apollo", "hi"])
+    assert done.returncode == 2
+    line = one_line(done.stderr)
+    assert option in line and value in line
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("idle_timeout_s = = 3\n", "not valid TOML"), ("idle_timeout_s = -1\n", "idle_timeout_s")],
+)
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path: Path, text: str, problem: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    command = [*AISH, "apollo", "hi"] if "TOML" in problem else [*TEKTON, "status"]
+    done = run(command, TEKTON_CONFIG=str(config))
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert str(config) in line and problem in line
+
+
+@pytest.mark.fast
+def test_a_bad_environment_value_names_the_variable() -> None:
+    done = run([*AISH, "apollo", "hi"], TEKTON_IDLE_TIMEOUT_S="-3")
+    assert done.returncode == 1
+    assert "$TEKTON_IDLE_TIMEOUT_S" in one_line(done.stderr)
+
+
+@pytest.mark.fast
+def test_closed_stdout_is_one_line() -> None:
+    # `aish apollo hi >&-`, as a shell does it.
+    done = run(["sh", "-c", 'exec "$@" >&-', "sh", *AISH, "apollo", "hi"])
+    assert done.returncode == 1
+    assert "standard output is closed" in one_line(done.stderr)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_tekton_up_with_a_missing_api_key_is_one_line(settings: TektonSettings, provider: str) -> None:
+    done = run([*TEKTON, "up", "--provider", provider, "--nats", settings.nats_url], settings)
+    assert done.returncode == 1
+    line = one_line(done.stderr)
+    assert line.startswith("tekton: ") and f"TEKTON_{provider.upper()}_API_KEY" in line
+
+
+@pytest.mark.anyio
+async def test_a_full_disk_on_stdout_is_one_line(settings: TektonSettings) -> None:
+    def ask() -> subprocess.CompletedProcess[str]:
+        # `aish apollo hi > /dev/full`
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                [*AISH, "apollo", "hi"],
+                env=child_env(settings),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                timeout=60,
+            )
+
+    async with in_process_specialists(settings, "apollo"):
+        done = await anyio.to_thread.run_sync(ask)
+    assert done.returncode == 1
+    assert "cannot write the answer: No space left on device" in one_line(done.stderr)
+
+
+def test_a_redirect_to_an_unknown_users_home_is_one_line(settings: TektonSettings) -> None:
+    done = aish(settings, "-c", "echo hello > ~nosuchuser-tekton/x")
+    assert done.returncode == 1
+    assert "cannot write ~nosuchuser-tekton/x" in one_line(done.stderr)
+
+
+@pytest.mark.anyio
+async def test_timeout_bounds_the_whole_request_and_stops_it(settings: TektonSettings) -> None:
+    slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "20", "TEKTON_SCRIPTED_TOKENS": "10000"}
+    os.environ.update(slow)
+    try:
+        async with in_process_specialists(settings, "apollo") as services:
+            done = await anyio.to_thread.run_sync(
+                lambda: aish(settings, "--timeout", "1.5", "apollo", "a long answer")
+            )
+            counters = services["apollo"].counters
+            await eventually(lambda: counters.cancelled == 1 and counters.in_flight == 0, within=10)
+    finally:
+        for key in slow:
+            os.environ.pop(key, None)
+    assert done.returncode == 1
+    assert "within --timeout 1.5 s" in one_line(done.stderr)
+    assert done.stdout.startswith("apollo heard:")  # what came in time was shown
+    assert counters.served == 0
+
+
+def test_nats_server_gone_longer_than_the_idle_timeout_is_one_line(
+    settings: TektonSettings,
+    nats_server,  # type: ignore[no-untyped-def]
+) -> None:
+    slow = {"TEKTON_SCRIPTED_TOKENS_PER_S": "20", "TEKTON_SCRIPTED_TOKENS": "10000"}
+    specialist = spawn(
+        [*TEKTON, "specialist", "apollo", "--provider", "scripted", "--log-level", "warning"],
+        child_env(settings, **slow),
+    )
+    try:
+        specialist.wait_for(lambda line: line.startswith("ready apollo"))
+        asker = subprocess.Popen(
+            [*AISH, "--idle-timeout", "1", "apollo", "hi"],
+            env=child_env(settings),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert asker.stdout is not None and asker.stderr is not None
+        # The first token on stdout means the stream is flowing; then the server goes away.
+        assert asker.stdout.read(len("apollo")) == "apollo"
+        nats_server.stop()
+        _, stderr = asker.communicate(timeout=30)
+        code = asker.returncode
+    finally:
+        specialist.process.send_signal(signal.SIGKILL)
+        specialist.process.wait()
+    assert code == 1
+    assert "sent nothing for 1 s" in one_line(stderr)

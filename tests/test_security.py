@@ -1,0 +1,495 @@
+"""Two users, alice and bob, on one real nats-server with auth: every attack from issue 15 is tried by
+bob and refused by the server (or, where the server pins who asks, by the gateway/specialist that
+reads the pinned name); alice is unaffected. Revocation cuts a user off; a wrong CA fails the TLS
+handshake; an exposed listener without auth and TLS is refused."""
+
+from __future__ import annotations
+
+import ssl
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from bus.auth import load_credentials
+from bus.bulk import BulkOperation, BulkPlan
+from bus.client import Bus, connect
+from bus.errors import BadRequest, BusError, NatsUnavailable, SessionNotFound
+from bus.server import EmbeddedNats
+from bus.sessions import SessionChat
+from bus.settings import TektonSettings
+from bus.subjects import ALL_USERS
+from bus.wire import ChatMessage, ChatRequest, DoneFrame
+from gateway.runtime import serve_gateway
+from tekton import certs
+from tekton.users import Users
+from tests.helpers import (
+    aish,
+    child_env,
+    env,
+    eventually,
+    in_process_gateway,
+    in_process_specialists,
+    spawn,
+)
+
+# Quick ones are in the fast tier; `tekton up --tls` starts ten specialists and is not.
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Team:
+    server: EmbeddedNats
+    users: Users
+    services: TektonSettings  # the gateway's and specialists' (their creds are the data dir's)
+    alice: TektonSettings
+    bob: TektonSettings
+    admin: TektonSettings
+
+
+@pytest.fixture
+def team(tmp_path: Path) -> Iterator[Team]:
+    data = tmp_path / "data"
+    users = Users(data, "tekton")
+    users.ensure_local()
+    users.add("alice")
+    users.add("bob")
+    server = EmbeddedNats(data / "nats", port=0, auth_file=users.auth_file, log_file=tmp_path / "nats.log")
+    server.start()
+    base = TektonSettings(
+        nats_url=server.url, data_dir=data, provider="scripted", heartbeat_s=0.2, idle_timeout_s=5.0
+    )
+    try:
+        yield Team(
+            server=server,
+            users=users,
+            services=base,
+            alice=base.model_copy(update={"creds": users.user_creds_path("alice")}),
+            bob=base.model_copy(update={"creds": users.user_creds_path("bob")}),
+            admin=base,  # the local user tekton made on first run is an admin
+        )
+    finally:
+        server.stop()
+
+
+class Raw:
+    """Bob's own nats-py connection (his credentials, any subject he likes) and what the server said."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: NATS | None = None
+
+    async def connect(self, settings: TektonSettings) -> NATS:
+        creds = load_credentials(Path(str(settings.creds)))
+
+        async def on_error(err: Exception) -> None:
+            self.errors.append(str(err))
+
+        self.nc = await nats.connect(
+            settings.nats_url,
+            nkeys_seed_str=creds.seed,
+            inbox_prefix=f"_INBOX.{creds.user}",
+            error_cb=on_error,
+            max_reconnect_attempts=0,
+        )
+        return self.nc
+
+    async def refused(self, what: str) -> None:
+        # nats-py passes the server's -ERR on lowercased.
+        await eventually(lambda: any(what.lower() in e.lower() for e in self.errors), within=10)
+
+
+@pytest.fixture
+async def bob(team: Team) -> AsyncIterator[Raw]:
+    raw = Raw()
+    await raw.connect(team.bob)
+    yield raw
+    assert raw.nc is not None
+    await raw.nc.close()
+
+
+async def ask(settings: TektonSettings, specialist: str, text: str, session: str | None = None) -> str:
+    message = [ChatMessage(role="user", content=text)]
+    async with (
+        Bus.connect(settings, name="test") as bus,
+        bus.stream(specialist, message, session=session) as s,
+    ):
+        return "".join([t async for t in s])
+
+
+@pytest.mark.fast
+def test_credentials_files_are_private(team: Team) -> None:
+    for path in [team.users.user_creds_path("alice"), *team.users.dir.glob("*.creds")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(team.users.dir.stat().st_mode) == 0o700
+    assert load_credentials(team.users.user_creds_path("alice")).user == "alice"
+
+
+@pytest.mark.fast
+async def test_a_client_without_credentials_is_refused(team: Team) -> None:
+    with pytest.raises(NatsUnavailable) as refused:
+        await connect(team.server.url)
+    assert "requires credentials" in str(refused.value)
+
+
+@pytest.mark.fast
+async def test_bob_cannot_read_other_replies_or_requests(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    heard: list[bytes] = []
+
+    async def keep(msg: nats.aio.msg.Msg) -> None:
+        heard.append(msg.data)
+
+    for subject in ["_INBOX.>", "_INBOX.alice.>", "tekton.ai.*.chat", "tekton.cancel.>", ">"]:
+        await bob.nc.subscribe(subject, cb=keep)
+        await bob.refused(f'Permissions Violation for Subscription to "{subject}"')
+    async with in_process_specialists(team.services, "apollo"):
+        assert await ask(team.alice, "apollo", "secret plans") == "apollo heard: secret plans"
+        # Bob's own requests still work: the refusals were about others' subjects.
+        assert await ask(team.bob, "apollo", "mine") == "apollo heard: mine"
+    await bob.nc.flush()
+    assert heard == []
+
+
+@pytest.mark.fast
+async def test_bob_cannot_answer_for_a_specialist_or_fake_a_service(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    await bob.nc.subscribe("tekton.ai.apollo.chat", queue="tekton.ai.apollo")
+    await bob.refused('Permissions Violation for Subscription to "tekton.ai.apollo.chat"')
+    await bob.nc.subscribe("$SRV.PING")
+    await bob.refused('Permissions Violation for Subscription to "$SRV.PING"')
+    async with in_process_specialists(team.services, "apollo"):
+        answers = [await ask(team.alice, "apollo", f"q{i}") for i in range(10)]
+        assert answers == [f"apollo heard: q{i}" for i in range(10)]
+        async with Bus.connect(team.alice, name="test") as bus:
+            assert {i.name for i in await bus.instances(window=0.5)} == {"apollo"}
+
+
+@pytest.mark.fast
+async def test_bob_cannot_touch_the_sessions_bucket(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    async with in_process_gateway(team.services):
+        await bob.nc.publish("$JS.API.STREAM.INFO.KV_tekton_sessions", b"")
+        await bob.refused('Permissions Violation for Publish to "$JS.API.STREAM.INFO.KV_tekton_sessions"')
+        await bob.nc.publish("$KV.tekton_sessions.s.x", b"overwrite")
+        await bob.refused('Permissions Violation for Publish to "$KV.tekton_sessions.s.x"')
+
+
+@pytest.mark.fast
+async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bobs,
+        Bus.connect(team.admin, name="admin") as admin,
+    ):
+        work = await alice.gateway.create("apollo", name="work")
+        assert await ask(team.alice, "apollo", "remember", session="work") == "apollo heard: remember"
+        # Through the gateway as himself: alice's session does not exist for bob.
+        assert await bobs.gateway.list() == []
+        for attempt in (
+            lambda: bobs.gateway.get(work.id),
+            lambda: bobs.gateway.get("work"),
+            lambda: bobs.gateway.delete(work.id),
+            lambda: bobs.gateway.fork(work.id),
+            lambda: bobs.gateway.rename(work.id, "mine"),
+        ):
+            with pytest.raises(SessionNotFound):
+                await attempt()
+        with pytest.raises(SessionNotFound):
+            await ask(team.bob, "apollo", "overwrite", session=work.id)
+        # As alice: the server will not let him put her name in the subject.
+        await bob.nc.publish("tekton.gateway.alice.session.list", b"")
+        await bob.refused('Permissions Violation for Publish to "tekton.gateway.alice.session.list"')
+        await bob.nc.publish(f"tekton.gateway.{ALL_USERS}.session.list", b"")
+        await bob.refused(f'Permissions Violation for Publish to "tekton.gateway.{ALL_USERS}.session.list"')
+        # His own session may share her session's name.
+        mine = await bobs.gateway.create("apollo", name="work")
+        # ...but its answers go to his inbox only: the gateway will not listen on (record) hers.
+        request = ChatRequest(messages=[ChatMessage(role="user", content="x")])
+        into_hers = SessionChat(session=mine.id, inbox="_INBOX.alice.abc.1", request=request)
+        with pytest.raises(BadRequest, match="is not yours"):
+            await bobs.gateway.call("chat", into_hers)
+        assert [s.id for s in await bobs.gateway.list()] == [mine.id]
+        # Alice is unaffected.
+        kept = await alice.gateway.get("work")
+        assert kept.id == work.id and kept.owner == "alice" and len(kept.turns) == 2
+        # An admin sees everyone's.
+        everyone = Bus(admin.nc, team.admin, acting_for=ALL_USERS).gateway
+        assert {(s.owner, s.id) for s in await everyone.list()} == {("alice", work.id), ("bob", mine.id)}
+
+
+@pytest.mark.fast
+async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    with env(TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
+        async with in_process_specialists(team.services, "apollo") as services:
+            async with Bus.connect(team.alice, name="alice") as alice:
+                async with alice.stream("apollo", [ChatMessage(role="user", content="long")]) as s:
+                    await s.wait_started()
+                    rid = s.request.id  # suppose bob learnt it
+                    await bob.nc.publish(f"tekton.cancel.alice.{rid}", b"")
+                    await bob.refused(f'Permissions Violation for Publish to "tekton.cancel.alice.{rid}"')
+                    await bob.nc.publish(f"tekton.cancel.bob.{rid}", b"")  # allowed subject, not his request
+                    await bob.nc.flush()
+                    text = "".join([t async for t in s])
+                result = await s.result()
+            assert isinstance(result.done, DoneFrame) and result.done.usage.completion_tokens == 30
+            assert text.startswith("apollo heard: long")
+            assert services["apollo"].counters.cancelled == 0
+
+
+@pytest.mark.fast
+async def test_alice_can_cancel_her_own_request(team: Team) -> None:
+    with env(TEKTON_SCRIPTED_TOKENS="300", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
+        async with in_process_specialists(team.services, "apollo") as services:
+            long = [ChatMessage(role="user", content="long")]
+            async with Bus.connect(team.alice, name="alice") as alice, alice.stream("apollo", long) as s:
+                await s.wait_started()
+                await s.cancel()
+            await eventually(lambda: services["apollo"].counters.cancelled == 1, within=10)
+
+
+@pytest.mark.fast
+async def test_a_revoked_user_is_cut_off(team: Team) -> None:
+    closed = anyio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    creds = load_credentials(team.users.user_creds_path("alice"))
+    nc = await nats.connect(
+        team.server.url,
+        nkeys_seed_str=creds.seed,
+        inbox_prefix="_INBOX.alice",
+        closed_cb=on_closed,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.1,
+    )
+    try:
+        team.users.remove("alice")
+        team.server.reload()
+        with anyio.fail_after(20):
+            await closed.wait()
+    finally:
+        await nc.close()
+    with pytest.raises(NatsUnavailable) as refused:
+        await connect(team.server.url, creds=creds)
+    assert "refused the credentials of 'alice'" in str(refused.value)
+    async with Bus.connect(team.bob, name="bob") as bobs:  # bob is unaffected
+        assert bobs.user == "bob"
+
+
+@pytest.mark.fast
+async def test_tekton_users_add_and_rm_reload_the_running_server(team: Team) -> None:
+    def tekton_users(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "tekton", "users", *args]
+        return subprocess.run(argv, env=child_env(team.services), capture_output=True, text=True, timeout=60)
+
+    bob = load_credentials(Path(str(team.bob.creds)))
+    done = await anyio.to_thread.run_sync(tekton_users, "rm", "bob")
+    assert done.returncode == 0, done.stderr
+    assert "removed bob" in done.stdout and "reloaded" in done.stdout
+    assert not await anyio.to_thread.run_sync(Path(str(team.bob.creds)).exists)  # his file is gone too
+
+    async def bob_refused() -> bool:
+        try:
+            nc = await connect(team.server.url, creds=bob)
+        except NatsUnavailable:
+            return True
+        await nc.close()
+        return False
+
+    await eventually(bob_refused, within=20)
+
+    added = await anyio.to_thread.run_sync(
+        tekton_users, "add", "carol", "--out", str(team.users.dir / "c.creds")
+    )
+    assert added.returncode == 0 and "added carol (user)" in added.stdout, added.stderr
+    carol = team.services.model_copy(update={"creds": team.users.dir / "c.creds"})
+
+    async def carol_in() -> bool:
+        try:
+            async with Bus.connect(carol, name="carol") as bus:
+                return bus.user == "carol"
+        except NatsUnavailable:
+            return False
+
+    await eventually(carol_in, within=20)
+
+    bad = await anyio.to_thread.run_sync(tekton_users, "add", "Bad Name")
+    assert bad.returncode == 2 and "invalid user name" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.fast
+def test_listening_beyond_loopback_needs_auth_and_tls(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "store", host="0.0.0.0", port=0)
+    with pytest.raises(BusError) as refused:
+        server.start()
+    assert "refusing to listen on 0.0.0.0 without auth and TLS" in str(refused.value)
+    assert server.process is None
+
+
+@pytest.mark.fast
+async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None:
+    good = certs.generate(tmp_path / "good")
+    other = certs.generate(tmp_path / "other")
+    assert stat.S_IMODE(good.key.stat().st_mode) == 0o600
+    server = EmbeddedNats(tmp_path / "store", port=0, tls=good)
+    server.start()
+    try:
+        assert server.url.startswith("tls://")
+        settings = TektonSettings(nats_url=server.url, data_dir=tmp_path / "none", tls_ca=good.ca)
+        async with Bus.connect(settings, name="test") as bus:
+            assert bus.nc.is_connected
+        wrong = settings.model_copy(update={"tls_ca": other.ca})
+        with pytest.raises(NatsUnavailable) as refused:
+            async with Bus.connect(wrong, name="test"):
+                pass
+        assert "TLS handshake failed" in str(refused.value)
+    finally:
+        server.stop()
+
+
+def test_tekton_up_tls_serves_nats_and_websocket_over_tls(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = TektonSettings(nats_url=f"nats://127.0.0.1:{port}", data_dir=tmp_path / "data")
+    argv = [sys.executable, "-m", "tekton", "up", "--tls", "--websocket", "0", "--provider", "scripted"]
+    up = spawn([*argv, "--log-level", "warning"], child_env(settings))
+    try:
+        line = up.wait_for(lambda s: s.startswith("NATS WebSocket on wss://"), timeout=60)
+        wss_url = line.split()[3]
+        up.wait_for(lambda s: s.startswith("Tekton is up"), timeout=60)
+        tls_url = f"tls://127.0.0.1:{port}"
+        for url in (tls_url, wss_url):  # aish finds the local user's credentials and tekton's CA
+            done = aish(settings.model_copy(update={"nats_url": url}), "athena", "sealed")
+            assert done.stdout == "athena heard: sealed\n", done.stderr
+        # A plain connection to the TLS port is refused.
+        plain = aish(settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{port}"}), "athena", "x")
+        assert plain.returncode != 0 and "Traceback" not in plain.stderr
+    finally:
+        up.stop()
+
+
+@asynccontextmanager
+async def bridge(settings: TektonSettings) -> AsyncIterator[str]:
+    """A gateway with its HTTP bridge on a free port, in this event loop; yields the base URL."""
+    stop = anyio.Event()
+    urls: list[str] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            lambda task_status: serve_gateway(
+                settings, stop=stop, task_status=task_status, http=("127.0.0.1", 0), on_http=urls.append
+            )
+        )
+        try:
+            yield urls[0]
+        finally:
+            stop.set()
+
+
+@pytest.mark.fast
+async def test_http_tokens_act_as_their_users_over_https(team: Team, tmp_path: Path) -> None:
+    tls = certs.generate(tmp_path / "tls")
+    settings = team.services.model_copy(
+        update={
+            "http_tokens": ["alice=alice-token", "bob=bob-token"],
+            "http_tls_cert": tls.cert,
+            "http_tls_key": tls.key,
+        }
+    )
+    verify = ssl.create_default_context(cafile=str(tls.ca))
+    async with bridge(settings) as url, in_process_specialists(team.services, "apollo"):
+        assert url.startswith("https://")
+        as_alice = httpx.AsyncClient(
+            base_url=url, verify=verify, headers={"Authorization": "Bearer alice-token"}
+        )
+        as_bob = httpx.AsyncClient(base_url=url, verify=verify, headers={"Authorization": "Bearer bob-token"})
+        async with as_alice, as_bob:
+            created = await as_alice.post("/api/sessions", json={"name": "web", "specialist": "apollo"})
+            assert created.status_code == 200 and created.json()["owner"] == "alice"
+            said = await as_alice.post(
+                "/api/chat", json={"specialist": "apollo", "message": "mine", "session": "web"}
+            )
+            assert said.json().get("text") == "apollo heard: mine", said.text
+            assert (await as_bob.get("/api/sessions")).json()["sessions"] == []
+            assert (await as_bob.get("/api/sessions/web")).status_code == 404
+            assert (await as_bob.delete(f"/api/sessions/{created.json()['id']}")).status_code == 404
+            assert [s["name"] for s in (await as_alice.get("/api/sessions")).json()["sessions"]] == ["web"]
+            # ?token= is for /ws only (a browser's WebSocket cannot send a header).
+            async with httpx.AsyncClient(base_url=url, verify=verify) as anonymous:
+                assert (await anonymous.get("/api/sessions?token=alice-token")).status_code == 401
+                # Guessing tokens: a few tries, then the address is slowed down.
+                codes = [(await anonymous.get("/api/sessions")).status_code for _ in range(8)]
+                assert 429 in codes and codes[0] == 401
+        # An HTTPS client that does not know tekton's CA refuses the bridge.
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient(base_url=url) as unverified:
+                await unverified.get("/api/sessions")
+
+
+@pytest.mark.fast
+async def test_bulk_runs_as_its_user(team: Team, bob: Raw) -> None:
+    assert bob.nc is not None
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bobs,
+    ):
+        await alice.gateway.create("apollo", name="plans")
+        # Bob's bulk operation naming alice's session does not find it; alice's own does.
+        into_hers = BulkPlan(operations=[BulkOperation(id="a", ai="apollo", message="x", session="plans")])
+        async with bobs.bulk(into_hers) as run:
+            async for _ in run:
+                pass
+        assert (await run.result()).operations[0].status == "failed"
+        async with alice.bulk(into_hers) as run:
+            async for _ in run:
+                pass
+        assert (await run.result()).status == "ok"
+        assert len((await alice.gateway.get("plans")).turns) == 2
+        # Discovery and routing work for a user.
+        found = await alice.gateway.discover(capability="code-analysis")
+        assert [v.name for v in found.specialists] == ["apollo"]
+        # Bob cannot stop alice's bulk request by its id under her name.
+        await bob.nc.publish("tekton.cancel.alice.some-bulk-id", b"")
+        await bob.refused('Permissions Violation for Publish to "tekton.cancel.alice.some-bulk-id"')
+
+
+@pytest.mark.fast
+async def test_a_specialist_may_answer_only_what_it_was_asked(team: Team) -> None:
+    rogue = Raw()
+    nc = await rogue.connect(team.services.model_copy(update={"creds": team.users.dir / "specialist.creds"}))
+    try:
+        await nc.publish("_INBOX.alice.abc.1", b"injected")
+        await rogue.refused('Permissions Violation for Publish to "_INBOX.alice.abc.1"')
+    finally:
+        await nc.close()
+    async with in_process_specialists(team.services, "apollo"):  # answering a real request is allowed
+        assert await ask(team.alice, "apollo", "still fine") == "apollo heard: still fine"
+
+
+@pytest.mark.fast
+def test_tekton_nats_refuses_an_open_listener_in_one_line(tmp_path: Path) -> None:
+    settings = TektonSettings(nats_url="nats://0.0.0.0:4999", data_dir=tmp_path / "data")
+    argv = [sys.executable, "-m", "tekton", "nats", "--no-auth", "--log-level", "warning"]
+    done = subprocess.run(argv, env=child_env(settings), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("tekton: refusing to listen on 0.0.0.0 without auth and TLS")
+    assert done.stderr.count("\n") == 1
