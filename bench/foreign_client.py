@@ -42,6 +42,7 @@ async def ask(
     question: str,
     *,
     prefix: str = "tekton",
+    user: str = "anonymous",
     max_tokens: int | None = None,
     idle_timeout: float = 10.0,
     keep_text: bool = True,
@@ -102,7 +103,7 @@ async def ask(
     finally:
         if not finished.done():  # we stop listening early: tell the specialist to stop generating
             finished.cancel()
-            await nc.publish(f"{prefix}.cancel.{request['id']}", b"")
+            await nc.publish(f"{prefix}.cancel.{user}.{request['id']}", b"")
         await sub.unsubscribe()
     return answer
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import nats
 import pytest
 
 from bus.client import Bus
+from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject
 from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
@@ -119,3 +122,42 @@ async def test_a_client_that_stops_reading_does_not_grow_the_specialist(settings
                     await asyncio.sleep(0.1)  # sampling interval for the RSS, not synchronisation
         # 1 M chunks of ~60 bytes would be ~60 MB if the specialist buffered them.
         assert peak - before < 32 * 1024, f"specialist RSS grew by {(peak - before) // 1024} MiB"
+
+
+@pytest.mark.fast
+def test_one_shot_aish_imports_no_repl_rich_web_or_server_stack() -> None:
+    """What `aish NAME "question"` imports before its first request: no REPL (prompt_toolkit), no
+    rich (structlog's optional tracebacks), no aiohttp (nats-py's optional WebSocket transport), no
+    FastAPI/uvicorn. Measured with `python -X importtime -c 'import aish_client.cli'`."""
+    heavy = ("prompt_toolkit", "rich", "aiohttp", "fastapi", "uvicorn", "starlette", "httpx")
+    code = (
+        "import sys, aish_client.cli\n"
+        "from aish_client.cli import _pipeline_from_words\n"
+        "_pipeline_from_words(['apollo', 'hi'])\n"
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"a one-shot aish imports {done.stdout.strip()}"
+
+
+async def test_nats_over_websocket_still_works_after_aish_kept_aiohttp_out(tmp_path: Path) -> None:
+    """aish imports nats without aiohttp; connecting to a ws:// URL brings it in."""
+    code = (
+        "import aish_client, sys, anyio\n"
+        "from bus.client import connect\n"
+        "assert 'aiohttp' not in sys.modules\n"
+        "async def main():\n"
+        "    nc = await connect(sys.argv[1])\n"
+        "    await nc.flush()\n"
+        "    await nc.close()\n"
+        "anyio.run(main)\n"
+        "print('ok')"
+    )
+    with EmbeddedNats(tmp_path / "store", port=0, websocket_port=0) as server:
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-c", code, server.ws_url], capture_output=True, text=True, timeout=120
+            )
+        )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
