@@ -23,7 +23,7 @@ from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject
 from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
-from tests.helpers import specialist_process
+from tests.helpers import in_process_specialists, specialist_process
 
 pytestmark = pytest.mark.anyio
 
@@ -161,3 +161,21 @@ async def test_nats_over_websocket_still_works_after_aish_kept_aiohttp_out(tmp_p
             )
         )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+async def test_requests_over_the_slots_wait_for_one_and_every_slot_comes_back(
+    settings: TektonSettings,
+) -> None:
+    one_slot = settings.model_copy(update={"max_concurrency": 1})
+    async with in_process_specialists(one_slot, "apollo") as services, Bus.connect(one_slot) as bus:
+        texts: list[str] = []
+
+        async def ask(i: int) -> None:
+            texts.append((await bus.ask("apollo", f"q{i}")).text)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(ask, i)
+        assert sorted(texts) == [f"apollo heard: q{i}" for i in range(5)]
+        assert services["apollo"]._limiter.borrowed_tokens == 0
