@@ -17,7 +17,6 @@ from aish_client.logbook import Logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.prompt_parts import UsageError, attachments, chat_options, check_model
 from aish_client.render import Renderer
-from aish_client.repl import repl
 from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import SUBCOMMANDS, cmd_list, run_subcommand, version
 from bus import tracing
@@ -294,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         attached = attachments(args.attach)
         if args.pipeline is None and not args.words and not attached:
             if sys.stdin.isatty():
+                from aish_client.repl import repl  # prompt_toolkit: only the REPL pays for it
+
                 return anyio.run(repl, settings, args)
             renderer.error("nothing to run: aish -c 'PIPELINE', aish NAME \"question\", or aish list")
             return EXIT_USAGE

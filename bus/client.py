@@ -86,6 +86,17 @@ def is_no_responders(msg: Msg) -> bool:
     return not msg.data and msg.headers is not None and msg.headers.get("Status") == NO_RESPONDERS
 
 
+def _websocket_transport() -> None:
+    """nats-py's WebSocket transport, in a process that imported nats without aiohttp (aish does, to
+    start faster: see aish_client/__init__.py)."""
+    import nats.aio.transport as transport
+
+    if transport.aiohttp is None:
+        import aiohttp
+
+        transport.aiohttp = aiohttp
+
+
 async def connect(
     url: str,
     *,
@@ -108,6 +119,9 @@ async def connect(
     async def closed_cb() -> None:
         if closed is not None:
             closed.set()
+
+    if "ws://" in url or "wss://" in url:
+        _websocket_transport()
 
     seen: list[str] = []
     # nats-py reports a failed TLS verification on the first connect to the error callback and then

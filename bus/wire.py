@@ -184,9 +184,52 @@ def encode_request(request: ChatRequest, limit: int | None = None) -> bytes:
     return _pack(request.model_dump(mode="python", exclude_none=True), limit, "the request")
 
 
+# The hot path packs with one reused Packer: ``msgpack.packb`` builds a new one per call, which is most
+# of a small frame's cost. (A Packer resets its buffer when packing raises, so one bad text leaves
+# nothing behind for the next frame.)
+_PACKER = msgpack.Packer()
+# A chunk frame is a fixed head, the seq, the "text" key and the text: {"v": 1, "type": "chunk", ...}.
+_CHUNK_HEAD = _PACKER.pack({"v": PROTOCOL_VERSION, "type": "chunk"})[1:] + _PACKER.pack("seq")
+_CHUNK_MAP = b"\x84"  # a map of four entries
+_TEXT_KEY = _PACKER.pack("text")
+
+
 def encode_chunk(seq: int, text: str) -> bytes:
     """The hot path: one chunk frame without building a model (same bytes as ``encode``)."""
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": "chunk", "seq": seq, "text": text})
+    pack = _PACKER.pack
+    return b"".join((_CHUNK_MAP, _CHUNK_HEAD, pack(seq), _TEXT_KEY, pack(text)))
+
+
+def encode_done(
+    seq: int,
+    finish_reason: Literal["stop", "length"],
+    completion_tokens: int,
+    total_ms: float,
+    first_token_ms: float | None = None,
+    tokens_per_s: float | None = None,
+    prompt_tokens: int | None = None,
+) -> bytes:
+    """The closing frame of every answer, without building models (same bytes as ``encode``)."""
+    timings: dict[str, float] = {}
+    if first_token_ms is not None:
+        timings["first_token_ms"] = first_token_ms
+    timings["total_ms"] = total_ms
+    if tokens_per_s is not None:
+        timings["tokens_per_s"] = tokens_per_s
+    return _PACKER.pack(
+        {
+            "v": PROTOCOL_VERSION,
+            "type": "done",
+            "seq": seq,
+            "finish_reason": finish_reason,
+            "usage": (
+                {"completion_tokens": completion_tokens}
+                if prompt_tokens is None
+                else {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+            ),
+            "timings": timings,
+        }
+    )
 
 
 def decode_request(data: bytes) -> ChatRequest:

@@ -81,9 +81,14 @@ class ScriptedProvider:
         count = self.options.tokens or len(tokens)
         if options.max_tokens is not None:
             count = min(count, options.max_tokens)
+        tokens_out = itertools.islice(itertools.cycle(tokens), count)
+        if not self.options.first_token_ms and not self.options.tokens_per_s:
+            for token in tokens_out:  # unpaced (benchmarks): no clock reads per token
+                yield token
+            return
         start = time.perf_counter() + self.options.first_token_ms / 1000
         step = 1 / self.options.tokens_per_s if self.options.tokens_per_s else 0.0
-        for i, token in enumerate(itertools.islice(itertools.cycle(tokens), count)):
+        for i, token in enumerate(tokens_out):
             delay = start + i * step - time.perf_counter()
             if delay > 0:
                 await anyio.sleep(delay)

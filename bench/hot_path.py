@@ -1,0 +1,528 @@
+"""The hot path against a raw nats-py floor, every pair measured in the same run, interleaved.
+
+    python -m bench.hot_path [--quick] [--profile DIR] [--skip aish,bridge,wide,rss]
+
+- the floor: a raw nats-py subscriber (``python -m bench.hot_path floor URL``) publishing the same
+  start/chunk/done msgpack frames to the reply subject, and a plain inbox client;
+- Tekton: `tekton specialist` processes on the scripted provider at unlimited rate, asked by the
+  project's client (``bus.client.Bus``) and by the client written only from docs/protocol.md
+  (``bench/foreign_client.py``);
+- the HTTP/SSE bridge (`tekton gateway --http`) against the bus in the same run;
+- `aish apollo hi` against `python -c pass`; the specialist's RSS per 1,000 open streams.
+
+Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
+side's server process spent per request (CPU time is far less noisy than wall time on a busy machine).
+Prints the table and writes bench/results/hot_path.json (date, machine, load average included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import nats
+from nats.aio.client import Client
+
+from bench import foreign_client
+from bench.common import free_port, pct, start_child, write_results
+from bus.client import Bus
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+
+SHORT_TOKENS = 8
+PROMPT = [ChatMessage(role="user", content="hello")]
+WORDS = ["apollo ", "heard: ", "hello"]
+
+# ---------------------------------------------------------------------------------------------- floor
+
+
+async def floor_service(url: str, long_tokens: int) -> None:
+    """A plain subscriber per subject publishing start, N chunks and done to the reply subject."""
+    nc = await nats.connect(url)
+
+    def serve(name: str, tokens: int) -> Callable[[Any], Awaitable[None]]:
+        async def on_request(msg: Any) -> None:
+            request = msgpack.unpackb(msg.data)
+            n = min(tokens, (request.get("options") or {}).get("max_tokens") or tokens)
+            reply, started = msg.reply, time.perf_counter()
+            start = {"v": 1, "type": "start", "seq": 0, "specialist": name, "instance": "floor"}
+            await nc.publish(reply, msgpack.packb({**start, "provider": "raw", "model": "raw"}))
+            for i in range(n):
+                chunk = {"v": 1, "type": "chunk", "seq": i + 1, "text": WORDS[i % 3]}
+                await nc.publish(reply, msgpack.packb(chunk))
+            total_ms = (time.perf_counter() - started) * 1000
+            done = {"v": 1, "type": "done", "seq": n + 1, "finish_reason": "stop"}
+            usage = {"completion_tokens": n}
+            await nc.publish(
+                reply, msgpack.packb({**done, "usage": usage, "timings": {"total_ms": total_ms}})
+            )
+
+        return on_request
+
+    await nc.subscribe("tekton.ai.floor.chat", queue="tekton.ai.floor", cb=serve("floor", SHORT_TOKENS))
+    await nc.subscribe(
+        "tekton.ai.floorlong.chat", queue="tekton.ai.floorlong", cb=serve("floorlong", long_tokens)
+    )
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def floor_first_chunk(nc: Client, specialist: str = "floor") -> float:
+    """The plain inbox client: subscribe, publish, read frames until done."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    request = {"v": 1, "id": uuid.uuid4().hex, "messages": [{"role": "user", "content": "hello"}]}
+    sent = time.perf_counter()
+    await nc.publish(f"tekton.ai.{specialist}.chat", msgpack.packb(request), reply=inbox)
+    first = 0.0
+    while True:
+        frame = msgpack.unpackb((await sub.next_msg(timeout=60)).data)
+        if frame["type"] == "chunk" and not first:
+            first = time.perf_counter() - sent
+        elif frame["type"] in ("done", "error"):
+            break
+    await sub.unsubscribe()
+    return first
+
+
+async def bus_first_chunk(bus: Bus, specialist: str = "apollo") -> float:
+    async with bus.stream(specialist, PROMPT) as s:
+        async for _ in s:
+            pass
+    assert s.first_chunk_at is not None
+    return s.first_chunk_at - s.sent_at
+
+
+async def foreign_first_chunk(nc: Client, specialist: str) -> float:
+    answer = await foreign_client.ask(nc, specialist, "hello", keep_text=False)
+    assert answer.first_chunk_at is not None
+    return answer.first_chunk_at - answer.sent_at
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid(pid: int) -> int:
+    """The server's own pid: ``pid``, or its child when ``pid`` is py-spy running it."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if "py-spy" in Path(f"/proc/{pid}/cmdline").read_text() and children:
+        return int(children[0])
+    return pid
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def ms(values: list[float], q: float) -> float:
+    return round(pct(values, q) * 1000, 3)
+
+
+def med(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
+async def sequential(fn: Callable[[], Awaitable[float]], n: int) -> list[float]:
+    return [await fn() for _ in range(n)]
+
+
+async def wide(fn: Callable[[], Awaitable[float]], width: int) -> list[float]:
+    return list(await asyncio.gather(*(fn() for _ in range(width))))
+
+
+class Side:
+    """One side of a comparison: its client call and its server process (for CPU per request)."""
+
+    def __init__(self, name: str, fn: Callable[[], Awaitable[float]], pid: int):
+        self.name, self.fn, self.pid = name, fn, pid
+        self.cpu_s = 0.0  # the server's CPU seconds over ``requests``
+        self.requests = 0
+
+    async def run(self, width: int, n: int) -> list[float]:
+        before = cpu_s(self.pid)
+        samples = await (sequential(self.fn, n) if width == 1 else wide(self.fn, width))
+        self.cpu_s += cpu_s(self.pid) - before
+        self.requests += len(samples)
+        return samples
+
+    def cpu_us(self) -> float:
+        """Server CPU microseconds per request since the last call."""
+        per = self.cpu_s / self.requests * 1e6 if self.requests else 0.0
+        self.cpu_s, self.requests = 0.0, 0
+        return round(per, 1)
+
+
+async def interleaved(
+    a: Side, b: Side, width: int, rounds: int, n: int = 0
+) -> tuple[list[list[float]], list[list[float]]]:
+    """``rounds`` rounds of each side, alternating which goes first."""
+    ra: list[list[float]] = []
+    rb: list[list[float]] = []
+    for r in range(rounds):
+        for side in (a, b) if r % 2 == 0 else (b, a):
+            (ra if side is a else rb).append(await side.run(width, n or width))
+    return ra, rb
+
+
+def latency_row(
+    what: str, floor: list[list[float]], tekton: list[list[float]], q: float, goal: float
+) -> dict[str, Any]:
+    """Per-round percentile ``q``; the row is the median over rounds, plus the worst round."""
+    f = [ms(r, q) for r in floor]
+    t = [ms(r, q) for r in tekton]
+    row = {
+        "what": what,
+        "floor_ms": med(f),
+        "tekton_ms": med(t),
+        "ratio": ratio(med(t), med(f)),
+        "goal": f"<= {goal}x",
+        "rounds_floor_ms": f,
+        "rounds_tekton_ms": t,
+    }
+    if len(f) > 1:
+        row["worst_round_ratio"] = ratio(max(t), max(f))
+    return row
+
+
+# ------------------------------------------------------------------------------------------- measures
+
+
+async def measure_bus(args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
+    settings = TektonSettings(nats_url=args.url, data_dir=Path(args.tmp))
+    out: dict[str, Any] = {"rows": []}
+    rows = out["rows"]
+    seq_n, rounds = (100, 3) if args.quick else (500, 5)
+    nc = await nats.connect(args.url)
+    async with Bus.connect(settings) as bus:
+        floor = Side("floor", lambda: floor_first_chunk(nc), pids["floor"])
+        tekton = Side("tekton", lambda: bus_first_chunk(bus), pids["apollo"])
+        foreign = Side("foreign", lambda: foreign_first_chunk(nc, "apollo"), pids["apollo"])
+        for side in (floor, tekton, foreign):  # warm up
+            await side.run(1, 50)
+            side.cpu_us()
+        f, t = await interleaved(floor, tekton, 1, rounds, seq_n)
+        rows.append(latency_row("first chunk, sequential p50", f, t, 50, 1.5))
+        f2, fo = await interleaved(floor, foreign, 1, 3 if args.quick else 5, seq_n)
+        rows.append(latency_row("  (foreign client, sequential p50)", f2, fo, 50, 1.5))
+        foreign.cpu_us()
+        out["cpu_per_request_sequential_us"] = {
+            "floor_service": floor.cpu_us(),
+            "specialist": tekton.cpu_us(),
+        }
+        f, t = await interleaved(floor, tekton, 100, 3 if args.quick else 5)
+        row = latency_row("first chunk, 100 concurrent p99", f, t, 99, 1.5)
+        row["worst_round_goal"] = "<= 2x"
+        rows.append(row)
+        out["cpu_per_request_c100_us"] = {"floor_service": floor.cpu_us(), "specialist": tekton.cpu_us()}
+        if "wide" not in args.skip:
+            for width in (1000,) if args.quick else (1000, 5000):
+                f, t = await interleaved(floor, tekton, width, 1 if args.quick else 2)
+                rows.append(latency_row(f"first chunk, {width} concurrent p99", f, t, 99, 3))
+                rows[-1]["p50"] = {
+                    "floor_ms": med([ms(r, 50) for r in f]),
+                    "tekton_ms": med([ms(r, 50) for r in t]),
+                }
+        rates: dict[str, list[float]] = {"floor": [], "tekton": []}
+        firsts: dict[str, list[float]] = {"floor": [], "tekton": []}
+        for r in range(3):
+            for name in ("floorlong", "athena") if r % 2 == 0 else ("athena", "floorlong"):
+                answer = await foreign_client.ask(
+                    nc, name, "long", max_tokens=args.long_tokens, keep_text=False
+                )
+                assert answer.first_chunk_at is not None and answer.done_at is not None
+                # Over the whole stream: the plain floor subscriber sends nothing until its first
+                # buffer flush (~2 MB in), so a rate counted from the first chunk would flatter it.
+                rate = answer.chunks / (answer.done_at - answer.sent_at)
+                side = "floor" if name == "floorlong" else "tekton"
+                rates[side].append(rate)
+                firsts[side].append(round((answer.first_chunk_at - answer.sent_at) * 1000, 1))
+        rows.append(
+            {
+                "what": "one stream, tokens/s, foreign client (protocol.md), specialist vs floor",
+                "floor": round(statistics.median(rates["floor"])),
+                "tekton": round(statistics.median(rates["tekton"])),
+                "ratio": ratio(statistics.median(rates["tekton"]), statistics.median(rates["floor"])),
+                "goal": ">= 0.8",
+                "rounds": rates,
+                "first_chunk_ms": firsts,
+            }
+        )
+    await nc.close()
+    return out
+
+
+async def sse_first(session: aiohttp.ClientSession, url: str) -> float:
+    sent = time.perf_counter()
+    first = 0.0
+    async with session.post(url, json={"specialist": "apollo", "message": "hello"}) as reply:
+        reply.raise_for_status()
+        async for line in reply.content:
+            if not first and line.startswith(b"event: content"):
+                first = time.perf_counter() - sent
+    if not first:
+        raise RuntimeError("no content event")
+    return first
+
+
+async def measure_bridge(args: argparse.Namespace, pids: dict[str, int], http_url: str) -> dict[str, Any]:
+    settings = TektonSettings(nats_url=args.url, data_dir=Path(args.tmp))
+    errors: list[str] = []
+    url = http_url + "/api/chat/stream"
+
+    async def sse() -> float:
+        try:
+            return await sse_first(session, url)
+        except (aiohttp.ClientError, RuntimeError) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+            return float("nan")
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with Bus.connect(settings) as bus, aiohttp.ClientSession(connector=connector) as session:
+        bus_side = Side("bus", lambda: bus_first_chunk(bus), pids["apollo"])
+        sse_side = Side("sse", sse, pids["gateway"])
+        await bus_side.run(1, 20)
+        await sse_side.run(1, 20)
+        n = 100 if args.quick else 300
+        bus_side.cpu_us()
+        sse_side.cpu_us()
+        b, s = await interleaved(bus_side, sse_side, 1, 3, n)
+        rows = [latency_row("SSE bridge vs bus, sequential first chunk p50", b, s, 50, 3)]
+        b, s = await interleaved(bus_side, sse_side, 100, 3 if args.quick else 5)
+        s = [[x for x in r if x == x] or [float("inf")] for r in s]
+        rows.append(latency_row("SSE bridge vs bus, 100 concurrent p99", b, s, 99, 3))
+        return {
+            "rows": rows,
+            "sse_read_errors": errors,
+            "gateway_cpu_per_sse_request_us": sse_side.cpu_us(),
+        }
+
+
+def measure_aish(args: argparse.Namespace) -> dict[str, Any]:
+    env = {**os.environ, "TEKTON_NATS_URL": args.url, "TEKTON_CONFIG": "/nonexistent"}
+    aish = [str(Path(sys.executable).parent / "aish"), "apollo", "hi"]
+    bare = [sys.executable, "-c", "pass"]
+    walls: dict[str, list[float]] = {"bare": [], "aish": []}
+    cpus: dict[str, list[float]] = {"bare": [], "aish": []}
+    for r in range(5 if args.quick else 15):
+        for name, argv in (
+            (("bare", bare), ("aish", aish)) if r % 2 == 0 else (("aish", aish), ("bare", bare))
+        ):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            done = subprocess.run(argv, env=env, capture_output=True, text=True)
+            walls[name].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+            if done.returncode != 0:
+                raise RuntimeError(f"{argv} failed: {done.stderr.strip()}")
+    wall = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    return {
+        "rows": [
+            {
+                "what": "`aish apollo hi` vs `python -c pass`, wall (median)",
+                "floor_s": round(wall["bare"], 3),
+                "tekton_s": round(wall["aish"], 3),
+                "ratio": ratio(wall["aish"], wall["bare"]),
+                "goal": "<= 4x",
+            },
+            {
+                "what": "  (the same, CPU user+sys)",
+                "floor_s": round(cpu["bare"], 3),
+                "tekton_s": round(cpu["aish"], 3),
+                "ratio": ratio(cpu["aish"], cpu["bare"]),
+                "goal": "",
+            },
+        ]
+    }
+
+
+async def measure_rss(args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
+    """Open N slow streams at once on `hermes` (1 token/s), wait until each has its first chunk."""
+    settings = TektonSettings(nats_url=args.url, data_dir=Path(args.tmp))
+    n = 1000
+    pid = pids["hermes"]
+    async with Bus.connect(settings) as bus:
+        await bus_first_chunk(bus, "hermes")  # warm
+        before = rss_kib(pid)
+        all_open = asyncio.Event()
+        got = 0
+
+        async def hold() -> None:
+            nonlocal got
+            async with bus.stream("hermes", PROMPT) as s:
+                async for _ in s:
+                    got += 1
+                    if got == n:
+                        all_open.set()
+                    await asyncio.Event().wait()  # hold it open until cancelled
+
+        tasks = [asyncio.create_task(hold()) for _ in range(n)]
+        await asyncio.wait_for(all_open.wait(), 120)
+        during = rss_kib(pid)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "rows": [
+            {
+                "what": "specialist RSS per 1,000 open streams",
+                "tekton_mib": round((during - before) / 1024 * 1000 / n, 1),
+                "specialist_rss_before_mib": round(before / 1024, 1),
+                "specialist_rss_open_mib": round(during / 1024, 1),
+            }
+        ]
+    }
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"| {'what':<72} | {'floor':>10} | {'Tekton':>10} | {'ratio':>6} | goal |")
+    print(f"| {'-' * 72} | {'-' * 10} | {'-' * 10} | {'-' * 6} | ---- |")
+    for row in rows:
+        floor = row.get("floor_ms", row.get("floor_s", row.get("floor", "")))
+        tekton = row.get("tekton_ms", row.get("tekton_s", row.get("tekton", row.get("tekton_mib", ""))))
+        cells = [row["what"].ljust(72), f"{floor!s:>10}", f"{tekton!s:>10}", f"{row.get('ratio', '')!s:>6}"]
+        print("| " + " | ".join([*cells, row.get("goal", "")]) + " |")
+        if "worst_round_ratio" in row and "100 concurrent" in row["what"]:
+            worst = [max(row["rounds_floor_ms"]), max(row["rounds_tekton_ms"]), row["worst_round_ratio"]]
+            print(
+                "| "
+                + "  the same, worst round".ljust(72)
+                + "".join(f" | {w!s:>10}" for w in worst)
+                + " | <= 2x |"
+            )
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "floor":
+        asyncio.run(floor_service(sys.argv[2], int(sys.argv[3])))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument(
+        "--profile", type=Path, help="run the servers under cProfile, writing DIR/<name>.prof"
+    )
+    parser.add_argument("--skip", default="", help="comma-separated: aish, bridge, wide, rss")
+    parser.add_argument("--long-tokens", type=int, default=200_000)
+    args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        args.long_tokens = min(args.long_tokens, 50_000)
+    py = sys.executable
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "store", port=0) as server:
+        args.url, args.tmp = server.url, tmp
+        env = {
+            "TEKTON_NATS_URL": server.url,
+            "TEKTON_CONFIG": "/nonexistent",
+            "TEKTON_MAX_CONCURRENCY": "8192",
+            "TEKTON_HTTP_RATE_PER_S": "1000000",
+            "TEKTON_HTTP_BURST": "1000000",
+        }
+
+        def launch(name: str, argv: list[str], **extra: str) -> subprocess.Popen[str]:
+            argv = [py, *argv]
+            if args.profile:  # py-spy samples on-CPU stacks only: a CPU profile, not a wall-clock one
+                args.profile.mkdir(parents=True, exist_ok=True)
+                out = str(args.profile / f"{name}.txt")
+                argv = [
+                    str(Path(py).parent / "py-spy"),
+                    "record",
+                    "-r",
+                    "400",
+                    "-f",
+                    "raw",
+                    "-o",
+                    out,
+                    "--",
+                    *argv,
+                ]
+            return start_child(argv, {**env, **extra}, "ready")
+
+        def specialist(name: str, **extra: str) -> subprocess.Popen[str]:
+            argv = ["-m", "tekton", "specialist", name, "--provider", "scripted", "--log-level", "warning"]
+            return launch(name, argv, **extra)
+
+        procs = {
+            "floor": launch("floor", ["-m", "bench.hot_path", "floor", server.url, str(args.long_tokens)]),
+            "apollo": specialist("apollo", TEKTON_SCRIPTED_TOKENS=str(SHORT_TOKENS)),
+            "athena": specialist("athena", TEKTON_SCRIPTED_TOKENS=str(args.long_tokens)),
+        }
+        if "rss" not in args.skip:
+            procs["hermes"] = specialist(
+                "hermes", TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="1"
+            )
+        http_port = free_port()
+        if "bridge" not in args.skip:
+            procs["gateway"] = launch(
+                "gateway", ["-m", "tekton", "gateway", "--http", str(http_port), "--log-level", "warning"]
+            )
+        pids = {name: server_pid(p.pid) for name, p in procs.items()}
+        results: dict[str, Any] = {}
+        try:
+            results["bus"] = asyncio.run(measure_bus(args, pids))
+            if "bridge" not in args.skip:
+                results["bridge"] = asyncio.run(measure_bridge(args, pids, f"http://127.0.0.1:{http_port}"))
+            if "aish" not in args.skip:
+                results["aish"] = measure_aish(args)
+            if "rss" not in args.skip:
+                results["rss"] = asyncio.run(measure_rss(args, pids))
+        finally:
+            for name in procs:
+                os.kill(pids[name], signal.SIGTERM)  # the server itself; py-spy then writes its profile
+            for proc in procs.values():
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    rows = [row for part in results.values() for row in part["rows"]]
+    print_table(rows)
+    extra = {k: v for part in results.values() for k, v in part.items() if k != "rows"}
+    print(json.dumps(extra, indent=2))
+    figures = {
+        "quick": args.quick,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "rows": rows,
+        **extra,
+    }
+    path = write_results("hot_path-quick" if args.quick else "hot_path", figures)
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

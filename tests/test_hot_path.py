@@ -1,0 +1,181 @@
+"""The hot path's fairness and bounds, over a real nats-server with real specialist processes.
+
+Speed itself is measured in bench/hot_path.py, never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgpack
+import nats
+import pytest
+
+from bus.client import Bus
+from bus.server import EmbeddedNats
+from bus.settings import TektonSettings
+from bus.subjects import cancel_subject
+from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
+from tests.helpers import in_process_specialists, specialist_process
+
+pytestmark = pytest.mark.anyio
+
+FLAT_OUT = "1000000"  # tokens (the most a request may ask): a stream at unlimited rate lasting seconds
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def request(specialist_text: str, max_tokens: int) -> bytes:
+    return msgpack.packb(
+        {
+            "v": 1,
+            "id": uuid.uuid4().hex,
+            "messages": [{"role": "user", "content": specialist_text}],
+            "options": {"max_tokens": max_tokens},
+        }
+    )
+
+
+@pytest.mark.fast
+def test_done_frame_fast_path_matches_the_model() -> None:
+    for first, rate, prompt in ((0.5, 120.0, 12), (None, None, None)):
+        model = DoneFrame(
+            seq=9,
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=prompt, completion_tokens=8),
+            timings=Timings(first_token_ms=first, total_ms=1.5, tokens_per_s=rate),
+        )
+        assert encode_done(9, "stop", 8, 1.5, first, rate, prompt) == encode(model)
+
+
+async def test_a_flat_out_stream_starves_neither_other_requests_nor_its_cancel(
+    settings: TektonSettings,
+) -> None:
+    with specialist_process(settings, "apollo", "athena", TEKTON_SCRIPTED_TOKENS=FLAT_OUT):
+        nc = await nats.connect(settings.nats_url)
+        frames: list[dict[str, Any]] = []
+        ended = anyio.Event()
+
+        async def on_frame(msg: Any) -> None:
+            frame = msgpack.unpackb(msg.data)
+            if frame["type"] in ("done", "error"):
+                frames.append(frame)
+                ended.set()
+            elif not frames:
+                frames.append(frame)  # the start frame: proof it runs
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_frame, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        long = request("flat out", int(FLAT_OUT))
+        await nc.publish("tekton.ai.athena.chat", long, reply=inbox)
+        async with Bus.connect(settings) as bus:
+            # Another request to the same process while athena streams as fast as it can.
+            with anyio.fail_after(30):
+                result = await bus.ask("apollo", "still there?", ChatOptions(max_tokens=3))
+            assert result.text == "apollo heard: still "
+            assert not ended.is_set(), "the flat-out stream ended before the other request was served"
+            # Its cancel is heard too, long before the stream would have ended on its own.
+            await nc.publish(cancel_subject(msgpack.unpackb(long)["id"]), b"")
+            with anyio.fail_after(30):
+                await ended.wait()
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "cancelled"
+        await nc.close()
+
+
+async def test_a_client_that_stops_reading_does_not_grow_the_specialist(settings: TektonSettings) -> None:
+    """A reply subject whose reader never reads: the server drops it as a slow consumer, and the
+    specialist's outgoing buffer stays bounded (nats-py's pending limit), so its memory does too."""
+    with specialist_process(settings, "athena", TEKTON_SCRIPTED_TOKENS=FLAT_OUT) as (child, _):
+        pid = child.process.pid
+        host, port = settings.nats_url.removeprefix("nats://").rsplit(":", 1)
+        before = rss_kib(pid)
+        # A raw NATS client that subscribes, asks for a huge answer and then never reads a byte.
+        with socket.create_connection((host, int(port))) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stuck.recv(4096)  # INFO
+            payload = request("never read", int(FLAT_OUT))
+            stuck.sendall(
+                b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB stuck.inbox 1\r\n'
+                + b"PUB tekton.ai.athena.chat stuck.inbox %d\r\n" % len(payload)
+                + payload
+                + b"\r\nPING\r\n"
+            )
+            peak = before
+            async with Bus.connect(settings) as bus:
+                for _ in range(20):  # while athena generates for nobody, it still answers others
+                    with anyio.fail_after(30):
+                        result = await bus.ask("athena", "and me?", ChatOptions(max_tokens=2))
+                    assert result.text == "athena heard: "
+                    peak = max(peak, rss_kib(pid))
+                    await asyncio.sleep(0.1)  # sampling interval for the RSS, not synchronisation
+        # 1 M chunks of ~60 bytes would be ~60 MB if the specialist buffered them.
+        assert peak - before < 32 * 1024, f"specialist RSS grew by {(peak - before) // 1024} MiB"
+
+
+@pytest.mark.fast
+def test_one_shot_aish_imports_no_repl_rich_web_or_server_stack() -> None:
+    """What `aish NAME "question"` imports before its first request: no REPL (prompt_toolkit), no
+    rich (structlog's optional tracebacks), no aiohttp (nats-py's optional WebSocket transport), no
+    FastAPI/uvicorn. Measured with `python -X importtime -c 'import aish_client.cli'`."""
+    heavy = ("prompt_toolkit", "rich", "aiohttp", "fastapi", "uvicorn", "starlette", "httpx")
+    code = (
+        "import sys, aish_client.cli\n"
+        "from aish_client.cli import _pipeline_from_words\n"
+        "_pipeline_from_words(['apollo', 'hi'])\n"
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"a one-shot aish imports {done.stdout.strip()}"
+
+
+async def test_nats_over_websocket_still_works_after_aish_kept_aiohttp_out(tmp_path: Path) -> None:
+    """aish imports nats without aiohttp; connecting to a ws:// URL brings it in."""
+    code = (
+        "import aish_client, sys, anyio\n"
+        "from bus.client import connect\n"
+        "assert 'aiohttp' not in sys.modules\n"
+        "async def main():\n"
+        "    nc = await connect(sys.argv[1])\n"
+        "    await nc.flush()\n"
+        "    await nc.close()\n"
+        "anyio.run(main)\n"
+        "print('ok')"
+    )
+    with EmbeddedNats(tmp_path / "store", port=0, websocket_port=0) as server:
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-c", code, server.ws_url], capture_output=True, text=True, timeout=120
+            )
+        )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+async def test_requests_over_the_slots_wait_for_one_and_every_slot_comes_back(
+    settings: TektonSettings,
+) -> None:
+    one_slot = settings.model_copy(update={"max_concurrency": 1})
+    async with in_process_specialists(one_slot, "apollo") as services, Bus.connect(one_slot) as bus:
+        texts: list[str] = []
+
+        async def ask(i: int) -> None:
+            texts.append((await bus.ask("apollo", f"q{i}")).text)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(ask, i)
+        assert sorted(texts) == [f"apollo heard: q{i}" for i in range(5)]
+        assert services["apollo"]._limiter.borrowed_tokens == 0
