@@ -145,7 +145,7 @@ async def ensure_nats(
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if leaf is not None:
-        return await start_leaf(settings, stack, leaf)
+        return await start_leaf(settings, stack, leaf, say)
     server = secured_server(
         settings,
         args or argparse.Namespace(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -146,7 +147,9 @@ async def cmd_cluster(settings: TektonSettings, args: argparse.Namespace) -> int
     return 0
 
 
-async def start_leaf(settings: TektonSettings, stack: AsyncExitStack, hub: str) -> str:
+async def start_leaf(
+    settings: TektonSettings, stack: AsyncExitStack, hub: str, say: Callable[[str], None] | None = None
+) -> str:
     """A local nats-server that joins ``hub`` as a leaf node (it runs, and serves locally, while the hub
     is unreachable), for ``tekton up --leaf``. Returns its client URL."""
     url = split_urls(settings.nats_url)[0]
@@ -162,7 +165,7 @@ async def start_leaf(settings: TektonSettings, stack: AsyncExitStack, hub: str) 
     server: EmbeddedNats = config.server(log_file=settings.data_dir / "nats-leaf.log")
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
-    _say(f"nats-server listening on {server.url}, a leaf node of {hub} (works offline too)")
+    (say or _say)(f"nats-server listening on {server.url}, a leaf node of {hub} (works offline too)")
     return server.url
 
 
