@@ -149,9 +149,15 @@ async def serve_stdio(settings: TektonSettings) -> None:
 async def serve_http(settings: TektonSettings, host: str, port: int, on_ready: Any = None) -> None:
     import uvicorn
 
+    from gateway.runtime import http_socket
+
     async with Bus.connect(settings, name="tekton-mcp") as bus:
         app = create_server(bus).streamable_http_app(host=host)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        # Listening before we say where: connections made after the ready line wait in the backlog.
+        sock = http_socket(host, port)
+        sock.listen(128)
         if on_ready is not None:
-            on_ready(f"http://{host}:{port}/mcp")
-        await server.serve()
+            bound_host, bound_port = sock.getsockname()[:2]
+            on_ready(f"http://{bound_host}:{bound_port}/mcp")
+        await server.serve([sock])
