@@ -190,7 +190,7 @@ def test_missing_key(name: str) -> None:
 
 
 def test_unknown_provider_lists_the_installed_ones() -> None:
-    with pytest.raises(ProviderError, match="installed: anthropic, local, ollama, openai, scripted"):
+    with pytest.raises(ProviderError, match="installed: a2a, anthropic, local, ollama, openai, scripted"):
         _provider("gpt-magic")
 
 

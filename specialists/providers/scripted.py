@@ -85,14 +85,14 @@ class ScriptedProvider:
         if not self.options.first_token_ms and not self.options.tokens_per_s:
             for token in tokens_out:  # unpaced (benchmarks): no clock reads per token
                 yield token
-            return
-        start = time.perf_counter() + self.options.first_token_ms / 1000
-        step = 1 / self.options.tokens_per_s if self.options.tokens_per_s else 0.0
-        for i, token in enumerate(tokens_out):
-            delay = start + i * step - time.perf_counter()
-            if delay > 0:
-                await anyio.sleep(delay)
-            yield token
+        else:
+            start = time.perf_counter() + self.options.first_token_ms / 1000
+            step = 1 / self.options.tokens_per_s if self.options.tokens_per_s else 0.0
+            for i, token in enumerate(tokens_out):
+                delay = start + i * step - time.perf_counter()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                yield token
         # Its tokens are words: the prompt counted the same way, so token counts can be followed
         # end to end in tests.
         yield Usage(prompt_tokens=sum(len(m.content.split()) for m in messages), completion_tokens=count)
