@@ -227,7 +227,9 @@ async def run_once(
                     model=args.model,
                     system=args.system,
                     logbook=logbook(settings, args),
-                    deadline_s=args.timeout,
+                    # The specialist's own deadline backs ours up (when this process is gone), a second
+                    # later, so the whole run's deadline is the one that speaks.
+                    deadline_s=args.timeout + 1.0 if args.timeout else None,
                 )
         if deadline.cancelled_caught:
             raise DeadlineExceeded(
