@@ -265,6 +265,8 @@ async def test_a_restarted_node_catches_up_and_keeps_the_quorum(
         cluster.restart(2)
         await eventually(lambda: _caught_up(bus, "n3"), within=30)
         cluster.kill(0)
+        # A session call waits 5 s, a JetStream election can take longer (see the bench): wait for it.
+        await eventually(lambda: _has_leader(bus, "n1"), within=30)
         async with bus.stream("", user("after n1 died"), session=session.id) as s:
             async for _ in s:
                 pass
