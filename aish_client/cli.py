@@ -185,26 +185,6 @@ def renderer_for(settings: TektonSettings, args: argparse.Namespace) -> Renderer
     return renderer
 
 
-async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
-    """How the gateway would route ``text``: every specialist that fits, best first, and why."""
-    reply = await bus.gateway.discover(text=text)
-    for r in reply.ranked:
-        if r.fit >= 0.01 or r.name == reply.chosen:  # what shows as 0.00 tells nothing
-            mark = "*" if r.name == reply.chosen else " "
-            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  {r.why}\n")
-    if reply.chosen is None or reply.generalist:
-        renderer.note(reply.reason)
-    return 0 if reply.chosen else EXIT_ERROR
-
-
-async def run_route(settings: TektonSettings, words: Sequence[str], stdin_text: str | None) -> int:
-    text = " ".join(words) or (stdin_text or "")
-    if not text.strip():
-        raise PipelineSyntaxError('route needs a request: aish route "what is a mutex?"', 1, "route")
-    async with Bus.connect(settings, name="aish") as bus:
-        return await cmd_route(bus, Renderer(), text)
-
-
 async def run_once(
     settings: TektonSettings, pipeline: Pipeline, args: argparse.Namespace, stdin_text: str | None
 ) -> int:
@@ -287,9 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(
             nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, creds=args.creds, tls_ca=args.tls_ca
         )
-        if args.pipeline is None and args.words and args.words[0] == "route":
-            piped = None if sys.stdin.isatty() or len(args.words) > 1 else sys.stdin.read()
-            return anyio.run(run_route, settings, args.words[1:], piped)
         _options(args)  # a bad -o value is a usage error before anything connects
         check_model(args.model)
         attached = attachments(args.attach)

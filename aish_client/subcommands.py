@@ -1,4 +1,4 @@
-"""aish's subcommands, each with its own ``-h``: list, bulk, sessions, logs, completion.
+"""aish's subcommands, each with its own ``-h``: list, bulk, sessions, logs, completion, route...
 
 The REPL uses :func:`cmd_list` too; it lives here so neither the CLI nor the REPL imports the other.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -21,6 +22,7 @@ from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from aish_client.runner import DEMO_MODEL
 from bus.client import Bus
+from bus.discovery import Correction
 from bus.errors import BadRequest, BusError
 from bus.settings import TektonSettings, load_settings
 
@@ -115,10 +117,21 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     attach.add_argument("--after", type=int, default=-1, metavar="SEQ", help="only the frames after this seq")
     cancel = parsers["cancel"] = argparse.ArgumentParser(prog="aish cancel", description="Stop a run.")
     cancel.add_argument("run", metavar="RUN")
+    route = parsers["route"] = argparse.ArgumentParser(
+        prog="aish route",
+        description="Who would answer a request, and why (the ranking, best first); or your routing "
+        "corrections: the requests you reran with another specialist's name, which route your own "
+        "requests like them (nobody else's).",
+    )
+    route.add_argument("text", nargs="*", metavar="TEXT", help="the request (else read from stdin)")
+    route.add_argument("--corrections", action="store_true", help="list your corrections with their ids")
+    route.add_argument(
+        "--forget", metavar="ID", help="forget your correction ID (or the start of its id; 'all' for all)"
+    )
     return parsers
 
 
-SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs", "attach", "cancel")
+SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs", "attach", "cancel", "route")
 
 
 def _settings(args: argparse.Namespace) -> TektonSettings:
@@ -144,6 +157,7 @@ def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> i
         "runs": lambda: anyio.run(_runs, _settings(top), name, args, renderer),
         "attach": lambda: anyio.run(_runs, _settings(top), name, args, renderer),
         "cancel": lambda: anyio.run(_runs, _settings(top), name, args, renderer),
+        "route": lambda: anyio.run(_route, top, args, renderer),
     }
     if top.detach:
         renderer.error(f'--detach starts a question (aish --detach apollo "long job"), not {name}')
@@ -164,6 +178,59 @@ def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> i
     except BrokenPipeError:
         sys.stderr.close()
         return 0
+
+
+async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
+    """How the gateway would route ``text``: every specialist that fits, best first, and why."""
+    reply = await bus.gateway.discover(text=text)
+    for r in reply.ranked:
+        if r.fit >= 0.01 or r.name == reply.chosen:  # what shows as 0.00 tells nothing
+            mark = "*" if r.name == reply.chosen else " "
+            renderer.token(f"{mark} {r.name:<12} {r.score:.2f}  {r.why}\n")
+    if reply.chosen is None or reply.generalist or reply.judged_by:
+        renderer.note(reply.reason)
+    return 0 if reply.chosen else EXIT_ERROR
+
+
+def show_corrections(corrections: Sequence[Correction], renderer: Renderer) -> None:
+    if not corrections:
+        renderer.note("no routing corrections (rerunning a routed request with a name makes one)")
+        return
+    renderer.token(f"{'ID':<12}  {'SPECIALIST':<12}  {'WHEN':<16}  REQUEST\n")
+    for c in corrections:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.at))
+        text = " ".join(c.text.split())
+        text = text if len(text) <= 60 else text[:59] + "…"
+        renderer.token(f"{c.id:<12}  {c.specialist:<12}  {when:<16}  {text}\n")
+
+
+async def _route(top: argparse.Namespace, args: argparse.Namespace, renderer: Renderer) -> int:
+    """`aish route TEXT`, `aish route --corrections`, `aish route --forget ID`."""
+    if args.forget is not None and args.corrections:
+        raise UsageError("give --corrections or --forget ID, not both")
+    text = " ".join(args.text)
+    if (args.forget is not None or args.corrections) and text:
+        raise UsageError("--corrections and --forget take no request text")
+    if args.forget is None and not args.corrections and not text and not sys.stdin.isatty():
+        text = sys.stdin.read()
+    if args.forget is None and not args.corrections and not text.strip():
+        raise UsageError(
+            'route needs a request: aish route "what is a mutex?" (or --corrections, --forget ID)'
+        )
+    settings = load_settings(
+        nats_url=top.nats_url, idle_timeout_s=top.idle_timeout, creds=top.creds, tls_ca=top.tls_ca
+    )
+    async with Bus.connect(settings, name="aish") as bus:
+        if args.forget is not None:
+            before = {c.id: c for c in (await bus.gateway.discover(corrections=True)).corrections or []}
+            left = (await bus.gateway.discover(forget=args.forget)).corrections or []
+            for gone in (c for i, c in before.items() if i not in {c.id for c in left}):
+                renderer.note(f"forgot {gone.id}: {gone.text[:60]!r} -> {gone.specialist}")
+            return 0
+        if args.corrections:
+            show_corrections((await bus.gateway.discover(corrections=True)).corrections or [], renderer)
+            return 0
+        return await cmd_route(bus, renderer, text)
 
 
 async def _list(settings: TektonSettings, capability: str | None, as_json: bool) -> int:

@@ -117,8 +117,23 @@ class Discover(Wire):
     threshold: float | None = Field(default=None, ge=0, le=1)
     refresh: bool = False
     # With ``text``: the user sent that request to this specialist instead of the one routing chose.
-    # The gateway remembers it and routes that request, and ones like it, there from now on.
+    # The gateway remembers it and routes that request, and ones like it, there from now on, for
+    # this user only.
     correct: str | None = Field(default=None, max_length=64)
+    # List the asking user's corrections (in the reply's ``corrections``). Optional fields are sent
+    # only when set, so protocol 1 stays 1.
+    corrections: bool | None = None
+    # Forget one of the asking user's corrections by its id, or all of them with "all".
+    forget: str | None = Field(default=None, max_length=64)
+
+
+class Correction(Wire):
+    """A request a user sent to another specialist than routing chose: theirs, until forgotten."""
+
+    id: str
+    text: str
+    specialist: str
+    at: float
 
 
 class Ranked(Wire):
@@ -142,6 +157,10 @@ class DiscoveryReply(Wire):
     # No specialist's profile matched the text, so the generalist was chosen.
     generalist: bool = False
     took_ms: float = 0.0
+    # With ``corrections`` or ``forget``: the asking user's corrections (after forgetting).
+    corrections: list[Correction] | None = None
+    # A routing model (``routing_model``) chose: its name; None: the embedding router alone chose.
+    judged_by: str | None = None
 
 
 def health(served: int, errors: int, in_flight: int, capacity: int, first_token_ms: float | None) -> float:

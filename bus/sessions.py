@@ -377,11 +377,22 @@ class GatewayClient:
         threshold: float | None = None,
         refresh: bool = False,
         correct: str | None = None,
+        corrections: bool = False,
+        forget: str | None = None,
     ) -> DiscoveryReply:
         """Running specialists; with ``capability`` or ``text`` also the ranking and the chosen one; with
-        ``text`` and ``correct``, first teach the gateway that such requests belong to ``correct``."""
+        ``text`` and ``correct``, first teach the gateway that such requests belong to ``correct`` (for
+        this user). ``corrections`` lists this user's corrections; ``forget`` drops one by id (or
+        "all") first."""
         request = self._request(
-            Discover, capability=capability, text=text, threshold=threshold, refresh=refresh, correct=correct
+            Discover,
+            capability=capability,
+            text=text,
+            threshold=threshold,
+            refresh=refresh,
+            correct=correct,
+            corrections=corrections or None,
+            forget=forget,
         )
         reply = await self.call("discover", request, subject=discover_subject(self.prefix, self.user))
         assert isinstance(reply, DiscoveryReply)

@@ -92,6 +92,12 @@ class TektonSettings(BaseSettings):
     routing_method: Literal["examples", "lexical", "embedding", "hybrid"] = "examples"
     # Gateway: who answers an @auto request that no specialist's profile matches.
     routing_generalist: str = "athena"
+    # Gateway: a model that picks the specialist for @auto from their names and descriptions
+    # (PROVIDER:MODEL, e.g. ollama:qwen2.5:7b), asked through the generalist (or any running
+    # specialist); None: the embedding router alone. It falls back to that router on a timeout, an
+    # error or an answer that names no running specialist.
+    routing_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/@+-]{1,200}$")
+    routing_model_timeout_s: float = Field(default=5.0, gt=0, le=120)
     # Gateway: a capability match below this score is not chosen.
     routing_threshold: float = Field(default=0.7, ge=0, le=1)
     # Gateway: operations of one bulk request running at once (a request may ask for fewer).

@@ -1,12 +1,14 @@
 """What runs on the bus, as the gateway sees it: a cached, refreshed survey of `$SRV.INFO`/`$SRV.STATS`,
 and routing decisions over it, with the corrections users made (kept in a JetStream KV bucket that
-every gateway replica follows)."""
+every gateway replica follows, one key per user and request: a user's corrections steer only their own
+routing), and, when one is configured, a routing model's judgment (gateway/judge.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,13 +22,15 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from bus.discovery import SpecialistView, survey
+from bus.discovery import Correction, SpecialistView, survey
 from bus.errors import BadRequest
-from bus.subjects import DEFAULT_PREFIX
+from bus.subjects import ANONYMOUS, DEFAULT_PREFIX
+from gateway.judge import ModelJudge
 from gateway.routing import (
     DEFAULT_GENERALIST,
     DEFAULT_THRESHOLD,
     Candidate,
+    Learned,
     Method,
     TextMatcher,
     matcher,
@@ -36,6 +40,7 @@ from gateway.routing import (
 )
 
 FRESH_S = 2.0
+_KEY_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 log = structlog.get_logger("tekton.gateway.discovery")
 
 
@@ -44,9 +49,15 @@ class Catalog:
     needs a name the cache lacks triggers one refresh first."""
 
     def __init__(
-        self, nc: NATS, method: Method, prefix: str = DEFAULT_PREFIX, generalist: str = DEFAULT_GENERALIST
+        self,
+        nc: NATS,
+        method: Method,
+        prefix: str = DEFAULT_PREFIX,
+        generalist: str = DEFAULT_GENERALIST,
+        judge: ModelJudge | None = None,
     ):
         self.nc = nc
+        self.judge = judge
         self.method = method
         self.prefix = prefix
         self.generalist = generalist
@@ -61,7 +72,9 @@ class Catalog:
         self._built_generation = -1
         self._bucket_name = f"{prefix.replace('.', '_')}_routing"
         self._kv: KeyValue | None = None
-        self._learned: dict[str, tuple[str, str]] = {}  # KV key -> (request text, specialist)
+        # KV key -> (user, correction); each user's as a Learned, rebuilt when theirs change.
+        self._learned: dict[str, tuple[str, Correction]] = {}
+        self._mine: dict[str, tuple[tuple[tuple[str, str], ...], Learned]] = {}
         self._building = anyio.Lock()
         self._infos: dict[str, dict[str, Any]] = {}  # instance id -> its $SRV.INFO answer (never changes)
 
@@ -117,7 +130,7 @@ class Catalog:
         async with self._building:
             if self._matcher is None or self._built_generation != self._generation:
                 generation = self._generation
-                build = partial(matcher, self.method, self._views, list(self._learned.values()), train=False)
+                build = partial(matcher, self.method, self._views, train=False)
                 self._matcher = await anyio.to_thread.run_sync(build)
                 self._built_generation = generation
             return self._matcher
@@ -155,35 +168,76 @@ class Catalog:
                     self._kv = await js.key_value(self._bucket_name)
         return self._kv
 
-    async def learn(self, text: str, specialist: str) -> None:
-        """Remember that ``text`` belongs to ``specialist`` (a user reran it with that name)."""
+    @staticmethod
+    def _key(user: str, text: str) -> str:
+        """``c.<user>.<id>``: the user's name when it is a safe subject token, else its hash."""
+        who = user if _KEY_SAFE.match(user) else "h" + hashlib.sha256(user.encode()).hexdigest()[:16]
+        return f"c.{who}.{hashlib.sha256(normalise(text).encode()).hexdigest()[:12]}"
+
+    async def learn(self, text: str, specialist: str, user: str = ANONYMOUS) -> None:
+        """Remember that ``text`` belongs to ``specialist`` for ``user`` (who reran it with that name)."""
         if specialist not in await self.names([specialist]):
             raise BadRequest(f"cannot learn a route to '{specialist}': no specialist of that name is running")
-        key = "c." + hashlib.sha256(normalise(text).encode()).hexdigest()[:32]
-        value = json.dumps({"text": text[:2000], "specialist": specialist, "at": time.time()})
+        key = self._key(user, text)
+        at = time.time()
+        value = json.dumps({"user": user, "text": text[:2000], "specialist": specialist, "at": at})
         await (await self._bucket()).put(key, value.encode())
-        self._learned[key] = (text[:2000], specialist)  # at once here; other replicas hear it from the watch
-        self._generation += 1
+        # At once here; other replicas hear it from the watch.
+        correction = Correction(id=key.rsplit(".", 1)[1], text=text[:2000], specialist=specialist, at=at)
+        self._learned[key] = (user, correction)
+
+    def corrections(self, user: str) -> list[Correction]:
+        """``user``'s corrections, oldest first."""
+        return sorted((c for who, c in self._learned.values() if who == user), key=lambda c: c.at)
+
+    async def forget(self, user: str, which: str) -> list[Correction]:
+        """Forget ``user``'s correction ``which`` (an id, or a prefix of one) or all with "all"."""
+        mine = {k: c for k, (who, c) in self._learned.items() if who == user}
+        gone = [k for k, c in mine.items() if which == "all" or c.id.startswith(which)]
+        if not gone:
+            raise BadRequest(
+                f"you have no routing correction {which!r} (`aish route --corrections` lists them)"
+            )
+        if which != "all" and len(gone) > 1:
+            raise BadRequest(f"{which!r} is the start of {len(gone)} corrections' ids: give more of it")
+        kv = await self._bucket()
+        for key in gone:
+            await kv.delete(key)
+            self._learned.pop(key, None)
+        return self.corrections(user)
+
+    def learned_for(self, user: str) -> Learned | None:
+        """``user``'s corrections as extra voters (cached until theirs change)."""
+        items = tuple((c.text, c.specialist) for c in self.corrections(user))
+        if not items:
+            return None
+        cached = self._mine.get(user)
+        if cached is None or cached[0] != items:
+            cached = self._mine[user] = (items, Learned(items))
+        return cached[1]
 
     async def _follow_corrections(self) -> None:
-        """Every replica keeps every correction: the bucket's current values, then each change."""
+        """Every replica keeps every user's corrections: the bucket's current values, then each change.
+        Keys of the first version (``c.<hash>``, shared by everyone) are no one's and are left alone."""
         while True:
             try:
-                watcher = await (await self._bucket()).watch("c.*")
+                watcher = await (await self._bucket()).watch("c.*.*")
                 try:
                     async for entry in watcher:
                         if entry is None:
                             continue  # the current values have all arrived
                         if entry.operation is not None or not entry.value:  # deleted or purged
-                            if self._learned.pop(entry.key, None) is not None:
-                                self._generation += 1
+                            self._learned.pop(entry.key, None)
                             continue
                         try:
                             data = json.loads(entry.value)
-                            learned = (str(data["text"]), str(data["specialist"]))
-                            if self._learned.get(entry.key) != learned:
-                                self._learned[entry.key] = learned
-                                self._generation += 1
+                            correction = Correction(
+                                id=entry.key.rsplit(".", 1)[1],
+                                text=str(data["text"]),
+                                specialist=str(data["specialist"]),
+                                at=float(data.get("at", 0.0)),
+                            )
+                            self._learned[entry.key] = (str(data["user"]), correction)
                         except (ValueError, KeyError, TypeError):
                             log.warning("skipping unreadable routing correction", key=entry.key)
                 finally:
@@ -198,25 +252,39 @@ class Catalog:
             views = await self.refresh(thorough=True)
         return rank_by_capability(views, capability)
 
-    async def for_text(self, text: str) -> TextRoute:
-        """The ranking for ``text`` and who answers: the best fit, or the generalist when nothing fits
-        (or the best-ranked one when the generalist is not running). Never nobody while any runs."""
+    async def for_text(self, text: str, user: str = ANONYMOUS) -> TextRoute:
+        """The ranking for ``text`` and who answers: the user's own correction for it; else the routing
+        model's pick when one is configured and answers in time; else the best fit, or the generalist
+        when nothing fits (or the best-ranked one when the generalist is not running). Never nobody
+        while any runs."""
         views = await self.views()
         if not views:
             return TextRoute([], None, [], "no specialists are running (start them with `tekton up`)")
-        judgement = (await self.text_matcher()).judge(text)
+        learned = self.learned_for(user)
+        judgement = (await self.text_matcher()).judge(text, learned)
         ranked = rank_by_text(views, judgement)
         best = ranked[0]
+        corrected = learned is not None and normalise(text) in learned.exact
+        if self.judge is not None and not corrected:
+            verdict = await self.judge.judge(text, views)
+            if verdict.chosen is not None:
+                embedding = f"the embedding router's best: {best.name} {best.fit:.2f}"
+                others = [c.name for c in ranked if c.name != verdict.chosen][:3]
+                reason = f"{verdict.note} ({embedding})"
+                return TextRoute(ranked, verdict.chosen, others, reason, judged_by=self.judge.model)
+            note = f"; {verdict.note}, so the embedding router chose"
+        else:
+            note = ""
         if judgement.matched and best.fit > 0:
             # Next best, while they fit at least half as well.
             others = [c.name for c in ranked[1:4] if c.fit > 0 and c.score >= best.score / 2]
-            return TextRoute(ranked, best.name, others, f"{best.name}: {best.why('text match')}")
+            return TextRoute(ranked, best.name, others, f"{best.name}: {best.why('text match')}{note}")
         running = {c.name for c in ranked}
         chosen = self.generalist if self.generalist in running else best.name
         others = [c.name for c in ranked if c.name != chosen][:3]
         hint = f"best: {best.name} {best.fit:.2f}" + (f", {best.because}" if best.because else "")
         what = "the generalist" if chosen == self.generalist else "the best-ranked specialist"
-        reason = f"{chosen}: no specialist's profile matches this request ({hint}), so {what} answers"
+        reason = f"{chosen}: no specialist's profile matches this request ({hint}), so {what} answers{note}"
         return TextRoute(ranked, chosen, others, reason, generalist=True)
 
 
@@ -227,6 +295,7 @@ class TextRoute:
     alternatives: list[str]
     reason: str
     generalist: bool = False
+    judged_by: str | None = None
 
 
 def above(candidates: list[Candidate], threshold: float = DEFAULT_THRESHOLD) -> list[Candidate]:

@@ -77,7 +77,7 @@ class Judgement:
 class TextMatcher(Protocol):
     def scores(self, text: str) -> dict[str, float]: ...
 
-    def judge(self, text: str) -> Judgement: ...
+    def judge(self, text: str, learned: Learned | None = None) -> Judgement: ...
 
     @property
     def trained(self) -> bool: ...
@@ -91,7 +91,8 @@ class _ScoresOnly:
     def scores(self, text: str) -> dict[str, float]:
         raise NotImplementedError
 
-    def judge(self, text: str) -> Judgement:
+    def judge(self, text: str, learned: Learned | None = None) -> Judgement:
+        """Corrections (``learned``) are for the examples router only: the others ignore them."""
         scores = self.scores(text)
         return Judgement(scores, {}, max(scores.values(), default=0.0) > 0)
 
@@ -195,8 +196,11 @@ WORDING = 1.0  # the wording half's weight against the meaning half
 MIN_SIMILARITY = 0.25
 MIN_SIMILARITY_LONG = 0.15
 _LONG_WORDS = 6
-# A user's correction weighs as much as this many examples.
+# A user's correction weighs as much as this many examples in the vote; and a request at least
+# PULL_FROM similar to one of the user's corrections is pulled towards its specialist, the more the
+# closer (at similarity 1 entirely): the user said where requests like it belong.
 LEARNED_WEIGHT = 3.0
+PULL_FROM = 0.6
 _MAX_CHARS = 2000  # enough to tell what a long paste is about; embedding cost grows with length
 _WORD_RE_ANY = re.compile(r"\w+")
 # Words that say nothing about the topic (more English ones, and those of the languages people most
@@ -371,37 +375,43 @@ def _clip(text: str, n: int = 60) -> str:
     return one_line if len(one_line) <= n else one_line[: n - 1] + "…"
 
 
+class Learned:
+    """One user's corrections (request text, specialist), as a small set of extra voters: each weighs
+    as much as ``LEARNED_WEIGHT`` examples in the vote, and the very request they were made for goes
+    to their specialist outright. Kept apart from the examples (and the classifier), so a correction
+    takes effect at once, for the user who made it only, without retraining anything."""
+
+    def __init__(self, corrections: Sequence[tuple[str, str]]):
+        kept = [(t, n) for t, n in corrections if t.strip()]
+        self.texts = [t for t, _ in kept]
+        self.labels = [n for _, n in kept]
+        self.exact = {normalise(t): n for t, n in kept}
+        self.vectors = Vectors(self.texts) if kept else None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
 class Examples:
-    """A nearest-neighbour vote over example requests (the specialists' own and users' corrections),
-    averaged with a classifier trained on the same examples once ``train()`` has run (it takes a second
-    or so: the gateway runs it in a worker thread and votes alone until then)."""
+    """A nearest-neighbour vote over the specialists' example requests (plus, per judgement, the asking
+    user's corrections), averaged with a classifier trained on the examples once ``train()`` has run (it
+    takes a second or so: the gateway runs it in a worker thread and votes alone until then)."""
 
     def __init__(self, views: Sequence[SpecialistView], learned: Sequence[tuple[str, str]] = ()):
         texts: list[str] = []
         self.labels: list[str] = []
-        weights: list[float] = []
-        self.learned_from: list[bool] = []
-        running = {v.name for v in views}
         for v in views:
-            own = [*v.examples, v.description, *v.keywords]
-            for t in own:
+            for t in [*v.examples, v.description, *v.keywords]:
                 if t.strip():
                     texts.append(t)
                     self.labels.append(v.name)
-                    weights.append(1.0)
-                    self.learned_from.append(False)
-        kept = [(t, n) for t, n in learned if n in running and t.strip()]
-        for t, n in kept:
-            texts.append(t)
-            self.labels.append(n)
-            weights.append(LEARNED_WEIGHT)
-            self.learned_from.append(True)
-        self.exact = {normalise(t): n for t, n in kept}
         self.names = [v.name for v in views]
         self.texts = texts
-        self.weights = np.array(weights, dtype=np.float32)
+        self.weights = np.ones(len(texts), dtype=np.float32)
         self.vectors = Vectors(texts)
         self.classifier: Classifier | None = None
+        # Corrections every judgement counts unless it is given its own (tests, benches).
+        self.learned = Learned(learned) if learned else None
 
     @property
     def trained(self) -> bool:
@@ -415,11 +425,12 @@ class Examples:
     def scores(self, text: str) -> dict[str, float]:
         return self.judge(text).scores
 
-    def judge(self, text: str) -> Judgement:
+    def judge(self, text: str, learned: Learned | None = None) -> Judgement:
+        learned = learned if learned is not None else self.learned
         scores = dict.fromkeys(self.names, 0.0)
         why: dict[str, str] = {}
-        remembered = self.exact.get(normalise(text))
-        if remembered is not None:
+        remembered = learned.exact.get(normalise(text)) if learned else None
+        if remembered is not None and remembered in scores:
             scores[remembered] = 1.0
             why[remembered] = "you sent this request to it before"
             return Judgement(scores, why, True)
@@ -427,12 +438,26 @@ class Examples:
             return Judgement(scores, why, False)
         query = represent(text)
         sims = self.vectors.similarity(query)
-        nearest = np.argsort(-sims)[:K_NEAREST]
+        # Voters: (similarity, weight, specialist, text, a correction?), the K nearest of both kinds.
+        voters = [
+            (float(sims[i]), 1.0, self.labels[i], self.texts[i], False) for i in np.argsort(-sims)[:K_NEAREST]
+        ]
+        pull, pulled_to = 0.0, ""
+        if learned and learned.vectors is not None:
+            mine = learned.vectors.similarity(query)
+            closest = int(np.argmax(mine))
+            if learned.labels[closest] in scores:
+                pull = max(0.0, (float(mine[closest]) - PULL_FROM) / (1 - PULL_FROM))
+                pulled_to = learned.labels[closest]
+            voters += [
+                (float(mine[i]), LEARNED_WEIGHT, learned.labels[i], learned.texts[i], True)
+                for i in np.argsort(-mine)[:K_NEAREST]
+                if learned.labels[i] in scores
+            ]
+            voters = sorted(voters, key=lambda v: -v[0])[:K_NEAREST]
         votes: dict[str, float] = {}
-        for i in nearest:
-            votes[self.labels[i]] = votes.get(self.labels[i], 0.0) + float(
-                self.weights[i] * max(0.0, float(sims[i])) ** _POWER
-            )
+        for sim, weight, name, _, _ in voters:
+            votes[name] = votes.get(name, 0.0) + weight * max(0.0, sim) ** _POWER
         total = sum(votes.values()) or 1.0
         probabilities = self.classifier.probabilities(query) if self.classifier else None
         for name in self.names:
@@ -443,18 +468,20 @@ class Examples:
                 vote = (vote + p) / 2
                 if p >= 0.01:
                     reasons.append(f"classifier {p:.2f}")
-            mine = [i for i in nearest if self.labels[i] == name]
-            if mine:
-                source = "your correction" if self.learned_from[mine[0]] else "example"
+            if pull > 0:
+                vote = (1 - pull) * vote + (pull if name == pulled_to else 0.0)
+            near = [v for v in voters if v[2] == name]
+            if near:
+                sim, _, _, nearest, corrected = near[0]
+                source = "your correction" if corrected else "example"
                 reasons.append(
-                    f"{len(mine)} of {len(nearest)} nearest; nearest {source} "
-                    f"'{_clip(self.texts[mine[0]])}' ({float(sims[mine[0]]):.2f})"
+                    f"{len(near)} of {len(voters)} nearest; nearest {source} '{_clip(nearest)}' ({sim:.2f})"
                 )
             scores[name] = round(vote, 4)
             if reasons:
                 why[name] = "; ".join(reasons)
         floor = MIN_SIMILARITY_LONG if len(text.split()) >= _LONG_WORDS else MIN_SIMILARITY
-        return Judgement(scores, why, bool(sims[nearest[0]] >= floor))
+        return Judgement(scores, why, bool(voters[0][0] >= floor))
 
 
 def matcher(

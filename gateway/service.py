@@ -82,6 +82,7 @@ from bus.wire import (
 )
 from gateway.bulk import BulkRun, StoreAnswer, validate
 from gateway.discovery import Catalog
+from gateway.judge import ModelJudge
 from gateway.routing import Candidate
 from gateway.store import SessionStore
 from gateway.usage import UsageBook
@@ -137,7 +138,13 @@ class GatewayService:
         }
         self.bus = Bus(nc, settings)
         self.usage: UsageBook | None = None  # set by the runtime once its bucket is open
-        self.running = Catalog(nc, settings.routing_method, settings.prefix, settings.routing_generalist)
+        judge = None
+        if settings.routing_model:
+            timeout, generalist = settings.routing_model_timeout_s, settings.routing_generalist
+            judge = ModelJudge(self.bus, settings.routing_model, timeout, generalist)
+        self.running = Catalog(
+            nc, settings.routing_method, settings.prefix, settings.routing_generalist, judge
+        )
 
     @property
     def instance_id(self) -> str:
@@ -429,7 +436,13 @@ class GatewayService:
         views = await self.running.views(refresh=r.refresh)
         threshold = self.settings.routing_threshold if r.threshold is None else r.threshold
         ranked: list[Candidate] = []
-        chosen, reason, alternatives, generalist = None, "", [], False
+        chosen, reason, alternatives, generalist, judged_by = None, "", [], False, None
+        user = asking.get()
+        corrections = None
+        if r.forget:
+            corrections = await self.running.forget(user, r.forget)
+        elif r.corrections:
+            corrections = self.running.corrections(user)
         if r.capability:
             ranked = await self.running.for_capability(r.capability)
             views = [v for v in views if r.capability in v.capabilities]
@@ -446,10 +459,10 @@ class GatewayService:
         elif r.text:
             what = "text match"
             if r.correct:
-                await self.running.learn(r.text, r.correct)
-            route = await self.running.for_text(r.text)
+                await self.running.learn(r.text, r.correct, user)
+            route = await self.running.for_text(r.text, user)
             ranked, chosen, alternatives = route.ranked, route.chosen, route.alternatives
-            reason, generalist = route.reason, route.generalist
+            reason, generalist, judged_by = route.reason, route.generalist, route.judged_by
         return DiscoveryReply(
             # Without their example requests: routing reads those here; askers need the rest.
             specialists=[v.model_copy(update={"examples": []}) for v in views],
@@ -462,6 +475,8 @@ class GatewayService:
             reason=reason,
             generalist=generalist,
             took_ms=round((time.perf_counter() - started) * 1000, 3),
+            corrections=corrections,
+            judged_by=judged_by,
         )
 
     async def _bulk(self, r: BulkRequest) -> BulkAccepted:

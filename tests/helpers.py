@@ -56,9 +56,9 @@ class env:
         self.patch.undo()
 
 
-async def run_aish(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+async def run_aish(settings: TektonSettings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`aish ARGS` in a worker thread, so this event loop keeps serving in-process services."""
-    return await anyio.to_thread.run_sync(partial(aish, settings, *args))
+    return await anyio.to_thread.run_sync(partial(aish, settings, *args, **env))
 
 
 def child_env(settings: TektonSettings, **extra: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ from tests.helpers import (
     specialist_process,
 )
 from tests.test_repl import Terminal, aish_command, needs_tmux
+from tests.test_security import Team, team  # noqa: F401 (a fixture)
 
 TEKTON = [sys.executable, "-m", "tekton"]
 
@@ -285,3 +286,44 @@ async def _ask_quoted_questions(term: Terminal) -> None:
     term.type('echo "a deadlock in my goroutines" | "find the bug"')
     term.send("Enter")
     await term.wait_for("apollo heard: find the bug")
+
+
+async def test_corrections_are_per_user_and_can_be_listed_and_forgotten(team: Team) -> None:  # noqa: F811
+    question = "what is a mutex?"
+    alice_env = {"TEKTON_CREDS": str(team.alice.creds)}
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "athena", "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bob,
+    ):
+        assert (await alice.gateway.discover(text=question)).chosen == "athena"
+        corrected = await alice.gateway.discover(text=question, correct="apollo")
+        assert corrected.chosen == "apollo" and "you sent this request to it before" in corrected.reason
+        # Hers steer her routing, also of requests like it, and nobody else's.
+        assert (await alice.gateway.discover(text="What is a MUTEX")).chosen == "apollo"
+        assert (await bob.gateway.discover(text=question)).chosen == "athena"
+        assert (await bob.gateway.discover(corrections=True)).corrections == []
+        (mine,) = (await alice.gateway.discover(corrections=True)).corrections or []
+        assert (mine.text, mine.specialist) == (question, "apollo")
+        with pytest.raises(BadRequest, match="you have no routing correction"):
+            await bob.gateway.discover(forget=mine.id)
+        listed = await run_aish(team.alice, "route", "--corrections", **alice_env)
+        assert listed.returncode == 0, listed.stderr
+        assert mine.id in listed.stdout and "apollo" in listed.stdout and question in listed.stdout
+        theirs = await run_aish(team.bob, "route", "--corrections", TEKTON_CREDS=str(team.bob.creds))
+        assert (
+            theirs.returncode == 0
+            and mine.id not in theirs.stdout
+            and "no routing corrections" in theirs.stderr
+        )
+        wrong = await run_aish(team.alice, "route", "--forget", "zzzz", **alice_env)
+        assert wrong.returncode == 1 and "you have no routing correction 'zzzz'" in wrong.stderr
+        forgot = await run_aish(team.alice, "route", "--forget", mine.id[:6], **alice_env)
+        assert forgot.returncode == 0 and f"forgot {mine.id}" in forgot.stderr, forgot.stderr
+        assert (await alice.gateway.discover(text=question)).chosen == "athena"
+        assert (await alice.gateway.discover(corrections=True)).corrections == []
+    usage = await run_aish(team.alice, "route", "--corrections", "some text")
+    assert usage.returncode == 2 and "take no request text" in usage.stderr
+    helped = await run_aish(team.alice, "route", "-h")
+    assert helped.returncode == 0 and "--forget ID" in helped.stdout and "--corrections" in helped.stdout
