@@ -486,7 +486,12 @@ class Bus:
     @property
     def gateway(self) -> GatewayClient:
         """The gateway's API: sessions, bulk, discovery and routing."""
-        return GatewayClient(self.nc, self.settings.prefix, user=self.acting_for)
+        return GatewayClient(
+            self.nc,
+            self.settings.prefix,
+            user=self.acting_for,
+            routing_model_s=self.settings.routing_model_timeout_s,
+        )
 
     async def ask(self, specialist: str, prompt: str, options: ChatOptions | None = None) -> StreamResult:
         async with self.stream(specialist, [ChatMessage(role="user", content=prompt)], options) as s:

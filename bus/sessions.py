@@ -265,10 +265,14 @@ W = TypeVar("W", bound=Wire)
 class GatewayClient:
     """Calls the sessions API. ``nc`` is a connected nats-py client."""
 
-    def __init__(self, nc: Any, prefix: str, timeout: float = 5.0, user: str = ANONYMOUS):
+    def __init__(
+        self, nc: Any, prefix: str, timeout: float = 5.0, user: str = ANONYMOUS, routing_model_s: float = 0.0
+    ):
         self.nc = nc
         self.prefix = prefix
         self.timeout = timeout
+        # Routing a text may wait this much longer: for the gateway's routing model, when it has one.
+        self.routing_model_s = routing_model_s
         # The name in our gateway subjects: nats-server lets us publish under our own only.
         self.user = user
 
@@ -281,22 +285,28 @@ class GatewayClient:
             raise BadRequest(problems) from err
 
     async def call(
-        self, op: str, request: Wire, subject: str | None = None, headers: dict[str, str] | None = None
+        self,
+        op: str,
+        request: Wire,
+        subject: str | None = None,
+        headers: dict[str, str] | None = None,
+        wait_s: float | None = None,
     ) -> Wire:
         """One gateway request/reply (``op`` names it in errors); an error reply is raised. ``headers``:
         the trace context to continue (default: the current span's, when tracing is on)."""
+        timeout = wait_s or self.timeout
         try:
             msg = await self.nc.request(
                 subject or session_subject(op, self.prefix, self.user),
                 encode(request, self.nc.max_payload),
-                timeout=self.timeout,
+                timeout=timeout,
                 headers=headers or tracing.headers(),
             )
         except nats.errors.NoRespondersError:
             raise GatewayUnavailable() from None
         except nats.errors.TimeoutError:
             raise GatewayUnavailable(
-                f"the gateway did not answer '{op}' within {self.timeout:g} s", retryable=True
+                f"the gateway did not answer '{op}' within {timeout:g} s", retryable=True
             ) from None
         return decode_reply(msg.data)
 
@@ -394,7 +404,9 @@ class GatewayClient:
             corrections=corrections or None,
             forget=forget,
         )
-        reply = await self.call("discover", request, subject=discover_subject(self.prefix, self.user))
+        subject = discover_subject(self.prefix, self.user)
+        timeout = self.timeout + (self.routing_model_s if text else 0.0)
+        reply = await self.call("discover", request, subject=subject, wait_s=timeout)
         assert isinstance(reply, DiscoveryReply)
         return reply
 

@@ -270,7 +270,7 @@ class Catalog:
             if verdict.chosen is not None:
                 embedding = f"the embedding router's best: {best.name} {best.fit:.2f}"
                 others = [c.name for c in ranked if c.name != verdict.chosen][:3]
-                reason = f"{verdict.note} ({embedding})"
+                reason = f"{verdict.chosen}: {verdict.note} ({embedding})"
                 return TextRoute(ranked, verdict.chosen, others, reason, judged_by=self.judge.model)
             note = f"; {verdict.note}, so the embedding router chose"
         else:

@@ -92,4 +92,4 @@ class ModelJudge:
         chosen = pick(said, names)
         if chosen is None:
             return Verdict(None, f"{self.model} named no running specialist ({said[:40]!r})")
-        return Verdict(chosen, f"{self.model} chose {chosen}")
+        return Verdict(chosen, f"chosen by {self.model}")

@@ -16,11 +16,12 @@ import anyio
 import httpx
 import pytest
 
+from bus.client import Bus
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers import ProviderContext, SharedResources, create_provider
 from specialists.providers.local import bundled_model_path
-from tests.helpers import AISH, child_env, in_process_specialists
+from tests.helpers import AISH, child_env, in_process_gateway, in_process_specialists
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
@@ -177,3 +178,28 @@ async def test_ollama_at_ollama_host_needs_no_key(llama_server: str, settings: T
     assert done.returncode == 0, done.stderr
     first = json.loads(done.stdout.splitlines()[0])
     assert (first["provider"], first["model"]) == ("ollama", ALIAS)
+
+
+async def test_a_real_model_judges_routing_or_the_embedding_router_stands_in(
+    llama_server: str, settings: TektonSettings
+) -> None:
+    """`routing_model` on a real OpenAI-compatible server (the 135M demo model: its picks are close to
+    chance, so this checks the round trip and the fallback, not the quality of its judgment)."""
+    judged = settings.model_copy(
+        update={
+            "providers": {"llamabox": {"type": "openai", "base_url": llama_server}},
+            "routing_model": f"llamabox:{ALIAS}",
+            "routing_model_timeout_s": 120.0,
+        }
+    )
+    names = {"athena", "apollo", "penia"}
+    async with in_process_gateway(judged), in_process_specialists(judged, *names), Bus.connect(judged) as bus:
+        for question in ("what is a mutex?", "how much will 100 GPU hours cost?", "fix this segfault"):
+            reply = await bus.gateway.discover(text=question)
+            assert reply.chosen in names, reply.reason
+            if reply.judged_by is not None:
+                assert (
+                    reply.judged_by == f"llamabox:{ALIAS}" and f"chosen by llamabox:{ALIAS}" in reply.reason
+                )
+            else:  # it said something that names no specialist: the embedding router chose
+                assert f"llamabox:{ALIAS} named no running specialist" in reply.reason, reply.reason

@@ -327,3 +327,50 @@ async def test_corrections_are_per_user_and_can_be_listed_and_forgotten(team: Te
     assert usage.returncode == 2 and "take no request text" in usage.stderr
     helped = await run_aish(team.alice, "route", "-h")
     assert helped.returncode == 0 and "--forget ID" in helped.stdout and "--corrections" in helped.stdout
+
+
+def with_routing_model(settings: TektonSettings, **scripted: object) -> TektonSettings:
+    """A routing model that is the scripted provider (its answer given by ``scripted``, e.g. text)."""
+    return settings.model_copy(
+        update={
+            "providers": {"judge": {"type": "scripted", **scripted}},
+            "routing_model": "judge:router",
+            "routing_model_timeout_s": 10.0,
+        }
+    )
+
+
+async def test_a_routing_model_picks_and_the_embedding_router_stands_in_when_it_cannot(
+    settings: TektonSettings,
+) -> None:
+    question = "what is a mutex?"
+    judged = with_routing_model(settings, text="Hermes")
+    async with in_process_gateway(judged), in_process_specialists(judged, "athena", "apollo", "hermes"):
+        async with Bus.connect(judged) as bus:
+            reply = await bus.gateway.discover(text=question)
+            assert reply.chosen == "hermes" and reply.judged_by == "judge:router", reply.reason
+            assert (
+                "hermes: chosen by judge:router" in reply.reason
+                and "embedding router's best: athena" in reply.reason
+            )
+            # The user's own correction is not asked about.
+            mine = await bus.gateway.discover(text=question, correct="apollo")
+            assert mine.chosen == "apollo" and mine.judged_by is None
+            assert (await bus.gateway.discover(forget="all")).corrections == []
+        shown = await run_aish(judged, "what does this stack trace mean")
+        assert shown.stdout.startswith("hermes heard:"), shown.stderr
+        assert "@auto -> hermes" in shown.stderr and "chosen by judge:router" in shown.stderr
+    # An answer that names no running specialist: the embedding router chooses, and says why.
+    chatty = with_routing_model(settings, text="Hard to say, maybe a knowledge person?")
+    async with in_process_gateway(chatty), in_process_specialists(chatty, "athena", "apollo"):
+        async with Bus.connect(chatty) as bus:
+            reply = await bus.gateway.discover(text=question)
+        assert reply.chosen == "athena" and reply.judged_by is None
+        assert "named no running specialist" in reply.reason and "the embedding router chose" in reply.reason
+    # Too slow: the same, after the timeout.
+    slow = with_routing_model(settings, text="apollo", first_token_ms=30_000.0)
+    slow = slow.model_copy(update={"routing_model_timeout_s": 0.5})
+    async with in_process_gateway(slow), in_process_specialists(slow, "athena", "apollo"):
+        async with Bus.connect(slow) as bus:
+            reply = await bus.gateway.discover(text=question)
+        assert reply.chosen == "athena" and "gave no answer within 0.5 s" in reply.reason, reply.reason
