@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import itertools
+import re
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -29,7 +31,7 @@ from prompt_toolkit.shortcuts import clear
 from aish_client import sessions
 from aish_client.fanout import Layout
 from aish_client.logbook import Logbook
-from aish_client.parser import PipelineSyntaxError, parse, tokenize
+from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse, tokenize
 from aish_client.prompt_parts import chat_options
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
@@ -48,18 +50,64 @@ BUILTINS = {
 }
 HELP = """Pipelines:  apollo "question"   echo "text" | apollo | athena   apollo,athena << "msg"
             {apollo|athena} | prometheus   @code-analysis << "msg"   "any question" (routed)
+            what is a mutex?   (a line that starts with no specialist or command: routed too)
             ... > file   ... >> file   apollo -m ollama:qwen2.5:7b "question" (a model per stage)
 Keys:       Tab completes names, @capabilities, sessions, paths after >   Ctrl-R searches history
             a line ending in | , { << or \\ continues on the next line   Ctrl-C cancels an answer"""
 
 
-def needs_more(text: str) -> bool:
-    """Whether Enter should continue the input on a new line instead of running it."""
+_PIPELINE_START = ('"', "'", "@", "{", "!", "\\")
+_PIPELINE_NEXT = {"|", ",", "<<", "-m", "--model", ">", ">>", "{"}
+
+
+def unquoted_question(line: str, specialists: Sequence[str]) -> bool:
+    """Whether ``line`` is a plain question (`what is a mutex?`) rather than a pipeline: its first word
+    is no running specialist (nor close to one: a typo gets the parser's "did you mean"), no command and
+    no pipeline construct, and the word after it is no pipeline operator either. While the running
+    specialists are unknown (no gateway, no bus), every line is a pipeline, as before."""
+    words = line.split()
+    if not words or not specialists:
+        return False
+    first = words[0]
+    if first in BUILTINS or first in ("echo", "exit", "quit") or first.startswith(_PIPELINE_START):
+        return False
+    name = re.match(r"[a-z0-9-]*", first)
+    head = name.group(0) if name else ""
+    if head != first and first[len(head)] in ",|{<>":  # `apollo,athena`, `apollo|athena`
+        return False
+    if head in specialists or difflib.get_close_matches(head, specialists, n=1, cutoff=0.8):
+        return False
+    return not (len(words) > 1 and words[1] in _PIPELINE_NEXT)
+
+
+def question_pipeline(line: str) -> Pipeline:
+    """`what is a mutex?` as `"what is a mutex?"`; `summarize this | apollo` as `"summarize this" |
+    apollo` when what follows the first `|` is a pipeline, else the whole line is the question."""
+    text, rest = line, None
+    if "|" in line:
+        before, after = line.split("|", 1)
+        try:
+            rest = parse(after) if before.strip() else None
+        except PipelineSyntaxError:
+            rest = None
+        if rest is not None and rest.source is None:
+            text = before.strip()
+    asked = Ask((Target(AUTO, 1, True),), text, 1)
+    if rest is None or text == line:
+        return Pipeline(None, (asked,), None, line)
+    return Pipeline(None, (asked, *rest.stages), rest.redirect, line)
+
+
+def needs_more(text: str, specialists: Sequence[str] = ()) -> bool:
+    """Whether Enter should continue the input on a new line instead of running it (a plain question's
+    apostrophe opens no quote)."""
     stripped = text.rstrip()
     if not stripped:
         return False
     if stripped.endswith(("|", ",", "{", "<<", "\\")):
         return True
+    if unquoted_question(text, specialists):
+        return False
     try:
         tokens = tokenize(text.replace("\\\n", " "))
     except PipelineSyntaxError as err:
@@ -135,7 +183,7 @@ class Repl:
         @keys.add("enter")
         def _(event: KeyPressEvent) -> None:
             buffer = event.current_buffer
-            if needs_more(buffer.text):
+            if needs_more(buffer.text, self.specialists):
                 buffer.insert_text("\n")
             else:
                 buffer.validate_and_handle()
@@ -270,11 +318,18 @@ class Repl:
             except (BusError, ValueError) as err:
                 self.renderer.error(str(err))
             return
-        try:
-            pipeline = parse(line.replace("\\\n", " "))
-        except PipelineSyntaxError as err:
-            self.renderer.error(err.render())
-            return
+        if unquoted_question(line, self.specialists):
+            # A question typed as it is: routed like a quoted one, the whole line its text.
+            pipeline = question_pipeline(line.replace("\\\n", " "))
+            self.renderer.note(
+                f"{word}: no specialist or command of that name, so the line is a question (routed)"
+            )
+        else:
+            try:
+                pipeline = parse(line.replace("\\\n", " "))
+            except PipelineSyntaxError as err:
+                self.renderer.error(err.render())
+                return
         await self._cancellable(
             run_pipeline(
                 self.bus,  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from aish_client.parser import AUTO, PipelineSyntaxError, Target, parse
+from aish_client.repl import question_pipeline, unquoted_question
 from bench.routing import HELD_OUT, decide, load, roster_views
 from bus.client import Bus
 from bus.errors import BadRequest
@@ -374,3 +375,51 @@ async def test_a_routing_model_picks_and_the_embedding_router_stands_in_when_it_
         async with Bus.connect(slow) as bus:
             reply = await bus.gateway.discover(text=question)
         assert reply.chosen == "athena" and "gave no answer within 0.5 s" in reply.reason, reply.reason
+
+
+@pytest.mark.fast
+def test_a_line_starting_with_no_specialist_or_command_is_a_question() -> None:
+    running = ["apollo", "athena", "rhetor"]
+    for question in ("what is a mutex?", "translate hello to French", "what's the capital of France"):
+        assert unquoted_question(question, running), question
+        (stage,) = question_pipeline(question).stages
+        assert stage.targets == (Target(AUTO, 1, True),) and stage.message == question
+    for pipeline in (
+        "apollo hi",
+        "apolo hi",  # a typo of a name: the parser's error says "did you mean"
+        '"quoted question"',
+        "echo x | apollo",
+        "@auto << x",
+        "apollo,athena << x",
+        "hermes << x",  # not running, but clearly meant as a name
+        "{apollo|athena}",
+        "session new",
+        "help",
+    ):
+        assert not unquoted_question(pipeline, running), pipeline
+    assert not unquoted_question("what is a mutex?", [])  # nothing known: a pipeline, as before
+    first, second = question_pipeline("summarize this | apollo").stages
+    assert first.message == "summarize this" and str(second.targets[0]) == "apollo"
+
+
+@needs_tmux
+async def test_an_unquoted_question_at_the_repl_prompt_is_routed(settings: TektonSettings) -> None:
+    async with in_process_gateway(settings), in_process_specialists(settings, "athena", "rhetor"):
+        term = Terminal(aish_command(), child_env(settings))
+        try:
+            await term.wait_for("2 specialists")
+            term.type("what's a mutex?")
+            term.send("Enter")
+            screen = await term.wait_for("athena heard: what's a mutex?")
+            assert "syntax error" not in screen and "no specialist named" not in screen
+            assert "what's: no specialist or command of that name" in screen and "@auto -> athena" in screen
+            await term.prompt()
+            term.type("translate hello to French")
+            term.send("Enter")
+            await term.wait_for("rhetor heard: translate hello to French")
+            await term.prompt()
+            term.type("tell me about mutexes | rhetor")
+            term.send("Enter")
+            await term.wait_for("rhetor heard: athena heard: tell me about mutexes")
+        finally:
+            term.close()
