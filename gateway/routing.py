@@ -226,6 +226,9 @@ _OTHER_FUNCTION_WORDS = """
 _FUNCTION_WORDS = _STOP | frozenset(_OTHER_FUNCTION_WORDS.split())
 
 
+_UNSPACED = re.compile(r"[\u1100-\u11ff\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
 def _fold(text: str) -> str:
     """Lowercase without accents: 'intégrer' and 'integrate' should share their start."""
     decomposed = unicodedata.normalize("NFKD", text.lower())
@@ -239,6 +242,9 @@ def _grams(text: str) -> dict[int, float]:
     stems = [stem(w) for w in words]
     grams = [*stems, *(f"{a} {b}" for a, b in itertools.pairwise(stems))]
     grams += [f"{w[:_PREFIX]}-" for w in words if len(w) > _PREFIX]
+    # Chinese and Japanese put no spaces between words (a "word" here is a whole clause), and Korean
+    # glues particles on: their character pairs stand in for words.
+    grams += [w[i : i + 2] for w in words if _UNSPACED.search(w) for i in range(len(w) - 1)]
     counts: Counter[int] = Counter(zlib.crc32(g.encode()) % _HASHED for g in grams)
     norm = math.sqrt(sum(c * c for c in counts.values())) or 1.0
     return {slot: c / norm for slot, c in counts.items()}
