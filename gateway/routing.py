@@ -191,6 +191,7 @@ _EPOCHS = 200
 _RATE = 1.0
 _DECAY = 1e-4
 WORDING = 1.0  # the wording half's weight against the meaning half
+CLASSIFIER_SHARE = 0.5  # the classifier's share of a score; the vote has the rest
 # Below this similarity the nearest example is no match: the request goes to the generalist. Longer
 # requests share a smaller part of their words with any example, so they need less.
 MIN_SIMILARITY = 0.25
@@ -471,7 +472,7 @@ class Examples:
             reasons = []
             if probabilities is not None:
                 p = float(probabilities[self.names.index(name)])
-                vote = (vote + p) / 2
+                vote = (1 - CLASSIFIER_SHARE) * vote + CLASSIFIER_SHARE * p
                 if p >= 0.01:
                     reasons.append(f"classifier {p:.2f}")
             if pull > 0:
