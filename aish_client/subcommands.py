@@ -67,6 +67,8 @@ async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None, 
         caps = ", ".join(f"{c} {s:.2f}" for c, s in sorted(v.capabilities.items(), key=lambda kv: -kv[1]))
         model = model_label(v.provider, v.model)
         renderer.token(f"{v.name:<12} x{len(v.instances)} health {v.health:.2f}  {model:<{width}}  {caps}\n")
+        if v.description:  # what it is for: what text routing sends it
+            renderer.token(f"{'':<12} {v.description}\n")
         for conflict in v.conflicts:
             renderer.note(f"  {v.name}: {conflict}")
     return 0

@@ -36,7 +36,8 @@ def test_aish_runs_a_pipeline_against_specialist_processes(settings: TektonSetti
         assert piped.stdout == "athena heard: notes from stdin\n"
         listed = aish(settings, "list")
         assert listed.returncode == 0
-        assert [line.split()[0] for line in listed.stdout.splitlines()] == ["apollo", "athena"]
+        names = [line.split()[0] for line in listed.stdout.splitlines() if not line.startswith(" ")]
+        assert names == ["apollo", "athena"] and "  Knowledge: explains concepts" in listed.stdout
         assert "code-analysis 0.95" in listed.stdout
 
 
