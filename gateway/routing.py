@@ -3,8 +3,9 @@
 Ways to match text to specialists, measured by ``bench/routing.py`` on ``tests/data/routing.jsonl``
 (tuned on) and ``tests/data/routing_heldout.jsonl`` (never tuned on):
 - ``examples`` (the default): a nearest-neighbour vote over example requests each specialist
-  announces (the roster's ``examples``, its description and keywords) plus the corrections users made,
-  each represented by a WordLlama embedding joined with hashed words and word pairs.
+  announces (the roster's ``examples``, its description and keywords) plus the asking user's own
+  corrections (:class:`Learned`, per judgement), each represented by a WordLlama embedding joined with
+  hashed words and word pairs, averaged with a classifier trained on the examples.
 - ``lexical``: BM25 over each specialist's profile (description, capabilities, keywords).
 - ``embedding``: cosine similarity of WordLlama embeddings (``wordllama``: 256-dim static token
   embeddings, MIT, weights shipped inside the wheel and loaded from it with downloads disabled).
