@@ -111,6 +111,23 @@ async def test_a_full_disk_on_stdout_is_one_line(settings: TektonSettings) -> No
     assert "cannot write the answer: No space left on device" in one_line(done.stderr)
 
 
+@pytest.mark.fast
+def test_a_full_disk_under_a_subcommand_is_one_line_too() -> None:
+    """Subcommands end their errors through the same exit-code helper as the rest of aish."""
+    with open("/dev/full", "w") as full:  # `aish completion bash > /dev/full`
+        done = subprocess.run(
+            [*AISH, "completion", "bash"],
+            env=child_env(OFFLINE),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "cannot write the answer: No space left on device" in one_line(done.stderr)
+
+
 def test_a_redirect_to_an_unknown_users_home_is_one_line(settings: TektonSettings) -> None:
     done = aish(settings, "-c", "echo hello > ~nosuchuser-tekton/x")
     assert done.returncode == 1
