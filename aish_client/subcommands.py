@@ -120,7 +120,11 @@ SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs"
 
 def _settings(args: argparse.Namespace) -> TektonSettings:
     return load_settings(
-        nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+        nats_url=args.nats_url,
+        idle_timeout_s=args.idle_timeout,
+        request_timeout_s=args.timeout,
+        creds=args.creds,
+        tls_ca=args.tls_ca,
     )
 
 
