@@ -431,6 +431,71 @@ async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None
         server.stop()
 
 
+async def _tls_records_of_one_flush(bus: Bus, subject: str) -> list[int]:
+    """Publish 50 messages without a pause (nats-py's flusher then takes them all at once) and return
+    the size of each TLS record that carried them, once all 50 came back to our subscription."""
+    got: list[bytes] = []
+    all_there = anyio.Event()
+
+    async def heard(msg: nats.aio.msg.Msg) -> None:
+        got.append(msg.data)
+        if len(got) == 50:
+            all_there.set()
+
+    sub = await bus.nc.subscribe(subject, cb=heard)
+    await bus.nc.flush()
+    protocol = bus.nc._transport._io_writer.transport._ssl_protocol  # type: ignore[union-attr]
+    assert protocol.max_size == 64 * 1024  # not asyncio's 256 KiB a read (see bus.client.TlsTransport)
+    ssl_object = protocol._sslobj
+    records: list[int] = []
+    write = ssl_object.write
+
+    def counted(data: bytes) -> int:
+        records.append(len(data))
+        return int(write(data))
+
+    ssl_object.write = counted
+    try:
+        for i in range(50):
+            await bus.nc.publish(subject, f"{i:02d}".encode())
+        await bus.nc.flush()
+        with anyio.fail_after(10):
+            await all_there.wait()
+    finally:
+        ssl_object.write = write
+        await sub.unsubscribe()
+    assert got == [f"{i:02d}".encode() for i in range(50)]
+    return records
+
+
+@pytest.mark.fast
+async def test_over_tls_one_flush_of_many_publishes_is_one_tls_record(tmp_path: Path) -> None:
+    """asyncio makes a TLS record (an SSL_write) of every piece nats-py hands it, and each publish is a
+    piece: ours go out as one record per flush, also after a reconnect (bench/security.py: the CPU)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tls = certs.generate(tmp_path / "tls")
+    server = EmbeddedNats(tmp_path / "store", port=port, tls=tls)
+    server.start()
+    try:
+        settings = TektonSettings(nats_url=server.url, data_dir=tmp_path / "none", tls_ca=tls.ca)
+        one = len(b"PUB records.a 2\r\n00\r\n")
+        async with Bus.connect(settings, name="test") as bus:
+            records = await _tls_records_of_one_flush(bus, "records.a")
+            # The 50 publishes in one record (and the flush's PING in one more); before, 51 records.
+            assert len(records) <= 2 and sum(records) >= 50 * one
+            server.stop()
+            server.start()
+            await eventually(lambda: bus.nc.stats["reconnects"] == 1 and bus.nc.is_connected, within=20)
+            records = await _tls_records_of_one_flush(bus, "records.a")
+            assert len(records) <= 2 and sum(records) >= 50 * one
+    finally:
+        server.stop()
+
+
 def test_tekton_up_tls_serves_nats_and_websocket_over_tls(tmp_path: Path) -> None:
     import socket
 
