@@ -247,7 +247,6 @@ async def test_aish_fan_out_forms(settings: TektonSettings, tmp_path: Path) -> N
         assert refused.returncode == 1 and "broken.yaml" in refused.stderr and "message" in refused.stderr
 
 
-@pytest.mark.fast
 async def test_fan_out_and_aish_bulk_give_json_events_and_log_entries(
     settings: TektonSettings, tmp_path: Path
 ) -> None:

@@ -231,7 +231,6 @@ async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
         assert {(s.owner, s.id) for s in await everyone.list()} == {("alice", work.id), ("bob", mine.id)}
 
 
-@pytest.mark.fast
 async def test_an_admin_sees_every_users_sessions_in_aish_and_a_user_is_refused(
     team: Team, tmp_path: Path
 ) -> None:
