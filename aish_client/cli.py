@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -13,9 +12,10 @@ from typing import Any
 import anyio
 
 from aish_client import runs, sessions
-from aish_client.logbook import Logbook
+from aish_client.exits import EXIT_ERROR, EXIT_USAGE, HANDLED, exit_code_for, json_error
+from aish_client.logbook import Logbook, open_logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
-from aish_client.prompt_parts import UsageError, attachments, chat_options, check_model
+from aish_client.prompt_parts import attachments, chat_options, check_model
 from aish_client.render import Renderer
 from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import SUBCOMMANDS, cmd_list, run_subcommand, version
@@ -29,9 +29,6 @@ from bus.wire import ChatOptions
 
 __all__ = ["cmd_list", "main"]
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 BUILTINS = ("list", "help")
 
 
@@ -171,7 +168,7 @@ def _options(args: argparse.Namespace) -> ChatOptions:
 
 
 def logbook(settings: TektonSettings, args: argparse.Namespace) -> Logbook | None:
-    return None if getattr(args, "no_log", False) else Logbook(settings.data_dir / "logs.db")
+    return open_logbook(settings.data_dir, off=getattr(args, "no_log", False))
 
 
 def renderer_for(settings: TektonSettings, args: argparse.Namespace) -> Renderer:
@@ -216,8 +213,7 @@ async def run_once(
                 f"no complete answer within --timeout {args.timeout:g} s; stopped the request"
             )
     except BusError as err:
-        if renderer.json_events:
-            renderer.event("error", code=str(err.code), message=str(err), retryable=err.retryable)
+        json_error(renderer, err)
         raise
     return 0
 
@@ -288,37 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if attached:  # after what was piped in, as `cat x | llm -f y` does
             stdin_text = compose(stdin_text, attached)
         return anyio.run(run_once, settings, pipeline, args, stdin_text)
-    except PipelineSyntaxError as err:
-        renderer.error(err.render())
-        return EXIT_USAGE
-    except UsageError as err:
-        renderer.error(str(err))
-        return EXIT_USAGE
-    except BusError as err:
-        renderer.end_answer()
-        renderer.error(str(err))
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        renderer.end_answer()
-        renderer.error("interrupted")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`aish list | head`): stop quietly, like other Unix tools.
-        sys.stderr.close()
-        return 0
-    except OSError as err:  # stdout on a full disk (`> /dev/full`), an I/O error...
-        _silence_stdout()
-        renderer.error(f"cannot write the answer: {err.strerror or err}")
-        return EXIT_ERROR
-
-
-def _silence_stdout() -> None:
-    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
+    except HANDLED as err:
+        return exit_code_for(err, renderer)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,22 @@ from typing import Literal, TextIO
 
 from pydantic import ValidationError
 
+from aish_client.logbook import Logbook
 from aish_client.parser import Pipeline, Target
 from aish_client.render import Renderer
-from bus.bulk import BulkDone, BulkOperation, BulkPlan, OpChunk, OpEnd, OpStart
+from bus.bulk import (
+    BulkDone,
+    BulkEvent,
+    BulkOperation,
+    BulkPlan,
+    BulkStream,
+    OpChunk,
+    OpEnd,
+    OpStart,
+    OpStatus,
+    OpSummary,
+    substitute,
+)
 from bus.client import Bus
 from bus.errors import BadRequest, BusError
 from bus.wire import ChatOptions
@@ -210,17 +223,72 @@ async def run_plan(
     *,
     layout: Layout = "stacked",
     out: TextIO | None = None,
+    logbook: Logbook | None = None,
 ) -> BulkDone:
-    """Run ``plan`` through the gateway and show it; raises if any operation did not succeed."""
+    """Run ``plan`` through the gateway and show it (as --json events when the renderer takes them);
+    ``logbook`` records each operation that ran. Raises if any operation did not succeed."""
     async with bus.bulk(plan) as bulk:
-        view = FanoutView(renderer, shown, {op.id: op.ai for op in plan.operations}, layout, out)
-        async for event in bulk:
-            view.event(event)
+        specialists = {op.id: op.ai for op in plan.operations}
+        view = None if renderer.json_events else FanoutView(renderer, shown, specialists, layout, out)
+        record = _Records(plan, bulk, logbook)
+        try:
+            async for event in bulk:
+                if view is not None:
+                    view.event(event)
+                else:
+                    json_event(renderer, event)
+                if isinstance(event, OpStart):
+                    record.started.add(event.op)
+                elif isinstance(event, OpEnd):
+                    record.ended(event.result)
+        except BaseException as err:  # Ctrl-C too: what the running operations said so far is kept
+            record.unfinished(err)
+            raise
     assert bulk.done is not None
-    view.finish(bulk.done)
+    if view is not None:
+        view.finish(bulk.done)
     if bulk.done.status != "ok":
         failed = [r.op for r in bulk.done.operations if r.status != "ok"]
         raise BusError(
             f"{len(failed)} of {len(bulk.done.operations)} operations did not succeed: {', '.join(failed)}"
         )
     return bulk.done
+
+
+def json_event(renderer: Renderer, event: BulkEvent) -> None:
+    """A bulk event as a --json event (docs/aish-json.md); heartbeats are not shown."""
+    if isinstance(event, OpStart):
+        renderer.event("op_start", op=event.op, specialist=event.specialist, attempt=event.attempt)
+    elif isinstance(event, OpChunk):
+        renderer.event("op_chunk", op=event.op, text=event.text)
+    elif isinstance(event, OpEnd):
+        renderer.event("op_end", **event.result.model_dump())
+    elif isinstance(event, BulkDone):
+        operations = [r.model_dump() for r in event.operations]
+        renderer.event("bulk_done", status=event.status, total_ms=event.total_ms, operations=operations)
+
+
+class _Records:
+    """Writes each operation of a bulk request to the logbook as it ends (or is left unfinished)."""
+
+    def __init__(self, plan: BulkPlan, bulk: BulkStream, logbook: Logbook | None):
+        self.operations = {op.id: op for op in plan.operations}
+        self.bulk, self.logbook = bulk, logbook
+        self.started: set[str] = set()
+
+    def ended(self, summary: OpSummary) -> None:
+        self.started.discard(summary.op)
+        if self.logbook is None or summary.status == "skipped":  # never asked: nothing to record
+            return
+        op = self.operations[summary.op]
+        outputs = {name: self.bulk.output(name) for name in self.operations}
+        self.logbook.record_operation(
+            self.bulk.id, op, substitute(op.message, outputs), self.bulk.output(op.id), summary
+        )
+
+    def unfinished(self, err: BaseException) -> None:
+        """The operations still running when the request stopped on our side, with what they said."""
+        status: OpStatus = "failed" if isinstance(err, Exception) else "cancelled"
+        for name in sorted(self.started):
+            error = str(err) or type(err).__name__
+            self.ended(OpSummary(op=name, specialist=self.operations[name].ai, status=status, error=error))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bus.bulk import BulkOperation, OpSummary
     from bus.client import ChatStream, StreamResult
 
 SCHEMA = """
@@ -141,6 +142,31 @@ class Logbook:
             }
         )
 
+    def record_operation(
+        self, bulk_id: str, op: BulkOperation, prompt: str, answer: str, summary: OpSummary
+    ) -> None:
+        """One operation of a fan-out or `aish bulk` (the gateway reports no provider or prompt tokens
+        for them; its status is the operation's: ok, failed, timeout, cancelled)."""
+        total_ms = summary.total_ms
+        first_ms = summary.first_token_ms
+        generating_s = (total_ms - first_ms) / 1000 if total_ms is not None and first_ms is not None else 0
+        self._insert(
+            {
+                "specialist": summary.specialist,
+                "model": op.model,
+                "session": op.session,
+                "request_id": f"{bulk_id}/{op.id}",
+                "prompt": prompt,
+                "answer": answer,
+                "status": summary.status,
+                "error": summary.error,
+                "tokens_out": summary.tokens,
+                "first_token_ms": round(first_ms, 1) if first_ms is not None else None,
+                "total_ms": total_ms,
+                "tokens_per_s": round(summary.tokens / generating_s, 1) if generating_s > 0 else None,
+            }
+        )
+
     def entries(self, limit: int = 10, query: str | None = None) -> list[dict[str, Any]]:
         """The last ``limit`` entries (oldest first), those whose prompt or answer holds ``query``."""
         if not self.path.exists():
@@ -158,6 +184,11 @@ class Logbook:
                 (*params, limit),
             ).fetchall()
         return [dict(zip(COLUMNS, row, strict=True)) for row in reversed(rows)]
+
+
+def open_logbook(data_dir: Path, off: bool = False) -> Logbook | None:
+    """The data dir's logbook, or None with --no-log."""
+    return None if off else Logbook(data_dir / "logs.db")
 
 
 def as_text(entry: dict[str, Any]) -> Iterator[str]:

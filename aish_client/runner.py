@@ -73,7 +73,8 @@ async def run_pipeline(
         }
         plan, shown = plan_pipeline(pipeline, text, options, session, chosen, model)
         with ExitStack() as files:
-            await run_plan(bus, plan, shown, renderer, layout=layout, out=_open_output(pipeline, files))
+            out = _open_output(pipeline, files)
+            await run_plan(bus, plan, shown, renderer, layout=layout, out=out, logbook=logbook)
         return ""
     if not pipeline.stages:
         # `echo x > file`: nothing to ask, just write.

@@ -6,10 +6,13 @@ import argparse
 import time
 from collections.abc import Sequence
 
+from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
+from bus.auth import find_credentials
 from bus.client import Bus
-from bus.errors import BadRequest, SessionNotFound
-from bus.sessions import SESSION_ID_RE, SESSION_NAME_RE, Session
+from bus.errors import BadRequest, SessionNotFound, Unauthorized
+from bus.sessions import SESSION_ID_RE, SESSION_NAME_RE, GatewayClient, Session
+from bus.subjects import ALL_USERS
 
 NEW = object()  # `--session` given without a value
 
@@ -53,16 +56,34 @@ async def resolve(bus: Bus, ref: object, resume_last: bool, renderer: Renderer) 
     return session.id
 
 
+def everyone(bus: Bus) -> GatewayClient:
+    """The gateway as an admin sees it: every user's sessions. nats-server lets only the admin role
+    publish as ``_all``; saying so here first makes a user's refusal one clear line, not a timeout."""
+    creds = find_credentials(bus.settings.creds, bus.settings.data_dir)
+    if creds is not None and creds.role != "admin":
+        raise Unauthorized(
+            f"--all lists every user's sessions, which only an admin may see; you are {creds.user!r} "
+            f"(role {creds.role})"
+        )
+    return GatewayClient(bus.nc, bus.settings.prefix, user=ALL_USERS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aish sessions", description="Conversation sessions.")
+    every = "every user's sessions and their owners (admins only; owner '?': made before sessions had owners)"
+    parser.add_argument("--all", action="store_true", help=every)
     sub = parser.add_subparsers(dest="op")
     ls = sub.add_parser("list", help="sessions, most recently used first (the default)")
     ls.add_argument("--specialist")
     ls.add_argument("--limit", type=int, default=50)
+    # On the subcommands too (`aish sessions list --all`); SUPPRESS keeps one given before them.
+    ls.add_argument("--all", action="store_true", default=argparse.SUPPRESS, help=every)
     show = sub.add_parser("show", help="one session with its turns")
     show.add_argument("ref", metavar="ID|NAME")
+    show.add_argument("--all", action="store_true", default=argparse.SUPPRESS, help=every)
     rm = sub.add_parser("rm", help="delete a session")
     rm.add_argument("ref", metavar="ID|NAME")
+    rm.add_argument("--all", action="store_true", default=argparse.SUPPRESS, help=every)
     fork = sub.add_parser("fork", help="a new session starting from a turn of another")
     fork.add_argument("ref", metavar="ID|NAME")
     fork.add_argument("--at", type=int, help="keep the first N turns (default: all)")
@@ -80,22 +101,30 @@ def _when(ts: float) -> str:
 async def run(bus: Bus, argv: Sequence[str], renderer: Renderer) -> int:
     args = build_parser().parse_args(argv)
     op = args.op or "list"
+    if args.all and op not in ("list", "show", "rm"):
+        raise UsageError(f"--all is for list, show and rm; {op} works on your own sessions")
+    gateway = everyone(bus) if args.all else bus.gateway
     if op == "list":
-        sessions = await bus.gateway.list(
+        sessions = await gateway.list(
             specialist=getattr(args, "specialist", None), limit=args.limit if args.op else 50
         )
         if not sessions:
             renderer.note("no sessions yet: start one with aish --session NAME ...")
             return 0
-        renderer.token(f"{'ID':<32}  {'NAME':<16} {'UPDATED':<16} {'TURNS':>5}  LAST\n")
+        owner = f"{'OWNER':<16} " if args.all else ""
+        renderer.token(f"{'ID':<32}  {owner}{'NAME':<16} {'UPDATED':<16} {'TURNS':>5}  LAST\n")
         for s in sessions:
             last = s.last.replace("\n", " ")[:40]
-            renderer.token(f"{s.id:<32}  {s.name or '-':<16} {_when(s.updated):<16} {s.turns:>5}  {last}\n")
+            owner = f"{s.owner or '?':<16} " if args.all else ""
+            renderer.token(
+                f"{s.id:<32}  {owner}{s.name or '-':<16} {_when(s.updated):<16} {s.turns:>5}  {last}\n"
+            )
         return 0
     if op == "show":
-        session = await bus.gateway.get(args.ref)
+        session = await gateway.get(args.ref)
         renderer.token(
-            f"session {label(session)}  specialist {session.specialist or '-'}  "
+            (f"owner {session.owner or '?'}  " if args.all else "")
+            + f"session {label(session)}  specialist {session.specialist or '-'}  "
             f"context {session.context_window} turns  created {_when(session.created)}  "
             f"updated {_when(session.updated)}\n"
         )
@@ -107,7 +136,7 @@ async def run(bus: Bus, argv: Sequence[str], renderer: Renderer) -> int:
             renderer.token(f"[{n}] {who}{mark}: {turn.content}\n")
         return 0
     if op == "rm":
-        renderer.token(f"deleted {await bus.gateway.delete(args.ref)}\n")
+        renderer.token(f"deleted {await gateway.delete(args.ref)}\n")
         return 0
     if op == "fork":
         if args.at is not None and args.at < 0:

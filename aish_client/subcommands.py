@@ -17,7 +17,8 @@ import anyio
 
 from aish_client import runs, sessions
 from aish_client.completion import SHELLS, script
-from aish_client.logbook import Logbook, as_json, as_text
+from aish_client.exits import EXIT_ERROR, EXIT_USAGE, HANDLED, exit_code_for, json_error
+from aish_client.logbook import Logbook, as_json, as_text, open_logbook
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from aish_client.runner import DEMO_MODEL
@@ -25,10 +26,6 @@ from bus.client import Bus
 from bus.discovery import Correction
 from bus.errors import BadRequest, BusError
 from bus.settings import TektonSettings, load_settings
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def version(prog: str) -> str:
@@ -87,6 +84,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     )
     bulk.add_argument("plan", metavar="PLAN.yaml")
     bulk.add_argument("--layout", choices=["stacked", "lines"], default=None)
+    bulk.add_argument("--json", action="store_true", help="one JSON object per event (docs/aish-json.md)")
+    bulk.add_argument("--no-log", action="store_true", help="do not record the answers in the log")
     parsers["sessions"] = sessions.build_parser()
     logs = parsers["logs"] = argparse.ArgumentParser(
         prog="aish logs",
@@ -138,7 +137,11 @@ SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs"
 
 def _settings(args: argparse.Namespace) -> TektonSettings:
     return load_settings(
-        nats_url=args.nats_url, idle_timeout_s=args.idle_timeout, request_timeout_s=args.timeout
+        nats_url=args.nats_url,
+        idle_timeout_s=args.idle_timeout,
+        request_timeout_s=args.timeout,
+        creds=args.creds,
+        tls_ca=args.tls_ca,
     )
 
 
@@ -151,7 +154,7 @@ def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> i
         "list": lambda: anyio.run(
             _list, _settings(top), args.capability or top.capability, args.json or top.json
         ),
-        "bulk": lambda: anyio.run(_bulk, _settings(top), args.plan, args.layout or top.layout),
+        "bulk": lambda: anyio.run(_bulk, _settings(top), args, top),
         "sessions": lambda: anyio.run(_sessions, _settings(top), argv),
         "logs": lambda: _logs(_settings(top), args, renderer, top),
         "completion": lambda: _completion(args.shell, renderer),
@@ -166,20 +169,8 @@ def run_subcommand(name: str, argv: Sequence[str], top: argparse.Namespace) -> i
         return EXIT_USAGE
     try:
         return handlers[name]()
-    except UsageError as err:
-        renderer.error(str(err))
-        return EXIT_USAGE
-    except BusError as err:
-        renderer.end_answer()
-        renderer.error(str(err))
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        renderer.end_answer()
-        renderer.error("interrupted")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        sys.stderr.close()
-        return 0
+    except HANDLED as err:
+        return exit_code_for(err, renderer)
 
 
 async def cmd_route(bus: Bus, renderer: Renderer, text: str) -> int:
@@ -240,12 +231,21 @@ async def _list(settings: TektonSettings, capability: str | None, as_json: bool)
         return await cmd_list(bus, Renderer(), capability, as_json)
 
 
-async def _bulk(settings: TektonSettings, path: str, layout: str) -> int:
+async def _bulk(settings: TektonSettings, args: argparse.Namespace, top: argparse.Namespace) -> int:
     from aish_client.fanout import load_plan, run_plan
 
-    plan = load_plan(path)
-    async with Bus.connect(settings, name="aish") as bus:
-        await run_plan(bus, plan, [op.id for op in plan.operations], Renderer(), layout=layout)  # type: ignore[arg-type]
+    renderer = Renderer()
+    renderer.json_events = args.json or top.json
+    plan = load_plan(args.plan)
+    ops = [op.id for op in plan.operations]
+    book = open_logbook(settings.data_dir, off=args.no_log or top.no_log)
+    try:
+        async with Bus.connect(settings, name="aish") as bus:
+            layout = args.layout or top.layout
+            await run_plan(bus, plan, ops, renderer, layout=layout, logbook=book)
+    except BusError as err:
+        json_error(renderer, err)
+        raise
     return 0
 
 

@@ -5,8 +5,10 @@
 Three nats-servers in the same run: plain (no users, no TLS), users only ("auth"), and as
 `tekton up --tls` makes it ("secure": nkey users with subject permissions, TLS with tekton's CA).
 Each gets its own specialist process (`tekton specialist apollo`, scripted provider at 0 ms) and the
-same client code; they are measured in rotating rounds so machine noise hits all alike.
-Writes bench/results/security.json.
+same client code; they are measured in rotating rounds so machine noise hits all alike. Besides the
+latencies it counts CPU per sequential request in each of the three processes a request crosses (this
+client, the specialist, the nats-server): on a busy machine those ratios hold where latencies wander.
+Prints the ratios over plain in its last lines; writes bench/results/security.json.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import anyio
+from nats.aio.transport import TcpTransport
 
 from bench.common import concurrent, start_child, summary, write_results
-from bus.client import Bus
+from bench.hot_path import cpu_s
+from bus.client import Bus, TlsTransport
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
@@ -30,6 +35,8 @@ from tekton import certs
 from tekton.users import Users
 
 PROMPT = [ChatMessage(role="user", content="hello")]
+# The scripted specialist answers "apollo heard: " and the question: 202 chunks, as fast as they go.
+LONG = [ChatMessage(role="user", content=" ".join(["word"] * 200))]
 
 
 async def first_chunk(bus: Bus) -> float:
@@ -40,32 +47,89 @@ async def first_chunk(bus: Bus) -> float:
     return s.first_chunk_at - s.sent_at
 
 
-def specialist(settings: TektonSettings) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "tekton", "specialist", "apollo", "--provider", "scripted"]
+async def whole_stream(bus: Bus) -> int:
+    async with bus.stream("apollo", LONG) as s:
+        return len([t async for t in s])
+
+
+# The "tls-default" kind: TLS as asyncio does it by default, without bus.client.TlsTransport's tuning
+# (a record per publish, 256 KiB reads): the same-run baseline of that tuning.
+UNTUNE = (
+    "import bus.client as c, nats.aio.transport as t;"
+    "c.TlsTransport.writelines = t.TcpTransport.writelines; c.TlsTransport.READ_SIZE = 256 * 1024;"
+)
+
+
+def untune(bus: Bus) -> None:
+    """Undo bus.client.TlsTransport's tuning on this connection (see UNTUNE)."""
+    transport = bus.nc._transport
+    assert isinstance(transport, TlsTransport)
+    transport.__class__ = TcpTransport
+    transport._io_writer.transport._ssl_protocol.max_size = 256 * 1024  # type: ignore[union-attr]
+
+
+def specialist(settings: TektonSettings, untuned: bool = False) -> subprocess.Popen[str]:
+    run = ["-m", "tekton"]
+    if untuned:
+        run = ["-c", UNTUNE + "from tekton.cli import main; raise SystemExit(main())"]
+    argv = [sys.executable, *run, "specialist", "apollo", "--provider", "scripted"]
     argv += ["--nats", settings.nats_url, "--data-dir", str(settings.data_dir), "--log-level", "warning"]
     return start_child(argv, {"TEKTON_SCRIPTED_FIRST_TOKEN_MS": "0"}, "ready apollo")
 
 
-KINDS = ("plain", "auth", "secure")
+KINDS = ("plain", "auth", "secure", "tls-default")
 
 
-async def measure(settings: dict[str, TektonSettings], args: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    settings: dict[str, TektonSettings], pids: dict[str, dict[str, int]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``pids``: per kind, the pids of its ``specialist`` and ``server`` processes."""
     seq_n, width, rounds = (100, 100, 3) if args.quick else (1000, 100, 12)
     samples: dict[str, dict[str, list[float]]] = {k: {"seq": [], "c100": []} for k in KINDS}
+    client_cpu = dict.fromkeys(KINDS, 0.0)
     async with AsyncExitStack() as stack:
         buses = {}
         for kind in KINDS:
             buses[kind] = await stack.enter_async_context(Bus.connect(settings[kind], name=f"bench-{kind}"))
+        untune(buses["tls-default"])
         for bus in buses.values():
             for _ in range(50):  # warm up
                 await first_chunk(bus)
         # One request of each kind in turn (each going first in turn): noise from the rest of the machine
         # lands on all three alike.
+        before = {kind: {what: cpu_s(pid) for what, pid in pids[kind].items()} for kind in KINDS}
         for i in range(seq_n):
-            for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
+            for kind in KINDS[i % len(KINDS) :] + KINDS[: i % len(KINDS)]:
+                started = time.process_time()
                 samples[kind]["seq"].append(await first_chunk(buses[kind]))
+                client_cpu[kind] += time.process_time() - started
+        cpu_us = {
+            kind: {
+                "client": round(client_cpu[kind] / seq_n * 1e6, 1),
+                **{
+                    what: round((cpu_s(pid) - before[kind][what]) / seq_n * 1e6, 1)
+                    for what, pid in pids[kind].items()
+                },
+            }
+            for kind in KINDS
+        }
+        # Long answers: where TLS records per flush and read sizes count (bus.client.TlsTransport).
+        streams_n = 30 if args.quick else 300
+        stream_cpu = dict.fromkeys(KINDS, 0.0)
+        before = {kind: cpu_s(pids[kind]["specialist"]) for kind in KINDS}
+        for i in range(streams_n):
+            for kind in KINDS[i % len(KINDS) :] + KINDS[: i % len(KINDS)]:
+                started = time.process_time()
+                assert await whole_stream(buses[kind]) == 202
+                stream_cpu[kind] += time.process_time() - started
+        stream_us = {
+            kind: round(
+                (stream_cpu[kind] + cpu_s(pids[kind]["specialist"]) - before[kind]) / streams_n * 1e6, 1
+            )
+            for kind in KINDS
+        }
         for r in range(rounds):
-            for kind in KINDS[r % 3 :] + KINDS[: r % 3]:
+            for kind in KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]:
                 bus = buses[kind]
                 samples[kind]["c100"] += await concurrent(lambda b=bus: first_chunk(b), width, 1)  # type: ignore[misc]
     figures: dict[str, Any] = {
@@ -73,12 +137,15 @@ async def measure(settings: dict[str, TektonSettings], args: argparse.Namespace)
             "plain": "no users, no TLS",
             "auth": "nkey users with subject permissions, no TLS",
             "secure": "nkey users with subject permissions and TLS (tekton up --tls)",
+            "tls-default": "as secure, TLS without bus.client.TlsTransport's tuning (asyncio's defaults)",
         }
     }
     for kind, got in samples.items():
         figures[kind] = {
             "first_chunk_sequential": summary(got["seq"]),
             "first_chunk_c100": summary(got["c100"]),
+            "cpu_us_per_sequential_request": cpu_us[kind],
+            "cpu_us_per_202_chunk_stream_client_and_specialist": stream_us[kind],
         }
 
     def ratio(kind: str, what: str, stat: str) -> float:
@@ -89,8 +156,13 @@ async def measure(settings: dict[str, TektonSettings], args: argparse.Namespace)
             "sequential_p50": ratio(kind, "first_chunk_sequential", "p50_ms"),
             "sequential_p99": ratio(kind, "first_chunk_sequential", "p99_ms"),
             "c100_p99": ratio(kind, "first_chunk_c100", "p99_ms"),
+            **{
+                f"cpu_{what}": round(cpu_us[kind][what] / max(cpu_us["plain"][what], 0.1), 3)
+                for what in cpu_us[kind]
+            },
+            "cpu_202_chunk_stream": round(stream_us[kind] / stream_us["plain"], 3),
         }
-        for kind in ("auth", "secure")
+        for kind in ("auth", "secure", "tls-default")
     }
     figures["goal"] = "secure/plain <= 1.10"
     return figures
@@ -109,6 +181,9 @@ def main() -> int:
             "plain": EmbeddedNats(root / "plain" / "nats", port=0),
             "auth": EmbeddedNats(root / "secure" / "nats-auth", port=0, auth_file=users.auth_file),
             "secure": EmbeddedNats(root / "secure" / "nats", port=0, auth_file=users.auth_file, tls=tls),
+            "tls-default": EmbeddedNats(
+                root / "secure" / "nats-default", port=0, auth_file=users.auth_file, tls=tls
+            ),
         }
         children: list[subprocess.Popen[str]] = []
         try:
@@ -120,11 +195,15 @@ def main() -> int:
                 )
                 for kind, server in servers.items()
             }
-            children = [specialist(s) for s in settings.values()]
+            children = [specialist(s, untuned=kind == "tls-default") for kind, s in settings.items()]
+            pids = {
+                kind: {"specialist": child.pid, "server": servers[kind].process.pid}  # type: ignore[union-attr]
+                for kind, child in zip(KINDS, children, strict=True)
+            }
             figures: dict[str, Any] = {}
 
             async def run() -> None:
-                figures.update(await measure(settings, args))
+                figures.update(await measure(settings, pids, args))
 
             anyio.run(run)
         finally:
@@ -136,11 +215,23 @@ def main() -> int:
     path = write_results("security" + ("-quick" if args.quick else ""), figures)
     for kind in KINDS:
         seq, c100 = figures[kind]["first_chunk_sequential"], figures[kind]["first_chunk_c100"]
+        cpu = figures[kind]["cpu_us_per_sequential_request"]
+        stream = figures[kind]["cpu_us_per_202_chunk_stream_client_and_specialist"]
         print(
             f"{kind:>6}: first chunk p50 {seq['p50_ms']:.3f} ms, p99 {seq['p99_ms']:.3f} ms; "
-            f"100 at once p99 {c100['p99_ms']:.1f} ms"
+            f"100 at once p99 {c100['p99_ms']:.1f} ms; CPU per request: "
+            + ", ".join(f"{what} {us:.0f} µs" for what, us in cpu.items())
+            + f"; a 202-chunk stream: {stream:.0f} µs CPU (client + specialist)"
         )
-    print(f"over plain: {figures['over_plain']} (goal: secure <= 1.10); {path}")
+    for kind in ("auth", "secure", "tls-default"):
+        r = figures["over_plain"][kind]
+        print(
+            f"{kind}/plain: first chunk p50 {r['sequential_p50']:.2f}x, p99 {r['sequential_p99']:.2f}x, "
+            f"100 at once p99 {r['c100_p99']:.2f}x; CPU client {r['cpu_client']:.2f}x, "
+            f"specialist {r['cpu_specialist']:.2f}x, nats-server {r['cpu_server']:.2f}x; "
+            f"CPU of a 202-chunk stream {r['cpu_202_chunk_stream']:.2f}x"
+        )
+    print(f"goal: secure/plain <= 1.10; {path}")
     return 0
 
 

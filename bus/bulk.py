@@ -9,6 +9,7 @@ reads events on the inbox: ``op_start``, ``op_chunk`` (tagged with the operation
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 DAY_MS = 86_400_000
 OP_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 OpStatus = Literal["ok", "failed", "skipped", "timeout", "cancelled"]
+# ``{id}`` in an operation's message: that operation's whole output.
+REF_RE = re.compile(r"\{([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})\}")
+
+
+def substitute(message: str, outputs: dict[str, str]) -> str:
+    """An operation's message as sent: each ``{id}`` replaced by that operation's output."""
+    return REF_RE.sub(lambda m: outputs.get(m.group(1), m.group(0)), message)
 
 
 class BulkOperation(Wire):

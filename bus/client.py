@@ -29,6 +29,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
 from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -95,6 +96,34 @@ def _websocket_transport() -> None:
         import aiohttp
 
         transport.aiohttp = aiohttp
+
+
+class TlsTransport(TcpTransport):
+    """nats-py's TCP transport, tuned for asyncio's TLS layer (bench/security.py measures both):
+
+    - what nats-py's flusher gathered goes to the socket as one piece: nats-py queues every command
+      (each publish) as a piece and flushes them with ``writelines``; plain asyncio sockets join the
+      pieces, its TLS layer makes a record (an SSL_write and a record header) of each;
+    - TLS reads ask for at most 64 KiB (a TLS record holds 16 KiB): asyncio asks for 256 KiB a read,
+      and CPython allocates that much for each read (and for the empty one ending each batch) before
+      shrinking it to what came.
+    """
+
+    READ_SIZE = 64 * 1024
+
+    def writelines(self, payload: list[bytes]) -> None:
+        self.write(b"".join(payload))
+
+    async def connect_tls(self, *args: Any, **kwargs: Any) -> None:
+        await super().connect_tls(*args, **kwargs)
+        self.tune()
+
+    def tune(self) -> None:
+        """Smaller TLS reads on the connection now open (asyncio's SSLProtocol reads ``max_size``)."""
+        transport = self._io_writer.transport if self._io_writer is not None else None
+        protocol = getattr(transport, "_ssl_protocol", None)
+        if protocol is not None and getattr(protocol, "max_size", 0) > self.READ_SIZE:
+            protocol.max_size = self.READ_SIZE
 
 
 async def connect(
@@ -180,6 +209,12 @@ async def connect(
     finally:
         if not connecting.done():  # we were cancelled while connecting
             connecting.cancel()
+    transport = nc._transport
+    if tls is not None and type(transport) is TcpTransport:
+        # nats-py keeps this transport object for its reconnects, which then go through ours too.
+        transport.__class__ = TlsTransport
+        assert isinstance(transport, TlsTransport)
+        transport.tune()
     # ...and once connected, ride out server restarts by reconnecting forever.
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5

@@ -26,6 +26,7 @@ from bus.errors import (
     MalformedFrame,
     SessionNotFound,
     SpecialistUnavailable,
+    Unauthorized,
     from_wire,
 )
 from bus.subjects import ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
@@ -305,10 +306,21 @@ class GatewayClient:
         except nats.errors.NoRespondersError:
             raise GatewayUnavailable() from None
         except nats.errors.TimeoutError:
+            refused = self._refused(subject or session_subject(op, self.prefix, self.user))
+            if refused is not None:
+                raise refused from None
             raise GatewayUnavailable(
                 f"the gateway did not answer '{op}' within {timeout:g} s", retryable=True
             ) from None
         return decode_reply(msg.data)
+
+    def _refused(self, subject: str) -> Unauthorized | None:
+        """The server's refusal to let us publish to ``subject``, when that is why nobody answered
+        (nats-server says so only in an async -ERR, which nats-py keeps as the last error)."""
+        said = str(getattr(self.nc, "last_error", None) or "").lower()
+        if "permissions violation" in said and subject.lower() in said:
+            return Unauthorized(f"the nats-server refused: your credentials may not publish to {subject}")
+        return None
 
     async def create(
         self,

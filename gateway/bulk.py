@@ -7,7 +7,6 @@ Partial success is a result: a failed operation skips only what depends on it.
 from __future__ import annotations
 
 import difflib
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -18,6 +17,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from bus.bulk import (
+    REF_RE,
     BulkDone,
     BulkHeartbeat,
     BulkOperation,
@@ -27,6 +27,7 @@ from bus.bulk import (
     OpStatus,
     OpSummary,
     encode_op_chunk,
+    substitute,
 )
 from bus.client import Bus, ChatStream
 from bus.errors import BadRequest, BusError
@@ -34,8 +35,6 @@ from bus.subjects import ANONYMOUS, NAME_RE, cancel_subject
 from bus.wire import ChatMessage, ChatRequest, encode
 
 log = structlog.get_logger("tekton.gateway.bulk")
-
-_REF_RE = re.compile(r"\{([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})\}")
 
 # (session ref, specialist, request) -> (a stream to read, a coroutine storing (answer, status, error))
 StoreAnswer = Callable[[str, str, str], Awaitable[Any]]
@@ -47,7 +46,7 @@ def dependencies(operations: list[BulkOperation]) -> dict[str, set[str]]:
     ids = {op.id for op in operations}
     graph: dict[str, set[str]] = {}
     for op in operations:  # a duplicated id (an error anyway) gets the union, so no cycle hides
-        refs = {ref for ref in _REF_RE.findall(op.message) if ref in ids and ref != op.id}
+        refs = {ref for ref in REF_RE.findall(op.message) if ref in ids and ref != op.id}
         graph.setdefault(op.id, set()).update(op.depends_on, refs)
     return graph
 
@@ -114,10 +113,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 path.append(child)
                 stack.append((child, iter(sorted(graph[child]))))
     return None
-
-
-def substitute(message: str, outputs: dict[str, str]) -> str:
-    return _REF_RE.sub(lambda m: outputs.get(m.group(1), m.group(0)), message)
 
 
 class BulkRun:

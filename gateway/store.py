@@ -64,12 +64,16 @@ def bucket_name(prefix: str) -> str:
 
 
 async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) -> KeyValue:
-    """The sessions bucket, created if missing. An existing bucket keeps its own settings."""
+    """The sessions bucket, created if missing. An existing bucket takes the configured TTL; its other
+    settings stay as they are."""
     name = bucket_name(prefix)
     try:
-        return await js.key_value(name)
+        kv = await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         pass
+    else:
+        await _keep_ttl(js, name, limits.ttl_s)
+        return kv
     config = KeyValueConfig(
         bucket=name,
         description="Tekton conversation sessions",
@@ -84,6 +88,19 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         return await js.create_key_value(config)
     except nats.js.errors.BadRequestError:  # another replica created it at the same moment
         return await js.key_value(name)
+
+
+async def _keep_ttl(js: JetStreamContext, bucket: str, ttl_s: float) -> None:
+    """Give an existing bucket the configured TTL (its stream's max_age): a TTL set in config.toml or
+    TEKTON_SESSION_TTL_S applies at the next gateway start, not only to a bucket made from scratch."""
+    info = await js.stream_info(f"KV_{bucket}")
+    had = info.config.max_age or 0.0
+    if abs(had - ttl_s) < 0.001:
+        return
+    # As nats-py creates a bucket: the duplicate window is 2 minutes, at most the TTL.
+    window = min(120.0, ttl_s) if ttl_s else 120.0
+    await js.update_stream(info.config, max_age=ttl_s, duplicate_window=window)
+    log.info("sessions bucket TTL updated", bucket=bucket, was_s=had, ttl_s=ttl_s)
 
 
 async def _leader_write(write: Callable[[], Awaitable[int]]) -> int:

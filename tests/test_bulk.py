@@ -19,6 +19,7 @@ from bus.subjects import bulk_subject
 from gateway.bulk import validate
 from tests.helpers import (
     AISH,
+    aish,
     child_env,
     env,
     eventually,
@@ -244,6 +245,55 @@ async def test_aish_fan_out_forms(settings: TektonSettings, tmp_path: Path) -> N
         broken.write_text("operations: [{id: 'bad id!', ai: apollo}]\n")
         refused = await run_aish(settings, "bulk", str(broken))
         assert refused.returncode == 1 and "broken.yaml" in refused.stderr and "message" in refused.stderr
+
+
+async def test_fan_out_and_aish_bulk_give_json_events_and_log_entries(
+    settings: TektonSettings, tmp_path: Path
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "operations:\n"
+        "  - {id: draft, ai: apollo, message: 'write it'}\n"
+        "  - {id: check, ai: athena, message: 'check: {draft}'}\n"
+    )
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("operations: [{id: x, ai: rhetor, message: 'hi'}]\n")
+    async with in_process_gateway(settings), in_process_specialists(settings, "apollo", "athena"):
+        fan = await run_aish(settings, "--json", "-c", 'apollo,athena << "fan question"')
+        ran = await run_aish(settings, "bulk", str(plan), "--json")
+        quiet = await run_aish(settings, "bulk", "--no-log", str(plan))
+        refused = await run_aish(settings, "--json", "bulk", str(missing))
+    assert fan.returncode == 0, fan.stderr
+    events = [json.loads(line) for line in fan.stdout.splitlines()]  # nothing but JSON on stdout
+    assert sorted(e["op"] for e in events if e["event"] == "op_start") == ["apollo", "athena"]
+    for name in ("apollo", "athena"):
+        said = "".join(e["text"] for e in events if e["event"] == "op_chunk" and e["op"] == name)
+        assert said == f"{name} heard: fan question"
+        (end,) = [e for e in events if e["event"] == "op_end" and e["op"] == name]
+        assert end["specialist"] == name and end["status"] == "ok" and end["tokens"] == 4
+    assert events[-1]["event"] == "bulk_done" and events[-1]["status"] == "ok"
+    assert sorted(r["op"] for r in events[-1]["operations"]) == ["apollo", "athena"]
+    assert ran.returncode == 0, ran.stderr
+    bulk_events = [json.loads(line) for line in ran.stdout.splitlines()]
+    check = "".join(e["text"] for e in bulk_events if e["event"] == "op_chunk" and e["op"] == "check")
+    assert check == "athena heard: check: apollo heard: write it"
+    assert quiet.returncode == 0 and "── draft ──" in quiet.stdout
+    assert refused.returncode == 1
+    error = json.loads(refused.stdout.splitlines()[-1])
+    assert error["event"] == "error" and "rhetor" in error["message"]
+    # Every operation that ran is in the log (the --no-log run is not), its prompt as it was sent.
+    logged = aish(settings, "logs", "-n", "10", "--json")
+    entries = [json.loads(line) for line in logged.stdout.splitlines()]
+    rows = [(e["specialist"], e["prompt"], e["answer"], e["status"], e["tokens_out"]) for e in entries]
+    assert sorted(rows[:2]) == [  # the two answers of the fan-out, in the order they ended
+        ("apollo", "fan question", "apollo heard: fan question", "ok", 4),
+        ("athena", "fan question", "athena heard: fan question", "ok", 4),
+    ]
+    assert rows[2:] == [
+        ("apollo", "write it", "apollo heard: write it", "ok", 4),
+        ("athena", "check: apollo heard: write it", "athena heard: check: apollo heard: write it", "ok", 7),
+    ]
+    assert "> check: apollo heard: write it" in aish(settings, "logs", "-n", "1").stdout
 
 
 async def test_fan_out_in_a_session_records_every_operation(settings: TektonSettings) -> None:

@@ -101,10 +101,18 @@ async def test_local_model_answers_a_long_prompt(settings: TektonSettings) -> No
         path = bundled_model_path()
         assert path is not None
         vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
-        assert len(vocab.tokenize(LONG_PROMPT.encode())) >= 500
+        asked = len(vocab.tokenize(LONG_PROMPT.encode()))
+        assert asked >= 500
         result = await bus.ask("apollo", LONG_PROMPT, ChatOptions(max_tokens=16))
         assert result.done.usage.completion_tokens >= 1
         assert result.text.strip()
+        # The model's own prompt count (the footer's and `aish usage`'s "in"): the question, the
+        # persona and the chat template's tokens, which a short question then does not have.
+        prompt_tokens = result.done.usage.prompt_tokens
+        assert prompt_tokens is not None and asked < prompt_tokens < asked + 300
+        short = await bus.ask("apollo", "Hi.", ChatOptions(max_tokens=4))
+        assert short.done.usage.prompt_tokens is not None
+        assert prompt_tokens - short.done.usage.prompt_tokens >= asked - 10
 
 
 @pytest.mark.anyio

@@ -90,23 +90,32 @@ def test_tekton_up_with_a_missing_api_key_is_one_line(settings: TektonSettings, 
     assert line.startswith("tekton: ") and f"TEKTON_{provider.upper()}_API_KEY" in line
 
 
+def into_full_disk(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`aish ARGS > /dev/full`"""
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [*AISH, *args],
+            env=child_env(settings),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
+
+
 @pytest.mark.anyio
 async def test_a_full_disk_on_stdout_is_one_line(settings: TektonSettings) -> None:
-    def ask() -> subprocess.CompletedProcess[str]:
-        # `aish apollo hi > /dev/full`
-        with open("/dev/full", "w") as full:
-            return subprocess.run(
-                [*AISH, "apollo", "hi"],
-                env=child_env(settings),
-                stdout=full,
-                stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                timeout=60,
-            )
-
     async with in_process_specialists(settings, "apollo"):
-        done = await anyio.to_thread.run_sync(ask)
+        done = await anyio.to_thread.run_sync(into_full_disk, settings, "apollo", "hi")
+    assert done.returncode == 1
+    assert "cannot write the answer: No space left on device" in one_line(done.stderr)
+
+
+@pytest.mark.fast
+def test_a_full_disk_under_a_subcommand_is_one_line_too() -> None:
+    """Subcommands end their errors through the same exit-code helper as the rest of aish."""
+    done = into_full_disk(OFFLINE, "completion", "bash")
     assert done.returncode == 1
     assert "cannot write the answer: No space left on device" in one_line(done.stderr)
 

@@ -20,13 +20,14 @@ from specialists.providers import (
     SharedResources,
     create_provider,
 )
-from specialists.providers.base import ProviderError
+from specialists.providers.base import ModelMissing, ProviderError
 from tests.helpers import in_process_specialists
 
 pytestmark = pytest.mark.anyio
 
 WORDS = ["Queue ", "groups ", "share ", "work."]
 SEEN = web.AppKey("seen", list)
+NO_SUCH_MODEL = "no-such-model"
 
 
 def _sse(event: str | None, data: Any) -> bytes:
@@ -41,6 +42,8 @@ async def openai_chat(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"error": {"message": "bad key", "type": "invalid_request_error"}}, status=401
         )
+    if (await request.json())["model"] == NO_SUCH_MODEL:
+        return web.json_response({"error": {"message": "no such model", "type": "not_found"}}, status=404)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
@@ -73,6 +76,10 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     if key != "good-key":
         return web.json_response(
             {"type": "error", "error": {"type": "authentication_error", "message": "bad key"}}, status=401
+        )
+    if (await request.json())["model"] == NO_SUCH_MODEL:
+        return web.json_response(
+            {"type": "error", "error": {"type": "not_found_error", "message": "no such model"}}, status=404
         )
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -181,6 +188,24 @@ async def test_wrong_key_and_unreachable_server_are_clear(http_server, name: str
     finally:
         await provider.aclose()
         await unreachable.aclose()
+
+
+@pytest.mark.parametrize(("name", "base_suffix"), [("openai", "/v1"), ("anthropic", "")])
+async def test_both_sdks_errors_map_alike(http_server, name: str, base_suffix: str) -> None:  # type: ignore[no-untyped-def]
+    """One mapping (specialists/providers/base.api_error) for both SDKs: a model the server lacks is
+    ModelMissing, any other refusal a ProviderError naming the server and its status."""
+    url, _ = http_server
+    lacking = _provider(name, base_url=url + base_suffix, api_key="good-key", model=NO_SUCH_MODEL)
+    nowhere = _provider(name, base_url=url + "/nowhere", api_key="good-key", model="m")
+    try:
+        with pytest.raises(ModelMissing, match=f"has no model '{NO_SUCH_MODEL}'") as missing:
+            [c async for c in lacking.stream([ChatMessage(role="user", content="x")], ChatOptions())]
+        assert url in str(missing.value)
+        with pytest.raises(ProviderError, match=f"{url}/nowhere answered 404"):
+            await type(nowhere).list_models(nowhere.options)
+    finally:
+        await lacking.aclose()
+        await nowhere.aclose()
 
 
 @pytest.mark.parametrize("name", ["openai", "anthropic"])

@@ -25,7 +25,7 @@ from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus, connect
 from bus.errors import BadRequest, BusError, NatsUnavailable, SessionNotFound
 from bus.server import EmbeddedNats
-from bus.sessions import SessionChat
+from bus.sessions import Session, SessionChat
 from bus.settings import TektonSettings
 from bus.subjects import ALL_USERS
 from bus.wire import ChatMessage, ChatRequest, DoneFrame
@@ -33,6 +33,7 @@ from gateway.runtime import serve_gateway
 from tekton import certs
 from tekton.users import Users
 from tests.helpers import (
+    AISH,
     aish,
     child_env,
     env,
@@ -230,6 +231,73 @@ async def test_sessions_belong_to_who_made_them(team: Team, bob: Raw) -> None:
         assert {(s.owner, s.id) for s in await everyone.list()} == {("alice", work.id), ("bob", mine.id)}
 
 
+async def test_an_admin_sees_every_users_sessions_in_aish_and_a_user_is_refused(
+    team: Team, tmp_path: Path
+) -> None:
+    def sessions(who: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+        creds = {"TEKTON_CREDS": str(who.creds)} if who.creds else {}
+        return subprocess.run(
+            [*AISH, "sessions", *args],
+            env=child_env(team.services, **creds),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    async def run(who: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+        return await anyio.to_thread.run_sync(lambda: sessions(who, *args))
+
+    # Bob's credentials with "admin" written into the file: aish believes it, nats-server does not.
+    forged = tmp_path / "forged.creds"
+    text = await anyio.Path(str(team.bob.creds)).read_text()
+    await anyio.Path(forged).write_text(text.replace('role = "user"', 'role = "admin"'))
+    async with (
+        in_process_gateway(team.services) as gateway,
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bob,
+    ):
+        work = await alice.gateway.create(name="work")
+        bobs = await bob.gateway.create(name="plans")
+        # A session kept before sessions had owners (its owner is empty), as an older gateway stored it.
+        legacy = await gateway.store.create(Session(name="legacy"))
+        everyone = await run(team.admin, "--all")
+        shown = await run(team.admin, "show", "--all", "legacy")
+        listed = await run(team.admin, "list", "--all")
+        own = await run(team.alice)
+        refused = await run(team.bob, "--all")
+        refused_show = await run(team.bob, "show", "--all", "work")
+        misused = await run(team.admin, "--all", "rename", "work", "x")
+        by_server = await run(team.bob.model_copy(update={"creds": forged}), "--all")
+        removed = await run(team.admin, "rm", "--all", legacy.id)
+        assert await alice.gateway.find("work") is not None  # alice is unaffected
+    assert everyone.returncode == 0, everyone.stderr
+    header, *rows = everyone.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "OWNER", "NAME"]
+    assert {tuple(row.split()[:3]) for row in rows} == {
+        (work.id, "alice", "work"),
+        (bobs.id, "bob", "plans"),
+        (legacy.id, "?", "legacy"),
+    }
+    assert listed.stdout == everyone.stdout
+    assert shown.returncode == 0 and shown.stdout.startswith(f"owner ?  session 'legacy' ({legacy.id})")
+    assert own.returncode == 0 and work.id in own.stdout and "OWNER" not in own.stdout
+    assert legacy.id not in own.stdout and bobs.id not in own.stdout
+    for no in (refused, refused_show):
+        assert no.returncode == 1 and no.stdout == ""
+        assert no.stderr.strip().splitlines() == [
+            "aish: --all lists every user's sessions, which only an admin may see; you are 'bob' (role user)"
+        ]
+    assert misused.returncode == 2 and "--all is for list, show and rm" in misused.stderr
+    # The server is what refuses: forged credentials get its refusal, not the sessions.
+    assert by_server.returncode == 1 and by_server.stdout == ""
+    assert by_server.stderr.strip().splitlines()[-1] == (
+        f"aish: the nats-server refused: your credentials may not publish to tekton.gateway.{ALL_USERS}"
+        ".session.list"
+    )
+    assert removed.returncode == 0 and f"deleted {legacy.id}" in removed.stdout
+
+
 @pytest.mark.fast
 async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
@@ -358,6 +426,71 @@ async def test_tls_is_verified_and_a_wrong_ca_is_refused(tmp_path: Path) -> None
             async with Bus.connect(wrong, name="test"):
                 pass
         assert "TLS handshake failed" in str(refused.value)
+    finally:
+        server.stop()
+
+
+async def _tls_records_of_one_flush(bus: Bus, subject: str) -> list[int]:
+    """Publish 50 messages without a pause (nats-py's flusher then takes them all at once) and return
+    the size of each TLS record that carried them, once all 50 came back to our subscription."""
+    got: list[bytes] = []
+    all_there = anyio.Event()
+
+    async def heard(msg: nats.aio.msg.Msg) -> None:
+        got.append(msg.data)
+        if len(got) == 50:
+            all_there.set()
+
+    sub = await bus.nc.subscribe(subject, cb=heard)
+    await bus.nc.flush()
+    protocol = bus.nc._transport._io_writer.transport._ssl_protocol  # type: ignore[union-attr]
+    assert protocol.max_size == 64 * 1024  # not asyncio's 256 KiB a read (see bus.client.TlsTransport)
+    ssl_object = protocol._sslobj
+    records: list[int] = []
+    write = ssl_object.write
+
+    def counted(data: bytes) -> int:
+        records.append(len(data))
+        return int(write(data))
+
+    ssl_object.write = counted
+    try:
+        for i in range(50):
+            await bus.nc.publish(subject, f"{i:02d}".encode())
+        await bus.nc.flush()
+        with anyio.fail_after(10):
+            await all_there.wait()
+    finally:
+        ssl_object.write = write
+        await sub.unsubscribe()
+    assert got == [f"{i:02d}".encode() for i in range(50)]
+    return records
+
+
+@pytest.mark.fast
+async def test_over_tls_one_flush_of_many_publishes_is_one_tls_record(tmp_path: Path) -> None:
+    """asyncio makes a TLS record (an SSL_write) of every piece nats-py hands it, and each publish is a
+    piece: ours go out as one record per flush, also after a reconnect (bench/security.py: the CPU)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tls = certs.generate(tmp_path / "tls")
+    server = EmbeddedNats(tmp_path / "store", port=port, tls=tls)
+    server.start()
+    try:
+        settings = TektonSettings(nats_url=server.url, data_dir=tmp_path / "none", tls_ca=tls.ca)
+        one = len(b"PUB records.a 2\r\n00\r\n")
+        async with Bus.connect(settings, name="test") as bus:
+            records = await _tls_records_of_one_flush(bus, "records.a")
+            # The 50 publishes in one record (and the flush's PING in one more); before, 51 records.
+            assert len(records) <= 2 and sum(records) >= 50 * one
+            server.stop()
+            server.start()
+            await eventually(lambda: bus.nc.stats["reconnects"] == 1 and bus.nc.is_connected, within=20)
+            records = await _tls_records_of_one_flush(bus, "records.a")
+            assert len(records) <= 2 and sum(records) >= 50 * one
     finally:
         server.stop()
 

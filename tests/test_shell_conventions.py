@@ -223,6 +223,27 @@ async def test_sessions_last_until_deleted_by_default(settings: TektonSettings) 
     assert not status.ttl  # max_age 0: no expiry
 
 
+@pytest.mark.fast
+async def test_an_existing_sessions_bucket_takes_the_configured_ttl(settings: TektonSettings) -> None:
+    async def bucket_ttl(ttl_s: float) -> float:
+        """Start a gateway configured with ``ttl_s``; the TTL the bucket then has (max_age, seconds)."""
+        async with (
+            in_process_gateway(settings.model_copy(update={"session_ttl_s": ttl_s})),
+            Bus.connect(settings) as bus,
+        ):
+            if await bus.gateway.find("kept") is None:
+                await bus.gateway.create(name="kept")
+            kv = await bus.nc.jetstream().key_value("tekton_sessions")
+            return (await kv.status()).ttl or 0.0
+
+    assert await bucket_ttl(0) == 0
+    assert await bucket_ttl(3600) == 3600  # the bucket was made without one: it takes the new TTL
+    assert await bucket_ttl(30) == 30
+    assert await bucket_ttl(0) == 0  # and back to "until deleted"
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        assert (await bus.gateway.get("kept")).name == "kept"  # nothing stored was lost on the way
+
+
 def test_tekton_up_logs_to_a_file_not_into_the_command(settings: TektonSettings) -> None:
     up = run(
         [*TEKTON, "up", "--provider", "scripted", "--log-level", "info", "--", *AISH, "-c", 'athena "hi"'],

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.wire import ChatMessage, ChatOptions, Usage
-from specialists.providers.base import ApiKeyMissing, ProviderContext, ProviderError, ProviderUnavailable
+from specialists.providers.base import ApiKeyMissing, ProviderContext, api_error
 
 
 class AnthropicOptions(BaseSettings):
@@ -58,10 +58,8 @@ class AnthropicProvider:
         client = cls.client(options)
         try:
             return sorted([m.id async for m in client.models.list()])
-        except anthropic.APIConnectionError as err:
-            raise ProviderUnavailable(f"cannot reach {options.base_url or 'the Anthropic API'}") from err
-        except anthropic.APIStatusError as err:
-            raise ProviderError(f"Anthropic answered {err.status_code}: {err.message}") from err
+        except anthropic.APIError as err:
+            raise api_error(anthropic, err, options.base_url or "the Anthropic API") from err
         finally:
             await client.close()
 
@@ -86,13 +84,8 @@ class AnthropicProvider:
                 yield Usage(
                     prompt_tokens=final.usage.input_tokens, completion_tokens=final.usage.output_tokens
                 )
-        except anthropic.APIConnectionError as err:
-            where = self.options.base_url or "the Anthropic API"
-            raise ProviderUnavailable(f"cannot reach {where}") from err
-        except anthropic.AuthenticationError as err:
-            raise ApiKeyMissing(f"Anthropic refused the API key: {err.message}") from err
-        except anthropic.APIStatusError as err:
-            raise ProviderError(f"Anthropic answered {err.status_code}: {err.message}") from err
+        except anthropic.APIError as err:
+            raise api_error(anthropic, err, self.options.base_url or "the Anthropic API", self.model) from err
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
 from pydantic import ValidationError
@@ -36,6 +37,21 @@ class ApiKeyMissing(ProviderError):
 class ProviderUnavailable(ProviderError):
     code = ErrorCode.PROVIDER_UNAVAILABLE
     retryable = True
+
+
+def api_error(sdk: ModuleType, err: Exception, where: str, model: str | None = None) -> ProviderError:
+    """The error to raise for an exception of the openai or anthropic SDK (both have the same error
+    classes): ``where`` names the server, ``model`` the model asked for (a 404 then means it has none)."""
+    message = getattr(err, "message", str(err))
+    if isinstance(err, sdk.APIConnectionError):
+        return ProviderUnavailable(f"cannot reach {where}")
+    if isinstance(err, sdk.AuthenticationError):
+        return ApiKeyMissing(f"{where} refused the API key: {message}")
+    if model is not None and isinstance(err, sdk.NotFoundError):
+        return ModelMissing(f"{where} has no model {model!r} ({message}); `tekton models` lists what it has")
+    if isinstance(err, sdk.APIStatusError):
+        return ProviderError(f"{where} answered {err.status_code}: {message}")
+    return ProviderError(f"{where}: {message}")
 
 
 @dataclass

@@ -8,7 +8,7 @@ requests fail (with a clear error) and the specialist starts a new one.
 Frames both ways are msgpack maps behind a 4-byte big-endian length:
 - in:  ``{"op": "gen", "id", "messages", "kwargs"}``, ``{"op": "cancel", "id"}``
 - out: ``{"op": "ready", "model"}`` once loaded (or ``{"op": "failed", "message"}`` and exit 1), then per
-  request ``{"op": "text", "id", "text"}``... and one ``{"op": "end", "id", "tokens"}`` or
+  request ``{"op": "text", "id", "text"}``... and one ``{"op": "end", "id", "tokens", "prompt_tokens"}`` or
   ``{"op": "error", "id", "message"}``.
 
 Requests are served one at a time, in order (one llama.cpp context is not reentrant); a cancel stops the
@@ -72,7 +72,20 @@ def load(config: dict[str, Any]) -> Any:
 
         low_level.llama_model_default_params = without_extra_bufts
 
-    return llama_cpp.Llama(
+    class CountingLlama(llama_cpp.Llama):
+        """Remembers how many tokens the last prompt had: a streamed chat completion reports no usage,
+        but its chat handler passes the formatted prompt to create_completion as tokens."""
+
+        prompt_tokens: int | None = None
+
+        def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(prompt, list):
+                self.prompt_tokens = len(prompt)
+            else:
+                self.prompt_tokens = len(self.tokenize(prompt.encode("utf-8"), special=True))
+            return super().create_completion(prompt, *args, **kwargs)
+
+    return CountingLlama(
         model_path=config["model_path"],
         n_ctx=config["n_ctx"],
         n_threads=config["threads"] or os.cpu_count() or 2,
@@ -111,6 +124,7 @@ class Worker:
         while (request := self.requests.get()) is not None:
             request_id = request["id"]
             tokens = 0
+            self.llm.prompt_tokens = None
             try:
                 if not self.is_cancelled(request_id):
                     parts = self.llm.create_chat_completion(
@@ -126,7 +140,9 @@ class Worker:
             except Exception as err:  # a bad request is that request's error, not the worker's end
                 self.send({"op": "error", "id": request_id, "message": f"{type(err).__name__}: {err}"})
             else:
-                self.send({"op": "end", "id": request_id, "tokens": tokens})
+                self.send(
+                    {"op": "end", "id": request_id, "tokens": tokens, "prompt_tokens": self.llm.prompt_tokens}
+                )
             with self.lock:
                 self.cancelled.discard(request_id)
 

@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.errors import ErrorCode
 from bus.signals import describe_exit
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ModelMissing, ProviderContext, ProviderError
 from specialists.providers.llama_worker import cpu_advertises_amx, pack_frame
 
@@ -169,7 +169,9 @@ class ModelProcess:
         log.error("model process died", specialist=self.specialist, pid=process.pid, how=how)
         return ModelCrashed(f"{self.specialist}'s model process died: {how}; it restarts on the next request")
 
-    async def generate(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> AsyncIterator[str]:
+    async def generate(
+        self, messages: list[dict[str, str]], kwargs: dict[str, Any]
+    ) -> AsyncIterator[str | Usage]:
         async with self._lock:
             await self._ensure_running()
             request_id = uuid.uuid4().hex
@@ -183,6 +185,8 @@ class ModelProcess:
                         yield frame["text"]
                     elif frame["op"] == "end":
                         finished = True
+                        if (prompt := frame.get("prompt_tokens")) is not None:  # the model's own counts
+                            yield Usage(prompt_tokens=prompt, completion_tokens=frame["tokens"])
                         return
                     else:
                         finished = True
@@ -262,7 +266,9 @@ class LocalProvider:
         path = options.model_path or bundled_model_path()
         return [str(path)] if path is not None else []
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         payload = [{"role": m.role, "content": m.content} for m in messages]
         kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or 256}
         for key in ("temperature", "top_p", "repeat_penalty", "seed"):

@@ -18,13 +18,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.wire import ChatMessage, ChatOptions, Usage
-from specialists.providers.base import (
-    ApiKeyMissing,
-    ModelMissing,
-    ProviderContext,
-    ProviderError,
-    ProviderUnavailable,
-)
+from specialists.providers.base import ApiKeyMissing, ModelMissing, ProviderContext, api_error
 
 OPENAI_API = "https://api.openai.com/v1"
 # What the client sends to servers that ignore keys (it insists on one).
@@ -95,10 +89,8 @@ class OpenAIProvider:
         client = cls.client(options)
         try:
             return sorted([m.id async for m in client.models.list()])
-        except openai.APIConnectionError as err:
-            raise ProviderUnavailable(f"nothing answers at {options.base_url}") from err
-        except openai.APIStatusError as err:
-            raise ProviderError(f"{options.base_url} answered {err.status_code}: {err.message}") from err
+        except openai.APIError as err:
+            raise api_error(openai, err, options.base_url) from err
         finally:
             await client.close()
 
@@ -132,23 +124,9 @@ class OpenAIProvider:
                             prompt_tokens=event.usage.prompt_tokens,
                             completion_tokens=event.usage.completion_tokens,
                         )
-        except openai.APIConnectionError as err:
-            raise ProviderUnavailable(
-                f"cannot reach the OpenAI-compatible server at {self.options.base_url}"
-            ) from err
-        except openai.AuthenticationError as err:
-            raise ApiKeyMissing(
-                f"the server at {self.options.base_url} refused the API key: {err.message}"
-            ) from err
-        except openai.NotFoundError as err:
-            raise ModelMissing(
-                f"{self.options.base_url} has no model {self.model!r} ({err.message}); `tekton models` "
-                "lists what it has"
-            ) from err
-        except openai.APIStatusError as err:
-            raise ProviderError(
-                f"OpenAI-compatible server answered {err.status_code}: {err.message}"
-            ) from err
+        except openai.APIError as err:
+            where = f"the OpenAI-compatible server at {self.options.base_url}"
+            raise api_error(openai, err, where, self.model) from err
 
     async def aclose(self) -> None:
         await self._client.close()
