@@ -11,6 +11,7 @@ from typing import TextIO
 from aish_client import routes
 from aish_client.fanout import Layout, plan_pipeline, run_plan
 from aish_client.logbook import Logbook
+from aish_client.oneshot import DEMO_MODEL, DEMO_NOTE, compose
 from aish_client.parser import AUTO, Pipeline, Target
 from aish_client.render import Renderer
 from bus.client import Bus, ChatStream, StreamResult
@@ -18,15 +19,7 @@ from bus.errors import BusError
 from bus.failover import open_first
 from bus.wire import ChatMessage, ChatOptions, StartFrame
 
-# The bundled demo model (local provider): answers say so once (see _demo_note).
-DEMO_MODEL = "SmolLM2-135M"
-DEMO_NOTE = "SmolLM2-135M demo model: set a real model with -m or in config.toml (tekton models lists them)"
-
-
-def compose(message: str | None, piped: str | None) -> str:
-    """A stage's prompt: its own message, then the text piped into it."""
-    parts = [p for p in (message, piped) if p]
-    return "\n\n".join(parts)
+__all__ = ["DEMO_MODEL", "DEMO_NOTE", "compose", "run_pipeline"]
 
 
 async def choose(bus: Bus, target: Target, text: str, renderer: Renderer) -> list[str]:

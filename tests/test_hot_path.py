@@ -144,7 +144,7 @@ def test_one_shot_aish_imports_no_repl_rich_web_or_server_stack() -> None:
 async def test_nats_over_websocket_still_works_after_aish_kept_aiohttp_out(tmp_path: Path) -> None:
     """aish imports nats without aiohttp; connecting to a ws:// URL brings it in."""
     code = (
-        "import aish_client, sys, anyio\n"
+        "import aish_client.lean_imports, sys, anyio\n"
         "from bus.client import connect\n"
         "assert 'aiohttp' not in sys.modules\n"
         "async def main():\n"
