@@ -403,7 +403,7 @@ def ask(a: Ask, settings: Settings, stdin_text: str | None) -> int:
                     a.system,
                     cast(Any, answer),
                     None,
-                    failure,
+                    err,  # a deadline is logged as the interruption it is
                 )
             if isinstance(failure, BusError):
                 if a.json:
