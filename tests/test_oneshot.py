@@ -30,6 +30,7 @@ from bus.settings import TektonSettings
 from tekton import certs
 from tekton.users import Users, new_credentials
 from tests.helpers import child_env, spawn, specialist_process
+from tests.test_hot_path import LIGHT_PATH_NEVER
 
 # Runs `aish ARGS` as the console script does, then notes which path answered in $AISH_PATH_MARK.
 WRAP = (
@@ -304,3 +305,21 @@ async def test_what_the_light_path_does_not_do_goes_to_the_full_client(
         )
     )
     assert done.returncode == 1 and re.match(r"aish: bad setting max_concurrency: ", done.stderr), done.stderr
+
+
+async def test_a_real_one_shot_imports_nothing_heavy(settings: TektonSettings, apollo: None) -> None:
+    """`python -X importtime -m aish_client apollo hi`, answered: no pydantic, structlog, asyncio..."""
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "aish_client", "apollo", "hi"],
+            env=child_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    )
+    assert (done.returncode, done.stdout) == (0, "apollo heard: user: hi\n"), done.stderr
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
+    heavy = sorted(m for m in loaded if m.split(".")[0] in LIGHT_PATH_NEVER)
+    assert heavy == [], f"a one-shot imported {heavy}"
