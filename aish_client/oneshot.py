@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from aish_client.render import Renderer
     from bus.lite import LiteConnection
 
-# The bundled demo model (local provider): answers say so once.
-DEMO_MODEL = "SmolLM2-135M"
-DEMO_NOTE = "SmolLM2-135M demo model: set a real model with -m or in config.toml (tekton models lists them)"
 # Words that are not a specialist's name (subcommands, builtins): the full path.
 NOT_NAMES = frozenset(
     {"list", "help", "route", "echo", "bulk", "sessions", "logs", "completion", "usage", "runs", "attach"}
@@ -426,7 +423,7 @@ def _cancel(conn: LiteConnection, subject: str) -> None:
 
 
 class _Stream:
-    """One answer read frame by frame, shown as aish_client.runner's stage output shows it."""
+    """One answer read frame by frame, shown by the stage output aish_client.runner uses."""
 
     def __init__(self, conn: LiteConnection, a: Ask, settings: Settings, answer: _Answer, renderer: Renderer):
         self.conn, self.a, self.settings, self.answer, self.renderer = conn, a, settings, answer, renderer
@@ -434,30 +431,14 @@ class _Stream:
         self.sent_at = 0.0
         self.first_chunk_at: float | None = None
         self.deadline = time.monotonic() + a.timeout if a.timeout else None
-        self._started = False
 
     def send(self, subject: str, payload: bytes, reply: str) -> None:
-        if not self.a.json:
-            self.renderer.waiting(self.a.name)
+        from aish_client.output import StageOutput
+
+        self.output = StageOutput(self.renderer, self.a.name, True, None)
         self.sent_at = time.perf_counter()
         self.conn.publish(subject, payload, reply)
         self.sent = True
-
-    def _started_with(self, start: _Start | None) -> None:
-        if self._started or start is None:
-            return
-        self._started = True
-        if self.a.json:
-            self.renderer.event(
-                "start",
-                stage=1,
-                specialist=start.specialist,
-                instance=start.instance,
-                provider=start.provider,
-                model=start.model,
-            )
-        elif start.provider == "local" and start.model.startswith(DEMO_MODEL):
-            self.renderer.once("demo-model", DEMO_NOTE)
 
     def read(self) -> None:
         from bus.errors import IdleTimeout, MalformedFrame, StreamGap
@@ -498,11 +479,8 @@ class _Stream:
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.perf_counter()
                 answer.parts.append(text)
-                self._started_with(answer.start_frame)
-                if self.a.json:
-                    self.renderer.event("chunk", stage=1, text=text)
-                else:
-                    self.renderer.answer(text)
+                self.output.started(cast(Any, answer.start_frame))
+                self.output.chunk(text)
                 continue
             try:
                 seq = raw["seq"]
@@ -528,41 +506,19 @@ class _Stream:
                 raise frame
 
     def finish(self, logbook: Any, prompt: str) -> None:
-        answer, a, renderer = self.answer, self.a, self.renderer
+        answer = self.answer
         done, start = answer.done, answer.start_frame
         if done is None or start is None:
             from bus.errors import BusError
 
             raise BusError("the stream ended without a done frame")
-        self._started_with(start)
-        if not a.json:
-            renderer.stop_waiting()
+        self.output.started(cast(Any, start))
+        self.output.done()
         first_ms = (self.first_chunk_at - self.sent_at) * 1000 if self.first_chunk_at is not None else None
         if logbook is not None:
-            logbook.record(a.name, prompt, a.system, answer, None, answer.id, first_ms)
-        if a.json:
-            renderer.event(
-                "done",
-                stage=1,
-                specialist=start.specialist,
-                provider=start.provider,
-                model=start.model,
-                finish_reason=done.finish_reason,
-                usage=done.usage.model_dump(),
-                timings=done.timings.model_dump(),
-            )
-        else:
-            renderer.footer(
-                a.name,
-                first_ms,
-                done.timings.tokens_per_s,
-                model=f"{start.provider}:{start.model}",
-                tokens_in=done.usage.prompt_tokens,
-                tokens_out=done.usage.completion_tokens,
-            )
-            if done.finish_reason == "length":
-                renderer.truncated(a.options.get("max_tokens"))
-        renderer.end_answer()
+            logbook.record(self.a.name, prompt, self.a.system, answer, None, answer.id, first_ms)
+        self.output.finished(cast(Any, answer), first_ms, self.a.options.get("max_tokens"))
+        self.renderer.end_answer()
 
 
 def fast(argv: Sequence[str]) -> int | None:
