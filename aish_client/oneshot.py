@@ -457,12 +457,14 @@ class _Stream:
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     raise Deadline from None
                 if not answer.parts:
-                    raise Handover from None  # the full client waits on, and resumes from the run
-                raise IdleTimeout(self.a.name, idle) from None
-            except ConnectionError:
+                    raise Handover from None  # the full client asks again
+                self._resume(IdleTimeout(self.a.name, idle), expected - 1)
+                continue
+            except OSError as err:  # the connection dropped
                 if not answer.parts:
                     raise Handover from None
-                raise
+                self._resume(err, expected - 1)
+                continue
             if msg.subject.endswith(".p"):
                 continue  # the specialist asking whether anyone still listens
             if msg.status or not msg.data:
@@ -474,7 +476,9 @@ class _Stream:
                 if seq != expected:
                     if not answer.parts:
                         raise Handover
-                    raise StreamGap(expected, seq)
+                    if seq > expected:
+                        self._resume(StreamGap(expected, seq), expected - 1)
+                    continue  # (a frame read already: skipped, as the full client does)
                 expected += 1
                 if self.first_chunk_at is None:
                     self.first_chunk_at = time.perf_counter()
@@ -494,7 +498,9 @@ class _Stream:
             if seq != expected:
                 if not answer.parts:
                     raise Handover
-                raise StreamGap(expected, seq)
+                if seq > expected:
+                    self._resume(StreamGap(expected, seq), expected - 1)
+                continue
             expected += 1
             if isinstance(frame, _Start):
                 answer.start_frame = frame
@@ -504,6 +510,56 @@ class _Stream:
                 self.renderer.tool(cast(Any, frame))
             elif isinstance(frame, Exception):
                 raise frame
+
+    def _resume(self, lost: BaseException, after: int) -> None:
+        """Frames were lost after the answer began: the full client reads the rest of the run from the
+        runs stream (docs/protocol.md, "Runs"), as ChatStream does by itself; ``lost`` stands when it
+        cannot (the run is not kept, or no server comes back within the idle timeout)."""
+        import anyio
+
+        from bus.client import Bus
+        from bus.errors import BusError, IdleTimeout, NatsUnavailable
+        from bus.settings import load_settings
+
+        settings = load_settings(nats_url=self.a.nats_url)
+        answer, output = self.answer, self.output
+
+        async def follow() -> None:
+            waited = 0.0
+            while True:  # a server restarting: the full client would have reconnected meanwhile
+                try:
+                    async with Bus.connect(settings, name="aish") as bus:
+                        async with bus.attach(answer.id, after=after) as s:
+                            self.renderer.note(
+                                f"(the connection dropped frames; the answer goes on from frame {after + 1})"
+                            )
+                            async for text in s:
+                                answer.parts.append(text)
+                                output.chunk(text)
+                        result = await s.result()
+                    break
+                except NatsUnavailable:
+                    if waited >= self.settings.idle_timeout_s:
+                        raise
+                    await anyio.sleep(0.2)  # a reconnect's backoff
+                    waited += 0.2
+            answer.done = cast(Any, result.done)
+            answer.start_frame = answer.start_frame or cast(Any, result.start)
+
+        async def within_deadline() -> bool:
+            with anyio.move_on_after(remaining) as scope:
+                await follow()
+            return scope.cancelled_caught
+
+        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        try:
+            timed_out = anyio.run(within_deadline)
+        except BusError:
+            if isinstance(lost, BusError):
+                raise lost from None
+            raise IdleTimeout(self.a.name, self.settings.idle_timeout_s) from None
+        if timed_out:
+            raise Deadline
 
     def finish(self, logbook: Any, prompt: str) -> None:
         answer = self.answer

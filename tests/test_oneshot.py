@@ -2,7 +2,7 @@
 
 Each case runs the real `aish` twice against a real nats-server and a scripted specialist process: on the
 light path, and with TEKTON_AISH_FAST=0 on the full one (nats-py), and compares stdout, stderr, the exit
-code and the logbook. Which path ran is read from the process itself (whether nats-py was imported).
+code and the logbook. Which path ran is read from the process itself (which modules it imported).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from aish_client.logbook import Logbook
 from aish_client.oneshot import NOT_NAMES, plan
 from aish_client.subcommands import SUBCOMMANDS
 from bus.auth import save_credentials
+from bus.cluster import free_ports
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from tekton import certs
@@ -39,7 +40,10 @@ WRAP = (
     "try:\n"
     "    code = main(sys.argv[1:])\n"
     "finally:\n"
-    "    open(os.environ['AISH_PATH_MARK'], 'w').write('full' if 'nats' in sys.modules else 'fast')\n"
+    "    path = 'full' if 'aish_client.cli' in sys.modules else 'fast'\n"
+    "    if path == 'fast' and 'nats' in sys.modules:\n"
+    "        path = 'resumed'  # the light path, then the full client reading the rest of the run\n"
+    "    open(os.environ['AISH_PATH_MARK'], 'w').write(path)\n"
     "sys.exit(code)\n"
 )
 
@@ -323,3 +327,33 @@ async def test_a_real_one_shot_imports_nothing_heavy(settings: TektonSettings, a
     loaded = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
     heavy = sorted(m for m in loaded if m.split(".")[0] in LIGHT_PATH_NEVER)
     assert heavy == [], f"a one-shot imported {heavy}"
+
+
+async def test_a_dropped_connection_mid_answer_goes_on_from_the_runs_stream(tmp_path: Path) -> None:
+    """The server restarts while the light path streams: the full client reads the rest of the run."""
+    server = EmbeddedNats(tmp_path / "store", port=free_ports(1)[0])
+    server.start()
+    settings = TektonSettings(
+        nats_url=server.url, data_dir=tmp_path / "data", heartbeat_s=0.2, idle_timeout_s=5.0
+    )
+    slow = {"TEXT": "line\n", "TOKENS": "40", "TOKENS_PER_S": "10"}
+    try:
+        with specialist_process(settings, "apollo", **{f"TEKTON_SCRIPTED_{k}": v for k, v in slow.items()}):
+            child = spawn(
+                [sys.executable, "-c", WRAP, "apollo", "hi"],
+                child_env(settings, AISH_PATH_MARK=str(tmp_path / "mark")),
+                stderr=subprocess.PIPE,
+            )
+            await anyio.to_thread.run_sync(lambda: child.wait_for(lambda line: line == "line"))
+            await anyio.to_thread.run_sync(server.stop)
+            await anyio.to_thread.run_sync(server.start)
+            code = await anyio.to_thread.run_sync(lambda: child.process.wait(60))
+            assert child.process.stderr is not None
+            err = child.process.stderr.read()
+            assert code == 0, err
+            out = [line for line in child.seen] + list(iter(lambda: child.lines.get(timeout=10), None))
+            assert out == ["line"] * 40, out
+            assert "(the connection dropped frames; the answer goes on from frame " in err
+            assert (tmp_path / "mark").read_text() == "resumed"
+    finally:
+        server.stop()
