@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from aish_client import runs, sessions
 from aish_client.logbook import Logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.prompt_parts import UsageError, attachments, chat_options, check_model
-from aish_client.render import Renderer
+from aish_client.render import Renderer, silence_stdout
 from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import SUBCOMMANDS, cmd_list, run_subcommand, version
 from bus import tracing
@@ -326,18 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except OSError as err:  # stdout on a full disk (`> /dev/full`), an I/O error...
-        _silence_stdout()
+        silence_stdout()
         renderer.error(f"cannot write the answer: {err.strerror or err}")
         return EXIT_ERROR
-
-
-def _silence_stdout() -> None:
-    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 if __name__ == "__main__":

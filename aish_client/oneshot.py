@@ -371,14 +371,20 @@ def ask(a: Ask, settings: Settings, stdin_text: str | None) -> int:
     stream = _Stream(conn, a, settings, answer, renderer)
     with conn:
         reply = run_subject(user, answer.id, settings.prefix)
-        conn.subscribe(run_listen_subject(reply))
+        try:
+            conn.subscribe(run_listen_subject(reply))
+        except OSError as err:  # the server went away already
+            raise Handover from err
         from bus.frames import pack_request
 
         payload = pack_request(request)
         if len(payload) > conn.max_payload:
             raise Handover
         try:
-            stream.send(chat_subject(a.name, settings.prefix), payload, reply)
+            try:
+                stream.send(chat_subject(a.name, settings.prefix), payload, reply)
+            except OSError as err:
+                raise Handover from err
             stream.read()
         except BaseException as err:
             failure: BaseException = err
@@ -443,6 +449,7 @@ class _Stream:
     def read(self) -> None:
         from bus.errors import IdleTimeout, MalformedFrame, StreamGap
         from bus.frames import chunk_fields, unpack_frame
+        from bus.lite import Unsupported
 
         answer, expected, idle = self.answer, 0, self.settings.idle_timeout_s
         while answer.done is None:
@@ -460,7 +467,7 @@ class _Stream:
                     raise Handover from None  # the full client asks again
                 self._resume(IdleTimeout(self.a.name, idle), expected - 1)
                 continue
-            except OSError as err:  # the connection dropped
+            except (OSError, Unsupported) as err:  # the connection dropped, or the server said -ERR
                 if not answer.parts:
                     raise Handover from None
                 self._resume(err, expected - 1)
@@ -611,8 +618,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         Renderer().error("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        # The reader went away (`aish apollo hi | head -c 10`): stop quietly, as the full path does.
         sys.stderr.close()
         return 0
+    except OSError as err:  # stdout on a full disk (`> /dev/full`), an I/O error...
+        from aish_client.render import Renderer, silence_stdout
+
+        silence_stdout()
+        Renderer().error(f"cannot write the answer: {err.strerror or err}")
+        return EXIT_ERROR
     if code is not None:
         return code
     from aish_client.cli import main as full

@@ -17,6 +17,15 @@ if TYPE_CHECKING:  # a one-shot aish renders without loading the wire models (py
     from bus.wire import ToolCallFrame, ToolResultFrame
 
 
+def silence_stdout() -> None:
+    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def use_color(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     import ssl
 
-from bus.errors import BusError
 
 CRLF = b"\r\n"
 # "NATS/1.0 503" with no body: nobody subscribes to the subject a request went to (docs/protocol.md).
@@ -212,8 +211,8 @@ class LiteConnection:
                 )
             if op == b"PING":
                 self._send(b"PONG" + CRLF)
-            elif op == b"-ERR":
-                raise BusError(f"nats-server: {args.decode(errors='replace').strip(chr(39))}")
+            elif op == b"-ERR":  # e.g. a permissions violation: the full client says it its way
+                raise Unsupported(args.decode(errors="replace"))
             # +OK, PONG, INFO: nothing to do
 
     def close(self) -> None:
