@@ -96,6 +96,8 @@ def plan(argv: Sequence[str]) -> Ask | None:
                 continue
             words_ended = bool(words)
             opt, eq, value = arg.partition("=")
+            if eq and not opt.startswith("--"):
+                return None  # `-m=x` is "=x" to argparse
             if opt in ("--json", "--no-log"):
                 if eq:
                     return None

@@ -140,6 +140,7 @@ def test_the_light_path_takes_only_what_it_does_exactly() -> None:
         ["apollo", "--timeout", "0", "hi"],
         ["apollo", "--max-tokens", "0", "hi"],
         ["apollo", "-m", "bad model", "hi"],
+        ["apollo", "-m=ollama:x", "hi"],
         ["@code", "hi"],
         ["Apollo", "hi"],
         ["what is a mutex?"],
