@@ -330,6 +330,19 @@ class _Answer:
         return self.start_frame
 
 
+def chat_request(a: Ask, prompt: str, request_id: str) -> dict[str, Any]:
+    """The request as the full path's ChatRequest encodes it (tests/test_oneshot.py compares the bytes)."""
+    messages = [{"role": "user", "content": prompt}]
+    if a.system:
+        messages.insert(0, {"role": "system", "content": a.system})
+    request: dict[str, Any] = {"v": 1, "id": request_id, "messages": messages, "options": a.options}
+    if a.timeout:  # a second later than the whole run's, as the full path sends it
+        request["timeout_ms"] = int((a.timeout + 1.0) * 1000)
+    if a.model:
+        request["model"] = a.model
+    return request
+
+
 class Deadline(BaseException):
     """--timeout passed (a BaseException, as the cancellation it stands for in the full path)."""
 
@@ -360,14 +373,7 @@ def ask(a: Ask, settings: Settings, stdin_text: str | None) -> int:
         raise Handover from err
     user = creds.user if creds else ANONYMOUS
     answer = _Answer(os.urandom(16).hex())  # as uuid4().hex, without importing uuid
-    messages = [{"role": "user", "content": prompt}]
-    if a.system:
-        messages.insert(0, {"role": "system", "content": a.system})
-    request: dict[str, Any] = {"v": 1, "id": answer.id, "messages": messages, "options": a.options}
-    if a.timeout:  # a second later than the whole run's, as the full path sends it
-        request["timeout_ms"] = int((a.timeout + 1.0) * 1000)
-    if a.model:
-        request["model"] = a.model
+    request = chat_request(a, prompt, answer.id)
     renderer = Renderer.for_answers(settings.data_dir, a.json)
     logbook = None if a.no_log else Logbook(settings.data_dir / "logs.db")
     stream = _Stream(conn, a, settings, answer, renderer)

@@ -48,7 +48,7 @@ from bus.errors import (
     StreamGap,
     from_wire,
 )
-from bus.lite import tls_context
+from bus.lite import NO_RESPONDERS, tls_context
 from bus.runs import (
     RunSummary,
     list_runs,
@@ -78,8 +78,6 @@ from bus.wire import (
 )
 
 log = structlog.get_logger("tekton.bus")
-
-NO_RESPONDERS = "503"
 
 
 def is_no_responders(msg: Msg) -> bool:

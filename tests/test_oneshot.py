@@ -22,12 +22,14 @@ import nats
 import pytest
 
 from aish_client.logbook import Logbook
-from aish_client.oneshot import NOT_NAMES, plan
+from aish_client.oneshot import NOT_NAMES, chat_request, plan
 from aish_client.subcommands import SUBCOMMANDS
 from bus.auth import save_credentials
 from bus.cluster import free_ports
+from bus.frames import pack_request
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
+from bus.wire import ChatMessage, ChatOptions, ChatRequest, encode_request
 from tekton import certs
 from tekton.users import Users, new_credentials
 from tests.helpers import child_env, spawn, specialist_process
@@ -148,6 +150,28 @@ def test_the_light_path_takes_only_what_it_does_exactly() -> None:
         assert plan(argv) is None, argv
     # Every subcommand and builtin is a word the light path never takes for a specialist's name.
     assert {*SUBCOMMANDS, "list", "help", "route", "echo"} <= NOT_NAMES
+
+
+@pytest.mark.fast
+def test_the_light_request_is_byte_for_byte_the_full_paths() -> None:
+    for argv in (
+        ["apollo", "hi"],
+        ["apollo", "hi", "--system", "be brief", "-m", "ollama:qwen2.5:7b", "--timeout", "2.5"],
+        ["apollo", "hi", "--max-tokens", "7", "--temperature", "0.25"],
+    ):
+        a = plan(argv)
+        assert a is not None
+        messages = [ChatMessage(role="user", content="hi")]
+        if a.system:
+            messages.insert(0, ChatMessage(role="system", content=a.system))
+        full = ChatRequest(
+            id="r1",
+            messages=messages,
+            options=ChatOptions(**a.options),
+            timeout_ms=int((a.timeout + 1.0) * 1000) if a.timeout else None,
+            model=a.model,
+        )
+        assert pack_request(chat_request(a, "hi", "r1")) == encode_request(full), argv
 
 
 pytestmark = pytest.mark.anyio
