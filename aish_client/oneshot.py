@@ -276,18 +276,43 @@ def _opt(value: Any, convert: Any) -> Any:
     return None if value is None else convert(value)
 
 
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise ValueError(value)
+    return value
+
+
+# The keys each frame may carry (bus.wire's models, which forbid others).
+_KEYS = {
+    "start": {"v", "type", "seq", "specialist", "instance", "provider", "model"},
+    "done": {"v", "type", "seq", "finish_reason", "usage", "timings"},
+    "error": {"v", "type", "seq", "code", "message", "retryable"},
+    "heartbeat": {"v", "type", "seq"},
+    "tool_call": {"v", "type", "seq", "id", "server", "tool", "arguments"},
+    "tool_result": {"v", "type", "seq", "id", "text", "is_error"},
+}
+
+
 def _frame(raw: dict[str, Any]) -> _Start | _Done | _Tool | Exception | None:
     """A start, done, tool or error frame as the wire models would read it; None for a heartbeat.
     Raises ValueError/KeyError/TypeError for anything else."""
     kind = raw["type"]
-    if kind == "heartbeat" and raw.keys() <= {"v", "type", "seq"}:
+    if not raw.keys() <= _KEYS[kind]:
+        raise ValueError(f"{kind}: unexpected {sorted(raw.keys() - _KEYS[kind])}")
+    if kind == "heartbeat":
         return None
     if kind == "start":
-        return _Start(*(str(raw[k]) for k in ("specialist", "instance", "provider", "model")))
+        return _Start(*(_str(raw[k]) for k in ("specialist", "instance", "provider", "model")))
     if kind == "done":
         usage, timings = raw["usage"], raw["timings"]
         if raw["finish_reason"] not in ("stop", "length"):
             raise ValueError(raw["finish_reason"])
+        if not usage.keys() <= {"prompt_tokens", "completion_tokens"} or not timings.keys() <= {
+            "first_token_ms",
+            "total_ms",
+            "tokens_per_s",
+        }:
+            raise ValueError("done: unexpected usage or timings")
         return _Done(
             raw["finish_reason"],
             _Usage(_opt(usage.get("prompt_tokens"), _int), _int(usage.get("completion_tokens", 0))),
@@ -300,10 +325,8 @@ def _frame(raw: dict[str, Any]) -> _Start | _Done | _Tool | Exception | None:
     if kind == "error":
         from bus.errors import from_wire
 
-        return from_wire(str(raw["code"]), str(raw["message"]), bool(raw.get("retryable", False)))
-    if kind in ("tool_call", "tool_result"):
-        return _Tool(raw)
-    raise ValueError(kind)
+        return from_wire(_str(raw["code"]), _str(raw["message"]), bool(raw.get("retryable", False)))
+    return _Tool(raw)
 
 
 class _Answer:

@@ -382,3 +382,50 @@ async def test_a_dropped_connection_mid_answer_goes_on_from_the_runs_stream(tmp_
             assert (tmp_path / "mark").read_text() == "resumed"
     finally:
         server.stop()
+
+
+def _on_a_terminal(settings: TektonSettings, tmp: Path, *args: str, full: bool = False) -> tuple[str, str]:
+    """`aish ARGS` with stderr on a pseudo-terminal (so the spinner and the footer show), stdout piped."""
+    import pty
+
+    main, side = pty.openpty()
+    extra = {"AISH_PATH_MARK": str(tmp / "tty-mark"), "NO_COLOR": "1"}
+    if full:
+        extra["TEKTON_AISH_FAST"] = "0"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", WRAP, *args],
+            env=child_env(settings, **extra),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=side,
+            text=True,
+            timeout=60,
+        )
+        os.close(side)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(main)
+    assert done.returncode == 0, err
+    # Figures that differ from run to run: the first token's ms, tokens/s.
+    return done.stdout, re.sub(r"\d+ (ms|tok/s)", r"N \1", err.decode())
+
+
+async def test_the_footer_on_a_terminal_matches(
+    settings: TektonSettings, apollo: None, tmp_path: Path
+) -> None:
+    fast = await anyio.to_thread.run_sync(lambda: _on_a_terminal(settings, tmp_path, "apollo", "hi"))
+    assert (tmp_path / "tty-mark").read_text() == "fast"
+    full = await anyio.to_thread.run_sync(
+        lambda: _on_a_terminal(settings, tmp_path, "apollo", "hi", full=True)
+    )
+    assert fast == full
+    assert "── apollo · first token N ms · N tok/s · " in fast[1] and "scripted:scripted" in fast[1]
