@@ -322,6 +322,12 @@ async def test_what_the_light_path_does_not_do_goes_to_the_full_client(
         got = await anyio.to_thread.run_sync(lambda a=args: run(settings, tmp_path, *a))
         assert (got.path, got.code) == ("full", 0), (args, got.err)
         assert got.out.startswith("apollo heard: "), args
+    # A routed request not long ago: maybe a rerun that corrects the routing, the full client's to see.
+    # What was piped in is read once, and the full client gets it all the same.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "last_route.json").write_text('{"text": "x", "chosen": "athena", "at": 0}')
+    got = await anyio.to_thread.run_sync(lambda: run(settings, tmp_path, "apollo", stdin="piped text"))
+    assert (got.path, got.code, got.out) == ("full", 0, "apollo heard: user: piped text\n"), got.err
     # A setting only the full loader checks: it decides.
     done = await anyio.to_thread.run_sync(
         lambda: subprocess.run(
