@@ -103,15 +103,7 @@ def plan(argv: Sequence[str]) -> Ask | None:
                     return None
                 setattr(ask, opt[2:].replace("-", "_"), True)
                 continue
-            if opt not in (
-                "-m",
-                "--model",
-                "--system",
-                "--timeout",
-                "--nats",
-                "--max-tokens",
-                "--temperature",
-            ):
+            if opt not in _VALUED:
                 return None  # anything else (abbreviations too) is the full parser's
             if not eq:
                 value = next(it)
@@ -408,9 +400,12 @@ def ask(a: Ask, settings: Settings, stdin_text: str | None) -> int:
             raise Handover from err
         from bus.frames import pack_request
 
-        payload = pack_request(request)
+        try:
+            payload = pack_request(request)
+        except BusError as err:  # text that is not valid Unicode: the full path says so
+            raise Handover from err
         if len(payload) > conn.max_payload:
-            raise Handover
+            raise Handover  # the full path names both sizes
         try:
             try:
                 stream.send(chat_subject(a.name, settings.prefix), payload, reply)

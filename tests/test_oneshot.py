@@ -328,6 +328,10 @@ async def test_what_the_light_path_does_not_do_goes_to_the_full_client(
     (settings.data_dir / "last_route.json").write_text('{"text": "x", "chosen": "athena", "at": 0}')
     got = await anyio.to_thread.run_sync(lambda: run(settings, tmp_path, "apollo", stdin="piped text"))
     assert (got.path, got.code, got.out) == ("full", 0, "apollo heard: user: piped text\n"), got.err
+    # An argument that is not UTF-8 (the shell passed bytes): one line, from the full client.
+    got = await anyio.to_thread.run_sync(lambda: run(settings, tmp_path, "apollo", "\udcff"))
+    assert (got.path, got.code) == ("full", 1)
+    assert got.err == "aish: the request has text that is not valid Unicode (surrogates not allowed at 0)\n"
     # A setting only the full loader checks: it decides.
     done = await anyio.to_thread.run_sync(
         lambda: subprocess.run(
