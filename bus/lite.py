@@ -1,9 +1,10 @@
 """A small blocking NATS client for one request: what a one-shot `aish NAME "question"` needs, and no more.
 
 Why not nats-py here: importing it costs ~0.25 s (asyncio, aiohttp, its JetStream modules) where the whole
-one-shot has a budget of about four times `python -c pass` (~0.1 s), and no kept lighter client exists
-(nats-python, the only synchronous one on PyPI, was last released in 2020 and has neither headers nor
-nkeys). So this speaks the subset of the NATS client protocol the server documents
+one-shot has a budget of about four times `python -c pass` (~0.1 s), and no kept lighter client fits
+(nats-python, the synchronous one on PyPI, was last released in 2020 and has neither headers nor nkeys;
+nats-core, the NATS team's lean client, is asyncio-based and needs Python 3.13). So this speaks the
+subset of the NATS client protocol the server documents
 (https://docs.nats.io/reference/reference-protocols/nats-protocol): INFO, CONNECT, PING/PONG, SUB, PUB,
 MSG/HMSG, +OK/-ERR; nkey sign-in (the server's nonce signed with the ``nkeys`` package); TLS with ``ssl``.
 Everything else (several servers, reconnects, WebSocket, JetStream, a server asking for what this does
