@@ -1,5 +1,5 @@
 import sys
 
-from aish_client.cli import main
+from aish_client.oneshot import main
 
 sys.exit(main())

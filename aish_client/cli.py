@@ -11,6 +11,8 @@ from typing import Any
 
 import anyio
 
+# First: nats-py and structlog load without their optional extras (aiohttp, rich).
+import aish_client.lean_imports  # noqa: F401
 from aish_client import runs, sessions
 from aish_client.exits import EXIT_ERROR, EXIT_USAGE, HANDLED, exit_code_for, json_error
 from aish_client.logbook import Logbook, open_logbook
@@ -173,13 +175,7 @@ def logbook(settings: TektonSettings, args: argparse.Namespace) -> Logbook | Non
 
 def renderer_for(settings: TektonSettings, args: argparse.Namespace) -> Renderer:
     """The renderer of an answer: --json events, or markdown and a footer on a terminal."""
-    renderer = Renderer()
-    renderer.notes_dir = settings.data_dir
-    renderer.json_events = bool(getattr(args, "json", False))
-    if not renderer.json_events:
-        renderer.footers = renderer.err_tty
-        renderer.render_markdown()
-    return renderer
+    return Renderer.for_answers(settings.data_dir, bool(getattr(args, "json", False)))
 
 
 async def run_once(

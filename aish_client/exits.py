@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from aish_client.parser import PipelineSyntaxError
 from aish_client.prompt_parts import UsageError
-from aish_client.render import Renderer
+from aish_client.render import Renderer, silence_stdout
 from bus.errors import BusError
 
 EXIT_ERROR = 1
@@ -40,7 +39,7 @@ def exit_code_for(err: BaseException, renderer: Renderer) -> int:
         sys.stderr.close()
         return 0
     if isinstance(err, OSError):  # stdout on a full disk (`> /dev/full`), an I/O error...
-        _silence_stdout()
+        silence_stdout()
         renderer.error(f"cannot write the answer: {err.strerror or err}")
         return EXIT_ERROR
     raise err
@@ -50,12 +49,3 @@ def json_error(renderer: Renderer, err: BusError) -> None:
     """With --json, a failure is the last event on stdout too (docs/aish-json.md)."""
     if renderer.json_events:
         renderer.event("error", code=str(err.code), message=str(err), retryable=err.retryable)
-
-
-def _silence_stdout() -> None:
-    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass

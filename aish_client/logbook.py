@@ -80,8 +80,8 @@ class Logbook:
         try:
             with closing(self._connect()) as db, db:
                 db.execute(f"INSERT INTO answers ({names}) VALUES ({marks})", tuple(row.values()))
-        except sqlite3.Error:  # a log that cannot be written never costs the user the answer
-            return
+        except (sqlite3.Error, UnicodeEncodeError):  # (text from bytes that are not UTF-8) a log that
+            return  # cannot be written never costs the user the answer
 
     def record(
         self,

@@ -11,9 +11,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from bus.wire import ToolCallFrame, ToolResultFrame
+if TYPE_CHECKING:  # a one-shot aish renders without loading the wire models (pydantic)
+    from bus.wire import ToolCallFrame, ToolResultFrame
+
+
+def silence_stdout() -> None:
+    """Drop what is left in stdout's buffer, so Python's own flush at exit adds no traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def use_color(stream: TextIO) -> bool:
@@ -40,6 +50,17 @@ class Renderer:
         # Where notes shown only once are remembered (the data dir); None: once per process.
         self.notes_dir: Path | None = None
         self._noted: set[str] = set()
+
+    @classmethod
+    def for_answers(cls, data_dir: Path, json_events: bool) -> Renderer:
+        """The renderer of an answer: --json events, or markdown and a footer on a terminal."""
+        renderer = cls()
+        renderer.notes_dir = data_dir
+        renderer.json_events = json_events
+        if not json_events:
+            renderer.footers = renderer.err_tty
+            renderer.render_markdown()
+        return renderer
 
     def once(self, key: str, text: str) -> None:
         """A note shown the first time only (remembered in the data dir)."""
@@ -124,7 +145,7 @@ class Renderer:
 
     def tool(self, frame: ToolCallFrame | ToolResultFrame) -> None:
         """A specialist's tool call, or its result, as a dim line on stderr (the answer stays clean)."""
-        if isinstance(frame, ToolCallFrame):
+        if frame.type == "tool_call":
             args = json.dumps(frame.arguments, ensure_ascii=False)
             self.note(f"⚙ {frame.server}.{frame.tool} {args}")
         else:

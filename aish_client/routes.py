@@ -10,12 +10,10 @@ import json
 import time
 from pathlib import Path
 
+from aish_client.oneshot import RERUN_WINDOW_S
 from bus.client import Bus
 from bus.discovery import normalise_request
 from bus.errors import BusError
-
-# A rerun this long after the routed request still counts as its correction.
-RERUN_WINDOW_S = 600.0
 
 
 def _path(bus: Bus) -> Path:

@@ -11,22 +11,18 @@ from typing import TextIO
 from aish_client import routes
 from aish_client.fanout import Layout, plan_pipeline, run_plan
 from aish_client.logbook import Logbook
+from aish_client.oneshot import compose
+from aish_client.output import DEMO_MODEL, DEMO_NOTE, StageOutput
 from aish_client.parser import AUTO, Pipeline, Target
 from aish_client.render import Renderer
-from bus.client import Bus, ChatStream, StreamResult
+from bus.client import Bus, ChatStream
 from bus.errors import BusError
 from bus.failover import open_first
-from bus.wire import ChatMessage, ChatOptions, StartFrame
+from bus.wire import ChatMessage, ChatOptions
 
-# The bundled demo model (local provider): answers say so once (see _demo_note).
-DEMO_MODEL = "SmolLM2-135M"
-DEMO_NOTE = "SmolLM2-135M demo model: set a real model with -m or in config.toml (tekton models lists them)"
+__all__ = ["DEMO_MODEL", "DEMO_NOTE", "compose", "run_pipeline"]
 
-
-def compose(message: str | None, piped: str | None) -> str:
-    """A stage's prompt: its own message, then the text piped into it."""
-    parts = [p for p in (message, piped) if p]
-    return "\n\n".join(parts)
+_StageOutput = StageOutput
 
 
 async def choose(bus: Bus, target: Target, text: str, renderer: Renderer) -> list[str]:
@@ -181,87 +177,6 @@ class _StageOutputs:
     def skipped(self, name: str, err: BusError, then: str) -> None:
         self.renderer.stop_waiting()
         self.renderer.note(f"{name} failed before answering ({err}); trying {then}")
-
-
-class _StageOutput:
-    """Where one stage's tokens go: the screen or a file for the last stage, progress for the others;
-    with --json, events for every stage."""
-
-    def __init__(self, renderer: Renderer, name: str, last: bool, out: TextIO | None, stage: int = 1):
-        self.renderer, self.name, self.last, self.out, self.stage = renderer, name, last, out, stage
-        self.tokens = 0
-        self._started = False
-        self.json = renderer.json_events
-        if self.json:
-            return
-        if not last:
-            renderer.progress(name, 0)
-        elif out is None:
-            renderer.waiting(name)
-
-    def started(self, start: StartFrame | None) -> None:
-        if self._started or start is None:
-            return
-        self._started = True
-        if self.json:
-            self.renderer.event(
-                "start",
-                stage=self.stage,
-                specialist=start.specialist,
-                instance=start.instance,
-                provider=start.provider,
-                model=start.model,
-            )
-        elif start.provider == "local" and start.model.startswith(DEMO_MODEL):
-            self.renderer.once("demo-model", DEMO_NOTE)
-
-    def chunk(self, text: str) -> None:
-        self.tokens += 1
-        if self.json:
-            self.renderer.event("chunk", stage=self.stage, text=text)
-        elif not self.last:
-            self.renderer.progress(self.name, self.tokens)
-        elif self.out is None:
-            self.renderer.answer(text)
-        else:
-            self.out.write(text)
-
-    def done(self) -> None:
-        if self.json:
-            return
-        self.renderer.stop_waiting()
-        if not self.last:
-            self.renderer.progress(self.name, self.tokens, done=True)
-            self.renderer.clear_progress()
-
-    def finished(self, result: StreamResult, first_ms: float | None, max_tokens: int | None) -> None:
-        done, start = result.done, result.start
-        if self.json:
-            self.renderer.event(
-                "done",
-                stage=self.stage,
-                specialist=start.specialist,
-                provider=start.provider,
-                model=start.model,
-                finish_reason=done.finish_reason,
-                usage=done.usage.model_dump(),
-                timings=done.timings.model_dump(),
-            )
-            return
-        if self.last and self.out is None:
-            self.renderer.footer(
-                self.name,
-                first_ms,
-                done.timings.tokens_per_s,
-                model=f"{start.provider}:{start.model}",
-                tokens_in=done.usage.prompt_tokens,
-                tokens_out=done.usage.completion_tokens,
-            )
-        if done.finish_reason == "length":
-            if self.last:
-                self.renderer.truncated(max_tokens)
-            else:
-                self.renderer.note(f"{self.name} stopped at max tokens; the next stage got a cut answer")
 
 
 def _open_output(pipeline: Pipeline, files: ExitStack) -> TextIO | None:

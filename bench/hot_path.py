@@ -1,6 +1,6 @@
 """The hot path against a raw nats-py floor, every pair measured in the same run, interleaved.
 
-    python -m bench.hot_path [--quick] [--profile DIR] [--skip aish,bridge,wide,rss]
+    python -m bench.hot_path [--quick] [--profile DIR] [--skip aish,bridge,wide,rss] [--only-aish]
 
 - the floor: a raw nats-py subscriber (``python -m bench.hot_path floor URL``) publishing the same
   start/chunk/done msgpack frames to the reply subject, and a plain inbox client;
@@ -8,7 +8,8 @@
   project's client (``bus.client.Bus``) and by the client written only from docs/protocol.md
   (``bench/foreign_client.py``);
 - the HTTP/SSE bridge (`tekton gateway --http`) against the bus in the same run;
-- `aish apollo hi` against `python -c pass`; the specialist's RSS per 1,000 open streams.
+- the real `aish apollo hi` console script (its light one-shot path, and its full path) against
+  `python -c pass`; the specialist's RSS per 1,000 open streams.
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
 side's server process spent per request (CPU time is far less noisy than wall time on a busy machine).
@@ -328,29 +329,47 @@ async def measure_bridge(args: argparse.Namespace, pids: dict[str, int], http_ur
 
 
 def measure_aish(args: argparse.Namespace) -> dict[str, Any]:
+    """The real `aish` console script (the light one-shot path), its full path (TEKTON_AISH_FAST=0)
+    and `python -c pass`, alternating, medians of wall and CPU time; every answer is checked."""
     env = {**os.environ, "TEKTON_NATS_URL": args.url, "TEKTON_CONFIG": "/nonexistent"}
+    env = {
+        k: v
+        for k, v in env.items()
+        if not k.startswith("TEKTON_") or k in ("TEKTON_NATS_URL", "TEKTON_CONFIG")
+    }
+    env["TEKTON_DATA_DIR"] = str(Path(args.tmp) / "aish-data")
+    # An installed aish runs from byte-compiled modules; this machine's PYTHONDONTWRITEBYTECODE would
+    # otherwise make every round compile ours from source (the stdlib's are compiled already).
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(root / "aish_client"), str(root / "bus")], check=True
+    )
     aish = [str(Path(sys.executable).parent / "aish"), "apollo", "hi"]
-    bare = [sys.executable, "-c", "pass"]
-    walls: dict[str, list[float]] = {"bare": [], "aish": []}
-    cpus: dict[str, list[float]] = {"bare": [], "aish": []}
-    for r in range(5 if args.quick else 15):
-        for name, argv in (
-            (("bare", bare), ("aish", aish)) if r % 2 == 0 else (("aish", aish), ("bare", bare))
-        ):
+    sides = {"bare": ([sys.executable, "-c", "pass"], env), "aish": (aish, env)}
+    sides["full"] = (aish, {**env, "TEKTON_AISH_FAST": "0"})
+    walls: dict[str, list[float]] = {k: [] for k in sides}
+    cpus: dict[str, list[float]] = {k: [] for k in sides}
+    rounds = 5 if args.quick else 15
+    for r in range(rounds):
+        order = list(sides)[r % 3 :] + list(sides)[: r % 3]
+        for name in order:
+            argv, side_env = sides[name]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            done = subprocess.run(argv, env=env, capture_output=True, text=True)
+            done = subprocess.run(argv, env=side_env, capture_output=True, text=True)
             walls[name].append(time.perf_counter() - start)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpus[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-            if done.returncode != 0:
-                raise RuntimeError(f"{argv} failed: {done.stderr.strip()}")
+            if done.returncode != 0 or (name != "bare" and not done.stdout.startswith("apollo heard: hi")):
+                raise RuntimeError(
+                    f"{argv} failed ({done.returncode}): {done.stdout!r} {done.stderr.strip()}"
+                )
     wall = {k: statistics.median(v) for k, v in walls.items()}
     cpu = {k: statistics.median(v) for k, v in cpus.items()}
     return {
         "rows": [
             {
-                "what": "`aish apollo hi` vs `python -c pass`, wall (median)",
+                "what": f"`aish apollo hi` vs `python -c pass`, wall (median of {rounds})",
                 "floor_s": round(wall["bare"], 3),
                 "tekton_s": round(wall["aish"], 3),
                 "ratio": ratio(wall["aish"], wall["bare"]),
@@ -363,7 +382,15 @@ def measure_aish(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio": ratio(cpu["aish"], cpu["bare"]),
                 "goal": "",
             },
-        ]
+            {
+                "what": "  the full path (TEKTON_AISH_FAST=0, nats-py), wall",
+                "floor_s": round(wall["bare"], 3),
+                "tekton_s": round(wall["full"], 3),
+                "ratio": ratio(wall["full"], wall["bare"]),
+                "goal": "",
+            },
+        ],
+        "aish_rounds_s": {k: [round(x, 3) for x in v] for k, v in walls.items()},
     }
 
 
@@ -436,9 +463,12 @@ def main() -> int:
         "--profile", type=Path, help="run the servers under cProfile, writing DIR/<name>.prof"
     )
     parser.add_argument("--skip", default="", help="comma-separated: aish, bridge, wide, rss")
+    parser.add_argument("--only-aish", action="store_true", help="just the `aish apollo hi` rows")
     parser.add_argument("--long-tokens", type=int, default=200_000)
     args = parser.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    if args.only_aish:
+        args.skip |= {"bus", "bridge", "wide", "rss"}
     if args.quick:
         args.long_tokens = min(args.long_tokens, 50_000)
     py = sys.executable
@@ -476,11 +506,12 @@ def main() -> int:
             argv = ["-m", "tekton", "specialist", name, "--provider", "scripted", "--log-level", "warning"]
             return launch(name, argv, **extra)
 
-        procs = {
-            "floor": launch("floor", ["-m", "bench.hot_path", "floor", server.url, str(args.long_tokens)]),
-            "apollo": specialist("apollo", TEKTON_SCRIPTED_TOKENS=str(SHORT_TOKENS)),
-            "athena": specialist("athena", TEKTON_SCRIPTED_TOKENS=str(args.long_tokens)),
-        }
+        procs = {"apollo": specialist("apollo", TEKTON_SCRIPTED_TOKENS=str(SHORT_TOKENS))}
+        if "bus" not in args.skip:
+            procs["floor"] = launch(
+                "floor", ["-m", "bench.hot_path", "floor", server.url, str(args.long_tokens)]
+            )
+            procs["athena"] = specialist("athena", TEKTON_SCRIPTED_TOKENS=str(args.long_tokens))
         if "rss" not in args.skip:
             procs["hermes"] = specialist(
                 "hermes", TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="1"
@@ -493,7 +524,8 @@ def main() -> int:
         pids = {name: server_pid(p.pid) for name, p in procs.items()}
         results: dict[str, Any] = {}
         try:
-            results["bus"] = asyncio.run(measure_bus(args, pids))
+            if "bus" not in args.skip:
+                results["bus"] = asyncio.run(measure_bus(args, pids))
             if "bridge" not in args.skip:
                 results["bridge"] = asyncio.run(measure_bridge(args, pids, f"http://127.0.0.1:{http_port}"))
             if "aish" not in args.skip:
@@ -519,7 +551,8 @@ def main() -> int:
         "rows": rows,
         **extra,
     }
-    path = write_results("hot_path-quick" if args.quick else "hot_path", figures)
+    name = "hot_path-aish" if args.only_aish else "hot_path"
+    path = write_results(f"{name}-quick" if args.quick else name, figures)
     print(f"written to {path}")
     return 0
 

@@ -14,14 +14,11 @@ A credentials file (TOML, mode 0600):
 from __future__ import annotations
 
 import os
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from bus.errors import BusError, NatsUnavailable
-from bus.runs import runs_filter, runs_stream_name
-from bus.subjects import INBOX_ROOT, inbox_prefix, validate_name
+from bus.subjects import INBOX_ROOT, inbox_prefix, runs_filter, runs_stream_name, validate_name
 
 Role = Literal["user", "admin", "specialist", "gateway"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -151,8 +148,7 @@ def validate_role(role: str) -> str:
     return role
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(NamedTuple):
     """What a client connects with: its name (the subject token its permissions pin), role and seed."""
 
     user: str
@@ -168,6 +164,8 @@ class Credentials:
 
 def load_credentials(path: Path) -> Credentials:
     """Read a credentials file, or raise a BusError saying what is wrong with it."""
+    import tomllib  # a one-shot aish on a server without users never reads one
+
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:

@@ -49,6 +49,7 @@ from bus.errors import (
     StreamGap,
     from_wire,
 )
+from bus.lite import NO_RESPONDERS, tls_context
 from bus.runs import (
     RunSummary,
     list_runs,
@@ -78,8 +79,6 @@ from bus.wire import (
 )
 
 log = structlog.get_logger("tekton.bus")
-
-NO_RESPONDERS = "503"
 
 
 def is_no_responders(msg: Msg) -> bool:
@@ -224,13 +223,7 @@ async def connect(
 def client_tls(settings: TektonSettings) -> ssl.SSLContext | None:
     """A context that verifies the server against ``tls_ca`` (or the data dir's generated CA) when the
     URL asks for TLS (``tls://``, ``wss://``) or a CA is given; None for plain connections."""
-    ca = settings.tls_ca
-    generated = settings.data_dir / "tls" / "ca.pem"
-    if ca is None and settings.nats_url.startswith(("tls://", "wss://")) and generated.exists():
-        ca = generated
-    if ca is None and not settings.nats_url.startswith(("tls://", "wss://")):
-        return None
-    return ssl.create_default_context(cafile=str(ca) if ca else None)
+    return tls_context(settings.nats_url, settings.tls_ca, settings.data_dir)
 
 
 async def connect_as(

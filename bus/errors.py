@@ -9,10 +9,9 @@ read it there and keep no rules of their own.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class ErrorCode(StrEnum):
@@ -58,8 +57,7 @@ RPC_CONTEXT_LIMIT = -32002
 RPC_BUSY = -32003
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """What one error code means to every edge."""
 
     http: int  # the HTTP bridge's status
@@ -173,6 +171,8 @@ class SpecialistUnavailable(BusError):
     def named(cls, name: str, running: Iterable[str] = ()) -> SpecialistUnavailable:
         """Nobody answers for ``name``; suggest the closest of the ``running`` names."""
         names = sorted(set(running))
+        import difflib  # only for this message (a one-shot aish starts without it)
+
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
         if close:
             hint = f"; did you mean '{close[0]}'?"

@@ -18,7 +18,6 @@ its helpers take a connection.
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -27,36 +26,18 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bus.settings import TektonSettings
+from bus.subjects import (
+    FRAMES,
+    PROBE,
+    USER_RE,
+    run_listen_subject,
+    run_subject,
+    runs_filter,
+    runs_stream_name,
+)
 from bus.wire import REQUEST_ID_RE, unpack_frame
 
-FRAMES = "f"
-PROBE = "p"
-# A user token as nats-server's config and our inbox prefixes allow it.
-_USER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def runs_stream_name(prefix: str) -> str:
-    """The JetStream stream holding every run's frames under ``prefix``."""
-    return prefix.replace(".", "_").replace("-", "_").upper() + "_RUNS"
-
-
-def run_subject(user: str, run_id: str, prefix: str) -> str:
-    """Where the frames of run ``run_id`` of ``user`` are published (the request's reply subject)."""
-    if not _USER_RE.match(user):
-        raise ValueError(f"invalid user name {user!r}")
-    if not REQUEST_ID_RE.match(run_id):
-        raise ValueError(f"invalid run id {run_id!r}: 1-64 characters of [A-Za-z0-9_-]")
-    return f"{prefix}.run.{user}.{run_id}.{FRAMES}"
-
-
-def run_listen_subject(frames_subject: str) -> str:
-    """What a live listener subscribes to: the frames and the probes of one run."""
-    return frames_subject[: -len(FRAMES)] + "*"
-
-
-def runs_filter(prefix: str, user: str = "*") -> str:
-    """Every run subject of ``user`` (or of everyone)."""
-    return f"{prefix}.run.{user}.*.{FRAMES}"
+__all__ = ["FRAMES", "PROBE", "run_listen_subject", "run_subject", "runs_filter", "runs_stream_name"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +55,7 @@ def parse_run_subject(subject: str, prefix: str) -> RunRef | None:
     if len(parts) != 3 or parts[2] != FRAMES:
         return None
     user, run_id = parts[0], parts[1]
-    if not _USER_RE.match(user) or not REQUEST_ID_RE.match(run_id):
+    if not USER_RE.match(user) or not REQUEST_ID_RE.match(run_id):
         return None
     return RunRef(user, run_id)
 

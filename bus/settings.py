@@ -21,21 +21,8 @@ from pydantic_settings import (
 )
 
 from bus.errors import ConfigError
+from bus.places import config_file, default_data_dir
 from bus.subjects import DEFAULT_PREFIX, validate_prefix
-
-
-def config_file() -> Path:
-    """Where the config file is: ``$TEKTON_CONFIG``, else ``$XDG_CONFIG_HOME/tekton/config.toml``."""
-    explicit = os.environ.get("TEKTON_CONFIG")
-    if explicit:
-        return Path(explicit)
-    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
-    return base / "tekton" / "config.toml"
-
-
-def _data_dir() -> Path:
-    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "tekton"
 
 
 class TektonSettings(BaseSettings):
@@ -44,7 +31,7 @@ class TektonSettings(BaseSettings):
     # One server, or the nodes of a cluster comma-separated (clients fail over between them).
     nats_url: str = "nats://127.0.0.1:4222"
     prefix: str = DEFAULT_PREFIX
-    data_dir: Path = Field(default_factory=_data_dir)
+    data_dir: Path = Field(default_factory=default_data_dir)
     # Client: how long a reply stream may stay silent (no token, no heartbeat) before we give up.
     idle_timeout_s: float = Field(default=10.0, gt=0)
     # Specialist: send a heartbeat after this long without any frame.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from bus.frames import REQUEST_ID_RE
+
 DEFAULT_PREFIX = "tekton"
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 NAME_RE = re.compile(NAME_PATTERN)
@@ -108,3 +110,34 @@ def gateway_user(subject: str, prefix: str = DEFAULT_PREFIX) -> str:
 def gateway_queue(prefix: str = DEFAULT_PREFIX) -> str:
     """The queue group gateway replicas share."""
     return f"{prefix}.gateway"
+
+
+# Durable runs (bus/runs.py): a run's frames subject is its request's reply subject.
+FRAMES = "f"
+PROBE = "p"
+# A user token as nats-server's config and our inbox prefixes allow it.
+USER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def runs_stream_name(prefix: str) -> str:
+    """The JetStream stream holding every run's frames under ``prefix``."""
+    return prefix.replace(".", "_").replace("-", "_").upper() + "_RUNS"
+
+
+def run_subject(user: str, run_id: str, prefix: str) -> str:
+    """Where the frames of run ``run_id`` of ``user`` are published (the request's reply subject)."""
+    if not USER_RE.match(user):
+        raise ValueError(f"invalid user name {user!r}")
+    if not REQUEST_ID_RE.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: 1-64 characters of [A-Za-z0-9_-]")
+    return f"{prefix}.run.{user}.{run_id}.{FRAMES}"
+
+
+def run_listen_subject(frames_subject: str) -> str:
+    """What a live listener subscribes to: the frames and the probes of one run."""
+    return frames_subject[: -len(FRAMES)] + "*"
+
+
+def runs_filter(prefix: str, user: str = "*") -> str:
+    """Every run subject of ``user`` (or of everyone)."""
+    return f"{prefix}.run.{user}.*.{FRAMES}"

@@ -7,20 +7,24 @@ notices a lost frame (core NATS is at-most-once).
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from bus.errors import BadRequest, MalformedFrame, PayloadTooLarge
+from bus.errors import BadRequest, MalformedFrame
+from bus.frames import (
+    MODEL_RE,
+    PROTOCOL_VERSION,
+    REQUEST_ID_RE,
+    _pack,
+    _unpack,
+    chunk_fields,
+    unpack_frame,
+)
 
-PROTOCOL_VERSION: Literal[1] = 1
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# A model as a request names it: ``provider:model`` (``ollama:qwen2.5:7b``) or a bare model name for the
-# specialist's own provider. Printable, no spaces.
-MODEL_RE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
+__all__ = ["MODEL_RE", "PROTOCOL_VERSION", "REQUEST_ID_RE", "chunk_fields", "unpack_frame"]
 
 
 class Wire(BaseModel):
@@ -158,23 +162,6 @@ Frame = Annotated[
 _FRAME = TypeAdapter(Frame)
 
 
-def _pack(obj: Any, limit: int | None, what: str) -> bytes:
-    try:
-        data: bytes = msgpack.packb(obj, use_bin_type=True)
-    except UnicodeEncodeError as err:  # a lone surrogate ("\ud800") from a JSON client, say
-        raise BadRequest(f"{what} has text that is not valid Unicode ({err.reason} at {err.start})") from err
-    if limit is not None and len(data) > limit:
-        raise PayloadTooLarge(len(data), limit, what)
-    return data
-
-
-def _unpack(data: bytes) -> Any:
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as err:  # msgpack raises a handful of unrelated types
-        raise MalformedFrame(f"not msgpack: {err}") from err
-
-
 def encode(model: Wire, limit: int | None = None) -> bytes:
     """Encode a wire model; ``limit`` is the server's max_payload."""
     return _pack(model.model_dump(mode="python", exclude_none=True), limit, type(model).__name__)
@@ -241,32 +228,6 @@ def decode_request(data: bytes) -> ChatRequest:
         return ChatRequest.model_validate(raw)
     except ValidationError as err:
         raise BadRequest(f"not a ChatRequest: {_summary(err)}") from err
-
-
-_CHUNK_KEYS = frozenset({"v", "type", "seq", "text"})
-
-
-def unpack_frame(data: bytes) -> Any:
-    """msgpack-decode a reply frame (validate it with :func:`chunk_fields` / :func:`validate_frame`)."""
-    return _unpack(data)
-
-
-def chunk_fields(raw: Any) -> tuple[int, str] | None:
-    """The hot path: ``(seq, text)`` if ``raw`` is a well-formed chunk frame, else None.
-
-    Checks exactly what the ChunkFrame model would (keys, version, types) without building it;
-    anything else goes through :func:`validate_frame`.
-    """
-    if (
-        type(raw) is dict
-        and raw.keys() == _CHUNK_KEYS
-        and raw["type"] == "chunk"
-        and raw["v"] == PROTOCOL_VERSION
-    ):
-        seq, text = raw["seq"], raw["text"]
-        if type(seq) is int and seq >= 0 and type(text) is str:
-            return seq, text
-    return None
 
 
 AnyFrame = StartFrame | ChunkFrame | HeartbeatFrame | ToolCallFrame | ToolResultFrame | DoneFrame | ErrorFrame

@@ -6,6 +6,7 @@ Speed itself is measured in bench/hot_path.py, never asserted here.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -141,10 +142,39 @@ def test_one_shot_aish_imports_no_repl_rich_web_or_server_stack() -> None:
     assert done.stdout.strip() == "", f"a one-shot aish imports {done.stdout.strip()}"
 
 
+# What the light one-shot path (aish_client/oneshot.py) must never load: each costs more than its budget.
+LIGHT_PATH_NEVER = ("pydantic", "structlog", "asyncio", "anyio", "nats", "prompt_toolkit", "rich", "aiohttp")
+
+
+@pytest.mark.fast
+def test_the_light_one_shot_path_imports_no_pydantic_structlog_asyncio_or_nats() -> None:
+    """Every module the light path loads (its own, and those it imports when it asks) stays light.
+    tests/test_oneshot.py checks the same on a real `aish apollo hi` with `python -X importtime`."""
+    code = (
+        "import sys\n"
+        "from aish_client import oneshot\n"
+        "import aish_client.logbook, aish_client.render\n"
+        "import bus.auth, bus.errors, bus.frames, bus.lite, bus.subjects\n"
+        "assert oneshot.plan(['apollo', 'hi', '--json']) is not None\n"
+        "assert oneshot.load(None) is not None\n"
+        f"print(','.join(m for m in {LIGHT_PATH_NEVER!r} if m in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEKTON_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "TEKTON_CONFIG": "/nonexistent"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"the light path imports {done.stdout.strip()}"
+
+
 async def test_nats_over_websocket_still_works_after_aish_kept_aiohttp_out(tmp_path: Path) -> None:
     """aish imports nats without aiohttp; connecting to a ws:// URL brings it in."""
     code = (
-        "import aish_client, sys, anyio\n"
+        "import aish_client.lean_imports, sys, anyio\n"
         "from bus.client import connect\n"
         "assert 'aiohttp' not in sys.modules\n"
         "async def main():\n"
