@@ -402,7 +402,17 @@ async def test_a_laptop_on_a_leaf_node_works_offline_and_reaches_the_team_when_c
 
 
 async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Path) -> None:
-    """`tekton nats --cluster` on three "machines" (here: ports and data dirs) routed to each other."""
+    """`tekton nats --cluster` on three "machines" (here: ports and data dirs) routed to each other; the
+    first machine's users and cluster secret copied to the others, as the README says."""
+    import shutil
+
+    from tekton.cluster import route_secret
+    from tekton.users import Users
+
+    Users(tmp_path / "m1", "tekton").ensure_local()
+    route_secret(tmp_path / "m1")
+    for i in (2, 3):
+        shutil.copytree(tmp_path / "m1" / "auth", tmp_path / f"m{i}" / "auth")
     ports, routes = free_ports(3), free_ports(3)
     children = []
     try:
@@ -418,8 +428,11 @@ async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Pa
             line = await anyio.to_thread.run_sync(lambda c=child: c.wait_for(lambda s: s.startswith("ready")))
             assert "of cluster tekton" in line
         url = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
-        await anyio.to_thread.run_sync(lambda: wait_jetstream(url, replicas=3))
-        nc = await connect(url)
+        probe = TektonSettings(nats_url=url, data_dir=tmp_path / "m2")
+        await anyio.to_thread.run_sync(lambda: wait_jetstream(url, replicas=3, probe=probe))
+        with pytest.raises(NotAuthorized):  # users on every node
+            await connect(url)
+        nc = await connect_as(probe, name="test", identity="gateway")
         try:
             kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
             await kv.put("k", b"v")
