@@ -52,6 +52,8 @@ KV_HEADROOM = 4096
 # replicas elect another after nats-server's Raft election timeout (a random 4-9 s, fixed in the server,
 # not configurable): nobody should wait for that before the answer starts.
 WRITE_BEHIND_AFTER_S = 0.25
+# A read nobody answers (a node just died or restarted) is tried again for this long.
+READ_PATIENCE_S = 3.0
 # A gateway starting while the bucket elects a leader waits this long for it.
 BUCKET_PATIENCE_S = 30.0
 # A write behind keeps trying this long for a leader (elections, a cluster regaining its quorum).
@@ -254,9 +256,23 @@ class SessionStore:
             return session
         return session.model_copy(update={"turns": session.turns[extra:], "dropped": session.dropped + extra})
 
+    async def _get(self, key: str) -> KeyValue.Entry:
+        """A direct get, answered by any replica; again for a moment while nobody answers (a node just
+        died or restarted and the cluster's interest has not settled yet)."""
+        deadline = time.monotonic() + READ_PATIENCE_S
+        while True:
+            try:
+                return await self.kv.get(key)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise BusError(
+                        "no replica of the sessions store answers; try again", retryable=True
+                    ) from None
+                await anyio.sleep(0.05)
+
     async def _load(self, session_id: str) -> tuple[Session, int] | None:
         try:
-            entry = await self.kv.get(_key(session_id))
+            entry = await self._get(_key(session_id))
         except nats.js.errors.KeyNotFoundError:
             self._forget(session_id)
             return None
@@ -276,7 +292,7 @@ class SessionStore:
         if touched is not None and time.monotonic() - touched < self.limits.ttl_s / 4:
             return
         try:
-            entry = await self.kv.get(key)
+            entry = await self._get(key)
             if entry.value == session.id.encode():
                 await self.kv.update(key, entry.value, last=entry.revision)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyWrongLastSequenceError):
@@ -311,7 +327,7 @@ class SessionStore:
     async def _holder(self, name: str, owner: str) -> tuple[str, int] | None:
         """The id ``owner``'s name's index key points at, with the key's revision."""
         try:
-            entry = await self.kv.get(_name_key(name, owner))
+            entry = await self._get(_name_key(name, owner))
         except nats.js.errors.KeyNotFoundError:
             return None
         return (entry.value or b"").decode(), entry.revision or 0
