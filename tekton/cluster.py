@@ -281,6 +281,9 @@ async def start_leaf(
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
     (say or _say)(f"nats-server listening on {server.url}, a leaf node of {hub} (works offline too)")
+    if config.leaf_seed is None:
+        key = creds_dir(settings.data_dir) / LEAF_KEY
+        (say or _say)(f"no leaf key at {key}: a hub made by tekton refuses this leaf (copy the hub's there)")
     return server.url
 
 
