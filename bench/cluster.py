@@ -8,7 +8,10 @@
 - aggregate chunks/s with specialist replicas (processes) on 1, 2 and 3 nodes;
 - placement: k concurrent requests on k one-slot replicas with a fixed per-request cost (scripted
   provider): speedup = k x (one request alone) / (the k together); slots placement vs the queue group
-  alone ("random"), same run.
+  alone ("random"), same run; and with the local model (SmolLM2, one thread per replica, k = 2 on 2
+  replicas: this machine has 2 cores, so CPU contention may cap the speedup);
+- recovery after kill -9 of the sessions bucket leader's node: time until the next session turn is
+  answered, and apart, until it is stored (durable) once the replicas have elected a new leader.
 
 Writes bench/results/cluster.json.
 """
@@ -27,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgpack
 
 from bench.common import pct, start_child, summary, write_results
 from bus.client import Bus, connect
 from bus.cluster import LocalCluster
 from bus.errors import BusError
 from bus.server import EmbeddedNats
+from bus.sessions import Session
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions
 from gateway.runtime import serve_gateway
@@ -42,6 +47,9 @@ from specialists.runtime import serve_specialists
 PROMPT = [ChatMessage(role="user", content="hello")]
 # The fixed per-request cost of the placement rounds (the scripted provider's first-token delay).
 COST_MS = 500
+# Tokens per request in the local-model placement rounds.
+LOCAL_TOKENS = 48
+LOCAL_PROMPT = "Write a long story about a lighthouse keeper."
 
 
 def specialist(url: str, *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -100,6 +108,7 @@ async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
     procs = [specialist(n1)]
     stream_s: list[float] = []
     session_s: list[float] = []
+    durable_s: list[float] = []
     # A request written into the dying node's socket is lost with it: the client retries after 1 s of
     # silence, as a user (or aish's fallback) would.
     settings = TektonSettings(nats_url=f"{n3},{n1}", idle_timeout_s=1)
@@ -131,8 +140,12 @@ async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
                 index = [c.name for c in cluster.configs].index(leader)
                 killed = time.perf_counter()
                 await anyio.to_thread.run_sync(cluster.kill, index)
-                await _until_answered(partial(_session_turn, s_bus, session.id))
-                session_s.append(time.perf_counter() - killed)
+                turn = _Turn(s_bus, session.id, f"after kill {len(session_s)}")
+                await _until_answered(turn)
+                assert turn.answered_at is not None
+                session_s.append(turn.answered_at - killed)
+                await _until_stored(s_bus, session.id, turn.request_id)
+                durable_s.append(time.perf_counter() - killed)
                 await s_nc.close()
                 await anyio.to_thread.run_sync(cluster.restart, index)
             stop_gateway.set()
@@ -140,15 +153,43 @@ async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
         stop(procs)
     figures: dict[str, Any] = {"stream_after_client_node_kill": summary(stream_s)}
     if session_s:
-        figures["session_turn_after_leader_kill"] = summary(session_s)
+        # What the user waits for: the turn's answer (its store write goes on behind it while the
+        # bucket elects a leader), then, apart, until the turn is in the bucket for good.
+        figures["session_turn_answered_after_leader_kill"] = summary(session_s)
+        figures["session_turn_durable_after_leader_kill"] = summary(durable_s)
     figures["p99_under_2s"] = max(stream_s + session_s) < 2.0
     return figures
 
 
-async def _session_turn(bus: Bus, session: str) -> None:
-    async with bus.stream("", PROMPT, session=session) as s:
-        async for _ in s:
-            pass
+class _Turn:
+    """One session turn, retried with the same request id (a retry stores it once); notes when its
+    answer's last chunk arrived."""
+
+    def __init__(self, bus: Bus, session: str, text: str):
+        self.bus, self.session, self.text = bus, session, text
+        self.request_id = f"bench-{time.monotonic_ns()}"
+        self.answered_at: float | None = None
+
+    async def __call__(self) -> None:
+        said = [ChatMessage(role="user", content=self.text)]
+        async with self.bus.stream("", said, session=self.session, request_id=self.request_id) as s:
+            async for _ in s:
+                self.answered_at = time.perf_counter()
+
+
+async def _until_stored(bus: Bus, session: str, request_id: str) -> None:
+    """Until the bucket (any replica) holds the turn's answer."""
+    with anyio.fail_after(60):
+        while True:
+            try:
+                kv = await bus.nc.jetstream().key_value(bucket_name(bus.settings.prefix))
+                entry = await kv.get(f"s.{session}")
+                stored = Session.model_validate(msgpack.unpackb(entry.value or b"", raw=False))
+                if any(t.request_id == request_id and t.status == "ok" for t in stored.turns):
+                    return
+            except Exception:  # the bucket is electing its leader, or a node restarts
+                pass
+            await anyio.sleep(0.05)
 
 
 async def _until_answered(call: Callable[[], Awaitable[Any]]) -> None:
@@ -212,11 +253,18 @@ async def bench_aggregate(cluster: LocalCluster, streams: int, tokens: int) -> d
     return figures
 
 
-async def placement_rounds(url: str, mode: str, k: int, rounds: int, cost_ms: int) -> dict[str, Any]:
+async def placement_rounds(
+    url: str, mode: str, k: int, rounds: int, cost_ms: int, provider: str = "scripted"
+) -> dict[str, Any]:
+    """``provider="local"``: the local model (SmolLM2), one thread per replica, a fixed number of tokens
+    per request (the cost is the model's, on this machine's cores)."""
     os.environ["TEKTON_SCRIPTED_FIRST_TOKEN_MS"] = str(cost_ms)
     os.environ["TEKTON_SCRIPTED_TOKENS"] = "2"
+    os.environ["TEKTON_LOCAL_THREADS"] = "1"
+    options = ChatOptions(max_tokens=LOCAL_TOKENS, temperature=0.0) if provider == "local" else None
+    same = LOCAL_PROMPT if provider == "local" else None  # one prompt: every request costs the same
     settings = TektonSettings(
-        nats_url=url, provider="scripted", max_concurrency=1, placement=mode, heartbeat_s=0.5
+        nats_url=url, provider=provider, max_concurrency=1, placement=mode, heartbeat_s=0.5
     )
     speedups = []
     async with anyio.create_task_group() as tg:
@@ -232,7 +280,7 @@ async def placement_rounds(url: str, mode: str, k: int, rounds: int, cost_ms: in
             alones = []
             for _ in range(3):
                 start = time.perf_counter()
-                await bus.ask("apollo", "alone")
+                await bus.ask("apollo", same or "alone", options)
                 alones.append(time.perf_counter() - start)
             alone = pct(alones, 50)
             distinct = []
@@ -240,7 +288,7 @@ async def placement_rounds(url: str, mode: str, k: int, rounds: int, cost_ms: in
                 served: list[str] = []
 
                 async def one(i: int, served: list[str] = served) -> None:
-                    served.append((await bus.ask("apollo", f"r{i}")).start.instance)
+                    served.append((await bus.ask("apollo", same or f"r{i}", options)).start.instance)
 
                 start = time.perf_counter()
                 async with anyio.create_task_group() as round_tg:
@@ -260,10 +308,11 @@ async def placement_rounds(url: str, mode: str, k: int, rounds: int, cost_ms: in
         # How many replicas each round's k requests went to (k: none waited behind a busy one).
         "rounds_on_k_replicas": sum(d == k for d in distinct),
         "rounds": rounds,
+        "provider": provider,
     }
 
 
-PARTS = ("first_chunk", "placement", "aggregate", "recovery")
+PARTS = ("first_chunk", "placement", "placement_local", "aggregate", "recovery")
 
 
 async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
@@ -289,6 +338,12 @@ async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
                 cluster.url, "slots", 3, 20, COST_MS
             )
             print("placement on cluster", figures["placement"]["on_cluster_slots_k3"], flush=True)
+        if "placement_local" in parts:
+            # k = 2 on 2 replicas: this machine has 2 cores, and each replica's model takes one thread.
+            local = figures.setdefault("placement_local", {"cores": os.cpu_count()})
+            for mode in ("slots", "random"):
+                local[f"{mode}_k2"] = await placement_rounds(single.url, mode, 2, 20, 0, provider="local")
+                print("placement, local model", mode, local[f"{mode}_k2"], flush=True)
         if "aggregate" in parts:
             figures["aggregate"] = await bench_aggregate(
                 cluster, 6 if quick else 12, 2000 if quick else 10000

@@ -154,11 +154,14 @@ async def connect(
     seen: list[str] = []
     # nats-py reports a failed TLS verification on the first connect to the error callback and then
     # waits forever: stop it ourselves.
-    tls_failed: asyncio.Future[ssl.SSLError] = asyncio.get_running_loop().create_future()
+    tls_failed: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def quiet(err: Exception) -> None:
         seen.append(str(err))
-        if isinstance(err, ssl.SSLError) and not tls_failed.done():
+        # A refusal of our credentials too: against a cluster nats-py goes on to the peers the server
+        # advertised, each refusing in turn, for ever.
+        refused = "authorization violation" in str(err).lower()
+        if (isinstance(err, ssl.SSLError) or refused) and not tls_failed.done():
             tls_failed.set_result(err)
         # Permission violations are the server refusing something we asked: worth a user's attention.
         if "permission" in str(err).lower():
@@ -192,13 +195,18 @@ async def connect(
             connecting.cancel()
             with contextlib.suppress(BaseException):
                 await connecting
-            raise tls_failed.result()
+            failed = tls_failed.result()
+            if not isinstance(failed, ssl.SSLError):
+                raise NotAuthorized(url, creds.user if creds else None)
+            raise failed
         nc = connecting.result()
     except nats.errors.Error as err:
         # The server's reason arrives through the error callback; the exception only says it gave up.
         if any("authorization violation" in e.lower() for e in [*seen, str(err)]):
             raise NotAuthorized(url, creds.user if creds else None) from err
         raise NatsUnavailable(url, type(err).__name__) from err
+    except NotAuthorized:
+        raise
     except ssl.SSLError as err:
         raise NatsUnavailable(url, f"TLS handshake failed ({err.reason or err}); check --tls-ca") from err
     except (OSError, TimeoutError) as err:
@@ -843,11 +851,12 @@ class ChatStream:
 MARK_MASK = 63
 RESUME_MARGIN_S = 1.0
 
-# The gateway stores an answer within milliseconds of its done frame; past this it has died, and the
-# answer is on screen anyway.
+# The gateway stores an answer within milliseconds of its done frame; past this it has died (or waits
+# for a cluster to elect the sessions bucket's leader), and the answer is on screen anyway.
 STORED_WAIT_S = 2.0
-# Then the client settles the turn itself, waiting this long for a gateway (one restarting, say).
-SETTLE_WAIT_S = 10.0
+# Then the client settles the turn itself, waiting this long for a gateway: one restarting, or one that
+# can store only once the bucket has a leader again (nats-server elects one 4-9 s after losing it).
+SETTLE_WAIT_S = 20.0
 
 
 class SessionChatStream(ChatStream):
@@ -896,10 +905,14 @@ class SessionChatStream(ChatStream):
         if self.accepted is None:
             return None
         answer, wait = "".join(self._parts), 0.05
+        users = [m.content for m in self.request.messages if m.role == "user"]
+        question = users[-1] if users else None
         with anyio.move_on_after(SETTLE_WAIT_S):
             while True:
                 try:
-                    return await self.bus.gateway.settle(self.accepted.session, self.request.id, answer)
+                    return await self.bus.gateway.settle(
+                        self.accepted.session, self.request.id, answer, question, self.specialist or None
+                    )
                 except GatewayUnavailable:
                     await anyio.sleep(wait)  # a retry's backoff: the gateway is restarting
                     wait = min(wait * 2, 1.0)

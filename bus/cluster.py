@@ -11,6 +11,7 @@ and nats-py's own.
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import nats
@@ -25,11 +27,14 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from bus.errors import BusError
-from bus.server import EmbeddedNats
+from bus.server import EmbeddedNats, TlsFiles, check_exposure, tls_block
+from bus.settings import TektonSettings
 
 log = structlog.get_logger("tekton.cluster")
 
 CLUSTER_NAME = "tekton"
+# The user name peers present on a route (with the cluster's shared secret as password).
+ROUTE_USER = "route"
 # The sessions bucket's replicas on a cluster of at least this many nodes (JetStream R3: one node may be
 # lost with nothing lost); a smaller cluster replicates on all of its nodes.
 DEFAULT_REPLICAS = 3
@@ -66,6 +71,18 @@ class NodeConfig:
     leaf_remotes: list[str] = field(default_factory=list)
     # A JetStream domain: a leaf keeps its own JetStream apart from the hub's.
     js_domain: str | None = None
+    # Routes: peers must present this secret (the cluster's, shared by every node); None: an open route.
+    route_secret: str | None = None
+    # Leaf nodes: a hub accepts only leaf connections signed with the nkey whose public key this is; a
+    # leaf signs its connection to the hub with this seed (both the `leaf` identity's, see tekton/users).
+    leaf_nkey: str | None = None
+    leaf_seed: str | None = None
+    # TLS on routes and leaf connections (both ends verify with the CA); the client port's TLS and the
+    # users file are EmbeddedNats's (server()).
+    tls: TlsFiles | None = None
+    auth_file: Path | None = None
+    # The CA a leaf verifies its hub with (default: ``tls``'s).
+    remote_ca: Path | None = None
 
     def render(self, *, store: bool = True) -> str:
         """The config text; ``store=False`` leaves the store dir to the command line (EmbeddedNats's -sd)."""
@@ -84,21 +101,34 @@ class NodeConfig:
         if self.js_domain:
             lines.append(f"  domain: {_quote(self.js_domain)}")
         lines.append("}")
+        tls = tls_block(self.tls, "  ").rstrip("\n").split("\n") if self.tls else []
         if self.cluster_port is not None:
             host = self.cluster_host or self.host
+            routes = [with_secret(r, self.route_secret) for r in self.routes]
             lines += [
                 "cluster {",
                 f"  name: {_quote(self.cluster_name)}",
                 f"  listen: {_quote(f'{host}:{self.cluster_port}')}",
-                f"  routes: [{', '.join(_quote(r) for r in self.routes)}]",
-                "}",
+                f"  routes: [{', '.join(_quote(r) for r in routes)}]",
+                *tls,
             ]
+            if self.route_secret is not None:
+                auth = f"user: {_quote(ROUTE_USER)}, password: {_quote(self.route_secret)}, timeout: 5"
+                lines.append(f"  authorization {{ {auth} }}")
+            lines.append("}")
         if self.leaf_port is not None or self.leaf_remotes:
             lines.append("leafnodes {")
             if self.leaf_port is not None:
                 lines.append(f"  listen: {_quote(f'{self.host}:{self.leaf_port}')}")
+                lines += tls
+                if self.leaf_nkey is not None:
+                    lines.append(f"  authorization {{ nkey: {_quote(self.leaf_nkey)}, timeout: 5 }}")
             if self.leaf_remotes:
-                remotes = ", ".join(f"{{ urls: [{_quote(u)}] }}" for u in self.leaf_remotes)
+                extra = f", nkey: {_quote(self.leaf_seed)}" if self.leaf_seed else ""
+                ca = self.remote_ca or (self.tls.ca if self.tls else None)
+                if ca is not None:
+                    extra += f", tls: {{ ca_file: {_quote(str(ca))} }}"
+                remotes = ", ".join(f"{{ urls: [{_quote(u)}]{extra} }}" for u in self.leaf_remotes)
                 lines.append(f"  remotes: [{remotes}]")
             lines.append("}")
         return "\n".join(lines) + "\n"
@@ -111,8 +141,30 @@ class NodeConfig:
         return path
 
     def server(self, log_file: Path | None = None) -> EmbeddedNats:
+        # Routes and leaf connections off this machine: only with their credentials and TLS.
+        if self.cluster_port is not None:
+            host = self.cluster_host or self.host
+            check_exposure(host, self.route_secret is not None, self.tls is not None)
+        if self.leaf_port is not None:
+            check_exposure(self.host, self.leaf_nkey is not None, self.tls is not None)
         config = self.write(store=False)
-        return EmbeddedNats(self.store_dir, host=self.host, port=self.port, config=config, log_file=log_file)
+        return EmbeddedNats(
+            self.store_dir,
+            host=self.host,
+            port=self.port,
+            config=config,
+            log_file=log_file,
+            auth_file=self.auth_file,
+            tls=self.tls,
+        )
+
+
+def with_secret(route: str, secret: str | None) -> str:
+    """``nats-route://host:6222`` with the cluster's credentials in it (a URL that has some keeps them)."""
+    if secret is None or "://" not in route or "@" in route.split("://", 1)[1]:
+        return route
+    scheme, rest = route.split("://", 1)
+    return f"{scheme}://{ROUTE_USER}:{quote(secret, safe='')}@{rest}"
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -137,8 +189,13 @@ def local_nodes(
     ports: Sequence[int] | None = None,
     cluster_ports: Sequence[int] | None = None,
     leaf_ports: Sequence[int] | None = None,
+    route_secret: str | None = None,
+    **secured: Any,
 ) -> list[NodeConfig]:
-    """Configs of an N-node cluster on one machine: names n1..nN, stores ``data_dir/nK``, full mesh."""
+    """Configs of an N-node cluster on one machine: names n1..nN, stores ``data_dir/nK``, full mesh,
+    routes that only take peers knowing ``route_secret`` (a fresh one when not given). ``secured``:
+    NodeConfig's ``auth_file``, ``tls``, ``leaf_nkey``."""
+    route_secret = route_secret or new_secret()
     if count < 1:
         raise BusError(f"a cluster needs at least one node, not {count}")
     ports = list(ports) if ports is not None else free_ports(count, host)
@@ -154,9 +211,16 @@ def local_nodes(
             cluster_port=cluster_ports[i],
             routes=[f"nats-route://{host}:{p}" for j, p in enumerate(cluster_ports) if j != i],
             leaf_port=leaf_ports[i] if leaf_ports else None,
+            route_secret=route_secret,
+            **secured,
         )
         for i in range(count)
     ]
+
+
+def new_secret() -> str:
+    """A cluster's route secret: what a node must know to join."""
+    return secrets.token_urlsafe(24)
 
 
 class LocalCluster:
@@ -167,14 +231,17 @@ class LocalCluster:
     ports with the same store, and JetStream catches it up.
     """
 
-    def __init__(self, data_dir: Path, nodes: int = 3, **ports: Any):
+    def __init__(self, data_dir: Path, nodes: int = 3, probe: TektonSettings | None = None, **options: Any):
         self.data_dir = Path(data_dir)
-        self.configs = local_nodes(self.data_dir, nodes, **ports)
+        self.configs = local_nodes(self.data_dir, nodes, **options)
         self.servers = [c.server(log_file=self.data_dir / f"{c.name}.log") for c in self.configs]
+        # Whose credentials (and CA) the readiness probe uses when the nodes have users.
+        self.probe = probe
 
     @property
     def urls(self) -> list[str]:
-        return [f"nats://{c.host}:{c.port}" for c in self.configs]
+        scheme = "tls" if self.configs[0].tls else "nats"
+        return [f"{scheme}://{c.host}:{c.port}" for c in self.configs]
 
     @property
     def url(self) -> str:
@@ -185,7 +252,8 @@ class LocalCluster:
         try:
             for server in self.servers:
                 server.start(timeout)
-            wait_jetstream(self.url, timeout, replicas=min(DEFAULT_REPLICAS, len(self.servers)))
+            probe = self.probe.model_copy(update={"nats_url": self.url}) if self.probe else None
+            wait_jetstream(self.url, timeout, replicas=min(DEFAULT_REPLICAS, len(self.servers)), probe=probe)
         except BaseException:
             self.stop()
             raise
@@ -212,24 +280,34 @@ class LocalCluster:
         self.stop()
 
 
-def wait_jetstream(url: str, timeout: float = 30.0, replicas: int = 1) -> None:
+def wait_jetstream(
+    url: str, timeout: float = 30.0, replicas: int = 1, probe: TektonSettings | None = None
+) -> None:
     """Block until JetStream at ``url`` can place a stream of ``replicas`` replicas (a cluster elects
-    its meta leader, and its peers register, some time after each node says "ready")."""
+    its meta leader, and its peers register, some time after each node says "ready"). ``probe``: the
+    settings whose gateway credentials and CA sign in, on a cluster with users."""
 
-    async def probe() -> None:
+    async def connect() -> NATS:
+        if probe is None:
+            return await nats.connect(servers=split_urls(url), connect_timeout=2, max_reconnect_attempts=1)
+        from bus.client import connect_as  # bus.client is the layer above this module
+
+        return await connect_as(probe, name="tekton-cluster-probe", identity="gateway")
+
+    async def check() -> None:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             try:
-                nc = await nats.connect(servers=split_urls(url), connect_timeout=2, max_reconnect_attempts=1)
+                nc = await connect()
             except Exception as err:
                 last = str(err) or type(err).__name__
             else:
                 try:
                     js = nc.jetstream()
-                    probe = f"tekton_ready_{time.monotonic_ns()}"
-                    await js.add_stream(name=probe, subjects=[f"_tekton.{probe}"], num_replicas=replicas)
-                    await js.delete_stream(probe)
+                    name = f"tekton_ready_{time.monotonic_ns()}"
+                    await js.add_stream(name=name, subjects=[f"_tekton.{name}"], num_replicas=replicas)
+                    await js.delete_stream(name)
                     return
                 except Exception as err:
                     last = str(err) or type(err).__name__
@@ -239,7 +317,7 @@ def wait_jetstream(url: str, timeout: float = 30.0, replicas: int = 1) -> None:
             await anyio.sleep(0.2)
         raise BusError(f"JetStream did not become available at {url} within {timeout:g} s: {last}")
 
-    anyio.run(probe)
+    anyio.run(check)
 
 
 def session_replicas(nc: NATS, configured: int | None) -> int:

@@ -177,6 +177,10 @@ class SettleTurn(Wire):
     session: str = Field(min_length=1, max_length=64)
     request_id: str = Field(min_length=1, max_length=64)
     answer: str
+    # The question and who answered it, stored too when the gateway that took the turn died before it
+    # had stored even the question (a cluster electing the sessions bucket's leader at that moment).
+    question: str | None = None
+    specialist: str | None = None
 
 
 # Replies
@@ -384,10 +388,23 @@ class GatewayClient:
         assert isinstance(reply, UsageReply)
         return reply
 
-    async def settle(self, session: str, request_id: str, answer: str) -> StoredFrame:
-        reply = await self.call(
-            "settle", self._request(SettleTurn, session=session, request_id=request_id, answer=answer)
+    async def settle(
+        self,
+        session: str,
+        request_id: str,
+        answer: str,
+        question: str | None = None,
+        specialist: str | None = None,
+    ) -> StoredFrame:
+        settle = self._request(
+            SettleTurn,
+            session=session,
+            request_id=request_id,
+            answer=answer,
+            question=question,
+            specialist=specialist,
         )
+        reply = await self.call("settle", settle)
         assert isinstance(reply, StoredFrame)
         return reply
 

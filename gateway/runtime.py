@@ -129,7 +129,7 @@ async def _serve_connection(
     )
     kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
     async with anyio.create_task_group() as tg:
-        service = GatewayService(nc, SessionStore(kv, limits), settings, tg)
+        service = GatewayService(nc, SessionStore(kv, limits, task_group=tg), settings, tg)
         usage_kv = await open_usage_bucket(nc, settings.prefix, limits.replicas)
         service.usage = UsageBook(nc, usage_kv, settings.prefix, settings.usage_budget_tokens)
         await service.start()

@@ -8,6 +8,7 @@ the frames out to both) and records the answer when the stream ends.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -291,6 +292,18 @@ class GatewayService:
         """A client's copy of an answer whose recording gateway stopped (see SettleTurn)."""
         session, _ = await self.store.resolve(r.session, _owner())
         turn = next((t for t in session.turns if t.role == "user" and t.request_id == r.request_id), None)
+        if turn is None and r.question is not None and (r.specialist or session.specialist):
+            # The gateway that took the turn died before even the question was stored: store both.
+            asked = Turn(
+                id=turn_id(r.request_id),
+                role="user",
+                content=r.question,
+                specialist=r.specialist or session.specialist or "",
+                status="pending",
+                request_id=r.request_id,
+            )
+            session = await self.store.update(session.id, lambda s: _with_turn(s, asked, time.time()))
+            turn = next((t for t in session.turns if t.id == asked.id), None)
         if turn is None:
             raise BadRequest(f"session {session.name or session.id} has no turn for request {r.request_id}")
         stored = await self._finish(session.id, turn, r.answer, "ok", "")
@@ -316,6 +329,7 @@ class GatewayService:
         # nobody can still store this turn's answer.
         budget = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         turn = Turn(
+            id=turn_id(request.id),  # a retry of this request (same id) stores this turn once
             role="user",
             content=users[-1].content if users else request.messages[-1].content,
             specialist=specialist,
@@ -323,9 +337,9 @@ class GatewayService:
             request_id=request.id,
             settle_by=now + budget + self.settings.idle_timeout_s + STORED_WAIT_S + SETTLE_WAIT_S,
         )
-        session = await self.store.update(
-            session.id, lambda s: s.model_copy(update={"turns": [*_abandoned(s.turns, now), turn]})
-        )
+        # The answer does not wait for the write: it is stored behind it when the bucket is electing a
+        # leader (a node was lost), and this replica's own reads of the session already include it.
+        session = await self.store.update_soon(session.id, lambda s: _with_turn(s, turn, now))
         full = request.model_copy(update={"messages": [*session.context(), *request.messages]})
         return session.id, turn, full
 
@@ -644,6 +658,18 @@ class GatewayService:
             log.warning("answer not stored", session=session_id, request=turn.request_id, error=str(err))
             return None
         return StoredFrame(session=session_id, turns=len(session.turns) + session.dropped)
+
+
+def turn_id(request_id: str) -> str:
+    """The user turn's id, from its request's: the same request asked twice is one turn."""
+    return hashlib.blake2s(request_id.encode(), digest_size=8).hexdigest()
+
+
+def _with_turn(s: Session, turn: Turn, now: float) -> Session:
+    """The session with ``turn`` appended, unless it holds it already (the change is idempotent)."""
+    if any(t.id == turn.id for t in s.turns):
+        return s
+    return s.model_copy(update={"turns": [*_abandoned(s.turns, now), turn]})
 
 
 def _mark(turns: list[Turn], turn_id: str, status: TurnStatus, error: str) -> list[Turn]:

@@ -22,8 +22,10 @@ from functools import partial
 
 import anyio
 import msgpack
+import nats.errors
 import nats.js.errors
 import structlog
+from anyio.abc import TaskGroup
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
@@ -45,6 +47,18 @@ CAS_PATIENCE_S = 10.0
 # by closing the connection: stored values stay this far under max_payload.
 KV_HEADROOM = 4096
 
+# A caller that may go on before its write is stored (a session turn: its answer is core NATS) waits this
+# long for it, then the write finishes behind it. On a cluster that lost the sessions bucket's leader the
+# replicas elect another after nats-server's Raft election timeout (a random 4-9 s, fixed in the server,
+# not configurable): nobody should wait for that before the answer starts.
+WRITE_BEHIND_AFTER_S = 0.25
+# A read nobody answers (a node just died or restarted) is tried again for this long.
+READ_PATIENCE_S = 3.0
+# A gateway starting while the bucket elects a leader waits this long for it.
+BUCKET_PATIENCE_S = 30.0
+# A write behind keeps trying this long for a leader (elections, a cluster regaining its quorum).
+BEHIND_PATIENCE_S = 120.0
+
 
 def value_limit(max_payload: int, wanted: int) -> int:
     """The largest session value the store writes on a server with ``max_payload``."""
@@ -63,17 +77,36 @@ def bucket_name(prefix: str) -> str:
     return f"{prefix.replace('.', '_')}_sessions"
 
 
+async def existing_bucket(js: JetStreamContext, name: str) -> KeyValue | None:
+    """The bucket ``name`` if it exists; a gateway starting while it elects a leader waits for one."""
+    deadline = time.monotonic() + BUCKET_PATIENCE_S
+    while True:
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return None
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.ServiceUnavailableError,
+        ):
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.2)
+
+
 async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) -> KeyValue:
     """The sessions bucket, created if missing. An existing bucket takes the configured TTL; its other
     settings stay as they are."""
     name = bucket_name(prefix)
-    try:
-        kv = await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    else:
-        await _keep_ttl(js, name, limits.ttl_s)
-        return kv
+    found = await existing_bucket(js, name)
+    if found is not None:
+        try:
+            await _keep_ttl(js, name, limits.ttl_s)
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as err:
+            # A bucket still electing its leader: serve now, the TTL is updated at the next start.
+            log.warning("sessions bucket TTL not updated", bucket=name, error=str(err) or type(err).__name__)
+        return found
     config = KeyValueConfig(
         bucket=name,
         description="Tekton conversation sessions",
@@ -103,19 +136,41 @@ async def _keep_ttl(js: JetStreamContext, bucket: str, ttl_s: float) -> None:
     log.info("sessions bucket TTL updated", bucket=bucket, was_s=had, ttl_s=ttl_s)
 
 
-async def _leader_write(write: Callable[[], Awaitable[int]]) -> int:
+async def _leader_write(
+    write: Callable[[], Awaitable[int]], patience: float = CAS_PATIENCE_S, *, repeatable: bool = False
+) -> int:
     """A KV write, again while nobody takes it: on a cluster the bucket's leader is gone and its replicas
-    are electing another (a second or two); "no responders" means nothing was written."""
-    deadline = time.monotonic() + CAS_PATIENCE_S
+    are electing another. "No responders" means nothing was written. A timeout may have written it: it
+    is tried again only for a ``repeatable`` write (a put, a compare-and-set of an idempotent change)."""
+    deadline = time.monotonic() + patience
+    retry: tuple[type[Exception], ...] = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)
+    if repeatable:
+        retry += (nats.errors.TimeoutError,)
     while True:
         try:
             return await write()
-        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+        except retry:
             if time.monotonic() > deadline:
                 raise BusError(
                     "the sessions store has no leader; nothing was written", retryable=True
                 ) from None
             await anyio.sleep(0.1)
+
+
+class _Queued:
+    """One change waiting for this replica's writer of its session."""
+
+    def __init__(self, change: Callable[[Session], Session]):
+        self.change = change
+        self.stored = anyio.Event()
+        self.session: Session | None = None
+        self.error: Exception | None = None
+
+    def result(self) -> Session:
+        if self.error is not None:
+            raise self.error
+        assert self.session is not None
+        return self.session
 
 
 def _key(session_id: str) -> str:
@@ -145,10 +200,20 @@ def _pack(session: Session) -> bytes:
 
 class SessionStore:
     def __init__(
-        self, kv: KeyValue, limits: StoreLimits, cache_size: int = 1024, cache_bytes: int = 64 * 1024 * 1024
+        self,
+        kv: KeyValue,
+        limits: StoreLimits,
+        cache_size: int = 1024,
+        cache_bytes: int = 64 * 1024 * 1024,
+        task_group: TaskGroup | None = None,
     ):
         self.kv = kv
         self.limits = limits
+        # With a task group, every write of a session goes through one writer task per session, in order,
+        # and a caller may go on before its write is stored (update_soon): until then this replica's own
+        # reads see the change (read-your-writes), and the writer retries until the bucket has a leader.
+        self._tg = task_group
+        self._queued: dict[str, list[_Queued]] = {}
         # The last value and revision this replica read or wrote, per session: an append then costs one
         # compare-and-set write instead of a read and a write. A stale entry (another replica wrote) only
         # costs the retry the compare-and-set does anyway. Bounded in count and in encoded bytes.
@@ -210,9 +275,23 @@ class SessionStore:
             return session
         return session.model_copy(update={"turns": session.turns[extra:], "dropped": session.dropped + extra})
 
+    async def _get(self, key: str) -> KeyValue.Entry:
+        """A direct get, answered by any replica; again for a moment while nobody answers (a node just
+        died or restarted and the cluster's interest has not settled yet)."""
+        deadline = time.monotonic() + READ_PATIENCE_S
+        while True:
+            try:
+                return await self.kv.get(key)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise BusError(
+                        "no replica of the sessions store answers; try again", retryable=True
+                    ) from None
+                await anyio.sleep(0.05)
+
     async def _load(self, session_id: str) -> tuple[Session, int] | None:
         try:
-            entry = await self.kv.get(_key(session_id))
+            entry = await self._get(_key(session_id))
         except nats.js.errors.KeyNotFoundError:
             self._forget(session_id)
             return None
@@ -220,11 +299,11 @@ class SessionStore:
         self._remember(session, revision, len(entry.value or b""))
         return session, revision
 
-    async def _summarise(self, session: Session) -> None:
+    async def _summarise(self, session: Session, patience: float = CAS_PATIENCE_S) -> None:
         """Rewrite the session's summary (what listing reads) and keep its name's index key alive."""
-        await self.kv.put(
-            _summary_key(session.id), msgpack.packb(session.summary().model_dump(exclude_none=True))
-        )
+        summary = msgpack.packb(session.summary().model_dump(exclude_none=True))
+        put = partial(self.kv.put, _summary_key(session.id), summary)
+        await _leader_write(put, patience, repeatable=True)
         if session.name is None:
             return
         key = _name_key(session.name, session.owner)
@@ -232,7 +311,7 @@ class SessionStore:
         if touched is not None and time.monotonic() - touched < self.limits.ttl_s / 4:
             return
         try:
-            entry = await self.kv.get(key)
+            entry = await self._get(key)
             if entry.value == session.id.encode():
                 await self.kv.update(key, entry.value, last=entry.revision)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyWrongLastSequenceError):
@@ -267,7 +346,7 @@ class SessionStore:
     async def _holder(self, name: str, owner: str) -> tuple[str, int] | None:
         """The id ``owner``'s name's index key points at, with the key's revision."""
         try:
-            entry = await self.kv.get(_name_key(name, owner))
+            entry = await self._get(_name_key(name, owner))
         except nats.js.errors.KeyNotFoundError:
             return None
         return (entry.value or b"").decode(), entry.revision or 0
@@ -290,7 +369,17 @@ class SessionStore:
         finally:
             await watcher.stop()
 
+    def _overlay(self, found: tuple[Session, int]) -> tuple[Session, int]:
+        """``found`` with this replica's changes not stored yet (read-your-writes)."""
+        session, revision = found
+        for queued in self._queued.get(session.id, ()):
+            session = queued.change(session)
+        return session, revision
+
     async def resolve(self, ref: str, owner: str | None = None) -> tuple[Session, int]:
+        return self._overlay(await self._resolve(ref, owner))
+
+    async def _resolve(self, ref: str, owner: str | None = None) -> tuple[Session, int]:
         """The session of ``owner`` (None: anyone's) with id ``ref``, else the one named ``ref``, else the
         one whose id starts with ``ref`` (at least 6 hex digits), with its revision. Another user's
         session is not found, exactly as if it did not exist."""
@@ -327,7 +416,7 @@ class SessionStore:
         (a stale value is caught by the compare-and-set, and the write returns the fresh one)."""
         cached = self._cached(ref)
         if cached and (owner is None or cached[0].owner == owner):
-            return cached[0]
+            return self._overlay(cached)[0]
         return (await self.resolve(ref, owner))[0]
 
     async def claim_name(self, name: str, session_id: str, owner: str) -> None:
@@ -383,24 +472,97 @@ class SessionStore:
     async def update(self, ref: str, change: Callable[[Session], Session]) -> Session:
         """Apply ``change`` to the current value and write it if nobody wrote in between; else retry on
         the newer value, with a small random backoff so many writers on one session all get through.
-        ``change`` must be a pure function of the session it is given."""
+        ``change`` must be a pure function of the session it is given, and idempotent: a write whose
+        outcome was not heard (a timeout while the bucket elects a leader) is applied again to what was
+        stored, and must then change nothing more (append a turn only if its id is absent)."""
+        if self._tg is None:
+            return await self._write(ref, change, CAS_PATIENCE_S)
+        queued = self._enqueue(ref, change)
+        await queued.stored.wait()
+        return queued.result()
+
+    async def update_soon(
+        self, ref: str, change: Callable[[Session], Session], within: float = WRITE_BEHIND_AFTER_S
+    ) -> Session:
+        """:meth:`update`, but return after ``within`` seconds even if the write is not stored yet: the
+        session as this replica now sees it (its later reads and writes include the change), while a
+        writer keeps trying until the bucket has a leader. A change the store could never take (too
+        large) is refused now."""
+        if self._tg is None:
+            return await self.update(ref, change)
+        session, _ = self._overlay(self._cached(ref) or await self._resolve(ref))
+        self._encode(self._prune(change(session)))  # SessionTooLarge now, not behind the caller's back
+        queued = self._enqueue(session.id, change)
+        with anyio.move_on_after(within):
+            await queued.stored.wait()
+        if queued.stored.is_set():
+            return queued.result()
+        log.warning("session write goes on behind the turn", session=session.id, waited_s=within)
+        return self._overlay(self._cached(session.id) or (session, 0))[0]
+
+    def _enqueue(self, session_id: str, change: Callable[[Session], Session]) -> _Queued:
+        queued = _Queued(change)
+        waiting = self._queued.get(session_id)
+        if waiting is None:
+            waiting = self._queued[session_id] = []
+            assert self._tg is not None
+            self._tg.start_soon(self._writer, session_id, waiting)
+        waiting.append(queued)
+        return queued
+
+    async def _writer(self, session_id: str, waiting: list[_Queued]) -> None:
+        """Store the session's queued changes, each batch in one compare-and-set, until none is left."""
+        while waiting:
+            batch = list(waiting)
+
+            def change(s: Session, batch: list[_Queued] = batch) -> Session:
+                for queued in batch:
+                    s = queued.change(s)
+                return s
+
+            def stored(batch: list[_Queued] = batch) -> None:
+                if waiting[: len(batch)] == batch:  # in the store now: the overlay must not apply them again
+                    del waiting[: len(batch)]
+
+            session: Session | None = None
+            error: Exception | None = None
+            try:
+                session = await self._write(session_id, change, BEHIND_PATIENCE_S, stored)
+            except Exception as err:  # told to the callers still waiting; logged for those gone on
+                error = err
+                stored()
+                log.error("session write failed", session=session_id, error=str(err))
+            for queued in batch:
+                queued.session, queued.error = session, error
+                queued.stored.set()
+        del self._queued[session_id]
+
+    async def _write(
+        self,
+        ref: str,
+        change: Callable[[Session], Session],
+        patience: float,
+        stored: Callable[[], None] | None = None,
+    ) -> Session:
         lock = self._writing.get(ref)
         if lock is None:
             lock = self._writing[ref] = anyio.Lock()
         async with lock:
-            session = await self._update(ref, change)
-        await self._summarise(session)
+            session = await self._update(ref, change, patience)
+        if stored is not None:
+            stored()
+        await self._summarise(session, patience)
         return session
 
-    async def _update(self, ref: str, change: Callable[[Session], Session]) -> Session:
-        session, revision = self._cached(ref) or await self.resolve(ref)
-        deadline = time.monotonic() + CAS_PATIENCE_S
+    async def _update(self, ref: str, change: Callable[[Session], Session], patience: float) -> Session:
+        session, revision = self._cached(ref) or await self._resolve(ref)
+        deadline = time.monotonic() + max(CAS_PATIENCE_S, patience)
         for attempt in itertools.count():
             changed = self._prune(change(session).model_copy(update={"updated": time.time()}))
             changed, data = self._encode(changed)
             try:
                 write = partial(self.kv.update, _key(session.id), data, last=revision)
-                self._remember(changed, await _leader_write(write), len(data))
+                self._remember(changed, await _leader_write(write, patience, repeatable=True), len(data))
                 return changed
             except nats.js.errors.KeyWrongLastSequenceError:
                 if time.monotonic() > deadline:

@@ -31,6 +31,7 @@ from bus.usage import (
     usage_subject,
 )
 from bus.wire import encode, unpack_frame
+from gateway.store import existing_bucket
 
 log = structlog.get_logger("tekton.usage")
 
@@ -45,10 +46,9 @@ def bucket_name(prefix: str) -> str:
 async def open_usage_bucket(nc: NATS, prefix: str, replicas: int = 1) -> KeyValue:
     js = nc.jetstream()
     name = bucket_name(prefix)
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        pass
+    found = await existing_bucket(js, name)
+    if found is not None:
+        return found
     config = KeyValueConfig(
         bucket=name, description="Tekton token usage", history=1, storage=StorageType.FILE, replicas=replicas
     )

@@ -57,6 +57,7 @@ from tekton.cluster import (
     cmd_nats_node,
     cmd_probe,
     node_config,
+    secure,
     start_leaf,
     write_ready,
 )
@@ -80,23 +81,27 @@ def secured_server(
     """The embedded server for ``settings.nats_url``, with auth (users made on first run) unless
     --no-auth, and TLS with --tls (tekton's own CA, or the files given)."""
     url = urlparse(settings.nats_url)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    auth_file = None
-    if not getattr(args, "no_auth", False):
-        users = Users(settings.data_dir, settings.prefix)
-        if users.ensure_local():
-            _say(f"created credentials for the local user and tekton's services in {users.dir}")
-        auth_file = users.write_auth_file()  # permissions follow this version's subjects
     return EmbeddedNats(
         settings.data_dir / "nats",
         host=url.hostname or "127.0.0.1",
         port=url.port or 4222,
-        auth_file=auth_file,
+        auth_file=users_file(settings, args),
         tls=server_tls(settings, args),
         log_file=log_file,
         websocket_port=websocket_port,
         allowed_origins=settings.ws_allowed_origins,
     )
+
+
+def users_file(settings: TektonSettings, args: argparse.Namespace) -> Path | None:
+    """The users file a server includes (users made on first run), None with --no-auth."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "no_auth", False):
+        return None
+    users = Users(settings.data_dir, settings.prefix)
+    if users.ensure_local():
+        _say(f"created credentials for the local user and tekton's services in {users.dir}")
+    return users.write_auth_file()  # permissions follow this version's subjects
 
 
 def server_tls(settings: TektonSettings, args: argparse.Namespace) -> TlsFiles | None:
@@ -434,6 +439,8 @@ def _http_ready(url: str) -> None:
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
     config = node_config(settings, args)
     if config is not None:
+        auth_file = None if args.print_config else users_file(settings, args)
+        secure(config, settings, args, auth_file, server_tls(settings, args))
         return await cmd_nats_node(settings, args, config)
     server = secured_server(settings, args, websocket_port=args.websocket)
     await anyio.to_thread.run_sync(server.start)
@@ -667,6 +674,10 @@ def _version() -> str:
         return "tekton (not installed)"
 
 
+async def _cluster(settings: TektonSettings, args: argparse.Namespace) -> int:
+    return await cmd_cluster(settings, args, users_file(settings, args), server_tls(settings, args))
+
+
 COMMANDS = {
     "users": cmd_users,
     "up": cmd_up,
@@ -678,7 +689,7 @@ COMMANDS = {
     "metrics": cmd_metrics,
     "mcp": cmd_mcp,
     "a2a": cmd_a2a,
-    "cluster": cmd_cluster,
+    "cluster": _cluster,
     "probe": cmd_probe,
     "models": cmd_models,
     "logs": cmd_logs,

@@ -7,16 +7,19 @@ commands only write its config from a few options and run it.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
+import nkeys  # type: ignore[import-untyped]
 
-from bus.cluster import LocalCluster, NodeConfig, split_urls
+from bus.auth import creds_dir
+from bus.cluster import LocalCluster, NodeConfig, new_secret, split_urls
 from bus.errors import BusError
-from bus.server import EmbeddedNats, nats_server_binary
+from bus.server import EmbeddedNats, TlsFiles, nats_server_binary
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 
@@ -26,6 +29,81 @@ LEAF_DOMAIN = "leaf"
 
 class UsageError(BusError):
     """A bad combination of options: exit 2."""
+
+
+# In the data dir's auth/ (0600): the cluster's route secret (every node of one cluster has the same:
+# copy it to each machine), and the nkey seed leaf nodes sign in to a hub with (copy it to each laptop).
+CLUSTER_SECRET = "cluster.secret"
+LEAF_KEY = "leaf.nkey"
+
+
+def _secret_file(path: Path, make: Callable[[], str], create: bool = True) -> str | None:
+    """The secret kept in ``path``, made (0600) on first use when ``create``; else None if absent."""
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def new_leaf_seed() -> str:
+    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+
+
+def route_secret(data_dir: Path, path: str | None = None) -> str:
+    """The cluster's route secret: from ``path`` when given (it must exist), else the data dir's."""
+    if path is not None:
+        try:
+            return Path(path).expanduser().read_text().strip()
+        except OSError as err:
+            raise UsageError(f"cannot read the cluster secret {path}: {err.strerror}") from None
+    found = _secret_file(creds_dir(data_dir) / CLUSTER_SECRET, new_secret)
+    assert found is not None
+    return found
+
+
+def leaf_seed(data_dir: Path, path: str | None = None, create: bool = False) -> str | None:
+    """The leaf nkey seed: from ``path`` when given (it must exist), else the data dir's (made when
+    ``create``: a hub makes it; a leaf only reads the copy it was given)."""
+    if path is not None:
+        try:
+            return Path(path).expanduser().read_text().strip()
+        except OSError as err:
+            raise UsageError(f"cannot read the leaf key {path}: {err.strerror}") from None
+    return _secret_file(creds_dir(data_dir) / LEAF_KEY, new_leaf_seed, create)
+
+
+def public_key(seed: str) -> str:
+    try:
+        return nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
+    except Exception:
+        raise UsageError("the leaf key is not an nkey user seed (SU...)") from None
+
+
+def secure(
+    config: NodeConfig,
+    settings: TektonSettings,
+    args: argparse.Namespace,
+    auth_file: Path | None,
+    tls: TlsFiles | None,
+) -> NodeConfig:
+    """Credentials (and TLS) on the node's routes and leaf connections; users on its client port."""
+    config.auth_file, config.tls = auth_file, tls
+    if config.cluster_port is not None:
+        config.route_secret = route_secret(settings.data_dir, getattr(args, "cluster_secret", None))
+    key = getattr(args, "leaf_key", None)
+    if config.leaf_port is not None:
+        seed = leaf_seed(settings.data_dir, key, create=True)
+        assert seed is not None
+        config.leaf_nkey = public_key(seed)
+    if config.leaf_remotes:
+        config.leaf_seed = leaf_seed(settings.data_dir, key)
+    return config
 
 
 def _say(text: str) -> None:
@@ -52,6 +130,10 @@ def add_cluster_parser(sub: argparse._SubParsersAction, common: argparse.Argumen
     up.add_argument(
         "--leafnodes", type=int, metavar="PORT", help="accept leaf nodes on PORT (then +1...): be a hub"
     )
+    up.add_argument("--tls", action="store_true", help="TLS for clients, routes and leaf nodes (own CA)")
+    up.add_argument(
+        "--no-auth", action="store_true", help="no users on the client ports (routes keep their secret)"
+    )
 
 
 def add_nats_cluster_options(nats_cmd: argparse.ArgumentParser) -> None:
@@ -65,6 +147,17 @@ def add_nats_cluster_options(nats_cmd: argparse.ArgumentParser) -> None:
     nats_cmd.add_argument("--cluster-name", default="tekton", help="the cluster's name (same on every node)")
     nats_cmd.add_argument("--leafnodes", type=int, metavar="PORT", help="accept leaf nodes on PORT (a hub)")
     nats_cmd.add_argument("--leaf", metavar="URL", help="join a hub as a leaf node (nats://hub:7422)")
+    nats_cmd.add_argument(
+        "--cluster-secret",
+        metavar="FILE",
+        help=f"the cluster's route secret (default: the data dir's auth/{CLUSTER_SECRET}, made on first use;"
+        " every node needs the same)",
+    )
+    nats_cmd.add_argument(
+        "--leaf-key",
+        metavar="FILE",
+        help=f"the nkey seed leaf nodes sign in with (default: the data dir's auth/{LEAF_KEY}; hubs make it)",
+    )
     nats_cmd.add_argument(
         "--print-config", action="store_true", help="print the generated nats-server config and exit"
     )
@@ -123,23 +216,42 @@ async def cmd_nats_node(settings: TektonSettings, args: argparse.Namespace, conf
     return 0
 
 
-async def cmd_cluster(settings: TektonSettings, args: argparse.Namespace) -> int:
+async def cmd_cluster(
+    settings: TektonSettings, args: argparse.Namespace, auth_file: Path | None, tls: TlsFiles | None
+) -> int:
+    """``auth_file``: the users file every node includes (the same users as ``tekton up``'s, from the
+    same data dir); ``tls``: the certificate for clients, routes and leaf connections."""
     if args.nodes < 1 or args.nodes > 9:
         raise UsageError(f"--nodes takes 1 to 9, not {args.nodes}")
     host = "127.0.0.1"
     n = args.nodes
+    leaf = leaf_seed(settings.data_dir, create=True) if args.leafnodes is not None else None
     cluster = LocalCluster(
         settings.data_dir / "cluster",
         n,
+        probe=settings if auth_file is not None else None,
         host=host,
         ports=[args.port + i for i in range(n)],
         cluster_ports=[args.cluster_port + i for i in range(n)],
         leaf_ports=[args.leafnodes + i for i in range(n)] if args.leafnodes is not None else None,
+        route_secret=route_secret(settings.data_dir),
+        auth_file=auth_file,
+        tls=tls,
+        leaf_nkey=public_key(leaf) if leaf else None,
     )
     await anyio.to_thread.run_sync(cluster.start)
     try:
         _say(f"ready cluster of {n} nodes: {cluster.url}")
         _say(f"stores and logs under {cluster.data_dir}")
+        secured = "users from" if auth_file else "NO users (--no-auth);"
+        _say(
+            f"routes need the secret in {creds_dir(settings.data_dir) / CLUSTER_SECRET}; {secured} "
+            f"{creds_dir(settings.data_dir) if auth_file else 'anyone on this machine owns the bus'}"
+        )
+        if leaf:
+            _say(
+                f"leaf nodes sign in with {creds_dir(settings.data_dir) / LEAF_KEY} (copy it to each laptop)"
+            )
         _say(f"next: tekton up --nats {cluster.url}   (or TEKTON_NATS_URL={cluster.url})")
         await set_on_signal(anyio.Event())
     finally:
@@ -161,11 +273,17 @@ async def start_leaf(
         port=port,
         leaf_remotes=[_leaf_url(u) for u in split_urls(hub)],
         js_domain=LEAF_DOMAIN,
+        # The hub's leaf key, if this laptop was given a copy (a hub made by tekton asks for it).
+        leaf_seed=leaf_seed(settings.data_dir),
+        remote_ca=settings.tls_ca,  # a hub on tls://: verified with this CA (else the system's)
     )
     server: EmbeddedNats = config.server(log_file=settings.data_dir / "nats-leaf.log")
     await anyio.to_thread.run_sync(server.start)
     stack.callback(server.stop)
     (say or _say)(f"nats-server listening on {server.url}, a leaf node of {hub} (works offline too)")
+    if config.leaf_seed is None:
+        key = creds_dir(settings.data_dir) / LEAF_KEY
+        (say or _say)(f"no leaf key at {key}: a hub made by tekton refuses this leaf (copy the hub's there)")
     return server.url
 
 

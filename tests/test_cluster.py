@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,8 @@ import anyio
 import pytest
 from nats.js.api import StreamInfo
 
-from bus.client import Bus, connect
+from bus.auth import NotAuthorized
+from bus.client import Bus, client_tls, connect, connect_as
 from bus.cluster import LocalCluster, NodeConfig, free_ports, wait_jetstream
 from bus.errors import BusError, SpecialistUnavailable
 from bus.settings import TektonSettings
@@ -73,10 +75,12 @@ async def sessions_stream(bus: Bus) -> StreamInfo:
     return await bus.nc.jetstream().stream_info(f"KV_{bucket_name(bus.settings.prefix)}")
 
 
-async def test_cluster_up_command_runs_three_routed_nodes(tmp_path: Path) -> None:
+async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp_path: Path) -> None:
+    """`tekton cluster up --tls`: users on every node (the same as `tekton up`'s), TLS on clients and
+    routes, routes that need the cluster's secret; an R3 bucket spans the three nodes."""
     ports, routes = consecutive_free_ports(3), consecutive_free_ports(3)
-    settings = TektonSettings(nats_url=",".join(f"nats://127.0.0.1:{p}" for p in ports), data_dir=tmp_path)
-    argv = [sys.executable, "-m", "tekton", "cluster", "up", "--nodes", "3"]
+    settings = TektonSettings(nats_url=",".join(f"tls://127.0.0.1:{p}" for p in ports), data_dir=tmp_path)
+    argv = [sys.executable, "-m", "tekton", "cluster", "up", "--nodes", "3", "--tls"]
     argv += ["--port", str(ports[0]), "--cluster-port", str(routes[0])]
     child = spawn(argv, child_env(settings))
     try:
@@ -84,7 +88,12 @@ async def test_cluster_up_command_runs_three_routed_nodes(tmp_path: Path) -> Non
         assert settings.nats_url in line
         for i in range(3):
             assert (tmp_path / "cluster" / f"n{i + 1}").is_dir()  # one store per node
-        nc = await connect(f"nats://127.0.0.1:{ports[2]}")
+        node3 = on(settings, f"tls://127.0.0.1:{ports[2]}")
+        with pytest.raises(NotAuthorized):  # no credentials: not an open bus
+            await connect(node3.nats_url, tls=client_tls(node3))
+        conf = (tmp_path / "cluster" / "n1.conf").read_text()
+        assert "authorization { user:" in conf and "tls {" in conf
+        nc = await connect_as(node3, name="test", identity="gateway")
         try:
             assert nc._server_info["cluster"] == "tekton"
             assert nc._server_info["server_name"] == "n3"
@@ -337,8 +346,17 @@ async def test_a_laptop_on_a_leaf_node_works_offline_and_reaches_the_team_when_c
     tmp_path: Path,
 ) -> None:
     """`tekton up --leaf`: local apollo, gateway and sessions on the laptop; athena only on the team's hub."""
+    from tekton.cluster import LEAF_KEY, leaf_seed, public_key
+
     hub_port, hub_leaf_port, laptop_port = free_ports(3)
-    hub = NodeConfig(name="hub", store_dir=tmp_path / "hub" / "store", port=hub_port, leaf_port=hub_leaf_port)
+    seed = leaf_seed(tmp_path / "hub", create=True)  # what `tekton nats --leafnodes` makes
+    assert seed is not None
+    hub = NodeConfig(
+        name="hub", store_dir=tmp_path / "hub" / "store", port=hub_port, leaf_port=hub_leaf_port,
+        leaf_nkey=public_key(seed),
+    )  # fmt: skip
+    (tmp_path / "laptop" / "auth").mkdir(parents=True)  # the team handed the laptop its copy of the key
+    (tmp_path / "laptop" / "auth" / LEAF_KEY).write_text(seed)
     hub_server = hub.server(log_file=tmp_path / "hub.log").start()
     team = TektonSettings(nats_url=hub_server.url, data_dir=tmp_path / "hub", provider="scripted")
     roster = tmp_path / "laptop-roster.toml"
@@ -384,7 +402,17 @@ async def test_a_laptop_on_a_leaf_node_works_offline_and_reaches_the_team_when_c
 
 
 async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Path) -> None:
-    """`tekton nats --cluster` on three "machines" (here: ports and data dirs) routed to each other."""
+    """`tekton nats --cluster` on three "machines" (here: ports and data dirs) routed to each other; the
+    first machine's users and cluster secret copied to the others, as the README says."""
+    import shutil
+
+    from tekton.cluster import route_secret
+    from tekton.users import Users
+
+    Users(tmp_path / "m1", "tekton").ensure_local()
+    route_secret(tmp_path / "m1")
+    for i in (2, 3):
+        shutil.copytree(tmp_path / "m1" / "auth", tmp_path / f"m{i}" / "auth")
     ports, routes = free_ports(3), free_ports(3)
     children = []
     try:
@@ -400,8 +428,11 @@ async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Pa
             line = await anyio.to_thread.run_sync(lambda c=child: c.wait_for(lambda s: s.startswith("ready")))
             assert "of cluster tekton" in line
         url = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
-        await anyio.to_thread.run_sync(lambda: wait_jetstream(url, replicas=3))
-        nc = await connect(url)
+        probe = TektonSettings(nats_url=url, data_dir=tmp_path / "m2")
+        await anyio.to_thread.run_sync(lambda: wait_jetstream(url, replicas=3, probe=probe))
+        with pytest.raises(NotAuthorized):  # users on every node
+            await connect(url)
+        nc = await connect_as(probe, name="test", identity="gateway")
         try:
             kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
             await kv.put("k", b"v")
@@ -413,3 +444,214 @@ async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Pa
     finally:
         for child in children:
             assert child.stop() == 0
+
+
+# Losing the sessions bucket's leader -----------------------------------------------------------------
+
+
+async def _turn_until_answered(bus: Bus, session: str, text: str, request_id: str) -> str:
+    """One session turn, retried with the same request id (as a client retries) while the bus fails
+    over; the answer's text."""
+    with anyio.fail_after(90):
+        while True:
+            try:
+                async with bus.stream("apollo", user(text), session=session, request_id=request_id) as s:
+                    return "".join([t async for t in s])
+            except BusError:
+                await anyio.sleep(0.1)
+
+
+async def _stored_turns(bus: Bus, session_id: str) -> list[Any]:
+    """The session as the bucket holds it (not as a gateway sees it), read from any replica."""
+    from bus.sessions import Session
+    from gateway.store import _decode
+
+    kv = await bus.nc.jetstream().key_value(bucket_name(bus.settings.prefix))
+    entry = await kv.get(f"s.{session_id}")
+    session: Session = _decode(entry.value, entry.key)
+    return session.turns
+
+
+async def test_killing_the_sessions_leader_loses_no_turn_and_stores_each_once(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    """kill -9 the node leading the sessions bucket while 10 clients take turns: every turn is answered
+    (its write goes on behind it while the replicas elect a leader), and once stored, each is there
+    exactly once (retries carry the same request id)."""
+    n1, n2, _ = cluster.urls
+    async with (
+        in_process_specialists(on(csettings, n1), "apollo"),
+        in_process_gateway(on(csettings, n1)),
+        in_process_gateway(on(csettings, n2)),
+        Bus.connect(on(csettings, n2)) as bus,
+    ):
+        await _move_leader(bus, "n3")
+        sessions = [(await bus.gateway.create("apollo", name=f"k{i}")).id for i in range(10)]
+        first_done = anyio.Event()
+        answers: dict[str, list[str]] = {s: [] for s in sessions}
+
+        async def client(session: str, i: int) -> None:
+            for turn in range(4):
+                text = f"k{i} t{turn}"
+                answers[session].append(await _turn_until_answered(bus, session, text, f"k{i}-t{turn}"))
+                first_done.set()
+
+        async with anyio.create_task_group() as tg:
+            for i, session in enumerate(sessions):
+                tg.start_soon(client, session, i)
+            await first_done.wait()
+            cluster.kill(2)  # SIGKILL the leader's node
+
+        for i, session in enumerate(sessions):
+            assert answers[session] == [f"apollo heard: k{i} t{t}" for t in range(4)]
+
+        async def all_stored() -> bool:
+            try:
+                turns = [await _stored_turns(bus, s) for s in sessions]
+            except Exception:  # no replica answers yet
+                return False
+            return all(not any(t.status == "pending" for t in ts) and len(ts) >= 8 for ts in turns)
+
+        await eventually(all_stored, within=60)
+        for i, session in enumerate(sessions):
+            turns = await _stored_turns(bus, session)
+            asked = [f"k{i} t{t}" for t in range(4)]
+            assert [t.content for t in turns if t.role == "user"] == asked, "a turn stored twice or lost"
+            assert [t.content for t in turns if t.role == "assistant"] == [
+                f"apollo heard: {a}" for a in asked
+            ]
+            assert {t.status for t in turns} == {"ok"}
+
+
+async def test_a_turn_survives_its_gateway_dying_while_the_bucket_elects_a_leader(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    """The sessions leader's node dies, then the gateway that took a turn is killed (-9) before the bucket
+    has a new leader: the client, which saw the whole answer, hands question and answer to another
+    gateway, and the turn is stored exactly once."""
+    n1, n2, _ = cluster.urls
+    slow = {"TEKTON_SCRIPTED_TOKENS": "20", "TEKTON_SCRIPTED_TOKENS_PER_S": "10"}  # ~2 s per answer
+    with env(**slow):
+        async with (
+            in_process_specialists(on(csettings, n2), "apollo"),
+            Bus.connect(on(csettings, n2)) as bus,
+        ):
+            argv = [sys.executable, "-m", "tekton", "gateway", "--log-level", "warning"]
+            doomed = spawn(argv, child_env(on(csettings, n1)), stderr=subprocess.STDOUT)  # its log too
+            await anyio.to_thread.run_sync(lambda: doomed.wait_for(lambda s: s.startswith("ready gateway")))
+            done = anyio.Event()
+
+            async def replacement() -> None:
+                # It starts now but serves only once the bucket has a leader again: the turn goes to
+                # the doomed gateway.
+                async with in_process_gateway(on(csettings, n2)):
+                    await done.wait()
+
+            try:
+                await _move_leader(bus, "n3")
+                session = (await bus.gateway.create("apollo", name="orphan")).id
+                async with anyio.create_task_group() as tg:
+                    cluster.kill(2)  # the bucket has no leader for the next 4-9 s
+                    tg.start_soon(replacement)
+                    parts: list[str] = []
+                    async with bus.stream("apollo", user("keep me"), session=session) as s:
+                        async for text in s:
+                            parts.append(text)
+                            if doomed.process.poll() is None:
+                                doomed.process.kill()  # the gateway that took the turn dies mid-answer
+                    done.set()
+                # It was the doomed gateway that took the turn, and it died with the write behind it.
+                said = await anyio.to_thread.run_sync(lambda: doomed.wait_for(lambda s: "behind" in s, 10))
+                assert "session write goes on behind the turn" in said
+            finally:
+                doomed.stop()
+            answer = "".join(parts)
+            assert answer.startswith("apollo heard: keep me")  # it went on without its gateway
+            assert s.stored is not None, "the client's copy was not stored"
+
+            async def stored() -> bool:
+                try:
+                    turns = await _stored_turns(bus, session)
+                except Exception:
+                    return False
+                return len(turns) >= 2 and turns[-1].status == "ok"
+
+            await eventually(stored, within=60)
+            turns = await _stored_turns(bus, session)
+            assert [(t.role, t.content) for t in turns] == [("user", "keep me"), ("assistant", answer)]
+
+
+# Routes and leaf connections need credentials --------------------------------------------------------
+
+
+async def _reaches(url_from: str, url_to: str) -> bool:
+    """A request from a client on ``url_from`` is answered by a responder on ``url_to``."""
+    server, client = await connect(url_to), await connect(url_from)
+    try:
+
+        async def here(msg: Any) -> None:
+            await msg.respond(b"here")
+
+        sub = await server.subscribe("probe.route", cb=here)
+        await server.flush()
+        try:
+            with anyio.fail_after(3):
+                while True:
+                    try:
+                        return (await client.request("probe.route", b"", timeout=0.5)).data == b"here"
+                    except Exception:  # interest not propagated (yet): ask again
+                        await anyio.sleep(0.1)
+        except TimeoutError:
+            return False
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await server.close()
+        await client.close()
+
+
+def _refused(log: Path, kind: str) -> bool:
+    return log.exists() and f"{kind} connection closed: Authentication Failure" in log.read_text()
+
+
+async def test_a_route_or_leaf_without_the_credentials_is_refused(tmp_path: Path) -> None:
+    """A node that does not know the cluster's route secret cannot join, one that does can; a leaf
+    without the hub's leaf key is refused, one with it connects."""
+    from tekton.cluster import new_leaf_seed, public_key
+
+    p_a, p_rogue, p_peer, p_leaf, p_good_leaf, r_a, r_rogue, r_peer, l_a = free_ports(9)
+    seed = new_leaf_seed()
+    a = NodeConfig(
+        name="a", store_dir=tmp_path / "a", port=p_a, cluster_port=r_a, route_secret="the-secret",
+        routes=[f"nats-route://127.0.0.1:{r_peer}"], leaf_port=l_a, leaf_nkey=public_key(seed),
+    )  # fmt: skip
+    route_to_a = [f"nats-route://127.0.0.1:{r_a}"]
+    rogue = NodeConfig(
+        name="rogue", store_dir=tmp_path / "r", port=p_rogue, cluster_port=r_rogue, routes=route_to_a
+    )
+    peer = NodeConfig(
+        name="peer", store_dir=tmp_path / "p", port=p_peer, cluster_port=r_peer, routes=route_to_a,
+        route_secret="the-secret",
+    )  # fmt: skip
+    leaf_url = [f"nats://127.0.0.1:{l_a}"]
+    leaf = NodeConfig(
+        name="leaf", store_dir=tmp_path / "l", port=p_leaf, leaf_remotes=leaf_url, js_domain="l1"
+    )
+    good_leaf = NodeConfig(
+        name="good-leaf", store_dir=tmp_path / "g", port=p_good_leaf, leaf_remotes=leaf_url, leaf_seed=seed,
+        js_domain="l2",
+    )  # fmt: skip
+    servers = []
+    try:
+        for node in (a, rogue, peer, leaf, good_leaf):
+            servers.append(node.server(log_file=tmp_path / f"{node.name}.log").start())
+        a_log = tmp_path / "a.log"
+        await eventually(lambda: _refused(a_log, "Router"), within=20)
+        await eventually(lambda: _refused(a_log, "Leafnode"), within=20)
+        assert await _reaches(servers[2].url, servers[0].url)  # the peer with the secret is routed
+        assert await _reaches(servers[4].url, servers[0].url)  # the leaf with the key is connected
+        assert not await _reaches(servers[1].url, servers[0].url)  # the rogue node is not
+        assert not await _reaches(servers[3].url, servers[0].url)  # nor the leaf without the key
+    finally:
+        for server in servers:
+            server.stop()

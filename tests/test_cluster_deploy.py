@@ -53,6 +53,33 @@ def test_generated_node_configs_pass_nats_server_check(tmp_path: Path) -> None:
         assert "is valid" in out
 
 
+def test_node_configs_with_route_secret_leaf_key_and_tls_pass_nats_server_check(tmp_path: Path) -> None:
+    from tekton import certs
+    from tekton.cluster import new_leaf_seed, public_key
+
+    tls = certs.generate(tmp_path / "tls")
+    seed = new_leaf_seed()
+    nodes = local_nodes(tmp_path, 3, leaf_ports=[7422, 7423, 7424], tls=tls, leaf_nkey=public_key(seed))
+    for node in nodes:
+        text = node.render()
+        assert f'"nats-route://route:{node.route_secret}@127.0.0.1:' in text  # peers sign in
+        assert "authorization { user:" in text and "authorization { nkey:" in text
+        assert text.count("tls {") == 2  # routes and leaf connections
+        assert "is valid" in check_config(node.write())
+    leaf = local_nodes(tmp_path / "leaf", 1)[0]
+    leaf.cluster_port = None
+    leaf.leaf_remotes, leaf.leaf_seed, leaf.remote_ca = ["tls://hub:7422"], seed, tls.ca
+    assert f'nkey: "{seed}", tls: {{ ca_file:' in leaf.render()
+    assert "is valid" in check_config(leaf.write())
+
+
+def test_a_route_or_leaf_port_off_loopback_without_tls_is_refused(tmp_path: Path) -> None:
+    node = local_nodes(tmp_path, 1)[0]
+    node.cluster_host = "0.0.0.0"
+    with pytest.raises(Exception, match=r"refusing to listen on 0\.0\.0\.0 without TLS"):
+        node.server()
+
+
 def test_tekton_nats_cluster_prints_a_valid_node_config(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "tekton", "nats", "--cluster", "0.0.0.0:6222", "--name", "alpha"]
     argv += ["--routes", "nats-route://beta:6222,nats-route://gamma:6222", "--leafnodes", "7422"]
@@ -60,7 +87,9 @@ def test_tekton_nats_cluster_prints_a_valid_node_config(tmp_path: Path) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert 'server_name: "alpha"' in done.stdout
-    assert '"nats-route://beta:6222", "nats-route://gamma:6222"' in done.stdout
+    secret = (tmp_path / "auth" / "cluster.secret").read_text().strip()  # made on first use, 0600
+    assert (tmp_path / "auth" / "cluster.secret").stat().st_mode & 0o777 == 0o600
+    assert f'"nats-route://route:{secret}@beta:6222", "nats-route://route:{secret}@gamma:6222"' in done.stdout
     conf = tmp_path / "alpha.conf"
     conf.write_text(done.stdout)
     check_config(conf)
