@@ -46,7 +46,7 @@ from bus.subjects import (
     inbox_owner,
     queue_group,
 )
-from bus.usage import SESSION_HEADER, OverBudget, UsageRecord, budget_subject, usage_subject
+from bus.usage import SESSION_HEADER, OverBudget, budget_subject, encode_usage, usage_subject
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -387,15 +387,15 @@ class SpecialistService:
     async def _report_usage(self, request_id: str, prompt_tokens: int | None, completion_tokens: int) -> None:
         """What this answer cost, to the gateway's usage book (fire and forget)."""
         owner = self._owners.get(request_id, ANONYMOUS)
-        record = UsageRecord(
-            request_id=request_id,
-            specialist=self.spec.name,
-            session=self._usage_sessions.pop(request_id, None),
-            prompt_tokens=prompt_tokens or 0,
-            completion_tokens=completion_tokens,
-            cost=round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 6),
+        record = encode_usage(
+            request_id,
+            self.spec.name,
+            self._usage_sessions.pop(request_id, None),
+            prompt_tokens or 0,
+            completion_tokens,
+            round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 6),
         )
-        await self.nc.publish(usage_subject(owner, self.settings.prefix), encode(record))
+        await self.nc.publish(usage_subject(owner, self.settings.prefix), record)
 
     async def _serve_traced(
         self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, headers: Any
