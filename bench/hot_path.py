@@ -5,13 +5,15 @@
 - the floor: a raw nats-py subscriber (``python -m bench.hot_path floor URL``) publishing the same
   start/chunk/done msgpack frames to the reply subject, and a plain inbox client;
 - Tekton: `tekton specialist` processes on the scripted provider at unlimited rate, asked by the
-  project's client (``bus.client.Bus``) and by the client written only from docs/protocol.md
+  project's client (``bus.client.Bus``, durable runs on as by default, and again with runs off: frames
+  on an inbox only, none stored by JetStream) and by the client written only from docs/protocol.md
   (``bench/foreign_client.py``);
 - the HTTP/SSE bridge (`tekton gateway --http`) against the bus in the same run;
 - `aish apollo hi` against `python -c pass`; the specialist's RSS per 1,000 open streams.
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
-side's server process spent per request (CPU time is far less noisy than wall time on a busy machine).
+side's server process and nats-server spent per request (CPU time is far less noisy than wall time on
+a busy machine).
 Prints the table and writes bench/results/hot_path.json (date, machine, load average included).
 """
 
