@@ -5,14 +5,16 @@
 - the floor: a raw nats-py subscriber (``python -m bench.hot_path floor URL``) publishing the same
   start/chunk/done msgpack frames to the reply subject, and a plain inbox client;
 - Tekton: `tekton specialist` processes on the scripted provider at unlimited rate, asked by the
-  project's client (``bus.client.Bus``) and by the client written only from docs/protocol.md
+  project's client (``bus.client.Bus``, durable runs on as by default, and again with runs off: frames
+  on an inbox only, none stored by JetStream) and by the client written only from docs/protocol.md
   (``bench/foreign_client.py``);
 - the HTTP/SSE bridge (`tekton gateway --http`) against the bus in the same run;
 - the real `aish apollo hi` console script (its light one-shot path, and its full path) against
   `python -c pass`; the specialist's RSS per 1,000 open streams.
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
-side's server process spent per request (CPU time is far less noisy than wall time on a busy machine).
+side's server process and nats-server spent per request (CPU time is far less noisy than wall time on
+a busy machine).
 Prints the table and writes bench/results/hot_path.json (date, machine, load average included).
 """
 
@@ -164,22 +166,27 @@ async def wide(fn: Callable[[], Awaitable[float]], width: int) -> list[float]:
 class Side:
     """One side of a comparison: its client call and its server process (for CPU per request)."""
 
-    def __init__(self, name: str, fn: Callable[[], Awaitable[float]], pid: int):
-        self.name, self.fn, self.pid = name, fn, pid
+    def __init__(self, name: str, fn: Callable[[], Awaitable[float]], pid: int, nats_pid: int = 0):
+        self.name, self.fn, self.pid, self.nats_pid = name, fn, pid, nats_pid
         self.cpu_s = 0.0  # the server's CPU seconds over ``requests``
+        self.nats_cpu_s = 0.0  # nats-server's, over the same requests
+        self.nats_cpu = 0.0  # nats-server's CPU microseconds per request, set by cpu_us()
         self.requests = 0
 
     async def run(self, width: int, n: int) -> list[float]:
         before = cpu_s(self.pid)
+        nats_before = cpu_s(self.nats_pid) if self.nats_pid else 0.0
         samples = await (sequential(self.fn, n) if width == 1 else wide(self.fn, width))
         self.cpu_s += cpu_s(self.pid) - before
+        self.nats_cpu_s += (cpu_s(self.nats_pid) - nats_before) if self.nats_pid else 0.0
         self.requests += len(samples)
         return samples
 
     def cpu_us(self) -> float:
-        """Server CPU microseconds per request since the last call."""
+        """Server CPU microseconds per request since the last call (nats-server's in ``nats_cpu``)."""
         per = self.cpu_s / self.requests * 1e6 if self.requests else 0.0
-        self.cpu_s, self.requests = 0.0, 0
+        self.nats_cpu = round(self.nats_cpu_s / self.requests * 1e6, 1) if self.requests else 0.0
+        self.cpu_s, self.nats_cpu_s, self.requests = 0.0, 0.0, 0
         return round(per, 1)
 
 
@@ -224,27 +231,35 @@ async def measure_bus(args: argparse.Namespace, pids: dict[str, int]) -> dict[st
     rows = out["rows"]
     seq_n, rounds = (100, 3) if args.quick else (500, 5)
     nc = await nats.connect(args.url)
-    async with Bus.connect(settings) as bus:
-        floor = Side("floor", lambda: floor_first_chunk(nc), pids["floor"])
-        tekton = Side("tekton", lambda: bus_first_chunk(bus), pids["apollo"])
-        foreign = Side("foreign", lambda: foreign_first_chunk(nc, "apollo"), pids["apollo"])
-        for side in (floor, tekton, foreign):  # warm up
+    live_only = settings.model_copy(update={"runs": False})
+    async with Bus.connect(settings) as bus, Bus.connect(live_only) as live_bus:
+        ns = pids["nats-server"]
+        floor = Side("floor", lambda: floor_first_chunk(nc), pids["floor"], ns)
+        tekton = Side("tekton", lambda: bus_first_chunk(bus), pids["apollo"], ns)
+        # The project client without durable runs: frames on an inbox only, no JetStream capture.
+        live = Side("live", lambda: bus_first_chunk(live_bus), pids["apollo"], ns)
+        foreign = Side("foreign", lambda: foreign_first_chunk(nc, "apollo"), pids["apollo"], ns)
+        for side in (floor, tekton, live, foreign):  # warm up
             await side.run(1, 50)
             side.cpu_us()
+
+        def cpu(*sides: Side) -> dict[str, dict[str, float]]:
+            return {s.name: {"server_us": s.cpu_us(), "nats_server_us": s.nats_cpu} for s in sides}
+
         f, t = await interleaved(floor, tekton, 1, rounds, seq_n)
         rows.append(latency_row("first chunk, sequential p50", f, t, 50, 1.5))
-        f2, fo = await interleaved(floor, foreign, 1, 3 if args.quick else 5, seq_n)
-        rows.append(latency_row("  (foreign client, sequential p50)", f2, fo, 50, 1.5))
-        foreign.cpu_us()
-        out["cpu_per_request_sequential_us"] = {
-            "floor_service": floor.cpu_us(),
-            "specialist": tekton.cpu_us(),
-        }
+        f2, lv = await interleaved(floor, live, 1, rounds, seq_n)
+        rows.append(latency_row("  (project client, runs off: no JetStream capture)", f2, lv, 50, 1.5))
+        f3, fo = await interleaved(floor, foreign, 1, rounds, seq_n)
+        rows.append(latency_row("  (foreign client, sequential p50)", f3, fo, 50, 1.5))
+        out["cpu_per_request_sequential_us"] = cpu(floor, tekton, live, foreign)
         f, t = await interleaved(floor, tekton, 100, 3 if args.quick else 5)
         row = latency_row("first chunk, 100 concurrent p99", f, t, 99, 1.5)
         row["worst_round_goal"] = "<= 2x"
         rows.append(row)
-        out["cpu_per_request_c100_us"] = {"floor_service": floor.cpu_us(), "specialist": tekton.cpu_us()}
+        f2, lv = await interleaved(floor, live, 100, 3 if args.quick else 5)
+        rows.append(latency_row("  (project client, runs off, 100 concurrent p99)", f2, lv, 99, 1.5))
+        out["cpu_per_request_c100_us"] = cpu(floor, tekton, live)
         if "wide" not in args.skip:
             for width in (1000,) if args.quick else (1000, 5000):
                 f, t = await interleaved(floor, tekton, width, 1 if args.quick else 2)
@@ -522,6 +537,8 @@ def main() -> int:
                 "gateway", ["-m", "tekton", "gateway", "--http", str(http_port), "--log-level", "warning"]
             )
         pids = {name: server_pid(p.pid) for name, p in procs.items()}
+        assert server.process is not None
+        pids["nats-server"] = server.process.pid
         results: dict[str, Any] = {}
         try:
             if "bus" not in args.skip:
@@ -533,7 +550,7 @@ def main() -> int:
             if "rss" not in args.skip:
                 results["rss"] = asyncio.run(measure_rss(args, pids))
         finally:
-            for name in procs:
+            for name in procs:  # (not nats-server: EmbeddedNats stops it)
                 os.kill(pids[name], signal.SIGTERM)  # the server itself; py-spy then writes its profile
             for proc in procs.values():
                 try:

@@ -98,24 +98,33 @@ def chat_events(stream: ChatStream, name: str, texts: AsyncIterator[str]) -> Asy
     """A chat's server-sent events: start (with the run id), content with ids, then done or error."""
 
     async def events() -> AsyncIterator[str]:
+        # Events whose frames had already arrived go out together: one socket write, not one each
+        # (the first is never held back: it goes as soon as nothing more is waiting).
+        out = [sse("start", {"specialist": name, "request_id": stream.request.id})]
         async with stream:
-            yield sse("start", {"specialist": name, "request_id": stream.request.id})
             try:
                 async for text in texts:
-                    yield sse("content", {"text": text}, stream.last_seq)
+                    out.append(sse("content", {"text": text}, stream.last_seq))
+                    if not stream.waiting():
+                        yield "".join(out)
+                        out.clear()
                 result = await stream.result()
             except BusError as err:
-                yield sse("error", error_body(err)["error"], stream.last_seq)
+                out.append(sse("error", error_body(err)["error"], stream.last_seq))
+                yield "".join(out)
                 return
             except BaseException:  # the client went away: a durable run waits for it to come back
                 if stream.run_id is not None:
                     stream.leave()
                 raise
-            yield sse(
-                "done",
-                {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
-                stream.last_seq,
+            out.append(
+                sse(
+                    "done",
+                    {"usage": result.done.usage.model_dump(), "timings": result.done.timings.model_dump()},
+                    stream.last_seq,
+                )
             )
+            yield "".join(out)
 
     return events()
 

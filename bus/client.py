@@ -301,6 +301,9 @@ class Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def __len__(self) -> int:
+        return len(self._messages)
+
     async def peek(self, within: float) -> Msg | None:
         """The next message without taking it, or None when none arrives ``within`` seconds."""
         if not self._messages and not await self._wait(within):
@@ -747,6 +750,11 @@ class ChatStream:
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._texts()
+
+    def waiting(self) -> int:
+        """Frames already arrived and not read yet: the next ones come without waiting (a relay can
+        send what it has in one write when this is 0)."""
+        return len(self._frames)
 
     async def wait_started(self) -> None:
         """Return once the answer has begun (its first frame arrived), or raise what went wrong

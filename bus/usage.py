@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgpack
 from pydantic import Field
 
 from bus.subjects import DEFAULT_PREFIX
@@ -42,6 +43,24 @@ class UsageRecord(Wire):
     completion_tokens: int = Field(default=0, ge=0)
     # What the answer cost where the roster prices the specialist (cost_per_1k_tokens), else 0.
     cost: float = Field(default=0.0, ge=0)
+
+
+def encode_usage(
+    request_id: str,
+    specialist: str,
+    session: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cost: float,
+) -> bytes:
+    """A :class:`UsageRecord` as ``encode`` would make it, without building the model: one per answer,
+    from values the specialist already validated (same bytes, tested)."""
+    record: dict[str, object] = {"v": PROTOCOL_VERSION, "request_id": request_id, "specialist": specialist}
+    if session is not None:
+        record["session"] = session
+    record.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
+    data: bytes = msgpack.packb(record)
+    return data
 
 
 class Totals(Wire):

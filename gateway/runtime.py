@@ -24,6 +24,11 @@ from gateway.usage import UsageBook, open_usage_bucket
 
 log = structlog.get_logger("tekton.gateway")
 
+# How long the bridge keeps an idle kept-alive connection open. Longer than HTTP clients keep idle
+# pooled connections (aiohttp 15 s, httpx 5 s): with uvicorn's 5 s a client reusing a connection just
+# as the server closed it got "connection reset" / "server disconnected" mid-burst.
+HTTP_KEEP_ALIVE_S = 75
+
 
 class _Uvicorn(uvicorn.Server):
     @contextmanager
@@ -79,6 +84,7 @@ async def serve_gateway(
                         app,
                         log_level="warning",
                         lifespan="on",
+                        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
                         ssl_certfile=settings.http_tls_cert if tls else None,
                         ssl_keyfile=settings.http_tls_key if tls else None,
                     )

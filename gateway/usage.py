@@ -65,9 +65,14 @@ class UsageBook:
         self.prefix = prefix
         self.budget = budget_tokens
         self.over: frozenset[str] = frozenset()
+        # Records not stored yet, by key: while one batch is written the next gathers, so a burst of
+        # answers costs one compare-and-set per key, not a KV read and write per answer.
+        self._pending: dict[str, list[UsageRecord]] = {}
+        self._arrived = anyio.Event()
 
     async def start(self, tg: TaskGroup) -> None:
         queue = gateway_queue(self.prefix)
+        tg.start_soon(self._store)
         await self.nc.subscribe(usage_subject("*", self.prefix), queue=queue, cb=self._on_record)
         await self.nc.subscribe(usage_query_subject(self.prefix), queue=queue, cb=self._on_query)
         if self.budget is not None:
@@ -82,10 +87,12 @@ class UsageBook:
             return Totals(), None
         return Totals.model_validate(unpack_frame(entry.value)), entry.revision
 
-    async def _add(self, key: str, record: UsageRecord) -> Totals:
+    async def _add(self, key: str, records: list[UsageRecord]) -> Totals:
         while True:
             totals, revision = await self._read(key)
-            added = totals.add(record)
+            added = totals
+            for record in records:
+                added = added.add(record)
             try:
                 if revision is None:
                     await self.kv.create(key, encode(added))
@@ -99,18 +106,35 @@ class UsageBook:
         user = msg.subject.rsplit(".", 1)[-1]
         try:
             record = UsageRecord.model_validate(unpack_frame(msg.data))
-            total = await self._add(f"u.{user}", record)
-            if record.session:
-                await self._add(f"s.{user}.{record.session}", record)
         except (BusError, ValidationError) as err:
             log.warning("usage record not counted", user=user, error=str(err))
             return
-        except Exception as err:  # the bucket is unreachable: this count is lost, the gateway goes on
-            log.warning("usage record not stored", user=user, error=str(err))
-            return
-        if self.budget is not None and total.tokens >= self.budget and user not in self.over:
-            self.over = self.over | {user}
-            await self._tell()
+        self._pending.setdefault(f"u.{user}", []).append(record)
+        if record.session:
+            self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
+        self._arrived.set()
+
+    async def _store(self) -> None:
+        """Adds the records that arrived to their keys, a batch at a time (see ``_pending``)."""
+        while True:
+            await self._arrived.wait()
+            self._arrived = anyio.Event()
+            batch, self._pending = self._pending, {}
+            for key, records in batch.items():
+                try:
+                    total = await self._add(key, records)
+                except Exception as err:  # the bucket is unreachable: these counts are lost, we go on
+                    log.warning("usage records not stored", key=key, records=len(records), error=str(err))
+                    continue
+                user = key[2:]
+                if (
+                    key.startswith("u.")
+                    and self.budget is not None
+                    and total.tokens >= self.budget
+                    and user not in self.over
+                ):
+                    self.over = self.over | {user}
+                    await self._tell()
 
     async def _tell(self) -> None:
         await self.nc.publish(budget_subject(self.prefix), encode(OverBudget(users=sorted(self.over))))

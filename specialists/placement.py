@@ -125,14 +125,16 @@ class Placement:
         """The replica's requests in flight changed."""
         before = self.free
         self.in_flight = in_flight
-        if self.free != before:
+        # Alone (no peer ever announced itself), only a change of membership matters: announcing
+        # every request's start and end to nobody costs a publish and a loop turn each.
+        if self.free != before and (self.peers or (self.free == 0) != (before == 0)):
             self._changed.set()
 
     async def finishing(self) -> None:
         """A request is about to end (its last frame goes next): tell peers its slot is free *before*
         the asker hears "done", so a request it sends at once finds this replica counted as free.
         (One connection's messages reach the server in order.)"""
-        if not self._stopped:
+        if not self._stopped and self.peers:
             await self._announce(min(self.slots, self.free + 1))
 
     def forward_target(self, msg: Msg) -> tuple[str, dict[str, str]] | None:

@@ -46,7 +46,7 @@ from bus.subjects import (
     inbox_owner,
     queue_group,
 )
-from bus.usage import SESSION_HEADER, OverBudget, UsageRecord, budget_subject, usage_subject
+from bus.usage import SESSION_HEADER, OverBudget, budget_subject, encode_usage, usage_subject
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -77,6 +77,9 @@ VERSION = "0.1.0"
 # other requests and cancels wait at most a few ms, rarely enough that its frames still leave in
 # large writes (a yield per few chunks costs a socket write each and slows a fast stream).
 SLICE_S = 0.002
+# The first slice is shorter: the first chunk leaves within this long of being produced, and an
+# answer produced within it (a short or cached one) leaves in one write with its done frame.
+FIRST_SLICE_S = 0.0002
 # A cancel for a request not (yet) known here is remembered this long, in case the request follows.
 EARLY_CANCEL_S = 30.0
 EARLY_CANCEL_MAX = 10_000
@@ -384,15 +387,15 @@ class SpecialistService:
     async def _report_usage(self, request_id: str, prompt_tokens: int | None, completion_tokens: int) -> None:
         """What this answer cost, to the gateway's usage book (fire and forget)."""
         owner = self._owners.get(request_id, ANONYMOUS)
-        record = UsageRecord(
-            request_id=request_id,
-            specialist=self.spec.name,
-            session=self._usage_sessions.pop(request_id, None),
-            prompt_tokens=prompt_tokens or 0,
-            completion_tokens=completion_tokens,
-            cost=round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 6),
+        record = encode_usage(
+            request_id,
+            self.spec.name,
+            self._usage_sessions.pop(request_id, None),
+            prompt_tokens or 0,
+            completion_tokens,
+            round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 6),
         )
-        await self.nc.publish(usage_subject(owner, self.settings.prefix), encode(record))
+        await self.nc.publish(usage_subject(owner, self.settings.prefix), record)
 
     async def _serve_traced(
         self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, headers: Any
@@ -467,9 +470,7 @@ class SpecialistService:
                                 tokens += 1
                                 if first_token is None:
                                     first_token = time.perf_counter()
-                                    # Let the first token leave now instead of with the next batch.
-                                    await anyio.lowlevel.checkpoint()
-                                    slice_start = reply.last_sent
+                                    slice_start = reply.last_sent - SLICE_S + FIRST_SLICE_S
                                 elif reply.last_sent - slice_start >= SLICE_S:
                                     # A provider producing flat out never suspends (a publish only
                                     # buffers), so nothing else in this process would run: not

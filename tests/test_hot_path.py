@@ -23,6 +23,7 @@ from bus.client import Bus
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject
+from bus.usage import UsageRecord, encode_usage
 from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
 from tests.helpers import in_process_specialists, specialist_process
 
@@ -47,6 +48,20 @@ def request(specialist_text: str, max_tokens: int) -> bytes:
             "options": {"max_tokens": max_tokens},
         }
     )
+
+
+@pytest.mark.fast
+def test_usage_record_fast_path_matches_the_model() -> None:
+    for session, prompt, cost in ((None, 0, 0.0), ("s-1", 12, 0.0042)):
+        model = UsageRecord(
+            request_id="r1",
+            specialist="apollo",
+            session=session,
+            prompt_tokens=prompt,
+            completion_tokens=8,
+            cost=cost,
+        )
+        assert encode_usage("r1", "apollo", session, prompt, 8, cost) == encode(model)
 
 
 @pytest.mark.fast

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from bridge.app import create_app
 from bus.errors import BadRequest
@@ -357,3 +358,25 @@ async def test_the_bridge_connects_again_when_nats_py_closed_its_connection(sett
 
             await eventually(serving, within=20)
         server.should_exit = True
+
+
+async def test_an_idle_kept_alive_connection_outlives_the_clients_pool(settings: TektonSettings) -> None:
+    """HTTP clients keep idle connections in a pool and reuse them (aiohttp for 15 s). A bridge that
+    closed them sooner (uvicorn's 5 s) raced every client reusing one after a pause: at 100 concurrent
+    SSE streams some got "connection reset" or "server disconnected". A connection idle for longer
+    than uvicorn's default still answers here."""
+    async with bridge(settings) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as sock:
+            reader = BufferedByteReceiveStream(sock)
+            for _ in range(2):
+                await sock.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                head = await reader.receive_until(b"\r\n\r\n", 65536)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.receive_exactly(length)
+                await anyio.sleep(6.0)  # idle, as a pooled connection between two bursts
