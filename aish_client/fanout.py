@@ -140,6 +140,13 @@ class FanoutView:
                 self.end_line()
             self._write(f"── {op} ──\n")
 
+    def show(self, op: str) -> None:
+        """Show ``op`` too (attaching to a bulk run, whose operations are learnt as they start)."""
+        if op not in self._buffers:
+            self.shown.append(op)
+            self._buffers[op] = []
+            self._width = max(self._width, len(op))
+
     def end_line(self) -> None:
         if self.out is None:
             self.renderer.end_answer()
@@ -213,8 +220,30 @@ async def run_plan(
 ) -> BulkDone:
     """Run ``plan`` through the gateway and show it; raises if any operation did not succeed."""
     async with bus.bulk(plan) as bulk:
+        bulk.on_resume = lambda seq: renderer.note(
+            f"(the connection dropped events; the bulk run goes on from event {seq})"
+        )
         view = FanoutView(renderer, shown, {op.id: op.ai for op in plan.operations}, layout, out)
         async for event in bulk:
+            view.event(event)
+    assert bulk.done is not None
+    view.finish(bulk.done)
+    if bulk.done.status != "ok":
+        failed = [r.op for r in bulk.done.operations if r.status != "ok"]
+        raise BusError(
+            f"{len(failed)} of {len(bulk.done.operations)} operations did not succeed: {', '.join(failed)}"
+        )
+    return bulk.done
+
+
+async def attach_bulk(bus: Bus, run_id: str, after: int, renderer: Renderer) -> BulkDone:
+    """Follow a bulk run from the runs stream (``aish attach``): each operation's output as labelled
+    lines, the events after ``after`` then live; raises as ``run_plan`` does if an operation failed."""
+    async with bus.attach_bulk(run_id, after=after) as bulk:
+        view = FanoutView(renderer, [], {}, "lines")
+        async for event in bulk:
+            if isinstance(event, OpStart | OpChunk):
+                view.show(event.op)
             view.event(event)
     assert bulk.done is not None
     view.finish(bulk.done)

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from bus import tracing
 from bus.auth import Credentials, NotAuthorized, find_credentials
-from bus.bulk import BulkPlan, BulkStream
+from bus.bulk import BulkAttachment, BulkPlan, BulkStream
 from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
@@ -52,6 +52,7 @@ from bus.runs import (
     RunSummary,
     list_runs,
     probe_subject,
+    run_kind,
     run_listen_subject,
     run_subject,
     runs_stream_name,
@@ -413,6 +414,22 @@ class Bus:
     async def runs(self) -> list[RunSummary]:
         """Our runs still kept in the runs stream, oldest first."""
         return await list_runs(self.nc, self.settings, self.acting_for)
+
+    def new_queue(self) -> Inbox:
+        """An empty inbox for messages routed by hand (a replay's)."""
+        return Inbox()
+
+    async def run_kind(self, run_id: str) -> str | None:
+        """``chat`` or ``bulk`` for one of our runs kept in the runs stream, None when none is."""
+        subject = run_subject(self.acting_for, run_id, self.settings.prefix)
+        return await run_kind(self.nc, self.settings, subject)
+
+    def attach_bulk(
+        self, run_id: str, *, after: int = -1, idle_timeout: float | None = None
+    ) -> BulkAttachment:
+        """Read one of our bulk runs from the runs stream: the events after ``seq`` ``after``, then live."""
+        subject = run_subject(self.acting_for, run_id, self.settings.prefix)
+        return BulkAttachment(self, run_id, subject, after, idle_timeout or self.settings.idle_timeout_s)
 
     def attach(
         self, run_id: str, *, after: int = -1, idle_timeout: float | None = None, user: str | None = None
