@@ -2,7 +2,8 @@
 is written to the sessions bucket with the replica's name, so another replica takes it over when that
 one dies, and exactly one does.
 
-Keys (next to the sessions, under ``w.``):
+Keys (in a bucket of their own, ``<prefix>_work``, whose TTL outlasts any pending turn, so released
+work leaves no marker behind for ever):
   ``w.alive.<instance>``  rewritten every ``lease_s / 3`` by each live replica;
   ``w.turn.<request id>``  a pending turn and its holder (written when its answer begins, deleted when
                            it is stored);
@@ -25,6 +26,8 @@ import msgpack
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 log = structlog.get_logger("tekton.gateway.leases")
@@ -32,6 +35,32 @@ log = structlog.get_logger("tekton.gateway.leases")
 ALIVE = "w.alive."
 TURN = "turn"
 QUEUED = "queued"
+
+
+def work_bucket_name(prefix: str) -> str:
+    return f"{prefix.replace('.', '_')}_work"
+
+
+async def open_work_bucket(js: JetStreamContext, prefix: str, ttl_s: float, replicas: int) -> KeyValue:
+    """The work bucket, created if missing (an existing one keeps its settings)."""
+    name = work_bucket_name(prefix)
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=name,
+        description="Tekton gateways: who records which turn, who starts which queued message",
+        history=1,
+        ttl=ttl_s,
+        storage=StorageType.FILE,
+        direct=True,
+        replicas=replicas,
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
+        return await js.key_value(name)
 
 
 def work_key(kind: str, request_id: str) -> str:

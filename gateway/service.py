@@ -82,7 +82,7 @@ from bus.wire import (
 )
 from gateway.bulk import BulkRun, StoreAnswer, validate
 from gateway.discovery import Catalog
-from gateway.leases import QUEUED, TURN, Leases, Work
+from gateway.leases import QUEUED, TURN, Leases, Work, open_work_bucket
 from gateway.routing import Candidate
 from gateway.store import SessionStore, value_limit
 from gateway.usage import UsageBook
@@ -183,7 +183,12 @@ class GatewayService:
         self._tg.start_soon(self.running.keep_fresh)
         if self.usage is not None:
             await self.usage.start(self._tg)
-        self.leases = Leases(self.store.kv, self.instance_id, self.settings.gateway_lease_s)
+        # Work outlives nothing longer than a queued message's wait plus its answer.
+        ttl = 2 * (self.settings.request_timeout_s + self.settings.idle_timeout_s) + SETTLE_WAIT_S
+        work = await open_work_bucket(
+            self.nc.jetstream(), self.settings.prefix, ttl, self.store.limits.replicas
+        )
+        self.leases = Leases(work, self.instance_id, self.settings.gateway_lease_s)
         self._tg.start_soon(self.leases.beat)
         self._tg.start_soon(self.leases.sweep, self._take_over)
         self._tg.start_soon(self._recover_pending)

@@ -16,7 +16,7 @@ from nats.js.errors import KeyNotFoundError
 from bus.client import Bus
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from gateway.store import bucket_name
+from gateway.leases import work_bucket_name
 from tests.helpers import Child, env, eventually, gateway_process, in_process_specialists
 
 pytestmark = pytest.mark.anyio
@@ -47,7 +47,7 @@ async def taken_over(bus: Bus) -> int:
 
 async def holder(bus: Bus, request_id: str) -> str:
     """The replica that holds a turn or a queued message, as the sessions bucket says."""
-    kv = await bus.nc.jetstream().key_value(bucket_name(bus.settings.prefix))
+    kv = await bus.nc.jetstream().key_value(work_bucket_name(bus.settings.prefix))
     for kind in ("turn", "queued"):
         try:
             entry = await kv.get(f"w.{kind}.{request_id}")
