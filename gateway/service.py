@@ -185,12 +185,15 @@ class GatewayService:
             await self.usage.start(self._tg)
         # Work outlives nothing longer than a queued message's wait plus its answer.
         ttl = 2 * (self.settings.request_timeout_s + self.settings.idle_timeout_s) + SETTLE_WAIT_S
-        work = await open_work_bucket(
-            self.nc.jetstream(), self.settings.prefix, ttl, self.store.limits.replicas
-        )
-        self.leases = Leases(work, self.instance_id, self.settings.gateway_lease_s)
-        self._tg.start_soon(self.leases.beat)
-        self._tg.start_soon(self.leases.sweep, self._take_over)
+        js, replicas = self.nc.jetstream(), self.store.limits.replicas
+        try:
+            work = await open_work_bucket(js, self.settings.prefix, ttl, replicas)
+        except Exception as err:  # answers are still recorded; only not taken over when we die
+            log.warning("work bucket not available; no takeover of dead replicas' turns", error=str(err))
+        else:
+            self.leases = Leases(work, self.instance_id, self.settings.gateway_lease_s)
+            self._tg.start_soon(self.leases.beat)
+            self._tg.start_soon(self.leases.sweep, self._take_over)
         self._tg.start_soon(self._recover_pending)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
