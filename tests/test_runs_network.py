@@ -5,9 +5,11 @@ arrives whole, once. Real nats-server, aish as a subprocess, scripted specialist
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -89,3 +91,22 @@ async def test_aish_resumes_an_answer_after_its_connection_dropped(settings: Tek
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"apollo heard: {QUESTION}\n"  # whole, and once
     assert "the connection dropped frames; the answer goes on from frame" in done.stderr
+
+
+async def test_aish_bulk_resumes_after_its_connection_dropped(
+    settings: TektonSettings, tmp_path: Path
+) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"operations": [{"id": "one", "ai": "apollo", "message": QUESTION}]}))
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="40"):
+        async with (
+            in_process_gateway(settings),
+            in_process_specialists(settings, "apollo"),
+            proxy(settings, cut_after=10) as relay,
+        ):
+            through = settings.model_copy(update={"nats_url": relay.url})
+            done = await run_aish(through, "bulk", str(plan))
+    assert relay.cuts == 1
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"apollo heard: {QUESTION}\n"
+    assert "the connection dropped events; the bulk run goes on from event" in done.stderr
