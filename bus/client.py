@@ -290,6 +290,35 @@ class Inbox:
         return self._messages.popleft()
 
 
+class _Deliver:
+    """Stands in for a callback-less subscription's pending queue (nats-py 2.x hands it each message as
+    it is read, with ``put_nowait``): the message goes straight to the run's inbox, so a run costs no
+    asyncio queue and no subscription task. Nothing is ever pending in it."""
+
+    __slots__ = ("_routes", "_subject")
+
+    def __init__(self, routes: dict[str, Inbox], subject: str):
+        self._routes, self._subject = routes, subject
+
+    def put_nowait(self, msg: Msg) -> None:
+        if msg.subject == self._subject:  # (probes of the run are dropped: silence answers them)
+            inbox = self._routes.get(msg.subject)
+            if inbox is not None:
+                inbox.put(msg)
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def task_done(self) -> None:
+        return None
+
+    async def join(self) -> None:  # a drain waits for what is pending: nothing
+        return None
+
+
 class FrameReader:
     """Turns the messages of one reply stream into frames, in order: the one place that reads them
     (a client's ChatStream and the gateway's recorder both use it). ``seq`` must run 0, 1, 2...: core
@@ -360,9 +389,16 @@ class Bus:
         self._routes[subject] = inbox
         # The run's probes arrive here too and are dropped by _route: a probe answered by silence
         # tells the specialist someone still listens.
-        self._run_subs[subject] = await self.nc.subscribe(
-            run_listen_subject(subject), cb=self._route, pending_msgs_limit=1_000_000
-        )
+        listen = run_listen_subject(subject)
+        # A subscription per run, but no queue and no task per run (measured at 100 runs at once: the
+        # client's extra CPU over a plain inbox stream went from 5.9 to 2.2 ms per 100 runs).
+        sub = await self.nc.subscribe(listen, pending_bytes_limit=0)
+        if hasattr(sub, "_pending_queue"):
+            sub._pending_queue = _Deliver(self._routes, subject)  # type: ignore[assignment]
+        else:  # another nats-py: its own way
+            await sub.unsubscribe()
+            sub = await self.nc.subscribe(listen, cb=self._route, pending_msgs_limit=1_000_000)
+        self._run_subs[subject] = sub
         return inbox
 
     async def close_run(self, subject: str) -> None:
