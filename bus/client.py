@@ -408,10 +408,18 @@ class Bus:
             with suppress(nats.errors.Error, OSError):  # already gone (a closed connection, say)
                 await sub.unsubscribe()
 
-    async def replay(self, subject: str, first_seq: int, inbox: Inbox, since: float | None = None) -> Replay:
+    async def replay(
+        self,
+        subject: str,
+        first_seq: int,
+        inbox: Inbox,
+        since: float | None = None,
+        stream_seq: int | None = None,
+    ) -> Replay:
         """Frames of a run from the runs stream into ``inbox``: those with ``seq >= first_seq`` (and
         the start frame, which says who serves it), then live ones as they are stored, in order.
-        ``since`` (unix time): skip frames stored before it, so a long run is not read from its start."""
+        ``since`` (unix time): skip frames stored before it, so a long run is not read from its start;
+        ``stream_seq``: start at that stream sequence instead."""
 
         async def keep(msg: Msg) -> None:
             try:
@@ -426,7 +434,10 @@ class Bus:
         # A named consumer is created on $JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>, which
         # nats-server permissions can limit to the user's own runs (docs/security.md).
         config = api.ConsumerConfig(name=uuid.uuid4().hex)
-        if since is not None:
+        if stream_seq is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = stream_seq
+        elif since is not None:
             config.deliver_policy = api.DeliverPolicy.BY_START_TIME
             config.opt_start_time = datetime.fromtimestamp(since, UTC)
         consumer = await js.subscribe(
@@ -629,6 +640,7 @@ class ChatStream:
         )
         self._replay: Replay | None = None
         self._resumed_from: int | None = None
+        self._reach = 2  # how narrow the next resume starts (see resume())
         # Every MARK_EVERY frames: (seq, unix time) of a frame read, where a resume may start reading.
         self._mark: tuple[int, float] | None = None
         # How long the first frame may take (None: the idle timeout).
@@ -688,18 +700,44 @@ class ChatStream:
             self._inbox = None
         if self._replay is not None:
             await self._replay.unsubscribe()
+        if self._resumed_from not in (self._next_seq, -1):
+            self._reach = 2  # progress since the last resume: the narrowest start first again
         self._resumed_from = self._next_seq
         self._frames = Inbox()
-        # From a little before a frame we read (clocks of two machines differ a little); if that was
-        # too late after all, the next resume reads from the start (see _recover).
-        since = self._mark[1] - RESUME_MARGIN_S if self._mark else None
+        # Where to start reading, narrowest first; a start that was too late (the first frame read back
+        # is past the one we need: a gap with no progress) makes the next resume start wider (_recover).
+        # 2: the stream sequence of the frame we need, reckoned from the run's last stored frame (exact
+        # unless other runs' frames were stored in between); 1: a little before a frame we read (clocks
+        # of two machines differ a little); 0: the run's start.
+        stream_seq = await self._stored_position() if self._reach >= 2 else None
+        since = self._mark[1] - RESUME_MARGIN_S if self._mark and self._reach >= 1 else None
         try:
-            self._replay = await self.bus.replay(self.run_subject, self._next_seq, self._frames, since)
+            self._replay = await self.bus.replay(
+                self.run_subject, self._next_seq, self._frames, since, stream_seq
+            )
         except NotFoundError as err:
             raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
         log.info("run resumed", run_id=self.request.id, after=self._next_seq - 1)
         if self.on_resume is not None:
             self.on_resume(self._next_seq)
+
+    async def _stored_position(self) -> int | None:
+        """The stream sequence of the frame to read next, if the run's frames since then are stored one
+        after another (a direct get of its last stored frame: one round trip); None if unknown."""
+        assert self.run_subject is not None
+        try:
+            last = await self.bus.nc.jetstream().get_msg(
+                runs_stream_name(self.bus.settings.prefix), subject=self.run_subject, direct=True
+            )
+            raw = unpack_frame(last.data or b"")
+        except Exception:  # nothing stored yet, or not readable: start wider
+            return None
+        seq = raw.get("seq") if isinstance(raw, dict) else None
+        if type(seq) is not int or last.seq is None:
+            return None
+        if seq < self._next_seq:  # what we need is not stored yet: everything after that last one
+            return last.seq + 1
+        return max(1, last.seq - (seq - self._next_seq))
 
     def leave(self) -> None:
         """Stop reading without cancelling: the run goes on for its resume window, so this client (or
@@ -716,8 +754,9 @@ class ChatStream:
     async def _recover(self, err: BusError) -> None:
         """A lost frame or a silence: read the rest from the runs stream, once per point of progress;
         raise ``err`` when that cannot help (not a run, or nothing came since the last resume)."""
-        if self._resumed_from == self._next_seq and self._mark is not None:
-            self._mark, self._resumed_from = None, None  # the shortcut missed frames: from the start
+        if self._resumed_from == self._next_seq and self._reach > 0:
+            self._reach -= 1  # that start missed frames: a wider one
+            self._resumed_from = -1  # (not progress: the narrower starts stay skipped)
         if self.run_subject is None or self._resumed_from == self._next_seq or not self.bus.nc.is_connected:
             self._finished = True  # (with the server gone too there is nothing to read back from)
             raise err
@@ -974,6 +1013,7 @@ class RunAttachment(ChatStream):
         self._frames = Inbox()
         self._replay = await self.bus.replay(self.run_subject or "", self._next_seq, self._frames)
         self._resumed_from = self._next_seq
+        self._reach = 0  # read from the start already
         return self
 
     async def __aexit__(
