@@ -26,7 +26,7 @@ from tests.helpers import child_env, env, in_process_gateway, in_process_special
 from tests.test_http import bridge, rpc
 from tests.test_runs_http import read_events
 
-pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+pytestmark = pytest.mark.anyio
 
 SLOW = env(TEKTON_SCRIPTED_TOKENS_PER_S="40")
 A = " ".join(f"a{i}" for i in range(20))
@@ -104,6 +104,7 @@ async def test_a_killed_bulk_client_resumes_with_every_event_once(settings: Tekt
     assert listed[run_id] == ("bulk", "done")
 
 
+@pytest.mark.fast
 async def test_bulk_events_lost_on_the_live_path_are_read_back(settings: TektonSettings) -> None:
     with SLOW:
         async with (
@@ -150,6 +151,7 @@ def _sse_bulk(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": e["event"], **{k: v for k, v in e["data"].items() if k != "id"}} for e in events]
 
 
+@pytest.mark.fast
 async def test_sse_bulk_reconnect_with_last_event_id(settings: TektonSettings) -> None:
     with SLOW:
         async with (
@@ -183,6 +185,7 @@ def _parse(block: str) -> dict[str, Any]:
     return {"id": fields.get("id"), "event": fields["event"], "data": json.loads(fields["data"])}
 
 
+@pytest.mark.fast
 async def test_json_rpc_stream_resume_of_a_bulk_run(settings: TektonSettings) -> None:
     with SLOW:
         async with (

@@ -19,7 +19,7 @@ from anyio.abc import SocketStream, TaskGroup
 from bus.settings import TektonSettings
 from tests.helpers import env, in_process_gateway, in_process_specialists, run_aish
 
-pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+pytestmark = pytest.mark.anyio
 
 WORDS = [f"w{i}" for i in range(80)]
 QUESTION = " ".join(WORDS)
