@@ -22,7 +22,15 @@ from pydantic import Field, TypeAdapter
 from bus.bulk import BulkEvent, BulkOperation, BulkPlan, OpChunk
 from bus.client import Bus
 from bus.settings import TektonSettings
-from tests.helpers import child_env, env, in_process_gateway, in_process_specialists, run_aish, spawn
+from tests.helpers import (
+    child_env,
+    env,
+    eventually,
+    in_process_gateway,
+    in_process_specialists,
+    run_aish,
+    spawn,
+)
 from tests.test_http import bridge, rpc
 from tests.test_runs_http import read_events
 
@@ -215,3 +223,24 @@ async def test_json_rpc_stream_resume_of_a_bulk_run(settings: TektonSettings) ->
                             break
     whole = [as_event({k: v for k, v in e.items() if k != "id"}) for e in seen]
     check_whole(whole)
+
+
+@pytest.mark.fast
+async def test_a_bulk_run_nobody_follows_stops_after_its_resume_window(settings: TektonSettings) -> None:
+    settings = settings.model_copy(update={"run_resume_window_s": 0.5})
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
+        async with (
+            in_process_gateway(settings),
+            in_process_specialists(settings, "apollo") as services,
+            Bus.connect(settings) as bus,
+        ):
+            async with bus.bulk(PLAN) as b:
+                async for event in b:
+                    if isinstance(event, OpChunk):
+                        b.leave()  # gone without a cancel, as a killed client
+                        break
+            await eventually(lambda: services["apollo"].counters.cancelled == 2, within=15)
+            async with bus.attach_bulk(b.id) as a:
+                done = await a.result()
+    assert done.status == "cancelled"
+    assert {r.status for r in done.operations} == {"cancelled"}
