@@ -226,14 +226,7 @@ async def run_plan(
         view = FanoutView(renderer, shown, {op.id: op.ai for op in plan.operations}, layout, out)
         async for event in bulk:
             view.event(event)
-    assert bulk.done is not None
-    view.finish(bulk.done)
-    if bulk.done.status != "ok":
-        failed = [r.op for r in bulk.done.operations if r.status != "ok"]
-        raise BusError(
-            f"{len(failed)} of {len(bulk.done.operations)} operations did not succeed: {', '.join(failed)}"
-        )
-    return bulk.done
+    return _finished(bulk.done, view)
 
 
 async def attach_bulk(bus: Bus, run_id: str, after: int, renderer: Renderer) -> BulkDone:
@@ -245,11 +238,16 @@ async def attach_bulk(bus: Bus, run_id: str, after: int, renderer: Renderer) -> 
             if isinstance(event, OpStart | OpChunk):
                 view.show(event.op)
             view.event(event)
-    assert bulk.done is not None
-    view.finish(bulk.done)
-    if bulk.done.status != "ok":
-        failed = [r.op for r in bulk.done.operations if r.status != "ok"]
+    return _finished(bulk.done, view)
+
+
+def _finished(done: BulkDone | None, view: FanoutView) -> BulkDone:
+    """Show the summary; raise if any operation did not succeed."""
+    assert done is not None
+    view.finish(done)
+    if done.status != "ok":
+        failed = [r.op for r in done.operations if r.status != "ok"]
         raise BusError(
-            f"{len(failed)} of {len(bulk.done.operations)} operations did not succeed: {', '.join(failed)}"
+            f"{len(failed)} of {len(done.operations)} operations did not succeed: {', '.join(failed)}"
         )
-    return bulk.done
+    return done

@@ -205,15 +205,8 @@ class BulkStream:
         return self
 
     async def _close_source(self) -> None:
-        if self._replay is not None:
-            replay, self._replay = self._replay, None
-            await replay.unsubscribe()
-        if self._inbox is not None:
-            if self._inbox == self.run_subject:
-                await self.bus.close_run(self._inbox)
-            else:
-                self.bus.close_inbox(self._inbox)
-            self._inbox = None
+        replay, inbox, self._replay, self._inbox = self._replay, self._inbox, None, None
+        await self.bus.stop_reading(inbox, self.run_subject, replay)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -401,6 +401,16 @@ class Bus:
         self._run_subs[subject] = sub
         return inbox
 
+    async def stop_reading(self, inbox: str | None, run_subject: str | None, replay: Replay | None) -> None:
+        """Close what a stream read from: its replay, its run subscription or its inbox."""
+        if replay is not None:
+            await replay.unsubscribe()
+        if inbox is not None:
+            if inbox == run_subject:
+                await self.close_run(inbox)
+            else:
+                self.close_inbox(inbox)
+
     async def close_run(self, subject: str) -> None:
         self._routes.pop(subject, None)
         sub = self._run_subs.pop(subject, None)
@@ -681,15 +691,8 @@ class ChatStream:
         return self
 
     async def _close_source(self) -> None:
-        if self._replay is not None:
-            replay, self._replay = self._replay, None
-            await replay.unsubscribe()
-        if self._inbox is not None:
-            if self._inbox == self.run_subject:
-                await self.bus.close_run(self._inbox)
-            else:
-                self.bus.close_inbox(self._inbox)
-            self._inbox = None
+        replay, inbox, self._replay, self._inbox = self._replay, self._inbox, None, None
+        await self.bus.stop_reading(inbox, self.run_subject, replay)
 
     async def resume(self) -> None:
         """Continue from the runs stream after the last frame read: no gap, no duplicate."""

@@ -30,6 +30,8 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from gateway.store import ensure_bucket
+
 log = structlog.get_logger("tekton.gateway.leases")
 
 ALIVE = "w.alive."
@@ -43,13 +45,8 @@ def work_bucket_name(prefix: str) -> str:
 
 async def open_work_bucket(js: JetStreamContext, prefix: str, ttl_s: float, replicas: int) -> KeyValue:
     """The work bucket, created if missing (an existing one keeps its settings)."""
-    name = work_bucket_name(prefix)
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        pass
     config = KeyValueConfig(
-        bucket=name,
+        bucket=work_bucket_name(prefix),
         description="Tekton gateways: who records which turn, who starts which queued message",
         history=1,
         ttl=ttl_s,
@@ -57,10 +54,7 @@ async def open_work_bucket(js: JetStreamContext, prefix: str, ttl_s: float, repl
         direct=True,
         replicas=replicas,
     )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
-        return await js.key_value(name)
+    return await ensure_bucket(js, config)
 
 
 def work_key(kind: str, request_id: str) -> str:

@@ -63,15 +63,22 @@ def bucket_name(prefix: str) -> str:
     return f"{prefix.replace('.', '_')}_sessions"
 
 
-async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) -> KeyValue:
-    """The sessions bucket, created if missing. An existing bucket keeps its own settings."""
-    name = bucket_name(prefix)
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """A KV bucket, created with ``config`` if missing. An existing bucket keeps its own settings."""
     try:
-        return await js.key_value(name)
+        return await js.key_value(config.bucket)
     except nats.js.errors.BucketNotFoundError:
         pass
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
+        return await js.key_value(config.bucket)
+
+
+async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) -> KeyValue:
+    """The sessions bucket, created if missing. An existing bucket keeps its own settings."""
     config = KeyValueConfig(
-        bucket=name,
+        bucket=bucket_name(prefix),
         description="Tekton conversation sessions",
         history=5,
         ttl=limits.ttl_s,
@@ -80,10 +87,7 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         direct=True,
         replicas=limits.replicas,
     )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
-        return await js.key_value(name)
+    return await ensure_bucket(js, config)
 
 
 async def _leader_write(write: Callable[[], Awaitable[int]]) -> int:
