@@ -104,8 +104,8 @@ class Leases:
         while True:
             try:
                 await self.kv.put(key, msgpack.packb(time.time()))
-            except (nats.errors.Error, OSError) as err:  # reconnecting: the next beat tries again
-                log.info("alive key not written", error=str(err))
+            except Exception as err:  # reconnecting, or the bucket electing a leader: the next beat
+                log.info("alive key not written", error=str(err) or type(err).__name__)
             await anyio.sleep(self.lease_s / 3)
 
     async def stop(self) -> None:
@@ -174,4 +174,6 @@ class Leases:
                         await handle(work)
             except (nats.errors.Error, OSError) as err:  # the connection or the bucket is away: next time
                 log.info("sweep skipped", error=str(err) or type(err).__name__)
+            except Exception:  # never the gateway's death
+                log.exception("sweep failed")
             await anyio.sleep(self.lease_s / 2)
