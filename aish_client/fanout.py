@@ -153,6 +153,13 @@ class FanoutView:
                 self.end_line()
             self._write(f"── {op} ──\n")
 
+    def show(self, op: str) -> None:
+        """Show ``op`` too (attaching to a bulk run, whose operations are learnt as they start)."""
+        if op not in self._buffers:
+            self.shown.append(op)
+            self._buffers[op] = []
+            self._width = max(self._width, len(op))
+
     def end_line(self) -> None:
         if self.out is None:
             self.renderer.end_answer()
@@ -228,6 +235,9 @@ async def run_plan(
     """Run ``plan`` through the gateway and show it (as --json events when the renderer takes them);
     ``logbook`` records each operation that ran. Raises if any operation did not succeed."""
     async with bus.bulk(plan) as bulk:
+        bulk.on_resume = lambda seq: renderer.note(
+            f"(the connection dropped events; the bulk run goes on from event {seq})"
+        )
         specialists = {op.id: op.ai for op in plan.operations}
         view = None if renderer.json_events else FanoutView(renderer, shown, specialists, layout, out)
         record = _Records(plan, bulk, logbook)
@@ -244,15 +254,32 @@ async def run_plan(
         except BaseException as err:  # Ctrl-C too: what the running operations said so far is kept
             record.unfinished(err)
             raise
-    assert bulk.done is not None
+    return _finished(bulk.done, view)
+
+
+async def attach_bulk(bus: Bus, run_id: str, after: int, renderer: Renderer) -> BulkDone:
+    """Follow a bulk run from the runs stream (``aish attach``): each operation's output as labelled
+    lines, the events after ``after`` then live; raises as ``run_plan`` does if an operation failed."""
+    async with bus.attach_bulk(run_id, after=after) as bulk:
+        view = FanoutView(renderer, [], {}, "lines")
+        async for event in bulk:
+            if isinstance(event, OpStart | OpChunk):
+                view.show(event.op)
+            view.event(event)
+    return _finished(bulk.done, view)
+
+
+def _finished(done: BulkDone | None, view: FanoutView | None) -> BulkDone:
+    """Show the summary (not with --json events); raise if any operation did not succeed."""
+    assert done is not None
     if view is not None:
-        view.finish(bulk.done)
-    if bulk.done.status != "ok":
-        failed = [r.op for r in bulk.done.operations if r.status != "ok"]
+        view.finish(done)
+    if done.status != "ok":
+        failed = [r.op for r in done.operations if r.status != "ok"]
         raise BusError(
-            f"{len(failed)} of {len(bulk.done.operations)} operations did not succeed: {', '.join(failed)}"
+            f"{len(failed)} of {len(done.operations)} operations did not succeed: {', '.join(failed)}"
         )
-    return bulk.done
+    return done
 
 
 def json_event(renderer: Renderer, event: BulkEvent) -> None:

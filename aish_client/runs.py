@@ -38,6 +38,11 @@ def _run_id(words: Sequence[str], usage: str) -> str:
 async def attach(bus: Bus, words: Sequence[str], after: int, renderer: Renderer) -> int:
     """Replay one of our runs from its start (or after frame ``after``) and follow it to its end."""
     run_id = _run_id(words, "usage: aish attach RUN [--after SEQ]")
+    if await bus.run_kind(run_id) == "bulk":
+        from aish_client.fanout import attach_bulk
+
+        await attach_bulk(bus, run_id, after, renderer)
+        return 0
     async with bus.attach(run_id, after=after) as s:
         async for chunk in s:
             renderer.token(chunk)

@@ -1,7 +1,7 @@
 """Durable runs benchmark: answers as durable runs (run subject + runs stream) against plain core-NATS
 inbox streams, in the same run against the same specialist processes; then resume latency.
 
-    python -m bench.runs [--quick]
+    python -m bench.runs [--quick] [--storage file|memory]
 
 Specialists run as their own processes on the scripted provider at 0 ms, so only the bus is measured.
 Plain and durable rounds alternate so drift on a shared machine hits both alike. Prints the figures
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import anyio
 
 from bench.common import concurrent, start_child, summary, write_results
 from bus.client import Bus
+from bus.runs import ensure_runs_stream
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions
@@ -75,15 +77,27 @@ async def attach_finished(bus: Bus, run_id: str, after: int) -> float:
     raise AssertionError("nothing after the resume point")
 
 
-async def measure(url: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def measure(url: str, data_dir: Path, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
     seq_rounds, seq_n, width, conc_rounds, long_rounds, resumes = (
-        (2, 50, 100, 1, 2, 30) if args.quick else (5, 200, 100, 3, 3, 200)
+        (2, 50, 100, 3, 2, 30) if args.quick else (5, 200, 100, 10, 3, 200)
     )
-    plain_s = TektonSettings(nats_url=url, data_dir=data_dir, runs=False, idle_timeout_s=30)
-    durable_s = TektonSettings(nats_url=url, data_dir=data_dir, runs=True, idle_timeout_s=30)
+    common = {"nats_url": url, "data_dir": data_dir, "idle_timeout_s": 30, **runs_stream(args)}
+    plain_s = TektonSettings(runs=False, **common)
+    durable_s = TektonSettings(runs=True, **common)
     samples: dict[str, dict[str, list[float]]] = {
         k: {"seq": [], "conc": [], "rate": []} for k in ("plain", "durable")
     }
+    # CPU per request at 100 at once, per process: this client, nats-server, the specialist.
+    cpu: dict[str, dict[str, float]] = {k: dict.fromkeys(("client", *pids), 0.0) for k in samples}
     async with Bus.connect(plain_s) as plain, Bus.connect(durable_s) as durable:
         buses = {"plain": plain, "durable": durable}
         for bus in buses.values():
@@ -94,7 +108,11 @@ async def measure(url: str, data_dir: Path, args: argparse.Namespace) -> dict[st
                 samples[name]["seq"] += [await first_chunk(bus) for _ in range(seq_n)]
         for _ in range(conc_rounds):
             for name, bus in buses.items():
+                before = {"client": time.process_time(), **{k: process_cpu_s(p) for k, p in pids.items()}}
                 samples[name]["conc"] += await concurrent(lambda b=bus: first_chunk(b), width, 1)
+                after = {"client": time.process_time(), **{k: process_cpu_s(p) for k, p in pids.items()}}
+                for k in before:
+                    cpu[name][k] += after[k] - before[k]
         for _ in range(long_rounds):
             for name, bus in buses.items():
                 samples[name]["rate"].append(await chunks_per_s(bus))
@@ -113,6 +131,9 @@ async def measure(url: str, data_dir: Path, args: argparse.Namespace) -> dict[st
             f"first_chunk_{width}_concurrent": summary(s["conc"]),
             "one_stream_chunks_per_s_median": round(statistics.median(s["rate"])),
             "one_stream_chunks_per_s_all": [round(r) for r in s["rate"]],
+            f"cpu_us_per_request_{width}_concurrent": {
+                k: round(v / (conc_rounds * width) * 1e6, 1) for k, v in cpu[name].items()
+            },
         }
     p, d = figures["plain"], figures["durable"]
     key = f"first_chunk_{width}_concurrent"
@@ -127,6 +148,7 @@ async def measure(url: str, data_dir: Path, args: argparse.Namespace) -> dict[st
         "first_chunk_concurrent_p99": round(d[key]["p99_ms"] / p[key]["p99_ms"], 2),
         "chunks_per_s": round(d["one_stream_chunks_per_s_median"] / p["one_stream_chunks_per_s_median"], 2),
     }
+    figures["runs_stream_storage"] = args.storage
     figures["resume"] = {
         "answer_tokens": args.resume_tokens,
         "resume_midway_to_next_chunk": summary(midway),
@@ -137,11 +159,26 @@ async def measure(url: str, data_dir: Path, args: argparse.Namespace) -> dict[st
     return figures
 
 
+async def create_stream(url: str, data_dir: Path, args: argparse.Namespace) -> None:
+    settings = TektonSettings(nats_url=url, data_dir=data_dir, **runs_stream(args))
+    async with Bus.connect(settings) as bus:
+        await ensure_runs_stream(bus.nc, settings)
+
+
+def runs_stream(args: argparse.Namespace) -> dict[str, Any]:
+    """The runs stream's settings for ``--storage`` (memory: a smaller byte cap, which nats-server
+    reserves out of its memory store)."""
+    if args.storage == "memory":
+        return {"runs_storage": "memory", "runs_max_bytes": 64 * 1024 * 1024}
+    return {"runs_storage": "file"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--long-tokens", type=int, default=100_000)
     parser.add_argument("--resume-tokens", type=int, default=1000, help="length of the resumed answers")
+    parser.add_argument("--storage", choices=["file", "memory"], default="file", help="the runs stream's")
     args = parser.parse_args()
     if args.quick:
         args.long_tokens = min(args.long_tokens, 20_000)
@@ -151,6 +188,7 @@ def main() -> int:
             "TEKTON_NATS_URL": server.url,
             "TEKTON_MAX_CONCURRENCY": "512",
             "TEKTON_CONFIG": "/nonexistent",
+            **{f"TEKTON_{k.upper()}": str(v) for k, v in runs_stream(args).items()},
         }
         argv = [py, "-m", "tekton", "specialist", "--provider", "scripted", "--log-level", "warning"]
         children = [
@@ -167,13 +205,17 @@ def main() -> int:
             ),
         ]
         try:
-            figures = anyio.run(measure, server.url, Path(tmp), args)
+            assert server.process is not None
+            pids = {"nats_server": server.process.pid, "specialist_apollo": children[0].pid}
+            # The gateway is not part of this bench; the stream is created as the gateway would.
+            anyio.run(create_stream, server.url, Path(tmp), args)
+            figures = anyio.run(measure, server.url, Path(tmp), args, pids)
         finally:
             for child in children:
                 child.terminate()
                 child.wait(30)
     figures["quick"] = args.quick
-    path = write_results("runs", figures)
+    path = write_results("runs" if args.storage == "file" else "runs_memory", figures)
     print(
         json.dumps(
             {k: figures[k] for k in ("plain", "durable", "ratios_durable_over_plain", "resume")}, indent=1

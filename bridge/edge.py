@@ -41,7 +41,7 @@ class ClosingStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if isinstance(self.opened, ChatStream) and self.opened.run_id is not None:
+            if self.opened.run_id is not None:
                 # A durable run outlives its connection for the resume window (Last-Event-ID).
                 self.opened.leave()
             with anyio.CancelScope(shield=True):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bridge.edge import Guard, error_body
 from bridge.rest import ChatBody, SessionCreateBody, open_body
-from bus.bulk import BulkPlan
+from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
 from bus.errors import (
     RPC_INTERNAL,
@@ -54,6 +54,7 @@ class JsonRpc:
         self.socket, self.bus, self.guard, self.caller = socket, bus, guard, caller
         self.streams: dict[str, anyio.CancelScope] = {}
         self.opened: dict[str, ChatStream] = {}
+        self.bulks: dict[str, BulkStream] = {}
         self.send_lock = anyio.Lock()
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "chat": self.chat,
@@ -84,7 +85,8 @@ class JsonRpc:
             finally:
                 # A client that left stops every stream it started, but durable runs go on for their
                 # resume window (stream.resume from a new connection).
-                for stream in self.opened.values():
+                leaving: list[ChatStream | BulkStream] = [*self.opened.values(), *self.bulks.values()]
+                for stream in leaving:
                     if stream.run_id is not None:
                         stream.leave()
                 tg.cancel_scope.cancel()
@@ -159,6 +161,11 @@ class JsonRpc:
         if request_id in self.streams:
             raise RpcError(INVALID_PARAMS, f"stream {request_id!r} is already running here")
         try:
+            if await self.bus.run_kind(request_id) == "bulk":  # its events as bulk.event notifications
+                run = self.bus.attach_bulk(request_id, after=after)
+                await run.__aenter__()
+                self._pump_bulk(run)
+                return {"request_id": request_id, "after": after, "kind": "bulk"}
             stream = self.bus.attach(request_id, after=after)
         except ValueError as err:
             raise RpcError(INVALID_PARAMS, str(err)) from err
@@ -255,14 +262,24 @@ class JsonRpc:
         plan = BulkPlan.model_validate(params)
         run = self.bus.bulk(plan)
         await run.__aenter__()
+        self._pump_bulk(run)
+        return {"id": run.id, "operations": len(plan.operations)}
+
+    def _pump_bulk(self, run: BulkStream) -> None:
+        """A bulk run's events as ``bulk.event`` notifications (each with its ``seq``: what
+        ``stream.resume`` takes as ``after`` on a new connection)."""
+        self.bulks[run.id] = run
 
         async def pump() -> None:
-            async with run:
-                async for event in run:
-                    await self.send({"method": "bulk.event", "params": {"id": run.id, **event.model_dump()}})
+            try:
+                async with run:
+                    async for event in run:
+                        params = {"id": run.id, **event.model_dump()}
+                        await self.send({"method": "bulk.event", "params": params})
+            finally:
+                self.bulks.pop(run.id, None)
 
         self.tg.start_soon(pump)
-        return {"id": run.id, "operations": len(plan.operations)}
 
 
 def add_routes(app: FastAPI, ctx: Bridge) -> None:

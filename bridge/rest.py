@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from bridge.edge import ClosingStream, error_body
-from bus.bulk import BulkPlan
+from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
 from bus.errors import (
     BadRequest,
@@ -129,6 +129,25 @@ def chat_events(stream: ChatStream, name: str, texts: AsyncIterator[str]) -> Asy
     return events()
 
 
+def bulk_events(run: BulkStream) -> AsyncIterator[str]:
+    """A bulk run's server-sent events, each with its ``seq`` as id (a reconnecting client resumes with
+    ``Last-Event-ID`` at ``/api/runs/{id}/events``); the run id is in every event (``id``)."""
+
+    async def events() -> AsyncIterator[str]:
+        async with run:
+            try:
+                async for event in run:
+                    yield sse(event.type, {"id": run.id, **event.model_dump()}, event.seq)
+            except BusError as err:
+                yield sse("error", error_body(err)["error"], run.last_seq)
+            except BaseException:  # the client went away: the bulk run goes on for it to come back
+                if run.run_id is not None:
+                    run.leave()
+                raise
+
+    return events()
+
+
 def add_routes(app: FastAPI, ctx: Bridge) -> None:
     bus, admitted, open_stream = ctx.bus, ctx.admitted, ctx.open_stream
 
@@ -174,8 +193,13 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
         caller: str = Depends(admitted),
     ) -> StreamingResponse:
         start = after if after is not None else _event_id(last_event_id)
+        caller_bus = bus(caller)
         try:
-            stream = bus(caller).attach(run_id, after=start)
+            if await caller_bus.run_kind(run_id) == "bulk":
+                run = caller_bus.attach_bulk(run_id, after=start)
+                await run.__aenter__()
+                return ClosingStream(bulk_events(run), run)
+            stream = caller_bus.attach(run_id, after=start)
         except ValueError as err:
             raise BadRequest(str(err)) from err
         await stream.__aenter__()
@@ -208,13 +232,4 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
     async def bulk(plan: BulkPlan, caller: str = Depends(admitted)) -> StreamingResponse:
         run = bus(caller).bulk(plan)
         await run.__aenter__()
-
-        async def events() -> AsyncIterator[str]:
-            async with run:
-                try:
-                    async for event in run:
-                        yield sse(event.type, event.model_dump())
-                except BusError as err:
-                    yield sse("error", error_body(err)["error"])
-
-        return ClosingStream(events(), run)
+        return ClosingStream(bulk_events(run), run)

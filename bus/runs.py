@@ -39,6 +39,9 @@ from bus.wire import REQUEST_ID_RE, unpack_frame
 
 __all__ = ["FRAMES", "PROBE", "run_listen_subject", "run_subject", "runs_filter", "runs_stream_name"]
 
+# The frame types only a bulk run has (a chat run's first frame is ``start``; both have heartbeats).
+BULK_TYPES = frozenset({"op_start", "op_chunk", "op_end", "bulk_done"})
+
 
 @dataclass(frozen=True)
 class RunRef:
@@ -96,6 +99,21 @@ async def ensure_runs_stream(nc: NATS, settings: TektonSettings, api_wait: float
         await js.update_stream(config)
 
 
+async def run_kind(nc: NATS, settings: TektonSettings, subject: str) -> str | None:
+    """``chat`` or ``bulk`` for a run kept in the stream, None when it is not (unknown, expired, not the
+    asker's, or no runs stream). One direct get of its last frame; its first only after a heartbeat."""
+    js = nc.jetstream()
+    stream = runs_stream_name(settings.prefix)
+    try:
+        last = await js.get_msg(stream, subject=subject, direct=True)
+    except Exception:  # NotFound, a timeout or "no responders" (no stream): not kept for us
+        return None
+    kind = _frame(last.data).get("type")
+    if kind == "heartbeat":
+        kind = (await _first_frame(js, stream, subject)).get("type")
+    return "bulk" if kind in BULK_TYPES or kind == "heartbeat" else "chat"
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One run as ``aish runs`` lists it, read from the stream: its first and its last frame."""
@@ -127,11 +145,15 @@ async def list_runs(nc: NATS, settings: TektonSettings, user: str) -> list[RunSu
             continue
         head = await _first_frame(js, stream, subject)
         tail = _frame(last.data)
-        # A session's run ends with the gateway's "stored" note, after its done frame.
+        # A session's run ends with the gateway's "stored" note, after its done frame; a bulk run with
+        # bulk_done (its status: ok, partial, failed...).
         kind = tail.get("type")
         state = "done" if kind in ("done", "stored") else "error" if kind == "error" else "running"
+        if kind == "bulk_done":
+            state = "done" if tail.get("status") == "ok" else str(tail.get("status"))
         updated = last.time.timestamp() if last.time is not None else 0.0
-        found.append(RunSummary(ref.run_id, str(head.get("specialist", "?")), state, count, updated))
+        who = "bulk" if head.get("type") in BULK_TYPES else str(head.get("specialist", "?"))
+        found.append(RunSummary(ref.run_id, who, state, count, updated))
     return sorted(found, key=lambda r: r.updated)
 
 

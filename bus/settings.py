@@ -105,6 +105,9 @@ class TektonSettings(BaseSettings):
     runs_storage: Literal["file", "memory"] = "file"
     # Specialist: a run nobody listens to any more keeps going this long for a client to come back.
     run_resume_window_s: float = Field(default=60.0, ge=0)
+    # Gateway: a replica that has not said it is alive for this long is dead, and another takes over the
+    # turns it was recording and the messages it had queued (gateway/leases.py); sweeps every half of it.
+    gateway_lease_s: float = Field(default=6.0, gt=0)
     # Gateway: the sessions bucket's JetStream replicas (None: 3 on a cluster, 1 on a single server).
     session_replicas: int | None = Field(default=None, ge=1, le=5)
     # Gateway: tokens (prompt + completion) each user may spend; None: no budget. Specialists refuse

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 
@@ -31,6 +32,7 @@ from bus.bulk import (
 )
 from bus.client import Bus, ChatStream
 from bus.errors import BadRequest, BusError
+from bus.runs import parse_run_subject, probe_subject
 from bus.subjects import ANONYMOUS, NAME_RE, cancel_subject
 from bus.wire import ChatMessage, ChatRequest, encode
 
@@ -182,6 +184,8 @@ class BulkRun:
                 stop("timeout")
 
             outer.start_soon(on_cancel)
+            if parse_run_subject(self.request.inbox, self.bus.settings.prefix) is not None:
+                outer.start_soon(self._followed, stop)
             if self.request.timeout_ms:
                 outer.start_soon(deadline, self.request.timeout_ms / 1000)
             with runner:
@@ -320,6 +324,31 @@ class BulkRun:
             total_ms=round((time.perf_counter() - started) * 1000, 3),
             operations=results,
         )
+
+    async def _followed(self, stop: Callable[[OpStatus], None]) -> None:
+        """A bulk run that nobody follows (no subscriber on its run subject: its asker left and nobody
+        attached) for ``run_resume_window_s`` stops, as a chat run does; a probe every heartbeat."""
+        probe = probe_subject(self.request.inbox)
+        window = self.bus.settings.run_resume_window_s
+        unheard_since: float | None = None
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            try:
+                await self.nc.request(probe, b"", timeout=min(0.5, self.heartbeat_s))
+                heard = True  # (listeners do not answer probes: silence is the usual "yes")
+            except nats.errors.NoRespondersError:
+                heard = False
+            except (nats.errors.TimeoutError, nats.errors.Error, OSError):
+                heard = True  # silence, or no connection to ask over: assume someone follows
+            now = time.monotonic()
+            if heard:
+                unheard_since = None
+            elif unheard_since is None:
+                unheard_since = now
+            if unheard_since is not None and now - unheard_since >= window:
+                log.info("nobody followed the bulk run for its resume window", id=self.request.id)
+                stop("cancelled")
+                return
 
     async def _heartbeats(self) -> None:
         while True:

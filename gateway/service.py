@@ -84,8 +84,9 @@ from bus.wire import (
 from gateway.bulk import BulkRun, StoreAnswer, validate
 from gateway.discovery import Catalog
 from gateway.judge import ModelJudge
+from gateway.leases import QUEUED, TURN, Leases, Work, open_work_bucket
 from gateway.routing import Candidate
-from gateway.store import SessionStore
+from gateway.store import SessionStore, value_limit
 from gateway.usage import UsageBook
 
 log = structlog.get_logger("tekton.gateway")
@@ -122,7 +123,13 @@ class GatewayService:
         self.settings = settings
         self._tg = task_group
         self._service: Service | None = None
-        self.counters: dict[str, int] = {"requests": 0, "errors": 0, "recording": 0, "recorded": 0}
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "errors": 0,
+            "recording": 0,
+            "recorded": 0,
+            "taken_over": 0,  # turns and queued messages of dead replicas (gateway/leases.py)
+        }
         self._idle = anyio.Event()
         self._idle.set()
         self._handlers: dict[str, tuple[type[Wire], Handler]] = {
@@ -146,6 +153,7 @@ class GatewayService:
         self.running = Catalog(
             nc, settings.routing_method, settings.prefix, settings.routing_generalist, judge
         )
+        self.leases: Leases | None = None  # once started (it names this replica)
 
     @property
     def instance_id(self) -> str:
@@ -183,6 +191,17 @@ class GatewayService:
         self._tg.start_soon(self.running.keep_fresh)
         if self.usage is not None:
             await self.usage.start(self._tg)
+        # Work outlives nothing longer than a queued message's wait plus its answer.
+        ttl = 2 * (self.settings.request_timeout_s + self.settings.idle_timeout_s) + SETTLE_WAIT_S
+        js, replicas = self.nc.jetstream(), self.store.limits.replicas
+        try:
+            work = await open_work_bucket(js, self.settings.prefix, ttl, replicas)
+        except Exception as err:  # answers are still recorded; only not taken over when we die
+            log.warning("work bucket not available; no takeover of dead replicas' turns", error=str(err))
+        else:
+            self.leases = Leases(work, self.instance_id, self.settings.gateway_lease_s)
+            self._tg.start_soon(self.leases.beat)
+            self._tg.start_soon(self.leases.sweep, self._take_over)
         self._tg.start_soon(self._recover_pending)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
@@ -196,6 +215,8 @@ class GatewayService:
             await self._service.stop()
         with anyio.move_on_after(grace):
             await self._idle.wait()
+        if self.leases is not None:
+            await self.leases.stop()
 
     def _dispatcher(self, op: str) -> Callable[[Request], Awaitable[None]]:
         model, handler = self._handlers[op]
@@ -388,20 +409,37 @@ class GatewayService:
             # Queued: the turn begins (with the earlier answer in its context) once that one is stored.
             session = await self.store.recent(r.session, _owner())
             specialist = r.specialist or session.specialist
+            await self._hold_queued(session.id, behind, r)
             self._recording(+1)
             self._tg.start_soon(self._queued, session.id, behind, r)
             return ChatAccepted(session=session.id, specialist=specialist or "", context_turns=0, queued=True)
         return await self._start_chat(r)
 
+    async def _hold_queued(self, session_id: str, behind: list[str], r: SessionChat) -> None:
+        """Keep a queued message in the store too, so another replica starts it if we die first (one
+        too large for a store value waits only here)."""
+        data = {"session": session_id, "behind": behind, "asking": asking.get(), "chat": r.model_dump()}
+        packed = len(encode(r)) + 1024
+        if self.leases is None or packed > value_limit(self.nc.max_payload, self.store.limits.max_bytes):
+            log.warning("queued message kept by this replica only", session=session_id, bytes=packed)
+            return
+        await self.leases.hold(QUEUED, r.request.id, data)
+
     async def _queued(self, session_id: str, behind: list[str], r: SessionChat) -> None:
         try:
             await self.store.wait_settled(session_id, set(behind), self._settle_within())
+            session = await self.store.recent(session_id)
+            if any(t.request_id == r.request.id for t in session.turns):
+                return  # begun already (by a replica that died just after): its turn is recorded
             await self._start_chat(r)
         except Exception as err:  # the asker waits on its inbox: tell it there
             error = err if isinstance(err, BusError) else BusError(f"queued message failed: {err}")
             with contextlib.suppress(Exception):
                 await self.nc.publish(r.inbox, encode(_error_frame(error)))
         finally:
+            if self.leases is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.leases.release(QUEUED, r.request.id)
             self._recording(-1)
 
     async def _start_chat(self, r: SessionChat) -> ChatAccepted:
@@ -416,6 +454,9 @@ class GatewayService:
         subject = chat_subject(turn.specialist, self.settings.prefix)
         headers = {SESSION_HEADER: session_id, **(tracing.headers() or {})}  # the usage record names it
         await self.nc.publish(subject, payload, reply=r.inbox, headers=headers)
+        # Held before the recorder starts, so its release cannot come first.
+        run = parse_run_subject(r.inbox, self.settings.prefix)
+        await self._hold_turn(session_id, run.user if run else asking.get(), turn)
         self._recording(+1)
         self._tg.start_soon(self._record, session_id, turn, sub, r.inbox)
         return ChatAccepted(
@@ -438,6 +479,7 @@ class GatewayService:
     ) -> tuple[ChatStream, StoreAnswer]:
         """A bulk operation in a session: the gateway reads the stream itself and stores the answer."""
         session_id, turn, full = await self._begin_turn(ref, specialist, request)
+        await self._hold_turn(session_id, self.bus.acting_for, turn)
         stream = ChatStream(self.bus, turn.specialist, full, self.settings.idle_timeout_s)
 
         async def store(answer: str, status: str, error: str) -> None:
@@ -520,6 +562,36 @@ class GatewayService:
         self._tg.start_soon(running)
         return BulkAccepted(id=r.id, operations=len(r.operations))
 
+    async def _hold_turn(self, session_id: str, run_user: str, turn: Turn) -> bool:
+        """Note that we record this turn (from the run of ``run_user``): if we die, another replica will."""
+        if self.leases is None or turn.request_id is None:
+            return False
+        data = {"session": session_id, "owner": run_user, "turn": turn.model_dump()}
+        return await self.leases.hold(TURN, turn.request_id, data)
+
+    async def _take_over(self, work: Work) -> None:
+        """Work of a replica that died, now ours (gateway/leases.py)."""
+        try:
+            if work.kind == TURN:
+                turn = Turn.model_validate(work.data["turn"])
+                session_id, owner = str(work.data["session"]), str(work.data["owner"])
+                self.counters["taken_over"] += 1
+                self._recording(+1)
+                self._tg.start_soon(self._record_run, session_id, owner, turn)
+            elif work.kind == QUEUED:
+                chat = SessionChat.model_validate(work.data["chat"])
+                self.counters["taken_over"] += 1
+                self._recording(+1)
+                self._tg.start_soon(self._resume_queued, work, chat)
+        except (KeyError, ValidationError) as err:
+            log.warning("unreadable work dropped", kind=work.kind, request=work.request_id, error=str(err))
+            assert self.leases is not None
+            await self.leases.release(work.kind, work.request_id)
+
+    async def _resume_queued(self, work: Work, chat: SessionChat) -> None:
+        asking.set(str(work.data["asking"]))
+        await self._queued(str(work.data["session"]), [str(b) for b in work.data["behind"]], chat)
+
     async def _recover_pending(self) -> None:
         """At start: answers left pending by a gateway that died while recording them are read from
         their runs (still going or kept a while after their end) and stored, so no turn stays pending."""
@@ -535,6 +607,9 @@ class GatewayService:
                 continue
             for turn in session.turns:
                 if turn.role == "user" and turn.status == "pending" and turn.request_id:
+                    # Held by a replica (alive, or for the sweep to take over): none of ours.
+                    if self.leases is not None and not await self._hold_turn(session.id, session.owner, turn):
+                        continue
                     self._recording(+1)
                     self._tg.start_soon(self._record_run, session.id, session.owner, turn)
 
@@ -657,6 +732,8 @@ class GatewayService:
         except Exception as err:  # a BusError, or nats-py's own (timeout, connection closed)
             log.warning("answer not stored", session=session_id, request=turn.request_id, error=str(err))
             return None
+        if self.leases is not None and turn.request_id is not None:  # nothing left for anyone to record
+            self._tg.start_soon(self.leases.release, TURN, turn.request_id)
         return StoredFrame(session=session_id, turns=len(session.turns) + session.dropped)
 
 

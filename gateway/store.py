@@ -95,6 +95,17 @@ async def existing_bucket(js: JetStreamContext, name: str) -> KeyValue | None:
             await anyio.sleep(0.2)
 
 
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """A KV bucket, created with ``config`` if missing. An existing bucket keeps its own settings."""
+    found = await existing_bucket(js, config.bucket)
+    if found is not None:
+        return found
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
+        return await js.key_value(config.bucket)
+
+
 async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) -> KeyValue:
     """The sessions bucket, created if missing. An existing bucket takes the configured TTL; its other
     settings stay as they are."""
@@ -117,10 +128,7 @@ async def open_bucket(js: JetStreamContext, prefix: str, limits: StoreLimits) ->
         direct=True,
         replicas=limits.replicas,
     )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:  # another replica created it at the same moment
-        return await js.key_value(name)
+    return await ensure_bucket(js, config)
 
 
 async def _keep_ttl(js: JetStreamContext, bucket: str, ttl_s: float) -> None:

@@ -256,3 +256,30 @@ async def test_a_session_answer_is_a_run_listed_done(settings: TektonSettings) -
         assert [(r.run_id, r.state) for r in await bus.runs()] == [(s.request.id, "done")]
         async with bus.attach(s.request.id) as a:
             assert "".join([c async for c in a]) == text
+
+
+@pytest.mark.fast
+async def test_a_resume_that_starts_too_late_starts_wider(settings: TektonSettings) -> None:
+    """The narrowest resume reckons the stream sequence of the frame it needs from the run's last stored
+    frame, which is too late when another run's frames were stored in between: the first frame read
+    back is past the one needed, and the resume starts wider, losing nothing."""
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            resumed: list[int] = []
+            got: list[str] = []
+            async with (
+                bus.stream("apollo", user(QUESTION)) as other,
+                bus.stream("apollo", user(QUESTION), idle_timeout=1.0) as s,
+            ):
+                s.on_resume = resumed.append
+                async for chunk in s:
+                    got.append(chunk)
+                    if len(got) == 5:
+                        assert s.run_subject is not None
+                        await bus._run_subs[s.run_subject].unsubscribe()
+                        # Frames of both runs are stored meanwhile, interleaved.
+                        async for _ in other:
+                            if other.last_seq >= 20:
+                                break
+    assert got == TOKENS
+    assert resumed == [6, 6]  # the narrow start missed frames; the wider one did not

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus
 from bus.errors import BusError
+from bus.runs import run_kind, run_subject
 from tests.helpers import in_process_gateway, in_process_specialists
 from tests.test_security import Raw, Team, bob, team  # noqa: F401  (fixtures)
 
@@ -43,3 +45,28 @@ async def test_runs_belong_to_their_user(team: Team, bob: Raw) -> None:  # noqa:
         await bob.refused(f'Permissions Violation for Subscription to "tekton.run.alice.{run_id}.*"')
         await bob.nc.publish("$JS.API.STREAM.MSG.GET.TEKTON_RUNS", b'{"seq": 1}')
         await bob.refused('Permissions Violation for Publish to "$JS.API.STREAM.MSG.GET.TEKTON_RUNS"')
+
+
+async def test_bulk_runs_belong_to_their_user(team: Team, bob: Raw) -> None:  # noqa: F811
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+        Bus.connect(team.bob, name="bob") as bob_bus,
+    ):
+        plan = BulkPlan(operations=[BulkOperation(id="one", ai="apollo", message="secret plans")])
+        async with alice.bulk(plan) as b:
+            done = await b.result()
+        assert done.status == "ok"
+        assert await alice.run_kind(b.id) == "bulk"
+        async with alice.attach_bulk(b.id, after=0) as a:
+            assert (await a.result()).status == "ok"
+        assert [r.specialist for r in await alice.runs()] == ["bulk"]
+
+        assert await bob_bus.runs() == []
+        assert await bob_bus.run_kind(b.id) is None
+        # Not through the stream under her name either: the direct get is refused.
+        assert await run_kind(bob_bus.nc, bob_bus.settings, run_subject("alice", b.id, "tekton")) is None
+        with pytest.raises(BusError):
+            async with bob_bus.attach_bulk(b.id) as stolen:
+                await stolen.result()

@@ -1,0 +1,122 @@
+"""A gateway replica that dies mid-answer leaves its work to the live ones, without any restart: the
+pending turn it was recording and the message it had queued (double_text=queue) are taken over by
+exactly one other replica at its next sweep (gateway/leases.py). Real nats-server, gateway processes
+killed with SIGKILL, scripted specialist in this process."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import anyio
+import msgpack
+import pytest
+from nats.js.errors import KeyNotFoundError
+
+from bus.client import Bus
+from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from gateway.leases import work_bucket_name
+from tests.helpers import Child, env, eventually, gateway_process, in_process_specialists
+
+pytestmark = pytest.mark.anyio
+
+WORDS = [f"w{i}" for i in range(60)]
+QUESTION = " ".join(WORDS)
+ANSWER = "apollo heard: " + QUESTION
+SLOW = env(TEKTON_SCRIPTED_TOKENS_PER_S="40")
+LEASE = {"TEKTON_GATEWAY_LEASE_S": "1"}
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+async def start_gateway(settings: TektonSettings) -> Child:
+    return await anyio.to_thread.run_sync(lambda: gateway_process(settings, **LEASE))
+
+
+async def taken_over(bus: Bus) -> int:
+    """Work taken over, summed over the live gateway replicas (their $SRV.STATS counters)."""
+    total = 0
+    for answer in await bus.stats("gateway", window=0.5, thorough=True):
+        endpoints: list[dict[str, Any]] = answer.get("endpoints") or []
+        total += int((endpoints[0].get("data") or {}).get("taken_over", 0)) if endpoints else 0
+    return total
+
+
+async def holder(bus: Bus, request_id: str) -> str:
+    """The replica that holds a turn or a queued message, as the sessions bucket says."""
+    kv = await bus.nc.jetstream().key_value(work_bucket_name(bus.settings.prefix))
+    for kind in ("turn", "queued"):
+        try:
+            entry = await kv.get(f"w.{kind}.{request_id}")
+        except KeyNotFoundError:
+            continue
+        return str(msgpack.unpackb(entry.value or b"")["holder"])
+    raise AssertionError(f"nobody holds {request_id}")
+
+
+def instance(child: Child) -> str:
+    return next(ln for ln in child.seen if ln.startswith("ready gateway")).split()[2]
+
+
+async def test_a_live_gateway_records_the_turn_of_one_killed_mid_answer(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            # Three replicas: when the one recording dies, only one of the two others may take it over.
+            gateways = [await start_gateway(settings) for _ in range(3)]
+            try:
+                session = await bus.gateway.create("apollo")
+                async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
+                    async for _ in s:
+                        break
+                    recording = await holder(bus, s.request.id)
+                    killed = next(g for g in gateways if instance(g) == recording)
+                    killed.stop(signal.SIGKILL)
+                    s.leave()  # the asker goes too, without a cancel: nobody settles the turn
+
+                async def stored() -> bool:
+                    turns = (await bus.gateway.get(session.id)).turns
+                    return len(turns) == 2 and turns[0].status == "ok"
+
+                await eventually(stored, within=30)
+                turns = (await bus.gateway.get(session.id)).turns
+                took = await taken_over(bus)
+            finally:
+                for child in gateways:
+                    child.stop(signal.SIGKILL)
+    assert (turns[1].role, turns[1].status, turns[1].content) == ("assistant", "ok", ANSWER)
+    assert took == 1
+
+
+async def test_a_queued_message_survives_its_gateway(settings: TektonSettings) -> None:
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            # Three replicas: the one queueing the message and the first answer's recorder die, one lives.
+            gateways = [await start_gateway(settings) for _ in range(3)]
+            try:
+                session = await bus.gateway.create("apollo")
+                async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
+                    async for _ in s:
+                        break
+                    queued = bus.stream("apollo", user("second"), session=session.id, double_text="queue")
+                    async with queued as q:
+                        assert q.accepted is not None and q.accepted.queued
+                        waiting = await holder(bus, q.request.id)
+                        for g in gateways:  # the one keeping the queued message, and the first answer's
+                            if instance(g) in (waiting, await holder(bus, s.request.id)):
+                                g.stop(signal.SIGKILL)
+                        s.leave()
+                        second = await q.result()
+                turns = (await bus.gateway.get(session.id)).turns
+            finally:
+                for g in gateways:
+                    g.stop(signal.SIGKILL)
+    assert second.text == "apollo heard: second"
+    assert [(t.role, t.status, t.content) for t in turns] == [
+        ("user", "ok", QUESTION),
+        ("assistant", "ok", ANSWER),
+        ("user", "ok", "second"),
+        ("assistant", "ok", "apollo heard: second"),
+    ]
