@@ -446,7 +446,7 @@ class SpecialistService:
                 if self.models is not None:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
-                if tracing.enabled():  # the model's part of the trace (specialists/tracing.py)
+                if tracing.recording():  # the model's part of a sampled trace (specialists/tracing.py)
                     provider = TracedProvider.wrap(provider)
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
