@@ -21,6 +21,7 @@ from bus.errors import BusError
 from bus.sessions import ErrorReply
 from bus.subjects import gateway_queue, gateway_user
 from bus.usage import (
+    Budget,
     OverBudget,
     Totals,
     UsageQuery,
@@ -59,18 +60,36 @@ async def open_usage_bucket(nc: NATS, prefix: str, replicas: int = 1) -> KeyValu
 
 
 class UsageBook:
-    def __init__(self, nc: NATS, kv: KeyValue, prefix: str, budget_tokens: int | None):
+    """``budget`` applies to every user; ``budgets`` per user, field by field over it (a user given
+    only a cost keeps the default token budget)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        kv: KeyValue,
+        prefix: str,
+        budget: Budget | None = None,
+        budgets: dict[str, Budget] | None = None,
+    ):
         self.nc = nc
         self.kv = kv
         self.prefix = prefix
-        self.budget = budget_tokens
+        self.budget = budget or Budget()
+        self.budgets = budgets or {}
+        self.limited = self.budget != Budget() or any(b != Budget() for b in self.budgets.values())
         self.over: frozenset[str] = frozenset()
+
+    def budget_for(self, user: str) -> Budget:
+        own = self.budgets.get(user)
+        if own is None:
+            return self.budget
+        return self.budget.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
 
     async def start(self, tg: TaskGroup) -> None:
         queue = gateway_queue(self.prefix)
         await self.nc.subscribe(usage_subject("*", self.prefix), queue=queue, cb=self._on_record)
         await self.nc.subscribe(usage_query_subject(self.prefix), queue=queue, cb=self._on_query)
-        if self.budget is not None:
+        if self.limited:
             tg.start_soon(self._broadcast)
 
     async def _read(self, key: str) -> tuple[Totals, int | None]:
@@ -108,7 +127,7 @@ class UsageBook:
         except Exception as err:  # the bucket is unreachable: this count is lost, the gateway goes on
             log.warning("usage record not stored", user=user, error=str(err))
             return
-        if self.budget is not None and total.tokens >= self.budget and user not in self.over:
+        if self.limited and user not in self.over and self.budget_for(user).exceeded(total):
             self.over = self.over | {user}
             await self._tell()
 
@@ -116,8 +135,8 @@ class UsageBook:
         await self.nc.publish(budget_subject(self.prefix), encode(OverBudget(users=sorted(self.over))))
 
     async def _broadcast(self) -> None:
-        """Who is over budget, from the bucket (other replicas count too), to every specialist."""
-        assert self.budget is not None
+        """Who is over budget, from the bucket (other replicas count too, and a reset clears), to
+        every specialist."""
         while True:
             over = set()
             try:
@@ -127,7 +146,7 @@ class UsageBook:
             for key in keys:
                 if key.startswith("u."):
                     totals, _ = await self._read(key)
-                    if totals.tokens >= self.budget:
+                    if self.budget_for(key[2:]).exceeded(totals):
                         over.add(key[2:])
             self.over = frozenset(over)
             await self._tell()
@@ -143,7 +162,10 @@ class UsageBook:
         for key in keys:
             if key.startswith(f"s.{user}."):
                 sessions[key.split(".", 2)[2]], _ = await self._read(key)
-        return UsageReply(user=user, total=total, sessions=sessions, budget_tokens=self.budget)
+        budget = self.budget_for(user)
+        return UsageReply(
+            user=user, total=total, sessions=sessions, budget_tokens=budget.tokens, budget_cost=budget.cost
+        )
 
     async def _on_query(self, msg: Msg) -> None:
         user = gateway_user(msg.subject, self.prefix)
@@ -153,3 +175,34 @@ class UsageBook:
         except (BusError, ValidationError) as err:
             payload = encode(ErrorReply.of(err if isinstance(err, BusError) else BusError(str(err))))
         await msg.respond(payload)
+
+
+async def reset_usage(kv: KeyValue, user: str) -> int:
+    """Forget ``user``'s totals (and their sessions'): their budget starts again. The number of keys
+    removed. Gateways stop refusing them at their next over-budget broadcast."""
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        keys = []
+    gone = [k for k in keys if k == f"u.{user}" or k.startswith(f"s.{user}.")]
+    for key in gone:
+        await kv.purge(key)
+    return len(gone)
+
+
+async def all_totals(kv: KeyValue) -> dict[str, Totals]:
+    """Every user's totals in the book."""
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    totals = {}
+    for key in keys:
+        if key.startswith("u."):
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                totals[key[2:]] = Totals.model_validate(unpack_frame(entry.value))
+    return totals

@@ -331,6 +331,28 @@ async def cmd_metrics(settings: TektonSettings, args: argparse.Namespace) -> int
     return 0
 
 
+async def cmd_usage(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """`tekton usage`: every user's totals; `tekton usage reset USER`: forget USER's, so their budget
+    starts again (an admin's job: it needs the usage bucket, which nats-server grants admins only)."""
+    from gateway.usage import all_totals, open_usage_bucket, reset_usage
+
+    async with Bus.connect(settings, name="tekton-usage") as bus:
+        kv = await open_usage_bucket(bus.nc, settings.prefix)
+        if args.usage_cmd == "reset":
+            removed = await reset_usage(kv, args.user)
+            _say(
+                f"reset {args.user}'s usage ({removed} totals removed)"
+                if removed
+                else f"{args.user} has no usage"
+            )
+            return 0
+        totals = await all_totals(kv)
+    _say(f"{'USER':<24} {'REQUESTS':>8} {'PROMPT':>10} {'COMPLETION':>10} {'COST $':>12}")
+    for user, t in sorted(totals.items()):
+        _say(f"{user:<24} {t.requests:>8} {t.prompt_tokens:>10} {t.completion_tokens:>10} {t.cost:>12.6f}")
+    return 0
+
+
 async def cmd_mcp(settings: TektonSettings, args: argparse.Namespace) -> int:
     from tekton.mcp_server import serve_http, serve_stdio
 
@@ -606,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
     metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
     metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
+    usage = sub.add_parser("usage", parents=[common], help="every user's token and cost totals")
+    usage_sub = usage.add_subparsers(dest="usage_cmd")
+    reset = usage_sub.add_parser("reset", help="forget a user's totals: their budget starts again")
+    reset.add_argument("user")
     mcp = sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
     mcp.add_argument(
         "--http", type=int, metavar="PORT", help="serve MCP over streamable HTTP on PORT instead"
@@ -676,6 +702,7 @@ COMMANDS = {
     "status": cmd_status,
     "top": cmd_top,
     "metrics": cmd_metrics,
+    "usage": cmd_usage,
     "mcp": cmd_mcp,
     "a2a": cmd_a2a,
     "cluster": cmd_cluster,
