@@ -98,7 +98,11 @@ class OverBudget(Wire):
 
 
 class UsageQuery(Wire):
+    """The asker's totals; sent as the admin-only ``_all`` user (``<prefix>.gateway._all.usage``):
+    every user's totals, or with ``reset`` that user's totals forgotten (their budget starts again)."""
+
     v: Literal[1] = PROTOCOL_VERSION
+    reset: str | None = None
 
 
 class UsageReply(Wire):
@@ -108,3 +112,6 @@ class UsageReply(Wire):
     sessions: dict[str, Totals] = {}
     budget_tokens: int | None = None
     budget_cost: float | None = None
+    # For an admin's query: every user's totals; or, after a reset, how many totals were removed.
+    users: dict[str, Totals] = {}
+    removed: int | None = None

@@ -17,9 +17,9 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from bus.errors import BusError
+from bus.errors import BadRequest, BusError
 from bus.sessions import ErrorReply
-from bus.subjects import gateway_queue, gateway_user
+from bus.subjects import ALL_USERS, gateway_queue, gateway_user
 from bus.usage import (
     Budget,
     OverBudget,
@@ -167,11 +167,25 @@ class UsageBook:
             user=user, total=total, sessions=sessions, budget_tokens=budget.tokens, budget_cost=budget.cost
         )
 
+    async def _admin(self, query: UsageQuery) -> UsageReply:
+        if query.reset is None:
+            return UsageReply(user=ALL_USERS, total=Totals(), users=await all_totals(self.kv))
+        removed = await reset_usage(self.kv, query.reset)
+        if query.reset in self.over:  # served again now, not at the next broadcast
+            self.over = self.over - {query.reset}
+            await self._tell()
+        return UsageReply(user=query.reset, total=Totals(), removed=removed)
+
     async def _on_query(self, msg: Msg) -> None:
         user = gateway_user(msg.subject, self.prefix)
         try:
-            UsageQuery.model_validate(unpack_frame(msg.data))
-            payload = encode(await self.totals(user))
+            query = UsageQuery.model_validate(unpack_frame(msg.data))
+            if user == ALL_USERS:  # only admins may use that name in gateway subjects (bus/auth.py)
+                payload = encode(await self._admin(query))
+            elif query.reset is not None:
+                raise BadRequest("only an admin resets usage (tekton usage reset USER)")
+            else:
+                payload = encode(await self.totals(user))
         except (BusError, ValidationError) as err:
             payload = encode(ErrorReply.of(err if isinstance(err, BusError) else BusError(str(err))))
         await msg.respond(payload)

@@ -38,11 +38,12 @@ import anyio
 from bus import tracing
 from bus.auth import ROLES
 from bus.client import Bus, connect_as
-from bus.errors import BusError, NatsUnavailable
+from bus.errors import BusError, GatewayUnavailable, NatsUnavailable
 from bus.logs import configure_logging
 from bus.server import EmbeddedNats, TlsFiles
 from bus.settings import TektonSettings, config_file, load_settings
 from bus.signals import die_with_parent, set_on_signal
+from bus.subjects import ALL_USERS
 from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
 from specialists.runtime import select, serve_specialists
@@ -333,20 +334,23 @@ async def cmd_metrics(settings: TektonSettings, args: argparse.Namespace) -> int
 
 async def cmd_usage(settings: TektonSettings, args: argparse.Namespace) -> int:
     """`tekton usage`: every user's totals; `tekton usage reset USER`: forget USER's, so their budget
-    starts again (an admin's job: it needs the usage bucket, which nats-server grants admins only)."""
-    from gateway.usage import all_totals, open_usage_bucket, reset_usage
-
+    starts again. Both ask the gateway as the ``_all`` user, which nats-server lets only admins be."""
     async with Bus.connect(settings, name="tekton-usage") as bus:
-        kv = await open_usage_bucket(bus.nc, settings.prefix)
-        if args.usage_cmd == "reset":
-            removed = await reset_usage(kv, args.user)
-            _say(
-                f"reset {args.user}'s usage ({removed} totals removed)"
-                if removed
-                else f"{args.user} has no usage"
-            )
-            return 0
-        totals = await all_totals(kv)
+        book = Bus(bus.nc, settings, acting_for=ALL_USERS).gateway
+        try:
+            reply = await book.usage(reset=args.user if args.usage_cmd == "reset" else None)
+        except GatewayUnavailable as err:
+            raise BusError(
+                f"{err.message} (every user's usage is an admin's: use an admin's credentials)"
+            ) from err
+    if args.usage_cmd == "reset":
+        _say(
+            f"reset {args.user}'s usage ({reply.removed} totals removed)"
+            if reply.removed
+            else f"{args.user} has no usage"
+        )
+        return 0
+    totals = reply.users
     _say(f"{'USER':<24} {'REQUESTS':>8} {'PROMPT':>10} {'COMPLETION':>10} {'COST $':>12}")
     for user, t in sorted(totals.items()):
         _say(f"{user:<24} {t.requests:>8} {t.prompt_tokens:>10} {t.completion_tokens:>10} {t.cost:>12.6f}")

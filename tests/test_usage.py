@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from bus.client import Bus
-from bus.errors import BudgetExceeded
+from bus.errors import BadRequest, BudgetExceeded
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS
 from bus.usage import Budget, Price, Totals
@@ -214,3 +214,18 @@ async def run_tekton(settings: TektonSettings, *args: str) -> subprocess.Complet
             timeout=60,
         )
     )
+
+
+async def test_only_an_admin_reads_or_resets_the_book(team: Team) -> None:  # noqa: F811
+    """The book is read and reset through the gateway as the ``_all`` user, which only admins may be:
+    bob gets one line and exit 1 (no traceback), and cannot reset himself as himself either."""
+    async with in_process_gateway(team.services), Bus.connect(team.bob, name="bob") as bobs:
+        with pytest.raises(BadRequest, match="only an admin resets usage"):
+            await bobs.gateway.usage(reset="bob")
+        refused = await run_tekton(team.bob, "usage", "--creds", str(team.bob.creds), "reset", "alice")
+        assert refused.returncode == 1, refused.stderr
+        said = refused.stderr.strip().splitlines()
+        assert said[-1].startswith("tekton: the gateway did not answer") and "admin" in said[-1]
+        assert "Traceback" not in refused.stderr
+        allowed = await run_tekton(team.admin, "usage", "reset", "alice")
+        assert allowed.returncode == 0 and allowed.stdout.strip() == "alice has no usage", allowed.stderr
