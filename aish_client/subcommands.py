@@ -291,15 +291,21 @@ async def _usage(settings: TektonSettings, renderer: Renderer) -> int:
     t = u.total
     line = (
         f"{u.user}: {t.requests} requests, {t.prompt_tokens} prompt + {t.completion_tokens} completion"
-        f" = {t.tokens} tokens" + (f", cost {t.cost:.4f}" if t.cost else "")
+        f" = {t.tokens} tokens" + (f", ${t.cost:.6f}" if t.cost else "")
     )
+    budgets = []
     if u.budget_tokens is not None:
-        line += f" (budget {u.budget_tokens}, {max(0, u.budget_tokens - t.tokens)} left)"
+        budgets.append(f"budget {u.budget_tokens} tokens, {max(0, u.budget_tokens - t.tokens)} left")
+    if u.budget_cost is not None:
+        budgets.append(f"budget ${u.budget_cost:.2f}, ${max(0.0, u.budget_cost - t.cost):.6f} left")
+    if budgets:
+        line += f" ({'; '.join(budgets)})"
     renderer.token(line + "\n")
     if u.sessions:
-        renderer.token(f"{'SESSION':<34} {'REQUESTS':>8} {'PROMPT':>8} {'COMPLETION':>10}\n")
+        renderer.token(f"{'SESSION':<34} {'REQUESTS':>8} {'PROMPT':>8} {'COMPLETION':>10} {'COST $':>10}\n")
         for session, s in sorted(u.sessions.items()):
-            renderer.token(f"{session:<34} {s.requests:>8} {s.prompt_tokens:>8} {s.completion_tokens:>10}\n")
+            counts = f"{s.requests:>8} {s.prompt_tokens:>8} {s.completion_tokens:>10}"
+            renderer.token(f"{session:<34} {counts} {s.cost:>10.6f}\n")
     return 0
 
 

@@ -10,7 +10,10 @@
   (``bench/foreign_client.py``);
 - the HTTP/SSE bridge (`tekton gateway --http`) against the bus in the same run;
 - the real `aish apollo hi` console script (its light one-shot path, and its full path) against
-  `python -c pass`; the specialist's RSS per 1,000 open streams.
+  `python -c pass`; the specialist's RSS per 1,000 open streams;
+- tracing: the specialist's CPU per request with OpenTelemetry on (every request traced, and 5 %
+  sampled; the real OTLP/HTTP exporter posting to a sink in this process) against the same
+  specialist with tracing off (``--skip tracing`` leaves it out).
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
 side's server process and nats-server spent per request (CPU time is far less noisy than wall time on
@@ -297,6 +300,64 @@ async def measure_bus(args: argparse.Namespace, pids: dict[str, int]) -> dict[st
     return out
 
 
+def otlp_sink() -> str:
+    """An OTLP/HTTP endpoint that takes every export and keeps nothing (a collector's stand-in, so
+    the traced specialists pay the exporter's real encoding and HTTP posts); its URL."""
+    import http.server
+    import threading
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
+    """Specialist CPU per request: tracing off (apollo) against on (telos: every request; sophia:
+    5 % sampled), the same 8-chunk scripted answer, interleaved rounds."""
+    settings = TektonSettings(nats_url=args.url, data_dir=Path(args.tmp))
+    # /proc counts CPU in clock ticks (10 ms): enough requests per round that a tick is under 5 %.
+    seq_n, rounds = (500, 3) if args.quick else (2000, 5)
+    out: dict[str, Any] = {"rows": []}
+    async with Bus.connect(settings) as bus:
+        sides = {
+            name: Side(name, lambda name=name: bus_first_chunk(bus, name), pids[name])  # type: ignore[misc]
+            for name in ("apollo", "telos", "sophia")
+        }
+        cpu: dict[str, list[float]] = {name: [] for name in sides}
+        for side in sides.values():  # warm up
+            await side.run(1, 50)
+            side.cpu_us()
+        for r in range(rounds):
+            for side in sides.values() if r % 2 == 0 else reversed(sides.values()):
+                await side.run(1, seq_n)
+                cpu[side.name].append(side.cpu_us())
+    off = statistics.median(cpu["apollo"])
+    for name, what in (("telos", "every request"), ("sophia", "5 % sampled")):
+        on = statistics.median(cpu[name])
+        out["rows"].append(
+            {
+                "what": f"specialist CPU us per request, tracing {what} (OTLP) vs off",
+                "floor": round(off, 1),
+                "tekton": round(on, 1),
+                "ratio": ratio(on, off),
+                "goal": "<= 1.05x",
+                "rounds_off_us": cpu["apollo"],
+                "rounds_on_us": cpu[name],
+            }
+        )
+    return out
+
+
 async def sse_first(session: aiohttp.ClientSession, url: str) -> float:
     sent = time.perf_counter()
     first = 0.0
@@ -477,7 +538,7 @@ def main() -> int:
     parser.add_argument(
         "--profile", type=Path, help="run the servers under cProfile, writing DIR/<name>.prof"
     )
-    parser.add_argument("--skip", default="", help="comma-separated: aish, bridge, wide, rss")
+    parser.add_argument("--skip", default="", help="comma-separated: aish, bridge, wide, rss, tracing")
     parser.add_argument("--only-aish", action="store_true", help="just the `aish apollo hi` rows")
     parser.add_argument("--long-tokens", type=int, default=200_000)
     args = parser.parse_args()
@@ -527,6 +588,15 @@ def main() -> int:
                 "floor", ["-m", "bench.hot_path", "floor", server.url, str(args.long_tokens)]
             )
             procs["athena"] = specialist("athena", TEKTON_SCRIPTED_TOKENS=str(args.long_tokens))
+        if "tracing" not in args.skip:  # the same scripted answer, tracing on: every request, 5 %
+            otlp = {"TEKTON_SCRIPTED_TOKENS": str(SHORT_TOKENS), "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink()}
+            procs["telos"] = specialist("telos", **otlp)
+            procs["sophia"] = specialist(
+                "sophia",
+                **otlp,
+                OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+                OTEL_TRACES_SAMPLER_ARG="0.05",
+            )
         if "rss" not in args.skip:
             procs["hermes"] = specialist(
                 "hermes", TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="1"
@@ -543,6 +613,8 @@ def main() -> int:
         try:
             if "bus" not in args.skip:
                 results["bus"] = asyncio.run(measure_bus(args, pids))
+                if "tracing" not in args.skip:
+                    results["tracing"] = asyncio.run(measure_tracing(args, pids))
             if "bridge" not in args.skip:
                 results["bridge"] = asyncio.run(measure_bridge(args, pids, f"http://127.0.0.1:{http_port}"))
             if "aish" not in args.skip:

@@ -9,13 +9,19 @@ For each specialist ``NAME`` the app serves, under ``/a2a/NAME``:
   streams back as artifact chunks of one task (``append``, ``last_chunk`` on the end), then the task
   completes, or fails with the bus error's one-line message.
 
-A message's ``context_id`` is not yet mapped onto a Tekton session: each message is one request.
+A task's ``context_id`` (the client's, or the one the server gave the first message) names a Tekton
+session of the caller's (``a2a.<context_id>``, see :func:`session_name`), made on the context's first
+message: a message with that context continues the conversation, the gateway putting the session's
+history before it and recording the answer. On a bus without a gateway each message is one request.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
+import structlog
 from a2a.helpers.proto_helpers import new_task_from_user_message, new_text_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
@@ -29,10 +35,35 @@ from starlette.routing import Mount
 
 from bus.client import Bus
 from bus.discovery import SpecialistView
-from bus.errors import BusError, ErrorCode
+from bus.errors import BadRequest, BusError, ErrorCode, GatewayUnavailable
 from bus.wire import ChatMessage
 
 A2A_PREFIX = "/a2a"
+log = structlog.get_logger("tekton.a2a")
+_PLAIN_CONTEXT = re.compile(r"^[A-Za-z0-9_.-]{1,59}$")
+
+
+def session_name(context_id: str) -> str:
+    """The Tekton session an A2A context continues: ``a2a.<context_id>``, or a digest of an id that
+    cannot be part of a session name."""
+    if _PLAIN_CONTEXT.match(context_id):
+        return f"a2a.{context_id}"
+    return "a2a." + hashlib.sha256(context_id.encode()).hexdigest()[:40]
+
+
+async def context_session(bus: Bus, specialist: str, context_id: str) -> str | None:
+    """The session of ``context_id`` (made on first use), or None when the bus has no gateway."""
+    name = session_name(context_id)
+    try:
+        if await bus.gateway.find(name) is None:
+            try:
+                await bus.gateway.create(specialist, name=name)
+            except BadRequest:  # another message of the same context made it meanwhile
+                await bus.gateway.get(name)
+    except GatewayUnavailable:
+        log.warning("no gateway: the A2A context is not kept", context_id=context_id)
+        return None
+    return name
 
 
 def agent_card(view: SpecialistView, base_url: str) -> AgentCard:
@@ -83,8 +114,10 @@ class SpecialistExecutor(AgentExecutor):
         await updater.start_work()
         artifact = f"{task.id}-answer"
         first = True
+        messages = [ChatMessage(role="user", content=prompt)]
         try:
-            async with self.bus.stream(self.specialist, [ChatMessage(role="user", content=prompt)]) as s:
+            session = await context_session(self.bus, self.specialist, task.context_id)
+            async with self.bus.stream(self.specialist, messages, session=session) as s:
                 async for text in s:
                     await updater.add_artifact(
                         [new_text_part(text)], artifact_id=artifact, name="answer", append=not first

@@ -3,6 +3,7 @@
 - JSON and SSE chat per specialist (or `@capability`), sessions, bulk, discovery: `/api/...`
 - JSON-RPC 2.0 over a WebSocket at `/ws`, with `stream.chunk` / `stream.complete` notifications
 - OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`
+- MCP streamable HTTP at `/mcp`, A2A agents at `/a2a/NAME/`, Prometheus `/metrics`
 - a small browser console at `/`, the OpenAPI document at `/openapi.json`
 
 Every request is turned into the same bus calls aish makes; tokens go from the NATS stream to the
@@ -26,10 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
+from starlette.routing import Route
 
 from bridge import jsonrpc, openai, rest
 from bridge.a2a import A2ARouter
 from bridge.edge import LOCAL_HOSTS, EdgeGuard, Guard, error_body
+from bridge.mcp import McpEndpoint
 from bridge.metrics import BusCollector, BusFigures
 from bridge.rest import ChatBody, open_body
 from bridge.tracing import TraceContext
@@ -95,7 +98,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg, mcp.running():
             await tg.start(keep_connected)
             if ready is not None:
                 ready.set()
@@ -144,6 +147,16 @@ def create_app(
         return bus(caller)
 
     app.mount("/a2a", A2ARouter(a2a_bus))  # docs/interop.md
+
+    def mcp_bus(ctx: Any) -> Bus:
+        """An MCP request's bus: its API token's user (admitted already by the endpoint)."""
+        request = ctx.request
+        client = request.client.host if request is not None and request.client else "?"
+        authorization = request.headers.get("authorization") if request is not None else None
+        return bus(guard.caller(authorization, None, client))
+
+    mcp = McpEndpoint(mcp_bus, a2a_bus)  # MCP streamable HTTP, docs/interop.md
+    app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"], include_in_schema=False))
 
     @app.get("/metrics", summary="Prometheus metrics of every specialist on the bus", include_in_schema=False)
     async def metrics(caller: str = Depends(admitted)) -> Response:

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import Field
 
+from bus.prompts import PromptTemplate
 from bus.subjects import DEFAULT_PREFIX
 from bus.wire import PROTOCOL_VERSION, Wire
 
@@ -94,6 +95,8 @@ class SpecialistView(Wire):
     context_window: int | None = None
     cost_per_1k_tokens: float | None = None
     features: list[str] = []
+    # Named prompt templates it offers (the roster's ``prompts``; MCP prompts).
+    prompts: dict[str, PromptTemplate] = {}
     # Live, summed over replicas (averages weighted by requests served).
     served: int = 0
     errors: int = 0
@@ -238,6 +241,7 @@ def aggregate(
                 context_window=int(n) if (n := _number(meta.get("context_window"))) else None,
                 cost_per_1k_tokens=_number(meta.get("cost_per_1k_tokens")),
                 features=_json(meta.get("features"), []),
+                prompts=_json(_endpoint_meta(replicas[0]).get("prompts"), {}),
                 served=served,
                 errors=errors,
                 cancelled=sum(d.get("cancelled", 0) for d in datas),

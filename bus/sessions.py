@@ -382,9 +382,11 @@ class GatewayClient:
         assert isinstance(reply, SessionReply)
         return reply.session
 
-    async def usage(self) -> UsageReply:
-        """The asker's token totals (all of them, and per session) and budget."""
-        reply = await self.call("usage", UsageQuery(), subject=usage_query_subject(self.prefix, self.user))
+    async def usage(self, reset: str | None = None) -> UsageReply:
+        """The asker's token totals (all of them, and per session) and budget. Acting for ``_all``
+        (admins): every user's totals, or ``reset`` that user's."""
+        query = UsageQuery(reset=reset)
+        reply = await self.call("usage", query, subject=usage_query_subject(self.prefix, self.user))
         assert isinstance(reply, UsageReply)
         return reply
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
 from bus.errors import ConfigError
 from bus.places import config_file, default_data_dir
 from bus.subjects import DEFAULT_PREFIX, validate_prefix
+from bus.usage import Budget, Price
 
 
 class TektonSettings(BaseSettings):
@@ -110,9 +111,16 @@ class TektonSettings(BaseSettings):
     gateway_lease_s: float = Field(default=6.0, gt=0)
     # Gateway: the sessions bucket's JetStream replicas (None: 3 on a cluster, 1 on a single server).
     session_replicas: int | None = Field(default=None, ge=1, le=5)
-    # Gateway: tokens (prompt + completion) each user may spend; None: no budget. Specialists refuse
-    # the requests of a user at or over it (docs/observability.md).
+    # Gateway: tokens (prompt + completion) and USD each user may spend; None: no budget. Specialists
+    # refuse the requests of a user at or over it (docs/observability.md). ``usage_budgets`` sets
+    # them per user (``[usage_budgets.alice] tokens = 5000``, ``cost = 2.5``), over these defaults.
     usage_budget_tokens: int | None = Field(default=None, ge=1)
+    usage_budget_cost: float | None = Field(default=None, gt=0)
+    usage_budgets: dict[str, Budget] = Field(default_factory=dict)
+    # Specialist: what tokens cost, USD per million, by ``provider:model`` or ``provider``
+    # (``[prices."openai:gpt-4o-mini"] input = 0.15, output = 0.6``); the ``done`` frame and the
+    # usage book carry the cost of every answer a price covers.
+    prices: dict[str, Price] = Field(default_factory=dict)
     # Specialist/gateway processes note their instances here for `tekton probe` (Kubernetes readiness).
     ready_file: Path | None = None
 

@@ -14,14 +14,30 @@ the model's work (``generate <model>``) is the specialist span's child.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, Literal
 
 Kind = Literal["client", "server", "internal"]
 TRACEPARENT = "traceparent"
 
 _tracer: Any = None  # an opentelemetry Tracer once installed; None: tracing is off
+_otel: Any = None  # the OpenTelemetry names the helpers use, looked up once by install()
+
+
+class _Otel:
+    """OpenTelemetry's entry points, imported once when tracing turns on (not per span)."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.kinds = {"client": SpanKind.CLIENT, "server": SpanKind.SERVER, "internal": SpanKind.INTERNAL}
+        self.propagator = TraceContextTextMapPropagator()
+        self.set_span_in_context = trace.set_span_in_context
+        self.current_span = trace.get_current_span
+        self.attach, self.detach = context.attach, context.detach
+        self.error = lambda message: Status(StatusCode.ERROR, message)
 
 
 def enabled() -> bool:
@@ -30,12 +46,19 @@ def enabled() -> bool:
 
 def install(provider: Any) -> None:
     """Trace through ``provider`` (an opentelemetry ``TracerProvider``); None turns tracing off."""
-    global _tracer
+    global _tracer, _otel
+    if provider is not None and _otel is None:
+        _otel = _Otel()
     _tracer = provider.get_tracer("tekton") if provider is not None else None
 
 
 def configure(service_name: str) -> bool:
-    """Turn tracing on if the OpenTelemetry environment names an exporter; True if it did."""
+    """Turn tracing on if the OpenTelemetry environment names an exporter; True if it did.
+
+    The span processor is the SDK's batch one (``OTEL_BSP_*`` tune it): export, and the OTLP encoding
+    that costs more CPU than making the span, happen on its thread in batches, never on the request's
+    path. The sampler is the SDK's from ``OTEL_TRACES_SAMPLER`` (parent-based, so a request whose
+    caller sampled it out costs nothing more here: see :func:`wanted`)."""
     exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -77,25 +100,13 @@ def wanted(headers: Mapping[str, str] | None) -> bool:
 
 def recording() -> bool:
     """Whether the current span records (tracing on and this trace sampled)."""
-    if _tracer is None:
-        return False
-    from opentelemetry import trace
-
-    return bool(trace.get_current_span().is_recording())
-
-
-def _kind(kind: Kind) -> Any:
-    from opentelemetry.trace import SpanKind
-
-    return {"client": SpanKind.CLIENT, "server": SpanKind.SERVER, "internal": SpanKind.INTERNAL}[kind]
+    return _tracer is not None and bool(_otel.current_span().is_recording())
 
 
 def _parent(headers: Mapping[str, str] | None) -> Any:
     if not headers or TRACEPARENT not in headers:
         return None  # the current context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    return TraceContextTextMapPropagator().extract(dict(headers))
+    return _otel.propagator.extract(headers)
 
 
 def start(
@@ -108,49 +119,58 @@ def start(
     when tracing is off. End it with :func:`end`."""
     if _tracer is None:
         return None
-    return _tracer.start_span(name, context=_parent(headers), kind=_kind(kind), attributes=attributes)
+    return _tracer.start_span(name, context=_parent(headers), kind=_otel.kinds[kind], attributes=attributes)
 
 
 def end(span: Any, error: BaseException | None = None) -> None:
     if span is None:
         return
     if error is not None:
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.set_status(_otel.error(str(error)))
     span.end()
 
 
 def event(span: Any, name: str, **attributes: Any) -> None:
     if span is not None:
-        span.add_event(name, attributes=attributes)
+        span.add_event(name, attributes=attributes or None)
 
 
 def headers(span: Any = None) -> dict[str, str] | None:
     """NATS headers carrying ``span``'s context (or the current one), or None when tracing is off."""
     if _tracer is None:
         return None
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
     carrier: dict[str, str] = {}
-    context = trace.set_span_in_context(span) if span is not None else None
-    TraceContextTextMapPropagator().inject(carrier, context=context)
+    context = _otel.set_span_in_context(span) if span is not None else None
+    _otel.propagator.inject(carrier, context=context)
     return carrier or None
 
 
-@contextmanager
-def current(
-    name: str,
-    kind: Kind = "internal",
-    headers: Mapping[str, str] | None = None,
-    attributes: Mapping[str, Any] | None = None,
-) -> Iterator[Any]:
-    """A span that is the current one inside the block (None when tracing is off)."""
-    if _tracer is None:
-        yield None
-        return
-    with _tracer.start_as_current_span(
-        name, context=_parent(headers), kind=_kind(kind), attributes=attributes
-    ) as span:
-        yield span
+class current:
+    """A span that is the current one inside the block (None when tracing is off): started, made
+    current and ended directly, without the SDK's generator-based ``start_as_current_span`` layers."""
+
+    __slots__ = ("attributes", "headers", "kind", "name", "span", "token")
+
+    def __init__(
+        self,
+        name: str,
+        kind: Kind = "internal",
+        headers: Mapping[str, str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ):
+        self.name, self.kind, self.headers, self.attributes = name, kind, headers, attributes
+        self.span: Any = None
+        self.token: Any = None
+
+    def __enter__(self) -> Any:
+        if _tracer is None:
+            return None
+        self.span = start(self.name, self.kind, self.headers, self.attributes)
+        self.token = _otel.attach(_otel.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.span is None:
+            return
+        _otel.detach(self.token)
+        end(self.span, exc if isinstance(exc, Exception) else None)

@@ -34,6 +34,34 @@ def usage_query_subject(prefix: str = DEFAULT_PREFIX, user: str = "*") -> str:
     return f"{prefix}.gateway.{user}.usage"
 
 
+class Price(Wire):
+    """What a model's tokens cost, in USD per million (config: ``[prices."openai:gpt-4o-mini"]``)."""
+
+    input: float = Field(default=0.0, ge=0)
+    output: float = Field(default=0.0, ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return round((prompt_tokens * self.input + completion_tokens * self.output) / 1e6, 8)
+
+
+def price_of(prices: dict[str, Price], provider: str, model: str) -> Price | None:
+    """The price of ``provider:model`` in the table (or of ``provider`` alone, any model); None: the
+    table does not price it."""
+    return prices.get(f"{provider}:{model}") or prices.get(provider)
+
+
+class Budget(Wire):
+    """What one user may spend: tokens (prompt + completion), USD, or both (None: no limit)."""
+
+    tokens: int | None = Field(default=None, ge=1)
+    cost: float | None = Field(default=None, gt=0)
+
+    def exceeded(self, totals: Totals) -> bool:
+        return (self.tokens is not None and totals.tokens >= self.tokens) or (
+            self.cost is not None and totals.cost >= self.cost
+        )
+
+
 class UsageRecord(Wire):
     v: Literal[1] = PROTOCOL_VERSION
     request_id: str
@@ -41,7 +69,8 @@ class UsageRecord(Wire):
     session: str | None = None
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
-    # What the answer cost where the roster prices the specialist (cost_per_1k_tokens), else 0.
+    # What the answer cost (USD) where the config's price table, or the roster's cost_per_1k_tokens,
+    # prices the model; else 0.
     cost: float = Field(default=0.0, ge=0)
 
 
@@ -78,7 +107,7 @@ class Totals(Wire):
             requests=self.requests + 1,
             prompt_tokens=self.prompt_tokens + record.prompt_tokens,
             completion_tokens=self.completion_tokens + record.completion_tokens,
-            cost=round(self.cost + record.cost, 6),
+            cost=round(self.cost + record.cost, 8),
         )
 
 
@@ -88,7 +117,11 @@ class OverBudget(Wire):
 
 
 class UsageQuery(Wire):
+    """The asker's totals; sent as the admin-only ``_all`` user (``<prefix>.gateway._all.usage``):
+    every user's totals, or with ``reset`` that user's totals forgotten (their budget starts again)."""
+
     v: Literal[1] = PROTOCOL_VERSION
+    reset: str | None = None
 
 
 class UsageReply(Wire):
@@ -97,3 +130,7 @@ class UsageReply(Wire):
     total: Totals
     sessions: dict[str, Totals] = {}
     budget_tokens: int | None = None
+    budget_cost: float | None = None
+    # For an admin's query: every user's totals; or, after a reset, how many totals were removed.
+    users: dict[str, Totals] = {}
+    removed: int | None = None

@@ -83,6 +83,8 @@ class ChatRequest(Wire):
 class Usage(Wire):
     prompt_tokens: int | None = None
     completion_tokens: int = 0
+    # USD, where the provider's model is priced (config ``prices``, or the roster); else absent.
+    cost: float | None = None
 
 
 class Timings(Wire):
@@ -195,6 +197,7 @@ def encode_done(
     first_token_ms: float | None = None,
     tokens_per_s: float | None = None,
     prompt_tokens: int | None = None,
+    cost: float | None = None,
 ) -> bytes:
     """The closing frame of every answer, without building models (same bytes as ``encode``)."""
     timings: dict[str, float] = {}
@@ -203,17 +206,18 @@ def encode_done(
     timings["total_ms"] = total_ms
     if tokens_per_s is not None:
         timings["tokens_per_s"] = tokens_per_s
+    usage: dict[str, int | float] = {"completion_tokens": completion_tokens}
+    if prompt_tokens is not None:
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    if cost is not None:
+        usage["cost"] = cost
     return _PACKER.pack(
         {
             "v": PROTOCOL_VERSION,
             "type": "done",
             "seq": seq,
             "finish_reason": finish_reason,
-            "usage": (
-                {"completion_tokens": completion_tokens}
-                if prompt_tokens is None
-                else {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-            ),
+            "usage": usage,
             "timings": timings,
         }
     )

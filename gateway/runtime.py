@@ -18,6 +18,7 @@ from bus.cluster import session_replicas
 from bus.errors import NatsUnavailable
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
+from bus.usage import Budget
 from gateway.service import GatewayService
 from gateway.store import SessionStore, StoreLimits, open_bucket, value_limit
 from gateway.usage import UsageBook, open_usage_bucket
@@ -137,7 +138,8 @@ async def _serve_connection(
     async with anyio.create_task_group() as tg:
         service = GatewayService(nc, SessionStore(kv, limits, task_group=tg), settings, tg)
         usage_kv = await open_usage_bucket(nc, settings.prefix, limits.replicas)
-        service.usage = UsageBook(nc, usage_kv, settings.prefix, settings.usage_budget_tokens)
+        budget = Budget(tokens=settings.usage_budget_tokens, cost=settings.usage_budget_cost)
+        service.usage = UsageBook(nc, usage_kv, settings.prefix, budget, settings.usage_budgets)
         await service.start()
         await ready(service)
         async with anyio.create_task_group() as waiting:

@@ -17,10 +17,11 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from bus.errors import BusError
+from bus.errors import BadRequest, BusError
 from bus.sessions import ErrorReply
-from bus.subjects import gateway_queue, gateway_user
+from bus.subjects import ALL_USERS, gateway_queue, gateway_user
 from bus.usage import (
+    Budget,
     OverBudget,
     Totals,
     UsageQuery,
@@ -59,23 +60,41 @@ async def open_usage_bucket(nc: NATS, prefix: str, replicas: int = 1) -> KeyValu
 
 
 class UsageBook:
-    def __init__(self, nc: NATS, kv: KeyValue, prefix: str, budget_tokens: int | None):
+    """``budget`` applies to every user; ``budgets`` per user, field by field over it (a user given
+    only a cost keeps the default token budget)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        kv: KeyValue,
+        prefix: str,
+        budget: Budget | None = None,
+        budgets: dict[str, Budget] | None = None,
+    ):
         self.nc = nc
         self.kv = kv
         self.prefix = prefix
-        self.budget = budget_tokens
+        self.budget = budget or Budget()
+        self.budgets = budgets or {}
+        self.limited = self.budget != Budget() or any(b != Budget() for b in self.budgets.values())
         self.over: frozenset[str] = frozenset()
         # Records not stored yet, by key: while one batch is written the next gathers, so a burst of
         # answers costs one compare-and-set per key, not a KV read and write per answer.
         self._pending: dict[str, list[UsageRecord]] = {}
         self._arrived = anyio.Event()
 
+    def budget_for(self, user: str) -> Budget:
+        own = self.budgets.get(user)
+        if own is None:
+            return self.budget
+        return self.budget.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
+
     async def start(self, tg: TaskGroup) -> None:
         queue = gateway_queue(self.prefix)
         tg.start_soon(self._store)
         await self.nc.subscribe(usage_subject("*", self.prefix), queue=queue, cb=self._on_record)
         await self.nc.subscribe(usage_query_subject(self.prefix), queue=queue, cb=self._on_query)
-        if self.budget is not None:
+        if self.limited:
             tg.start_soon(self._broadcast)
 
     async def _read(self, key: str) -> tuple[Totals, int | None]:
@@ -129,9 +148,9 @@ class UsageBook:
                 user = key[2:]
                 if (
                     key.startswith("u.")
-                    and self.budget is not None
-                    and total.tokens >= self.budget
+                    and self.limited
                     and user not in self.over
+                    and self.budget_for(user).exceeded(total)
                 ):
                     self.over = self.over | {user}
                     await self._tell()
@@ -140,8 +159,8 @@ class UsageBook:
         await self.nc.publish(budget_subject(self.prefix), encode(OverBudget(users=sorted(self.over))))
 
     async def _broadcast(self) -> None:
-        """Who is over budget, from the bucket (other replicas count too), to every specialist."""
-        assert self.budget is not None
+        """Who is over budget, from the bucket (other replicas count too, and a reset clears), to
+        every specialist."""
         while True:
             over = set()
             try:
@@ -151,7 +170,7 @@ class UsageBook:
             for key in keys:
                 if key.startswith("u."):
                     totals, _ = await self._read(key)
-                    if totals.tokens >= self.budget:
+                    if self.budget_for(key[2:]).exceeded(totals):
                         over.add(key[2:])
             self.over = frozenset(over)
             await self._tell()
@@ -167,13 +186,61 @@ class UsageBook:
         for key in keys:
             if key.startswith(f"s.{user}."):
                 sessions[key.split(".", 2)[2]], _ = await self._read(key)
-        return UsageReply(user=user, total=total, sessions=sessions, budget_tokens=self.budget)
+        budget = self.budget_for(user)
+        return UsageReply(
+            user=user, total=total, sessions=sessions, budget_tokens=budget.tokens, budget_cost=budget.cost
+        )
+
+    async def _admin(self, query: UsageQuery) -> UsageReply:
+        if query.reset is None:
+            return UsageReply(user=ALL_USERS, total=Totals(), users=await all_totals(self.kv))
+        removed = await reset_usage(self.kv, query.reset)
+        if query.reset in self.over:  # served again now, not at the next broadcast
+            self.over = self.over - {query.reset}
+            await self._tell()
+        return UsageReply(user=query.reset, total=Totals(), removed=removed)
 
     async def _on_query(self, msg: Msg) -> None:
         user = gateway_user(msg.subject, self.prefix)
         try:
-            UsageQuery.model_validate(unpack_frame(msg.data))
-            payload = encode(await self.totals(user))
+            query = UsageQuery.model_validate(unpack_frame(msg.data))
+            if user == ALL_USERS:  # only admins may use that name in gateway subjects (bus/auth.py)
+                payload = encode(await self._admin(query))
+            elif query.reset is not None:
+                raise BadRequest("only an admin resets usage (tekton usage reset USER)")
+            else:
+                payload = encode(await self.totals(user))
         except (BusError, ValidationError) as err:
             payload = encode(ErrorReply.of(err if isinstance(err, BusError) else BusError(str(err))))
         await msg.respond(payload)
+
+
+async def reset_usage(kv: KeyValue, user: str) -> int:
+    """Forget ``user``'s totals (and their sessions'): their budget starts again. The number of keys
+    removed. Gateways stop refusing them at their next over-budget broadcast."""
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        keys = []
+    gone = [k for k in keys if k == f"u.{user}" or k.startswith(f"s.{user}.")]
+    for key in gone:
+        await kv.purge(key)
+    return len(gone)
+
+
+async def all_totals(kv: KeyValue) -> dict[str, Totals]:
+    """Every user's totals in the book."""
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    totals = {}
+    for key in keys:
+        if key.startswith("u."):
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                totals[key[2:]] = Totals.model_validate(unpack_frame(entry.value))
+    return totals

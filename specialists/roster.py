@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.errors import BusError
+from bus.prompts import PROMPT_NAME, PromptTemplate
 from bus.subjects import validate_name
 from bus.wire import ChatOptions
 from specialists.tools import McpServerSpec
@@ -38,11 +40,21 @@ class SpecialistSpec(BaseModel):
     options: ChatOptions = ChatOptions()
     # MCP servers whose tools this specialist may call (specialists/tools.py), by name.
     mcp_servers: dict[str, McpServerSpec] = {}
+    # Named prompt templates it offers, by name (bus/prompts.py; served as MCP prompts).
+    prompts: dict[str, PromptTemplate] = {}
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return validate_name(value)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_names(cls, value: dict[str, PromptTemplate]) -> dict[str, PromptTemplate]:
+        for name in value:
+            if not re.match(PROMPT_NAME, name):
+                raise ValueError(f"prompt name {name!r} must be lowercase letters, digits, '-' or '_'")
+        return value
 
     @field_validator("capabilities")
     @classmethod
@@ -77,7 +89,11 @@ class SpecialistSpec(BaseModel):
     def endpoint_metadata(self) -> dict[str, str]:
         """What only ``$SRV.INFO`` carries (on the chat endpoint): the example requests text routing
         learns from. Kept out of the service metadata, which every PING and STATS answer repeats."""
-        return {"examples": json.dumps(self.examples, ensure_ascii=False)}
+        meta = {"examples": json.dumps(self.examples, ensure_ascii=False)}
+        if self.prompts:
+            prompts = {name: p.model_dump(exclude_defaults=True) for name, p in self.prompts.items()}
+            meta["prompts"] = json.dumps(prompts, ensure_ascii=False)
+        return meta
 
 
 def default_roster_path() -> Path:

@@ -46,7 +46,7 @@ from bus.subjects import (
     inbox_owner,
     queue_group,
 )
-from bus.usage import SESSION_HEADER, OverBudget, budget_subject, encode_usage, usage_subject
+from bus.usage import SESSION_HEADER, OverBudget, budget_subject, encode_usage, price_of, usage_subject
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -356,9 +356,7 @@ class SpecialistService:
         run = parse_run_subject(reply_to, self.settings.prefix)
         owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
-            await reply.error(
-                BudgetExceeded(f"user '{owner}' is over their token budget (aish usage shows it)")
-            )
+            await reply.error(BudgetExceeded(f"user '{owner}' is over their budget (aish usage shows it)"))
             return
         if req._msg.headers and SESSION_HEADER in req._msg.headers:
             self._usage_sessions[request.id] = req._msg.headers[SESSION_HEADER]
@@ -384,7 +382,21 @@ class SpecialistService:
         except (BusError, ValidationError) as err:
             self.log.warning("unreadable budget notice", error=str(err))
 
-    async def _report_usage(self, request_id: str, prompt_tokens: int | None, completion_tokens: int) -> None:
+    def _cost(
+        self, provider: str, model: str, prompt_tokens: int | None, completion_tokens: int
+    ) -> float | None:
+        """USD for an answer, where the config's price table (or the roster's flat price) prices the
+        model; None where nothing does (the local and scripted models, unless configured)."""
+        price = price_of(self.settings.prices, provider, model)
+        if price is not None:
+            return price.cost(prompt_tokens or 0, completion_tokens)
+        if self.spec.cost_per_1k_tokens:
+            return round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 8)
+        return None
+
+    async def _report_usage(
+        self, request_id: str, prompt_tokens: int | None, completion_tokens: int, cost: float | None
+    ) -> None:
         """What this answer cost, to the gateway's usage book (fire and forget)."""
         owner = self._owners.get(request_id, ANONYMOUS)
         record = encode_usage(
@@ -393,7 +405,7 @@ class SpecialistService:
             self._usage_sessions.pop(request_id, None),
             prompt_tokens or 0,
             completion_tokens,
-            round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 6),
+            cost or 0.0,
         )
         await self.nc.publish(usage_subject(owner, self.settings.prefix), record)
 
@@ -449,7 +461,7 @@ class SpecialistService:
                 if self.models is not None:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
-                if tracing.enabled():  # the model's part of the trace (specialists/tracing.py)
+                if tracing.recording():  # the model's part of a sampled trace (specialists/tracing.py)
                     provider = TracedProvider.wrap(provider)
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
@@ -483,24 +495,25 @@ class SpecialistService:
                 gen = total - (first_token - received) if first_token else 0.0
                 if self.placement:
                     await self.placement.finishing()
+                prompt_tokens = reported.prompt_tokens if reported else None
+                completion_tokens = reported.completion_tokens if reported else tokens
+                cost = self._cost(provider_name, provider.model, prompt_tokens, completion_tokens)
                 await reply.send_encoded(
                     encode_done(
                         reply.seq,
                         "length" if options.max_tokens and tokens >= options.max_tokens else "stop",
-                        completion_tokens=reported.completion_tokens if reported else tokens,
-                        prompt_tokens=reported.prompt_tokens if reported else None,
+                        completion_tokens=completion_tokens,
+                        prompt_tokens=prompt_tokens,
                         total_ms=round(total * 1000, 3),
                         first_token_ms=round((first_token - received) * 1000, 3) if first_token else None,
                         tokens_per_s=round((tokens - 1) / gen, 2) if tokens > 1 and gen > 0 else None,
+                        cost=cost,
                     )
                 )
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
-                prompt_tokens = reported.prompt_tokens if reported else None
                 self.metrics.done(prompt_tokens, first_token - received if first_token else None, total)
-                await self._report_usage(
-                    request.id, prompt_tokens, reported.completion_tokens if reported else tokens
-                )
+                await self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
                 if first_token:
                     self.counters.first_tokens += 1
                     self.counters.first_token_ms += (first_token - received) * 1000

@@ -14,6 +14,8 @@ the answer (aish, the bridge) sees what the specialist did, in order with its te
 from __future__ import annotations
 
 import contextvars
+import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -128,6 +130,40 @@ class RequestTools:
         if result.is_error:
             raise ToolError(f"tool '{server}.{tool}' failed: {text}")
         return text
+
+    def functions(self) -> list[tuple[str, types.Tool]]:
+        """Every tool under one name for a model's tools API (OpenAI functions, Anthropic tools):
+        ``server__tool``, in the characters and length those APIs accept."""
+        tools = self.box.tools.items()
+        return [(function_name(server, tool.name), tool) for server, listed in tools for tool in listed]
+
+    async def answer(self, function: str, arguments: str | dict[str, Any]) -> str:
+        """Call the tool a model named (``server__tool``, arguments as JSON text or a dict); what to
+        tell the model. A failing tool's message goes back to the model too (it may try otherwise);
+        the frames show it either way."""
+        found = {
+            function_name(server, tool.name): (server, tool.name)
+            for server, listed in self.box.tools.items()
+            for tool in listed
+        }
+        if function not in found:
+            return f"error: there is no tool named '{function}' (tools: {', '.join(found)})"
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments or "{}")
+            except json.JSONDecodeError as err:
+                return f"error: the arguments are not JSON ({err.msg}); send a JSON object"
+            if not isinstance(parsed, dict):
+                return "error: the arguments must be a JSON object"
+            arguments = parsed
+        try:
+            return await self.call(*found[function], arguments)
+        except ToolError as err:
+            return f"error: {err.message}"
+
+
+def function_name(server: str, tool: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{server}__{tool}")[:64]
 
 
 _CURRENT: contextvars.ContextVar[RequestTools | None] = contextvars.ContextVar("tekton_tools", default=None)

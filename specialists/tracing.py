@@ -1,5 +1,6 @@
 """The model's part of a trace: a provider wrapped so its generation is a span (``generate <model>``),
-with an event at the first chunk and the number of chunks. Used only when tracing is on."""
+with an event at the first chunk and the number of chunks. Used only for a sampled trace (the
+service checks :func:`bus.tracing.recording` first, so a sampled-out request streams unwrapped)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,6 @@ class TracedProvider:
     async def stream(
         self, messages: Sequence[ChatMessage], options: ChatOptions
     ) -> AsyncIterator[str | Usage]:
-        if not tracing.recording():  # this trace was sampled out: no span to make
-            async with aclosing(self.inner.stream(messages, options)) as texts:  # type: ignore[type-var]
-                async for text in texts:
-                    yield text
-            return
         span = tracing.start(
             f"generate {self.model}",
             attributes={"gen_ai.system": self.name, "gen_ai.request.model": self.model},

@@ -38,11 +38,12 @@ import anyio
 from bus import tracing
 from bus.auth import ROLES
 from bus.client import Bus, connect_as
-from bus.errors import BusError, NatsUnavailable
+from bus.errors import BusError, GatewayUnavailable, NatsUnavailable
 from bus.logs import configure_logging
 from bus.server import EmbeddedNats, TlsFiles
 from bus.settings import TektonSettings, config_file, load_settings
 from bus.signals import die_with_parent, set_on_signal
+from bus.subjects import ALL_USERS
 from gateway.runtime import serve_gateway
 from specialists.roster import load_roster
 from specialists.runtime import select, serve_specialists
@@ -336,6 +337,31 @@ async def cmd_metrics(settings: TektonSettings, args: argparse.Namespace) -> int
     return 0
 
 
+async def cmd_usage(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """`tekton usage`: every user's totals; `tekton usage reset USER`: forget USER's, so their budget
+    starts again. Both ask the gateway as the ``_all`` user, which nats-server lets only admins be."""
+    async with Bus.connect(settings, name="tekton-usage") as bus:
+        book = Bus(bus.nc, settings, acting_for=ALL_USERS).gateway
+        try:
+            reply = await book.usage(reset=args.user if args.usage_cmd == "reset" else None)
+        except GatewayUnavailable as err:
+            raise BusError(
+                f"{err.message} (every user's usage is an admin's: use an admin's credentials)"
+            ) from err
+    if args.usage_cmd == "reset":
+        _say(
+            f"reset {args.user}'s usage ({reply.removed} totals removed)"
+            if reply.removed
+            else f"{args.user} has no usage"
+        )
+        return 0
+    totals = reply.users
+    _say(f"{'USER':<24} {'REQUESTS':>8} {'PROMPT':>10} {'COMPLETION':>10} {'COST $':>12}")
+    for user, t in sorted(totals.items()):
+        _say(f"{user:<24} {t.requests:>8} {t.prompt_tokens:>10} {t.completion_tokens:>10} {t.cost:>12.6f}")
+    return 0
+
+
 async def cmd_mcp(settings: TektonSettings, args: argparse.Namespace) -> int:
     from tekton.mcp_server import serve_http, serve_stdio
 
@@ -613,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
     metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
     metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
+    usage = sub.add_parser("usage", parents=[common], help="every user's token and cost totals")
+    usage_sub = usage.add_subparsers(dest="usage_cmd")
+    reset = usage_sub.add_parser("reset", help="forget a user's totals: their budget starts again")
+    reset.add_argument("user")
     mcp = sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
     mcp.add_argument(
         "--http", type=int, metavar="PORT", help="serve MCP over streamable HTTP on PORT instead"
@@ -687,6 +717,7 @@ COMMANDS = {
     "status": cmd_status,
     "top": cmd_top,
     "metrics": cmd_metrics,
+    "usage": cmd_usage,
     "mcp": cmd_mcp,
     "a2a": cmd_a2a,
     "cluster": _cluster,

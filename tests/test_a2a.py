@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -16,12 +17,12 @@ from a2a.client import ClientConfig, create_client
 from a2a.helpers.proto_helpers import get_artifact_text
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 
-from bridge.a2a import create_a2a_app
+from bridge.a2a import create_a2a_app, session_name
 from bus.client import Bus
 from bus.discovery import SpecialistView
 from bus.errors import BusError
 from bus.settings import TektonSettings
-from tests.helpers import eventually, in_process_specialists
+from tests.helpers import eventually, in_process_gateway, in_process_specialists
 
 pytestmark = pytest.mark.anyio
 
@@ -133,3 +134,50 @@ provider_options = {{ url = "{base}/a2a/ghost/" }}
             )  # chunk by chunk
             with pytest.raises(BusError, match="failed: specialist_unavailable: no specialist named 'ghost'"):
                 await bus.ask("lost", "anyone?")
+
+
+async def test_a_message_with_a_context_continues_its_session(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context_id the server gave the first message names a Tekton session: a second message
+    with it reaches the specialist after the first turn; a message without it starts afresh."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_ECHO_CONTEXT", "1")
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "apollo"),
+        a2a_bridge(settings) as base,
+        Bus.connect(settings) as bus,
+    ):
+        client = await create_client(f"{base}/a2a/apollo/", client_config=ClientConfig(streaming=False))
+        try:
+            [first] = [e async for e in client.send_message(ask("q1"))]
+            context = first.task.context_id
+            assert context
+            follow = ask("q2")
+            follow.message.context_id = context
+            follow.message.message_id = "m-2"
+            [second] = [e async for e in client.send_message(follow)]
+            [fresh] = [e async for e in client.send_message(ask("q3"))]
+        finally:
+            await client.close()
+
+        def text(reply: Any) -> str:
+            return "".join(get_artifact_text(a, "") for a in reply.task.artifacts)
+
+        assert text(first) == "apollo heard: user: q1"
+        assert second.task.context_id == context
+        assert text(second) == "apollo heard: user: q1 | assistant: apollo heard: user: q1 | user: q2"
+        assert fresh.task.context_id != context and text(fresh) == "apollo heard: user: q3"
+        session = await bus.gateway.get(session_name(context))
+        assert session.specialist == "apollo"
+        assert [m.content for m in session.turns if m.role == "user"] == ["q1", "q2"]
+
+
+def test_a_context_id_that_cannot_be_a_session_name_is_hashed() -> None:
+    assert session_name("9f0c7a1e-3b2d-4c5e-8f9a-0b1c2d3e4f5a") == "a2a.9f0c7a1e-3b2d-4c5e-8f9a-0b1c2d3e4f5a"
+    hashed = session_name("ctx with spaces/and slashes")
+    assert (
+        hashed.startswith("a2a.")
+        and len(hashed) == 44
+        and hashed == session_name("ctx with spaces/and slashes")
+    )

@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 
 import httpx
+import httpx2
 import pytest
 from a2a.client import create_client
 from a2a.helpers.proto_helpers import get_artifact_text
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -93,3 +96,44 @@ async def test_an_http_caller_s_trace_reaches_the_model(settings: TektonSettings
     assert http_span.parent is not None and format(http_span.parent.span_id, "016x") == "00f067aa0ba902b7"
     assert client.parent is not None and client.parent.span_id == http_span.context.span_id
     assert server.parent is not None and server.parent.span_id == client.context.span_id
+
+
+async def test_mcp_on_the_bridge_acts_as_the_token_s_user(settings: TektonSettings) -> None:
+    """MCP streamable HTTP at /mcp on the bridge, driven by the SDK's client over HTTP: an API token
+    is its bus user there too (alice sees her sessions as resources, not bob's); no token, no MCP."""
+    settings = settings.model_copy(update={"http_tokens": ["alice=alice-token", "bob=bob-token"]})
+    async with bridge(settings) as url, in_process_specialists(settings, "apollo"):
+        async with httpx.AsyncClient(base_url=url) as http:
+            for user in ("alice", "bob"):
+                made = await http.post(
+                    "/api/sessions",
+                    json={"name": f"{user}-notes", "specialist": "apollo"},
+                    headers={"Authorization": f"Bearer {user}-token"},
+                )
+                assert made.status_code == 200 and made.json()["owner"] == user
+            refused = await http.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+
+        progress: list[str | None] = []
+
+        async def on_progress(done: float, total: float | None, message: str | None) -> None:
+            progress.append(message)
+
+        as_alice = httpx2.AsyncClient(headers={"Authorization": "Bearer alice-token"}, timeout=30)
+        async with (
+            as_alice,
+            streamable_http_client(f"{url}/mcp", http_client=as_alice) as (read, write),
+            ClientSession(read, write) as client,
+        ):
+            await client.initialize()
+            assert [t.name for t in (await client.list_tools()).tools] == ["apollo"]
+            said = await client.call_tool(
+                "apollo", {"prompt": "mcp here", "session": "alice-notes"}, progress_callback=on_progress
+            )
+            assert said.content[0].text == "apollo heard: mcp here"  # type: ignore[union-attr]
+            assert progress == ["apollo ", "apollo heard: ", "apollo heard: mcp ", "apollo heard: mcp here"]
+            assert [r.name for r in (await client.list_resources()).resources] == ["alice-notes"]
+            assert {p.name for p in (await client.list_prompts()).prompts} == {
+                "apollo.review",
+                "apollo.explain-error",
+            }

@@ -66,14 +66,15 @@ def test_usage_record_fast_path_matches_the_model() -> None:
 
 @pytest.mark.fast
 def test_done_frame_fast_path_matches_the_model() -> None:
-    for first, rate, prompt in ((0.5, 120.0, 12), (None, None, None)):
+    cases = ((0.5, 120.0, 12, 0.00042), (None, None, None, None), (None, None, 3, None))
+    for first, rate, prompt, cost in cases:
         model = DoneFrame(
             seq=9,
             finish_reason="stop",
-            usage=Usage(prompt_tokens=prompt, completion_tokens=8),
+            usage=Usage(prompt_tokens=prompt, completion_tokens=8, cost=cost),
             timings=Timings(first_token_ms=first, total_ms=1.5, tokens_per_s=rate),
         )
-        assert encode_done(9, "stop", 8, 1.5, first, rate, prompt) == encode(model)
+        assert encode_done(9, "stop", 8, 1.5, first, rate, prompt, cost) == encode(model)
 
 
 async def test_a_flat_out_stream_starves_neither_other_requests_nor_its_cancel(

@@ -12,6 +12,7 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from bus.client import Bus
 from bus.settings import TektonSettings
@@ -126,3 +127,32 @@ async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -
             assert progress[-1] == "athena heard: over http" and len(progress) == 4
     finally:
         child.stop()
+
+
+async def test_the_roster_s_prompts_are_mcp_prompts(settings: TektonSettings) -> None:
+    async with (
+        in_process_specialists(settings, "apollo", "athena"),
+        stdio_client(tekton_mcp(settings)) as (read, write),
+        ClientSession(read, write) as client,
+    ):
+        await client.initialize()
+        prompts = {p.name: p for p in (await client.list_prompts()).prompts}
+        assert set(prompts) == {"apollo.review", "apollo.explain-error", "athena.explain"}  # running ones
+        review = prompts["apollo.review"]
+        assert [(a.name, a.required) for a in review.arguments or []] == [("code", True), ("language", False)]
+
+        got = await client.get_prompt("apollo.review", {"code": "def f(): return {1}", "language": "Python"})
+        [message] = got.messages
+        assert message.role == "user"
+        text = message.content.text  # type: ignore[union-attr]
+        assert text.startswith("Review this Python code.") and text.endswith("\n\ndef f(): return {1}")
+        without = await client.get_prompt("apollo.review", {"code": "x = 1"})
+        assert without.messages[0].content.text.startswith("Review this code.")  # type: ignore[union-attr]
+        # The filled prompt is what a user sends the specialist's tool.
+        asked = await client.call_tool("athena", {"prompt": "quick question"})
+        assert asked.content[0].text == "athena heard: quick question"  # type: ignore[union-attr]
+
+        with pytest.raises(MCPError, match="missing required argument"):
+            await client.get_prompt("apollo.review", {"language": "Go"})
+        with pytest.raises(MCPError, match=r"no prompt named 'apollo\.nope'"):
+            await client.get_prompt("apollo.nope", {})

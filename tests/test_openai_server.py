@@ -18,7 +18,7 @@ import pytest
 
 from bus.client import Bus
 from bus.settings import TektonSettings
-from bus.wire import ChatMessage, ChatOptions, Usage
+from bus.wire import ChatMessage, ChatOptions, ToolCallFrame, ToolResultFrame, Usage
 from specialists.providers import ProviderContext, SharedResources, create_provider
 from specialists.providers.local import bundled_model_path
 from tests.helpers import AISH, child_env, in_process_gateway, in_process_specialists
@@ -37,6 +37,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m llama_cpp.server` on the bundled model; yields its base URL (…/v1) once it answers."""
+    yield from _llama_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama_tools_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same with llama-cpp-python's tool-calling chat format (OpenAI tools API)."""
+    yield from _llama_server(tmp_path_factory, "--chat_format", "chatml-function-calling")
+
+
+def _llama_server(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> Iterator[str]:
     pytest.importorskip("sse_starlette", reason="llama-cpp-python[server] extras are not installed")
     gguf = bundled_model_path()
     if gguf is None:
@@ -63,6 +73,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 # server went to seconds per token under load).
                 "--n_threads",
                 "1",
+                *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -203,3 +214,54 @@ async def test_a_real_model_judges_routing_or_the_embedding_router_stands_in(
                 )
             else:  # it said something that names no specialist: the embedding router chose
                 assert f"llamabox:{ALIAS} named no running specialist" in reply.reason, reply.reason
+
+
+TOOLING = 'stream_tools = false, tool_choice = "calc__add", max_tool_rounds = 1'
+
+
+async def test_the_model_calls_an_mcp_tool_through_the_openai_tools_api(
+    llama_tools_server: str, settings: TektonSettings, tmp_path: Path
+) -> None:
+    """The openai provider offers the specialist's MCP tools to a real server's model and runs the call
+    it makes. The 135M model never picks a tool by itself ("auto": it always answers in text), so the
+    roster forces the first call (``tool_choice``); the model still writes the arguments (constrained
+    to the tool's JSON schema by llama.cpp's grammar), and the server cannot stream a tool choice
+    (``stream_tools = false``). Left to itself after that it calls the same tool again and again, so
+    one round of calls it is (``max_tool_rounds``); the answer after it streams."""
+    roster = tmp_path / "roster.toml"
+    roster.write_text(
+        f"""
+[specialists.apollo]
+description = "Arithmetic with a calculator"
+primary = ["math"]
+capabilities = {{ math = 0.9 }}
+system_prompt = "You can call tools."
+provider = "openai"
+provider_options = {{ base_url = "{llama_tools_server}", model = "{ALIAS}", {TOOLING} }}
+options = {{ max_tokens = 24, temperature = 0.0, seed = 1 }}
+
+[specialists.apollo.mcp_servers.calc]
+command = {json.dumps(sys.executable)}
+args = [{json.dumps(str(Path(__file__).parent / "data" / "mcp_calc.py"))}]
+"""
+    )
+    served = settings.model_copy(update={"provider": None, "roster": roster})
+    async with in_process_specialists(served, "apollo"), Bus.connect(served) as bus:
+        async with bus.stream(
+            "apollo", [ChatMessage(role="user", content="What is 2 + 40?")], timeout=280
+        ) as s:
+            parts = [t async for t in s]
+        result = await s.result()
+    text = "".join(parts)
+    [call, answer] = s.tool_frames
+    assert isinstance(call, ToolCallFrame) and isinstance(answer, ToolResultFrame)
+    assert (call.server, call.tool, sorted(call.arguments)) == ("calc", "add", ["a", "b"])
+    # What the MCP server computed from the model's own arguments went back to the model...
+    assert (answer.id, answer.text, answer.is_error) == (
+        call.id,
+        str(call.arguments["a"] + call.arguments["b"]),
+        False,
+    )
+    # ... and it answered in text after it, streamed: the second round, whose count adds to the first's.
+    assert text.strip() and len(parts) >= 2 and result.done.usage.completion_tokens > len(parts)
+    assert result.done.usage.prompt_tokens

@@ -3,15 +3,21 @@ totals (JetStream KV), `aish usage`, and a budget that stops a user's requests w
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
+import anyio
 import pytest
 
 from bus.client import Bus
-from bus.errors import BudgetExceeded
+from bus.errors import BadRequest, BudgetExceeded
 from bus.settings import TektonSettings
+from bus.subjects import ANONYMOUS
+from bus.usage import Budget, Price, Totals
 from bus.wire import ChatMessage
-from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish
+from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, run_aish
 from tests.test_security import Raw, Team, bob, team  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.anyio
@@ -40,13 +46,14 @@ async def test_totals_per_user_and_per_session(settings: TektonSettings) -> None
             session.id: (1, 3)
         }
         assert usage.budget_tokens is None and usage.total.cost == 0.0  # the scripted roster is free
+        assert direct.done.usage.cost is None  # and its done frame carries no cost
 
         shown = await run_aish(settings, "usage")
         assert shown.returncode == 0, shown.stderr
         first, header, row = shown.stdout.splitlines()
         assert first == f"{usage.user}: 2 requests, {p1 + p2} prompt + 7 completion = {p1 + p2 + 7} tokens"
-        assert header.split() == ["SESSION", "REQUESTS", "PROMPT", "COMPLETION"]
-        assert row.split() == [session.id, "1", str(p2), "3"]
+        assert header.split() == ["SESSION", "REQUESTS", "PROMPT", "COMPLETION", "COST", "$"]
+        assert row.split() == [session.id, "1", str(p2), "3", "0.000000"]
 
 
 async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettings) -> None:
@@ -66,16 +73,13 @@ async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettin
             return False
 
         await eventually(refused, within=15)
-        with pytest.raises(BudgetExceeded, match="over their token budget"):
+        with pytest.raises(BudgetExceeded, match="over their budget"):
             await bus.ask("apollo", "and again")
         usage = await bus.gateway.usage()
         assert usage.budget_tokens == 10 and usage.total.tokens >= 10
         shown = await run_aish(settings, "apollo", "please")
         assert shown.returncode == 1
-        assert (
-            shown.stderr.strip()
-            == f"aish: user '{usage.user}' is over their token budget (aish usage shows it)"
-        )
+        assert shown.stderr.strip() == f"aish: user '{usage.user}' is over their budget (aish usage shows it)"
 
 
 async def test_with_identities_each_user_has_their_own_totals_and_budget(team: Team, bob: Raw) -> None:  # noqa: F811
@@ -130,6 +134,7 @@ cost_per_1k_tokens = 250.0
     ):
         answer = await bus.ask("apollo", "one two")
         tokens = (answer.done.usage.prompt_tokens or 0) + answer.done.usage.completion_tokens
+        assert answer.done.usage.cost == pytest.approx(tokens * 0.25)
 
         async def counted() -> bool:
             return (await bus.gateway.usage()).total.requests == 1
@@ -137,4 +142,90 @@ cost_per_1k_tokens = 250.0
         await eventually(counted, within=10)
         assert (await bus.gateway.usage()).total.cost == pytest.approx(tokens * 0.25)
         shown = await run_aish(settings, "usage")
-        assert shown.stdout.splitlines()[0].endswith(f"= {tokens} tokens, cost {tokens * 0.25:.4f}")
+        assert shown.stdout.splitlines()[0].endswith(f"= {tokens} tokens, ${tokens * 0.25:.6f}")
+
+
+async def test_the_price_table_costs_each_answer_and_a_cost_budget_per_user_can_be_reset(
+    settings: TektonSettings,
+) -> None:
+    """USD per 1M tokens by provider:model in the config: the done frame carries the cost; a per-user
+    cost budget (over the default token budget, which is higher) refuses the user; `tekton usage
+    reset USER` lets them in again."""
+    settings = settings.model_copy(
+        update={
+            "prices": {"scripted:scripted": Price(input=3.0, output=15.0)},
+            "usage_budget_tokens": 1_000_000,
+            "usage_budgets": {ANONYMOUS: Budget(cost=0.00005)},
+        }
+    )
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        answer = await bus.ask("apollo", "one two")  # 4 completion tokens: 60 micro-dollars
+        usage = answer.done.usage
+        assert usage.prompt_tokens and usage.cost == pytest.approx(
+            (usage.prompt_tokens * 3.0 + usage.completion_tokens * 15.0) / 1e6
+        )
+
+        async def refused() -> bool:
+            try:
+                await bus.ask("apollo", "one more")
+            except BudgetExceeded:
+                return True
+            return False
+
+        await eventually(refused, within=15)
+        book = await bus.gateway.usage()
+        assert (book.user, book.budget_tokens, book.budget_cost) == (ANONYMOUS, 1_000_000, 0.00005)
+        assert book.total.cost >= 0.00005
+        shown = await run_aish(settings, "usage")
+        assert (
+            f"(budget 1000000 tokens, {1_000_000 - book.total.tokens} left; budget $0.00, $0.000000 left)"
+            in (shown.stdout)
+        )
+        listed = await run_tekton(settings, "usage")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines()[1].split()[:2] == [ANONYMOUS, str(book.total.requests)]
+
+        reset = await run_tekton(settings, "usage", "reset", ANONYMOUS)
+        assert reset.returncode == 0, reset.stderr
+        assert reset.stdout.strip() == f"reset {ANONYMOUS}'s usage (1 totals removed)"
+
+        async def served() -> bool:
+            try:
+                return (await bus.ask("apollo", "again")).text == "apollo heard: again"
+            except BudgetExceeded:
+                return False
+
+        assert (await bus.gateway.usage()).total == Totals()  # (refused requests leave no record)
+        await eventually(served, within=15)
+
+
+async def run_tekton(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    return await anyio.to_thread.run_sync(
+        partial(
+            subprocess.run,
+            [sys.executable, "-m", "tekton", *args],
+            env=child_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+
+
+async def test_only_an_admin_reads_or_resets_the_book(team: Team) -> None:  # noqa: F811
+    """The book is read and reset through the gateway as the ``_all`` user, which only admins may be:
+    bob gets one line and exit 1 (no traceback), and cannot reset himself as himself either."""
+    async with in_process_gateway(team.services), Bus.connect(team.bob, name="bob") as bobs:
+        with pytest.raises(BadRequest, match="only an admin resets usage"):
+            await bobs.gateway.usage(reset="bob")
+        refused = await run_tekton(team.bob, "usage", "--creds", str(team.bob.creds), "reset", "alice")
+        assert refused.returncode == 1, refused.stderr
+        said = refused.stderr.strip().splitlines()
+        assert said[-1].startswith("tekton: the gateway did not answer") and "admin" in said[-1]
+        assert "Traceback" not in refused.stderr
+        allowed = await run_tekton(team.admin, "usage", "reset", "alice")
+        assert allowed.returncode == 0 and allowed.stdout.strip() == "alice has no usage", allowed.stderr

@@ -3,6 +3,14 @@
 ``ollama`` is the same provider with Ollama's defaults: the server at its usual local address
 (``$OLLAMA_HOST`` or 127.0.0.1:11434) and no key. Only api.openai.com needs a key; a local server that
 ignores keys gets none from the user.
+
+Tools: when the specialist has MCP servers (roster ``mcp_servers``), their tools are offered to the
+model through the OpenAI tools API; each tool call the model makes is run (a ``tool_call`` and a
+``tool_result`` frame in the stream) and its result sent back, until the model answers in text (at
+most ``max_tool_rounds`` rounds of calls; the round after the last offers no tools, so it answers).
+The text of every round streams as it comes. A server that cannot stream a tool choice
+(llama-cpp-python's ``chatml-function-calling``) takes ``stream_tools = false``: rounds that offer
+tools are then asked without streaming, so their text arrives in one piece.
 """
 
 from __future__ import annotations
@@ -18,7 +26,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.wire import ChatMessage, ChatOptions, Usage
-from specialists.providers.base import ApiKeyMissing, ModelMissing, ProviderContext, api_error
+from specialists.providers.base import (
+    ApiKeyMissing,
+    ModelMissing,
+    ProviderContext,
+    api_error,
+)
+from specialists.tools import RequestTools
+from specialists.tools import current as current_tools
 
 OPENAI_API = "https://api.openai.com/v1"
 # What the client sends to servers that ignore keys (it insists on one).
@@ -36,6 +51,13 @@ class OpenAIOptions(BaseSettings):
     api_key: SecretStr | None = None
     model: str | None = "gpt-4o-mini"
     timeout_s: float = Field(default=60.0, gt=0)
+    # Stream the rounds that offer the model tools (see the module's docstring).
+    stream_tools: bool = True
+    # The first round's tool_choice: "auto", "required", "none", or a tool's name (server__tool) the
+    # model must call first (a specialist that always looks something up); later rounds are "auto".
+    tool_choice: str = "auto"
+    # Rounds of tool calls one answer may take (a small model may call the same tool again and again).
+    max_tool_rounds: int = Field(default=8, ge=0)
 
 
 def _ollama_url() -> str:
@@ -102,34 +124,156 @@ class OpenAIProvider:
             extra["top_p"] = options.top_p
         if options.seed is not None:
             extra["seed"] = options.seed
+        extra["max_tokens"] = options.max_tokens if options.max_tokens is not None else openai.omit
+        extra["temperature"] = options.temperature if options.temperature is not None else openai.omit
+        tools = current_tools()
+        offered = [
+            {
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "description": tool.description or "",
+                    "parameters": tool.input_schema,
+                },
+            }
+            for name, tool in (tools.functions() if tools else [])
+        ]
+        convo: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in messages]
+        # Each round's count: the server's, or (a server that does not count, e.g. when streaming) its
+        # chunks, as the specialist counts them for providers that report nothing.
+        counts: list[Usage] = []
+        server_counted = False
         try:
-            response = await self._client.chat.completions.create(
-                model=self.model,
-                messages=cast(
-                    "list[ChatCompletionMessageParam]",
-                    [{"role": m.role, "content": m.content} for m in messages],
-                ),
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=options.max_tokens if options.max_tokens is not None else openai.omit,
-                temperature=options.temperature if options.temperature is not None else openai.omit,
-                **extra,
-            )
-            async with response:
-                async for event in response:
-                    if event.choices and (text := event.choices[0].delta.content):
-                        yield text
-                    if event.usage is not None:  # the last event, when the server counts
-                        yield Usage(
-                            prompt_tokens=event.usage.prompt_tokens,
-                            completion_tokens=event.usage.completion_tokens,
-                        )
+            rounds = self.options.max_tool_rounds
+            for round_ in range(rounds + 1):
+                offer = offered if round_ < rounds else []
+                calls: dict[int, dict[str, str]] = {}
+                text: list[str] = []
+                choice = self.options.tool_choice if round_ == 0 else "auto"
+                async for piece in self._round(
+                    convo, offer, extra | {"tool_choice": _choice(choice, offer)}, calls, text
+                ):
+                    if isinstance(piece, Usage):
+                        counts.append(piece)
+                        server_counted = True
+                    else:
+                        yield piece
+                if len(counts) == round_:  # none from the server for this round
+                    counts.append(Usage(completion_tokens=len(text)))
+                if not calls:
+                    break
+                assert tools is not None  # calls come only when tools were offered
+                await self._run_calls(tools, convo, calls, "".join(text))
+            if server_counted:
+                yield _total(counts)
         except openai.APIError as err:
             where = f"the OpenAI-compatible server at {self.options.base_url}"
             raise api_error(openai, err, where, self.model) from err
 
+    async def _round(
+        self,
+        convo: list[dict[str, Any]],
+        offer: list[dict[str, Any]],
+        extra: dict[str, Any],
+        calls: dict[int, dict[str, str]],
+        text: list[str],
+    ) -> AsyncIterator[str | Usage]:
+        """One completion: its text as it comes (also kept in ``text``), the tool calls it makes into
+        ``calls`` (index -> id, name, arguments), then the server's count if it gives one."""
+        messages = cast("list[ChatCompletionMessageParam]", convo)
+        tools: Any = offer or openai.omit
+        if offer and not self.options.stream_tools:
+            done = await self._client.chat.completions.create(
+                model=self.model, messages=messages, tools=tools, stream=False, **extra
+            )
+            message = done.choices[0].message
+            if message.content:
+                text.append(message.content)
+                yield message.content
+            for i, call in enumerate(message.tool_calls or []):
+                if call.type == "function":
+                    calls[i] = {
+                        "id": call.id,
+                        "name": call.function.name,
+                        "arguments": call.function.arguments,
+                    }
+            if done.usage is not None:
+                yield Usage(
+                    prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens
+                )
+            return
+        response = await self._client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            tools=tools,
+            stream=True,
+            stream_options={"include_usage": True},
+            **extra,
+        )
+        async with response:
+            async for event in response:
+                if event.choices:
+                    delta = event.choices[0].delta
+                    if delta.content:
+                        text.append(delta.content)
+                        yield delta.content
+                    for call in delta.tool_calls or []:  # a call's parts come spread over events
+                        slot = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                        slot["id"] = call.id or slot["id"]
+                        if call.function is not None:
+                            slot["name"] += call.function.name or ""
+                            slot["arguments"] += call.function.arguments or ""
+                if event.usage is not None:  # the last event, when the server counts
+                    yield Usage(
+                        prompt_tokens=event.usage.prompt_tokens,
+                        completion_tokens=event.usage.completion_tokens,
+                    )
+
+    @staticmethod
+    async def _run_calls(
+        tools: RequestTools, convo: list[dict[str, Any]], calls: dict[int, dict[str, str]], text: str
+    ) -> None:
+        """Run the model's tool calls and put them and their results into the conversation."""
+        ordered = [calls[i] for i in sorted(calls)]
+        for n, call in enumerate(ordered):
+            call["id"] = call["id"] or f"call_{n}"
+        convo.append(
+            {
+                "role": "assistant",
+                "content": text,  # "" rather than null: some servers (llama-cpp-python's) want a string
+                "tool_calls": [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in ordered
+                ],
+            }
+        )
+        for call in ordered:
+            result = await tools.answer(call["name"], call["arguments"])
+            convo.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _choice(choice: str, offer: list[dict[str, Any]]) -> Any:
+    if not offer:
+        return openai.omit
+    if choice in ("auto", "required", "none"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _total(counts: list[Usage]) -> Usage:
+    """The rounds' counts together (an answer with tool calls is several completions)."""
+    prompts = [c.prompt_tokens for c in counts if c.prompt_tokens is not None]
+    return Usage(
+        prompt_tokens=sum(prompts) if prompts else None,
+        completion_tokens=sum(c.completion_tokens for c in counts),
+    )
 
 
 class OllamaProvider(OpenAIProvider):
