@@ -29,7 +29,7 @@ from bus.errors import (
     Unauthorized,
     from_wire,
 )
-from bus.subjects import ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
+from bus.subjects import ALL_USERS, ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
 from bus.usage import UsageQuery, UsageReply, usage_query_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
 
@@ -323,7 +323,10 @@ class GatewayClient:
         (nats-server says so only in an async -ERR, which nats-py keeps as the last error)."""
         said = str(getattr(self.nc, "last_error", None) or "").lower()
         if "permissions violation" in said and subject.lower() in said:
-            return Unauthorized(f"the nats-server refused: your credentials may not publish to {subject}")
+            admins = "; only an admin may (every user's data)" if f".{ALL_USERS}." in subject else ""
+            return Unauthorized(
+                f"the nats-server refused: your credentials may not publish to {subject}{admins}"
+            )
         return None
 
     async def create(

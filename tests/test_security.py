@@ -293,7 +293,7 @@ async def test_an_admin_sees_every_users_sessions_in_aish_and_a_user_is_refused(
     assert by_server.returncode == 1 and by_server.stdout == ""
     assert by_server.stderr.strip().splitlines()[-1] == (
         f"aish: the nats-server refused: your credentials may not publish to tekton.gateway.{ALL_USERS}"
-        ".session.list"
+        ".session.list; only an admin may (every user's data)"
     )
     assert removed.returncode == 0 and f"deleted {legacy.id}" in removed.stdout
 
