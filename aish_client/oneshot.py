@@ -216,11 +216,15 @@ class _Start:
 
 
 class _Usage:
-    def __init__(self, prompt_tokens: int | None, completion_tokens: int):
-        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+    def __init__(self, prompt_tokens: int | None, completion_tokens: int, cost: float | None):
+        self.prompt_tokens, self.completion_tokens, self.cost = prompt_tokens, completion_tokens, cost
 
     def model_dump(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": self.cost,
+        }
 
 
 class _Timings:
@@ -299,7 +303,7 @@ def _frame(raw: dict[str, Any]) -> _Start | _Done | _Tool | Exception | None:
         usage, timings = raw["usage"], raw["timings"]
         if raw["finish_reason"] not in ("stop", "length"):
             raise ValueError(raw["finish_reason"])
-        if not usage.keys() <= {"prompt_tokens", "completion_tokens"} or not timings.keys() <= {
+        if not usage.keys() <= {"prompt_tokens", "completion_tokens", "cost"} or not timings.keys() <= {
             "first_token_ms",
             "total_ms",
             "tokens_per_s",
@@ -307,7 +311,11 @@ def _frame(raw: dict[str, Any]) -> _Start | _Done | _Tool | Exception | None:
             raise ValueError("done: unexpected usage or timings")
         return _Done(
             raw["finish_reason"],
-            _Usage(_opt(usage.get("prompt_tokens"), _int), _int(usage.get("completion_tokens", 0))),
+            _Usage(
+                _opt(usage.get("prompt_tokens"), _int),
+                _int(usage.get("completion_tokens", 0)),
+                _opt(usage.get("cost"), _float),
+            ),
             _Timings(
                 _opt(timings.get("first_token_ms"), _float),
                 _float(timings["total_ms"]),
