@@ -496,7 +496,10 @@ class Bus:
             stream=runs_stream_name(self.settings.prefix),
             ordered_consumer=True,
             pending_msgs_limit=1_000_000,
-            inactive_threshold=60.0,
+            # nats-server keeps at most 1,000 consumers on a stream and users may not delete theirs:
+            # a closed reader's consumer must go soon (one with a reader keeps its interest, and an
+            # ordered consumer is made anew after a reconnect).
+            inactive_threshold=5.0,
         )
 
         async def heard(_msg: Msg) -> None:

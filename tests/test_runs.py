@@ -9,12 +9,14 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
 
 from bus.client import Bus
 from bus.errors import Cancelled, RunNotFound
+from bus.runs import runs_stream_name
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import (
@@ -87,6 +89,30 @@ async def test_attach_after_a_seq_and_list_runs(settings: TektonSettings) -> Non
         assert (await a.result()).done == result.done
     # Frame 10 is chunk 10 (frame 0 is the start): the rest begins with chunk 11.
     assert rest == TOKENS[10:]
+
+
+async def test_a_closed_attach_leaves_no_consumer_behind(settings: TektonSettings) -> None:
+    """Each resume or attach reads through a consumer of the runs stream, and nats-server keeps at most
+    1,000 consumers on a stream: those of closed readers must go soon, not hold the limit for a minute
+    (the bench's 120 attaches in a row once ended in "maximum consumers limit reached")."""
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        result = await bus.ask("apollo", QUESTION)
+        run_id = (await bus.runs())[0].run_id
+        for _ in range(3):
+            async with bus.attach(run_id, after=10) as a:
+                assert [c async for c in a] == TOKENS[10:]
+        js = bus.nc.jetstream()
+
+        async def consumers() -> int:
+            return (await js.stream_info(runs_stream_name(settings.prefix))).state.consumer_count
+
+        assert await consumers() >= 1
+        await eventually(lambda: _none_left(consumers), within=20)
+    assert result.done.finish_reason == "stop"
+
+
+async def _none_left(consumers: Callable[[], Awaitable[int]]) -> bool:
+    return await consumers() == 0
 
 
 @pytest.mark.fast
