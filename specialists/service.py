@@ -32,6 +32,7 @@ from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
 
 from bus import tracing
+from bus.auth import find_credentials
 from bus.client import is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
@@ -272,6 +273,10 @@ class SpecialistService:
 
     async def _ensure_runs_stream(self) -> None:
         """Create the runs stream when nobody has (the gateway does where a specialist may not)."""
+        if find_credentials(self.settings.creds, self.settings.data_dir, "specialist") is not None:
+            # Signed in with a role: the specialist role may not create streams (bus/auth.py), and
+            # trying would only put a permissions violation in every log.
+            return
         try:
             # Short: where a specialist may not create streams the server only says so in an -ERR.
             await ensure_runs_stream(self.nc, self.settings, api_wait=0.5)

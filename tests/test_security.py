@@ -626,3 +626,15 @@ def test_tekton_nats_refuses_an_open_listener_in_one_line(tmp_path: Path) -> Non
     assert done.returncode == 1
     assert done.stderr.startswith("tekton: refusing to listen on 0.0.0.0 without auth and TLS")
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.fast
+async def test_a_specialist_with_its_role_asks_for_nothing_its_role_forbids(
+    team: Team, tmp_path: Path
+) -> None:
+    """A specialist signed in as one may not create the runs stream (the gateway does): it does not
+    try, so nats-server logs no violation for it at every start."""
+    async with in_process_specialists(team.services, "apollo"), Bus.connect(team.alice) as alice:
+        assert (await alice.ask("apollo", "hello")).text == "apollo heard: hello"
+    log = (tmp_path / "nats.log").read_text()
+    assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
