@@ -10,13 +10,14 @@ import signal
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
 
 from bus.client import Bus
 from bus.errors import Cancelled, RunNotFound
-from bus.runs import runs_stream_name
+from bus.runs import ensure_runs_stream, run_subject, runs_stream_name
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import (
@@ -113,6 +114,27 @@ async def test_a_closed_attach_leaves_no_consumer_behind(settings: TektonSetting
 
 async def _none_left(consumers: Callable[[], Awaitable[int]]) -> bool:
     return await consumers() == 0
+
+
+async def test_the_runs_stream_takes_more_than_a_thousand_readers_at_once(settings: TektonSettings) -> None:
+    """Unset, nats-server stops at 1,000 consumers on a stream: 400 quick resumes in a row (each made
+    up to three) reached it and every later resume failed with "maximum consumers limit reached"."""
+    async with Bus.connect(settings) as bus:
+        await ensure_runs_stream(bus.nc, settings)
+        js = bus.nc.jetstream()
+        subject = run_subject("alice", "r1", settings.prefix)
+        await js.publish(subject, b"x")
+
+        async def ignore(_msg: Any) -> None:
+            return None
+
+        for _ in range(1100):
+            sub = await js.subscribe(
+                subject, cb=ignore, stream=runs_stream_name(settings.prefix), ordered_consumer=True
+            )
+            await sub.unsubscribe()
+        info = await js.stream_info(runs_stream_name(settings.prefix))
+        assert info.state.consumer_count >= 1100
 
 
 @pytest.mark.fast
