@@ -18,12 +18,13 @@ from aish_client.exits import EXIT_ERROR, EXIT_USAGE, HANDLED, exit_code_for, js
 from aish_client.logbook import Logbook, open_logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
 from aish_client.prompt_parts import attachments, chat_options, check_model
+from aish_client.questions import unquoted_question
 from aish_client.render import Renderer
 from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import SUBCOMMANDS, cmd_list, run_subcommand, version
 from bus import tracing
 from bus.client import Bus
-from bus.errors import BusError, DeadlineExceeded
+from bus.errors import BusError, DeadlineExceeded, SpecialistUnavailable
 from bus.logs import configure_logging
 from bus.settings import TektonSettings, load_settings
 from bus.subjects import NAME_RE
@@ -178,6 +179,46 @@ def renderer_for(settings: TektonSettings, args: argparse.Namespace) -> Renderer
     return Renderer.for_answers(settings.data_dir, bool(getattr(args, "json", False)))
 
 
+async def _run(
+    bus: Bus,
+    pipeline: Pipeline,
+    args: argparse.Namespace,
+    renderer: Renderer,
+    stdin_text: str | None,
+    session: str | None,
+    settings: TektonSettings,
+) -> None:
+    """One run of ``pipeline`` with the command line's options."""
+    await run_pipeline(
+        bus,
+        pipeline,
+        renderer,
+        stdin_text=stdin_text,
+        options=_options(args),
+        session=session,
+        layout=args.layout,
+        model=args.model,
+        system=args.system,
+        logbook=logbook(settings, args),
+        # The specialist's own deadline backs ours up (when this process is gone), a second
+        # later, so the whole run's deadline is the one that speaks.
+        deadline_s=args.timeout + 1.0 if args.timeout else None,
+    )
+
+
+def _as_question(err: SpecialistUnavailable, args: argparse.Namespace) -> Pipeline | None:
+    """`aish what is a mutex`: the shell's words, whose first names no running specialist (nor one
+    close to it: a typo keeps its "did you mean"), are a question, routed as `aish "what is a mutex"`
+    would be. Only for words given as they are (not -c, not --capability)."""
+    words = args.words
+    if args.pipeline is not None or args.capability or len(words) < 2 or err.name != words[0]:
+        return None
+    line = " ".join(words)
+    if not unquoted_question(line, err.running or [], (*SUBCOMMANDS, "echo")):
+        return None
+    return Pipeline(None, (Ask((Target(AUTO, 1, True),), line, 1),), None, line)
+
+
 async def run_once(
     settings: TektonSettings, pipeline: Pipeline, args: argparse.Namespace, stdin_text: str | None
 ) -> int:
@@ -189,21 +230,17 @@ async def run_once(
                 if args.detach:
                     return await runs.detach(bus, pipeline, _options(args), renderer)
                 session = await sessions.resolve(bus, args.session, args.resume, renderer)
-                await run_pipeline(
-                    bus,
-                    pipeline,
-                    renderer,
-                    stdin_text=stdin_text,
-                    options=_options(args),
-                    session=session,
-                    layout=args.layout,
-                    model=args.model,
-                    system=args.system,
-                    logbook=logbook(settings, args),
-                    # The specialist's own deadline backs ours up (when this process is gone), a second
-                    # later, so the whole run's deadline is the one that speaks.
-                    deadline_s=args.timeout + 1.0 if args.timeout else None,
-                )
+                try:
+                    await _run(bus, pipeline, args, renderer, stdin_text, session, settings)
+                except SpecialistUnavailable as err:
+                    question = _as_question(err, args)
+                    if question is None:
+                        raise
+                    renderer.note(
+                        f"{err.name}: no specialist or command of that name, so the words are a question"
+                        " (routed)"
+                    )
+                    await _run(bus, question, args, renderer, stdin_text, session, settings)
         if deadline.cancelled_caught:
             raise DeadlineExceeded(
                 f"no complete answer within --timeout {args.timeout:g} s; stopped the request"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import itertools
-import re
 import shlex
 import signal
 import sys
@@ -31,8 +29,9 @@ from prompt_toolkit.shortcuts import clear
 from aish_client import sessions
 from aish_client.fanout import Layout
 from aish_client.logbook import Logbook
-from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse, tokenize
+from aish_client.parser import PipelineSyntaxError, parse, tokenize
 from aish_client.prompt_parts import chat_options
+from aish_client.questions import question_pipeline, unquoted_question
 from aish_client.render import Renderer
 from aish_client.runner import run_pipeline
 from aish_client.subcommands import cmd_list
@@ -48,54 +47,14 @@ BUILTINS = {
     "clear": "clear the screen",
     "exit": "leave (or Ctrl-D)",
 }
+# What the REPL reads as a command, not as a question.
+COMMANDS = (*BUILTINS, "echo", "exit", "quit")
 HELP = """Pipelines:  apollo "question"   echo "text" | apollo | athena   apollo,athena << "msg"
             {apollo|athena} | prometheus   @code-analysis << "msg"   "any question" (routed)
             what is a mutex?   (a line that starts with no specialist or command: routed too)
             ... > file   ... >> file   apollo -m ollama:qwen2.5:7b "question" (a model per stage)
 Keys:       Tab completes names, @capabilities, sessions, paths after >   Ctrl-R searches history
             a line ending in | , { << or \\ continues on the next line   Ctrl-C cancels an answer"""
-
-
-_PIPELINE_START = ('"', "'", "@", "{", "!", "\\")
-_PIPELINE_NEXT = {"|", ",", "<<", "-m", "--model", ">", ">>", "{"}
-
-
-def unquoted_question(line: str, specialists: Sequence[str]) -> bool:
-    """Whether ``line`` is a plain question (`what is a mutex?`) rather than a pipeline: its first word
-    is no running specialist (nor close to one: a typo gets the parser's "did you mean"), no command and
-    no pipeline construct, and the word after it is no pipeline operator either. While the running
-    specialists are unknown (no gateway, no bus), every line is a pipeline, as before."""
-    words = line.split()
-    if not words or not specialists:
-        return False
-    first = words[0]
-    if first in BUILTINS or first in ("echo", "exit", "quit") or first.startswith(_PIPELINE_START):
-        return False
-    name = re.match(r"[a-z0-9-]*", first)
-    head = name.group(0) if name else ""
-    if head != first and first[len(head)] in ",|{<>":  # `apollo,athena`, `apollo|athena`
-        return False
-    if head in specialists or difflib.get_close_matches(head, specialists, n=1, cutoff=0.8):
-        return False
-    return not (len(words) > 1 and words[1] in _PIPELINE_NEXT)
-
-
-def question_pipeline(line: str) -> Pipeline:
-    """`what is a mutex?` as `"what is a mutex?"`; `summarize this | apollo` as `"summarize this" |
-    apollo` when what follows the first `|` is a pipeline, else the whole line is the question."""
-    text, rest = line, None
-    if "|" in line:
-        before, after = line.split("|", 1)
-        try:
-            rest = parse(after) if before.strip() else None
-        except PipelineSyntaxError:
-            rest = None
-        if rest is not None and rest.source is None:
-            text = before.strip()
-    asked = Ask((Target(AUTO, 1, True),), text, 1)
-    if rest is None or text == line:
-        return Pipeline(None, (asked,), None, line)
-    return Pipeline(None, (asked, *rest.stages), rest.redirect, line)
 
 
 def needs_more(text: str, specialists: Sequence[str] = ()) -> bool:
@@ -318,7 +277,7 @@ class Repl:
             except (BusError, ValueError) as err:
                 self.renderer.error(str(err))
             return
-        if unquoted_question(line, self.specialists):
+        if unquoted_question(line, self.specialists, COMMANDS):
             # A question typed as it is: routed like a quoted one, the whole line its text.
             pipeline = question_pipeline(line.replace("\\\n", " "))
             self.renderer.note(

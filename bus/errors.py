@@ -182,9 +182,12 @@ class SpecialistUnavailable(BusError):
             hint = "; no specialists are running (start them with `tekton up`)"
         err = cls(f"no specialist named '{name}' is running{hint}")
         err.suggestion = close[0] if close else None
+        err.name, err.running = name, names
         return err
 
     suggestion: str | None = None
+    name: str | None = None  # the name nobody answers for, and who does (``named``)
+    running: list[str] | None = None
 
 
 class StreamGap(BusError):

@@ -11,7 +11,8 @@ import anyio
 import pytest
 
 from aish_client.parser import AUTO, PipelineSyntaxError, Target, parse
-from aish_client.repl import question_pipeline, unquoted_question
+from aish_client.questions import question_pipeline, unquoted_question
+from aish_client.repl import COMMANDS
 from bench.routing import HELD_OUT, decide, load, roster_views
 from bus.client import Bus
 from bus.errors import BadRequest
@@ -381,7 +382,7 @@ async def test_a_routing_model_picks_and_the_embedding_router_stands_in_when_it_
 def test_a_line_starting_with_no_specialist_or_command_is_a_question() -> None:
     running = ["apollo", "athena", "rhetor"]
     for question in ("what is a mutex?", "translate hello to French", "what's the capital of France"):
-        assert unquoted_question(question, running), question
+        assert unquoted_question(question, running, COMMANDS), question
         (stage,) = question_pipeline(question).stages
         assert stage.targets == (Target(AUTO, 1, True),) and stage.message == question
     for pipeline in (
@@ -396,8 +397,8 @@ def test_a_line_starting_with_no_specialist_or_command_is_a_question() -> None:
         "session new",
         "help",
     ):
-        assert not unquoted_question(pipeline, running), pipeline
-    assert not unquoted_question("what is a mutex?", [])  # nothing known: a pipeline, as before
+        assert not unquoted_question(pipeline, running, COMMANDS), pipeline
+    assert not unquoted_question("what is a mutex?", [], COMMANDS)  # nothing known: a pipeline, as before
     first, second = question_pipeline("summarize this | apollo").stages
     assert first.message == "summarize this" and str(second.targets[0]) == "apollo"
 
@@ -423,3 +424,15 @@ async def test_an_unquoted_question_at_the_repl_prompt_is_routed(settings: Tekto
             await term.wait_for("rhetor heard: athena heard: tell me about mutexes")
         finally:
             term.close()
+
+
+async def test_unquoted_words_naming_no_specialist_are_a_question(settings: TektonSettings) -> None:
+    """`aish what is a mutex?` as the shell splits it: the first word names nobody, so the words are a
+    question, routed as the quoted form is; a typo of a running name keeps its "did you mean"."""
+    async with in_process_gateway(settings), in_process_specialists(settings, "athena", "apollo"):
+        asked = await run_aish(settings, "what", "is", "a", "mutex?")
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout.startswith("athena heard: what is a mutex?"), asked.stderr
+        assert "what: no specialist or command of that name, so the words are a question" in asked.stderr
+        typo = await run_aish(settings, "apolo", "fix", "this")
+        assert typo.returncode == 1 and "did you mean 'apollo'?" in typo.stderr, typo.stderr
