@@ -14,6 +14,7 @@ import anyio
 # First: nats-py and structlog load without their optional extras (aiohttp, rich).
 import aish_client.lean_imports  # noqa: F401
 from aish_client import runs, sessions
+from aish_client.completion import SUBCOMMANDS
 from aish_client.exits import EXIT_ERROR, EXIT_USAGE, HANDLED, exit_code_for, json_error
 from aish_client.logbook import Logbook, open_logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
@@ -21,7 +22,7 @@ from aish_client.prompt_parts import attachments, chat_options, check_model
 from aish_client.questions import unquoted_question
 from aish_client.render import Renderer
 from aish_client.runner import compose, run_pipeline
-from aish_client.subcommands import SUBCOMMANDS, cmd_list, run_subcommand, version
+from aish_client.subcommands import cmd_list, run_subcommand, version
 from bus import tracing
 from bus.client import Bus
 from bus.errors import BusError, DeadlineExceeded, SpecialistUnavailable

@@ -10,7 +10,8 @@ import tomllib
 from importlib import resources
 
 SHELLS = ("bash", "zsh", "fish")
-SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion")
+# Every `aish SUBCOMMAND` (aish_client/subcommands.py dispatches these).
+SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs", "attach", "cancel", "route")
 SESSION_OPS = ("list", "show", "rm", "fork", "rename")
 OPTIONS = (
     "-c",
@@ -25,6 +26,7 @@ OPTIONS = (
     "--no-log",
     "--session",
     "--continue",
+    "--detach",
     "--capability",
     "--max-tokens",
     "--temperature",
@@ -32,6 +34,8 @@ OPTIONS = (
     "--idle-timeout",
     "--layout",
     "--nats",
+    "--creds",
+    "--tls-ca",
     "--log-level",
     "--version",
     "-h",

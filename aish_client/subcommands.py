@@ -132,9 +132,6 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     return parsers
 
 
-SUBCOMMANDS = ("list", "bulk", "sessions", "logs", "completion", "usage", "runs", "attach", "cancel", "route")
-
-
 def _settings(args: argparse.Namespace) -> TektonSettings:
     return load_settings(
         nats_url=args.nats_url,

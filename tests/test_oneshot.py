@@ -21,9 +21,9 @@ import anyio
 import nats
 import pytest
 
+from aish_client.completion import SUBCOMMANDS
 from aish_client.logbook import Logbook
 from aish_client.oneshot import NOT_NAMES, chat_request, plan
-from aish_client.subcommands import SUBCOMMANDS
 from bus.auth import save_credentials
 from bus.cluster import free_ports
 from bus.frames import pack_request

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from aish_client.cli import build_parser
+from aish_client.completion import SUBCOMMANDS
 from aish_client.completion import script as completion_script
 from aish_client.prompt_parts import UsageError, attachments, chat_options
 from bus.client import Bus
@@ -84,6 +86,10 @@ def test_bash_completion_completes_subcommands_names_and_options(settings: Tekto
     assert set(complete("aish sessions ")) >= {"list", "show", "rm", "fork", "rename"}
     assert "--model" in complete("aish --mo")
     assert "repeat_penalty=" in complete("aish -o rep")
+    # Everything aish takes completes: each subcommand it dispatches and each option of its parser.
+    assert set(complete("aish ")) >= set(SUBCOMMANDS)
+    options = {o for action in build_parser()._actions for o in action.option_strings}
+    assert set(complete("aish -")) >= options, options - set(complete("aish -"))
 
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])
