@@ -14,7 +14,7 @@ import anyio
 # First: nats-py and structlog load without their optional extras (aiohttp, rich).
 import aish_client.lean_imports  # noqa: F401
 from aish_client import runs, sessions
-from aish_client.completion import SUBCOMMANDS
+from aish_client.completion import SUBCOMMANDS, roster_names
 from aish_client.exits import EXIT_ERROR, EXIT_USAGE, HANDLED, exit_code_for, json_error
 from aish_client.logbook import Logbook, open_logbook
 from aish_client.parser import AUTO, Ask, Pipeline, PipelineSyntaxError, Target, parse
@@ -25,7 +25,7 @@ from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import cmd_list, run_subcommand, version
 from bus import tracing
 from bus.client import Bus
-from bus.errors import BusError, DeadlineExceeded, SpecialistUnavailable
+from bus.errors import BusError, DeadlineExceeded, GatewayUnavailable, SpecialistUnavailable
 from bus.logs import configure_logging
 from bus.settings import TektonSettings, load_settings
 from bus.subjects import NAME_RE
@@ -207,12 +207,16 @@ async def _run(
     )
 
 
-def _as_question(err: SpecialistUnavailable, args: argparse.Namespace) -> Pipeline | None:
-    """`aish what is a mutex`: the shell's words, whose first names no running specialist (nor one
-    close to it: a typo keeps its "did you mean"), are a question, routed as `aish "what is a mutex"`
-    would be. Only for words given as they are (not -c, not --capability)."""
+def _as_question(
+    err: SpecialistUnavailable, args: argparse.Namespace, roster: Sequence[str]
+) -> Pipeline | None:
+    """`aish what is a mutex`: the shell's words, whose first names no specialist of the roster or
+    running (nor one close to a running one: a typo keeps its "did you mean"), are a question, routed
+    as `aish "what is a mutex"` would be. Only for words given as they are (not -c, --capability)."""
     words = args.words
     if args.pipeline is not None or args.capability or len(words) < 2 or err.name != words[0]:
+        return None
+    if words[0] in roster:  # a specialist that is not running: its own error says so
         return None
     line = " ".join(words)
     if not unquoted_question(line, err.running or [], (*SUBCOMMANDS, "echo")):
@@ -234,14 +238,17 @@ async def run_once(
                 try:
                     await _run(bus, pipeline, args, renderer, stdin_text, session, settings)
                 except SpecialistUnavailable as err:
-                    question = _as_question(err, args)
+                    question = _as_question(err, args, roster_names(settings.roster))
                     if question is None:
                         raise
                     renderer.note(
                         f"{err.name}: no specialist or command of that name, so the words are a question"
                         " (routed)"
                     )
-                    await _run(bus, question, args, renderer, stdin_text, session, settings)
+                    try:
+                        await _run(bus, question, args, renderer, stdin_text, session, settings)
+                    except GatewayUnavailable:
+                        raise err from None  # nothing routes here: the name's own error says more
         if deadline.cancelled_caught:
             raise DeadlineExceeded(
                 f"no complete answer within --timeout {args.timeout:g} s; stopped the request"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from importlib import resources
+from pathlib import Path
 
 SHELLS = ("bash", "zsh", "fish")
 # Every `aish SUBCOMMAND` (aish_client/subcommands.py dispatches these).
@@ -49,10 +50,12 @@ VALUE_OPTIONS = (
 )
 
 
-def roster_names() -> list[str]:
-    """The specialists of the packaged roster (read as data: aish imports no specialist code)."""
+def roster_names(roster: Path | None = None) -> list[str]:
+    """The specialists of ``roster`` or the packaged roster (read as data: aish imports no specialist
+    code)."""
     try:
-        data = tomllib.loads((resources.files("deploy") / "roster.toml").read_text())
+        text = roster.read_text() if roster else (resources.files("deploy") / "roster.toml").read_text()
+        data = tomllib.loads(text)
     except (OSError, ModuleNotFoundError, tomllib.TOMLDecodeError):
         return []
     return sorted(data.get("specialists", {}))

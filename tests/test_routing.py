@@ -428,7 +428,8 @@ async def test_an_unquoted_question_at_the_repl_prompt_is_routed(settings: Tekto
 
 async def test_unquoted_words_naming_no_specialist_are_a_question(settings: TektonSettings) -> None:
     """`aish what is a mutex?` as the shell splits it: the first word names nobody, so the words are a
-    question, routed as the quoted form is; a typo of a running name keeps its "did you mean"."""
+    question, routed as the quoted form is; a typo of a running name keeps its "did you mean", and so
+    does a name of the roster that is not running."""
     async with in_process_gateway(settings), in_process_specialists(settings, "athena", "apollo"):
         asked = await run_aish(settings, "what", "is", "a", "mutex?")
         assert asked.returncode == 0, asked.stderr
@@ -436,3 +437,7 @@ async def test_unquoted_words_naming_no_specialist_are_a_question(settings: Tekt
         assert "what: no specialist or command of that name, so the words are a question" in asked.stderr
         typo = await run_aish(settings, "apolo", "fix", "this")
         assert typo.returncode == 1 and "did you mean 'apollo'?" in typo.stderr, typo.stderr
+        # A specialist of the roster that is not running is meant as a name: its own error says so.
+        stopped = await run_aish(settings, "hermes", "plan", "this")
+        assert stopped.returncode == 1, stopped.stderr
+        assert "no specialist named 'hermes' is running" in stopped.stderr, stopped.stderr

@@ -95,14 +95,17 @@ async def test_a_stream_at_full_speed_yields_to_other_requests_and_to_cancels(
         other_frames: list[str] = []
         other_done = anyio.Event()
 
+        # The other request and the cancel go over a connection of their own: on the flood's, this
+        # client would read thousands of flood chunks before the other's frames, and on a fast machine
+        # the flood ended while it caught up (CI failed so, twice).
+        other_nc = await nats.connect(settings.nats_url)
+
         async def on_other(msg: Any) -> None:
             frame = msgpack.unpackb(msg.data)
             other_frames.append(frame["type"])
             if frame["type"] == "start":
-                # The other request is being answered while the flood is still going: stop the flood
-                # now. (Not at the other's "done": this client reads thousands of flood chunks before
-                # it sees that, and on a fast machine the flood could end while it catches up.)
-                await nc.publish(cancel_subject("flood-1"), b"")
+                # The other request is being answered while the flood is still going: stop the flood.
+                await other_nc.publish(cancel_subject("flood-1"), b"")
             elif frame["type"] == "done":
                 other_done.set()
 
@@ -110,15 +113,15 @@ async def test_a_stream_at_full_speed_yields_to_other_requests_and_to_cancels(
             flood_sub = await nc.subscribe(
                 nc.new_inbox(), pending_msgs_limit=1_000_000, pending_bytes_limit=-1
             )
-            other_inbox = nc.new_inbox()
-            await nc.subscribe(other_inbox, cb=on_other)
+            other_inbox = other_nc.new_inbox()
+            await other_nc.subscribe(other_inbox, cb=on_other)
             flood = request("flood-1", "flood", max_tokens=flood_tokens)
             await nc.publish(chat_subject("apollo"), flood, reply=flood_sub.subject)
             first = await flood_sub.next_msg(timeout=30)
             assert msgpack.unpackb(first.data)["type"] == "start"
             # The flood is generating now; another request comes in.
             other = request("other-1", "short", max_tokens=3)
-            await nc.publish(chat_subject("apollo"), other, reply=other_inbox)
+            await other_nc.publish(chat_subject("apollo"), other, reply=other_inbox)
             await other_done.wait()
             chunks = 0
             while True:
@@ -129,6 +132,7 @@ async def test_a_stream_at_full_speed_yields_to_other_requests_and_to_cancels(
                     break
         finally:
             await nc.close()
+            await other_nc.close()
     assert other_frames == ["start", "chunk", "chunk", "chunk", "done"]
     # The flood was still going when the other request had finished, and the cancel stopped it.
     assert frame["type"] == "error" and frame["code"] == "cancelled", (frame, chunks)
