@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from gateway.store import ensure_bucket
+from gateway.store import WATCH_GONE_S, ensure_bucket
 
 log = structlog.get_logger("tekton.gateway.leases")
 
@@ -119,7 +119,7 @@ class Leases:
         """Work whose holder is dead, as stored now."""
         alive: dict[str, int] = {}
         work: list[Work] = []
-        watcher = await self.kv.watch("w.>", ignore_deletes=True)
+        watcher = await self.kv.watch("w.>", ignore_deletes=True, inactive_threshold=WATCH_GONE_S)
         try:
             async for entry in watcher:
                 if entry is None:

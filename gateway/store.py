@@ -73,6 +73,13 @@ class StoreLimits:
     replicas: int = 1
 
 
+# A watcher's consumer goes this long after its reader stopped (nats-py's default is 5 minutes, and
+# nats-server keeps at most 1,000 consumers on a stream: a list a second would reach it).
+WATCH_GONE_S = 5.0
+# A list waits this long for the summaries at most.
+LIST_PATIENCE_S = 10.0
+
+
 def bucket_name(prefix: str) -> str:
     return f"{prefix.replace('.', '_')}_sessions"
 
@@ -332,21 +339,30 @@ class SessionStore:
     async def summaries(self, owner: str | None = None) -> list[SessionSummary]:
         """Every live session's summary, of ``owner`` (None: everyone's), by one ephemeral ordered
         consumer over the small ``i.*`` keys."""
-        watcher = await self.kv.watch("i.*", ignore_deletes=True)
+        watcher = await self.kv.watch("i.*", inactive_threshold=WATCH_GONE_S)
         found: list[SessionSummary] = []
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.operation is None and entry.value:
-                    try:
-                        summary = SessionSummary.model_validate(msgpack.unpackb(entry.value, raw=False))
-                        if owner is None or summary.owner == owner:
-                            found.append(summary)
-                    except (ValidationError, ValueError, msgpack.UnpackException) as err:
-                        log.warning("skipping unreadable summary", key=entry.key, error=str(err))
-                if entry.delta == 0:
-                    break
+            with anyio.move_on_after(LIST_PATIENCE_S) as patience:
+                async for entry in watcher:
+                    if entry is None:
+                        # nats-py puts this "nothing more" marker first when the server had sent
+                        # everything before its check, though none of it was read yet (a busy gateway
+                        # listed nothing so): only a consumer given nothing ends here.
+                        sub = watcher._sub
+                        if sub is None or (await sub.consumer_info()).delivered.consumer_seq == 0:
+                            break
+                        continue
+                    if entry.operation is None and entry.value:  # deletes come too: see delta
+                        try:
+                            summary = SessionSummary.model_validate(msgpack.unpackb(entry.value, raw=False))
+                            if owner is None or summary.owner == owner:
+                                found.append(summary)
+                        except (ValidationError, ValueError, msgpack.UnpackException) as err:
+                            log.warning("skipping unreadable summary", key=entry.key, error=str(err))
+                    if entry.delta == 0:
+                        break
+            if patience.cancelled_caught:
+                log.warning("session list cut short", listed=len(found), after_s=LIST_PATIENCE_S)
         finally:
             await watcher.stop()
         return found
@@ -363,7 +379,7 @@ class SessionStore:
         """Return once none of the turns asked by ``request_ids`` is pending any more (their answers
         stored, by whichever replica records them), or the session is gone; TimeoutError after
         ``within`` seconds."""
-        watcher = await self.kv.watch(_key(session_id))
+        watcher = await self.kv.watch(_key(session_id), inactive_threshold=WATCH_GONE_S)
         try:
             with anyio.fail_after(within):
                 async for entry in watcher:

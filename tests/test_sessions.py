@@ -432,3 +432,22 @@ async def test_the_session_cache_is_bounded_in_bytes(settings: TektonSettings) -
         for _ in range(10):
             await store.create(Session(metadata={"pad": "q" * 50_000}))
         assert 0 < store.cached_bytes <= 200_000
+
+
+@pytest.mark.fast
+async def test_concurrent_lists_each_see_every_session(settings: TektonSettings) -> None:
+    """nats-py's KV watcher can say "nothing more" before the summaries the server already sent are
+    read: 30 lists at once gave some callers an empty list (the CI run's "lists empty once")."""
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        for i in range(100):
+            await bus.gateway.create("apollo", name=f"s{i}")
+        counts: list[int] = []
+
+        async def one() -> None:
+            counts.append(len(await bus.gateway.list(limit=10_000)))
+
+        for _ in range(5):
+            async with anyio.create_task_group() as tg:
+                for _ in range(30):
+                    tg.start_soon(one)
+        assert counts == [100] * 150, sorted(set(counts))
