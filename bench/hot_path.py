@@ -45,7 +45,7 @@ import nats
 from nats.aio.client import Client
 
 from bench import foreign_client
-from bench.common import free_port, pct, start_child, write_results
+from bench.common import cpu_s, free_port, pct, start_child, write_results
 from bus.client import Bus
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
@@ -123,12 +123,6 @@ async def foreign_first_chunk(nc: Client, specialist: str) -> float:
 
 
 # -------------------------------------------------------------------------------------------- helpers
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_pid(pid: int) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from bench.common import concurrent, start_child, summary, write_results
+from bench.common import concurrent, cpu_s, start_child, summary, write_results
 from bus.client import Bus
 from bus.runs import ensure_runs_stream
 from bus.server import EmbeddedNats
@@ -77,15 +76,6 @@ async def attach_finished(bus: Bus, run_id: str, after: int) -> float:
     raise AssertionError("nothing after the resume point")
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 async def measure(url: str, data_dir: Path, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
     seq_rounds, seq_n, width, conc_rounds, long_rounds, resumes = (
         (2, 50, 100, 3, 2, 30) if args.quick else (5, 200, 100, 10, 3, 200)
@@ -108,9 +98,9 @@ async def measure(url: str, data_dir: Path, args: argparse.Namespace, pids: dict
                 samples[name]["seq"] += [await first_chunk(bus) for _ in range(seq_n)]
         for _ in range(conc_rounds):
             for name, bus in buses.items():
-                before = {"client": time.process_time(), **{k: process_cpu_s(p) for k, p in pids.items()}}
+                before = {"client": time.process_time(), **{k: cpu_s(p) for k, p in pids.items()}}
                 samples[name]["conc"] += await concurrent(lambda b=bus: first_chunk(b), width, 1)
-                after = {"client": time.process_time(), **{k: process_cpu_s(p) for k, p in pids.items()}}
+                after = {"client": time.process_time(), **{k: cpu_s(p) for k, p in pids.items()}}
                 for k in before:
                     cpu[name][k] += after[k] - before[k]
         for _ in range(long_rounds):

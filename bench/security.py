@@ -25,8 +25,7 @@ from typing import Any
 import anyio
 from nats.aio.transport import TcpTransport
 
-from bench.common import concurrent, start_child, summary, write_results
-from bench.hot_path import cpu_s
+from bench.common import concurrent, cpu_s, start_child, summary, write_results
 from bus.client import Bus, TlsTransport
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
