@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from gateway.store import WATCH_GONE_S, ensure_bucket
+from gateway.store import current_entries, ensure_bucket
 
 log = structlog.get_logger("tekton.gateway.leases")
 
@@ -119,27 +119,18 @@ class Leases:
         """Work whose holder is dead, as stored now."""
         alive: dict[str, int] = {}
         work: list[Work] = []
-        watcher = await self.kv.watch("w.>", ignore_deletes=True, inactive_threshold=WATCH_GONE_S)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.operation is None and entry.value is not None:
-                    if entry.key.startswith(ALIVE):
-                        alive[entry.key[len(ALIVE) :]] = entry.revision or 0
-                    else:
-                        _, kind, request_id = entry.key.split(".", 2)
-                        try:
-                            data = msgpack.unpackb(entry.value, raw=False)
-                            holder = str(data.pop("holder"))
-                        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
-                            log.warning("unreadable work entry", key=entry.key)
-                        else:
-                            work.append(Work(kind, request_id, holder, data, entry.revision or 0))
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
+        for entry in await current_entries(self.kv, "w.>"):
+            if entry.key.startswith(ALIVE):
+                alive[entry.key[len(ALIVE) :]] = entry.revision or 0
+                continue
+            _, kind, request_id = entry.key.split(".", 2)
+            try:
+                data = msgpack.unpackb(entry.value, raw=False)
+                holder = str(data.pop("holder"))
+            except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+                log.warning("unreadable work entry", key=entry.key)
+            else:
+                work.append(Work(kind, request_id, holder, data, entry.revision or 0))
         now = time.monotonic()
         seen = {}
         for holder, revision in alive.items():

@@ -80,6 +80,33 @@ WATCH_GONE_S = 5.0
 LIST_PATIENCE_S = 10.0
 
 
+async def current_entries(kv: KeyValue, pattern: str) -> list[KeyValue.Entry]:
+    """The live entries (values, not deletes) of the keys matching ``pattern``, as stored now, by one
+    ephemeral ordered consumer (gone ``WATCH_GONE_S`` after). Reads on past nats-py's early "nothing
+    more" marker, which it puts first when the server had sent everything before nats-py's own check
+    though none of it was read yet (a busy gateway listed no sessions so): only a consumer given
+    nothing ends there."""
+    watcher = await kv.watch(pattern, inactive_threshold=WATCH_GONE_S)
+    found: list[KeyValue.Entry] = []
+    try:
+        with anyio.move_on_after(LIST_PATIENCE_S) as patience:
+            async for entry in watcher:
+                if entry is None:
+                    sub = watcher._sub
+                    if sub is None or (await sub.consumer_info()).delivered.consumer_seq == 0:
+                        break
+                    continue
+                if entry.operation is None and entry.value is not None:
+                    found.append(entry)
+                if entry.delta == 0:  # deletes come too, so the last entry says where the end is
+                    break
+        if patience.cancelled_caught:
+            log.warning("KV read cut short", pattern=pattern, read=len(found), after_s=LIST_PATIENCE_S)
+    finally:
+        await watcher.stop()
+    return found
+
+
 def bucket_name(prefix: str) -> str:
     return f"{prefix.replace('.', '_')}_sessions"
 
@@ -339,32 +366,17 @@ class SessionStore:
     async def summaries(self, owner: str | None = None) -> list[SessionSummary]:
         """Every live session's summary, of ``owner`` (None: everyone's), by one ephemeral ordered
         consumer over the small ``i.*`` keys."""
-        watcher = await self.kv.watch("i.*", inactive_threshold=WATCH_GONE_S)
         found: list[SessionSummary] = []
-        try:
-            with anyio.move_on_after(LIST_PATIENCE_S) as patience:
-                async for entry in watcher:
-                    if entry is None:
-                        # nats-py puts this "nothing more" marker first when the server had sent
-                        # everything before its check, though none of it was read yet (a busy gateway
-                        # listed nothing so): only a consumer given nothing ends here.
-                        sub = watcher._sub
-                        if sub is None or (await sub.consumer_info()).delivered.consumer_seq == 0:
-                            break
-                        continue
-                    if entry.operation is None and entry.value:  # deletes come too: see delta
-                        try:
-                            summary = SessionSummary.model_validate(msgpack.unpackb(entry.value, raw=False))
-                            if owner is None or summary.owner == owner:
-                                found.append(summary)
-                        except (ValidationError, ValueError, msgpack.UnpackException) as err:
-                            log.warning("skipping unreadable summary", key=entry.key, error=str(err))
-                    if entry.delta == 0:
-                        break
-            if patience.cancelled_caught:
-                log.warning("session list cut short", listed=len(found), after_s=LIST_PATIENCE_S)
-        finally:
-            await watcher.stop()
+        for entry in await current_entries(self.kv, "i.*"):
+            if not entry.value:
+                continue
+            try:
+                summary = SessionSummary.model_validate(msgpack.unpackb(entry.value, raw=False))
+            except (ValidationError, ValueError, msgpack.UnpackException) as err:
+                log.warning("skipping unreadable summary", key=entry.key, error=str(err))
+                continue
+            if owner is None or summary.owner == owner:
+                found.append(summary)
         return found
 
     async def _holder(self, name: str, owner: str) -> tuple[str, int] | None:
