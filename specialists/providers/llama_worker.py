@@ -11,6 +11,12 @@ Frames both ways are msgpack maps behind a 4-byte big-endian length:
   request ``{"op": "text", "id", "text"}``... and one ``{"op": "end", "id", "tokens", "prompt_tokens"}`` or
   ``{"op": "error", "id", "message"}``.
 
+A request with ``"tools"`` (a round of a conversation with tools, OpenAI's shapes) is answered in
+llama-cpp-python's ``chatml-function-calling`` format: with tools offered (and ``"tool_choice"``) it is
+not streamed (that format cannot stream a tool choice): one ``text`` frame with the message's text if
+any, one ``{"op": "calls", "id", "calls": [{"id", "name", "arguments"}]}`` if the model called tools,
+then ``end``; with ``"tools": []`` (the answer after the calls) it streams like any request.
+
 Requests are served one at a time, in order (one llama.cpp context is not reentrant); a cancel stops the
 current one at its next token or drops a queued one.
 """
@@ -126,10 +132,12 @@ class Worker:
             tokens = 0
             self.llm.prompt_tokens = None
             try:
-                if not self.is_cancelled(request_id):
-                    parts = self.llm.create_chat_completion(
-                        messages=request["messages"], stream=True, **request["kwargs"]
-                    )
+                if self.is_cancelled(request_id):
+                    pass
+                elif request.get("tools"):
+                    tokens = self.tool_round(request)
+                else:
+                    parts = self.chat(request["messages"], request["kwargs"], request.get("tools"))
                     for part in parts:
                         if self.is_cancelled(request_id):
                             break
@@ -145,6 +153,65 @@ class Worker:
                 )
             with self.lock:
                 self.cancelled.discard(request_id)
+
+    def chat(self, messages: list[dict[str, Any]], kwargs: dict[str, Any], tools: Any, **more: Any) -> Any:
+        """A chat completion: in the model's own chat format, or (``tools`` not None) in the function
+        calling one, whose template shows the model its tools, its calls and (see below) their results."""
+        if tools is None:
+            return self.llm.create_chat_completion(messages=messages, stream=True, **kwargs)
+        from llama_cpp.llama_chat_format import chatml_function_calling
+
+        kwargs = dict(kwargs)
+        if (seed := kwargs.pop("seed", None)) is not None:  # that handler takes no seed
+            self.llm.set_seed(seed)
+        more.setdefault("stream", True)
+        return chatml_function_calling(
+            llama=self.llm, messages=results_as_turns(messages), tools=tools or None, **kwargs, **more
+        )
+
+    def tool_round(self, request: dict[str, Any]) -> int:
+        """A round that offers tools, not streamed; its completion tokens."""
+        done = self.chat(
+            request["messages"],
+            request["kwargs"],
+            request["tools"],
+            tool_choice=request.get("tool_choice") or "auto",
+            stream=False,
+        )
+        message = done["choices"][0]["message"]
+        if message.get("content"):
+            self.send({"op": "text", "id": request["id"], "text": message["content"]})
+        calls = [
+            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in message.get("tool_calls") or []
+        ]
+        if calls:
+            self.send({"op": "calls", "id": request["id"], "calls": calls})
+        usage = done.get("usage") or {}
+        if usage.get("prompt_tokens") is not None:
+            self.llm.prompt_tokens = usage["prompt_tokens"]
+        return int(usage.get("completion_tokens", 0))
+
+
+def results_as_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation for llama-cpp-python's ``chatml-function-calling`` template, which writes a
+    ``tool`` message's role and drops its content (the model would never see a result): each result
+    goes to the model as a turn of its own, ``functions.NAME result:`` and the text."""
+    names = {
+        call["id"]: call["function"]["name"]
+        for message in messages
+        if message["role"] == "assistant"
+        for call in message.get("tool_calls") or []
+    }
+    return [
+        {
+            "role": "user",
+            "content": f"functions.{names.get(m.get('tool_call_id'), 'tool')} result:\n{m['content']}",
+        }
+        if m["role"] == "tool"
+        else m
+        for m in messages
+    ]
 
 
 def main() -> int:

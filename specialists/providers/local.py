@@ -5,6 +5,12 @@ specialist: llama.cpp is native code, and its crash (SIGILL, SIGSEGV, the OOM ki
 process only. The requests it was serving get a clear error at once, the specialist and everything else
 in its process go on, and the next request starts a fresh model process (with backoff when it keeps
 dying). Requests to one model take turns, as one llama.cpp context is not reentrant.
+
+A specialist with MCP tools (roster ``mcp_servers``) runs the openai provider's tools loop
+(:mod:`specialists.providers.tool_loop`) on the same model, in llama-cpp-python's
+``chatml-function-calling`` format: rounds that offer tools are answered whole (that format cannot
+stream a tool choice), the answer after the calls streams. Options ``tool_choice`` and
+``max_tool_rounds`` as the openai provider's.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import anyio
 import structlog
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.errors import ErrorCode
@@ -31,6 +37,8 @@ from bus.signals import describe_exit
 from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import ModelMissing, ProviderContext, ProviderError
 from specialists.providers.llama_worker import cpu_advertises_amx, pack_frame
+from specialists.providers.tool_loop import tool_rounds
+from specialists.tools import current as current_tools
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 log = structlog.get_logger("tekton.local")
@@ -65,6 +73,17 @@ class LocalOptions(BaseSettings):
     seed: int = 1
     # None: off where the CPU advertises AMX (see llama_worker.load), on elsewhere.
     extra_bufts: bool | None = None
+    # With MCP tools (roster mcp_servers), as the openai provider's: the first round's tool_choice
+    # ("auto", "required", "none", or a server__tool the model must call first), and rounds of calls.
+    tool_choice: str = "auto"
+    max_tool_rounds: int = Field(default=8, ge=0)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_it_has(cls, value: str) -> str:
+        if value == "required":
+            raise ValueError("llama-cpp-python's function calling has no 'required': name the tool instead")
+        return value
 
 
 class ModelCrashed(ProviderError):
@@ -170,19 +189,29 @@ class ModelProcess:
         return ModelCrashed(f"{self.specialist}'s model process died: {how}; it restarts on the next request")
 
     async def generate(
-        self, messages: list[dict[str, str]], kwargs: dict[str, Any]
+        self,
+        messages: list[dict[str, Any]],
+        kwargs: dict[str, Any],
+        tools: dict[str, Any] | None = None,
+        calls: dict[int, dict[str, str]] | None = None,
     ) -> AsyncIterator[str | Usage]:
+        """The answer's text as it comes, then the model's count. ``tools`` (``tools`` and
+        ``tool_choice``) makes it a round of a conversation with tools (see llama_worker): the calls
+        the model makes go into ``calls``."""
         async with self._lock:
             await self._ensure_running()
             request_id = uuid.uuid4().hex
             finished = False
             try:
-                await self._send({"op": "gen", "id": request_id, "messages": messages, "kwargs": kwargs})
+                request = {"op": "gen", "id": request_id, "messages": messages, "kwargs": kwargs}
+                await self._send(request | (tools or {}))
                 while True:
                     assert self._frames is not None
                     frame = await self._read(self._frames)
                     if frame["op"] == "text":
                         yield frame["text"]
+                    elif frame["op"] == "calls" and calls is not None:
+                        calls.update(enumerate(frame["calls"]))
                     elif frame["op"] == "end":
                         finished = True
                         if (prompt := frame.get("prompt_tokens")) is not None:  # the model's own counts
@@ -242,6 +271,7 @@ class LocalProvider:
             raise ProviderError("llama-cpp-python is not installed: `pip install llama-cpp-python`")
         self.path = path
         self.model = path.stem
+        self.options = options
         no_extra_bufts = options.extra_bufts is False or (
             options.extra_bufts is None and cpu_advertises_amx()
         )
@@ -269,13 +299,40 @@ class LocalProvider:
     async def stream(
         self, messages: Sequence[ChatMessage], options: ChatOptions
     ) -> AsyncIterator[str | Usage]:
-        payload = [{"role": m.role, "content": m.content} for m in messages]
+        payload: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in messages]
         kwargs: dict[str, Any] = {"max_tokens": options.max_tokens or 256}
         for key in ("temperature", "top_p", "repeat_penalty", "seed"):
             if (value := getattr(options, key)) is not None:
                 kwargs[key] = value
-        async for text in self.worker.generate(payload, kwargs):
-            yield text
+        tools = current_tools()
+        if tools is None:
+            async for text in self.worker.generate(payload, kwargs):
+                yield text
+            return
+
+        # The specialist has MCP tools: the OpenAI tools loop, each round in the worker's function
+        # calling format (the rounds offering tools are not streamed; the answer after them is).
+        async def round_(
+            convo: list[dict[str, Any]],
+            offer: list[dict[str, Any]],
+            choice: Any,
+            calls: dict[int, dict[str, str]],
+            text: list[str],
+        ) -> AsyncIterator[str | Usage]:
+            asked = {"tools": offer, "tool_choice": choice}
+            async for piece in self.worker.generate(convo, kwargs, asked, calls):
+                if isinstance(piece, str):
+                    text.append(piece)
+                yield piece
+
+        async for piece in tool_rounds(
+            round_,
+            list(payload),
+            tools,
+            tool_choice=self.options.tool_choice,
+            max_rounds=self.options.max_tool_rounds,
+        ):
+            yield piece
 
     async def aclose(self) -> None:
         await self.worker.stop()

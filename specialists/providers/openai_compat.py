@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any, ClassVar, cast
 from urllib.parse import urlparse
 
@@ -32,7 +33,7 @@ from specialists.providers.base import (
     ProviderContext,
     api_error,
 )
-from specialists.tools import RequestTools
+from specialists.providers.tool_loop import tool_rounds
 from specialists.tools import current as current_tools
 
 OPENAI_API = "https://api.openai.com/v1"
@@ -126,46 +127,16 @@ class OpenAIProvider:
             extra["seed"] = options.seed
         extra["max_tokens"] = options.max_tokens if options.max_tokens is not None else openai.omit
         extra["temperature"] = options.temperature if options.temperature is not None else openai.omit
-        tools = current_tools()
-        offered = [
-            {
-                "type": "function",
-                "function": {
-                    "name": name,
-                    "description": tool.description or "",
-                    "parameters": tool.input_schema,
-                },
-            }
-            for name, tool in (tools.functions() if tools else [])
-        ]
         convo: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in messages]
-        # Each round's count: the server's, or (a server that does not count, e.g. when streaming) its
-        # chunks, as the specialist counts them for providers that report nothing.
-        counts: list[Usage] = []
-        server_counted = False
         try:
-            rounds = self.options.max_tool_rounds
-            for round_ in range(rounds + 1):
-                offer = offered if round_ < rounds else []
-                calls: dict[int, dict[str, str]] = {}
-                text: list[str] = []
-                choice = self.options.tool_choice if round_ == 0 else "auto"
-                async for piece in self._round(
-                    convo, offer, extra | {"tool_choice": _choice(choice, offer)}, calls, text
-                ):
-                    if isinstance(piece, Usage):
-                        counts.append(piece)
-                        server_counted = True
-                    else:
-                        yield piece
-                if len(counts) == round_:  # none from the server for this round
-                    counts.append(Usage(completion_tokens=len(text)))
-                if not calls:
-                    break
-                assert tools is not None  # calls come only when tools were offered
-                await self._run_calls(tools, convo, calls, "".join(text))
-            if server_counted:
-                yield _total(counts)
+            async for piece in tool_rounds(
+                partial(self._round, extra=extra),
+                convo,
+                current_tools(),
+                tool_choice=self.options.tool_choice,
+                max_rounds=self.options.max_tool_rounds,
+            ):
+                yield piece
         except openai.APIError as err:
             where = f"the OpenAI-compatible server at {self.options.base_url}"
             raise api_error(openai, err, where, self.model) from err
@@ -174,14 +145,16 @@ class OpenAIProvider:
         self,
         convo: list[dict[str, Any]],
         offer: list[dict[str, Any]],
-        extra: dict[str, Any],
+        choice: Any,
         calls: dict[int, dict[str, str]],
         text: list[str],
+        *,
+        extra: dict[str, Any],
     ) -> AsyncIterator[str | Usage]:
-        """One completion: its text as it comes (also kept in ``text``), the tool calls it makes into
-        ``calls`` (index -> id, name, arguments), then the server's count if it gives one."""
+        """One round (tool_loop.Round): its text as it comes, its tool calls, the server's count."""
         messages = cast("list[ChatCompletionMessageParam]", convo)
         tools: Any = offer or openai.omit
+        extra = extra | {"tool_choice": openai.omit if choice is None else choice}
         if offer and not self.options.stream_tools:
             done = await self._client.chat.completions.create(
                 model=self.model, messages=messages, tools=tools, stream=False, **extra
@@ -229,51 +202,8 @@ class OpenAIProvider:
                         completion_tokens=event.usage.completion_tokens,
                     )
 
-    @staticmethod
-    async def _run_calls(
-        tools: RequestTools, convo: list[dict[str, Any]], calls: dict[int, dict[str, str]], text: str
-    ) -> None:
-        """Run the model's tool calls and put them and their results into the conversation."""
-        ordered = [calls[i] for i in sorted(calls)]
-        for n, call in enumerate(ordered):
-            call["id"] = call["id"] or f"call_{n}"
-        convo.append(
-            {
-                "role": "assistant",
-                "content": text,  # "" rather than null: some servers (llama-cpp-python's) want a string
-                "tool_calls": [
-                    {
-                        "id": c["id"],
-                        "type": "function",
-                        "function": {"name": c["name"], "arguments": c["arguments"]},
-                    }
-                    for c in ordered
-                ],
-            }
-        )
-        for call in ordered:
-            result = await tools.answer(call["name"], call["arguments"])
-            convo.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-
     async def aclose(self) -> None:
         await self._client.close()
-
-
-def _choice(choice: str, offer: list[dict[str, Any]]) -> Any:
-    if not offer:
-        return openai.omit
-    if choice in ("auto", "required", "none"):
-        return choice
-    return {"type": "function", "function": {"name": choice}}
-
-
-def _total(counts: list[Usage]) -> Usage:
-    """The rounds' counts together (an answer with tool calls is several completions)."""
-    prompts = [c.prompt_tokens for c in counts if c.prompt_tokens is not None]
-    return Usage(
-        prompt_tokens=sum(prompts) if prompts else None,
-        completion_tokens=sum(c.completion_tokens for c in counts),
-    )
 
 
 class OllamaProvider(OpenAIProvider):
