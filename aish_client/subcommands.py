@@ -26,6 +26,7 @@ from bus.client import Bus
 from bus.discovery import Correction
 from bus.errors import BadRequest, BusError
 from bus.settings import TektonSettings, load_settings
+from bus.usage import utc_time
 
 
 def version(prog: str) -> str:
@@ -291,10 +292,13 @@ async def _usage(settings: TektonSettings, renderer: Renderer) -> int:
         f" = {t.tokens} tokens" + (f", ${t.cost:.6f}" if t.cost else "")
     )
     budgets = []
+    spent, per = (u.period_total, f" a {u.budget_period}") if u.period_total is not None else (t, "")
     if u.budget_tokens is not None:
-        budgets.append(f"budget {u.budget_tokens} tokens, {max(0, u.budget_tokens - t.tokens)} left")
+        budgets.append(f"budget {u.budget_tokens} tokens{per}, {max(0, u.budget_tokens - spent.tokens)} left")
     if u.budget_cost is not None:
-        budgets.append(f"budget ${u.budget_cost:.2f}, ${max(0.0, u.budget_cost - t.cost):.6f} left")
+        budgets.append(f"budget ${u.budget_cost:.2f}{per}, ${max(0.0, u.budget_cost - spent.cost):.6f} left")
+    if budgets and u.period_resets is not None:
+        budgets.append(f"resets {utc_time(u.period_resets)}")
     if budgets:
         line += f" ({'; '.join(budgets)})"
     renderer.token(line + "\n")

@@ -23,7 +23,7 @@ from pydantic_settings import (
 from bus.errors import ConfigError
 from bus.places import config_file, default_data_dir
 from bus.subjects import DEFAULT_PREFIX, validate_prefix
-from bus.usage import Budget, Price
+from bus.usage import Budget, Period, Price
 
 
 class TektonSettings(BaseSettings):
@@ -114,8 +114,10 @@ class TektonSettings(BaseSettings):
     # Gateway: tokens (prompt + completion) and USD each user may spend; None: no budget. Specialists
     # refuse the requests of a user at or over it (docs/observability.md). ``usage_budgets`` sets
     # them per user (``[usage_budgets.alice] tokens = 5000``, ``cost = 2.5``), over these defaults.
+    # A period ("day", "week", "month", UTC; ``period = "day"`` per user) makes a budget per period.
     usage_budget_tokens: int | None = Field(default=None, ge=1)
     usage_budget_cost: float | None = Field(default=None, gt=0)
+    usage_budget_period: Period | None = None
     usage_budgets: dict[str, Budget] = Field(default_factory=dict)
     # Specialist: what tokens cost, USD per million, by ``provider:model`` or ``provider``
     # (``[prices."openai:gpt-4o-mini"] input = 0.15, output = 0.6``); the ``done`` frame and the

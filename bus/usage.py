@@ -10,6 +10,7 @@ gateway keeps per user and per session; and who is over budget.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import msgpack
@@ -50,11 +51,41 @@ def price_of(prices: dict[str, Price], provider: str, model: str) -> Price | Non
     return prices.get(f"{provider}:{model}") or prices.get(provider)
 
 
+Period = Literal["day", "week", "month"]
+
+
+def period_window(period: Period, now: datetime) -> tuple[str, datetime]:
+    """The UTC day, ISO week (from Monday) or month ``now`` falls in: its name (a KV key token:
+    ``2026-11-29``, ``2026-W48``, ``2026-11``) and when the next one starts."""
+    now = now.astimezone(UTC)
+    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    if period == "day":
+        return day.strftime("%Y-%m-%d"), day + timedelta(days=1)
+    if period == "week":
+        year, week, weekday = now.isocalendar()
+        return f"{year}-W{week:02d}", day + timedelta(days=8 - weekday)
+    following = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    return day.strftime("%Y-%m"), following
+
+
+def utc_time(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def over_budget(user: str, resets: float | None) -> str:
+    """The refusal's words."""
+    if resets is None:
+        return f"user '{user}' is over their budget (aish usage shows it)"
+    return f"user '{user}' is over their budget until it resets at {utc_time(resets)} (aish usage shows it)"
+
+
 class Budget(Wire):
-    """What one user may spend: tokens (prompt + completion), USD, or both (None: no limit)."""
+    """What one user may spend: tokens (prompt + completion), USD, or both (None: no limit); over
+    their whole use, or (``period``) each UTC day, week or month, starting from zero at the next."""
 
     tokens: int | None = Field(default=None, ge=1)
     cost: float | None = Field(default=None, gt=0)
+    period: Period | None = None
 
     def exceeded(self, totals: Totals) -> bool:
         return (self.tokens is not None and totals.tokens >= self.tokens) or (
@@ -114,6 +145,8 @@ class Totals(Wire):
 class OverBudget(Wire):
     v: Literal[1] = PROTOCOL_VERSION
     users: list[str] = []
+    # For users whose budget has a period: when it starts again (Unix time).
+    resets: dict[str, float] = {}
 
 
 class UsageQuery(Wire):
@@ -131,6 +164,11 @@ class UsageReply(Wire):
     sessions: dict[str, Totals] = {}
     budget_tokens: int | None = None
     budget_cost: float | None = None
+    # A budget per period: which (day, week, month), what was spent in the current one (the budget
+    # counts that, ``total`` stays the lifetime's), and when the next starts (Unix time).
+    budget_period: Period | None = None
+    period_total: Totals | None = None
+    period_resets: float | None = None
     # For an admin's query: every user's totals; or, after a reset, how many totals were removed.
     users: dict[str, Totals] = {}
     removed: int | None = None

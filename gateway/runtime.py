@@ -138,7 +138,11 @@ async def _serve_connection(
     async with anyio.create_task_group() as tg:
         service = GatewayService(nc, SessionStore(kv, limits, task_group=tg), settings, tg)
         usage_kv = await open_usage_bucket(nc, settings.prefix, limits.replicas)
-        budget = Budget(tokens=settings.usage_budget_tokens, cost=settings.usage_budget_cost)
+        budget = Budget(
+            tokens=settings.usage_budget_tokens,
+            cost=settings.usage_budget_cost,
+            period=settings.usage_budget_period,
+        )
         service.usage = UsageBook(nc, usage_kv, settings.prefix, budget, settings.usage_budgets)
         await service.start()
         await ready(service)

@@ -2,10 +2,15 @@
 compare-and-set, so gateway replicas sharing the work never lose a count), fed by the specialists'
 usage records; who is over budget, told to every specialist; and the asker's totals on request.
 
-Keys: ``u.<user>`` and ``s.<user>.<session id>``, each a msgpack :class:`~bus.usage.Totals`.
+Keys: ``u.<user>`` and ``s.<user>.<session id>``, each a msgpack :class:`~bus.usage.Totals`; for a
+user whose budget has a period, also ``p.<period>.<user>`` (``p.2026-11-29.alice``): what the budget
+counts. A new period's key starts empty, so the budget starts from zero; the broadcast purges the
+keys of periods gone by.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import anyio
 import nats.js.errors
@@ -28,6 +33,7 @@ from bus.usage import (
     UsageRecord,
     UsageReply,
     budget_subject,
+    period_window,
     usage_query_subject,
     usage_subject,
 )
@@ -78,6 +84,7 @@ class UsageBook:
         self.budgets = budgets or {}
         self.limited = self.budget != Budget() or any(b != Budget() for b in self.budgets.values())
         self.over: frozenset[str] = frozenset()
+        self.resets: dict[str, float] = {}  # over users whose budget has a period: when it restarts
         # Records not stored yet, by key: while one batch is written the next gathers, so a burst of
         # answers costs one compare-and-set per key, not a KV read and write per answer.
         self._pending: dict[str, list[UsageRecord]] = {}
@@ -88,6 +95,14 @@ class UsageBook:
         if own is None:
             return self.budget
         return self.budget.model_copy(update={f: getattr(own, f) for f in own.model_fields_set})
+
+    def budget_key(self, user: str) -> tuple[str, datetime | None]:
+        """The key whose totals ``user``'s budget counts, and when it restarts (None: never)."""
+        period = self.budget_for(user).period
+        if period is None:
+            return f"u.{user}", None
+        name, resets = period_window(period, datetime.now(UTC))
+        return f"p.{name}.{user}", resets
 
     async def start(self, tg: TaskGroup) -> None:
         queue = gateway_queue(self.prefix)
@@ -129,6 +144,8 @@ class UsageBook:
             log.warning("usage record not counted", user=user, error=str(err))
             return
         self._pending.setdefault(f"u.{user}", []).append(record)
+        if (key := self.budget_key(user)[0]) != f"u.{user}":
+            self._pending.setdefault(key, []).append(record)
         if record.session:
             self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
         self._arrived.set()
@@ -145,35 +162,44 @@ class UsageBook:
                 except Exception as err:  # the bucket is unreachable: these counts are lost, we go on
                     log.warning("usage records not stored", key=key, records=len(records), error=str(err))
                     continue
-                user = key[2:]
-                if (
-                    key.startswith("u.")
-                    and self.limited
-                    and user not in self.over
-                    and self.budget_for(user).exceeded(total)
-                ):
+                if not self.limited or key.startswith("s."):
+                    continue
+                user = key.rsplit(".", 1)[-1]
+                counted, resets = self.budget_key(user)
+                if key == counted and user not in self.over and self.budget_for(user).exceeded(total):
                     self.over = self.over | {user}
+                    if resets is not None:
+                        self.resets[user] = resets.timestamp()
                     await self._tell()
 
     async def _tell(self) -> None:
-        await self.nc.publish(budget_subject(self.prefix), encode(OverBudget(users=sorted(self.over))))
+        notice = OverBudget(
+            users=sorted(self.over), resets={u: self.resets[u] for u in self.over & self.resets.keys()}
+        )
+        await self.nc.publish(budget_subject(self.prefix), encode(notice))
 
     async def _broadcast(self) -> None:
         """Who is over budget, from the bucket (other replicas count too, and a reset clears), to
         every specialist."""
         while True:
             over = set()
+            resets = {}
             try:
                 keys = await self.kv.keys()
             except nats.js.errors.NoKeysError:
                 keys = []
-            for key in keys:
-                if key.startswith("u."):
-                    totals, _ = await self._read(key)
-                    if self.budget_for(key[2:]).exceeded(totals):
-                        over.add(key[2:])
-            self.over = frozenset(over)
+            counted = {key[2:]: self.budget_key(key[2:]) for key in keys if key.startswith("u.")}
+            for user, (key, restarts) in counted.items():
+                totals, _ = await self._read(key)
+                if self.budget_for(user).exceeded(totals):
+                    over.add(user)
+                    if restarts is not None:
+                        resets[user] = restarts.timestamp()
+            self.over, self.resets = frozenset(over), resets
             await self._tell()
+            for key in keys:  # periods gone by (their totals are in the lifetime's too)
+                if key.startswith("p.") and counted.get(key.rsplit(".", 1)[-1], ("",))[0] != key:
+                    await self.kv.purge(key)
             await anyio.sleep(BROADCAST_S)
 
     async def totals(self, user: str) -> UsageReply:
@@ -187,8 +213,19 @@ class UsageBook:
             if key.startswith(f"s.{user}."):
                 sessions[key.split(".", 2)[2]], _ = await self._read(key)
         budget = self.budget_for(user)
-        return UsageReply(
+        reply = UsageReply(
             user=user, total=total, sessions=sessions, budget_tokens=budget.tokens, budget_cost=budget.cost
+        )
+        key, resets = self.budget_key(user)
+        if resets is None:
+            return reply
+        period_total, _ = await self._read(key)
+        return reply.model_copy(
+            update={
+                "budget_period": budget.period,
+                "period_total": period_total,
+                "period_resets": resets.timestamp(),
+            }
         )
 
     async def _admin(self, query: UsageQuery) -> UsageReply:
@@ -197,6 +234,7 @@ class UsageBook:
         removed = await reset_usage(self.kv, query.reset)
         if query.reset in self.over:  # served again now, not at the next broadcast
             self.over = self.over - {query.reset}
+            self.resets.pop(query.reset, None)
             await self._tell()
         return UsageReply(user=query.reset, total=Totals(), removed=removed)
 
@@ -222,7 +260,11 @@ async def reset_usage(kv: KeyValue, user: str) -> int:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         keys = []
-    gone = [k for k in keys if k == f"u.{user}" or k.startswith(f"s.{user}.")]
+    gone = [
+        k
+        for k in keys
+        if k == f"u.{user}" or k.startswith(f"s.{user}.") or (k.startswith("p.") and k.endswith(f".{user}"))
+    ]
     for key in gone:
         await kv.purge(key)
     return len(gone)

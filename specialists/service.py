@@ -47,7 +47,15 @@ from bus.subjects import (
     inbox_owner,
     queue_group,
 )
-from bus.usage import SESSION_HEADER, OverBudget, budget_subject, encode_usage, price_of, usage_subject
+from bus.usage import (
+    SESSION_HEADER,
+    OverBudget,
+    budget_subject,
+    encode_usage,
+    over_budget,
+    price_of,
+    usage_subject,
+)
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -206,6 +214,7 @@ class SpecialistService:
         self._cancel_sub: Any = None
         self.tools: ToolBox | None = None  # the roster entry's MCP servers, connected at start
         self._over_budget: frozenset[str] = frozenset()  # users the gateway says are over budget
+        self._budget_resets: dict[str, float] = {}  # and when the budget restarts, for those with a period
         self._usage_sessions: dict[str, str] = {}  # request id -> session, for the usage record
         self._tools_stop = anyio.Event()
         self._run_probe_sub: Any = None
@@ -361,7 +370,7 @@ class SpecialistService:
         run = parse_run_subject(reply_to, self.settings.prefix)
         owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
-            await reply.error(BudgetExceeded(f"user '{owner}' is over their budget (aish usage shows it)"))
+            await reply.error(BudgetExceeded(over_budget(owner, self._budget_resets.get(owner))))
             return
         if req._msg.headers and SESSION_HEADER in req._msg.headers:
             self._usage_sessions[request.id] = req._msg.headers[SESSION_HEADER]
@@ -383,7 +392,8 @@ class SpecialistService:
 
     async def _on_budget(self, msg: Msg) -> None:
         try:
-            self._over_budget = frozenset(OverBudget.model_validate(unpack_frame(msg.data)).users)
+            notice = OverBudget.model_validate(unpack_frame(msg.data))
+            self._over_budget, self._budget_resets = frozenset(notice.users), notice.resets
         except (BusError, ValidationError) as err:
             self.log.warning("unreadable budget notice", error=str(err))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from bus.client import Bus
 from bus.errors import BadRequest, BudgetExceeded
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS
-from bus.usage import Budget, Price, Totals
-from bus.wire import ChatMessage
+from bus.usage import Budget, Price, Totals, period_window
+from bus.wire import ChatMessage, encode
+from gateway.usage import open_usage_bucket
 from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, run_aish
 from tests.test_security import Raw, Team, bob, team  # noqa: F401  (fixtures)
 
@@ -201,6 +203,70 @@ async def test_the_price_table_costs_each_answer_and_a_cost_budget_per_user_can_
 
         assert (await bus.gateway.usage()).total == Totals()  # (refused requests leave no record)
         await eventually(served, within=15)
+
+
+@pytest.mark.fast
+def test_budget_periods_are_utc_days_iso_weeks_and_months() -> None:
+    late = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
+    assert period_window("day", late) == ("2026-12-31", datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_window("week", late) == ("2026-W53", datetime(2027, 1, 4, tzinfo=UTC))  # Monday
+    assert period_window("month", late) == ("2026-12", datetime(2027, 1, 1, tzinfo=UTC))
+    monday = datetime(2026, 11, 30, tzinfo=UTC)
+    assert period_window("week", monday) == ("2026-W49", datetime(2026, 12, 7, tzinfo=UTC))
+    assert period_window("month", monday) == ("2026-11", datetime(2026, 12, 1, tzinfo=UTC))
+    # Another zone's time is the same instant in UTC.
+    assert period_window("day", datetime.fromisoformat("2026-11-30T01:00:00+02:00"))[0] == "2026-11-29"
+
+
+async def test_a_budget_per_day_counts_today_only_and_says_when_it_resets(settings: TektonSettings) -> None:
+    """A user who spent far over their daily budget yesterday is served today (a new period starts
+    from zero, the lifetime totals keep yesterday's); over today's, the refusal says when it resets,
+    and `aish usage` shows the period; yesterday's period totals are purged."""
+    settings = settings.model_copy(update={"usage_budgets": {ANONYMOUS: Budget(tokens=10, period="day")}})
+    yesterday, _ = period_window("day", datetime.now(UTC) - timedelta(days=1))
+    spent = Totals(requests=3, prompt_tokens=500, completion_tokens=500)
+    async with Bus.connect(settings) as bus:
+        kv = await open_usage_bucket(bus.nc, settings.prefix)
+        await kv.put(f"u.{ANONYMOUS}", encode(spent))
+        await kv.put(f"p.{yesterday}.{ANONYMOUS}", encode(spent))
+    async with (
+        in_process_specialists(settings, "apollo"),
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        assert (await bus.ask("apollo", "one two")).text == "apollo heard: one two"
+
+        async def refused() -> bool:
+            try:
+                await bus.ask("apollo", "one more")
+            except BudgetExceeded as err:
+                refusal.append(err.message)
+                return True
+            return False
+
+        refusal: list[str] = []
+        await eventually(refused, within=15)
+        today, resets = period_window("day", datetime.now(UTC))
+        assert refusal == [
+            f"user '{ANONYMOUS}' is over their budget until it resets at "
+            f"{resets:%Y-%m-%d} 00:00 UTC (aish usage shows it)"
+        ]
+        book = await bus.gateway.usage()
+        assert (book.budget_tokens, book.budget_period, book.period_resets) == (10, "day", resets.timestamp())
+        assert book.period_total is not None and 10 <= book.period_total.tokens < spent.tokens
+        assert book.total.tokens == spent.tokens + book.period_total.tokens  # the lifetime's
+        shown = await run_aish(settings, "usage")
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines()[0].endswith(
+            f" = {book.total.tokens} tokens (budget 10 tokens a day, 0 left; "
+            f"resets {resets:%Y-%m-%d} 00:00 UTC)"
+        )
+        kv = await open_usage_bucket(bus.nc, settings.prefix)
+
+        async def purged() -> bool:
+            return sorted(k for k in await kv.keys() if k.startswith("p.")) == [f"p.{today}.{ANONYMOUS}"]
+
+        await eventually(purged, within=10)
 
 
 async def run_tekton(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
