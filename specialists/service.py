@@ -73,7 +73,7 @@ from bus.wire import (
 from specialists.metrics import SpecialistMetrics
 from specialists.models import ModelPool
 from specialists.placement import Placement
-from specialists.providers.base import Provider
+from specialists.providers.base import Provider, bind_conversation
 from specialists.roster import SpecialistSpec
 from specialists.tools import ToolBox
 from specialists.tools import bind as bind_tools
@@ -469,6 +469,7 @@ class SpecialistService:
         reported: Usage | None = None
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         bind_tools(self.tools, reply.send)
+        bind_conversation(self._owners.get(request.id, ANONYMOUS), self._usage_sessions.get(request.id))
         try:
             messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:

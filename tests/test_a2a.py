@@ -22,6 +22,8 @@ from bus.client import Bus
 from bus.discovery import SpecialistView
 from bus.errors import BusError
 from bus.settings import TektonSettings
+from bus.wire import ChatMessage
+from specialists.providers.a2a_remote import context_id
 from tests.helpers import eventually, in_process_gateway, in_process_specialists
 
 pytestmark = pytest.mark.anyio
@@ -171,6 +173,58 @@ async def test_a_message_with_a_context_continues_its_session(
         session = await bus.gateway.get(session_name(context))
         assert session.specialist == "apollo"
         assert [m.content for m in session.turns if m.role == "user"] == ["q1", "q2"]
+
+
+async def test_a_remote_agent_gets_one_context_per_tekton_session(
+    settings: TektonSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The a2a provider sends every turn of one Tekton session with the same context_id: the agent
+    (athena behind the A2A server, which keeps a context as a session of its own) has the earlier turns
+    and gets only the new question; another session is another context; a request outside a session
+    has none."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_ECHO_CONTEXT", "1")
+    roster = tmp_path / "roster.toml"
+    async with (
+        in_process_gateway(settings),
+        in_process_specialists(settings, "athena"),
+        a2a_bridge(settings) as base,
+        Bus.connect(settings) as bus,
+    ):
+        roster.write_text(
+            f"""
+[specialists.scout]
+description = "A remote A2A agent"
+primary = ["research"]
+capabilities = {{ research = 0.9 }}
+system_prompt = "unused: the remote agent has its own"
+provider = "a2a"
+provider_options = {{ url = "{base}/a2a/athena/" }}
+"""
+        )
+        remote = settings.model_copy(update={"provider": None, "roster": roster})
+        async with in_process_specialists(remote, "scout"):
+            one = await bus.gateway.create(specialist="scout", name="one")
+            two = await bus.gateway.create(specialist="scout", name="two")
+
+            async def turn(session: str, text: str) -> str:
+                async with bus.stream(
+                    "scout", [ChatMessage(role="user", content=text)], session=session
+                ) as s:
+                    return (await s.result()).text
+
+            assert await turn("one", "q1") == "athena heard: user: q1"
+            assert await turn("one", "q2") == (
+                "athena heard: user: q1 | assistant: athena heard: user: q1 | user: q2"
+            )
+            assert await turn("two", "q3") == "athena heard: user: q3"
+            assert (await bus.ask("scout", "alone")).text == "athena heard: user: alone"
+        asker = (await bus.gateway.usage()).user
+        first, second = (session_name(context_id(f"{asker}/{s.id}")) for s in (one, two))
+        assert [m.content for m in (await bus.gateway.get(first)).turns if m.role == "user"] == ["q1", "q2"]
+        assert [m.content for m in (await bus.gateway.get(second)).turns if m.role == "user"] == ["q3"]
+        listed = sorted(s.name for s in await bus.gateway.list() if s.name and s.name.startswith("a2a."))
+        # (the third: the context the A2A server gave the request outside a session, a fresh one)
+        assert len(listed) == 3 and {first, second} < set(listed)
 
 
 def test_a_context_id_that_cannot_be_a_session_name_is_hashed() -> None:

@@ -4,14 +4,19 @@
     provider = "a2a"
     provider_options = { url = "https://agents.example.com/scout/" }   # where its agent card is
 
-The conversation goes as one A2A message (the last user message; earlier turns as context lines
-before it); the agent's streamed artifact chunks (or its reply message) are the answer's chunks. A
-failed or rejected task is a ``provider_error`` with the agent's own words.
+A request in a Tekton session goes with a ``context_id`` of that session's (the same for every turn,
+derived from the asker and the session, so the agent can keep the conversation): the first message
+of a context this process sends carries the earlier turns as context lines before the question, the
+next ones only the new question (the agent has the rest). A request outside a session is one message
+with its earlier turns as context lines, and no context. The agent's streamed artifact chunks (or its
+reply message) are the answer's chunks. A failed or rejected task is a ``provider_error`` with the
+agent's own words.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
@@ -22,9 +27,24 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bus.wire import ChatMessage, ChatOptions
-from specialists.providers.base import ProviderContext, ProviderError, ProviderUnavailable
+from specialists.providers.base import (
+    ProviderContext,
+    ProviderError,
+    ProviderUnavailable,
+    current_conversation,
+)
 
 _FAILED = {TaskState.TASK_STATE_FAILED, TaskState.TASK_STATE_REJECTED, TaskState.TASK_STATE_CANCELED}
+# Contexts a provider remembers having sent a first message in (the oldest are forgotten first: a
+# forgotten one's next message carries the earlier turns again).
+KNOWN_CONTEXTS = 10_000
+_NAMESPACE = uuid.UUID("5b0c1c1e-6f4b-4f43-9a3e-74656b746f6e")
+
+
+def context_id(conversation: str) -> str:
+    """The A2A context of a Tekton conversation (``owner/session``): a UUID that names it and tells
+    the agent neither."""
+    return str(uuid.uuid5(_NAMESPACE, conversation))
 
 
 class A2AOptions(BaseSettings):
@@ -53,6 +73,7 @@ class A2AProvider:
         self.specialist = context.specialist
         self.model = options.url
         self._client: Any = None
+        self._contexts: OrderedDict[str, None] = OrderedDict()
 
     async def _connect(self) -> Any:
         if self._client is None:
@@ -69,11 +90,15 @@ class A2AProvider:
 
     async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
         client = await self._connect()
-        request = SendMessageRequest(
-            message=Message(
-                role=Role.ROLE_USER, parts=[Part(text=_prompt(messages))], message_id=uuid.uuid4().hex
-            )
-        )
+        message = Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex)
+        conversation = current_conversation()
+        if conversation is None:
+            message.parts.append(Part(text=_prompt(messages)))
+        else:
+            message.context_id = context_id(conversation)
+            known = message.context_id in self._contexts
+            message.parts.append(Part(text=_prompt(messages[-1:] if known else messages)))
+        request = SendMessageRequest(message=message)
         try:
             async for event in client.send_message(request):
                 if event.HasField("artifact_update"):
@@ -93,6 +118,11 @@ class A2AProvider:
             raise ProviderUnavailable(
                 f"the A2A agent at {self.options.url}: {type(err).__name__}: {err}"
             ) from err
+        if message.context_id:  # the agent has this context's earlier turns now
+            self._contexts[message.context_id] = None
+            self._contexts.move_to_end(message.context_id)
+            while len(self._contexts) > KNOWN_CONTEXTS:
+                self._contexts.popitem(last=False)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -8,6 +8,7 @@ a user can act on. Providers are found by name through the ``tekton.providers`` 
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,25 @@ class Provider(Protocol):
     def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str | Usage]: ...
 
     async def aclose(self) -> None: ...
+
+
+_CONVERSATION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tekton_conversation", default=None
+)
+
+
+def bind_conversation(owner: str, session: str | None) -> None:
+    """Name the conversation the request being served in this task belongs to: its asker's session
+    (the gateway says which), or none (a request on its own)."""
+    _CONVERSATION.set(f"{owner}/{session}" if session else None)
+
+
+def current_conversation() -> str | None:
+    """``owner/session`` of the request being served (None: not part of a session), for providers
+    whose model keeps a conversation of its own (the a2a provider's context_id). The owner is the
+    asker nats-server pins to the reply inbox, so no one reaches another user's conversation by
+    naming their session."""
+    return _CONVERSATION.get()
 
 
 def provider_names() -> list[str]:
