@@ -319,7 +319,9 @@ async def cmd_top(settings: TektonSettings, args: argparse.Namespace) -> int:
     from tekton.top import run_top
 
     async with Bus.connect(settings, name="tekton-top") as bus:
-        await run_top(bus, Console(), interval=args.interval, iterations=args.iterations)
+        await run_top(
+            bus, Console(), interval=args.interval, iterations=args.iterations, p99_window_s=args.p99_window
+        )
     return 0
 
 
@@ -569,6 +571,16 @@ WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
 HTTP_HELP = "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT"
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tekton", description="Run Tekton: a team of AI specialists on NATS."
@@ -637,6 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
     top = sub.add_parser("top", parents=[common], help="live view of every specialist instance")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
+    top.add_argument(
+        "--p99-window",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="the p99 first chunk covers the answers of the last SECONDS (default 60)",
+    )
     metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
     metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
     usage = sub.add_parser("usage", parents=[common], help="every user's token and cost totals")

@@ -1,12 +1,17 @@
 """`tekton top`: every specialist instance on the bus, live (rich), from its ``$SRV.STATS`` figures.
 
 One row per replica: slots busy/free, queue, tokens per second since the last refresh, requests
-served, errors, p99 of the first chunk (from the replica's histogram), refreshed each second.
+served, errors, p99 of the first chunk over a recent window (the last 60 s by default), refreshed
+each second. The p99 is PromQL's ``histogram_quantile(0.99, increase(...[60s]))``: the replica's
+cumulative histogram now less the one top gathered a window ago (since top started, for its first
+window), so it shows how the replica answers now, not over its lifetime; no first chunk in the
+window: ``-``.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +37,31 @@ class InstanceRow:
     p99_first_chunk_ms: float | None
 
 
-class TopModel:
-    """Rows from successive gathers; rates come from the difference between two of them."""
+# Seconds of first chunks the p99 covers.
+P99_WINDOW_S = 60.0
 
-    def __init__(self) -> None:
+Buckets = list[list[Any]]
+
+
+class TopModel:
+    """Rows from successive gathers; rates come from the difference between two of them, the p99
+    from the difference between now's first-chunk histogram and the one a window ago."""
+
+    def __init__(self, p99_window_s: float = P99_WINDOW_S) -> None:
+        self.p99_window_s = p99_window_s
         self._last: dict[str, tuple[float, float]] = {}  # instance -> (time, tokens out)
+        self._histograms: dict[str, deque[tuple[float, Buckets]]] = {}  # instance -> gathered, oldest first
+
+    def _p99(self, instance: str, now: float, buckets: Buckets) -> float | None:
+        """The p99 of the first chunks since the newest gather at least a window old (or the oldest)."""
+        kept = self._histograms.setdefault(instance, deque())
+        kept.append((now, buckets))
+        while len(kept) > 1 and kept[1][0] <= now - self.p99_window_s:
+            kept.popleft()
+        _, then = kept[0]
+        before = {bound: count for bound, count in then}
+        recent = [[bound, count - before.get(bound, 0.0)] for bound, count in buckets]
+        return quantile(0.99, recent)
 
     def rows(self, stats: list[dict[str, Any]], now: float | None = None) -> list[InstanceRow]:
         now = time.monotonic() if now is None else now
@@ -52,7 +77,7 @@ class TopModel:
                 then, before = self._last[instance]
                 rate = max(0.0, tokens - before) / (now - then)
             first = data.get("tekton_first_chunk_seconds")
-            p99 = quantile(0.99, first["buckets"]) if isinstance(first, dict) else None
+            p99 = self._p99(instance, now, first["buckets"]) if isinstance(first, dict) else None
             rows.append(
                 InstanceRow(
                     specialist=answer.get("name", "?"),
@@ -67,10 +92,11 @@ class TopModel:
                 )
             )
         self._last = seen
+        self._histograms = {i: h for i, h in self._histograms.items() if i in seen}  # replicas gone
         return rows
 
 
-def table(rows: list[InstanceRow], url: str) -> Table:
+def table(rows: list[InstanceRow], url: str, p99_window_s: float = P99_WINDOW_S) -> Table:
     busy = sum(r.busy for r in rows)
     slots = sum(r.slots for r in rows)
     t = Table(title=f"tekton top · {url} · {len(rows)} instances · {busy}/{slots} slots busy", expand=False)
@@ -83,7 +109,7 @@ def table(rows: list[InstanceRow], url: str) -> Table:
         ("TOK/S", "right"),
         ("SERVED", "right"),
         ("ERRORS", "right"),
-        ("P99 1ST", "right"),
+        (f"P99 1ST {p99_window_s:g}s", "right"),
     ]:
         t.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in rows:
@@ -104,16 +130,21 @@ def table(rows: list[InstanceRow], url: str) -> Table:
 
 
 async def run_top(
-    bus: Bus, console: Console, *, interval: float = 1.0, iterations: int | None = None
+    bus: Bus,
+    console: Console,
+    *,
+    interval: float = 1.0,
+    iterations: int | None = None,
+    p99_window_s: float = P99_WINDOW_S,
 ) -> list[InstanceRow]:
     """Refresh every ``interval`` seconds until cancelled, or ``iterations`` times; returns the last rows."""
-    figures, model = BusFigures(), TopModel()
+    figures, model = BusFigures(), TopModel(p99_window_s)
     rows: list[InstanceRow] = []
     with Live(console=console, auto_refresh=False, transient=False) as live:
         count = 0
         while iterations is None or count < iterations:
             rows = model.rows(await figures.refresh(bus, window=min(0.3, interval / 2)))
-            live.update(table(rows, bus.settings.nats_url), refresh=True)
+            live.update(table(rows, bus.settings.nats_url, p99_window_s), refresh=True)
             count += 1
             if iterations is None or count < iterations:
                 await anyio.sleep(interval)

@@ -15,7 +15,7 @@ from bridge.metrics import endpoint_data, quantile
 from bus.client import Bus
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from tekton.top import run_top
+from tekton.top import TopModel, run_top
 from tests.helpers import child_env, env, eventually, in_process_specialists, spawn
 
 pytestmark = pytest.mark.anyio
@@ -29,6 +29,29 @@ def test_quantile_interpolates_like_promql() -> None:
     assert quantile(0.25, buckets) == pytest.approx(0.01 + 0.09 * 0.5)
     assert quantile(0.99, [["0.1", 0.0], ["+Inf", 0.0]]) is None
     assert quantile(0.99, [["0.1", 1.0], ["+Inf", 10.0]]) == 0.1  # beyond the last bound
+
+
+def _stats(instance: str, first_chunks: list[list[object]]) -> dict[str, object]:
+    """A replica's $SRV.STATS answer as it comes off the bus, with these cumulative buckets."""
+    data = {"tekton_first_chunk_seconds": {"buckets": first_chunks, "sum": 0.0}, "slots": 2}
+    return {"name": "apollo", "id": instance, "endpoints": [{"name": "chat", "data": data}]}
+
+
+@pytest.mark.fast
+def test_top_s_p99_covers_the_last_window_not_the_replica_s_lifetime() -> None:
+    model = TopModel(p99_window_s=60)
+    slow = [["0.01", 0.0], ["10.0", 100.0], ["+Inf", 100.0]]  # 100 slow first chunks, long ago
+    [row] = model.rows([_stats("i1", slow)], now=0.0)
+    assert row.p99_first_chunk_ms is None  # nothing since top started
+    # 50 fast ones in the next 30 s: the p99 is theirs, the lifetime's slow ones left out.
+    [row] = model.rows([_stats("i1", [["0.01", 50.0], ["10.0", 150.0], ["+Inf", 150.0]])], now=30.0)
+    assert row.p99_first_chunk_ms == pytest.approx(10 * 0.99)
+    # 80 s on, one slow one: the window (the gather at 0 s is over 60 s old) holds it and the fast ones.
+    [row] = model.rows([_stats("i1", [["0.01", 50.0], ["10.0", 151.0], ["+Inf", 151.0]])], now=80.0)
+    assert row.p99_first_chunk_ms == pytest.approx(10 + 9990 * (0.99 * 51 - 50))
+    # 150 s: 60 s with nothing new.
+    [row] = model.rows([_stats("i1", [["0.01", 50.0], ["10.0", 151.0], ["+Inf", 151.0]])], now=150.0)
+    assert row.p99_first_chunk_ms is None
 
 
 async def test_stats_carry_the_metrics(settings: TektonSettings) -> None:
@@ -73,7 +96,9 @@ async def test_top_shows_busy_slots_queue_and_rate_under_load(settings: TektonSe
     cells = [c.strip() for c in apollo_line.strip("│ ").split("│")]
     assert cells[0] == "apollo" and cells[2:5] == ["2", "0", "3"], apollo_line
     assert re.fullmatch(r"\d+", cells[5]), apollo_line  # tok/s: a rate, not "-", by the last refresh
-    assert "2 instances · 2/4 slots busy" in shown
+    # Apollo's two first chunks came before top started: none in its p99 window.
+    assert cells[8] == "-" and by_name["apollo"].p99_first_chunk_ms is None, apollo_line
+    assert "2 instances · 2/4 slots busy" in shown and "P99 1ST 60s" in shown  # the window, in the header
 
 
 async def _read(stream) -> None:  # type: ignore[no-untyped-def]
