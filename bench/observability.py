@@ -15,7 +15,11 @@ provider at 0 ms. Three modes, interleaved round by round so drift hits them ali
 
 Per mode: sequential request-to-done latency (p50/p99) of a 20-chunk answer, and requests per second
 with 32 at once, and this process's CPU time per request (client and specialist together; on a shared
-machine the fairest of the three, since wall time also counts other processes' load). Writes
+machine the fairest of the three, since wall time also counts other processes' load). Then where
+a traced request's CPU goes, per span, with the real SDK (:func:`span_costs`): making a span, its
+attributes and events, the batch processor and OTLP encoding (on the exporter's thread:
+``time.process_time`` counts every thread of the process), and the ``traceparent`` hops; and the
+instrumentation of a request with and without its ``generate`` child span. Writes
 bench/results/observability.json.
 """
 
@@ -128,7 +132,65 @@ async def measure(settings: TektonSettings, mode: str, sequential: int, burst: i
     return {"lat": lat, "rps": rps, "cpu": cpu_per_request}
 
 
-def instrumentation_us(mode: str, n: int = 5000) -> float:
+def _cpu_us(fn: Any, n: int, flush: Any = None) -> float:
+    """Median over 5 rounds of CPU microseconds per call of ``fn`` (every thread of this process),
+    ``flush`` (the batch processor's export of the round's spans) included."""
+    rounds = []
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(n):
+            fn()
+        if flush is not None:
+            flush()
+        rounds.append((time.process_time() - start) / n * 1e6)
+    return statistics.median(rounds)
+
+
+def span_costs(n: int = 500) -> dict[str, float]:
+    """CPU microseconds per span of each thing the SDK does for a traced request (batches of ``n``
+    spans, under the batch processor's queue of 2048, so none is dropped uncounted)."""
+    bare = TracerProvider()  # no processor: the span is made and ended, and goes nowhere
+    exporting = TracerProvider()
+    exporting.add_span_processor(BatchSpanProcessor(EncodeSpans()))
+    made, sent = bare.get_tracer("bench"), exporting.get_tracer("bench")
+    two = {
+        "tekton.request_id": "5f0c8a1e3b2d4c5e8f9a0b1c2d3e4f5a",
+        "tekton.instance": "WS9eKhHakwy3yxlii2XiII",
+    }
+
+    def plain(tracer: Any) -> Any:
+        return lambda: tracer.start_span("serve apollo").end()
+
+    def dressed(tracer: Any) -> Any:
+        def one() -> None:
+            span = tracer.start_span("generate scripted", attributes=two)
+            span.add_event("first chunk")
+            span.set_attribute("gen_ai.usage.output_tokens", 20)
+            span.end()
+
+        return one
+
+    try:
+        out = {
+            "make_and_end": _cpu_us(plain(made), n),
+            "make_and_end_with_2_attributes_an_event_and_a_set": _cpu_us(dressed(made), n),
+            "processor_and_otlp_encoding": _cpu_us(plain(sent), n, exporting.force_flush)
+            - _cpu_us(plain(made), n),
+            "processor_and_otlp_encoding_with_attributes": _cpu_us(dressed(sent), n, exporting.force_flush)
+            - _cpu_us(dressed(made), n),
+        }
+        tracing.install(exporting)
+        span = made.start_span("chat apollo")
+        out["traceparent_inject_and_extract"] = _cpu_us(
+            lambda: tracing._otel.propagator.extract(tracing.headers(span)), n
+        )
+        return {k: round(v, 1) for k, v in out.items()}
+    finally:
+        tracing.install(None)
+        exporting.shutdown()
+
+
+def instrumentation_us(mode: str, n: int = 5000, model_span: bool = True) -> float:
     """CPU microseconds the instrumentation of one request costs by itself (the same calls a request
     makes, without the I/O around them): steadier than end-to-end figures on a shared machine."""
     from specialists.metrics import SpecialistMetrics
@@ -138,7 +200,7 @@ def instrumentation_us(mode: str, n: int = 5000) -> float:
     tracing.install(provider)
     try:
         start = time.process_time()
-        for _ in range(n):
+        for i in range(n):
             if mode != "bare":
                 metrics.requests.inc()
             span = tracing.start("chat apollo", "client", attributes={"tekton.request_id": "r"})
@@ -146,7 +208,7 @@ def instrumentation_us(mode: str, n: int = 5000) -> float:
             if tracing.wanted(headers):
                 attributes = {"tekton.request_id": "r", "tekton.instance": "i"}
                 with tracing.current("serve apollo", "server", headers, attributes):
-                    if tracing.recording():
+                    if model_span and tracing.recording():
                         model = tracing.start("generate scripted", attributes={"gen_ai.system": "scripted"})
                         tracing.event(model, "first chunk")
                         model.set_attribute("gen_ai.usage.output_tokens", 20)
@@ -155,6 +217,8 @@ def instrumentation_us(mode: str, n: int = 5000) -> float:
             if mode != "bare":
                 metrics.done(None, 0.0004, 0.0009)
                 metrics.tokens_out.inc(20)
+            if provider is not None and i % 200 == 199:  # under the processor's queue: no span dropped
+                provider.force_flush()
         if provider is not None:
             provider.force_flush()
         return (time.process_time() - start) / n * 1e6
@@ -189,6 +253,7 @@ async def main(quick: bool) -> dict[str, Any]:
     base_rps = statistics.median(rps["bare"])
     base_cpu = statistics.median(cpu["bare"])
     alone = {mode: instrumentation_us(mode) for mode in MODES}
+    two_spans = instrumentation_us("tracing", model_span=False) - alone["bare"]
     for mode in MODES:
         s = summary(lat[mode])
         r = statistics.median(rps[mode])
@@ -211,6 +276,20 @@ async def main(quick: bool) -> dict[str, Any]:
             f"{out[mode]['instrumentation_us']:.1f} us = {out[mode]['instrumentation_vs_bare_request']:.1%} "
             "of a bare request's CPU"
         )
+    per_span = span_costs()
+    out["per_span_us"] = per_span
+    out["tracing_without_generate_span"] = {
+        "instrumentation_us": round(two_spans, 1),
+        "instrumentation_vs_bare_request": round(two_spans / (base_cpu * 1e6), 4),
+    }
+    print("where a traced request's CPU goes, per span (us, median of 5 rounds, every thread):")
+    for what, us in per_span.items():
+        print(f"  {what:52} {us:6.1f}")
+    print(
+        f"tracing every request without the generate child span (client and serve spans only): "
+        f"instrumentation alone {two_spans:.1f} us = {two_spans / (base_cpu * 1e6):.1%} "
+        "of a bare request's CPU"
+    )
     return out
 
 

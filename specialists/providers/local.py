@@ -305,7 +305,7 @@ class LocalProvider:
             if (value := getattr(options, key)) is not None:
                 kwargs[key] = value
         tools = current_tools()
-        if tools is None:
+        if tools is None or not tools.functions():  # the model's own chat format
             async for text in self.worker.generate(payload, kwargs):
                 yield text
             return
