@@ -13,7 +13,6 @@ stream is published with a reply subject of ours: when nobody listens on the str
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -78,7 +77,7 @@ from specialists.providers.base import Provider, bind_conversation
 from specialists.roster import SpecialistSpec
 from specialists.tools import ToolBox
 from specialists.tools import bind as bind_tools
-from specialists.tracing import first_chunk, generate_done, generate_span
+from specialists.tracing import TracedProvider
 
 log = structlog.get_logger("tekton.specialist")
 
@@ -478,10 +477,11 @@ class SpecialistService:
                 if self.models is not None:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
+                if tracing.recording():  # the model's part of a sampled trace (specialists/tracing.py)
+                    provider = TracedProvider.wrap(provider)
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
-                model_span = None  # the model's part of a sampled trace (specialists/tracing.py)
                 try:
                     with anyio.fail_after(timeout):
                         # aclosing: a stopped answer releases the provider (its model) now, not
@@ -490,7 +490,6 @@ class SpecialistService:
                             self._slot(),
                             aclosing(provider.stream(messages, options)) as texts,  # type: ignore[type-var]
                         ):
-                            model_span = generate_span(provider)
                             async for text in texts:
                                 if isinstance(text, Usage):  # a provider's own count (see Provider)
                                     reported = text
@@ -500,8 +499,6 @@ class SpecialistService:
                                 if first_token is None:
                                     first_token = time.perf_counter()
                                     slice_start = reply.last_sent - SLICE_S + FIRST_SLICE_S
-                                    if model_span is not None:
-                                        first_chunk(model_span)
                                 elif reply.last_sent - slice_start >= SLICE_S:
                                     # A provider producing flat out never suspends (a publish only
                                     # buffers), so nothing else in this process would run: not
@@ -510,8 +507,6 @@ class SpecialistService:
                                     await anyio.lowlevel.checkpoint()
                 finally:
                     self._streaming.pop(request.id, None)
-                    if model_span is not None:
-                        generate_done(model_span, tokens, sys.exc_info()[1])
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
                 if self.placement:

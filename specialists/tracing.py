@@ -1,31 +1,57 @@
-"""The model's part of a trace: a span (``generate <model>``) around the provider's generation, with
-an event at the first chunk and the number of chunks. Started only for a sampled trace (the service
-checks :func:`bus.tracing.recording` first) and fed by the service's own loop over the chunks (it
-already notes the first one and counts them), not by wrapping the provider: a wrapping generator
-cost every chunk one more async-generator step (measured in ``bench.observability``)."""
+"""The model's part of a trace: a provider wrapped so its generation is a span (``generate <model>``),
+with an event at the first chunk and the number of chunks. Used only for a sampled trace (the
+service checks :func:`bus.tracing.recording` first, so a sampled-out request streams unwrapped)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any, cast
 
 from bus import tracing
+from bus.wire import ChatMessage, ChatOptions, Usage
 from specialists.providers.base import Provider
 
 
-def generate_span(provider: Provider) -> Any:
-    """The started span of ``provider``'s generation if this trace records, else None."""
-    if not tracing.recording():
-        return None
-    return tracing.start(
-        f"generate {provider.model}",
-        attributes={"gen_ai.system": provider.name, "gen_ai.request.model": provider.model},
-    )
+class TracedProvider:
+    def __init__(self, inner: Provider):
+        self.inner = inner
+        self.name = inner.name
+        self.model = inner.model
 
+    @classmethod
+    def wrap(cls, inner: Provider) -> Provider:
+        return cast(Provider, cls(inner))
 
-def first_chunk(span: Any) -> None:
-    tracing.event(span, "first chunk")
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
+    def __getattr__(self, attr: str) -> Any:  # start() and the like: the provider's own
+        return getattr(self.inner, attr)
 
-def generate_done(span: Any, chunks: int, error: BaseException | None) -> None:
-    span.set_attribute("gen_ai.usage.output_tokens", chunks)
-    tracing.end(span, error if isinstance(error, Exception) else None)
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
+        span = tracing.start(
+            f"generate {self.model}",
+            attributes={"gen_ai.system": self.name, "gen_ai.request.model": self.model},
+        )
+        chunks = 0
+        failed: Exception | None = None
+        try:
+            async with aclosing(self.inner.stream(messages, options)) as texts:  # type: ignore[type-var]
+                async for text in texts:
+                    if isinstance(text, Usage):  # the provider's own count: passed on, not a chunk
+                        yield text
+                        continue
+                    if not chunks:
+                        tracing.event(span, "first chunk")
+                    chunks += 1
+                    yield text
+        except Exception as err:
+            failed = err
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("gen_ai.usage.output_tokens", chunks)
+            tracing.end(span, failed)
