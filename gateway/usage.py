@@ -83,6 +83,7 @@ class UsageBook:
         self.budget = budget or Budget()
         self.budgets = budgets or {}
         self.limited = self.budget != Budget() or any(b != Budget() for b in self.budgets.values())
+        self.periods = self.budget.period is not None or any(b.period for b in self.budgets.values())
         self.over: frozenset[str] = frozenset()
         self.resets: dict[str, float] = {}  # over users whose budget has a period: when it restarts
         # Records not stored yet, by key: while one batch is written the next gathers, so a burst of
@@ -144,7 +145,7 @@ class UsageBook:
             log.warning("usage record not counted", user=user, error=str(err))
             return
         self._pending.setdefault(f"u.{user}", []).append(record)
-        if (key := self.budget_key(user)[0]) != f"u.{user}":
+        if self.periods and (key := self.budget_key(user)[0]) != f"u.{user}":
             self._pending.setdefault(key, []).append(record)
         if record.session:
             self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
