@@ -49,6 +49,18 @@ async def a2a_bridge(settings: TektonSettings) -> AsyncIterator[str]:
                 server.should_exit = True
 
 
+# A roster entry: athena behind the A2A server as the specialist "scout" (the a2a provider).
+SCOUT = """
+[specialists.scout]
+description = "A remote A2A agent"
+primary = ["research"]
+capabilities = {{ research = 0.9 }}
+system_prompt = "unused: the remote agent has its own"
+provider = "a2a"
+provider_options = {{ url = "{base}/a2a/athena/" }}
+"""
+
+
 def ask(text: str) -> SendMessageRequest:
     return SendMessageRequest(message=Message(role=Role.ROLE_USER, parts=[Part(text=text)], message_id="m-1"))
 
@@ -109,15 +121,8 @@ async def test_an_a2a_agent_elsewhere_is_a_specialist_in_the_roster(
     async with in_process_specialists(settings, "athena"), a2a_bridge(settings) as base:
         roster = tmp_path / "roster.toml"
         roster.write_text(
-            f"""
-[specialists.scout]
-description = "A remote A2A agent"
-primary = ["research"]
-capabilities = {{ research = 0.9 }}
-system_prompt = "unused: the remote agent has its own"
-provider = "a2a"
-provider_options = {{ url = "{base}/a2a/athena/" }}
-
+            SCOUT.format(base=base)
+            + f"""
 [specialists.lost]
 description = "An A2A agent that is not there"
 primary = ["research"]
@@ -190,17 +195,7 @@ async def test_a_remote_agent_gets_one_context_per_tekton_session(
         a2a_bridge(settings) as base,
         Bus.connect(settings) as bus,
     ):
-        roster.write_text(
-            f"""
-[specialists.scout]
-description = "A remote A2A agent"
-primary = ["research"]
-capabilities = {{ research = 0.9 }}
-system_prompt = "unused: the remote agent has its own"
-provider = "a2a"
-provider_options = {{ url = "{base}/a2a/athena/" }}
-"""
-        )
+        roster.write_text(SCOUT.format(base=base))
         remote = settings.model_copy(update={"provider": None, "roster": roster})
         async with in_process_specialists(remote, "scout"):
             one = await bus.gateway.create(specialist="scout", name="one")
