@@ -63,7 +63,9 @@ args = [{json.dumps(str(Path(__file__).parent / "data" / "mcp_notes.py"))}]
         assert "".join(parts).strip() and len(parts) >= 2 and usage.completion_tokens > len(parts)
     [(_, first, short), (_, second, long)] = answers
     assert first[1].text == "42" and second[1].text.startswith("42, says the note on ")
-    # Same question, same (greedy) call: the prompts differ only by the note the tool returned.
-    assert first[0].arguments == second[0].arguments
+    # Same question: the first rounds' prompts are the same, the second rounds' differ by the note the
+    # tool returned (1 token against over 50) and by the model's arguments (the same when greedy
+    # decoding repeats itself, and under 16 tokens apart at most: max_tokens). A result that never
+    # reached the model would leave them under 16 apart.
     assert short.prompt_tokens is not None and long.prompt_tokens is not None
-    assert long.prompt_tokens - short.prompt_tokens >= 30
+    assert long.prompt_tokens - short.prompt_tokens >= 30, (short, long, first[0], second[0])
