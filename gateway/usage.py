@@ -200,7 +200,10 @@ class UsageBook:
             await self._tell()
             for key in keys:  # periods gone by (their totals are in the lifetime's too)
                 if key.startswith("p.") and counted.get(key.rsplit(".", 1)[-1], ("",))[0] != key:
-                    await self.kv.purge(key)
+                    try:
+                        await self.kv.purge(key)
+                    except Exception as err:  # tried again at the next broadcast
+                        log.warning("old period's usage not purged", key=key, error=str(err))
             await anyio.sleep(BROADCAST_S)
 
     async def totals(self, user: str) -> UsageReply:
