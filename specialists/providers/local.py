@@ -74,7 +74,7 @@ class LocalOptions(BaseSettings):
     # None: off where the CPU advertises AMX (see llama_worker.load), on elsewhere.
     extra_bufts: bool | None = None
     # With MCP tools (roster mcp_servers), as the openai provider's: the first round's tool_choice
-    # ("auto", "required", "none", or a server__tool the model must call first), and rounds of calls.
+    # ("auto", "none", or a server__tool the model must call first), and rounds of calls.
     tool_choice: str = "auto"
     max_tool_rounds: int = Field(default=8, ge=0)
 
