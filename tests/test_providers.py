@@ -214,6 +214,12 @@ def test_missing_key(name: str) -> None:
         _provider(name)
 
 
+@pytest.mark.fast
+def test_the_local_provider_refuses_a_tool_choice_its_format_has_not() -> None:
+    with pytest.raises(ProviderError, match=r"(?s)invalid options: .*has no 'required': name the tool"):
+        create_provider("local", {"tool_choice": "required"}, ProviderContext("apollo", SharedResources()))
+
+
 def test_unknown_provider_lists_the_installed_ones() -> None:
     with pytest.raises(ProviderError, match="installed: a2a, anthropic, local, ollama, openai, scripted"):
         _provider("gpt-magic")
