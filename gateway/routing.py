@@ -397,39 +397,54 @@ def _char_text(text: str) -> str:
     return " " + " ".join(_fold(_ends(text, _CHAR_CHARS)).split()) + " "
 
 
-def _char_grams(text: str) -> Counter[str]:
-    folded = _char_text(text)
-    return Counter(folded[i : i + n] for n in _CHAR_GRAMS for i in range(len(folded) - n + 1))
+_GRAM_BASE = np.uint64(0x100000001B3)  # FNV's prime: a 64-bit polynomial hash of each n-gram
+
+
+def _char_grams(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The text's distinct character n-grams (as 64-bit hashes, sorted) and how often each occurs,
+    computed by numpy over the code points rather than one string slice at a time."""
+    points = np.frombuffer(_char_text(text).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    hashes = []
+    for n in _CHAR_GRAMS:
+        count = len(points) - n + 1
+        if count > 0:
+            h = np.full(count, n, dtype=np.uint64)
+            for k in range(n):
+                h = h * _GRAM_BASE + points[k : k + count]
+            hashes.append(h)
+    if not hashes:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.intp)
+    grams, counts = np.unique(np.concatenate(hashes), return_counts=True)
+    return grams, counts
 
 
 class CharClassifier:
-    """Softmax regression over the character n-grams' TF-IDF (sublinear counts, unit length)."""
+    """Softmax regression over the character n-grams' TF-IDF (sublinear counts, unit length), over
+    the n-grams at least two examples share."""
 
     def __init__(self, texts: Sequence[str], labels: Sequence[int], classes: int):
-        counts = [_char_grams(t) for t in texts]
-        df: Counter[str] = Counter()
-        for c in counts:
-            df.update(c.keys())
-        self.vocab = {g: i for i, g in enumerate(g for g, f in df.items() if f >= 2)}
+        each = [_char_grams(t) for t in texts]
         n = len(texts)
-        self.idf = np.array([math.log((1 + n) / (1 + df[g])) + 1 for g in self.vocab], dtype=np.float32)
+        every, df = np.unique(np.concatenate([g for g, _ in each]), return_counts=True)
+        self.known = every[df >= 2]
+        self.idf = (np.log((1 + n) / (1 + df[df >= 2])) + 1).astype(np.float32)
         rows, slots, values = [], [], []
-        for row, c in enumerate(counts):
-            known = [(i, k) for g, k in c.items() if (i := self.vocab.get(g)) is not None]
-            found = np.array([i for i, _ in known], dtype=np.intp)
-            weights = self._tfidf(found, np.array([k for _, k in known], dtype=np.float32))
-            rows += [row] * (len(found) + 1)  # and a zero at slot 0: no row is empty
-            slots += [0, *found.tolist()]
-            values += [0.0, *(weights * _CHAR_SCALE).tolist()]
-        sparse = (
-            np.array(rows, dtype=np.intp),
-            np.array(slots, dtype=np.intp),
-            np.array(values, dtype=np.float32),
-            len(self.vocab),
-        )
+        for row, (grams, counts) in enumerate(each):
+            found, times = self._known(grams, counts)
+            weights = self._tfidf(found, times)
+            rows.append(np.full(len(found) + 1, row, dtype=np.intp))  # and a zero at slot 0: no row
+            slots.append(np.r_[0, found].astype(np.intp))  # is empty
+            values.append(np.r_[0.0, weights * _CHAR_SCALE].astype(np.float32))
+        sparse = (np.concatenate(rows), np.concatenate(slots), np.concatenate(values), len(self.known))
         no_dense = np.zeros((n, 0), dtype=np.float32)
         share = np.full(n, 1.0 / max(n, 1), dtype=np.float32)
         _, self.weights, self.bias = _fit_softmax(no_dense, sparse, labels, share, classes, _CHAR_EPOCHS)
+
+    def _known(self, grams: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The slots of the n-grams the examples share, and their counts."""
+        at = np.minimum(np.searchsorted(self.known, grams), max(len(self.known) - 1, 0))
+        hit = self.known[at] == grams if len(self.known) else np.zeros(len(grams), dtype=bool)
+        return at[hit], counts[hit].astype(np.float32)
 
     def _tfidf(self, slots: np.ndarray, counts: np.ndarray) -> np.ndarray:
         weights = (1 + np.log(counts)) * self.idf[slots]
@@ -438,14 +453,8 @@ class CharClassifier:
         return result
 
     def probabilities(self, text: str) -> np.ndarray:
-        folded, get = _char_text(text), self.vocab.get
-        found = np.fromiter(
-            (get(folded[i : i + n], -1) for n in _CHAR_GRAMS for i in range(len(folded) - n + 1)),
-            dtype=np.intp,
-        )
-        slots, counts = np.unique(found[found >= 0], return_counts=True)
-        weights = self._tfidf(slots, counts.astype(np.float32))
-        logits = self.bias + (weights * _CHAR_SCALE) @ self.weights[slots]
+        slots, counts = self._known(*_char_grams(text))
+        logits = self.bias + (self._tfidf(slots, counts) * _CHAR_SCALE) @ self.weights[slots]
         return _softmax(logits[None, :])[0]
 
 
