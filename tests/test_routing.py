@@ -65,6 +65,33 @@ def test_plain_questions_match_and_gibberish_goes_to_the_generalist() -> None:
 
 
 @pytest.mark.fast
+def test_the_character_classifier_has_half_the_say_and_the_explanation_shows_it() -> None:
+    match = matcher("examples", roster_views())
+    text = "这段 Go 代码在高并发下会死锁吗"  # no spaces between words: few words to match on
+    judgement = match.judge(text)
+    assert decide(match, text) == ("apollo", False)
+    why = judgement.why["apollo"]
+    assert "classifier" in why and "characters" in why and "nearest example" in why, why
+
+
+@pytest.mark.fast
+def test_a_long_paste_is_routed_by_the_instruction_after_it() -> None:
+    match = matcher("examples", roster_views())
+    log = "\n".join(
+        f"2026-03-0{i % 9 + 1} 12:{i % 60:02d}:07 INFO worker-{i % 7} processed batch {i} in {30 + i % 50} ms"
+        for i in range(70)
+    )
+    for instruction, wanted in (
+        ("Turn this into a plan for next quarter with milestones.", "prometheus"),
+        ("Rewrite this log as a friendly status email to customers.", "rhetor"),
+    ):
+        text = f"{log}\n\n{instruction}"
+        assert len(text) > 4000
+        assert decide(match, text[:2000])[0] != wanted  # the paste alone says something else
+        assert decide(match, text) == (wanted, False)
+
+
+@pytest.mark.fast
 def test_a_correction_routes_that_request_and_pulls_similar_ones() -> None:
     views = roster_views()
     text = "Take notes on this conversation and keep the action items"
