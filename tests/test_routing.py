@@ -177,6 +177,8 @@ async def test_a_failing_specialist_loses_rank_and_routing_falls_back(settings: 
         child = spawn(argv, broken)
         try:
             child.wait_for(lambda line: line.startswith("ready "))
+            async with Bus.connect(lenient) as bus:
+                await _until_discovered(bus, "prometheus")
             first = await run_aish(lenient, "-c", '@planning << "plan it"')
             assert first.returncode == 0, first.stderr
             assert first.stdout == "metis heard: plan it\n"
@@ -192,6 +194,16 @@ async def test_a_failing_specialist_loses_rank_and_routing_falls_back(settings: 
             assert prometheus.errors == 10 and prometheus.health < 0.7
         finally:
             child.stop()
+
+
+async def _until_discovered(bus: Bus, name: str) -> None:
+    """Until the gateway's discovery lists ``name`` (a child's "ready" says it subscribed; the gateway
+    hears of it at its next survey)."""
+    with anyio.fail_after(30):
+        for _ in iter(int, 1):  # polls the gateway: no event to wait on from here
+            if name in {v.name for v in (await bus.gateway.discover(refresh=True)).specialists}:
+                return
+            await anyio.sleep(0.1)
 
 
 async def test_replicas_with_different_metadata_are_reported(
