@@ -2,12 +2,14 @@
 
     python -m bench.security [--quick]
 
-Three nats-servers in the same run: plain (no users, no TLS), users only ("auth"), and as
-`tekton up --tls` makes it ("secure": nkey users with subject permissions, TLS with tekton's CA).
-Each gets its own specialist process (`tekton specialist apollo`, scripted provider at 0 ms) and the
-same client code; they are measured in rotating rounds so machine noise hits all alike. Besides the
-latencies it counts CPU per sequential request in each of the three processes a request crosses (this
-client, the specialist, the nats-server): on a busy machine those ratios hold where latencies wander.
+Four nats-servers in the same run: plain (no users, no TLS), users only ("auth"), as `tekton up --tls`
+makes it ("secure": nkey users with subject permissions, TLS with tekton's CA, through bus/tls.py's
+transport), and the same with TLS through nats-py's own transport, asyncio's TLS layer ("tls-asyncio",
+what Tekton used before: the same-run baseline of bus/tls.py). Each gets its own specialist process
+(`tekton specialist apollo`, scripted provider at 0 ms) and the same client code; they are measured
+in rotating rounds so machine noise hits all alike. Besides the latencies it counts CPU per sequential
+request in each of the three processes a request crosses (this client, the specialist, the
+nats-server): on a busy machine those ratios hold where latencies wander.
 Prints the ratios over plain in its last lines; writes bench/results/security.json.
 """
 
