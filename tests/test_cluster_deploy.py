@@ -6,6 +6,7 @@ we ship or generate passes the server's own check (``nats-server -t``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import yaml
 
 from bus.cluster import local_nodes
 from bus.server import nats_server_binary
-from tekton.cluster import check_config
+from bus.settings import TektonSettings
+from tekton.cluster import check_config, cmd_cluster_routes
 
 pytestmark = pytest.mark.fast
 
@@ -36,7 +38,7 @@ def nats_check(path: Path, **env: str) -> None:
 
 
 def test_shipped_cluster_config_needs_the_route_credentials_and_then_passes_nats_server_check(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """nats-server cannot put an environment variable inside a route URL: the shipped config includes
     routes.conf, which `tekton cluster routes` writes with the cluster's secret. Without it the node
@@ -52,15 +54,18 @@ def test_shipped_cluster_config_needs_the_route_credentials_and_then_passes_nats
     )
     assert refused.returncode != 0 and "routes.conf" in refused.stdout + refused.stderr
     urls = [f"nats-route://nats-{i}:6222" for i in (1, 2, 3)]
-    argv = [sys.executable, "-m", "tekton", "cluster", "routes", *urls, "--data-dir", str(tmp_path / "data")]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    args = argparse.Namespace(urls=urls, cluster_secret=None)
+    assert cmd_cluster_routes(TektonSettings(data_dir=tmp_path / "data"), args) == 0
+    printed = capsys.readouterr().out
     secret = (tmp_path / "data" / "auth" / "cluster.secret").read_text().strip()
-    assert f'password: "{secret}"' in done.stdout
-    assert ", ".join(f'"nats-route://route:{secret}@nats-{i}:6222"' for i in (1, 2, 3)) in done.stdout
-    (tmp_path / "routes.conf").write_text(done.stdout)
+    assert f'password: "{secret}"' in printed
+    assert ", ".join(f'"nats-route://route:{secret}@nats-{i}:6222"' for i in (1, 2, 3)) in printed
+    (tmp_path / "routes.conf").write_text(printed)
     nats_check(conf, SERVER_NAME="nats-1")
-    bad = subprocess.run([*argv[:5], "nats-1:6222"], capture_output=True, text=True, timeout=60)
+    argv = [sys.executable, "-m", "tekton", "cluster", "routes", "nats-1:6222"]
+    bad = subprocess.run(
+        [*argv, "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "nats-route://nats-1:6222" in bad.stderr and "Traceback" not in bad.stderr
 
 
