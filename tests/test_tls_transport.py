@@ -56,6 +56,14 @@ def settings(server: EmbeddedNats, tls_files: certs.TlsFiles, tmp_path: Path) ->
     return TektonSettings(nats_url=server.url, data_dir=tmp_path / "none", tls_ca=tls_files.ca)
 
 
+async def subscribed(bus: Bus) -> None:
+    """The server has the subscriptions ``bus`` made: nats-py writes a flush's PING ahead of commands
+    still queued (a SUB), so the first PONG may come before the server saw the SUB; the second PING
+    goes after it."""
+    await bus.nc.flush()
+    await bus.nc.flush()
+
+
 def transport_of(bus: Bus) -> TlsSocketTransport:
     transport = bus.nc._transport
     assert isinstance(transport, TlsSocketTransport)
@@ -121,7 +129,7 @@ async def test_messages_larger_than_a_record_cross_intact_both_ways(settings: Te
 
         tls.read = counted  # type: ignore[method-assign]
         await taker.nc.subscribe("big", cb=heard)
-        await taker.nc.flush()
+        await subscribed(taker)
         for payload in payloads:
             await sender.nc.publish("big", payload)
         await sender.nc.flush(timeout=30)
@@ -145,7 +153,7 @@ async def test_the_server_going_away_mid_stream_and_coming_back(
     async with Bus.connect(settings, name="taker") as taker, Bus.connect(settings, name="sender") as sender:
         first = transport_of(taker)._tls
         await taker.nc.subscribe("flow", cb=heard)
-        await taker.nc.flush()
+        await subscribed(taker)
 
         async def flood() -> None:
             i = 0
@@ -171,7 +179,7 @@ async def test_the_server_going_away_mid_stream_and_coming_back(
             await msg.respond(b"back: " + msg.data)
 
         await taker.nc.subscribe("echo", cb=echo)
-        await taker.nc.flush()
+        await subscribed(taker)
         assert (await sender.nc.request("echo", b"again", timeout=10)).data == b"back: again"
     # nats-py logs what its read loop did not expect (anything but an OSError from the transport).
     assert not [r for r in caplog.records if "encountered error" in r.getMessage()]
