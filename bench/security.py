@@ -2,12 +2,14 @@
 
     python -m bench.security [--quick]
 
-Three nats-servers in the same run: plain (no users, no TLS), users only ("auth"), and as
-`tekton up --tls` makes it ("secure": nkey users with subject permissions, TLS with tekton's CA).
-Each gets its own specialist process (`tekton specialist apollo`, scripted provider at 0 ms) and the
-same client code; they are measured in rotating rounds so machine noise hits all alike. Besides the
-latencies it counts CPU per sequential request in each of the three processes a request crosses (this
-client, the specialist, the nats-server): on a busy machine those ratios hold where latencies wander.
+Four nats-servers in the same run: plain (no users, no TLS), users only ("auth"), as `tekton up --tls`
+makes it ("secure": nkey users with subject permissions, TLS with tekton's CA, through bus/tls.py's
+transport), and the same with TLS through nats-py's own transport, asyncio's TLS layer ("tls-asyncio",
+what Tekton used before: the same-run baseline of bus/tls.py). Each gets its own specialist process
+(`tekton specialist apollo`, scripted provider at 0 ms) and the same client code; they are measured
+in rotating rounds so machine noise hits all alike. Besides the latencies it counts CPU per sequential
+request in each of the three processes a request crosses (this client, the specialist, the
+nats-server): on a busy machine those ratios hold where latencies wander.
 Prints the ratios over plain in its last lines; writes bench/results/security.json.
 """
 
@@ -26,7 +28,8 @@ import anyio
 from nats.aio.transport import TcpTransport
 
 from bench.common import concurrent, cpu_s, start_child, summary, write_results
-from bus.client import Bus, TlsTransport
+from bus import client
+from bus.client import Bus
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
@@ -51,32 +54,21 @@ async def whole_stream(bus: Bus) -> int:
         return len([t async for t in s])
 
 
-# The "tls-default" kind: TLS as asyncio does it by default, without bus.client.TlsTransport's tuning
-# (a record per publish, 256 KiB reads): the same-run baseline of that tuning.
-UNTUNE = (
-    "import bus.client as c, nats.aio.transport as t;"
-    "c.TlsTransport.writelines = t.TcpTransport.writelines; c.TlsTransport.READ_SIZE = 256 * 1024;"
-)
+# The "tls-asyncio" kind: TLS as nats-py does it (its TcpTransport over asyncio's TLS layer) instead of
+# bus.tls.TlsSocketTransport: the same-run baseline of that transport.
+ASYNCIO_TLS = "import bus.client as c, nats.aio.transport as t; c.TlsSocketTransport = t.TcpTransport;"
 
 
-def untune(bus: Bus) -> None:
-    """Undo bus.client.TlsTransport's tuning on this connection (see UNTUNE)."""
-    transport = bus.nc._transport
-    assert isinstance(transport, TlsTransport)
-    transport.__class__ = TcpTransport
-    transport._io_writer.transport._ssl_protocol.max_size = 256 * 1024  # type: ignore[union-attr]
-
-
-def specialist(settings: TektonSettings, untuned: bool = False) -> subprocess.Popen[str]:
+def specialist(settings: TektonSettings, asyncio_tls: bool = False) -> subprocess.Popen[str]:
     run = ["-m", "tekton"]
-    if untuned:
-        run = ["-c", UNTUNE + "from tekton.cli import main; raise SystemExit(main())"]
+    if asyncio_tls:
+        run = ["-c", ASYNCIO_TLS + "from tekton.cli import main; raise SystemExit(main())"]
     argv = [sys.executable, *run, "specialist", "apollo", "--provider", "scripted"]
     argv += ["--nats", settings.nats_url, "--data-dir", str(settings.data_dir), "--log-level", "warning"]
     return start_child(argv, {"TEKTON_SCRIPTED_FIRST_TOKEN_MS": "0"}, "ready apollo")
 
 
-KINDS = ("plain", "auth", "secure", "tls-default")
+KINDS = ("plain", "auth", "secure", "tls-asyncio")
 
 
 async def measure(
@@ -89,8 +81,16 @@ async def measure(
     async with AsyncExitStack() as stack:
         buses = {}
         for kind in KINDS:
-            buses[kind] = await stack.enter_async_context(Bus.connect(settings[kind], name=f"bench-{kind}"))
-        untune(buses["tls-default"])
+            ours = client.TlsSocketTransport
+            if kind == "tls-asyncio":  # nats-py keeps the transport it connected with
+                client.TlsSocketTransport = TcpTransport  # type: ignore[misc,assignment]
+            try:
+                bus = await stack.enter_async_context(Bus.connect(settings[kind], name=f"bench-{kind}"))
+            finally:
+                client.TlsSocketTransport = ours  # type: ignore[misc]
+            buses[kind] = bus
+        assert type(buses["tls-asyncio"].nc._transport) is TcpTransport
+        assert type(buses["secure"].nc._transport) is client.TlsSocketTransport
         for bus in buses.values():
             for _ in range(50):  # warm up
                 await first_chunk(bus)
@@ -112,7 +112,7 @@ async def measure(
             }
             for kind in KINDS
         }
-        # Long answers: where TLS records per flush and read sizes count (bus.client.TlsTransport).
+        # Long answers: where TLS records per flush and read sizes count.
         streams_n = 30 if args.quick else 300
         stream_cpu = dict.fromkeys(KINDS, 0.0)
         before = {kind: cpu_s(pids[kind]["specialist"]) for kind in KINDS}
@@ -136,7 +136,7 @@ async def measure(
             "plain": "no users, no TLS",
             "auth": "nkey users with subject permissions, no TLS",
             "secure": "nkey users with subject permissions and TLS (tekton up --tls)",
-            "tls-default": "as secure, TLS without bus.client.TlsTransport's tuning (asyncio's defaults)",
+            "tls-asyncio": "as secure, TLS through nats-py's own transport (asyncio's TLS layer)",
         }
     }
     for kind, got in samples.items():
@@ -161,7 +161,7 @@ async def measure(
             },
             "cpu_202_chunk_stream": round(stream_us[kind] / stream_us["plain"], 3),
         }
-        for kind in ("auth", "secure", "tls-default")
+        for kind in ("auth", "secure", "tls-asyncio")
     }
     figures["goal"] = "secure/plain <= 1.10"
     return figures
@@ -180,8 +180,8 @@ def main() -> int:
             "plain": EmbeddedNats(root / "plain" / "nats", port=0),
             "auth": EmbeddedNats(root / "secure" / "nats-auth", port=0, auth_file=users.auth_file),
             "secure": EmbeddedNats(root / "secure" / "nats", port=0, auth_file=users.auth_file, tls=tls),
-            "tls-default": EmbeddedNats(
-                root / "secure" / "nats-default", port=0, auth_file=users.auth_file, tls=tls
+            "tls-asyncio": EmbeddedNats(
+                root / "secure" / "nats-asyncio", port=0, auth_file=users.auth_file, tls=tls
             ),
         }
         children: list[subprocess.Popen[str]] = []
@@ -194,7 +194,7 @@ def main() -> int:
                 )
                 for kind, server in servers.items()
             }
-            children = [specialist(s, untuned=kind == "tls-default") for kind, s in settings.items()]
+            children = [specialist(s, asyncio_tls=kind == "tls-asyncio") for kind, s in settings.items()]
             pids = {
                 kind: {"specialist": child.pid, "server": servers[kind].process.pid}  # type: ignore[union-attr]
                 for kind, child in zip(KINDS, children, strict=True)
@@ -217,12 +217,12 @@ def main() -> int:
         cpu = figures[kind]["cpu_us_per_sequential_request"]
         stream = figures[kind]["cpu_us_per_202_chunk_stream_client_and_specialist"]
         print(
-            f"{kind:>6}: first chunk p50 {seq['p50_ms']:.3f} ms, p99 {seq['p99_ms']:.3f} ms; "
+            f"{kind:>11}: first chunk p50 {seq['p50_ms']:.3f} ms, p99 {seq['p99_ms']:.3f} ms; "
             f"100 at once p99 {c100['p99_ms']:.1f} ms; CPU per request: "
             + ", ".join(f"{what} {us:.0f} µs" for what, us in cpu.items())
             + f"; a 202-chunk stream: {stream:.0f} µs CPU (client + specialist)"
         )
-    for kind in ("auth", "secure", "tls-default"):
+    for kind in ("auth", "secure", "tls-asyncio"):
         r = figures["over_plain"][kind]
         print(
             f"{kind}/plain: first chunk p50 {r['sequential_p50']:.2f}x, p99 {r['sequential_p99']:.2f}x, "

@@ -29,7 +29,6 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.aio.transport import TcpTransport
 from nats.js import api
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -62,6 +61,7 @@ from bus.runs import (
 from bus.sessions import ChatAccepted, DoubleText, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS, cancel_subject, chat_subject, inbox_owner, inbox_prefix
+from bus.tls import TlsSocketTransport
 from bus.wire import (
     AnyFrame,
     ChatMessage,
@@ -96,34 +96,6 @@ def _websocket_transport() -> None:
         import aiohttp
 
         transport.aiohttp = aiohttp
-
-
-class TlsTransport(TcpTransport):
-    """nats-py's TCP transport, tuned for asyncio's TLS layer (bench/security.py measures both):
-
-    - what nats-py's flusher gathered goes to the socket as one piece: nats-py queues every command
-      (each publish) as a piece and flushes them with ``writelines``; plain asyncio sockets join the
-      pieces, its TLS layer makes a record (an SSL_write and a record header) of each;
-    - TLS reads ask for at most 64 KiB (a TLS record holds 16 KiB): asyncio asks for 256 KiB a read,
-      and CPython allocates that much for each read (and for the empty one ending each batch) before
-      shrinking it to what came.
-    """
-
-    READ_SIZE = 64 * 1024
-
-    def writelines(self, payload: list[bytes]) -> None:
-        self.write(b"".join(payload))
-
-    async def connect_tls(self, *args: Any, **kwargs: Any) -> None:
-        await super().connect_tls(*args, **kwargs)
-        self.tune()
-
-    def tune(self) -> None:
-        """Smaller TLS reads on the connection now open (asyncio's SSLProtocol reads ``max_size``)."""
-        transport = self._io_writer.transport if self._io_writer is not None else None
-        protocol = getattr(transport, "_ssl_protocol", None)
-        if protocol is not None and getattr(protocol, "max_size", 0) > self.READ_SIZE:
-            protocol.max_size = self.READ_SIZE
 
 
 async def connect(
@@ -171,21 +143,29 @@ async def connect(
             log.debug("nats error", error=str(err))
 
     # Without credentials (a server without auth) we are the anonymous user, inbox and all.
-    auth: dict[str, Any] = {"inbox_prefix": inbox_prefix(creds.user if creds else ANONYMOUS)}
+    # (nats-py's connect() types its timeouts as int: the options go as a dict.)
+    options: dict[str, Any] = {
+        "inbox_prefix": inbox_prefix(creds.user if creds else ANONYMOUS),
+        "connect_timeout": connect_timeout,
+        # nats-py retries the *first* connect until attempts run out, and -1 means never: bound it
+        # here so a missing server is a fast, clear error...
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.1,
+    }
     if creds is not None:
-        auth["nkeys_seed_str"] = creds.seed
+        options["nkeys_seed_str"] = creds.seed
     if tls is not None:
-        auth["tls"] = tls
-    connecting: asyncio.Future[NATS] = asyncio.ensure_future(
-        nats.connect(
+        options["tls"] = tls
+    nc = NATS()
+    if tls is not None and "ws://" not in url and "wss://" not in url:
+        # Ours for TLS instead of nats-py's (asyncio's TLS layer): see bus/tls.py. nats-py keeps it for
+        # its reconnects.
+        nc._transport = TlsSocketTransport()
+    connecting: asyncio.Future[None] = asyncio.ensure_future(
+        nc.connect(
             servers=[u.strip() for u in url.split(",") if u.strip()] or [url],
             name=name,
-            connect_timeout=connect_timeout,
-            **auth,
-            # nats-py retries the *first* connect until attempts run out, and -1 means never: bound it
-            # here so a missing server is a fast, clear error...
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.1,
+            **options,
             error_cb=quiet,
             closed_cb=closed_cb,
         )
@@ -200,7 +180,7 @@ async def connect(
             if not isinstance(failed, ssl.SSLError):
                 raise NotAuthorized(url, creds.user if creds else None)
             raise failed
-        nc = connecting.result()
+        connecting.result()
     except nats.errors.Error as err:
         # The server's reason arrives through the error callback; the exception only says it gave up.
         if any("authorization violation" in e.lower() for e in [*seen, str(err)]):
@@ -217,12 +197,6 @@ async def connect(
     finally:
         if not connecting.done():  # we were cancelled while connecting
             connecting.cancel()
-    transport = nc._transport
-    if tls is not None and type(transport) is TcpTransport:
-        # nats-py keeps this transport object for its reconnects, which then go through ours too.
-        transport.__class__ = TlsTransport
-        assert isinstance(transport, TlsTransport)
-        transport.tune()
     # ...and once connected, ride out server restarts by reconnecting forever.
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5

@@ -104,18 +104,14 @@ class NodeConfig:
         tls = tls_block(self.tls, "  ").rstrip("\n").split("\n") if self.tls else []
         if self.cluster_port is not None:
             host = self.cluster_host or self.host
-            routes = [with_secret(r, self.route_secret) for r in self.routes]
             lines += [
                 "cluster {",
                 f"  name: {_quote(self.cluster_name)}",
                 f"  listen: {_quote(f'{host}:{self.cluster_port}')}",
-                f"  routes: [{', '.join(_quote(r) for r in routes)}]",
+                *route_lines(self.routes, self.route_secret, "  "),
                 *tls,
+                "}",
             ]
-            if self.route_secret is not None:
-                auth = f"user: {_quote(ROUTE_USER)}, password: {_quote(self.route_secret)}, timeout: 5"
-                lines.append(f"  authorization {{ {auth} }}")
-            lines.append("}")
         if self.leaf_port is not None or self.leaf_remotes:
             lines.append("leafnodes {")
             if self.leaf_port is not None:
@@ -157,6 +153,17 @@ class NodeConfig:
             auth_file=self.auth_file,
             tls=self.tls,
         )
+
+
+def route_lines(routes: Sequence[str], secret: str | None, indent: str = "") -> list[str]:
+    """A ``cluster`` block's routes (peers' URLs carrying the secret) and, with a secret, the
+    authorization that makes each node take only peers that know it."""
+    urls = ", ".join(_quote(with_secret(r, secret)) for r in routes)
+    lines = [f"{indent}routes: [{urls}]"]
+    if secret is not None:
+        auth = f"user: {_quote(ROUTE_USER)}, password: {_quote(secret)}, timeout: 5"
+        lines.append(f"{indent}authorization {{ {auth} }}")
+    return lines
 
 
 def with_secret(route: str, secret: str | None) -> str:

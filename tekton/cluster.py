@@ -17,7 +17,7 @@ import anyio
 import nkeys  # type: ignore[import-untyped]
 
 from bus.auth import creds_dir
-from bus.cluster import LocalCluster, NodeConfig, new_secret, split_urls
+from bus.cluster import LocalCluster, NodeConfig, new_secret, route_lines, split_urls
 from bus.errors import BusError
 from bus.server import EmbeddedNats, TlsFiles, nats_server_binary
 from bus.settings import TektonSettings
@@ -134,6 +134,19 @@ def add_cluster_parser(sub: argparse._SubParsersAction, common: argparse.Argumen
     up.add_argument(
         "--no-auth", action="store_true", help="no users on the client ports (routes keep their secret)"
     )
+    routes = actions.add_parser(
+        "routes",
+        parents=[common],
+        help="print the route credentials a shipped cluster config includes (deploy/nats/routes.conf)",
+    )
+    routes.add_argument(
+        "urls", nargs="+", metavar="URL", help="every node's route URL (nats-route://nats-1:6222)"
+    )
+    routes.add_argument(
+        "--cluster-secret",
+        metavar="FILE",
+        help=f"the route secret (default: the data dir's auth/{CLUSTER_SECRET}, made on first use)",
+    )
 
 
 def add_nats_cluster_options(nats_cmd: argparse.ArgumentParser) -> None:
@@ -213,6 +226,19 @@ async def cmd_nats_node(settings: TektonSettings, args: argparse.Namespace, conf
         await set_on_signal(anyio.Event())
     finally:
         server.stop()
+    return 0
+
+
+def cmd_cluster_routes(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """The lines deploy/nats/cluster.conf includes in its ``cluster`` block: nats-server cannot put an
+    environment variable inside a route URL, so the peers' URLs carrying the secret (and the routes'
+    authorization) live in a file of their own, kept out of the repository."""
+    for url in args.urls:
+        if "://" not in url or "@" in url:
+            raise UsageError(f"a route URL looks like nats-route://nats-1:6222, not {url!r}")
+    secret = route_secret(settings.data_dir, args.cluster_secret)
+    print("# The cluster's route credentials (tekton cluster routes): keep this file private.")
+    print("\n".join(route_lines(args.urls, secret)))
     return 0
 
 

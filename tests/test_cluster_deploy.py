@@ -6,6 +6,7 @@ we ship or generate passes the server's own check (``nats-server -t``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import yaml
 
 from bus.cluster import local_nodes
 from bus.server import nats_server_binary
-from tekton.cluster import check_config
+from bus.settings import TektonSettings
+from tekton.cluster import check_config, cmd_cluster_routes
 
 pytestmark = pytest.mark.fast
 
@@ -35,8 +37,36 @@ def nats_check(path: Path, **env: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_shipped_cluster_config_passes_nats_server_check() -> None:
-    nats_check(DEPLOY / "nats" / "cluster.conf", SERVER_NAME="nats-1")
+def test_shipped_cluster_config_needs_the_route_credentials_and_then_passes_nats_server_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nats-server cannot put an environment variable inside a route URL: the shipped config includes
+    routes.conf, which `tekton cluster routes` writes with the cluster's secret. Without it the node
+    does not start."""
+    conf = tmp_path / "cluster.conf"
+    conf.write_text((DEPLOY / "nats" / "cluster.conf").read_text())
+    refused = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SERVER_NAME": "nats-1"},
+    )
+    assert refused.returncode != 0 and "routes.conf" in refused.stdout + refused.stderr
+    urls = [f"nats-route://nats-{i}:6222" for i in (1, 2, 3)]
+    args = argparse.Namespace(urls=urls, cluster_secret=None)
+    assert cmd_cluster_routes(TektonSettings(data_dir=tmp_path / "data"), args) == 0
+    printed = capsys.readouterr().out
+    secret = (tmp_path / "data" / "auth" / "cluster.secret").read_text().strip()
+    assert f'password: "{secret}"' in printed
+    assert ", ".join(f'"nats-route://route:{secret}@nats-{i}:6222"' for i in (1, 2, 3)) in printed
+    (tmp_path / "routes.conf").write_text(printed)
+    nats_check(conf, SERVER_NAME="nats-1")
+    argv = [sys.executable, "-m", "tekton", "cluster", "routes", "nats-1:6222"]
+    bad = subprocess.run(
+        [*argv, "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "nats-route://nats-1:6222" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_nats_server_check_rejects_a_broken_config(tmp_path: Path) -> None:
@@ -110,6 +140,7 @@ def test_compose_file_runs_three_nats_nodes_and_replicated_pieces() -> None:
     for name in nodes:
         assert services[name]["environment"]["SERVER_NAME"] == name
         assert services[name]["command"] == ["-c", "/etc/nats/cluster.conf"]
+        assert "./nats/routes.conf:/etc/nats/routes.conf:ro" in services[name]["volumes"]
     for name in ("gateway", "apollo", "athena"):
         svc = services[name]
         assert svc["deploy"]["replicas"] >= 2
@@ -145,6 +176,8 @@ def test_kubernetes_manifests_have_a_deployment_per_specialist_with_probe_and_dr
 
 def test_helm_values_ask_for_a_three_node_jetstream_cluster_with_leaf_nodes() -> None:
     values = yaml.safe_load((DEPLOY / "k8s" / "nats-values.yaml").read_text())["config"]
-    assert values["cluster"] == {"enabled": True, "replicas": 3}
+    assert values["cluster"] == {"enabled": True, "replicas": 3, "routeURLs": {"user": "route"}}
+    # The routes' password is given at install (--set), never kept in the repository.
+    assert "routeURLs.password" in (DEPLOY / "k8s" / "nats-values.yaml").read_text()
     assert values["jetstream"]["enabled"] and values["jetstream"]["fileStore"]["pvc"]["enabled"]
     assert values["leafnodes"]["enabled"] and values["leafnodes"]["port"] == 7422

@@ -28,6 +28,7 @@ from bus.server import EmbeddedNats
 from bus.sessions import Session, SessionChat
 from bus.settings import TektonSettings
 from bus.subjects import ALL_USERS
+from bus.tls import TlsSocketTransport
 from bus.wire import ChatMessage, ChatRequest, DoneFrame
 from gateway.runtime import serve_gateway
 from tekton import certs
@@ -443,9 +444,10 @@ async def _tls_records_of_one_flush(bus: Bus, subject: str) -> list[int]:
 
     sub = await bus.nc.subscribe(subject, cb=heard)
     await bus.nc.flush()
-    protocol = bus.nc._transport._io_writer.transport._ssl_protocol  # type: ignore[union-attr]
-    assert protocol.max_size == 64 * 1024  # not asyncio's 256 KiB a read (see bus.client.TlsTransport)
-    ssl_object = protocol._sslobj
+    transport = bus.nc._transport
+    assert isinstance(transport, TlsSocketTransport)  # not nats-py's (asyncio's TLS): see bus/tls.py
+    ssl_object = transport._tls
+    assert ssl_object is not None
     records: list[int] = []
     write = ssl_object.write
 
@@ -470,7 +472,8 @@ async def _tls_records_of_one_flush(bus: Bus, subject: str) -> list[int]:
 @pytest.mark.fast
 async def test_over_tls_one_flush_of_many_publishes_is_one_tls_record(tmp_path: Path) -> None:
     """asyncio makes a TLS record (an SSL_write) of every piece nats-py hands it, and each publish is a
-    piece: ours go out as one record per flush, also after a reconnect (bench/security.py: the CPU)."""
+    piece: ours (bus/tls.py) go out as one record per flush, also after a reconnect (bench/security.py:
+    the CPU)."""
     import socket
 
     with socket.socket() as sock:
