@@ -23,6 +23,7 @@ from bus.errors import BadRequest, BusError
 from bus.sessions import ErrorReply
 from bus.subjects import ALL_USERS, gateway_queue, gateway_user
 from bus.usage import (
+    USAGE_BATCH_S,
     Budget,
     OverBudget,
     Totals,
@@ -142,13 +143,20 @@ class UsageBook:
     async def _on_record(self, msg: Msg) -> None:
         user = msg.subject.rsplit(".", 1)[-1]
         try:
-            record = UsageRecord.model_validate(unpack_frame(msg.data))
-        except (BusError, ValidationError) as err:
+            raw = unpack_frame(msg.data)
+        except BusError as err:
             log.warning("usage record not counted", user=user, error=str(err))
             return
-        self._pending.setdefault(f"u.{user}", []).append(record)
-        if record.session:
-            self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
+        # A specialist sends its records a batch at a time (an array); one record alone is a map.
+        for item in raw if isinstance(raw, list) else [raw]:
+            try:
+                record = UsageRecord.model_validate(item)
+            except ValidationError as err:
+                log.warning("usage record not counted", user=user, error=str(err))
+                continue
+            self._pending.setdefault(f"u.{user}", []).append(record)
+            if record.session:
+                self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
         self._arrived.set()
 
     async def _store(self) -> None:
@@ -185,7 +193,10 @@ class UsageBook:
                 await self._tell()
 
     async def _settled(self) -> None:
-        """Every record that arrived before now is stored (a query right after an answer counts it)."""
+        """The records of answers finished before now are stored, so a query right after an answer
+        counts it: a specialist sends its records within ``USAGE_BATCH_S`` of an answer's end (this
+        waits three of them for the batch to arrive), and what has arrived is stored at once."""
+        await anyio.sleep(3 * USAGE_BATCH_S)
         while self._pending or self._storing:
             self._hurry.set()
             await self._stored.wait()

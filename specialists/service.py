@@ -47,7 +47,16 @@ from bus.subjects import (
     inbox_owner,
     queue_group,
 )
-from bus.usage import SESSION_HEADER, OverBudget, budget_subject, encode_usage, price_of, usage_subject
+from bus.usage import (
+    SESSION_HEADER,
+    USAGE_BATCH_S,
+    OverBudget,
+    budget_subject,
+    encode_usage,
+    pack_records,
+    price_of,
+    usage_subject,
+)
 from bus.wire import (
     ChatMessage,
     ChatOptions,
@@ -84,6 +93,8 @@ FIRST_SLICE_S = 0.0002
 # A cancel for a request not (yet) known here is remembered this long, in case the request follows.
 EARLY_CANCEL_S = 30.0
 EARLY_CANCEL_MAX = 10_000
+# At most this many usage records in one message (~100 bytes each, well under max_payload).
+USAGE_BATCH_MAX = 2_000
 
 
 class ReplyStream:
@@ -207,6 +218,8 @@ class SpecialistService:
         self.tools: ToolBox | None = None  # the roster entry's MCP servers, connected at start
         self._over_budget: frozenset[str] = frozenset()  # users the gateway says are over budget
         self._usage_sessions: dict[str, str] = {}  # request id -> session, for the usage record
+        self._usage_out: dict[str, list[bytes]] = {}  # owner -> usage records not published yet
+        self._usage_due = anyio.Event()
         self._tools_stop = anyio.Event()
         self._run_probe_sub: Any = None
         self._run_probes = ""
@@ -264,6 +277,7 @@ class SpecialistService:
             )
             await self.placement.start(self._tg, self._on_direct)
         self._tg.start_soon(self._heartbeats)
+        self._tg.start_soon(self._send_usage)
         await self.nc.flush()
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
 
@@ -399,10 +413,11 @@ class SpecialistService:
             return round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 8)
         return None
 
-    async def _report_usage(
+    def _report_usage(
         self, request_id: str, prompt_tokens: int | None, completion_tokens: int, cost: float | None
     ) -> None:
-        """What this answer cost, to the gateway's usage book (fire and forget)."""
+        """What this answer cost, to the gateway's usage book (fire and forget), with the other
+        records of the next ``USAGE_BATCH_S`` (see :meth:`_send_usage`)."""
         owner = self._owners.get(request_id, ANONYMOUS)
         record = encode_usage(
             request_id,
@@ -412,7 +427,31 @@ class SpecialistService:
             completion_tokens,
             cost or 0.0,
         )
-        await self.nc.publish(usage_subject(owner, self.settings.prefix), record)
+        self._usage_out.setdefault(owner, []).append(record)
+        self._usage_due.set()
+
+    async def _send_usage(self) -> None:
+        """Usage records a batch at a time: one message per user every ``USAGE_BATCH_S`` at most, so
+        a busy replica does not wake the gateway (and nats-server) once more per answer."""
+        while True:
+            await self._usage_due.wait()
+            await anyio.sleep(USAGE_BATCH_S)
+            self._usage_due = anyio.Event()
+            await self._flush_usage()
+
+    async def _flush_usage(self) -> None:
+        batch, self._usage_out = self._usage_out, {}
+        for owner, records in batch.items():
+            for i in range(0, len(records), USAGE_BATCH_MAX):
+                try:
+                    await self.nc.publish(
+                        usage_subject(owner, self.settings.prefix),
+                        pack_records(records[i : i + USAGE_BATCH_MAX]),
+                    )
+                except Exception as err:  # no connection: these counts are lost, the service goes on
+                    self.log.warning(
+                        "usage records not sent", user=owner, error=str(err) or type(err).__name__
+                    )
 
     async def _serve_traced(
         self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, headers: Any
@@ -518,7 +557,7 @@ class SpecialistService:
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
                 self.metrics.done(prompt_tokens, first_token - received if first_token else None, total)
-                await self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
+                self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
                 if first_token:
                     self.counters.first_tokens += 1
                     self.counters.first_token_ms += (first_token - received) * 1000
@@ -609,6 +648,7 @@ class SpecialistService:
             await self._run_probe_sub.unsubscribe()
         if self._probe_sub is not None:
             await self._probe_sub.unsubscribe()
+        await self._flush_usage()  # the last answers' records, not left in the batch
         await (self.models or self.provider).aclose()
         self._tools_stop.set()
         self.log.info("specialist stopped", served=self.counters.served)
