@@ -16,7 +16,14 @@ from mcp.shared.exceptions import MCPError
 
 from bus.client import Bus
 from bus.settings import TektonSettings
-from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, spawn
+from tests.helpers import (
+    assert_kept_alive,
+    child_env,
+    eventually,
+    in_process_gateway,
+    in_process_specialists,
+    spawn,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -125,6 +132,27 @@ async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -
 
             await eventually(connected, within=20)
             assert progress[-1] == "athena heard: over http" and len(progress) == 4
+    finally:
+        child.stop()
+
+
+async def test_streamable_http_keeps_an_idle_connection_past_uvicorn_s_default(
+    settings: TektonSettings,
+) -> None:
+    """HTTP clients pool idle connections (aiohttp 15 s); with uvicorn's 5 s keep-alive a client reusing
+    one just as the server closed it got "server disconnected". Idle longer than 5 s, it still answers
+    (the bridge's keep-alive, HTTP_KEEP_ALIVE_S)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = spawn(
+        [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"],
+        child_env(settings),
+    )
+    try:
+        await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "MCP (streamable HTTP) on" in s))
+        request = f"DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n"
+        await assert_kept_alive(port, request.encode())
     finally:
         child.stop()
 
