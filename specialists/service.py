@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import EndpointStats, Service
+from nats.micro.service import Endpoint, EndpointStats, Service
 from pydantic import ValidationError
 
 from bus import tracing
@@ -160,6 +161,45 @@ class RunListeners:
             self.unheard_since = now
 
 
+class _TakeAtOnce:
+    """Stands in for the chat endpoint subscription's pending queue (nats-py 2.x hands it each message
+    as it is read, with ``put_nowait``): a request is taken there and then, with no asyncio queue, no
+    subscription task and no micro wrapper between the read loop and the request's own task: one
+    event-loop turn less before the first chunk. micro's request count is kept; its processing time
+    measured dispatch only anyway (see the module's docstring). Nothing is ever pending in it."""
+
+    __slots__ = ("_endpoint", "_sub", "_take")
+
+    def __init__(self, sub: Any, endpoint: Endpoint, take: Callable[[Msg], None]):
+        self._sub, self._endpoint, self._take = sub, endpoint, take
+
+    @classmethod
+    def install(cls, sub: Any, endpoint: Endpoint, take: Callable[[Msg], None]) -> None:
+        if sub is not None and hasattr(sub, "_pending_queue") and hasattr(sub, "_pending_size"):
+            sub._pending_queue = cls(sub, endpoint, take)  # (another nats-py: micro's own path)
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)
+        self._endpoint._num_requests += 1
+        self._take(msg)
+
+    async def get(self) -> Msg:  # the subscription's own task waits here until it is cancelled
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def task_done(self) -> None:
+        return None
+
+    async def join(self) -> None:  # a drain waits for what is pending: nothing
+        return None
+
+
 @dataclass
 class ServiceCounters:
     served: int = 0
@@ -263,6 +303,7 @@ class SpecialistService:
             handler=self._on_chat,
             metadata=self.spec.endpoint_metadata(),
         )
+        self._take_at_once(self._service._endpoints[-1])
         self._run_probes = self.nc.new_inbox()
         self._run_probe_sub = await self.nc.subscribe(f"{self._run_probes}.*", cb=self._on_run_probe)
         if self.settings.placement == "slots":
@@ -283,7 +324,19 @@ class SpecialistService:
 
     async def _on_direct(self, msg: Msg) -> None:
         """A request another replica forwarded to us (placement.py)."""
-        await self._on_chat(Request(msg))
+        self._take(msg)
+
+    def _take_at_once(self, endpoint: Endpoint) -> None:
+        """Requests to ``endpoint`` are taken by the read loop as they arrive (:class:`_TakeAtOnce`),
+        now and whenever placement subscribes it again."""
+        _TakeAtOnce.install(endpoint._subscription, endpoint, self._take)
+        start = endpoint._start
+
+        async def start_taking_at_once() -> None:
+            await start()
+            _TakeAtOnce.install(endpoint._subscription, endpoint, self._take)
+
+        endpoint._start = start_taking_at_once  # type: ignore[method-assign]
 
     async def _ensure_runs_stream(self) -> None:
         """Create the runs stream when nobody has (the gateway does where a specialist may not)."""
@@ -351,34 +404,50 @@ class SpecialistService:
                 reply.listeners.unheard(time.monotonic())
 
     async def _on_chat(self, req: Request) -> None:
-        reply_to = req._msg.reply  # micro exposes no public accessor for the reply subject
+        """micro's handler for the chat endpoint (where :class:`_TakeAtOnce` does not stand in)."""
+        self._take(req._msg)
+
+    def _take(self, msg: Msg) -> None:
+        """A chat request, taken where it is read: registered, then served in a task of its own.
+        Nothing here waits; what must (an error frame, a forward) goes in a task too."""
+        try:
+            self._take_request(msg)
+        except Exception:  # a service never dies of one request (nor stops reading: we are in its loop)
+            self.log.exception("chat request not taken")
+
+    def _take_request(self, msg: Msg) -> None:
+        reply_to = msg.reply
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
             return
         reply = ReplyStream(self.nc, reply_to, self.settings.prefix)
         if self._draining:
-            await reply.error(
-                BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
+            err = BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
+            self._tg.start_soon(reply.error, err)
+            return
+        target = self.placement.forward_target(msg) if self.placement else None
+        if target is not None:  # full here, room on another replica: send it there (placement.py)
+            subject, forwarded = target
+            self._tg.start_soon(
+                partial(self.nc.publish, subject, msg.data, reply=reply_to, headers=forwarded)
             )
             return
-        target = self.placement.forward_target(req._msg) if self.placement else None
-        if target is not None:  # full here, room on another replica: send it there (placement.py)
-            await self.nc.publish(target[0], req.data, reply=reply_to, headers=target[1])
-            return
         try:
-            request = decode_request(req.data)
+            request = decode_request(msg.data)
         except BusError as err:
             self.counters.errors += 1
             self.log.warning("bad request", error=err.message)
-            await reply.error(err)
+            self._tg.start_soon(reply.error, err)
             return
         run = parse_run_subject(reply_to, self.settings.prefix)
         owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
-            await reply.error(BudgetExceeded(f"user '{owner}' is over their budget (aish usage shows it)"))
+            over = BudgetExceeded(f"user '{owner}' is over their budget (aish usage shows it)")
+            self._tg.start_soon(reply.error, over)
             return
-        if req._msg.headers and SESSION_HEADER in req._msg.headers:
-            self._usage_sessions[request.id] = req._msg.headers[SESSION_HEADER]
+        headers = msg.headers
+        if headers and SESSION_HEADER in headers:
+            self._usage_sessions[request.id] = headers[SESSION_HEADER]
         self.counters.in_flight += 1
         self.metrics.requests.inc()
         if self.placement:
@@ -390,8 +459,8 @@ class SpecialistService:
         self._owners[request.id] = owner
         if self._cancelled_early(request.id, owner):
             scope.cancel()
-        if tracing.wanted(req._msg.headers):
-            self._tg.start_soon(self._serve_traced, request, reply, scope, req._msg.headers)
+        if tracing.wanted(headers):
+            self._tg.start_soon(self._serve_traced, request, reply, scope, headers)
         else:
             self._tg.start_soon(self._serve, request, reply, scope)
 
