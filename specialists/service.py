@@ -101,13 +101,13 @@ USAGE_BATCH_MAX = 2_000
 class ReplyStream:
     """Frames of one answer, published to the request's reply subject with consecutive ``seq``."""
 
-    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX):
+    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX, run: bool | None = None):
         self.nc = nc
         self.subject = subject
         self.seq = 0
         self.chunks = 0
         self.last_sent = time.monotonic()
-        self.listeners = RunListeners(subject, prefix)
+        self.listeners = RunListeners(subject, prefix, run)
         self.last_probe = self.last_sent
         # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
         self.probe: str | None = None
@@ -141,8 +141,11 @@ class RunListeners:
     subscribes there. Nobody for the whole resume window (or at once for a detached run: never) and
     the run stops. Streams that are not runs are none of its business."""
 
-    def __init__(self, subject: str, prefix: str):
-        self.probe = probe_subject(subject) if parse_run_subject(subject, prefix) else None
+    def __init__(self, subject: str, prefix: str, run: bool | None = None):
+        """``run``: whether ``subject`` is a run's (None: find out)."""
+        if run is None:
+            run = parse_run_subject(subject, prefix) is not None
+        self.probe = probe_subject(subject) if run else None
         self.detached = False
         self.probed_at = 0.0
         self.unheard_at = 0.0  # the last "no responders"
@@ -452,7 +455,8 @@ class SpecialistService:
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
             return
-        reply = ReplyStream(self.nc, reply_to, self.settings.prefix)
+        run = parse_run_subject(reply_to, self.settings.prefix)
+        reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run is not None)
         if self._draining:
             err = BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
             self._tg.start_soon(reply.error, err)
@@ -471,7 +475,6 @@ class SpecialistService:
             self.log.warning("bad request", error=err.message)
             self._tg.start_soon(reply.error, err)
             return
-        run = parse_run_subject(reply_to, self.settings.prefix)
         owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
             over = BudgetExceeded(f"user '{owner}' is over their budget (aish usage shows it)")
