@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from bus import tracing
 from bus.auth import find_credentials
-from bus.client import is_no_responders
+from bus.client import NothingPending, is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
 from bus.runs import ensure_runs_stream, parse_run_subject, probe_subject
@@ -197,12 +197,11 @@ class _RequestLog:
         return partial(getattr(self._log, level), request_id=self._request_id)
 
 
-class _TakeAtOnce:
-    """Stands in for the chat endpoint subscription's pending queue (nats-py 2.x hands it each message
-    as it is read, with ``put_nowait``): a request is taken there and then, with no asyncio queue, no
-    subscription task and no micro wrapper between the read loop and the request's own task: one
-    event-loop turn less before the first chunk. micro's request count is kept; its processing time
-    measured dispatch only anyway (see the module's docstring). Nothing is ever pending in it."""
+class _TakeAtOnce(NothingPending):
+    """Stands in for the chat endpoint subscription's pending queue: a request is taken there and
+    then, with no asyncio queue, no subscription task and no micro wrapper between the read loop and
+    the request's own task: one event-loop turn less before the first chunk. micro's request count is
+    kept; its processing time measured dispatch only anyway (see the module's docstring)."""
 
     __slots__ = ("_endpoint", "_sub", "_take")
 
@@ -222,18 +221,6 @@ class _TakeAtOnce:
     async def get(self) -> Msg:  # the subscription's own task waits here until it is cancelled
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
-
-    def empty(self) -> bool:
-        return True
-
-    def qsize(self) -> int:
-        return 0
-
-    def task_done(self) -> None:
-        return None
-
-    async def join(self) -> None:  # a drain waits for what is pending: nothing
-        return None
 
 
 @dataclass

@@ -209,9 +209,10 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float 
             await anyio.sleep(0.01)
 
 
-async def assert_kept_alive(port: int, request: bytes, idle_s: float = 6.0) -> None:
-    """One connection to a local HTTP server on ``port``: ``request`` answered, then again after
-    ``idle_s`` of silence (longer than uvicorn's 5 s default keep-alive), as a pooled client does."""
+async def assert_kept_alive(port: int, request: bytes, idle_s: float = 6.0, status: bytes = b"") -> None:
+    """One connection to a local HTTP server on ``port``: ``request`` answered (with ``status``, if
+    given), then again after ``idle_s`` of silence (longer than uvicorn's 5 s default keep-alive), as a
+    pooled client does."""
     from anyio.streams.buffered import BufferedByteReceiveStream
 
     conn: Any = None
@@ -230,7 +231,7 @@ async def assert_kept_alive(port: int, request: bytes, idle_s: float = 6.0) -> N
         for _ in range(2):
             await conn.send(request)
             head = await reader.receive_until(b"\r\n\r\n", 65536)
-            assert head.startswith(b"HTTP/1.1 "), head
+            assert head.startswith(b"HTTP/1.1 " + status), head
             length = next(
                 int(line.split(b":", 1)[1])
                 for line in head.split(b"\r\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from typing import Any
 
 import anyio
 import pytest
@@ -96,14 +97,17 @@ async def test_sessions_are_resources(settings: TektonSettings) -> None:
             ]
 
 
-async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -> None:
+def mcp_http(settings: TektonSettings) -> tuple[int, Any]:
+    """`tekton mcp --http PORT` on a free port: the port and the child."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    child = spawn(
-        [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"],
-        child_env(settings),
-    )
+    argv = [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"]
+    return port, spawn(argv, child_env(settings))
+
+
+async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -> None:
+    _, child = mcp_http(settings)
     try:
         url = (
             await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "MCP (streamable HTTP) on" in s))
@@ -142,13 +146,7 @@ async def test_streamable_http_keeps_an_idle_connection_past_uvicorn_s_default(
     """HTTP clients pool idle connections (aiohttp 15 s); with uvicorn's 5 s keep-alive a client reusing
     one just as the server closed it got "server disconnected". Idle longer than 5 s, it still answers
     (the bridge's keep-alive, HTTP_KEEP_ALIVE_S)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    child = spawn(
-        [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"],
-        child_env(settings),
-    )
+    port, child = mcp_http(settings)
     try:
         await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "MCP (streamable HTTP) on" in s))
         request = f"DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n"
