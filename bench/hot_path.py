@@ -17,7 +17,7 @@
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
 side's server process and nats-server spent per request (CPU time is far less noisy than wall time on
-a busy machine).
+a busy machine) and the messages through nats-server per request (in + out, from its /varz).
 Prints the table and writes bench/results/hot_path.json (date, machine, load average included).
 """
 
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -160,6 +161,19 @@ async def wide(fn: Callable[[], Awaitable[float]], width: int) -> list[float]:
     return list(await asyncio.gather(*(fn() for _ in range(width))))
 
 
+# nats-server's monitoring endpoint (/varz), set in main(): messages in and out per request.
+VARZ = ""
+
+
+def nats_msgs() -> int:
+    """Messages nats-server took in and sent out so far (0 without monitoring)."""
+    if not VARZ:
+        return 0
+    with urllib.request.urlopen(VARZ, timeout=5) as reply:
+        varz = json.load(reply)
+    return int(varz["in_msgs"]) + int(varz["out_msgs"])
+
+
 class Side:
     """One side of a comparison: its client call and its server process (for CPU per request)."""
 
@@ -168,14 +182,18 @@ class Side:
         self.cpu_s = 0.0  # the server's CPU seconds over ``requests``
         self.nats_cpu_s = 0.0  # nats-server's, over the same requests
         self.nats_cpu = 0.0  # nats-server's CPU microseconds per request, set by cpu_us()
+        self.msgs = 0  # messages through nats-server (in + out) over ``requests``
+        self.nats_msgs = 0.0  # per request, set by cpu_us()
         self.requests = 0
 
     async def run(self, width: int, n: int) -> list[float]:
         before = cpu_s(self.pid)
         nats_before = cpu_s(self.nats_pid) if self.nats_pid else 0.0
+        msgs_before = nats_msgs() if self.nats_pid else 0
         samples = await (sequential(self.fn, n) if width == 1 else wide(self.fn, width))
         self.cpu_s += cpu_s(self.pid) - before
         self.nats_cpu_s += (cpu_s(self.nats_pid) - nats_before) if self.nats_pid else 0.0
+        self.msgs += (nats_msgs() - msgs_before) if self.nats_pid else 0
         self.requests += len(samples)
         return samples
 
@@ -183,7 +201,8 @@ class Side:
         """Server CPU microseconds per request since the last call (nats-server's in ``nats_cpu``)."""
         per = self.cpu_s / self.requests * 1e6 if self.requests else 0.0
         self.nats_cpu = round(self.nats_cpu_s / self.requests * 1e6, 1) if self.requests else 0.0
-        self.cpu_s, self.nats_cpu_s, self.requests = 0.0, 0.0, 0
+        self.nats_msgs = round(self.msgs / self.requests, 2) if self.requests else 0.0
+        self.cpu_s, self.nats_cpu_s, self.requests, self.msgs = 0.0, 0.0, 0, 0
         return round(per, 1)
 
 
@@ -241,7 +260,10 @@ async def measure_bus(args: argparse.Namespace, pids: dict[str, int]) -> dict[st
             side.cpu_us()
 
         def cpu(*sides: Side) -> dict[str, dict[str, float]]:
-            return {s.name: {"server_us": s.cpu_us(), "nats_server_us": s.nats_cpu} for s in sides}
+            return {
+                s.name: {"server_us": s.cpu_us(), "nats_server_us": s.nats_cpu, "nats_msgs": s.nats_msgs}
+                for s in sides
+            }
 
         f, t = await interleaved(floor, tekton, 1, rounds, seq_n)
         rows.append(latency_row("first chunk, sequential p50", f, t, 50, 1.5))
@@ -543,7 +565,13 @@ def main() -> int:
         args.long_tokens = min(args.long_tokens, 50_000)
     py = sys.executable
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "store", port=0) as server:
+    monitor = free_port()
+    global VARZ
+    VARZ = f"http://127.0.0.1:{monitor}/varz"
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedNats(Path(tmp) / "store", port=0, extra_config=f"http: 127.0.0.1:{monitor}\n") as server,
+    ):
         args.url, args.tmp = server.url, tmp
         env = {
             "TEKTON_NATS_URL": server.url,

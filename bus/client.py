@@ -303,21 +303,12 @@ class Inbox:
         return self._messages.popleft()
 
 
-class _Deliver:
-    """Stands in for a callback-less subscription's pending queue (nats-py 2.x hands it each message as
-    it is read, with ``put_nowait``): the message goes straight to the run's inbox, so a run costs no
-    asyncio queue and no subscription task. Nothing is ever pending in it."""
+class NothingPending:
+    """Base of the stand-ins for a subscription's pending queue (nats-py 2.x hands that queue each
+    message as it is read, with ``put_nowait``): a stand-in takes each message there and then, so
+    nothing is ever pending in it."""
 
-    __slots__ = ("_routes", "_subject")
-
-    def __init__(self, routes: dict[str, Inbox], subject: str):
-        self._routes, self._subject = routes, subject
-
-    def put_nowait(self, msg: Msg) -> None:
-        if msg.subject == self._subject:  # (probes of the run are dropped: silence answers them)
-            inbox = self._routes.get(msg.subject)
-            if inbox is not None:
-                inbox.put(msg)
+    __slots__ = ()
 
     def empty(self) -> bool:
         return True
@@ -330,6 +321,22 @@ class _Deliver:
 
     async def join(self) -> None:  # a drain waits for what is pending: nothing
         return None
+
+
+class _Deliver(NothingPending):
+    """Stands in for a callback-less subscription's pending queue: the message goes straight to the
+    run's inbox, so a run costs no asyncio queue and no subscription task."""
+
+    __slots__ = ("_routes", "_subject")
+
+    def __init__(self, routes: dict[str, Inbox], subject: str):
+        self._routes, self._subject = routes, subject
+
+    def put_nowait(self, msg: Msg) -> None:
+        if msg.subject == self._subject:  # (probes of the run are dropped: silence answers them)
+            inbox = self._routes.get(msg.subject)
+            if inbox is not None:
+                inbox.put(msg)
 
 
 class FrameReader:

@@ -1,8 +1,9 @@
 """Token usage: what each answer cost, reported by the specialist that served it; the totals the
 gateway keeps per user and per session; and who is over budget.
 
-- ``<prefix>.usage.<user>``: a specialist publishes one :class:`UsageRecord` per finished answer
-  (``<user>`` is the owner of the reply inbox, which nats-server pins to the asker).
+- ``<prefix>.usage.<user>``: a specialist publishes a :class:`UsageRecord` per finished answer, a
+  few at a time (a msgpack array of records, gathered for up to ``USAGE_BATCH_S``; a single record
+  map is read too). ``<user>`` is the owner of the reply inbox, which nats-server pins to the asker.
 - ``<prefix>.budget``: the gateway publishes :class:`OverBudget`, the users at or over their budget,
   whenever that changes and every few seconds; specialists refuse those users' requests.
 - ``<prefix>.gateway.<user>.usage``: :class:`UsageQuery` -> :class:`UsageReply`, the asker's totals.
@@ -21,6 +22,9 @@ from bus.wire import PROTOCOL_VERSION, Wire
 
 # The header a gateway puts on a session chat it forwards, so the specialist's record names the session.
 SESSION_HEADER = "Tekton-Session"
+# A specialist gathers a user's usage records this long and publishes them in one message: under load
+# that is one message (and one wake-up of a gateway) per user per batch, not one per answer.
+USAGE_BATCH_S = 0.05
 
 
 def usage_subject(user: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -121,6 +125,20 @@ def encode_usage(
     record.update(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost)
     data: bytes = msgpack.packb(record)
     return data
+
+
+def pack_records(records: list[bytes]) -> bytes:
+    """Records from :func:`encode_usage` as one msgpack array (what ``msgpack.packb(list)`` makes of
+    them), for one usage message."""
+    n = len(records)
+    head = (
+        bytes([0x90 | n])
+        if n < 16
+        else b"\xdc" + n.to_bytes(2, "big")
+        if n < 1 << 16
+        else b"\xdd" + n.to_bytes(4, "big")
+    )
+    return head + b"".join(records)
 
 
 class Totals(Wire):

@@ -10,6 +10,7 @@ keys of periods gone by.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 import anyio
@@ -26,6 +27,7 @@ from bus.errors import BadRequest, BusError
 from bus.sessions import ErrorReply
 from bus.subjects import ALL_USERS, gateway_queue, gateway_user
 from bus.usage import (
+    USAGE_BATCH_S,
     Budget,
     OverBudget,
     Totals,
@@ -44,6 +46,13 @@ log = structlog.get_logger("tekton.usage")
 
 # Specialists that start late, or missed a notice, hear who is over budget at least this often.
 BROADCAST_S = 2.0
+# Records are gathered this long before a batch is stored: one compare-and-set per key per batch, so
+# a steady stream of answers costs nats-server one file-store write per key every COALESCE_S, not a
+# KV read and write per answer. A query for totals stores what has arrived at once.
+COALESCE_S = 0.1
+# The last totals and revision written per key, kept so a batch needs no KV read first (the
+# compare-and-set still catches another replica's write or a reset); at most this many keys.
+KNOWN_MAX = 10_000
 
 
 def bucket_name(prefix: str) -> str:
@@ -90,6 +99,10 @@ class UsageBook:
         # answers costs one compare-and-set per key, not a KV read and write per answer.
         self._pending: dict[str, list[UsageRecord]] = {}
         self._arrived = anyio.Event()
+        self._hurry = anyio.Event()  # a query waits: store now, not at the end of COALESCE_S
+        self._storing = False
+        self._stored = anyio.Event()  # set (and replaced) as each batch is stored
+        self._known: OrderedDict[str, tuple[Totals, int]] = OrderedDict()
 
     def budget_for(self, user: str) -> Budget:
         own = self.budgets.get(user)
@@ -123,55 +136,87 @@ class UsageBook:
         return Totals.model_validate(unpack_frame(entry.value)), entry.revision
 
     async def _add(self, key: str, records: list[UsageRecord]) -> Totals:
+        known = self._known.pop(key, None)
         while True:
-            totals, revision = await self._read(key)
+            totals, revision = known if known is not None else await self._read(key)
+            known = None
             added = totals
             for record in records:
                 added = added.add(record)
             try:
                 if revision is None:
-                    await self.kv.create(key, encode(added))
+                    revision = await self.kv.create(key, encode(added))
                 else:
-                    await self.kv.update(key, encode(added), last=revision)
-                return added
+                    revision = await self.kv.update(key, encode(added), last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another replica counted in between: read again
+                continue  # another replica counted in between (or a reset): read again
+            self._known[key] = (added, revision)
+            if len(self._known) > KNOWN_MAX:
+                self._known.popitem(last=False)
+            return added
 
     async def _on_record(self, msg: Msg) -> None:
         user = msg.subject.rsplit(".", 1)[-1]
         try:
-            record = UsageRecord.model_validate(unpack_frame(msg.data))
-        except (BusError, ValidationError) as err:
+            raw = unpack_frame(msg.data)
+        except BusError as err:
             log.warning("usage record not counted", user=user, error=str(err))
             return
-        self._pending.setdefault(f"u.{user}", []).append(record)
-        if self.periods and (key := self.budget_key(user)[0]) != f"u.{user}":
-            self._pending.setdefault(key, []).append(record)
-        if record.session:
-            self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
+        # A specialist sends its records a batch at a time (an array); one record alone is a map.
+        for item in raw if isinstance(raw, list) else [raw]:
+            try:
+                record = UsageRecord.model_validate(item)
+            except ValidationError as err:
+                log.warning("usage record not counted", user=user, error=str(err))
+                continue
+            self._pending.setdefault(f"u.{user}", []).append(record)
+            if self.periods and (key := self.budget_key(user)[0]) != f"u.{user}":
+                self._pending.setdefault(key, []).append(record)
+            if record.session:
+                self._pending.setdefault(f"s.{user}.{record.session}", []).append(record)
         self._arrived.set()
 
     async def _store(self) -> None:
         """Adds the records that arrived to their keys, a batch at a time (see ``_pending``)."""
         while True:
             await self._arrived.wait()
-            self._arrived = anyio.Event()
+            with anyio.move_on_after(COALESCE_S):
+                await self._hurry.wait()
+            self._arrived, self._hurry = anyio.Event(), anyio.Event()
             batch, self._pending = self._pending, {}
-            for key, records in batch.items():
-                try:
-                    total = await self._add(key, records)
-                except Exception as err:  # the bucket is unreachable: these counts are lost, we go on
-                    log.warning("usage records not stored", key=key, records=len(records), error=str(err))
-                    continue
-                if not self.limited or key.startswith("s."):
-                    continue
-                user = key.rsplit(".", 1)[-1]
-                counted, resets = self.budget_key(user)
-                if key == counted and user not in self.over and self.budget_for(user).exceeded(total):
-                    self.over = self.over | {user}
-                    if resets is not None:
-                        self.resets[user] = resets.timestamp()
-                    await self._tell()
+            self._storing = True
+            try:
+                await self._store_batch(batch)
+            finally:
+                self._storing = False
+                stored, self._stored = self._stored, anyio.Event()
+                stored.set()
+
+    async def _store_batch(self, batch: dict[str, list[UsageRecord]]) -> None:
+        for key, records in batch.items():
+            try:
+                total = await self._add(key, records)
+            except Exception as err:  # the bucket is unreachable: these counts are lost, we go on
+                log.warning("usage records not stored", key=key, records=len(records), error=str(err))
+                continue
+            if not self.limited or key.startswith("s."):
+                continue
+            user = key.rsplit(".", 1)[-1]
+            counted, resets = self.budget_key(user)
+            if key == counted and user not in self.over and self.budget_for(user).exceeded(total):
+                self.over = self.over | {user}
+                if resets is not None:
+                    self.resets[user] = resets.timestamp()
+                await self._tell()
+
+    async def _settled(self) -> None:
+        """The records of answers finished before now are stored, so a query right after an answer
+        counts it: a specialist sends its records within ``USAGE_BATCH_S`` of an answer's end (this
+        waits three of them for the batch to arrive), and what has arrived is stored at once."""
+        await anyio.sleep(3 * USAGE_BATCH_S)
+        while self._pending or self._storing:
+            self._hurry.set()
+            await self._stored.wait()
 
     async def _tell(self) -> None:
         notice = OverBudget(
@@ -207,6 +252,7 @@ class UsageBook:
             await anyio.sleep(BROADCAST_S)
 
     async def totals(self, user: str) -> UsageReply:
+        await self._settled()
         total, _ = await self._read(f"u.{user}")
         sessions = {}
         try:
@@ -233,9 +279,12 @@ class UsageBook:
         )
 
     async def _admin(self, query: UsageQuery) -> UsageReply:
+        await self._settled()
         if query.reset is None:
             return UsageReply(user=ALL_USERS, total=Totals(), users=await all_totals(self.kv))
         removed = await reset_usage(self.kv, query.reset)
+        for key in [k for k in self._known if _users_key(k, query.reset)]:
+            del self._known[key]
         if query.reset in self.over:  # served again now, not at the next broadcast
             self.over = self.over - {query.reset}
             self.resets.pop(query.reset, None)
@@ -264,14 +313,19 @@ async def reset_usage(kv: KeyValue, user: str) -> int:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         keys = []
-    gone = [
-        k
-        for k in keys
-        if k == f"u.{user}" or k.startswith(f"s.{user}.") or (k.startswith("p.") and k.endswith(f".{user}"))
-    ]
+    gone = [k for k in keys if _users_key(k, user)]
     for key in gone:
         await kv.purge(key)
     return len(gone)
+
+
+def _users_key(key: str, user: str) -> bool:
+    """Whether ``key`` holds totals of ``user``: lifetime, a session's, or a period's."""
+    return (
+        key == f"u.{user}"
+        or key.startswith(f"s.{user}.")
+        or (key.startswith("p.") and key.endswith(f".{user}"))
+    )
 
 
 async def all_totals(kv: KeyValue) -> dict[str, Totals]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -28,12 +29,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import EndpointStats, Service
+from nats.micro.service import Endpoint, EndpointStats, Service
 from pydantic import ValidationError
 
 from bus import tracing
 from bus.auth import find_credentials
-from bus.client import is_no_responders
+from bus.client import NothingPending, is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
 from bus.runs import ensure_runs_stream, parse_run_subject, probe_subject
@@ -49,10 +50,12 @@ from bus.subjects import (
 )
 from bus.usage import (
     SESSION_HEADER,
+    USAGE_BATCH_S,
     OverBudget,
     budget_subject,
     encode_usage,
     over_budget,
+    pack_records,
     price_of,
     usage_subject,
 )
@@ -92,18 +95,20 @@ FIRST_SLICE_S = 0.0002
 # A cancel for a request not (yet) known here is remembered this long, in case the request follows.
 EARLY_CANCEL_S = 30.0
 EARLY_CANCEL_MAX = 10_000
+# At most this many usage records in one message (~100 bytes each, well under max_payload).
+USAGE_BATCH_MAX = 2_000
 
 
 class ReplyStream:
     """Frames of one answer, published to the request's reply subject with consecutive ``seq``."""
 
-    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX):
+    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX, run: bool | None = None):
         self.nc = nc
         self.subject = subject
         self.seq = 0
         self.chunks = 0
         self.last_sent = time.monotonic()
-        self.listeners = RunListeners(subject, prefix)
+        self.listeners = RunListeners(subject, prefix, run)
         self.last_probe = self.last_sent
         # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
         self.probe: str | None = None
@@ -137,8 +142,11 @@ class RunListeners:
     subscribes there. Nobody for the whole resume window (or at once for a detached run: never) and
     the run stops. Streams that are not runs are none of its business."""
 
-    def __init__(self, subject: str, prefix: str):
-        self.probe = probe_subject(subject) if parse_run_subject(subject, prefix) else None
+    def __init__(self, subject: str, prefix: str, run: bool | None = None):
+        """``run``: whether ``subject`` is a run's (None: find out)."""
+        if run is None:
+            run = parse_run_subject(subject, prefix) is not None
+        self.probe = probe_subject(subject) if run else None
         self.detached = False
         self.probed_at = 0.0
         self.unheard_at = 0.0  # the last "no responders"
@@ -155,6 +163,65 @@ class RunListeners:
         self.unheard_at = now
         if self.unheard_since is None:
             self.unheard_since = now
+
+
+class _Slot:
+    """One of ``max_concurrency`` generation slots. A free one is taken without the checkpoint
+    ``CapacityLimiter.acquire`` always makes (a shielded cancel scope and a loop yield, ~1/10 of a
+    short answer's CPU in the profiles)."""
+
+    __slots__ = ("_limiter",)
+
+    def __init__(self, limiter: anyio.CapacityLimiter):
+        self._limiter = limiter
+
+    async def __aenter__(self) -> None:
+        try:
+            self._limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._limiter.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._limiter.release()
+
+
+class _RequestLog:
+    """The service's logger with the request's id, bound only when something is logged (most answers
+    log nothing at the default level; a bound logger per request cost more than that)."""
+
+    __slots__ = ("_log", "_request_id")
+
+    def __init__(self, log: Any, request_id: str):
+        self._log, self._request_id = log, request_id
+
+    def __getattr__(self, level: str) -> Any:
+        return partial(getattr(self._log, level), request_id=self._request_id)
+
+
+class _TakeAtOnce(NothingPending):
+    """Stands in for the chat endpoint subscription's pending queue: a request is taken there and
+    then, with no asyncio queue, no subscription task and no micro wrapper between the read loop and
+    the request's own task: one event-loop turn less before the first chunk. micro's request count is
+    kept; its processing time measured dispatch only anyway (see the module's docstring)."""
+
+    __slots__ = ("_endpoint", "_sub", "_take")
+
+    def __init__(self, sub: Any, endpoint: Endpoint, take: Callable[[Msg], None]):
+        self._sub, self._endpoint, self._take = sub, endpoint, take
+
+    @classmethod
+    def install(cls, sub: Any, endpoint: Endpoint, take: Callable[[Msg], None]) -> None:
+        if sub is not None and hasattr(sub, "_pending_queue") and hasattr(sub, "_pending_size"):
+            sub._pending_queue = cls(sub, endpoint, take)  # (another nats-py: micro's own path)
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)
+        self._endpoint._num_requests += 1
+        self._take(msg)
+
+    async def get(self) -> Msg:  # the subscription's own task waits here until it is cancelled
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -205,8 +272,7 @@ class SpecialistService:
         # Whose each request is (the user whose inbox gets its answer): only they may cancel it.
         self._owners: dict[str, str] = {}
         self._streaming: dict[str, ReplyStream] = {}
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle: anyio.Event | None = None  # set when the last request ends, while a drain waits
         self._draining = False
         self.counters = ServiceCounters()
         self.metrics = SpecialistMetrics()
@@ -216,6 +282,8 @@ class SpecialistService:
         self._over_budget: frozenset[str] = frozenset()  # users the gateway says are over budget
         self._budget_resets: dict[str, float] = {}  # and when the budget restarts, for those with a period
         self._usage_sessions: dict[str, str] = {}  # request id -> session, for the usage record
+        self._usage_out: dict[str, list[bytes]] = {}  # owner -> usage records not published yet
+        self._usage_due = anyio.Event()
         self._tools_stop = anyio.Event()
         self._run_probe_sub: Any = None
         self._run_probes = ""
@@ -259,6 +327,7 @@ class SpecialistService:
             handler=self._on_chat,
             metadata=self.spec.endpoint_metadata(),
         )
+        self._take_at_once(self._service._endpoints[-1])
         self._run_probes = self.nc.new_inbox()
         self._run_probe_sub = await self.nc.subscribe(f"{self._run_probes}.*", cb=self._on_run_probe)
         if self.settings.placement == "slots":
@@ -273,12 +342,25 @@ class SpecialistService:
             )
             await self.placement.start(self._tg, self._on_direct)
         self._tg.start_soon(self._heartbeats)
+        self._tg.start_soon(self._send_usage)
         await self.nc.flush()
         self.log.info("specialist ready", instance=self.instance_id, provider=self.provider.name)
 
     async def _on_direct(self, msg: Msg) -> None:
         """A request another replica forwarded to us (placement.py)."""
-        await self._on_chat(Request(msg))
+        self._take(msg)
+
+    def _take_at_once(self, endpoint: Endpoint) -> None:
+        """Requests to ``endpoint`` are taken by the read loop as they arrive (:class:`_TakeAtOnce`),
+        now and whenever placement subscribes it again."""
+        _TakeAtOnce.install(endpoint._subscription, endpoint, self._take)
+        start = endpoint._start
+
+        async def start_taking_at_once() -> None:
+            await start()
+            _TakeAtOnce.install(endpoint._subscription, endpoint, self._take)
+
+        endpoint._start = start_taking_at_once  # type: ignore[method-assign]
 
     async def _ensure_runs_stream(self) -> None:
         """Create the runs stream when nobody has (the gateway does where a specialist may not)."""
@@ -346,47 +428,62 @@ class SpecialistService:
                 reply.listeners.unheard(time.monotonic())
 
     async def _on_chat(self, req: Request) -> None:
-        reply_to = req._msg.reply  # micro exposes no public accessor for the reply subject
+        """micro's handler for the chat endpoint (where :class:`_TakeAtOnce` does not stand in)."""
+        self._take(req._msg)
+
+    def _take(self, msg: Msg) -> None:
+        """A chat request, taken where it is read: registered, then served in a task of its own.
+        Nothing here waits; what must (an error frame, a forward) goes in a task too."""
+        try:
+            self._take_request(msg)
+        except Exception:  # a service never dies of one request (nor stops reading: we are in its loop)
+            self.log.exception("chat request not taken")
+
+    def _take_request(self, msg: Msg) -> None:
+        reply_to = msg.reply
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
             return
-        reply = ReplyStream(self.nc, reply_to, self.settings.prefix)
+        run = parse_run_subject(reply_to, self.settings.prefix)
+        reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run is not None)
         if self._draining:
-            await reply.error(
-                BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
+            err = BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
+            self._tg.start_soon(reply.error, err)
+            return
+        target = self.placement.forward_target(msg) if self.placement else None
+        if target is not None:  # full here, room on another replica: send it there (placement.py)
+            subject, forwarded = target
+            self._tg.start_soon(
+                partial(self.nc.publish, subject, msg.data, reply=reply_to, headers=forwarded)
             )
             return
-        target = self.placement.forward_target(req._msg) if self.placement else None
-        if target is not None:  # full here, room on another replica: send it there (placement.py)
-            await self.nc.publish(target[0], req.data, reply=reply_to, headers=target[1])
-            return
         try:
-            request = decode_request(req.data)
+            request = decode_request(msg.data)
         except BusError as err:
             self.counters.errors += 1
             self.log.warning("bad request", error=err.message)
-            await reply.error(err)
+            self._tg.start_soon(reply.error, err)
             return
-        run = parse_run_subject(reply_to, self.settings.prefix)
         owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
-            await reply.error(BudgetExceeded(over_budget(owner, self._budget_resets.get(owner))))
+            over = BudgetExceeded(over_budget(owner, self._budget_resets.get(owner)))
+            self._tg.start_soon(reply.error, over)
             return
-        if req._msg.headers and SESSION_HEADER in req._msg.headers:
-            self._usage_sessions[request.id] = req._msg.headers[SESSION_HEADER]
+        headers = msg.headers
+        if headers and SESSION_HEADER in headers:
+            self._usage_sessions[request.id] = headers[SESSION_HEADER]
         self.counters.in_flight += 1
         self.metrics.requests.inc()
         if self.placement:
             self.placement.update(self.counters.in_flight)
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
         # Registered before the task starts, so a cancel between now and then finds it.
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
         self._owners[request.id] = owner
         if self._cancelled_early(request.id, owner):
             scope.cancel()
-        if tracing.wanted(req._msg.headers):
-            self._tg.start_soon(self._serve_traced, request, reply, scope, req._msg.headers)
+        if tracing.wanted(headers):
+            self._tg.start_soon(self._serve_traced, request, reply, scope, headers)
         else:
             self._tg.start_soon(self._serve, request, reply, scope)
 
@@ -409,10 +506,11 @@ class SpecialistService:
             return round(((prompt_tokens or 0) + completion_tokens) / 1000 * self.spec.cost_per_1k_tokens, 8)
         return None
 
-    async def _report_usage(
+    def _report_usage(
         self, request_id: str, prompt_tokens: int | None, completion_tokens: int, cost: float | None
     ) -> None:
-        """What this answer cost, to the gateway's usage book (fire and forget)."""
+        """What this answer cost, to the gateway's usage book (fire and forget), with the other
+        records of the next ``USAGE_BATCH_S`` (see :meth:`_send_usage`)."""
         owner = self._owners.get(request_id, ANONYMOUS)
         record = encode_usage(
             request_id,
@@ -422,7 +520,31 @@ class SpecialistService:
             completion_tokens,
             cost or 0.0,
         )
-        await self.nc.publish(usage_subject(owner, self.settings.prefix), record)
+        self._usage_out.setdefault(owner, []).append(record)
+        self._usage_due.set()
+
+    async def _send_usage(self) -> None:
+        """Usage records a batch at a time: one message per user every ``USAGE_BATCH_S`` at most, so
+        a busy replica does not wake the gateway (and nats-server) once more per answer."""
+        while True:
+            await self._usage_due.wait()
+            await anyio.sleep(USAGE_BATCH_S)
+            self._usage_due = anyio.Event()
+            await self._flush_usage()
+
+    async def _flush_usage(self) -> None:
+        batch, self._usage_out = self._usage_out, {}
+        for owner, records in batch.items():
+            for i in range(0, len(records), USAGE_BATCH_MAX):
+                try:
+                    await self.nc.publish(
+                        usage_subject(owner, self.settings.prefix),
+                        pack_records(records[i : i + USAGE_BATCH_MAX]),
+                    )
+                except Exception as err:  # no connection: these counts are lost, the service goes on
+                    self.log.warning(
+                        "usage records not sent", user=owner, error=str(err) or type(err).__name__
+                    )
 
     async def _serve_traced(
         self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, headers: Any
@@ -432,19 +554,9 @@ class SpecialistService:
         with tracing.current(f"serve {self.spec.name}", "server", headers, attributes):
             await self._serve(request, reply, scope)
 
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """One of ``max_concurrency`` generation slots. A free one is taken without the checkpoint
-        ``CapacityLimiter.acquire`` always makes (a shielded cancel scope and a loop yield, ~1/10 of
-        a short answer's CPU in the profiles)."""
-        try:
-            self._limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._limiter.acquire()
-        try:
-            yield
-        finally:
-            self._limiter.release()
+    @property
+    def _slot(self) -> _Slot:
+        return _Slot(self._limiter)
 
     def _start_frame(self, provider: str, model: str) -> bytes:
         frame = self._start_frames.get((provider, model))
@@ -461,7 +573,7 @@ class SpecialistService:
         return [self._system, *request.messages], ChatOptions.model_construct(**{**self._defaults, **given})
 
     async def _serve(self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope) -> None:
-        log = self.log.bind(request_id=request.id)
+        log = _RequestLog(self.log, request.id)
         received = time.perf_counter()
         first_token: float | None = None
         slice_start = 0.0
@@ -482,12 +594,14 @@ class SpecialistService:
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
+                # The deadline (a plain scope: anyio.fail_after costs ~3x as much per request).
+                deadline = anyio.CancelScope(deadline=anyio.current_time() + timeout)
                 try:
-                    with anyio.fail_after(timeout):
+                    with deadline:
                         # aclosing: a stopped answer releases the provider (its model) now, not
                         # whenever the abandoned generator is collected.
                         async with (
-                            self._slot(),
+                            self._slot,
                             aclosing(provider.stream(messages, options)) as texts,  # type: ignore[type-var]
                         ):
                             async for text in texts:
@@ -505,6 +619,8 @@ class SpecialistService:
                                     # other requests, not the read loop that brings its cancel.
                                     slice_start = reply.last_sent
                                     await anyio.lowlevel.checkpoint()
+                    if deadline.cancelled_caught:
+                        raise TimeoutError
                 finally:
                     self._streaming.pop(request.id, None)
                 total = time.perf_counter() - received
@@ -529,7 +645,7 @@ class SpecialistService:
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
                 self.metrics.done(prompt_tokens, first_token - received if first_token else None, total)
-                await self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
+                self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
                 if first_token:
                     self.counters.first_tokens += 1
                     self.counters.first_token_ms += (first_token - received) * 1000
@@ -568,7 +684,7 @@ class SpecialistService:
             self.counters.in_flight -= 1
             if self.placement:
                 self.placement.update(self.counters.in_flight)
-            if self.counters.in_flight == 0:
+            if self.counters.in_flight == 0 and self._idle is not None:
                 self._idle.set()
 
     async def _heartbeats(self) -> None:
@@ -610,8 +726,10 @@ class SpecialistService:
             await self.placement.stop()
         if self._service is not None:
             await self._service.stop()
-        with anyio.move_on_after(grace):
-            await self._idle.wait()
+        if self.counters.in_flight:
+            self._idle = anyio.Event()
+            with anyio.move_on_after(grace):
+                await self._idle.wait()
         for scope in list(self._scopes.values()):
             scope.cancel()
         if self._cancel_sub is not None:
@@ -620,6 +738,7 @@ class SpecialistService:
             await self._run_probe_sub.unsubscribe()
         if self._probe_sub is not None:
             await self._probe_sub.unsubscribe()
+        await self._flush_usage()  # the last answers' records, not left in the batch
         await (self.models or self.provider).aclose()
         self._tools_stop.set()
         self.log.info("specialist stopped", served=self.counters.served)

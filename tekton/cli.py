@@ -44,7 +44,7 @@ from bus.server import EmbeddedNats, TlsFiles
 from bus.settings import TektonSettings, config_file, load_settings
 from bus.signals import die_with_parent, set_on_signal
 from bus.subjects import ALL_USERS
-from gateway.runtime import serve_gateway
+from gateway.runtime import HTTP_KEEP_ALIVE_S, serve_gateway
 from specialists.roster import load_roster
 from specialists.runtime import select, serve_specialists
 from specialists.service import SpecialistService
@@ -388,7 +388,10 @@ async def cmd_a2a(settings: TektonSettings, args: argparse.Namespace) -> int:
         if not views:
             raise BusError(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
         app = create_a2a_app(bus, views, base)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S
+        )
+        server = uvicorn.Server(config)
         for view in views:
             _say(f"A2A agent {view.name}: {base}/a2a/{view.name}/.well-known/agent-card.json")
         await server.serve()

@@ -207,3 +207,35 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float 
             if result:
                 return
             await anyio.sleep(0.01)
+
+
+async def assert_kept_alive(port: int, request: bytes, idle_s: float = 6.0, status: bytes = b"") -> None:
+    """One connection to a local HTTP server on ``port``: ``request`` answered (with ``status``, if
+    given), then again after ``idle_s`` of silence (longer than uvicorn's 5 s default keep-alive), as a
+    pooled client does."""
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    conn: Any = None
+
+    async def listening() -> bool:
+        nonlocal conn
+        try:
+            conn = await anyio.connect_tcp("127.0.0.1", port)
+        except OSError:
+            return False  # a server that printed its ready line just before it listens
+        return True
+
+    await eventually(listening, within=20)
+    async with conn:
+        reader = BufferedByteReceiveStream(conn)
+        for _ in range(2):
+            await conn.send(request)
+            head = await reader.receive_until(b"\r\n\r\n", 65536)
+            assert head.startswith(b"HTTP/1.1 " + status), head
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.receive_exactly(length)
+            await anyio.sleep(idle_s)

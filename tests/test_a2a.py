@@ -4,6 +4,7 @@ over real HTTP (uvicorn) against real specialists on a real nats-server."""
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,14 @@ from bus.errors import BusError
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from specialists.providers.a2a_remote import context_id
-from tests.helpers import eventually, in_process_gateway, in_process_specialists
+from tests.helpers import (
+    assert_kept_alive,
+    child_env,
+    eventually,
+    in_process_gateway,
+    in_process_specialists,
+    spawn,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -92,6 +100,25 @@ async def test_message_stream_arrives_as_artifact_chunks(settings: TektonSetting
     assert len([c for c in chunks if c]) == 5  # streamed chunk by chunk, not in one piece
     states = [e.status_update.status.state for e in events if e.HasField("status_update")]
     assert states[-1] == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_tekton_a2a_keeps_an_idle_connection_past_uvicorn_s_default(settings: TektonSettings) -> None:
+    """`tekton a2a` keeps idle connections as long as the bridge does (HTTP_KEEP_ALIVE_S): a pooled
+    client reusing one after 5 s of silence got "server disconnected" with uvicorn's default."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with in_process_specialists(settings, "apollo"):
+        child = spawn(
+            [sys.executable, "-m", "tekton", "a2a", "--port", str(port), "--log-level", "warning"],
+            child_env(settings),
+        )
+        try:
+            await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "A2A agent apollo" in s))
+            card = f"GET /a2a/apollo/.well-known/agent-card.json HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+            await assert_kept_alive(port, card.encode())
+        finally:
+            child.stop()
 
 
 async def test_message_send_and_a_specialist_that_is_not_running(settings: TektonSettings) -> None:

@@ -23,8 +23,8 @@ from bus.client import Bus
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject
-from bus.usage import UsageRecord, encode_usage
-from bus.wire import ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
+from bus.usage import UsageRecord, encode_usage, pack_records, usage_subject
+from bus.wire import ChatMessage, ChatOptions, DoneFrame, Timings, Usage, encode, encode_done
 from tests.helpers import in_process_specialists, specialist_process
 
 pytestmark = pytest.mark.anyio
@@ -62,6 +62,51 @@ def test_usage_record_fast_path_matches_the_model() -> None:
             cost=cost,
         )
         assert encode_usage("r1", "apollo", session, prompt, 8, cost) == encode(model)
+
+
+@pytest.mark.fast
+def test_a_batch_of_usage_records_is_the_msgpack_array_of_them() -> None:
+    for n in (0, 1, 15, 16, 70_000):  # each length form msgpack has: fixarray, array 16, array 32
+        records = [encode_usage(f"r{i}", "apollo", None, 1, 2, 0.0) for i in range(n)]
+        assert pack_records(records) == msgpack.packb([msgpack.unpackb(r) for r in records])
+
+
+async def test_usage_records_go_a_batch_at_a_time_and_each_answer_once(settings: TektonSettings) -> None:
+    """Many answers at once: their records reach the usage subject in fewer messages than answers,
+    each answer's record exactly once (the gateway's book is not running: we read the subject)."""
+    seen: list[list[dict[str, Any]]] = []
+    nc = await nats.connect(settings.nats_url)
+    got_all = anyio.Event()
+
+    async def on_usage(msg: Any) -> None:
+        batch = msgpack.unpackb(msg.data)
+        assert isinstance(batch, list)
+        seen.append(batch)
+        if sum(map(len, seen)) >= 20:
+            got_all.set()
+
+    await nc.subscribe(usage_subject("*", settings.prefix), cb=on_usage)
+    try:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            ids = []
+
+            async def ask() -> None:
+                async with bus.stream("apollo", [ChatMessage(role="user", content="hi")]) as s:
+                    ids.append(s.request.id)
+                    async for _ in s:
+                        pass
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(ask)
+            with anyio.fail_after(30):
+                await got_all.wait()
+        records = [r for batch in seen for r in batch]
+        assert sorted(r["request_id"] for r in records) == sorted(ids)
+        assert all(UsageRecord.model_validate(r).specialist == "apollo" for r in records)
+        assert len(seen) < len(ids)
+    finally:
+        await nc.close()
 
 
 @pytest.mark.fast

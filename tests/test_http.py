@@ -15,14 +15,13 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from bridge.app import create_app
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
 from gateway.runtime import _Uvicorn, http_socket, serve_gateway
 from gateway.service import GatewayService
-from tests.helpers import env, eventually, in_process_gateway, in_process_specialists
+from tests.helpers import assert_kept_alive, env, eventually, in_process_gateway, in_process_specialists
 
 pytestmark = pytest.mark.anyio
 
@@ -367,16 +366,4 @@ async def test_an_idle_kept_alive_connection_outlives_the_clients_pool(settings:
     than uvicorn's default still answers here."""
     async with bridge(settings) as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        async with await anyio.connect_tcp(host, int(port)) as sock:
-            reader = BufferedByteReceiveStream(sock)
-            for _ in range(2):
-                await sock.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                head = await reader.receive_until(b"\r\n\r\n", 65536)
-                assert head.startswith(b"HTTP/1.1 200"), head
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.receive_exactly(length)
-                await anyio.sleep(6.0)  # idle, as a pooled connection between two bursts
+        await assert_kept_alive(int(port), f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), status=b"200")

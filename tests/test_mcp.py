@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from typing import Any
 
 import anyio
 import pytest
@@ -16,7 +17,14 @@ from mcp.shared.exceptions import MCPError
 
 from bus.client import Bus
 from bus.settings import TektonSettings
-from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, spawn
+from tests.helpers import (
+    assert_kept_alive,
+    child_env,
+    eventually,
+    in_process_gateway,
+    in_process_specialists,
+    spawn,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -89,14 +97,17 @@ async def test_sessions_are_resources(settings: TektonSettings) -> None:
             ]
 
 
-async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -> None:
+def mcp_http(settings: TektonSettings) -> tuple[int, Any]:
+    """`tekton mcp --http PORT` on a free port: the port and the child."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    child = spawn(
-        [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"],
-        child_env(settings),
-    )
+    argv = [sys.executable, "-m", "tekton", "mcp", "--http", str(port), "--log-level", "warning"]
+    return port, spawn(argv, child_env(settings))
+
+
+async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -> None:
+    _, child = mcp_http(settings)
     try:
         url = (
             await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "MCP (streamable HTTP) on" in s))
@@ -125,6 +136,21 @@ async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -
 
             await eventually(connected, within=20)
             assert progress[-1] == "athena heard: over http" and len(progress) == 4
+    finally:
+        child.stop()
+
+
+async def test_streamable_http_keeps_an_idle_connection_past_uvicorn_s_default(
+    settings: TektonSettings,
+) -> None:
+    """HTTP clients pool idle connections (aiohttp 15 s); with uvicorn's 5 s keep-alive a client reusing
+    one just as the server closed it got "server disconnected". Idle longer than 5 s, it still answers
+    (the bridge's keep-alive, HTTP_KEEP_ALIVE_S)."""
+    port, child = mcp_http(settings)
+    try:
+        await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "MCP (streamable HTTP) on" in s))
+        request = f"DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n"
+        await assert_kept_alive(port, request.encode())
     finally:
         child.stop()
 

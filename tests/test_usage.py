@@ -10,13 +10,14 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import msgpack
 import pytest
 
 from bus.client import Bus
 from bus.errors import BadRequest, BudgetExceeded
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS
-from bus.usage import Budget, Price, Totals, period_window
+from bus.usage import Budget, Price, Totals, period_window, usage_subject
 from bus.wire import ChatMessage, encode
 from gateway.usage import open_usage_bucket
 from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, run_aish
@@ -56,6 +57,23 @@ async def test_totals_per_user_and_per_session(settings: TektonSettings) -> None
         assert first == f"{usage.user}: 2 requests, {p1 + p2} prompt + 7 completion = {p1 + p2 + 7} tokens"
         assert header.split() == ["SESSION", "REQUESTS", "PROMPT", "COMPLETION", "COST", "$"]
         assert row.split() == [session.id, "1", str(p2), "3", "0.000000"]
+
+
+async def test_a_lone_record_a_batch_and_a_bad_one_in_a_batch(settings: TektonSettings) -> None:
+    """Specialists send records a batch at a time (a msgpack array); a lone record map (what they sent
+    before) still counts, and a bad record in a batch costs only itself."""
+    good = {"v": 1, "specialist": "apollo", "prompt_tokens": 1, "completion_tokens": 2, "cost": 0.0}
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        subject = usage_subject(ANONYMOUS, settings.prefix)
+        await bus.nc.publish(subject, msgpack.packb({**good, "request_id": "r1"}))
+        batch = [{**good, "request_id": "r2"}, {"request_id": 7}, {**good, "request_id": "r3"}]
+        await bus.nc.publish(subject, msgpack.packb(batch))
+
+        async def counted() -> bool:
+            return (await bus.gateway.usage()).total.requests == 3
+
+        await eventually(counted, within=10)
+        assert (await bus.gateway.usage()).total.completion_tokens == 6
 
 
 async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettings) -> None:
