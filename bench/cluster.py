@@ -3,8 +3,9 @@
     python -m bench.cluster [--quick]
 
 - first chunk p50/p99: client and specialist on one server vs client on n1 and specialist on n3;
-- recovery after kill -9 of the client's node: time until its next answer (and, with the sessions
-  bucket's leader killed, until the next session write), p50/p99 over several kills;
+- recovery after kill -9 of the client's node (the one holding the runs stream): time until its next
+  answer (and, with the sessions bucket's leader killed, until the next session write), p50/p99 over
+  several kills;
 - aggregate chunks/s with specialist replicas (processes) on 1, 2 and 3 nodes;
 - placement: k concurrent requests on k one-slot replicas with a fixed per-request cost (scripted
   provider): speedup = k x (one request alone) / (the k together); slots placement vs the queue group
@@ -36,6 +37,7 @@ from bench.common import pct, start_child, summary, write_results
 from bus.client import Bus, connect
 from bus.cluster import LocalCluster
 from bus.errors import BusError
+from bus.runs import ensure_runs_stream, runs_stream_name
 from bus.server import EmbeddedNats
 from bus.sessions import Session
 from bus.settings import TektonSettings
@@ -102,9 +104,20 @@ async def bench_first_chunk(single: EmbeddedNats, cluster: LocalCluster, n: int)
     }
 
 
+async def _runs_holder(cluster: LocalCluster) -> int:
+    """The node holding the runs stream (one replica), which is made now if it is not yet."""
+    async with Bus.connect(TektonSettings(nats_url=cluster.url)) as bus:
+        await ensure_runs_stream(bus.nc, bus.settings)
+        info = await bus.nc.jetstream().stream_info(runs_stream_name(bus.settings.prefix))
+    assert info.cluster is not None and info.cluster.leader is not None
+    return [c.name for c in cluster.configs].index(info.cluster.leader)
+
+
 async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
-    """Kill the client's node; how long until its next answer arrives (reconnect + request)."""
-    n1, _n2, n3 = cluster.urls
+    """Kill the client's node; how long until its next answer arrives (reconnect + request). The
+    client's node is the one holding the runs stream (the worst case: a resume cannot read the stream)."""
+    holder = await _runs_holder(cluster)
+    n3, n1 = cluster.urls[holder], cluster.urls[(holder + 1) % 3]
     procs = [specialist(n1)]
     stream_s: list[float] = []
     session_s: list[float] = []
@@ -128,11 +141,11 @@ async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
                 await _until_answered(partial(bus.ask, "apollo", "before"))  # interest has spread
                 session = await bus.gateway.create("apollo")
                 killed = time.perf_counter()
-                await anyio.to_thread.run_sync(cluster.kill, 2)
+                await anyio.to_thread.run_sync(cluster.kill, holder)
                 await _until_answered(partial(bus.ask, "apollo", "after"))
                 stream_s.append(time.perf_counter() - killed)
                 await nc.close()
-                await anyio.to_thread.run_sync(cluster.restart, 2)
+                await anyio.to_thread.run_sync(cluster.restart, holder)
                 # Now the sessions bucket's leader: kill it, time the next session write from elsewhere.
                 s_nc = await connect(cluster.url)  # gateway and client fail over between all nodes
                 s_bus = Bus(s_nc, settings)
