@@ -9,8 +9,8 @@
 - aggregate chunks/s with specialist replicas (processes) on 1, 2 and 3 nodes;
 - placement: k concurrent requests on k one-slot replicas with a fixed per-request cost (scripted
   provider): speedup = k x (one request alone) / (the k together); slots placement vs the queue group
-  alone ("random"), same run; and with the local model (SmolLM2, one thread per replica, k = 2 on 2
-  replicas: this machine has 2 cores, so CPU contention may cap the speedup);
+  alone ("random"), same run; and with the local model (SmolLM2, k = 2 on 2 replicas, each model
+  with its share of the cores, then with every core each: the speedups and one request alone);
 - recovery after kill -9 of the sessions bucket leader's node: time until the next session turn is
   answered, and apart, until it is stored (durable) once the replicas have elected a new leader.
 
@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 import msgpack
 
-from bench.common import pct, start_child, summary, write_results
+from bench.common import cpu_s, pct, start_child, summary, write_results
 from bus.client import Bus, connect
 from bus.cluster import LocalCluster
 from bus.errors import BusError
@@ -44,6 +44,7 @@ from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions
 from gateway.runtime import serve_gateway
 from gateway.store import bucket_name
+from specialists.providers.local import cores_share
 from specialists.runtime import serve_specialists
 
 PROMPT = [ChatMessage(role="user", content="hello")]
@@ -267,53 +268,83 @@ async def bench_aggregate(cluster: LocalCluster, streams: int, tokens: int) -> d
 
 
 async def placement_rounds(
-    url: str, mode: str, k: int, rounds: int, cost_ms: int, provider: str = "scripted"
+    url: str,
+    mode: str,
+    k: int,
+    rounds: int,
+    cost_ms: int,
+    provider: str = "scripted",
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """``provider="local"``: the local model (SmolLM2), one thread per replica, a fixed number of tokens
-    per request (the cost is the model's, on this machine's cores)."""
+    """``provider="local"``: the local model (SmolLM2), a fixed number of tokens per request (the cost
+    is the model's, on this machine's cores). Each replica's model takes its share of the cores (the k
+    replicas are the local-model processes on this machine, as `tekton specialist --replicas k` tells
+    them), or ``threads`` threads."""
     os.environ["TEKTON_SCRIPTED_FIRST_TOKEN_MS"] = str(cost_ms)
     os.environ["TEKTON_SCRIPTED_TOKENS"] = "2"
-    os.environ["TEKTON_LOCAL_THREADS"] = "1"
+    os.environ.pop("TEKTON_LOCAL_THREADS", None)
+    os.environ["TEKTON_LOCAL_PROCESSES"] = str(k)
+    if threads is not None:
+        os.environ["TEKTON_LOCAL_THREADS"] = str(threads)
     options = ChatOptions(max_tokens=LOCAL_TOKENS, temperature=0.0) if provider == "local" else None
     same = LOCAL_PROMPT if provider == "local" else None  # one prompt: every request costs the same
     settings = TektonSettings(
         nats_url=url, provider=provider, max_concurrency=1, placement=mode, heartbeat_s=0.5
     )
     speedups = []
+    # The model processes' CPU seconds while requests run alone and k at a time: threads that wait
+    # for a core they share (oversubscription) show as more CPU per request together than alone.
+    cpu = {"alone": 0.0, "together": 0.0}
+    workers: list[int] = []
+
+    def model_cpu() -> float:
+        return sum(cpu_s(pid) for pid in workers)
+
     async with anyio.create_task_group() as tg:
         stops = [anyio.Event() for _ in range(k)]
         for ev in stops:
-            await tg.start(
+            services = await tg.start(
                 lambda task_status, ev=ev: serve_specialists(
                     settings, ["apollo"], stop=ev, task_status=task_status
                 )
             )
+            pid = getattr(getattr(services[0].provider, "worker", None), "pid", None)
+            workers += [pid] if pid else []
         async with Bus.connect(settings) as bus:
             await anyio.sleep(3 * settings.heartbeat_s)  # let the replicas hear each other (setup only)
-            alones = []
-            for _ in range(3):
-                start = time.perf_counter()
+
+            async def by_itself() -> float:
+                start, used = time.perf_counter(), model_cpu()
                 await bus.ask("apollo", same or "alone", options)
-                alones.append(time.perf_counter() - start)
+                cpu["alone"] += model_cpu() - used
+                return time.perf_counter() - start
+
+            alones = [await by_itself() for _ in range(3)]
             alone = pct(alones, 50)
             distinct = []
             for _ in range(rounds):
                 served: list[str] = []
+                if provider == "local":
+                    # The model's speed drifts with what else runs on the machine: each round's
+                    # baseline is one request alone just before it.
+                    alone = await by_itself()
+                    alones.append(alone)
 
                 async def one(i: int, served: list[str] = served) -> None:
                     served.append((await bus.ask("apollo", same or f"r{i}", options)).start.instance)
 
-                start = time.perf_counter()
+                start, used = time.perf_counter(), model_cpu()
                 async with anyio.create_task_group() as round_tg:
                     for i in range(k):
                         round_tg.start_soon(one, i)
                 speedups.append(k * alone / (time.perf_counter() - start))
+                cpu["together"] += model_cpu() - used
                 distinct.append(len(set(served)))
         for ev in stops:
             ev.set()
     return {
         "k": k,
-        "one_request_s": round(alone, 3),
+        "one_request_s": round(pct(alones, 50), 3),
         "speedups": [round(s, 2) for s in speedups],
         "min_speedup": round(min(speedups), 2),
         "p50_speedup": round(pct(speedups, 50), 2),
@@ -322,6 +353,15 @@ async def placement_rounds(
         "rounds_on_k_replicas": sum(d == k for d in distinct),
         "rounds": rounds,
         "provider": provider,
+        "threads_per_replica": threads or cores_share(k),
+        **(
+            {
+                "model_cpu_s_per_request_alone": round(cpu["alone"] / len(alones), 3),
+                "model_cpu_s_per_request_together": round(cpu["together"] / (k * rounds), 3),
+            }
+            if workers
+            else {}
+        ),
     }
 
 
@@ -352,11 +392,19 @@ async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
             )
             print("placement on cluster", figures["placement"]["on_cluster_slots_k3"], flush=True)
         if "placement_local" in parts:
-            # k = 2 on 2 replicas: this machine has 2 cores, and each replica's model takes one thread.
+            # k = 2 on 2 replicas, each replica's model with its share of the cores; then with every
+            # core each (the default before shares): what a lone request gains, what k together lose.
             local = figures.setdefault("placement_local", {"cores": os.cpu_count()})
             for mode in ("slots", "random"):
                 local[f"{mode}_k2"] = await placement_rounds(single.url, mode, 2, 20, 0, provider="local")
                 print("placement, local model", mode, local[f"{mode}_k2"], flush=True)
+            every = os.cpu_count() or 2
+            local["slots_k2_all_threads"] = await placement_rounds(
+                single.url, "slots", 2, 20, 0, provider="local", threads=every
+            )
+            print("placement, local model, every core each", local["slots_k2_all_threads"], flush=True)
+            share, alone = local["slots_k2"]["one_request_s"], local["slots_k2_all_threads"]["one_request_s"]
+            local["one_request_share_vs_all_threads"] = round(share / alone, 2)
         if "aggregate" in parts:
             figures["aggregate"] = await bench_aggregate(
                 cluster, 6 if quick else 12, 2000 if quick else 10000
