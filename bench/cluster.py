@@ -12,7 +12,9 @@
   alone ("random"), same run; and with the local model (SmolLM2, k = 2 on 2 replicas, each model
   with its share of the cores, then with every core each: the speedups and one request alone);
 - recovery after kill -9 of the sessions bucket leader's node: time until the next session turn is
-  answered, and apart, until it is stored (durable) once the replicas have elected a new leader.
+  answered, and apart, until it is stored (durable) once the replicas have elected a new leader;
+- second_stream (not Tekton yet): after kill -9 of an R3 bucket leader's node, how soon a second R3
+  stream whose leader is on another node acknowledges a write, against the bucket's own put.
 
 Writes bench/results/cluster.json.
 """
@@ -20,18 +22,21 @@ Writes bench/results/cluster.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgpack
+from nats.js.api import KeyValueConfig, StreamConfig
 
 from bench.common import cpu_s, pct, start_child, summary, write_results
 from bus.client import Bus, connect
@@ -365,7 +370,73 @@ async def placement_rounds(
     }
 
 
-PARTS = ("first_chunk", "placement", "placement_local", "aggregate", "recovery")
+async def _leader(js: Any, stream: str) -> str | None:
+    try:
+        info = await js.stream_info(stream)
+    except Exception:  # electing, or the node asked just restarted
+        return None
+    return str(info.cluster.leader) if info.cluster and info.cluster.leader else None
+
+
+async def _lead_on(nc: Any, stream: str, node: str) -> None:
+    """Move ``stream``'s leader to ``node`` (a stepdown with a preferred placement, nats-server 2.11+)."""
+    request = json.dumps({"placement": {"preferred": node}}).encode()
+    with anyio.fail_after(60):
+        while await _leader(nc.jetstream(timeout=1.0), stream) != node:
+            with suppress(Exception):
+                await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request, timeout=5)
+            await anyio.sleep(0.3)
+
+
+async def _acked_after(call: Callable[[], Awaitable[Any]]) -> float:
+    start = time.perf_counter()
+    with anyio.fail_after(60):
+        while True:
+            try:
+                await call()
+                return time.perf_counter() - start
+            except Exception:  # no leader yet
+                await anyio.sleep(0.02)
+
+
+async def bench_second_stream(cluster: LocalCluster, kills: int) -> dict[str, Any]:
+    """Not Tekton yet, a measurement for it: after kill -9 of the node leading an R3 bucket, how soon
+    a second R3 stream whose leader was kept on another node acknowledges a write (quorum: durable),
+    against the bucket's own put (which waits for the election)."""
+    nc = await connect(cluster.url)
+    js = nc.jetstream(timeout=1.0)
+    kv = await js.create_key_value(KeyValueConfig(bucket="bench_journal_kv", replicas=3))
+    await js.add_stream(StreamConfig(name="BENCH_JOURNAL", subjects=["bench.journal.>"], num_replicas=3))
+    second_s: list[float] = []
+    bucket_s: list[float] = []
+    try:
+        for i in range(kills):
+            await _lead_on(nc, "KV_bench_journal_kv", cluster.configs[0].name)
+            await _lead_on(nc, "BENCH_JOURNAL", cluster.configs[1].name)
+            await anyio.to_thread.run_sync(cluster.kill, 0)
+
+            async def second(i: int = i) -> None:
+                second_s.append(await _acked_after(partial(js.publish, "bench.journal.t", b"%d" % i)))
+
+            async def bucket(i: int = i) -> None:
+                bucket_s.append(await _acked_after(partial(kv.put, "t", b"%d" % i)))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second)
+                tg.start_soon(bucket)
+            await anyio.to_thread.run_sync(cluster.restart, 0)
+    finally:
+        with suppress(Exception):
+            await js.delete_stream("BENCH_JOURNAL")
+            await js.delete_key_value("bench_journal_kv")
+        await nc.close()
+    return {
+        "second_stream_acked_after_bucket_leader_kill": summary(second_s),
+        "bucket_put_acked_after_its_leader_kill": summary(bucket_s),
+    }
+
+
+PARTS = ("first_chunk", "placement", "placement_local", "aggregate", "recovery", "second_stream")
 
 
 async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
@@ -413,6 +484,9 @@ async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
         if "recovery" in parts:
             figures["recovery"] = await bench_recovery(cluster, 3 if quick else 10)
             print("recovery", figures["recovery"], flush=True)
+        if "second_stream" in parts:
+            figures["second_stream"] = await bench_second_stream(cluster, 3 if quick else 10)
+            print("second stream", figures["second_stream"], flush=True)
     finally:
         cluster.stop()
         single.stop()
