@@ -3,15 +3,18 @@
     python -m bench.cluster [--quick]
 
 - first chunk p50/p99: client and specialist on one server vs client on n1 and specialist on n3;
-- recovery after kill -9 of the client's node: time until its next answer (and, with the sessions
-  bucket's leader killed, until the next session write), p50/p99 over several kills;
+- recovery after kill -9 of the client's node (the one holding the runs stream): time until its next
+  answer (and, with the sessions bucket's leader killed, until the next session write), p50/p99 over
+  several kills;
 - aggregate chunks/s with specialist replicas (processes) on 1, 2 and 3 nodes;
 - placement: k concurrent requests on k one-slot replicas with a fixed per-request cost (scripted
   provider): speedup = k x (one request alone) / (the k together); slots placement vs the queue group
-  alone ("random"), same run; and with the local model (SmolLM2, one thread per replica, k = 2 on 2
-  replicas: this machine has 2 cores, so CPU contention may cap the speedup);
+  alone ("random"), same run; and with the local model (SmolLM2, k = 2 on 2 replicas, each model
+  with its share of the cores, then with every core each: the speedups and one request alone);
 - recovery after kill -9 of the sessions bucket leader's node: time until the next session turn is
-  answered, and apart, until it is stored (durable) once the replicas have elected a new leader.
+  answered, and apart, until it is stored (durable) once the replicas have elected a new leader;
+- second_stream (not Tekton yet): after kill -9 of an R3 bucket leader's node, how soon a second R3
+  stream whose leader is on another node acknowledges a write, against the bucket's own put.
 
 Writes bench/results/cluster.json.
 """
@@ -19,29 +22,34 @@ Writes bench/results/cluster.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgpack
+from nats.js.api import KeyValueConfig, StreamConfig
 
-from bench.common import pct, start_child, summary, write_results
+from bench.common import cpu_s, pct, start_child, summary, write_results
 from bus.client import Bus, connect
 from bus.cluster import LocalCluster
 from bus.errors import BusError
+from bus.runs import ensure_runs_stream, runs_stream_name
 from bus.server import EmbeddedNats
 from bus.sessions import Session
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions
 from gateway.runtime import serve_gateway
 from gateway.store import bucket_name
+from specialists.providers.local import cores_share
 from specialists.runtime import serve_specialists
 
 PROMPT = [ChatMessage(role="user", content="hello")]
@@ -102,9 +110,20 @@ async def bench_first_chunk(single: EmbeddedNats, cluster: LocalCluster, n: int)
     }
 
 
+async def _runs_holder(cluster: LocalCluster) -> int:
+    """The node holding the runs stream (one replica), which is made now if it is not yet."""
+    async with Bus.connect(TektonSettings(nats_url=cluster.url)) as bus:
+        await ensure_runs_stream(bus.nc, bus.settings)
+        info = await bus.nc.jetstream().stream_info(runs_stream_name(bus.settings.prefix))
+    assert info.cluster is not None and info.cluster.leader is not None
+    return [c.name for c in cluster.configs].index(info.cluster.leader)
+
+
 async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
-    """Kill the client's node; how long until its next answer arrives (reconnect + request)."""
-    n1, _n2, n3 = cluster.urls
+    """Kill the client's node; how long until its next answer arrives (reconnect + request). The
+    client's node is the one holding the runs stream (the worst case: a resume cannot read the stream)."""
+    holder = await _runs_holder(cluster)
+    n3, n1 = cluster.urls[holder], cluster.urls[(holder + 1) % 3]
     procs = [specialist(n1)]
     stream_s: list[float] = []
     session_s: list[float] = []
@@ -128,11 +147,11 @@ async def bench_recovery(cluster: LocalCluster, kills: int) -> dict[str, Any]:
                 await _until_answered(partial(bus.ask, "apollo", "before"))  # interest has spread
                 session = await bus.gateway.create("apollo")
                 killed = time.perf_counter()
-                await anyio.to_thread.run_sync(cluster.kill, 2)
+                await anyio.to_thread.run_sync(cluster.kill, holder)
                 await _until_answered(partial(bus.ask, "apollo", "after"))
                 stream_s.append(time.perf_counter() - killed)
                 await nc.close()
-                await anyio.to_thread.run_sync(cluster.restart, 2)
+                await anyio.to_thread.run_sync(cluster.restart, holder)
                 # Now the sessions bucket's leader: kill it, time the next session write from elsewhere.
                 s_nc = await connect(cluster.url)  # gateway and client fail over between all nodes
                 s_bus = Bus(s_nc, settings)
@@ -254,53 +273,83 @@ async def bench_aggregate(cluster: LocalCluster, streams: int, tokens: int) -> d
 
 
 async def placement_rounds(
-    url: str, mode: str, k: int, rounds: int, cost_ms: int, provider: str = "scripted"
+    url: str,
+    mode: str,
+    k: int,
+    rounds: int,
+    cost_ms: int,
+    provider: str = "scripted",
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """``provider="local"``: the local model (SmolLM2), one thread per replica, a fixed number of tokens
-    per request (the cost is the model's, on this machine's cores)."""
+    """``provider="local"``: the local model (SmolLM2), a fixed number of tokens per request (the cost
+    is the model's, on this machine's cores). Each replica's model takes its share of the cores (the k
+    replicas are the local-model processes on this machine, as `tekton specialist --replicas k` tells
+    them), or ``threads`` threads."""
     os.environ["TEKTON_SCRIPTED_FIRST_TOKEN_MS"] = str(cost_ms)
     os.environ["TEKTON_SCRIPTED_TOKENS"] = "2"
-    os.environ["TEKTON_LOCAL_THREADS"] = "1"
+    os.environ.pop("TEKTON_LOCAL_THREADS", None)
+    os.environ["TEKTON_LOCAL_PROCESSES"] = str(k)
+    if threads is not None:
+        os.environ["TEKTON_LOCAL_THREADS"] = str(threads)
     options = ChatOptions(max_tokens=LOCAL_TOKENS, temperature=0.0) if provider == "local" else None
     same = LOCAL_PROMPT if provider == "local" else None  # one prompt: every request costs the same
     settings = TektonSettings(
         nats_url=url, provider=provider, max_concurrency=1, placement=mode, heartbeat_s=0.5
     )
     speedups = []
+    # The model processes' CPU seconds while requests run alone and k at a time: threads that wait
+    # for a core they share (oversubscription) show as more CPU per request together than alone.
+    cpu = {"alone": 0.0, "together": 0.0}
+    workers: list[int] = []
+
+    def model_cpu() -> float:
+        return sum(cpu_s(pid) for pid in workers)
+
     async with anyio.create_task_group() as tg:
         stops = [anyio.Event() for _ in range(k)]
         for ev in stops:
-            await tg.start(
+            services = await tg.start(
                 lambda task_status, ev=ev: serve_specialists(
                     settings, ["apollo"], stop=ev, task_status=task_status
                 )
             )
+            pid = getattr(getattr(services[0].provider, "worker", None), "pid", None)
+            workers += [pid] if pid else []
         async with Bus.connect(settings) as bus:
             await anyio.sleep(3 * settings.heartbeat_s)  # let the replicas hear each other (setup only)
-            alones = []
-            for _ in range(3):
-                start = time.perf_counter()
+
+            async def by_itself() -> float:
+                start, used = time.perf_counter(), model_cpu()
                 await bus.ask("apollo", same or "alone", options)
-                alones.append(time.perf_counter() - start)
+                cpu["alone"] += model_cpu() - used
+                return time.perf_counter() - start
+
+            alones = [await by_itself() for _ in range(3)]
             alone = pct(alones, 50)
             distinct = []
             for _ in range(rounds):
                 served: list[str] = []
+                if provider == "local":
+                    # The model's speed drifts with what else runs on the machine: each round's
+                    # baseline is one request alone just before it.
+                    alone = await by_itself()
+                    alones.append(alone)
 
                 async def one(i: int, served: list[str] = served) -> None:
                     served.append((await bus.ask("apollo", same or f"r{i}", options)).start.instance)
 
-                start = time.perf_counter()
+                start, used = time.perf_counter(), model_cpu()
                 async with anyio.create_task_group() as round_tg:
                     for i in range(k):
                         round_tg.start_soon(one, i)
                 speedups.append(k * alone / (time.perf_counter() - start))
+                cpu["together"] += model_cpu() - used
                 distinct.append(len(set(served)))
         for ev in stops:
             ev.set()
     return {
         "k": k,
-        "one_request_s": round(alone, 3),
+        "one_request_s": round(pct(alones, 50), 3),
         "speedups": [round(s, 2) for s in speedups],
         "min_speedup": round(min(speedups), 2),
         "p50_speedup": round(pct(speedups, 50), 2),
@@ -309,10 +358,85 @@ async def placement_rounds(
         "rounds_on_k_replicas": sum(d == k for d in distinct),
         "rounds": rounds,
         "provider": provider,
+        "threads_per_replica": threads or cores_share(k),
+        **(
+            {
+                "model_cpu_s_per_request_alone": round(cpu["alone"] / len(alones), 3),
+                "model_cpu_s_per_request_together": round(cpu["together"] / (k * rounds), 3),
+            }
+            if workers
+            else {}
+        ),
     }
 
 
-PARTS = ("first_chunk", "placement", "placement_local", "aggregate", "recovery")
+async def _leader(js: Any, stream: str) -> str | None:
+    try:
+        info = await js.stream_info(stream)
+    except Exception:  # electing, or the node asked just restarted
+        return None
+    return str(info.cluster.leader) if info.cluster and info.cluster.leader else None
+
+
+async def _lead_on(nc: Any, stream: str, node: str) -> None:
+    """Move ``stream``'s leader to ``node`` (a stepdown with a preferred placement, nats-server 2.11+)."""
+    request = json.dumps({"placement": {"preferred": node}}).encode()
+    with anyio.fail_after(60):
+        while await _leader(nc.jetstream(timeout=1.0), stream) != node:
+            with suppress(Exception):
+                await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request, timeout=5)
+            await anyio.sleep(0.3)
+
+
+async def _acked_after(call: Callable[[], Awaitable[Any]]) -> float:
+    start = time.perf_counter()
+    with anyio.fail_after(60):
+        while True:
+            try:
+                await call()
+                return time.perf_counter() - start
+            except Exception:  # no leader yet
+                await anyio.sleep(0.02)
+
+
+async def bench_second_stream(cluster: LocalCluster, kills: int) -> dict[str, Any]:
+    """Not Tekton yet, a measurement for it: after kill -9 of the node leading an R3 bucket, how soon
+    a second R3 stream whose leader was kept on another node acknowledges a write (quorum: durable),
+    against the bucket's own put (which waits for the election)."""
+    nc = await connect(cluster.url)
+    js = nc.jetstream(timeout=1.0)
+    kv = await js.create_key_value(KeyValueConfig(bucket="bench_journal_kv", replicas=3))
+    await js.add_stream(StreamConfig(name="BENCH_JOURNAL", subjects=["bench.journal.>"], num_replicas=3))
+    second_s: list[float] = []
+    bucket_s: list[float] = []
+    try:
+        for i in range(kills):
+            await _lead_on(nc, "KV_bench_journal_kv", cluster.configs[0].name)
+            await _lead_on(nc, "BENCH_JOURNAL", cluster.configs[1].name)
+            await anyio.to_thread.run_sync(cluster.kill, 0)
+
+            async def second(i: int = i) -> None:
+                second_s.append(await _acked_after(partial(js.publish, "bench.journal.t", b"%d" % i)))
+
+            async def bucket(i: int = i) -> None:
+                bucket_s.append(await _acked_after(partial(kv.put, "t", b"%d" % i)))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second)
+                tg.start_soon(bucket)
+            await anyio.to_thread.run_sync(cluster.restart, 0)
+    finally:
+        with suppress(Exception):
+            await js.delete_stream("BENCH_JOURNAL")
+            await js.delete_key_value("bench_journal_kv")
+        await nc.close()
+    return {
+        "second_stream_acked_after_bucket_leader_kill": summary(second_s),
+        "bucket_put_acked_after_its_leader_kill": summary(bucket_s),
+    }
+
+
+PARTS = ("first_chunk", "placement", "placement_local", "aggregate", "recovery", "second_stream")
 
 
 async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
@@ -339,11 +463,19 @@ async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
             )
             print("placement on cluster", figures["placement"]["on_cluster_slots_k3"], flush=True)
         if "placement_local" in parts:
-            # k = 2 on 2 replicas: this machine has 2 cores, and each replica's model takes one thread.
+            # k = 2 on 2 replicas, each replica's model with its share of the cores; then with every
+            # core each (the default before shares): what a lone request gains, what k together lose.
             local = figures.setdefault("placement_local", {"cores": os.cpu_count()})
             for mode in ("slots", "random"):
                 local[f"{mode}_k2"] = await placement_rounds(single.url, mode, 2, 20, 0, provider="local")
                 print("placement, local model", mode, local[f"{mode}_k2"], flush=True)
+            every = os.cpu_count() or 2
+            local["slots_k2_all_threads"] = await placement_rounds(
+                single.url, "slots", 2, 20, 0, provider="local", threads=every
+            )
+            print("placement, local model, every core each", local["slots_k2_all_threads"], flush=True)
+            share, alone = local["slots_k2"]["one_request_s"], local["slots_k2_all_threads"]["one_request_s"]
+            local["one_request_share_vs_all_threads"] = round(share / alone, 2)
         if "aggregate" in parts:
             figures["aggregate"] = await bench_aggregate(
                 cluster, 6 if quick else 12, 2000 if quick else 10000
@@ -352,6 +484,9 @@ async def main(quick: bool, parts: list[str]) -> dict[str, Any]:
         if "recovery" in parts:
             figures["recovery"] = await bench_recovery(cluster, 3 if quick else 10)
             print("recovery", figures["recovery"], flush=True)
+        if "second_stream" in parts:
+            figures["second_stream"] = await bench_second_stream(cluster, 3 if quick else 10)
+            print("second stream", figures["second_stream"], flush=True)
     finally:
         cluster.stop()
         single.stop()

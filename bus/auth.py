@@ -41,6 +41,8 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
     runs = runs_stream_name(prefix)
     if role in ("user", "admin"):
         publish = [chat, f"{prefix}.cancel.{user}.*", f"{prefix}.gateway.{user}.>", SRV]
+        # Replay requests for their own runs (the replica producing one re-sends its frames).
+        publish.append(f"{prefix}.replay.{user}.*")
         # Their own runs only (bus/runs.py): a consumer whose filter is one of their run subjects (the
         # filter is in the API subject of a named consumer), direct gets by such a subject, the stream's
         # info (run ids and counts, no content), flow control of their consumers.
@@ -52,7 +54,7 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
         ]
         if role == "admin":
             # Any user's name in gateway subjects (and _all: every user's sessions) and cancels.
-            publish += [f"{prefix}.gateway.*.>", f"{prefix}.cancel.*.*"]
+            publish += [f"{prefix}.gateway.*.>", f"{prefix}.cancel.*.*", f"{prefix}.replay.*.*"]
         return {"publish": {"allow": publish}, "subscribe": {"allow": [own_inbox, f"{prefix}.run.{user}.>"]}}
     if role == "specialist":
         # Only answers to requests it received (any number of frames within the hour), nothing else:
@@ -74,6 +76,7 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                 "allow": [
                     chat,
                     f"{prefix}.cancel.*.*",
+                    f"{prefix}.replay.*.*",
                     SRV,
                     own_inbox,
                     f"{prefix}.budget",
@@ -91,6 +94,7 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                     chat,
                     f"{prefix}.gateway.>",
                     f"{prefix}.cancel.*.*",
+                    f"{prefix}.replay.*.*",
                     f"{prefix}.run.>",
                     "$JS.>",
                     "$KV.>",

@@ -39,6 +39,7 @@ from bus.bulk import BulkAttachment, BulkPlan, BulkStream
 from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
+    ErrorCode,
     GatewayUnavailable,
     IdleTimeout,
     MalformedFrame,
@@ -52,6 +53,7 @@ from bus.lite import NO_RESPONDERS, tls_context
 from bus.runs import (
     RunSummary,
     list_runs,
+    parse_run_subject,
     probe_subject,
     run_kind,
     run_listen_subject,
@@ -60,7 +62,7 @@ from bus.runs import (
 )
 from bus.sessions import ChatAccepted, DoubleText, GatewayClient, SessionChat, StoredFrame
 from bus.settings import TektonSettings
-from bus.subjects import ANONYMOUS, cancel_subject, chat_subject, inbox_owner, inbox_prefix
+from bus.subjects import ANONYMOUS, cancel_subject, chat_subject, inbox_owner, inbox_prefix, replay_subject
 from bus.tls import TlsSocketTransport
 from bus.wire import (
     AnyFrame,
@@ -301,6 +303,39 @@ class Inbox:
         if not self._messages and not await self._wait(within):
             return None
         return self._messages.popleft()
+
+
+class ReplayedInbox(Inbox):
+    """What a replica's replay of a run brings (an inbox of frames ended by an empty message), then the
+    run's live frames (which may repeat the last replayed ones: the reader drops those)."""
+
+    __slots__ = ("_live", "_replayed")
+
+    def __init__(self, replayed: Inbox, live: Inbox):
+        super().__init__()
+        self._replayed: Inbox | None = replayed
+        self._live = live
+
+    def __len__(self) -> int:
+        return len(self._replayed if self._replayed is not None else self._live)
+
+    async def _source(self, within: float) -> Inbox | None:
+        if self._replayed is not None:
+            msg = await self._replayed.peek(within)
+            if msg is None:
+                return None
+            if msg.data or msg.headers:
+                return self._replayed
+            self._replayed = None  # the replay's end: live from here on
+        return self._live
+
+    async def peek(self, within: float) -> Msg | None:
+        source = await self._source(within)
+        return None if source is None else await source.peek(within)
+
+    async def get(self, within: float) -> Msg | None:
+        source = await self._source(within)
+        return None if source is None else await source.get(within)
 
 
 class NothingPending:
@@ -678,6 +713,9 @@ class ChatStream:
         )
         self._replay: Replay | None = None
         self._resumed_from: int | None = None
+        # A resume asks the replica producing the run first, once per point of progress (see resume()).
+        self._asked_replica: int | None = None
+        self._replica_inbox: str | None = None  # where that replica's replay arrives
         self._reach = 2  # how narrow the next resume starts (see resume())
         # Every MARK_EVERY frames: (seq, unix time) of a frame read, where a resume may start reading.
         self._mark: tuple[int, float] | None = None
@@ -720,27 +758,35 @@ class ChatStream:
 
     async def _close_source(self) -> None:
         replay, inbox, self._replay, self._inbox = self._replay, self._inbox, None, None
+        if self._replica_inbox is not None:
+            self.bus.close_inbox(self._replica_inbox)
+            self._replica_inbox = None
         await self.bus.stop_reading(inbox, self.run_subject, replay)
 
     async def resume(self) -> None:
-        """Continue from the runs stream after the last frame read: no gap, no duplicate."""
+        """Continue after the last frame read, no gap, no duplicate: from the replica producing the run
+        (it keeps a live run's frames, and a finished one's for a while), else from the runs stream."""
         if self.run_subject is None:
             raise BusError("this answer is not a durable run: nothing to resume from")
-        if self._inbox == self.run_subject:
-            await self.bus.close_run(self._inbox)
-            self._inbox = None
-        if self._replay is not None:
-            await self._replay.unsubscribe()
+        await self._close_source()
         if self._resumed_from not in (self._next_seq, -1):
             self._reach = 2  # progress since the last resume: the narrowest start first again
         self._resumed_from = self._next_seq
+        if self._asked_replica != self._next_seq:
+            self._asked_replica = self._next_seq
+            if await self._from_replica():
+                log.info("run resumed from its replica", run_id=self.request.id, after=self._next_seq - 1)
+                if self.on_resume is not None:
+                    self.on_resume(self._next_seq)
+                return
         self._frames = Inbox()
         # Where to start reading, narrowest first; a start that was too late (the first frame read back
         # is past the one we need: a gap with no progress) makes the next resume start wider (_recover).
         # 2: the stream sequence of the frame we need, reckoned from the run's last stored frame (exact
         # unless other runs' frames were stored in between); 1: a little before a frame we read (clocks
         # of two machines differ a little); 0: the run's start.
-        stream_seq = await self._stored_position() if self._reach >= 2 else None
+        stream_seq = await self._stored_position()  # (raises at once when the stream is offline)
+        stream_seq = stream_seq if self._reach >= 2 else None
         since = self._mark[1] - RESUME_MARGIN_S if self._mark and self._reach >= 1 else None
         try:
             self._replay = await self.bus.replay(
@@ -752,6 +798,32 @@ class ChatStream:
         if self.on_resume is not None:
             self.on_resume(self._next_seq)
 
+    async def _from_replica(self) -> bool:
+        """Ask the replica producing this run for the frames after the last one read (a replay request:
+        specialists/service.py), listening live to the run again first; True once it answers. Any
+        replica that does not have the run stays silent, so this waits at most REPLICA_WAIT_S."""
+        assert self.run_subject is not None
+        bus = self.bus
+        ref = parse_run_subject(self.run_subject, bus.settings.prefix)
+        if ref is None:
+            return False
+        live = await bus.open_run(self.run_subject)
+        self._inbox = self.run_subject
+        reply, replayed = await bus.open_inbox()
+        self._replica_inbox = reply
+        subject = replay_subject(ref.user, ref.run_id, bus.settings.prefix)
+        first: Msg | None = None
+        try:
+            await bus.nc.publish(subject, str(self._next_seq - 1).encode(), reply=reply)
+            first = await replayed.peek(REPLICA_WAIT_S)
+        except nats.errors.Error as err:  # the connection went again: the stream's turn
+            log.debug("replay not asked", run_id=self.request.id, error=str(err) or type(err).__name__)
+        if first is None or is_no_responders(first):
+            await self._close_source()
+            return False
+        self._frames = ReplayedInbox(replayed, live)
+        return True
+
     async def _stored_position(self) -> int | None:
         """The stream sequence of the frame to read next, if the run's frames since then are stored one
         after another (a direct get of its last stored frame: one round trip); None if unknown."""
@@ -761,6 +833,8 @@ class ChatStream:
                 runs_stream_name(self.bus.settings.prefix), subject=self.run_subject, direct=True
             )
             raw = unpack_frame(last.data or b"")
+        except nats.errors.NoRespondersError as err:  # no server holds the stream now (its node is down)
+            raise BusError("the runs stream is offline", code=ErrorCode.RUN_NOT_FOUND) from err
         except Exception:  # nothing stored yet, or not readable: start wider
             return None
         seq = raw.get("seq") if isinstance(raw, dict) else None
@@ -785,7 +859,10 @@ class ChatStream:
     async def _recover(self, err: BusError) -> None:
         """A lost frame or a silence: read the rest from the runs stream, once per point of progress;
         raise ``err`` when that cannot help (not a run, or nothing came since the last resume)."""
-        if self._resumed_from == self._next_seq and self._reach > 0:
+        stalled = self._resumed_from == self._next_seq
+        if stalled and self._replica_inbox is not None:
+            self._resumed_from = -1  # the replica's replay brought nothing: the stream next
+        elif stalled and self._reach > 0:
             self._reach -= 1  # that start missed frames: a wider one
             self._resumed_from = -1  # (not progress: the narrower starts stay skipped)
         if self.run_subject is None or self._resumed_from == self._next_seq or not self.bus.nc.is_connected:
@@ -934,6 +1011,9 @@ class ChatStream:
         return StreamResult(text="".join(self._parts), start=self.start_frame, done=self._done)
 
 
+# How long a resume waits for the replica producing a run to answer a replay request (one round trip
+# within a cluster) before reading the run from the runs stream.
+REPLICA_WAIT_S = 0.5
 # A resume reads from RESUME_MARGIN_S before the last mark, taken every MARK_MASK + 1 frames.
 MARK_MASK = 63
 RESUME_MARGIN_S = 1.0

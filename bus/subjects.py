@@ -77,6 +77,17 @@ def cancel_parts(subject: str) -> tuple[str, str]:
     return user, request_id
 
 
+def replay_subject(user: str, run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Published by ``user`` (only under their own name, as cancels) to have the replica producing
+    run ``run_id`` send its frames again to the request's reply subject (specialists/service.py)."""
+    return f"{prefix}.replay.{user}.{run_id}"
+
+
+def replay_wildcard(prefix: str = DEFAULT_PREFIX) -> str:
+    """What a specialist process subscribes to once to hear every replay request."""
+    return f"{prefix}.replay.*.*"
+
+
 SESSION_OPS = ("create", "get", "list", "delete", "fork", "rename", "chat", "settle")
 
 

@@ -12,7 +12,7 @@ from bus.client import connect_as
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from specialists.models import ModelPool, build, resolve
-from specialists.providers.base import ProviderContext, SharedResources
+from specialists.providers.base import ProviderContext, ProviderError, SharedResources
 from specialists.roster import RosterError, SpecialistSpec, load_roster
 from specialists.service import SpecialistService
 
@@ -26,6 +26,23 @@ def select(roster: dict[str, SpecialistSpec], names: Sequence[str] | None) -> li
     if unknown:
         raise RosterError(f"not in the roster: {', '.join(unknown)}; known: {', '.join(sorted(roster))}")
     return [roster[n] for n in names]
+
+
+def local_model_processes(settings: TektonSettings, names: Sequence[str] | None = None) -> int:
+    """How many local-model processes serving ``names`` (the whole roster by default) start: one per
+    specialist whose model is the local provider's (what `tekton up --processes` and `tekton specialist
+    --replicas` share this machine's cores among)."""
+    default_model = None if settings.provider else settings.model
+    count = 0
+    for spec in select(load_roster(settings.roster, settings.provider), names):
+        try:
+            choice = resolve(
+                default_model, settings, own_provider=spec.provider, own_options=spec.provider_options
+            )
+        except ProviderError:  # the specialist's own start says what is wrong
+            continue
+        count += choice.kind == "local"
+    return count
 
 
 async def serve_specialists(

@@ -37,7 +37,7 @@ from bus.auth import find_credentials
 from bus.client import NothingPending, is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
-from bus.runs import ensure_runs_stream, parse_run_subject, probe_subject
+from bus.runs import RunRef, ensure_runs_stream, parse_run_subject, probe_subject
 from bus.settings import TektonSettings
 from bus.subjects import (
     ANONYMOUS,
@@ -47,6 +47,7 @@ from bus.subjects import (
     chat_subject,
     inbox_owner,
     queue_group,
+    replay_wildcard,
 )
 from bus.usage import (
     SESSION_HEADER,
@@ -97,23 +98,35 @@ EARLY_CANCEL_S = 30.0
 EARLY_CANCEL_MAX = 10_000
 # At most this many usage records in one message (~100 bytes each, well under max_payload).
 USAGE_BATCH_MAX = 2_000
+# A finished run's frames stay here this many idle timeouts after its last frame, for a client that
+# lost its end (replay requests, below); at most this many finished runs, and frames in all, are kept.
+FINISHED_KEEP_IDLE_TIMEOUTS = 2.0
+FINISHED_KEEP_MAX = 1_000
+FINISHED_KEEP_FRAMES = 200_000
 
 
 class ReplyStream:
     """Frames of one answer, published to the request's reply subject with consecutive ``seq``."""
 
-    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX, run: bool | None = None):
+    def __init__(self, nc: NATS, subject: str, prefix: str = DEFAULT_PREFIX, run: RunRef | None = None):
+        """``run``: the run ``subject`` is the frames subject of (parse_run_subject), None if none."""
         self.nc = nc
         self.subject = subject
         self.seq = 0
         self.chunks = 0
         self.last_sent = time.monotonic()
-        self.listeners = RunListeners(subject, prefix, run)
+        self.listeners = RunListeners(subject, prefix, run is not None)
+        # A run's frames as sent (index = seq), so a client that lost some can have them again from
+        # here (a replay request) when the runs stream cannot serve them (its node is down).
+        self.run = run
+        self.kept: list[bytes] | None = [] if run is not None else None
         self.last_probe = self.last_sent
         # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
         self.probe: str | None = None
 
     async def _publish(self, data: bytes) -> None:
+        if self.kept is not None:
+            self.kept.append(data)
         self.seq += 1
         self.last_sent = time.monotonic()
         if self.probe is None:
@@ -272,6 +285,12 @@ class SpecialistService:
         # Whose each request is (the user whose inbox gets its answer): only they may cancel it.
         self._owners: dict[str, str] = {}
         self._streaming: dict[str, ReplyStream] = {}
+        # Runs served here, by run id: live ones, then finished ones (with when they expire) for a
+        # while: what a replay request reads from.
+        self._runs: dict[str, ReplyStream] = {}
+        self._finished_runs: OrderedDict[str, tuple[float, ReplyStream]] = OrderedDict()
+        self._finished_frames = 0
+        self._replay_sub: Any = None
         self._idle: anyio.Event | None = None  # set when the last request ends, while a drain waits
         self._draining = False
         self.counters = ServiceCounters()
@@ -306,6 +325,7 @@ class SpecialistService:
         self._cancel_sub = await self.nc.subscribe(cancel_wildcard(self.settings.prefix), cb=self._on_cancel)
         self._budget_sub = await self.nc.subscribe(budget_subject(self.settings.prefix), cb=self._on_budget)
         self._probe_sub = await self.nc.subscribe(f"{self._probe_prefix}.*", cb=self._on_probe_answer)
+        self._replay_sub = await self.nc.subscribe(replay_wildcard(self.settings.prefix), cb=self._on_replay)
         self._service = await add_service(
             self.nc,
             name=self.spec.name,
@@ -427,6 +447,56 @@ class SpecialistService:
             if reply is not None:
                 reply.listeners.unheard(time.monotonic())
 
+    async def _on_replay(self, msg: Msg) -> None:
+        """A client lost frames of one of its runs: send the frames after ``seq`` (the payload, as
+        decimal text) to the request's reply subject, then an empty message (the end of the replay).
+        Runs of other replicas are theirs to answer; a run of another user is refused (a user can
+        publish replay requests only under their own name: bus/auth.py)."""
+        user, run_id = cancel_parts(msg.subject)
+        reply = self._runs.get(run_id)
+        if reply is None:
+            finished = self._finished_runs.get(run_id)
+            reply = finished[1] if finished is not None else None
+        if reply is None or reply.kept is None or reply.run is None or not msg.reply:
+            return
+        if reply.run.user != user:
+            self.log.warning("replay refused: not the asker's run", request_id=run_id, user=user)
+            return
+        try:
+            after = int(msg.data or b"-1")
+        except ValueError:
+            self.log.warning("unreadable replay request", request_id=run_id)
+            return
+        # A copy, taken at once: frames sent from now on go to the run's subject, where the client
+        # listens again before asking.
+        for data in reply.kept[max(0, after + 1) :]:
+            await self.nc.publish(msg.reply, data)
+        await self.nc.publish(msg.reply, b"")
+        self.log.info("run replayed", request_id=run_id, after=after, upto=len(reply.kept) - 1)
+
+    def _finish_run(self, request_id: str, reply: ReplyStream, now: float) -> None:
+        """A run ended: keep its frames a while for replays (then :meth:`_drop_finished`)."""
+        if self._runs.get(request_id) is reply:
+            del self._runs[request_id]
+        if reply.kept is not None:
+            earlier = self._finished_runs.pop(request_id, None)  # a retry with the same id: the latest
+            if earlier is not None:
+                self._finished_frames -= len(earlier[1].kept or ())
+            keep = FINISHED_KEEP_IDLE_TIMEOUTS * self.settings.idle_timeout_s
+            self._finished_runs[request_id] = (now + keep, reply)
+            self._finished_frames += len(reply.kept)
+        self._drop_finished(now)
+
+    def _drop_finished(self, now: float) -> None:
+        finished = self._finished_runs
+        while finished and (
+            len(finished) > FINISHED_KEEP_MAX
+            or self._finished_frames > FINISHED_KEEP_FRAMES
+            or next(iter(finished.values()))[0] <= now
+        ):
+            _, (_, reply) = finished.popitem(last=False)
+            self._finished_frames -= len(reply.kept or ())
+
     async def _on_chat(self, req: Request) -> None:
         """micro's handler for the chat endpoint (where :class:`_TakeAtOnce` does not stand in)."""
         self._take(req._msg)
@@ -445,7 +515,7 @@ class SpecialistService:
             self.log.warning("chat request without a reply subject dropped")
             return
         run = parse_run_subject(reply_to, self.settings.prefix)
-        reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run is not None)
+        reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run)
         if self._draining:
             err = BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
             self._tg.start_soon(reply.error, err)
@@ -480,6 +550,8 @@ class SpecialistService:
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
         self._owners[request.id] = owner
+        if reply.kept is not None:
+            self._runs[request.id] = reply
         if self._cancelled_early(request.id, owner):
             scope.cancel()
         if tracing.wanted(headers):
@@ -678,6 +750,8 @@ class SpecialistService:
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
             self._scopes.pop(request.id, None)
+            if reply.kept is not None:
+                self._finish_run(request.id, reply, time.monotonic())
             self.metrics.tokens_out.inc(reply.chunks)
             self._owners.pop(request.id, None)
             self._usage_sessions.pop(request.id, None)
@@ -695,6 +769,7 @@ class SpecialistService:
         while True:
             await anyio.sleep(interval / 2)
             now = time.monotonic()
+            self._drop_finished(now)
             for request_id, reply in list(self._streaming.items()):
                 # Runs are probed on their own probe subject (_check_listeners): a frame with a reply
                 # subject to a run would be acknowledged by JetStream, never "no responders".
@@ -739,6 +814,8 @@ class SpecialistService:
         if self._probe_sub is not None:
             await self._probe_sub.unsubscribe()
         await self._flush_usage()  # the last answers' records, not left in the batch
+        if self._replay_sub is not None:
+            await self._replay_sub.unsubscribe()
         await (self.models or self.provider).aclose()
         self._tools_stop.set()
         self.log.info("specialist stopped", served=self.counters.served)

@@ -46,7 +46,7 @@ from bus.signals import die_with_parent, set_on_signal
 from bus.subjects import ALL_USERS
 from gateway.runtime import HTTP_KEEP_ALIVE_S, serve_gateway
 from specialists.roster import load_roster
-from specialists.runtime import select, serve_specialists
+from specialists.runtime import local_model_processes, select, serve_specialists
 from specialists.service import SpecialistService
 from tekton import certs
 from tekton.cluster import (
@@ -191,10 +191,15 @@ async def _start_children(
     groups: Sequence[tuple[str, Sequence[str]]],
     settings: TektonSettings,
     http: tuple[str, int] | None = None,
+    local_processes: int = 0,
 ) -> None:
     # The HTTP bridge's certificate (--tls) reaches a gateway child through its environment.
     tls = {"TEKTON_HTTP_TLS_CERT": settings.http_tls_cert, "TEKTON_HTTP_TLS_KEY": settings.http_tls_key}
-    child = functools.partial(run_child, env={k: str(v) for k, v in tls.items() if v})
+    env = {k: str(v) for k, v in tls.items() if v}
+    if local_processes > 1 and "TEKTON_LOCAL_PROCESSES" not in os.environ:
+        # Each local model takes its share of the cores (specialists/providers/local.py).
+        env["TEKTON_LOCAL_PROCESSES"] = str(local_processes)
+    child = functools.partial(run_child, env=env)
     async with anyio.create_task_group() as starting:
         for label, names in groups:
             starting.start_soon(tg.start, child, _child_argv(names, settings, http), label)
@@ -255,7 +260,9 @@ async def _up(
         async with anyio.create_task_group() as tg:
             if args.processes:
                 groups = [("gateway", ["gateway"]), *((name, [name]) for name in roster)]
-                await _start_children(tg, groups, settings, http)
+                await _start_children(
+                    tg, groups, settings, http, local_model_processes(settings, list(roster))
+                )
             else:
                 async with anyio.create_task_group() as starting:
                     starting.start_soon(
@@ -430,7 +437,10 @@ async def cmd_specialist(settings: TektonSettings, args: argparse.Namespace) -> 
     if args.replicas > 1:
         async with anyio.create_task_group() as tg:
             await _start_children(
-                tg, [(f"{'+'.join(args.names)}#{i}", args.names) for i in range(args.replicas)], settings
+                tg,
+                [(f"{'+'.join(args.names)}#{i}", args.names) for i in range(args.replicas)],
+                settings,
+                local_processes=args.replicas * local_model_processes(settings, args.names),
             )
             _say(f"ready {' '.join(args.names)} x{args.replicas} on {settings.nats_url}")
             stop = anyio.Event()

@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from bus.auth import NotAuthorized
 from bus.client import Bus, client_tls, connect, connect_as
 from bus.cluster import LocalCluster, NodeConfig, free_ports, wait_jetstream
 from bus.errors import BusError, SpecialistUnavailable
+from bus.runs import ensure_runs_stream, runs_stream_name
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from gateway.store import bucket_name
@@ -224,6 +226,46 @@ async def test_a_node_killed_mid_load_loses_nothing(cluster: LocalCluster, csett
             await eventually(lambda: _caught_up(b1, "n3"), within=30)
             for nc in clients:
                 await nc.close()
+
+
+async def test_an_answer_whose_client_node_died_with_the_runs_stream_is_replayed_by_its_replica(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    """kill -9 the node the client is on, which also holds the runs stream (one replica), and the client
+    stalls a moment: the frames lost meanwhile come from the replica producing the answer (the stream
+    is offline), each exactly once."""
+    quick = on(csettings, cluster.url, idle_timeout_s=1.0)
+    async with Bus.connect(quick) as setup:
+        await ensure_runs_stream(setup.nc, quick)
+        info = await setup.nc.jetstream().stream_info(runs_stream_name(quick.prefix))
+        assert info.cluster is not None and info.cluster.leader is not None
+        holder = [c.name for c in cluster.configs].index(info.cluster.leader)
+    elsewhere = on(quick, cluster.urls[(holder + 1) % 3])
+    slow = {"TEKTON_SCRIPTED_TOKENS": "60", "TEKTON_SCRIPTED_TOKENS_PER_S": "20"}  # ~3 s
+    argv = [sys.executable, "-m", "tekton", "specialist", "apollo", "--provider", "scripted"]
+    specialist = spawn([*argv, "--log-level", "warning"], child_env(elsewhere, **slow))
+    try:
+        await anyio.to_thread.run_sync(lambda: specialist.wait_for(lambda s: s.startswith("ready apollo")))
+        nc = await connect(cluster.urls[holder])  # the client sits on the node about to die
+        bus = Bus(nc, quick)
+        resumed: list[int] = []
+        got: list[str] = []
+        try:
+            async with bus.stream("apollo", user("go on")) as s:
+                s.on_resume = resumed.append
+                async for text in s:
+                    got.append(text)
+                    if len(got) == 5:
+                        cluster.kill(holder)
+                        time.sleep(0.5)  # noqa: ASYNC251 (the client stalls, waits for nothing): frames go by
+                result = await s.result()
+        finally:
+            await nc.close()
+    finally:
+        specialist.stop()
+    assert len(got) == 60 and result.done.usage.completion_tokens == 60  # each chunk exactly once
+    assert "".join(got).startswith("apollo heard: go on")
+    assert resumed, "nothing was lost: the test did not test a resume"
 
 
 async def _move_leader(bus: Bus, node: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,3 +148,62 @@ async def test_a_dead_model_process_fails_its_request_at_once_and_comes_back(
         assert again.done.usage.completion_tokens >= 1
         assert apollo.pid not in (None, first_pid) and apollo.restarts == 1
         print(f"{sig.name}: error reached the client {noticed * 1000:.0f} ms after the kill")
+
+
+def test_replicas_share_the_cores_and_prompts_use_only_their_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tekton specialist --replicas N` (and `tekton up --processes`) tell each local model its share
+    of the cores, for generation and for prompt processing (llama-cpp-python's default there is every
+    core); TEKTON_LOCAL_THREADS still decides when set."""
+    from specialists.providers.base import ProviderContext, SharedResources
+    from specialists.providers.llama_worker import load
+    from specialists.providers.local import LocalOptions, LocalProvider, cores_share
+
+    monkeypatch.delenv("TEKTON_LOCAL_THREADS", raising=False)
+    monkeypatch.delenv("TEKTON_LOCAL_PROCESSES", raising=False)
+    cores = os.cpu_count() or 2
+    assert cores_share(2) == max(1, cores // 2) and cores_share(cores * 4) == 1
+    context = ProviderContext("apollo", SharedResources())
+    shared = LocalProvider(LocalOptions(processes=2), context)
+    assert shared.worker.config["threads"] == max(1, cores // 2)
+    assert LocalProvider(LocalOptions(), context).worker.config["threads"] == cores
+    assert LocalProvider(LocalOptions(processes=2, threads=3), context).worker.config["threads"] == 3
+    llm = load({**shared.worker.config, "threads": 1})
+    assert (llm.n_threads, llm.n_threads_batch) == (1, 1)
+
+
+def _model_threads(root: int) -> list[int]:
+    """The threads given to each model process under process ``root`` (from its command line)."""
+    children: dict[int, list[int]] = {}
+    configs: dict[int, dict[str, object]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+        if b"specialists.providers.llama_worker" in argv:
+            configs[int(entry.name)] = json.loads(argv[argv.index(b"specialists.providers.llama_worker") + 1])
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in configs:
+            found.append(int(configs[pid]["threads"]))  # type: ignore[call-overload]
+        todo += children.get(pid, [])
+    return found
+
+
+def test_tekton_specialist_replicas_give_each_local_model_its_share_of_the_cores(
+    settings: TektonSettings,
+) -> None:
+    env = child_env(settings)
+    env.pop("TEKTON_LOCAL_THREADS", None)
+    argv = [sys.executable, "-m", "tekton", "specialist", "apollo", "--replicas", "2", "--provider", "local"]
+    child = spawn(argv, env)
+    try:
+        child.wait_for(lambda line: line.startswith("ready apollo x2"), timeout=120)
+        assert _model_threads(child.process.pid) == [max(1, (os.cpu_count() or 2) // 2)] * 2
+    finally:
+        child.stop()

@@ -312,7 +312,10 @@ async def test_a_resume_that_starts_too_late_starts_wider(settings: TektonSettin
     frame, which is too late when another run's frames were stored in between: the first frame read
     back is past the one needed, and the resume starts wider, losing nothing."""
     with SLOW:
-        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            # The replica answers no replay request (one would serve the resume first): the stream's turn.
+            replays, services["apollo"]._replay_sub = services["apollo"]._replay_sub, None
+            await replays.unsubscribe()
             resumed: list[int] = []
             got: list[str] = []
             async with (

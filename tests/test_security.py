@@ -19,6 +19,7 @@ import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from bus.auth import load_credentials
 from bus.bulk import BulkOperation, BulkPlan
@@ -29,7 +30,7 @@ from bus.sessions import Session, SessionChat
 from bus.settings import TektonSettings
 from bus.subjects import ALL_USERS
 from bus.tls import TlsSocketTransport
-from bus.wire import ChatMessage, ChatRequest, DoneFrame
+from bus.wire import ChatMessage, ChatRequest, DoneFrame, unpack_frame
 from gateway.runtime import serve_gateway
 from tekton import certs
 from tekton.users import Users
@@ -317,6 +318,44 @@ async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
             assert isinstance(result.done, DoneFrame) and result.done.usage.completion_tokens == 30
             assert text.startswith("apollo heard: long")
             assert services["apollo"].counters.cancelled == 0
+
+
+@pytest.mark.fast
+async def test_bob_cannot_have_alices_run_replayed_to_him(team: Team, bob: Raw) -> None:
+    """Replay requests (a replica re-sends a run's frames): only under one's own name (the server),
+    and only for one's own runs (the specialist); alice's own replay works."""
+    assert bob.nc is not None
+    heard: list[bytes] = []
+
+    async def keep(msg: Msg) -> None:
+        heard.append(msg.data)
+
+    await bob.nc.subscribe("_INBOX.bob.replayed", cb=keep)
+    secret = [ChatMessage(role="user", content="secret")]
+    with env(TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
+        async with (
+            in_process_specialists(team.services, "apollo"),
+            Bus.connect(team.alice, name="alice") as alice,
+            alice.stream("apollo", secret) as s,
+        ):
+            await s.wait_started()
+            rid = s.request.id  # suppose bob learnt it
+            await bob.nc.publish(f"tekton.replay.alice.{rid}", b"-1", reply="_INBOX.bob.replayed")
+            await bob.refused(f'Permissions Violation for Publish to "tekton.replay.alice.{rid}"')
+            # An allowed subject, but not his run: the specialist says nothing.
+            await bob.nc.publish(f"tekton.replay.bob.{rid}", b"-1", reply="_INBOX.bob.replayed")
+            await bob.nc.flush()
+            reply, inbox = await alice.open_inbox()
+            await alice.nc.publish(f"tekton.replay.alice.{rid}", b"-1", reply=reply)
+            frames = []
+            while (msg := await inbox.get(10)) is not None and msg.data:
+                frames.append(unpack_frame(msg.data))
+            assert msg is not None  # the replay's end
+            text = "".join([t async for t in s])
+    assert frames[0]["type"] == "start" and [f["seq"] for f in frames] == list(range(len(frames)))
+    assert text.startswith("apollo heard: secret")
+    await bob.nc.flush()
+    assert heard == []
 
 
 @pytest.mark.fast

@@ -94,7 +94,10 @@ def load(config: dict[str, Any]) -> Any:
     return CountingLlama(
         model_path=config["model_path"],
         n_ctx=config["n_ctx"],
+        # Prompt processing too (llama-cpp-python's default there is every core, whatever n_threads):
+        # two models each spinning more threads than their share slow both down.
         n_threads=config["threads"] or os.cpu_count() or 2,
+        n_threads_batch=config["threads"] or os.cpu_count() or 2,
         seed=config["seed"],
         verbose=False,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -68,7 +69,11 @@ class LocalOptions(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEKTON_LOCAL_", extra="forbid")
 
     model_path: Path | None = None
+    # Threads of one model process (generation and prompt processing); unset: this machine's cores
+    # shared among the local-model processes started on it (``processes``, set by `tekton up
+    # --processes` and `tekton specialist --replicas`), so concurrent answers do not oversubscribe.
     threads: int | None = Field(default=None, ge=1)
+    processes: int = Field(default=1, ge=1)
     n_ctx: int = Field(default=2048, ge=256)
     seed: int = 1
     # None: off where the CPU advertises AMX (see llama_worker.load), on elsewhere.
@@ -84,6 +89,11 @@ class LocalOptions(BaseSettings):
         if value == "required":
             raise ValueError("llama-cpp-python's function calling has no 'required': name the tool instead")
         return value
+
+
+def cores_share(processes: int) -> int:
+    """Threads for one of ``processes`` model processes on this machine: its share of the cores."""
+    return max(1, (os.cpu_count() or 2) // processes)
 
 
 class ModelCrashed(ProviderError):
@@ -136,7 +146,9 @@ class ModelProcess:
                 f"cannot load local model {self.config['model_path']}: {frame.get('message', frame)}"
             )
         self.process, self._frames = process, frames
-        log.info("model process ready", specialist=self.specialist, pid=process.pid)
+        log.info(
+            "model process ready", specialist=self.specialist, pid=process.pid, threads=self.config["threads"]
+        )
 
     @staticmethod
     async def _read(frames: BufferedByteReceiveStream) -> dict[str, Any]:
@@ -280,7 +292,7 @@ class LocalProvider:
             {
                 "model_path": str(path),
                 "n_ctx": options.n_ctx,
-                "threads": options.threads,
+                "threads": options.threads or cores_share(options.processes),
                 "seed": options.seed,
                 "no_extra_bufts": no_extra_bufts,
             },
