@@ -55,7 +55,7 @@ from tekton.cluster import (
     add_nats_cluster_options,
     add_probe_parser,
     cmd_cluster,
-    cmd_cluster_routes,
+    cmd_cluster_secrets,
     cmd_nats_node,
     cmd_probe,
     node_config,
@@ -738,8 +738,8 @@ def _version() -> str:
 
 
 async def _cluster(settings: TektonSettings, args: argparse.Namespace) -> int:
-    if args.cluster_cmd == "routes":
-        return cmd_cluster_routes(settings, args)
+    if args.cluster_cmd == "secrets":
+        return cmd_cluster_secrets(settings, args)
     return await cmd_cluster(settings, args, users_file(settings, args), server_tls(settings, args))
 
 

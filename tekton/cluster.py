@@ -7,7 +7,9 @@ commands only write its config from a few options and run it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -16,12 +18,14 @@ from pathlib import Path
 import anyio
 import nkeys  # type: ignore[import-untyped]
 
-from bus.auth import creds_dir
+from bus.auth import creds_dir, default_creds_path
 from bus.cluster import LocalCluster, NodeConfig, new_secret, route_lines, split_urls
 from bus.errors import BusError
-from bus.server import EmbeddedNats, TlsFiles, nats_server_binary
+from bus.server import EmbeddedNats, TlsFiles, nats_server_binary, tls_block
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
+from tekton import certs
+from tekton.users import Users, local_user_name
 
 # A leaf keeps its own JetStream (sessions work offline) under this domain, apart from the hub's.
 LEAF_DOMAIN = "leaf"
@@ -134,15 +138,21 @@ def add_cluster_parser(sub: argparse._SubParsersAction, common: argparse.Argumen
     up.add_argument(
         "--no-auth", action="store_true", help="no users on the client ports (routes keep their secret)"
     )
-    routes = actions.add_parser(
-        "routes",
+    made = actions.add_parser(
+        "secrets",
         parents=[common],
-        help="print the route credentials a shipped cluster config includes (deploy/nats/routes.conf)",
+        help="write what deploy/compose.yaml's nodes and services mount: users, route and leaf "
+        "credentials, TLS (see docs/security.md)",
     )
-    routes.add_argument(
-        "urls", nargs="+", metavar="URL", help="every node's route URL (nats-route://nats-1:6222)"
+    made.add_argument("dir", metavar="DIR", help="where to write them (deploy/secrets for the compose file)")
+    made.add_argument("hosts", nargs="+", metavar="HOST", help="every node's host name (nats-1 ...)")
+    made.add_argument("--route-port", type=int, default=6222, help="the nodes' route port (default 6222)")
+    made.add_argument(
+        "--mount",
+        default="/etc/nats/secrets",
+        help="where the nodes see DIR/nats (default /etc/nats/secrets, next to cluster.conf)",
     )
-    routes.add_argument(
+    made.add_argument(
         "--cluster-secret",
         metavar="FILE",
         help=f"the route secret (default: the data dir's auth/{CLUSTER_SECRET}, made on first use)",
@@ -229,17 +239,70 @@ async def cmd_nats_node(settings: TektonSettings, args: argparse.Namespace, conf
     return 0
 
 
-def cmd_cluster_routes(settings: TektonSettings, args: argparse.Namespace) -> int:
-    """The lines deploy/nats/cluster.conf includes in its ``cluster`` block: nats-server cannot put an
-    environment variable inside a route URL, so the peers' URLs carrying the secret (and the routes'
-    authorization) live in a file of their own, kept out of the repository."""
-    for url in args.urls:
-        if "://" not in url or "@" in url:
-            raise UsageError(f"a route URL looks like nats-route://nats-1:6222, not {url!r}")
+def cmd_cluster_secrets(settings: TektonSettings, args: argparse.Namespace) -> int:
+    """What a shipped cluster config (deploy/nats/cluster.conf, deploy/compose.yaml) needs to be as
+    secure as one ``tekton`` runs itself, written to ``args.dir`` (kept out of the repository):
+
+    - ``nats/``, mounted at ``args.mount`` in each node: ``clients.conf`` (``users.conf``, the users
+      file of this data dir as ``tekton up`` writes it, and TLS on the client port), ``routes.conf``
+      (the peers' route URLs carrying the cluster's secret, the routes' authorization and TLS:
+      nats-server cannot put an environment variable inside a route URL), ``leaf.conf`` (leaf nodes
+      only with the leaf key, TLS) and ``tls/`` (a CA and a certificate for every node's host name);
+    - ``tekton/``, mounted in the gateway's and the specialists' containers: the CA they verify the
+      nodes with, their credentials, and ``http.env`` (the bridge's API token and certificate);
+    - ``ca-key.pem``: the CA's key, mounted nowhere.
+    """
+    hosts = list(args.hosts)
+    for host in hosts:
+        if not host or any(c in host for c in ":/@ ,"):
+            raise UsageError(f"a node's host name looks like nats-1, not {host!r}")
+    out = Path(args.dir).expanduser()
+    nats_dir, tekton_dir = out / "nats", out / "tekton"
+    for d in (out, nats_dir, tekton_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    users = Users(settings.data_dir, settings.prefix)
+    users.ensure_local()
     secret = route_secret(settings.data_dir, args.cluster_secret)
-    print("# The cluster's route credentials (tekton cluster routes): keep this file private.")
-    print("\n".join(route_lines(args.urls, secret)))
+    seed = leaf_seed(settings.data_dir, create=True)
+    assert seed is not None
+    made = certs.ensure(nats_dir / "tls", [*hosts, "gateway"])
+    if made.key.with_name("ca-key.pem").exists():  # the CA's key goes where no container mounts it
+        made.key.with_name("ca-key.pem").replace(out / "ca-key.pem")
+    mount = args.mount.rstrip("/")
+    inside = TlsFiles(*(Path(f"{mount}/tls/{name}.pem") for name in ("server", "server-key", "ca")))
+    header = "# Written by `tekton cluster secrets`; keep it private, never in the repository.\n"
+    _private(nats_dir / "users.conf", header + users.write_auth_file().read_text())
+    _private(nats_dir / "clients.conf", header + 'include "users.conf"\n' + tls_block(inside))
+    routes = [f"nats-route://{host}:{args.route_port}" for host in hosts]
+    route_conf = "\n".join(route_lines(routes, secret)) + "\n"
+    _private(nats_dir / "routes.conf", header + route_conf + tls_block(inside))
+    leaf_auth = f"authorization {{ nkey: {json.dumps(public_key(seed))}, timeout: 5 }}\n"
+    _private(nats_dir / "leaf.conf", header + tls_block(inside) + leaf_auth)
+    _private(tekton_dir / "ca.pem", made.ca.read_text())
+    for role in ("gateway", "specialist"):
+        _private(tekton_dir / f"{role}.creds", default_creds_path(settings.data_dir, role).read_text())
+    # The bridge listens off loopback: it needs an API token and TLS (the nodes' certificate names
+    # "gateway" too). The token's user is this data dir's admin; add others with NAME=TOKEN.
+    http = tekton_dir / "http.env"
+    if not http.exists():
+        _private(
+            http,
+            f"TEKTON_HTTP_TOKENS={json.dumps([f'{local_user_name()}={secrets.token_urlsafe(24)}'])}\n"
+            "TEKTON_HTTP_TLS_CERT=/etc/tekton/server.pem\nTEKTON_HTTP_TLS_KEY=/etc/tekton/server-key.pem\n",
+        )
+    _private(tekton_dir / "server.pem", made.cert.read_text())
+    _private(tekton_dir / "server-key.pem", made.key.read_text())
+    _say(f"wrote the cluster's secrets to {out}: the nodes mount {nats_dir} at {mount}")
     return 0
+
+
+def _private(path: Path, text: str) -> None:
+    """``text`` in ``path``, readable by its owner only (0600 from the start)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 async def cmd_cluster(

@@ -6,20 +6,26 @@ we ship or generate passes the server's own check (``nats-server -t``).
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
+import ssl
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import anyio
 import pytest
 import yaml
 
-from bus.cluster import local_nodes
+from bus.auth import NotAuthorized, load_credentials
+from bus.client import connect
+from bus.cluster import free_ports, local_nodes
+from bus.errors import NatsUnavailable
 from bus.server import nats_server_binary
 from bus.settings import TektonSettings
-from tekton.cluster import check_config, cmd_cluster_routes
+from tekton import certs
+from tekton.cluster import check_config
 
 pytestmark = pytest.mark.fast
 
@@ -37,13 +43,30 @@ def nats_check(path: Path, **env: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_shipped_cluster_config_needs_the_route_credentials_and_then_passes_nats_server_check(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def _secrets(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "tekton",
+        "cluster",
+        "secrets",
+        *extra,
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_the_shipped_cluster_config_runs_with_users_route_and_leaf_credentials_and_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """nats-server cannot put an environment variable inside a route URL: the shipped config includes
-    routes.conf, which `tekton cluster routes` writes with the cluster's secret. Without it the node
-    does not start."""
-    conf = tmp_path / "cluster.conf"
+    """deploy/nats/cluster.conf includes what `tekton cluster secrets` writes (nats-server cannot put an
+    environment variable inside a route URL): without it a node does not start; with it the node takes
+    only verified TLS clients with credentials. One node runs here from the shipped config (its ports
+    and store moved to this machine's free ones), its peers being absent."""
+    node = tmp_path / "node"
+    node.mkdir()
+    conf = node / "cluster.conf"
     conf.write_text((DEPLOY / "nats" / "cluster.conf").read_text())
     refused = subprocess.run(
         [str(nats_server_binary()), "-t", "-c", str(conf)],
@@ -52,21 +75,69 @@ def test_shipped_cluster_config_needs_the_route_credentials_and_then_passes_nats
         timeout=30,
         env={**os.environ, "SERVER_NAME": "nats-1"},
     )
-    assert refused.returncode != 0 and "routes.conf" in refused.stdout + refused.stderr
-    urls = [f"nats-route://nats-{i}:6222" for i in (1, 2, 3)]
-    args = argparse.Namespace(urls=urls, cluster_secret=None)
-    assert cmd_cluster_routes(TektonSettings(data_dir=tmp_path / "data"), args) == 0
-    printed = capsys.readouterr().out
-    secret = (tmp_path / "data" / "auth" / "cluster.secret").read_text().strip()
-    assert f'password: "{secret}"' in printed
-    assert ", ".join(f'"nats-route://route:{secret}@nats-{i}:6222"' for i in (1, 2, 3)) in printed
-    (tmp_path / "routes.conf").write_text(printed)
+    assert refused.returncode != 0 and "clients.conf" in refused.stdout + refused.stderr
+
+    out = tmp_path / "secrets"
+    made = _secrets(tmp_path, str(out), "nats-1", "nats-2", "nats-3", "--mount", str(out / "nats"))
+    assert made.returncode == 0, made.stderr
+    (node / "secrets").symlink_to(out / "nats")
+    data = tmp_path / "data" / "auth"
+    secret = (data / "cluster.secret").read_text().strip()
+    routes = (out / "nats" / "routes.conf").read_text()
+    assert f'password: "{secret}"' in routes
+    assert ", ".join(f'"nats-route://route:{secret}@nats-{i}:6222"' for i in (1, 2, 3)) in routes
+    for path in [*out.rglob("*.conf"), *out.rglob("*.creds"), *out.rglob("*key.pem"), *out.rglob("*.env")]:
+        assert path.stat().st_mode & 0o077 == 0, path  # the owner's only
+    assert (out / "ca-key.pem").exists() and not list((out / "nats").rglob("ca-key.pem"))
+    # The bridge's environment (compose's env_file, Kubernetes' secret): a token and its certificate.
+    for line in (out / "tekton" / "http.env").read_text().splitlines():
+        monkeypatch.setenv(*line.split("=", 1))
+    bridge = TektonSettings()
+    assert bridge.http_tokens and len(bridge.http_tokens[0].split("=", 1)[1]) >= 24
+    assert bridge.http_tls_cert == Path("/etc/tekton/server.pem")
     nats_check(conf, SERVER_NAME="nats-1")
-    argv = [sys.executable, "-m", "tekton", "cluster", "routes", "nats-1:6222"]
-    bad = subprocess.run(
-        [*argv, "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=60
+
+    client, http, route, leaf = free_ports(4)
+    text = conf.read_text()
+    for shipped, here in [("4222", client), ("8222", http), ("6222", route), ("7422", leaf)]:
+        text = text.replace(f'"0.0.0.0:{shipped}"', f'"127.0.0.1:{here}"')
+    conf.write_text(text.replace('"/data/jetstream"', json.dumps(str(tmp_path / "store"))))
+    server = subprocess.Popen(
+        [str(nats_server_binary()), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "SERVER_NAME": "nats-1"},
     )
-    assert bad.returncode == 2 and "nats-route://nats-1:6222" in bad.stderr and "Traceback" not in bad.stderr
+    try:
+        anyio.run(_signs_in_only_with_credentials_over_verified_tls, client, out, tmp_path)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+async def _signs_in_only_with_credentials_over_verified_tls(port: int, out: Path, tmp_path: Path) -> None:
+    url = f"tls://127.0.0.1:{port}"
+    with anyio.fail_after(30):
+        while True:  # the node starts listening
+            try:
+                await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                break
+            except OSError:
+                await anyio.sleep(0.05)
+    verified = ssl.create_default_context(cafile=str(out / "tekton" / "ca.pem"))
+    creds = load_credentials(out / "tekton" / "specialist.creds")
+    nc = await connect(url, name="test", creds=creds, tls=verified)
+    await nc.close()
+    with pytest.raises(NotAuthorized):
+        await connect(url, name="test", tls=verified)
+    other = ssl.create_default_context(cafile=str(certs.generate(tmp_path / "other").ca))
+    with pytest.raises(NatsUnavailable, match="TLS handshake failed"):
+        await connect(url, name="test", creds=creds, tls=other)
+
+
+def test_tekton_cluster_secrets_takes_host_names_only(tmp_path: Path) -> None:
+    bad = _secrets(tmp_path, str(tmp_path / "out"), "nats-route://nats-1:6222")
+    assert bad.returncode == 2 and "looks like nats-1" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_nats_server_check_rejects_a_broken_config(tmp_path: Path) -> None:
@@ -140,12 +211,16 @@ def test_compose_file_runs_three_nats_nodes_and_replicated_pieces() -> None:
     for name in nodes:
         assert services[name]["environment"]["SERVER_NAME"] == name
         assert services[name]["command"] == ["-c", "/etc/nats/cluster.conf"]
-        assert "./nats/routes.conf:/etc/nats/routes.conf:ro" in services[name]["volumes"]
+        assert "./secrets/nats:/etc/nats/secrets:ro" in services[name]["volumes"]
     for name in ("gateway", "apollo", "athena"):
         svc = services[name]
         assert svc["deploy"]["replicas"] >= 2
-        url = svc["environment"]["TEKTON_NATS_URL"]
-        assert url.split(",") == [f"nats://{n}:4222" for n in nodes]
+        env = svc["environment"]
+        assert env["TEKTON_NATS_URL"].split(",") == [f"tls://{n}:4222" for n in nodes]
+        assert env["TEKTON_TLS_CA"] == "/etc/tekton/ca.pem"
+        role = "gateway" if name == "gateway" else "specialist"
+        assert env["TEKTON_CREDS"] == f"/etc/tekton/{role}.creds"
+        assert "./secrets/tekton:/etc/tekton:ro" in svc["volumes"]
         assert "probe" in svc["healthcheck"]["test"]
         assert svc["stop_grace_period"] == "40s"  # longer than TEKTON_DRAIN_GRACE_S: drains first
 
@@ -159,7 +234,7 @@ def test_kubernetes_manifests_have_a_deployment_per_specialist_with_probe_and_dr
     docs = _documents("tekton.yaml") + _documents("specialists.yaml")
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert int(config["TEKTON_DRAIN_GRACE_S"]) == 30
-    assert len(config["TEKTON_NATS_URL"].split(",")) == 3
+    assert [u.split("://")[0] for u in config["TEKTON_NATS_URL"].split(",")] == ["tls"] * 3
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     assert set(deployments) == {"tekton-gateway", *(f"tekton-{n}" for n in roster)}
     for name, d in deployments.items():
@@ -172,11 +247,26 @@ def test_kubernetes_manifests_have_a_deployment_per_specialist_with_probe_and_dr
         (container,) = pod["containers"]
         assert container["readinessProbe"]["exec"]["command"][:2] == ["tekton", "probe"], name
         assert container["args"][0] in {"gateway", "specialist"}
+        # Signed in with its role's credentials, from the secret `tekton cluster secrets` filled.
+        assert container["env"] == [
+            {"name": "TEKTON_CREDS", "value": f"/etc/tekton/{container['args'][0]}.creds"}
+        ]
+        assert pod["volumes"][0]["secret"]["secretName"] == "tekton"
 
 
 def test_helm_values_ask_for_a_three_node_jetstream_cluster_with_leaf_nodes() -> None:
     values = yaml.safe_load((DEPLOY / "k8s" / "nats-values.yaml").read_text())["config"]
-    assert values["cluster"] == {"enabled": True, "replicas": 3, "routeURLs": {"user": "route"}}
+    cluster = values["cluster"]
+    assert (cluster["enabled"], cluster["replicas"], cluster["routeURLs"]) == (True, 3, {"user": "route"})
+    # TLS everywhere with the certificate `tekton cluster secrets` made, and its users file included.
+    for part in (values["nats"], cluster, values["leafnodes"]):
+        assert part["tls"] == {
+            "enabled": True,
+            "secretName": "tekton-nats-tls",
+            "cert": "server.pem",
+            "key": "server-key.pem",
+        }
+    assert values["merge"]["$include"] == "./tekton/users.conf"
     # The routes' password is given at install (--set), never kept in the repository.
     assert "routeURLs.password" in (DEPLOY / "k8s" / "nats-values.yaml").read_text()
     assert values["jetstream"]["enabled"] and values["jetstream"]["fileStore"]["pvc"]["enabled"]
