@@ -178,7 +178,7 @@ async def test_a_failing_specialist_loses_rank_and_routing_falls_back(settings: 
         try:
             child.wait_for(lambda line: line.startswith("ready "))
             async with Bus.connect(lenient) as bus:
-                await _until_discovered(bus, "prometheus")
+                await _until_discovered(bus, "prometheus", "metis")
             first = await run_aish(lenient, "-c", '@planning << "plan it"')
             assert first.returncode == 0, first.stderr
             assert first.stdout == "metis heard: plan it\n"
@@ -196,12 +196,12 @@ async def test_a_failing_specialist_loses_rank_and_routing_falls_back(settings: 
             child.stop()
 
 
-async def _until_discovered(bus: Bus, name: str) -> None:
-    """Until the gateway's discovery lists ``name`` (a child's "ready" says it subscribed; the gateway
-    hears of it at its next survey)."""
+async def _until_discovered(bus: Bus, *names: str) -> None:
+    """Until the gateway's discovery lists every one of ``names`` (a child's "ready" says it
+    subscribed; the gateway hears of it at its next survey, which a loaded machine can make miss one)."""
     with anyio.fail_after(30):
         for _ in iter(int, 1):  # polls the gateway: no event to wait on from here
-            if name in {v.name for v in (await bus.gateway.discover(refresh=True)).specialists}:
+            if set(names) <= {v.name for v in (await bus.gateway.discover(refresh=True)).specialists}:
                 return
             await anyio.sleep(0.1)
 
