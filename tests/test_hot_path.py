@@ -269,4 +269,4 @@ async def test_requests_over_the_slots_wait_for_one_and_every_slot_comes_back(
                 for i in range(5):
                     tg.start_soon(ask, i)
         assert sorted(texts) == [f"apollo heard: q{i}" for i in range(5)]
-        assert services["apollo"]._limiter.borrowed_tokens == 0
+        assert services["apollo"]._slots.value == 1  # every slot given back
