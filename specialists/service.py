@@ -13,8 +13,9 @@ stream is published with a reply subject of ours: when nobody listens on the str
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import asdict, dataclass
@@ -103,6 +104,8 @@ USAGE_BATCH_MAX = 2_000
 FINISHED_KEEP_IDLE_TIMEOUTS = 2.0
 FINISHED_KEEP_MAX = 1_000
 FINISHED_KEEP_FRAMES = 200_000
+# At most this many request tasks wait idle for the next request (see SpecialistService._dispatch).
+IDLE_WORKERS_MAX = 256
 
 
 class ReplyStream:
@@ -314,6 +317,10 @@ class SpecialistService:
         self._system = ChatMessage(role="system", content=spec.system_prompt)
         self._defaults = spec.options.model_dump(exclude_none=True)
         self._start_frames: dict[tuple[str, str], bytes] = {}
+        # Request tasks done with their request, each waiting on its future for the next one.
+        self._idle_workers: deque[asyncio.Future[tuple[ChatRequest, ReplyStream, anyio.CancelScope]]] = (
+            deque()
+        )
 
     @property
     def instance_id(self) -> str:
@@ -558,7 +565,31 @@ class SpecialistService:
         if tracing.wanted(headers):
             self._tg.start_soon(self._serve_traced, request, reply, scope, headers)
         else:
-            self._tg.start_soon(self._serve, request, reply, scope)
+            self._dispatch((request, reply, scope))
+
+    def _dispatch(self, job: tuple[ChatRequest, ReplyStream, anyio.CancelScope]) -> None:
+        """Serve a request in a task of the service's task group: one that finished its request and
+        waits for the next (:meth:`_worker`), else a new one. Handing a request to a waiting task costs
+        ~2.6 us against ~14 us for ``start_soon`` (anyio makes a handle, a cancel scope and an event
+        per task); each request still runs in its own cancel scope, and every task is the task
+        group's, cancelled with it."""
+        idle = self._idle_workers
+        while idle:
+            waiting = idle.popleft()
+            if not waiting.done():  # (done: cancelled, its task is gone)
+                waiting.set_result(job)
+                return
+        self._tg.start_soon(self._worker, job)
+
+    async def _worker(self, job: tuple[ChatRequest, ReplyStream, anyio.CancelScope]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._serve(*job)
+            if len(self._idle_workers) >= IDLE_WORKERS_MAX:
+                return
+            waiting: asyncio.Future[tuple[ChatRequest, ReplyStream, anyio.CancelScope]] = loop.create_future()
+            self._idle_workers.append(waiting)
+            job = await waiting
 
     async def _on_budget(self, msg: Msg) -> None:
         try:
