@@ -20,6 +20,7 @@ import nats
 import pytest
 
 from bus.client import Bus
+from bus.errors import DeadlineExceeded
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject
@@ -270,3 +271,26 @@ async def test_requests_over_the_slots_wait_for_one_and_every_slot_comes_back(
                     tg.start_soon(ask, i)
         assert sorted(texts) == [f"apollo heard: q{i}" for i in range(5)]
         assert services["apollo"]._slots.value == 1  # every slot given back
+
+
+async def test_a_request_task_serves_the_next_request_even_after_a_stopped_one(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests go to a request task that finished its last one (SpecialistService._dispatch): one
+    task answers request after request, a request stopped by its deadline leaves its task serving,
+    and the idle tasks end with the service (the task group exits, nothing left behind)."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "20")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "200")
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        service = services["apollo"]
+        with pytest.raises(DeadlineExceeded):
+            async with bus.stream("apollo", [ChatMessage(role="user", content="x")], timeout=0.3) as s:
+                async for _ in s:
+                    pass
+        assert len(service._idle_workers) == 1  # the stopped request's task, back for the next one
+        for i in range(4):
+            with anyio.fail_after(30):
+                answer = await bus.ask("apollo", f"q{i}", ChatOptions(max_tokens=3))
+            assert answer.text == f"apollo heard: q{i}"
+        assert len(service._idle_workers) == 1, "each request took a new task"
+        assert service.counters.errors == 1 and service.counters.served == 4
