@@ -316,6 +316,7 @@ class SpecialistService:
         # and the start frame (always seq 0, the same for every answer of one model) are built once.
         self._system = ChatMessage(role="system", content=spec.system_prompt)
         self._defaults = spec.options.model_dump(exclude_none=True)
+        self._default_options = ChatOptions.model_construct(**self._defaults)  # shared: never changed
         self._start_frames: dict[tuple[str, str], bytes] = {}
         # Request tasks done with their request, each waiting on its future for the next one.
         self._idle_workers: deque[asyncio.Future[tuple[ChatRequest, ReplyStream, anyio.CancelScope]]] = (
@@ -672,9 +673,12 @@ class SpecialistService:
         return frame
 
     def _prompt(self, request: ChatRequest) -> tuple[list[ChatMessage], ChatOptions]:
+        messages = [self._system, *request.messages]
+        if not request.options.model_fields_set:  # none given (most requests): the roster's, built once
+            return messages, self._default_options
         given = request.options.model_dump(exclude_none=True)
         # Both sides are validated ChatOptions already: merging them needs no second validation.
-        return [self._system, *request.messages], ChatOptions.model_construct(**{**self._defaults, **given})
+        return messages, ChatOptions.model_construct(**{**self._defaults, **given})
 
     async def _serve(self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope) -> None:
         log = _RequestLog(self.log, request.id)

@@ -294,3 +294,36 @@ async def test_a_request_task_serves_the_next_request_even_after_a_stopped_one(
             assert answer.text == f"apollo heard: q{i}"
         assert len(service._idle_workers) == 1, "each request took a new task"
         assert service.counters.errors == 1 and service.counters.served == 4
+
+
+async def test_the_rosters_options_apply_with_and_without_the_requests_own(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request with no options gets the roster's (built once: SpecialistService._prompt), one with
+    some gets both, its own first."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "300")  # more than the roster's max_tokens (256)
+    async with in_process_specialists(settings, "apollo"):
+        nc = await nats.connect(settings.nats_url)
+
+        async def done_frame(options: dict[str, Any] | None) -> dict[str, Any]:
+            body: dict[str, Any] = {
+                "v": 1,
+                "id": uuid.uuid4().hex,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            if options is not None:
+                body["options"] = options
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("tekton.ai.apollo.chat", msgpack.packb(body), reply=inbox)
+            while True:
+                frame = msgpack.unpackb((await sub.next_msg(timeout=30)).data)
+                if frame["type"] in ("done", "error"):
+                    await sub.unsubscribe()
+                    return frame
+
+        for options, tokens in ((None, 256), ({"temperature": 0.1}, 256), ({"max_tokens": 3}, 3)):
+            frame = await done_frame(options)
+            assert frame["type"] == "done", frame
+            assert (frame["usage"]["completion_tokens"], frame["finish_reason"]) == (tokens, "length")
+        await nc.close()
