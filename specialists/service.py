@@ -586,6 +586,7 @@ class SpecialistService:
         loop = asyncio.get_running_loop()
         while True:
             await self._serve(*job)
+            del job  # an idle task holds no finished request (its frames, for a run)
             if len(self._idle_workers) >= IDLE_WORKERS_MAX:
                 return
             waiting: asyncio.Future[tuple[ChatRequest, ReplyStream, anyio.CancelScope]] = loop.create_future()
