@@ -511,7 +511,8 @@ class SpecialistService:
         self._take(req._msg)
 
     def _take(self, msg: Msg) -> None:
-        """A chat request, taken where it is read: registered, then served in a task of its own.
+        """A chat request, taken where it is read: registered, then served by a request task (one at a
+        time: :meth:`_dispatch`).
         Nothing here waits; what must (an error frame, a forward) goes in a task too."""
         try:
             self._take_request(msg)
