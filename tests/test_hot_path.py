@@ -20,6 +20,7 @@ import nats
 import pytest
 
 from bus.client import Bus
+from bus.errors import DeadlineExceeded
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import cancel_subject
@@ -269,4 +270,60 @@ async def test_requests_over_the_slots_wait_for_one_and_every_slot_comes_back(
                 for i in range(5):
                     tg.start_soon(ask, i)
         assert sorted(texts) == [f"apollo heard: q{i}" for i in range(5)]
-        assert services["apollo"]._limiter.borrowed_tokens == 0
+        assert services["apollo"]._slots.value == 1  # every slot given back
+
+
+async def test_a_request_task_serves_the_next_request_even_after_a_stopped_one(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests go to a request task that finished its last one (SpecialistService._dispatch): one
+    task answers request after request, a request stopped by its deadline leaves its task serving,
+    and the idle tasks end with the service (the task group exits, nothing left behind)."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "20")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "200")
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        service = services["apollo"]
+        with pytest.raises(DeadlineExceeded):
+            async with bus.stream("apollo", [ChatMessage(role="user", content="x")], timeout=0.3) as s:
+                async for _ in s:
+                    pass
+        assert len(service._idle_workers) == 1  # the stopped request's task, back for the next one
+        for i in range(4):
+            with anyio.fail_after(30):
+                answer = await bus.ask("apollo", f"q{i}", ChatOptions(max_tokens=3))
+            assert answer.text == f"apollo heard: q{i}"
+        assert len(service._idle_workers) == 1, "each request took a new task"
+        assert service.counters.errors == 1 and service.counters.served == 4
+
+
+async def test_the_rosters_options_apply_with_and_without_the_requests_own(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request with no options gets the roster's (built once: SpecialistService._prompt), one with
+    some gets both, its own first."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "300")  # more than the roster's max_tokens (256)
+    async with in_process_specialists(settings, "apollo"):
+        nc = await nats.connect(settings.nats_url)
+
+        async def done_frame(options: dict[str, Any] | None) -> dict[str, Any]:
+            body: dict[str, Any] = {
+                "v": 1,
+                "id": uuid.uuid4().hex,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            if options is not None:
+                body["options"] = options
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("tekton.ai.apollo.chat", msgpack.packb(body), reply=inbox)
+            while True:
+                frame = msgpack.unpackb((await sub.next_msg(timeout=30)).data)
+                if frame["type"] in ("done", "error"):
+                    await sub.unsubscribe()
+                    return frame
+
+        for options, tokens in ((None, 256), ({"temperature": 0.1}, 256), ({"max_tokens": 3}, 3)):
+            frame = await done_frame(options)
+            assert frame["type"] == "done", frame
+            assert (frame["usage"]["completion_tokens"], frame["finish_reason"]) == (tokens, "length")
+        await nc.close()
