@@ -435,7 +435,13 @@ class CharClassifier:
             rows.append(np.full(len(found) + 1, row, dtype=np.intp))  # and a zero at slot 0: no row
             slots.append(np.r_[0, found].astype(np.intp))  # is empty
             values.append(np.r_[0.0, weights * _CHAR_SCALE].astype(np.float32))
-        sparse = (np.concatenate(rows), np.concatenate(slots), np.concatenate(values), len(self.known))
+        # At least one slot: a roster whose examples share no n-gram (one tiny specialist) still trains.
+        sparse = (
+            np.concatenate(rows),
+            np.concatenate(slots),
+            np.concatenate(values),
+            max(len(self.known), 1),
+        )
         no_dense = np.zeros((n, 0), dtype=np.float32)
         share = np.full(n, 1.0 / max(n, 1), dtype=np.float32)
         _, self.weights, self.bias = _fit_softmax(no_dense, sparse, labels, share, classes, _CHAR_EPOCHS)

@@ -50,6 +50,9 @@ BROADCAST_S = 2.0
 # a steady stream of answers costs nats-server one file-store write per key every COALESCE_S, not a
 # KV read and write per answer. A query for totals stores what has arrived at once.
 COALESCE_S = 0.1
+# A query waits at most this long for the records that arrived before it to be stored (a bucket
+# that does not answer must not hold the asker's reply).
+SETTLE_MAX_S = 2.0
 # The last totals and revision written per key, kept so a batch needs no KV read first (the
 # compare-and-set still catches another replica's write or a reset); at most this many keys.
 KNOWN_MAX = 10_000
@@ -102,6 +105,7 @@ class UsageBook:
         self._hurry = anyio.Event()  # a query waits: store now, not at the end of COALESCE_S
         self._storing = False
         self._stored = anyio.Event()  # set (and replaced) as each batch is stored
+        self._batches_stored = 0
         self._known: OrderedDict[str, tuple[Totals, int]] = OrderedDict()
 
     def budget_for(self, user: str) -> Budget:
@@ -189,6 +193,7 @@ class UsageBook:
                 await self._store_batch(batch)
             finally:
                 self._storing = False
+                self._batches_stored += 1
                 stored, self._stored = self._stored, anyio.Event()
                 stored.set()
 
@@ -214,9 +219,13 @@ class UsageBook:
         counts it: a specialist sends its records within ``USAGE_BATCH_S`` of an answer's end (this
         waits three of them for the batch to arrive), and what has arrived is stored at once."""
         await anyio.sleep(3 * USAGE_BATCH_S)
-        while self._pending or self._storing:
-            self._hurry.set()
-            await self._stored.wait()
+        # The batch being stored now, if any, and the one gathering what has arrived: no later one (on
+        # a busy bus records keep arriving, and waiting until none is pending would never end).
+        wanted = self._batches_stored + self._storing + bool(self._pending)
+        with anyio.move_on_after(SETTLE_MAX_S):
+            while self._batches_stored < wanted:
+                self._hurry.set()
+                await self._stored.wait()
 
     async def _tell(self) -> None:
         notice = OverBudget(

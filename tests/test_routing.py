@@ -18,7 +18,7 @@ from bus.client import Bus
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from gateway.routing import K_NEAREST, Method, matcher
+from gateway.routing import K_NEAREST, CharClassifier, Method, matcher
 from tests.helpers import (
     child_env,
     eventually,
@@ -65,6 +65,13 @@ def test_plain_questions_match_and_gibberish_goes_to_the_generalist() -> None:
 
 
 @pytest.mark.fast
+def test_the_character_classifier_trains_when_no_n_gram_is_shared() -> None:
+    """A tiny roster (one specialist, a line each) shares no character n-gram between two examples."""
+    assert CharClassifier(["hello world"], [0], 1).probabilities("hello").tolist() == [1.0]
+    two = CharClassifier(["write a poem", "fix my python code"], [0, 1], 2)
+    assert two.probabilities("fix my code").shape == (2,)
+
+
 def test_the_character_classifier_has_half_the_say_and_the_explanation_shows_it() -> None:
     match = matcher("examples", roster_views())
     text = "这段 Go 代码在高并发下会死锁吗"  # no spaces between words: few words to match on
