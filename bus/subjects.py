@@ -44,6 +44,8 @@ def queue_group(name: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 # The identity of a client that has no credentials (a server without auth lets anyone in).
 ANONYMOUS = "anonymous"
+# The user name of the gateway's credentials (tekton/users.py makes them): its bridge acts for callers.
+GATEWAY_USER = "gateway"
 # A user token only admins may publish under: the gateway answers it for every user's sessions.
 ALL_USERS = "_all"
 INBOX_ROOT = "_INBOX"

@@ -43,6 +43,7 @@ from bus.settings import TektonSettings
 from bus.subjects import (
     ANONYMOUS,
     DEFAULT_PREFIX,
+    GATEWAY_USER,
     cancel_parts,
     cancel_wildcard,
     chat_subject,
@@ -103,7 +104,11 @@ USAGE_BATCH_MAX = 2_000
 # lost its end (replay requests, below); at most this many finished runs, and frames in all, are kept.
 FINISHED_KEEP_IDLE_TIMEOUTS = 2.0
 FINISHED_KEEP_MAX = 1_000
-FINISHED_KEEP_FRAMES = 200_000
+FINISHED_KEEP_BYTES = 64 * 1024 * 1024
+# A live run keeps at most this much; past it, it keeps nothing (a replay then falls to the stream).
+RUN_KEEP_BYTES = 16 * 1024 * 1024
+# A replay gives other requests a turn after this many frames.
+REPLAY_SLICE = 256
 # At most this many request tasks wait idle for the next request (see SpecialistService._dispatch).
 IDLE_WORKERS_MAX = 256
 
@@ -123,6 +128,7 @@ class ReplyStream:
         # here (a replay request) when the runs stream cannot serve them (its node is down).
         self.run = run
         self.kept: list[bytes] | None = [] if run is not None else None
+        self.kept_bytes = 0
         self.last_probe = self.last_sent
         # Set by the ticker: the next frame goes out with this reply subject, as a "does anyone listen?"
         self.probe: str | None = None
@@ -130,6 +136,9 @@ class ReplyStream:
     async def _publish(self, data: bytes) -> None:
         if self.kept is not None:
             self.kept.append(data)
+            self.kept_bytes += len(data)
+            if self.kept_bytes > RUN_KEEP_BYTES:
+                self.kept = None
         self.seq += 1
         self.last_sent = time.monotonic()
         if self.probe is None:
@@ -291,9 +300,10 @@ class SpecialistService:
         self._streaming: dict[str, ReplyStream] = {}
         # Runs served here, by run id: live ones, then finished ones (with when they expire) for a
         # while: what a replay request reads from.
-        self._runs: dict[str, ReplyStream] = {}
-        self._finished_runs: OrderedDict[str, tuple[float, ReplyStream]] = OrderedDict()
-        self._finished_frames = 0
+        # Keyed by (user, run id): the run id is the request's, which its client chose.
+        self._runs: dict[tuple[str, str], ReplyStream] = {}
+        self._finished_runs: OrderedDict[tuple[str, str], tuple[float, ReplyStream]] = OrderedDict()
+        self._finished_bytes = 0
         self._replay_sub: Any = None
         self._idle: anyio.Event | None = None  # set when the last request ends, while a drain waits
         self._draining = False
@@ -459,17 +469,20 @@ class SpecialistService:
     async def _on_replay(self, msg: Msg) -> None:
         """A client lost frames of one of its runs: send the frames after ``seq`` (the payload, as
         decimal text) to the request's reply subject, then an empty message (the end of the replay).
-        Runs of other replicas are theirs to answer; a run of another user is refused (a user can
-        publish replay requests only under their own name: bus/auth.py)."""
+        Runs of other replicas are theirs to answer. Only the run's own user may have it, into their
+        own inbox (or the gateway's, whose bridge resumes for its callers): nats-server lets a user
+        publish replay requests only under their own name (bus/auth.py), and the reply subject is
+        theirs to choose, so it is checked here."""
         user, run_id = cancel_parts(msg.subject)
-        reply = self._runs.get(run_id)
+        key = (user, run_id)
+        reply = self._runs.get(key)
         if reply is None:
-            finished = self._finished_runs.get(run_id)
+            finished = self._finished_runs.get(key)
             reply = finished[1] if finished is not None else None
         if reply is None or reply.kept is None or reply.run is None or not msg.reply:
             return
-        if reply.run.user != user:
-            self.log.warning("replay refused: not the asker's run", request_id=run_id, user=user)
+        if reply.run.user != user or inbox_owner(msg.reply) not in (user, GATEWAY_USER):
+            self.log.warning("replay refused: not the asker's run or inbox", request_id=run_id, user=user)
             return
         try:
             after = int(msg.data or b"-1")
@@ -478,33 +491,38 @@ class SpecialistService:
             return
         # A copy, taken at once: frames sent from now on go to the run's subject, where the client
         # listens again before asking.
-        for data in reply.kept[max(0, after + 1) :]:
+        kept = reply.kept[max(0, after + 1) :]
+        for n, data in enumerate(kept, 1):
             await self.nc.publish(msg.reply, data)
+            if n % REPLAY_SLICE == 0:
+                await anyio.lowlevel.checkpoint()  # a long replay lets other requests in
         await self.nc.publish(msg.reply, b"")
-        self.log.info("run replayed", request_id=run_id, after=after, upto=len(reply.kept) - 1)
+        self.log.info("run replayed", request_id=run_id, after=after, upto=after + len(kept))
 
-    def _finish_run(self, request_id: str, reply: ReplyStream, now: float) -> None:
+    def _finish_run(self, reply: ReplyStream, now: float) -> None:
         """A run ended: keep its frames a while for replays (then :meth:`_drop_finished`)."""
-        if self._runs.get(request_id) is reply:
-            del self._runs[request_id]
+        assert reply.run is not None
+        key = (reply.run.user, reply.run.run_id)
+        if self._runs.get(key) is reply:
+            del self._runs[key]
         if reply.kept is not None:
-            earlier = self._finished_runs.pop(request_id, None)  # a retry with the same id: the latest
+            earlier = self._finished_runs.pop(key, None)  # a retry with the same id: the latest
             if earlier is not None:
-                self._finished_frames -= len(earlier[1].kept or ())
+                self._finished_bytes -= earlier[1].kept_bytes
             keep = FINISHED_KEEP_IDLE_TIMEOUTS * self.settings.idle_timeout_s
-            self._finished_runs[request_id] = (now + keep, reply)
-            self._finished_frames += len(reply.kept)
+            self._finished_runs[key] = (now + keep, reply)
+            self._finished_bytes += reply.kept_bytes
         self._drop_finished(now)
 
     def _drop_finished(self, now: float) -> None:
         finished = self._finished_runs
         while finished and (
             len(finished) > FINISHED_KEEP_MAX
-            or self._finished_frames > FINISHED_KEEP_FRAMES
+            or self._finished_bytes > FINISHED_KEEP_BYTES
             or next(iter(finished.values()))[0] <= now
         ):
             _, (_, reply) = finished.popitem(last=False)
-            self._finished_frames -= len(reply.kept or ())
+            self._finished_bytes -= reply.kept_bytes
 
     async def _on_chat(self, req: Request) -> None:
         """micro's handler for the chat endpoint (where :class:`_TakeAtOnce` does not stand in)."""
@@ -560,8 +578,8 @@ class SpecialistService:
         scope = anyio.CancelScope()
         self._scopes[request.id] = scope
         self._owners[request.id] = owner
-        if reply.kept is not None:
-            self._runs[request.id] = reply
+        if reply.run is not None:
+            self._runs[(reply.run.user, reply.run.run_id)] = reply
         if self._cancelled_early(request.id, owner):
             scope.cancel()
         if tracing.wanted(headers):
@@ -788,8 +806,8 @@ class SpecialistService:
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
             self._scopes.pop(request.id, None)
-            if reply.kept is not None:
-                self._finish_run(request.id, reply, time.monotonic())
+            if reply.run is not None:
+                self._finish_run(reply, time.monotonic())
             self.metrics.tokens_out.inc(reply.chunks)
             self._owners.pop(request.id, None)
             self._usage_sessions.pop(request.id, None)

@@ -35,12 +35,12 @@ from bus.auth import (
     validate_user,
 )
 from bus.errors import BusError
-from bus.subjects import ANONYMOUS
+from bus.subjects import ANONYMOUS, GATEWAY_USER
 
 USERS_FILE = "users.json"
 AUTH_CONF = "nats-users.conf"
 # The identities `tekton up` makes for itself on first run: (name, role, creds file identity).
-SERVICES = (("gateway", "gateway"), ("specialists", "specialist"))
+SERVICES = ((GATEWAY_USER, "gateway"), ("specialists", "specialist"))
 
 
 def new_credentials(user: str, role: str) -> tuple[Credentials, str]:

@@ -358,6 +358,37 @@ async def test_bob_cannot_have_alices_run_replayed_to_him(team: Team, bob: Raw) 
     assert heard == []
 
 
+async def test_a_replay_goes_only_to_its_users_own_inbox(team: Team) -> None:
+    """The reply subject of a replay request is the asker's to choose: bob's own run replayed into
+    alice's inbox (or any subject not bob's) is refused by the specialist; into his own it works."""
+    stolen: list[bytes] = []
+
+    async def keep(msg: Msg) -> None:
+        stolen.append(msg.data)
+
+    long = [ChatMessage(role="user", content="mine")]
+    with env(TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
+        async with (
+            in_process_specialists(team.services, "apollo"),
+            Bus.connect(team.alice, name="alice") as alice,
+            Bus.connect(team.bob, name="bob") as bob,
+            bob.stream("apollo", long) as s,
+        ):
+            await alice.nc.subscribe("_INBOX.alice.stolen", cb=keep)
+            await alice.nc.flush()
+            await s.wait_started()
+            subject = f"tekton.replay.bob.{s.request.id}"
+            await bob.nc.publish(subject, b"-1", reply="_INBOX.alice.stolen")
+            reply, inbox = await bob.open_inbox()
+            await bob.nc.publish(subject, b"-1", reply=reply)
+            frames = []
+            while (msg := await inbox.get(10)) is not None and msg.data:
+                frames.append(unpack_frame(msg.data))
+            assert msg is not None and frames[0]["type"] == "start"
+            await alice.nc.flush()
+    assert stolen == []
+
+
 @pytest.mark.fast
 async def test_alice_can_cancel_her_own_request(team: Team) -> None:
     with env(TEKTON_SCRIPTED_TOKENS="300", TEKTON_SCRIPTED_TOKENS_PER_S="30"):
