@@ -110,6 +110,16 @@ def generate(directory: Path, hosts: list[str] | None = None) -> TlsFiles:
     return files
 
 
+def names_in(cert: Path) -> list[str]:
+    """The host names and addresses a certificate (PEM) is valid for."""
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    alt = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [
+        *alt.get_values_for_type(x509.DNSName),
+        *(str(ip) for ip in alt.get_values_for_type(x509.IPAddress)),
+    ]
+
+
 def ensure(directory: Path, hosts: list[str] | None = None) -> TlsFiles:
     """The generated files in ``directory``, made on first use."""
     files = TlsFiles(cert=directory / "server.pem", key=directory / "server-key.pem", ca=directory / "ca.pem")

@@ -249,23 +249,39 @@ def cmd_cluster_secrets(settings: TektonSettings, args: argparse.Namespace) -> i
       nats-server cannot put an environment variable inside a route URL), ``leaf.conf`` (leaf nodes
       only with the leaf key, TLS) and ``tls/`` (a CA and a certificate for every node's host name);
     - ``tekton/``, mounted in the gateway's and the specialists' containers: the CA they verify the
-      nodes with, their credentials, and ``http.env`` (the bridge's API token and certificate);
-    - ``ca-key.pem``: the CA's key, mounted nowhere.
+      nodes with, their credentials and the bridge's certificate, readable by the group (the image's
+      user reads them through it: ``chgrp -R 10001``);
+    - ``http.env`` (the bridge's API token, read by compose on the host) and ``ca-key.pem``, mounted
+      nowhere.
+
+    Run again (a user added, a node renamed), it rewrites what changed: a certificate is made anew
+    when the host names differ from the ones it has.
     """
+    try:
+        return _write_secrets(settings, args)
+    except OSError as err:
+        raise UsageError(f"cannot write {err.filename or args.dir}: {err.strerror or err}") from None
+
+
+def _write_secrets(settings: TektonSettings, args: argparse.Namespace) -> int:
     hosts = list(args.hosts)
     for host in hosts:
         if not host or any(c in host for c in ":/@ ,"):
             raise UsageError(f"a node's host name looks like nats-1, not {host!r}")
     out = Path(args.dir).expanduser()
     nats_dir, tekton_dir = out / "nats", out / "tekton"
-    for d in (out, nats_dir, tekton_dir):
+    for d in (out, nats_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tekton_dir.mkdir(exist_ok=True, mode=0o750)
     users = Users(settings.data_dir, settings.prefix)
     users.ensure_local()
     secret = route_secret(settings.data_dir, args.cluster_secret)
     seed = leaf_seed(settings.data_dir, create=True)
     assert seed is not None
-    made = certs.ensure(nats_dir / "tls", [*hosts, "gateway"])
+    names = [*hosts, "gateway"]
+    made = certs.ensure(nats_dir / "tls", names)
+    if set(certs.server_names(names)) != set(certs.names_in(made.cert)):
+        made = certs.generate(nats_dir / "tls", names)  # other hosts: a new CA and certificate
     if made.key.with_name("ca-key.pem").exists():  # the CA's key goes where no container mounts it
         made.key.with_name("ca-key.pem").replace(out / "ca-key.pem")
     mount = args.mount.rstrip("/")
@@ -278,29 +294,36 @@ def cmd_cluster_secrets(settings: TektonSettings, args: argparse.Namespace) -> i
     _private(nats_dir / "routes.conf", header + route_conf + tls_block(inside))
     leaf_auth = f"authorization {{ nkey: {json.dumps(public_key(seed))}, timeout: 5 }}\n"
     _private(nats_dir / "leaf.conf", header + tls_block(inside) + leaf_auth)
-    _private(tekton_dir / "ca.pem", made.ca.read_text())
+    _private(tekton_dir / "ca.pem", made.ca.read_text(), GROUP_READ)
     for role in ("gateway", "specialist"):
-        _private(tekton_dir / f"{role}.creds", default_creds_path(settings.data_dir, role).read_text())
+        creds = default_creds_path(settings.data_dir, role).read_text()
+        _private(tekton_dir / f"{role}.creds", creds, GROUP_READ)
     # The bridge listens off loopback: it needs an API token and TLS (the nodes' certificate names
     # "gateway" too). The token's user is this data dir's admin; add others with NAME=TOKEN.
-    http = tekton_dir / "http.env"
+    http = out / "http.env"
     if not http.exists():
         _private(
             http,
             f"TEKTON_HTTP_TOKENS={json.dumps([f'{local_user_name()}={secrets.token_urlsafe(24)}'])}\n"
             "TEKTON_HTTP_TLS_CERT=/etc/tekton/server.pem\nTEKTON_HTTP_TLS_KEY=/etc/tekton/server-key.pem\n",
         )
-    _private(tekton_dir / "server.pem", made.cert.read_text())
-    _private(tekton_dir / "server-key.pem", made.key.read_text())
+    _private(tekton_dir / "server.pem", made.cert.read_text(), GROUP_READ)
+    _private(tekton_dir / "server-key.pem", made.key.read_text(), GROUP_READ)
     _say(f"wrote the cluster's secrets to {out}: the nodes mount {nats_dir} at {mount}")
     return 0
 
 
-def _private(path: Path, text: str) -> None:
-    """``text`` in ``path``, readable by its owner only (0600 from the start)."""
+# Tekton's containers read their files through the group (the image's user is not the host's).
+GROUP_READ = 0o640
+
+
+def _private(path: Path, text: str, mode: int = 0o600) -> None:
+    """``text`` in ``path``, readable by its owner only (or ``mode``) from the first byte."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a file left there keeps its mode; a link there is not followed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), mode)  # whatever the umask made of it
         f.write(text)
     tmp.replace(path)
 

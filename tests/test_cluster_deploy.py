@@ -87,10 +87,11 @@ def test_the_shipped_cluster_config_runs_with_users_route_and_leaf_credentials_a
     assert f'password: "{secret}"' in routes
     assert ", ".join(f'"nats-route://route:{secret}@nats-{i}:6222"' for i in (1, 2, 3)) in routes
     for path in [*out.rglob("*.conf"), *out.rglob("*.creds"), *out.rglob("*key.pem"), *out.rglob("*.env")]:
-        assert path.stat().st_mode & 0o077 == 0, path  # the owner's only
+        # The owner's only; Tekton's containers' files also their group's (the image's user reads so).
+        assert path.stat().st_mode & (0o037 if path.parent.name == "tekton" else 0o077) == 0, path
     assert (out / "ca-key.pem").exists() and not list((out / "nats").rglob("ca-key.pem"))
     # The bridge's environment (compose's env_file, Kubernetes' secret): a token and its certificate.
-    for line in (out / "tekton" / "http.env").read_text().splitlines():
+    for line in (out / "http.env").read_text().splitlines():
         monkeypatch.setenv(*line.split("=", 1))
     bridge = TektonSettings()
     assert bridge.http_tokens and len(bridge.http_tokens[0].split("=", 1)[1]) >= 24
@@ -138,6 +139,21 @@ async def _signs_in_only_with_credentials_over_verified_tls(port: int, out: Path
 def test_tekton_cluster_secrets_takes_host_names_only(tmp_path: Path) -> None:
     bad = _secrets(tmp_path, str(tmp_path / "out"), "nats-route://nats-1:6222")
     assert bad.returncode == 2 and "looks like nats-1" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "a-file").write_text("")
+    unwritable = _secrets(tmp_path, str(tmp_path / "a-file"), "nats-1")
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert unwritable.stderr.startswith("tekton: cannot write") and len(unwritable.stderr.splitlines()) == 1
+
+
+def test_tekton_cluster_secrets_again_with_another_node_certifies_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _secrets(tmp_path, str(out), "nats-1", "nats-2").returncode == 0
+    assert "nats-3" not in certs.names_in(out / "nats" / "tls" / "server.pem")
+    assert _secrets(tmp_path, str(out), "nats-1", "nats-2", "nats-3").returncode == 0
+    assert {"nats-1", "nats-2", "nats-3", "gateway"} <= set(
+        certs.names_in(out / "nats" / "tls" / "server.pem")
+    )
+    assert (out / "tekton" / "ca.pem").read_text() == (out / "nats" / "tls" / "ca.pem").read_text()
 
 
 def test_nats_server_check_rejects_a_broken_config(tmp_path: Path) -> None:
