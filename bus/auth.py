@@ -59,7 +59,8 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
     if role == "specialist":
         # Only answers to requests it received (any number of frames within the hour), nothing else:
         # a specialist's credentials cannot write into an inbox nobody asked it to answer.
-        # And one usage record per answer, to the gateway's usage book; it hears who is over budget.
+        # And usage records (a batch of answers at a time) to the gateway's usage book; it hears who is
+        # over budget.
         return {
             # ...and empty probes next to a run, asking whether anyone still follows it; and placement
             # (specialists/placement.py): free slots to their peers, requests forwarded to one with room.

@@ -834,7 +834,11 @@ class ChatStream:
             )
             raw = unpack_frame(last.data or b"")
         except nats.errors.NoRespondersError as err:  # no server holds the stream now (its node is down)
-            raise BusError("the runs stream is offline", code=ErrorCode.RUN_NOT_FOUND) from err
+            raise BusError(
+                "the runs stream is offline (no server holds it now)",
+                code=ErrorCode.NATS_UNAVAILABLE,
+                retryable=True,
+            ) from err
         except Exception:  # nothing stored yet, or not readable: start wider
             return None
         seq = raw.get("seq") if isinstance(raw, dict) else None
