@@ -228,7 +228,9 @@ async def assert_kept_alive(port: int, request: bytes, idle_s: float = 6.0, stat
     await eventually(listening, within=20)
     async with conn:
         reader = BufferedByteReceiveStream(conn)
-        for _ in range(2):
+        for n in range(2):
+            if n:
+                await anyio.sleep(idle_s)  # between the two only
             await conn.send(request)
             head = await reader.receive_until(b"\r\n\r\n", 65536)
             assert head.startswith(b"HTTP/1.1 " + status), head
@@ -238,4 +240,3 @@ async def assert_kept_alive(port: int, request: bytes, idle_s: float = 6.0, stat
                 if line.lower().startswith(b"content-length:")
             )
             await reader.receive_exactly(length)
-            await anyio.sleep(idle_s)
