@@ -7,6 +7,7 @@ when no Docker engine answers).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import pytest
 
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
+
+# A run started in the background without job control (`cmd &` in a script, some CI runners) inherits
+# SIGINT ignored, and so would every aish the tests start and then press Ctrl-C at: a terminal's
+# Ctrl-C, which those tests stand for, is never ignored. Their children get the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Whole modules in the fast tier (`./dev.sh test -m fast`): in-process, no model, no cluster. Other
 # quick tests carry @pytest.mark.fast themselves.
