@@ -39,27 +39,6 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One cluster for the tests that kill nothing (forming one waits ~5 s for JetStream's meta
-    leader); each of them works under a prefix of its own (ssettings)."""
-    with LocalCluster(tmp_path_factory.mktemp("shared") / "cluster", 3) as c:
-        yield c
-
-
-@pytest.fixture
-def ssettings(shared_cluster: LocalCluster, tmp_path: Path) -> TektonSettings:
-    return TektonSettings(
-        nats_url=shared_cluster.url,
-        prefix=f"t{time.monotonic_ns()}",
-        data_dir=tmp_path / "data",
-        provider="scripted",
-        heartbeat_s=0.2,
-        idle_timeout_s=10.0,
-        drain_grace_s=5.0,
-    )
-
-
 def on(settings: TektonSettings, url: str, **more: Any) -> TektonSettings:
     return settings.model_copy(update={"nats_url": url, **more})
 
@@ -132,31 +111,31 @@ async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp
         assert child.stop() == 0
 
 
-async def test_sessions_bucket_has_three_replicas_on_a_cluster(ssettings: TektonSettings) -> None:
-    async with in_process_gateway(ssettings), Bus.connect(ssettings) as bus:
+async def test_sessions_bucket_has_three_replicas_on_a_cluster(csettings: TektonSettings) -> None:
+    async with in_process_gateway(csettings), Bus.connect(csettings) as bus:
         info = await sessions_stream(bus)
         assert info.config.num_replicas == 3
 
 
-async def test_session_replicas_can_be_set(ssettings: TektonSettings) -> None:
+async def test_session_replicas_can_be_set(csettings: TektonSettings) -> None:
     async with (
-        in_process_gateway(on(ssettings, ssettings.nats_url, session_replicas=2)),
-        Bus.connect(ssettings) as bus,
+        in_process_gateway(on(csettings, csettings.nats_url, session_replicas=2)),
+        Bus.connect(csettings) as bus,
     ):
         assert (await sessions_stream(bus)).config.num_replicas == 2
 
 
 async def test_specialist_gateway_and_client_on_three_different_nodes(
-    shared_cluster: LocalCluster, ssettings: TektonSettings
+    cluster: LocalCluster, csettings: TektonSettings
 ) -> None:
-    n1, n2, n3 = shared_cluster.urls
+    n1, n2, n3 = cluster.urls
     async with (
-        in_process_specialists(on(ssettings, n1), "apollo") as specialists,
-        in_process_gateway(on(ssettings, n2)),
-        Bus.connect(on(ssettings, n3)) as bus,
+        in_process_specialists(on(csettings, n1), "apollo") as specialists,
+        in_process_gateway(on(csettings, n2)),
+        Bus.connect(on(csettings, n3)) as bus,
     ):
-        assert bus.nc.connected_url.port == shared_cluster.configs[2].port
-        assert specialists["apollo"].nc.connected_url.port == shared_cluster.configs[0].port
+        assert bus.nc.connected_url.port == cluster.configs[2].port
+        assert specialists["apollo"].nc.connected_url.port == cluster.configs[0].port
         result = await bus.ask("apollo", "across the cluster")
         assert result.text == "apollo heard: across the cluster"
         session = await bus.gateway.create("apollo", name="spread")
@@ -395,9 +374,9 @@ async def _all_know_each_other(bus: Bus, k: int) -> bool:
 
 
 async def test_placement_sends_k_requests_to_k_replicas_on_the_cluster(
-    shared_cluster: LocalCluster, ssettings: TektonSettings
+    cluster: LocalCluster, csettings: TektonSettings
 ) -> None:
-    rounds = await _placement_rounds(ssettings, shared_cluster.urls, k=3, rounds=5)
+    rounds = await _placement_rounds(csettings, cluster.urls, k=3, rounds=5)
     for instances in rounds:
         assert len(set(instances)) == 3, f"two requests shared a replica while another idled: {rounds}"
 
