@@ -92,6 +92,9 @@ from gateway.usage import UsageBook
 log = structlog.get_logger("tekton.gateway")
 
 VERSION = "0.1.0"
+# How long a pending turn's run may take to show in the runs stream (its request on its way to the
+# specialist) before a recovering replica calls it not kept.
+RUN_APPEARS_S = 5.0
 
 Handler = Callable[[Any], Awaitable[Wire]]
 
@@ -132,6 +135,9 @@ class GatewayService:
         }
         self._idle = anyio.Event()
         self._idle.set()
+        # Request ids of the turns this replica begins while its start-up recovery runs (None after):
+        # their answers are ours to record live, not a dead gateway's to recover.
+        self._begun_in_recovery: set[str] | None = set()
         self._handlers: dict[str, tuple[type[Wire], Handler]] = {
             "create": (CreateSession, self._create),
             "get": (SessionRef, self._get),
@@ -358,6 +364,8 @@ class GatewayService:
             request_id=request.id,
             settle_by=now + budget + self.settings.idle_timeout_s + STORED_WAIT_S + SETTLE_WAIT_S,
         )
+        if self._begun_in_recovery is not None:
+            self._begun_in_recovery.add(request.id)
         # The answer does not wait for the write: it is stored behind it when the bucket is electing a
         # leader (a node was lost), and this replica's own reads of the session already include it.
         session = await self.store.update_soon(session.id, lambda s: _with_turn(s, turn, now))
@@ -596,6 +604,12 @@ class GatewayService:
         """At start: answers left pending by a gateway that died while recording them are read from
         their runs (still going or kept a while after their end) and stored, so no turn stays pending."""
         try:
+            await self._recover_pending_turns()
+        finally:
+            self._begun_in_recovery = None
+
+    async def _recover_pending_turns(self) -> None:
+        try:
             summaries = await self.store.summaries()
         except Exception as err:  # no bucket yet, or the connection is gone: nothing to recover
             log.warning("pending turns not checked", error=str(err))
@@ -607,6 +621,8 @@ class GatewayService:
                 continue
             for turn in session.turns:
                 if turn.role == "user" and turn.status == "pending" and turn.request_id:
+                    if turn.request_id in (self._begun_in_recovery or ()):
+                        continue  # begun by us since we started: recorded live
                     # Held by a replica (alive, or for the sweep to take over): none of ours.
                     if self.leases is not None and not await self._hold_turn(session.id, session.owner, turn):
                         continue
@@ -620,19 +636,26 @@ class GatewayService:
         parts: list[str] = []
         status: TurnStatus = "error"
         error = "the gateway stopped before the answer was stored, and its run is no longer kept"
+        # A turn another replica began a moment ago (written, its hold not yet) has no run yet either.
+        give_up = time.monotonic() + RUN_APPEARS_S
         try:
-            for user in dict.fromkeys([owner, self.bus.user]):
-                try:
-                    async with self.bus.attach(
-                        turn.request_id, idle_timeout=self.settings.idle_timeout_s, user=user
-                    ) as run:
-                        async for text in run:
-                            parts.append(text)
-                        await run.result()
-                    status, error = "ok", ""
-                    break
-                except RunNotFound:
-                    continue
+            while status != "ok":
+                for user in dict.fromkeys([owner, self.bus.user]):
+                    try:
+                        async with self.bus.attach(
+                            turn.request_id, idle_timeout=self.settings.idle_timeout_s, user=user
+                        ) as run:
+                            async for text in run:
+                                parts.append(text)
+                            await run.result()
+                        status, error = "ok", ""
+                        break
+                    except RunNotFound:
+                        continue
+                if status != "ok":
+                    if time.monotonic() > give_up:
+                        break
+                    await anyio.sleep(0.25)
         except Cancelled as err:
             status, error = "cancelled", err.message
         except BusError as err:

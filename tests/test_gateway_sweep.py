@@ -6,6 +6,7 @@ killed with SIGKILL, scripted specialist in this process."""
 from __future__ import annotations
 
 import signal
+import uuid
 from typing import Any
 
 import anyio
@@ -14,10 +15,18 @@ import pytest
 from nats.js.errors import KeyNotFoundError
 
 from bus.client import Bus
+from bus.sessions import Turn
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from gateway.leases import work_bucket_name
-from tests.helpers import Child, env, eventually, gateway_process, in_process_specialists
+from tests.helpers import (
+    Child,
+    env,
+    eventually,
+    gateway_process,
+    in_process_gateway,
+    in_process_specialists,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -100,6 +109,7 @@ async def test_a_queued_message_survives_its_gateway(settings: TektonSettings) -
                 async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
                     async for _ in s:
                         break
+
                     queued = bus.stream("apollo", user("second"), session=session.id, double_text="queue")
                     async with queued as q:
                         assert q.accepted is not None and q.accepted.queued
@@ -120,3 +130,41 @@ async def test_a_queued_message_survives_its_gateway(settings: TektonSettings) -
         ("user", "ok", "second"),
         ("assistant", "ok", "apollo heard: second"),
     ]
+
+
+@pytest.mark.fast
+async def test_a_starting_gateway_waits_for_the_run_of_a_turn_begun_a_moment_ago(
+    settings: TektonSettings,
+) -> None:
+    """A replica starting up finds a turn another replica has just written, before that one holds it
+    and before its request reached the specialist: it must wait for the run, not store an error (the
+    CI run where a gateway's start-up recovery stored "its run is no longer kept" for a live answer)."""
+    request_id = uuid.uuid4().hex
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with in_process_gateway(settings) as first:
+            session = await bus.gateway.create("apollo")
+            turn = Turn(
+                role="user", content=QUESTION, specialist="apollo", status="pending", request_id=request_id
+            )
+            await first.store.update(session.id, lambda s: s.model_copy(update={"turns": [turn]}))
+        async with in_process_gateway(settings):
+            # The new replica's recovery holds the turn; only then does the request go out.
+            await eventually(lambda: _held(bus, request_id), within=10)
+            async with bus.stream("apollo", user(QUESTION), request_id=request_id) as s:
+                answer = "".join([chunk async for chunk in s])
+
+            async def stored() -> bool:
+                return len((await bus.gateway.get(session.id)).turns) == 2
+
+            await eventually(stored, within=10)
+            turns = (await bus.gateway.get(session.id)).turns
+    assert [(t.role, t.status) for t in turns] == [("user", "ok"), ("assistant", "ok")]
+    assert turns[1].content == answer == ANSWER
+
+
+async def _held(bus: Bus, request_id: str) -> bool:
+    try:
+        await holder(bus, request_id)
+    except AssertionError:
+        return False
+    return True
