@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -466,19 +466,9 @@ class CharClassifier:
 
 # Trained character classifiers by their examples: training takes seconds, and a matcher is rebuilt
 # with the same examples whenever discovery sees the same roster again (and in every test).
-_CHAR_CLASSIFIERS: dict[tuple[tuple[str, ...], tuple[int, ...], int], CharClassifier] = {}
-_CHAR_CLASSIFIERS_MAX = 4
-
-
-def _char_classifier(texts: Sequence[str], labels: Sequence[int], classes: int) -> CharClassifier:
-    key = (tuple(texts), tuple(labels), classes)
-    trained = _CHAR_CLASSIFIERS.get(key)
-    if trained is None:
-        trained = CharClassifier(texts, labels, classes)
-        if len(_CHAR_CLASSIFIERS) >= _CHAR_CLASSIFIERS_MAX:
-            _CHAR_CLASSIFIERS.clear()
-        _CHAR_CLASSIFIERS[key] = trained
-    return trained
+@lru_cache(maxsize=4)
+def _char_classifier(texts: tuple[str, ...], labels: tuple[int, ...], classes: int) -> CharClassifier:
+    return CharClassifier(texts, labels, classes)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -566,7 +556,7 @@ class Examples:
         if not self.trained:
             labels = [self.names.index(n) for n in self.labels]
             self.classifier = Classifier(self.vectors, labels, self.weights, len(self.names))
-            self.chars = _char_classifier(self.texts, labels, len(self.names))
+            self.chars = _char_classifier(tuple(self.texts), tuple(labels), len(self.names))
 
     def scores(self, text: str) -> dict[str, float]:
         return self.judge(text).scores
