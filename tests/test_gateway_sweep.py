@@ -110,6 +110,13 @@ async def test_a_queued_message_survives_its_gateway(settings: TektonSettings) -
                     async for _ in s:
                         break
 
+                    async def busy() -> bool:
+                        return any(t.status == "pending" for t in (await bus.gateway.get(session.id)).turns)
+
+                    # The answer starts before its turn is stored when the write is slow (a loaded machine,
+                    # a bucket electing a leader: gateway/store.py's write-behind); until it is, another
+                    # replica cannot know the session is busy.
+                    await eventually(busy, within=10)
                     queued = bus.stream("apollo", user("second"), session=session.id, double_text="queue")
                     async with queued as q:
                         assert q.accepted is not None and q.accepted.queued
