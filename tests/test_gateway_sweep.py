@@ -19,6 +19,7 @@ from bus.sessions import Turn
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from gateway.leases import work_bucket_name
+from gateway.store import SessionStore, StoreLimits, bucket_name, value_limit
 from tests.helpers import (
     Child,
     env,
@@ -148,12 +149,15 @@ async def test_a_starting_gateway_waits_for_the_run_of_a_turn_begun_a_moment_ago
     CI run where a gateway's start-up recovery stored "its run is no longer kept" for a live answer)."""
     request_id = uuid.uuid4().hex
     async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
-        async with in_process_gateway(settings) as first:
+        async with in_process_gateway(settings):
             session = await bus.gateway.create("apollo")
-            turn = Turn(
-                role="user", content=QUESTION, specialist="apollo", status="pending", request_id=request_id
-            )
-            await first.store.update(session.id, lambda s: s.model_copy(update={"turns": [turn]}))
+        # Written with no gateway running, as the other replica would: the user turn, not yet held.
+        kv = await bus.nc.jetstream().key_value(bucket_name(settings.prefix))
+        limits = StoreLimits(ttl_s=60, max_turns=10, max_bytes=value_limit(bus.nc.max_payload, 1 << 20))
+        turn = Turn(
+            role="user", content=QUESTION, specialist="apollo", status="pending", request_id=request_id
+        )
+        await SessionStore(kv, limits).update(session.id, lambda s: s.model_copy(update={"turns": [turn]}))
         async with in_process_gateway(settings):
             # The new replica's recovery holds the turn; only then does the request go out.
             await eventually(lambda: _held(bus, request_id), within=10)
