@@ -124,6 +124,23 @@ async def test_console_reload_continues_the_answer(settings: TektonSettings, bro
             assert services["apollo"].counters.cancelled == 0
 
 
+@needs_browser
+async def test_a_specialist_that_starts_after_the_console_opened_is_listed(
+    settings: TektonSettings, browser: Browser
+) -> None:
+    """The console asked for the roster once, on connecting: a specialist started after that (or one
+    discovery had not heard yet, on a loaded machine: a CI run) was never in the picker."""
+    async with bridge(settings) as url:
+        page = await browser.new_page()
+        await page.goto(url)
+        await page.wait_for_selector("#status:text('connected')")
+        async with in_process_specialists(settings, "apollo"):
+            await page.select_option("#target", "apollo", timeout=15_000)
+            await page.fill("#message", "late but here")
+            await page.press("#message", "Enter")
+            await page.wait_for_selector("text=apollo heard: late but here")
+
+
 FOREIGN_PAGE = """<!doctype html><title>elsewhere</title><script>
 window.attempt = new Promise((resolve) => {
   const ws = new WebSocket("BRIDGE_WS");
