@@ -31,7 +31,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from bus.errors import BadRequest, BusError, SessionNotFound, SessionTooLarge
+from bus.errors import BadRequest, BusError, GatewayUnavailable, SessionNotFound, SessionTooLarge
 from bus.sessions import SESSION_ID_RE, Session, SessionSummary
 
 log = structlog.get_logger("tekton.gateway.store")
@@ -568,6 +568,15 @@ class SessionStore:
                 error = err
                 stored()
                 log.error("session write failed", session=session_id, error=str(err))
+            except BaseException:
+                # Cancelled: the replica is stopping. Its callers may wait shielded (a recorder's last
+                # write): they are told, never left waiting on a writer that is gone.
+                stopping = GatewayUnavailable("the gateway stopped before this session change was stored")
+                for queued in dict.fromkeys([*batch, *waiting]):
+                    queued.error = stopping
+                    queued.stored.set()
+                self._queued.pop(session_id, None)
+                raise
             for queued in batch:
                 queued.session, queued.error = session, error
                 queued.stored.set()

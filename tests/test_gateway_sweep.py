@@ -100,11 +100,20 @@ async def test_a_live_gateway_records_the_turn_of_one_killed_mid_answer(settings
     assert took == 1
 
 
-async def test_a_queued_message_survives_its_gateway(settings: TektonSettings) -> None:
+@pytest.mark.parametrize("how", ["killed", "stopped past its drain grace"])
+async def test_a_queued_message_survives_its_gateway(settings: TektonSettings, how: str) -> None:
+    """Killed, or told to stop (SIGTERM) with a drain grace shorter than the wait: a stopping replica
+    released the message it held, and nobody ever started it."""
+    sig = signal.SIGKILL if how == "killed" else signal.SIGTERM
     with SLOW:
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
             # Three replicas: the one queueing the message and the first answer's recorder die, one lives.
-            gateways = [await start_gateway(settings) for _ in range(3)]
+            gateways = [
+                await anyio.to_thread.run_sync(
+                    lambda: gateway_process(settings, **LEASE, TEKTON_DRAIN_GRACE_S="0.2")
+                )
+                for _ in range(3)
+            ]
             try:
                 session = await bus.gateway.create("apollo")
                 async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
@@ -124,7 +133,7 @@ async def test_a_queued_message_survives_its_gateway(settings: TektonSettings) -
                         waiting = await holder(bus, q.request.id)
                         for g in gateways:  # the one keeping the queued message, and the first answer's
                             if instance(g) in (waiting, await holder(bus, s.request.id)):
-                                g.stop(signal.SIGKILL)
+                                await anyio.to_thread.run_sync(g.stop, sig)
                         s.leave()
                         second = await q.result()
                 turns = (await bus.gateway.get(session.id)).turns
@@ -179,3 +188,43 @@ async def _held(bus: Bus, request_id: str) -> bool:
     except AssertionError:
         return False
     return True
+
+
+async def test_a_gateway_stopped_past_its_drain_grace_leaves_the_answer_to_the_others(
+    settings: TektonSettings,
+) -> None:
+    """A rolling restart: the replica recording an answer is told to stop (SIGTERM) and its drain grace
+    ends before the answer does. It stored the partial answer as an error, so neither the client's
+    copy nor another replica could store the whole one: the turn must stay for them."""
+    with SLOW:
+        async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+            gateways = [
+                await anyio.to_thread.run_sync(
+                    lambda: gateway_process(settings, **LEASE, TEKTON_DRAIN_GRACE_S="0.2")
+                )
+                for _ in range(2)
+            ]
+            try:
+                session = await bus.gateway.create("apollo")
+                async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
+                    got = []
+                    async for chunk in s:
+                        got.append(chunk)
+                        if len(got) == 3:
+                            recording = await holder(bus, s.request.id)
+                            stopping = next(g for g in gateways if instance(g) == recording)
+                            assert await anyio.to_thread.run_sync(stopping.stop) == 0
+                    answer = "".join(got)
+
+                async def stored() -> bool:
+                    turns = (await bus.gateway.get(session.id)).turns
+                    return len(turns) == 2 and turns[0].status != "pending"
+
+                await eventually(stored, within=30)
+                turns = (await bus.gateway.get(session.id)).turns
+            finally:
+                for child in gateways:
+                    child.stop(signal.SIGKILL)
+    assert answer == ANSWER
+    assert [(t.role, t.status) for t in turns] == [("user", "ok"), ("assistant", "ok")]
+    assert turns[1].content == ANSWER
