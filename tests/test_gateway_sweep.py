@@ -42,8 +42,8 @@ def user(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
 
 
-async def start_gateway(settings: TektonSettings) -> Child:
-    return await anyio.to_thread.run_sync(lambda: gateway_process(settings, **LEASE))
+async def start_gateway(settings: TektonSettings, **env: str) -> Child:
+    return await anyio.to_thread.run_sync(lambda: gateway_process(settings, **LEASE, **env))
 
 
 async def taken_over(bus: Bus) -> int:
@@ -108,12 +108,7 @@ async def test_a_queued_message_survives_its_gateway(settings: TektonSettings, h
     with SLOW:
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
             # Three replicas: the one queueing the message and the first answer's recorder die, one lives.
-            gateways = [
-                await anyio.to_thread.run_sync(
-                    lambda: gateway_process(settings, **LEASE, TEKTON_DRAIN_GRACE_S="0.2")
-                )
-                for _ in range(3)
-            ]
+            gateways = [await start_gateway(settings, TEKTON_DRAIN_GRACE_S="0.2") for _ in range(3)]
             try:
                 session = await bus.gateway.create("apollo")
                 async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
@@ -198,12 +193,7 @@ async def test_a_gateway_stopped_past_its_drain_grace_leaves_the_answer_to_the_o
     copy nor another replica could store the whole one: the turn must stay for them."""
     with SLOW:
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
-            gateways = [
-                await anyio.to_thread.run_sync(
-                    lambda: gateway_process(settings, **LEASE, TEKTON_DRAIN_GRACE_S="0.2")
-                )
-                for _ in range(2)
-            ]
+            gateways = [await start_gateway(settings, TEKTON_DRAIN_GRACE_S="0.2") for _ in range(2)]
             try:
                 session = await bus.gateway.create("apollo")
                 async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
