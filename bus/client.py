@@ -50,8 +50,11 @@ from bus.errors import (
     from_wire,
 )
 from bus.lite import NO_RESPONDERS, tls_context
+from bus.refusals import Refusals, Refused
+from bus.refusals import install as install_refusals
 from bus.runs import (
     RunSummary,
+    last_message,
     list_runs,
     parse_run_subject,
     probe_subject,
@@ -131,8 +134,11 @@ async def connect(
     # waits forever: stop it ourselves.
     tls_failed: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
+    refusals = Refusals()
+
     async def quiet(err: Exception) -> None:
         seen.append(str(err))
+        refusals.heard(str(err))
         # A refusal of our credentials too: against a cluster nats-py goes on to the peers the server
         # advertised, each refusing in turn, for ever.
         refused = "authorization violation" in str(err).lower()
@@ -159,6 +165,7 @@ async def connect(
     if tls is not None:
         options["tls"] = tls
     nc = NATS()
+    install_refusals(nc, refusals)
     if tls is not None and "ws://" not in url and "wss://" not in url:
         # Ours for TLS instead of nats-py's (asyncio's TLS layer): see bus/tls.py. nats-py keeps it for
         # its reconnects.
@@ -1123,15 +1130,14 @@ class RunAttachment(ChatStream):
     async def __aenter__(self) -> RunAttachment:
         if self._replay is not None:
             return self
-        js = self.bus.nc.jetstream()
+        assert self.run_subject is not None
         try:
-            await js.get_msg(
-                runs_stream_name(self.bus.settings.prefix), subject=self.run_subject, direct=True
-            )
+            await last_message(self.bus.nc, runs_stream_name(self.bus.settings.prefix), self.run_subject)
         except (
             NotFoundError,
             nats.errors.TimeoutError,
             nats.errors.NoRespondersError,
+            Refused,
         ) as err:  # not kept, not ours, or no runs stream
             raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
         self.sent_at = time.perf_counter()

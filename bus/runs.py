@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
+from nats.js.api import RawStreamMsg
 from nats.js.errors import BadRequestError, NotFoundError
 
+from bus.refusals import or_refused
 from bus.settings import TektonSettings
 from bus.subjects import (
     FRAMES,
@@ -105,14 +107,21 @@ async def ensure_runs_stream(nc: NATS, settings: TektonSettings, api_wait: float
         await js.update_stream(config)
 
 
+async def last_message(nc: NATS, stream: str, subject: str) -> RawStreamMsg:
+    """The last message on ``subject`` in ``stream``, by a direct get; :class:`Refused` at once when our
+    credentials may not read it (another user's run), rather than after the request's timeout."""
+    get = nc.jetstream().get_msg(stream, subject=subject, direct=True)
+    return await or_refused(nc, f"$JS.API.DIRECT.GET.{stream}.{subject}", get)
+
+
 async def run_kind(nc: NATS, settings: TektonSettings, subject: str) -> str | None:
     """``chat`` or ``bulk`` for a run kept in the stream, None when it is not (unknown, expired, not the
     asker's, or no runs stream). One direct get of its last frame; its first only after a heartbeat."""
     js = nc.jetstream()
     stream = runs_stream_name(settings.prefix)
     try:
-        last = await js.get_msg(stream, subject=subject, direct=True)
-    except Exception:  # NotFound, a timeout or "no responders" (no stream): not kept for us
+        last = await last_message(nc, stream, subject)
+    except Exception:  # NotFound, refused, a timeout or "no responders" (no stream): not kept for us
         return None
     kind = _frame(last.data).get("type")
     if kind == "heartbeat":

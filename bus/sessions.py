@@ -29,6 +29,7 @@ from bus.errors import (
     Unauthorized,
     from_wire,
 )
+from bus.refusals import Refused, or_refused
 from bus.subjects import ALL_USERS, ANONYMOUS, REPLY_SUBJECT_PATTERN, discover_subject, session_subject
 from bus.usage import UsageQuery, UsageReply, usage_query_subject
 from bus.wire import PROTOCOL_VERSION, ChatMessage, ChatRequest, Wire, encode, unpack_frame
@@ -300,17 +301,24 @@ class GatewayClient:
         """One gateway request/reply (``op`` names it in errors); an error reply is raised. ``headers``:
         the trace context to continue (default: the current span's, when tracing is on)."""
         timeout = wait_s or self.timeout
+        subject = subject or session_subject(op, self.prefix, self.user)
         try:
-            msg = await self.nc.request(
-                subject or session_subject(op, self.prefix, self.user),
-                encode(request, self.nc.max_payload),
-                timeout=timeout,
-                headers=headers or tracing.headers(),
+            msg = await or_refused(
+                self.nc,
+                subject,
+                self.nc.request(
+                    subject,
+                    encode(request, self.nc.max_payload),
+                    timeout=timeout,
+                    headers=headers or tracing.headers(),
+                ),
             )
+        except Refused:
+            raise self._refusal(subject) from None
         except nats.errors.NoRespondersError:
             raise GatewayUnavailable() from None
         except nats.errors.TimeoutError:
-            refused = self._refused(subject or session_subject(op, self.prefix, self.user))
+            refused = self._refused(subject)
             if refused is not None:
                 raise refused from None
             raise GatewayUnavailable(
@@ -323,11 +331,13 @@ class GatewayClient:
         (nats-server says so only in an async -ERR, which nats-py keeps as the last error)."""
         said = str(getattr(self.nc, "last_error", None) or "").lower()
         if "permissions violation" in said and subject.lower() in said:
-            admins = "; only an admin may (every user's data)" if f".{ALL_USERS}." in subject else ""
-            return Unauthorized(
-                f"the nats-server refused: your credentials may not publish to {subject}{admins}"
-            )
+            return self._refusal(subject)
         return None
+
+    @staticmethod
+    def _refusal(subject: str) -> Unauthorized:
+        admins = "; only an admin may (every user's data)" if f".{ALL_USERS}." in subject else ""
+        return Unauthorized(f"the nats-server refused: your credentials may not publish to {subject}{admins}")
 
     async def create(
         self,

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from bus.auth import load_credentials
 from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus, connect
-from bus.errors import BadRequest, BusError, NatsUnavailable, SessionNotFound
+from bus.errors import BadRequest, BusError, NatsUnavailable, RunNotFound, SessionNotFound, Unauthorized
 from bus.server import EmbeddedNats
 from bus.sessions import Session, SessionChat
 from bus.settings import TektonSettings
@@ -318,6 +318,21 @@ async def test_bob_cannot_cancel_alices_request(team: Team, bob: Raw) -> None:
             assert isinstance(result.done, DoneFrame) and result.done.usage.completion_tokens == 30
             assert text.startswith("apollo heard: long")
             assert services["apollo"].counters.cancelled == 0
+
+
+async def test_a_refused_request_fails_at_once_not_after_its_timeout(team: Team) -> None:
+    """nats-server refuses a publish only in an async -ERR, never as a reply: a gateway call or a run
+    read bob may not make waited out its whole timeout (5 s a call) before saying it was refused."""
+    async with in_process_gateway(team.services), Bus.connect(team.bob, name="bob") as bob:
+        everyone = Bus(bob.nc, team.bob, acting_for=ALL_USERS).gateway
+        everyone.timeout = 60.0
+        # Under the run read's own timeout (nats-py's 5 s for JetStream requests).
+        with anyio.fail_after(4):
+            with pytest.raises(Unauthorized, match=r"may not publish to tekton\.gateway\._all\.session"):
+                await everyone.list()
+            with pytest.raises(RunNotFound):
+                async with bob.attach("0123456789abcdef0123456789abcdef", user="alice"):
+                    pass
 
 
 @pytest.mark.fast

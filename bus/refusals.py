@@ -1,0 +1,81 @@
+"""The server's refusals of what we publish, heard as they happen.
+
+nats-server does not answer a publish it refuses (a subject our credentials may not publish to): it
+sends an async ``-ERR 'Permissions Violation for Publish to "<subject>"'``, which nats-py passes to the
+error callback, and a request to that subject would wait out its whole timeout. :func:`or_refused`
+races a request against the refusal of its subject, so the caller hears "refused" at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_REFUSED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+_ATTRIBUTE = "_tekton_refusals"
+
+
+class Refused(Exception):
+    """The server refused to let us publish the request (its words in ``said``)."""
+
+    def __init__(self, said: str):
+        super().__init__(said)
+        self.said = said
+
+
+class Refusals:
+    """The requests waiting on a connection, by subject, to be told when the server refuses one.
+    Subjects are kept lowercased: nats-py passes the server's -ERR on lowercased."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Future[str]]] = {}
+
+    def heard(self, said: str) -> None:
+        """The connection's error callback heard ``said``: wake whoever waits on a refused subject."""
+        found = _REFUSED.search(said)
+        for waiter in self._waiting.get(found.group(1).lower(), ()) if found else ():
+            if not waiter.done():
+                waiter.set_result(said)
+
+    @contextmanager
+    def watch(self, subject: str) -> Iterator[asyncio.Future[str]]:
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        subject = subject.lower()
+        self._waiting.setdefault(subject, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            waiting = self._waiting.get(subject, set())
+            waiting.discard(waiter)
+            if not waiting:
+                self._waiting.pop(subject, None)
+            waiter.cancel()
+
+
+def install(nc: Any, refusals: Refusals) -> None:
+    """Keep ``refusals`` with the connection whose error callback feeds it."""
+    setattr(nc, _ATTRIBUTE, refusals)
+
+
+async def or_refused(nc: Any, subject: str, work: Awaitable[T]) -> T:
+    """``work`` (a request published to ``subject``), or :class:`Refused` as soon as the server refuses
+    that publish. A connection made elsewhere (no refusals kept) just awaits ``work``."""
+    refusals: Refusals | None = getattr(nc, _ATTRIBUTE, None)
+    if refusals is None:
+        return await work
+    with refusals.watch(subject) as refused:
+        task = asyncio.ensure_future(work)
+        either: set[asyncio.Future[Any]] = {task, refused}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        raise Refused(refused.result())
