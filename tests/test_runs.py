@@ -39,6 +39,8 @@ QUESTION = " ".join(WORDS)
 # or a gap shows.
 TOKENS = ["apollo ", "heard: ", *(w + " " for w in WORDS[:-1]), WORDS[-1]]
 SLOW = env(TEKTON_SCRIPTED_TOKENS_PER_S="40")
+# A dead gateway's turns are taken over once its alive key has not changed for this long (default 6 s).
+LEASE = {"TEKTON_GATEWAY_LEASE_S": "1"}
 
 
 def user(text: str) -> list[ChatMessage]:
@@ -229,7 +231,7 @@ async def test_run_commands_misused_are_usage_errors(settings: TektonSettings) -
 async def test_a_gateway_killed_mid_answer_stores_it_when_back(settings: TektonSettings) -> None:
     with SLOW:
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
-            gateway = await anyio.to_thread.run_sync(gateway_process, settings)
+            gateway = await anyio.to_thread.run_sync(lambda: gateway_process(settings, **LEASE))
             try:
                 session = await bus.gateway.create("apollo")
                 async with bus.stream("apollo", user(QUESTION), session=session.id) as s:
@@ -244,7 +246,7 @@ async def test_a_gateway_killed_mid_answer_stores_it_when_back(settings: TektonS
                 gateway.stop(signal.SIGKILL)
             # The answer goes on to its end in the runs stream meanwhile.
             await eventually(lambda: _run_done(bus, s.request.id), within=20)
-            back = await anyio.to_thread.run_sync(gateway_process, settings)
+            back = await anyio.to_thread.run_sync(lambda: gateway_process(settings, **LEASE))
             try:
 
                 async def stored() -> bool:
