@@ -92,8 +92,16 @@ case "$cmd" in
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"
     # The fast tier is the inner loop. Its tests mostly wait on servers and subprocesses, so three
-    # workers (pytest-xdist) halve its time on two cores. The whole suite runs in one process: its
-    # timing-bound tests (fairness, the local model, the cluster) want the machine to themselves.
+    # workers (pytest-xdist) halve its time on two cores. The rest runs in one process: its
+    # timing-bound tests (fairness, the local model, the cluster) want the machine to themselves. With
+    # no arguments (the whole suite, as CI runs it) that is the fast tier on three workers, then the
+    # rest in one process; it fails if either fails.
+    if [ $# -eq 0 ]; then
+      status=0
+      "$VENV/bin/pytest" -n 3 -m fast || status=$?
+      "$VENV/bin/pytest" -m "not fast" || status=$?
+      exit "$status"
+    fi
     workers=()
     if [[ " $* " == *" -m fast "* && " $* " != *" -n "* ]]; then workers=(-n 3); fi
     exec "$VENV/bin/pytest" ${workers[@]+"${workers[@]}"} "$@"
