@@ -434,22 +434,18 @@ class GatewayService:
         await self.leases.hold(QUEUED, r.request.id, data)
 
     async def _queued(self, session_id: str, behind: list[str], r: SessionChat) -> None:
-        stopping = False
         try:
             await self.store.wait_settled(session_id, set(behind), self._settle_within())
             session = await self.store.recent(session_id)
             if any(t.request_id == r.request.id for t in session.turns):
                 return  # begun already (by a replica that died just after): its turn is recorded
             await self._start_chat(r)
-        except anyio.get_cancelled_exc_class():
-            stopping = True  # past the drain grace: the message stays held, for a live replica to start
-            raise
         except Exception as err:  # the asker waits on its inbox: tell it there
             error = err if isinstance(err, BusError) else BusError(f"queued message failed: {err}")
             with contextlib.suppress(Exception):
                 await self.nc.publish(r.inbox, encode(_error_frame(error)))
         finally:
-            if self.leases is not None and not stopping:
+            if self.leases is not None:
                 with anyio.CancelScope(shield=True):
                     await self.leases.release(QUEUED, r.request.id)
             self._recording(-1)
