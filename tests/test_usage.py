@@ -114,7 +114,7 @@ async def test_a_usage_query_answers_while_records_keep_arriving(settings: Tekto
                 await anyio.sleep(0.002)
 
         tg.start_soon(busy)
-        await anyio.sleep(0.3)
+        await eventually(lambda: sent >= 100, within=10)  # the flood is on before the query
         before = sent
         with anyio.fail_after(10):
             total = (await book.totals(ANONYMOUS)).total
