@@ -29,6 +29,8 @@ log = structlog.get_logger("tekton.gateway")
 # pooled connections (aiohttp 15 s, httpx 5 s): with uvicorn's 5 s a client reusing a connection just
 # as the server closed it got "connection reset" / "server disconnected" mid-burst.
 HTTP_KEEP_ALIVE_S = 75
+# On stop, the HTTP bridge's open responses (answers still streaming) get this long to end.
+HTTP_SHUTDOWN_S = 5.0
 
 
 class _Uvicorn(uvicorn.Server):
@@ -67,7 +69,15 @@ async def serve_gateway(
             stop = anyio.Event()
             tg.start_soon(set_on_signal, stop)
         server: _Uvicorn | None = None
+        served = anyio.Event()  # the HTTP bridge's server has shut down, its lifespan included
         first = True
+
+        async def serve_http(sock: socket.socket) -> None:
+            assert server is not None
+            try:
+                await server.serve([sock])
+            finally:
+                served.set()
 
         async def ready(service: GatewayService) -> None:
             nonlocal first, server
@@ -90,7 +100,7 @@ async def serve_gateway(
                         ssl_keyfile=settings.http_tls_key if tls else None,
                     )
                 )
-                tg.start_soon(server.serve, [sock])
+                tg.start_soon(serve_http, sock)
                 await bridge_ready.wait()
                 host, port = sock.getsockname()[:2]
                 if on_http:
@@ -116,7 +126,12 @@ async def serve_gateway(
             if lost.is_set() and not stop.is_set():
                 log.error("gateway lost its NATS connection for good; connecting again")
         if server is not None:
+            # Let uvicorn close its connections and end the app's lifespan itself: cancelled in the
+            # middle, it printed a traceback on every stop. Streams still open after a few seconds
+            # are cut.
             server.should_exit = True
+            with anyio.move_on_after(HTTP_SHUTDOWN_S):
+                await served.wait()
         tg.cancel_scope.cancel()
 
 

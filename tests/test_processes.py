@@ -308,3 +308,22 @@ def test_tekton_up_processes_restarts_a_child_that_dies(settings: TektonSettings
         up.stop(signal.SIGTERM, timeout=40)
     log = (settings.data_dir / "tekton.log").read_text()  # `tekton up` logs to a file (tekton logs)
     assert "child died; restarting" in log and "apollo" in log and "gateway" in log, log
+
+
+def test_a_gateway_with_its_http_bridge_stops_on_sigterm_without_a_traceback(
+    settings: TektonSettings,
+) -> None:
+    """uvicorn, cancelled in the middle of its shutdown, printed the app lifespan's CancelledError
+    traceback on every stop of `tekton gateway --http` (and so of `tekton up`)."""
+    child = spawn([*TEKTON, "gateway", "--http", "0"], child_env(settings), stderr=subprocess.STDOUT)
+    try:
+        child.wait_for(lambda line: line.startswith("ready gateway"))
+        assert child.stop(signal.SIGTERM) == 0
+        rest = []
+        while (line := child.lines.get(timeout=10)) is not None:
+            rest.append(line)
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+    output = "\n".join(child.seen + rest)
+    assert "stopping" in output and "Traceback" not in output, output
