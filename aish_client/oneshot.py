@@ -610,7 +610,7 @@ class _Stream:
 
             raise BusError("the stream ended without a done frame")
         self.output.started(cast(Any, start))
-        self.output.done()
+        self.output.done(done.usage.completion_tokens)
         first_ms = (self.first_chunk_at - self.sent_at) * 1000 if self.first_chunk_at is not None else None
         if logbook is not None:
             logbook.record(self.a.name, prompt, self.a.system, answer, None, answer.id, first_ms)

@@ -49,7 +49,7 @@ class StageOutput:
             self.renderer.once("demo-model", DEMO_NOTE)
 
     def chunk(self, text: str) -> None:
-        self.tokens += 1
+        self.tokens += 1  # a chunk may carry a burst of tokens: done() has the count
         if self.json:
             self.renderer.event("chunk", stage=self.stage, text=text)
         elif not self.last:
@@ -59,7 +59,10 @@ class StageOutput:
         else:
             self.out.write(text)
 
-    def done(self) -> None:
+    def done(self, tokens: int | None = None) -> None:
+        """``tokens``: the done frame's count."""
+        if tokens is not None:
+            self.tokens = tokens
         if self.json:
             return
         self.renderer.stop_waiting()

@@ -120,7 +120,7 @@ async def run_pipeline(
                     attempts.failed(outputs.made[-1].name, err)
                 raise
             name = opened.name
-            stage_out.done()
+            stage_out.done(result.done.usage.completion_tokens)
             first_ms = (s.first_chunk_at - s.sent_at) * 1000 if s.first_chunk_at is not None else None
             if logbook is not None:
                 logbook.record(name, prompt, system, result, session, s.request.id, first_ms)

@@ -754,7 +754,6 @@ class ChatStream:
                 "client",
                 attributes={"tekton.request_id": self.request.id},
             )
-        self.sent_at = time.perf_counter()
         try:
             await self._send(self._inbox)
         except BaseException:
@@ -890,7 +889,9 @@ class ChatStream:
         nc = self.bus.nc
         payload = encode_request(self.request, limit=nc.max_payload)
         subject = chat_subject(self.specialist, self.bus.settings.prefix)
-        await nc.publish(subject, payload, reply=inbox, headers=tracing.headers(self._span))
+        headers = tracing.headers(self._span)
+        self.sent_at = time.perf_counter()  # as a plain client times it: from the publish
+        await nc.publish(subject, payload, reply=inbox, headers=headers)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -1012,6 +1013,11 @@ class ChatStream:
         """What arrived until now (all of it once the stream is done)."""
         return "".join(self._parts)
 
+    @property
+    def tokens(self) -> int | None:
+        """The answer's tokens, from its done frame (None before it): a chunk may carry several."""
+        return self._done.usage.completion_tokens if self._done is not None else None
+
     async def result(self) -> StreamResult:
         """The whole answer with usage and timings; reads what is left of the stream first."""
         if self._done is None:
@@ -1056,6 +1062,7 @@ class SessionChatStream(ChatStream):
         self.stored: StoredFrame | None = None
 
     async def _send(self, inbox: str) -> None:
+        self.sent_at = time.perf_counter()
         chat = SessionChat(
             session=self.session,
             specialist=self.specialist or None,

@@ -251,6 +251,7 @@ class BulkRun:
             store: StoreAnswer | None = None
             status: OpStatus = "ok"
             error = ""
+            tokens: int | None = None  # the done frame's count
             try:
                 await self.emit(OpStart, op=op.id, specialist=op.ai, attempt=attempt)
                 if op.session:
@@ -271,6 +272,7 @@ class BulkRun:
                                 first = time.perf_counter()
                             parts.append(text)
                             await self._emit(encode_op_chunk(self.seq, op.id, text))
+                        tokens = stream.tokens
                 if timer.cancelled_caught:
                     status, error = "timeout", f"'{op.ai}' did not finish within {deadline_ms} ms"
             except BusError as err:
@@ -296,7 +298,8 @@ class BulkRun:
                 op,
                 status,
                 error,
-                tokens=len(parts),
+                # An answer cut short has no done frame: at least a token a chunk.
+                tokens=tokens if tokens is not None else len(parts),
                 first_token_ms=round((first - began) * 1000, 3) if first else None,
                 total_ms=round(total * 1000, 3),
             )

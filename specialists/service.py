@@ -95,6 +95,11 @@ SLICE_S = 0.002
 # The first slice is shorter: the first chunk leaves within this long of being produced, and an
 # answer produced within it (a short or cached one) leaves in one write with its done frame.
 FIRST_SLICE_S = 0.0002
+# A token produced within this long of the one before it joins the frame being gathered instead of
+# going out alone: a provider producing flat out sends one chunk frame per slice, not one per token
+# (each frame costs the bus, JetStream's capture and the client as much as a token does), while a
+# model that pauses between tokens still sends each as it comes. The first token always goes alone.
+BURST_GAP_S = 0.0002
 # A cancel for a request not (yet) known here is remembered this long, in case the request follows.
 EARLY_CANCEL_S = 30.0
 EARLY_CANCEL_MAX = 10_000
@@ -121,8 +126,12 @@ class ReplyStream:
         self.nc = nc
         self.subject = subject
         self.seq = 0
-        self.chunks = 0
+        self.chunks = 0  # tokens, whether each went in a frame of its own or with others
         self.last_sent = time.monotonic()
+        # Tokens of a burst not sent yet (see BURST_GAP_S), and when the last token came.
+        self.held: list[str] = []
+        self.token_at = 0.0
+        self._flushing: asyncio.Future[None] | None = None
         self.listeners = RunListeners(subject, prefix, run is not None)
         # A run's frames as sent (index = seq), so a client that lost some can have them again from
         # here (a replay request) when the runs stream cannot serve them (its node is down).
@@ -148,14 +157,48 @@ class ReplyStream:
             await self.nc.publish(self.subject, data, reply=probe)
 
     async def send_encoded(self, data: bytes) -> None:
+        """``data`` must carry the current ``seq``: call :meth:`flush` before encoding it."""
         await self._publish(data)
 
     async def send(self, frame_type: type[Any], **fields: Any) -> None:
+        await self.flush()
         await self._publish(encode(frame_type(seq=self.seq, **fields)))
 
     async def chunk(self, text: str) -> None:
+        """One token: sent at once, or held with the rest of its burst until the producer pauses
+        (the loop gets a turn), the stream yields at the end of a slice, or another frame follows."""
         self.chunks += 1
+        now = time.monotonic()
+        burst, self.token_at = now - self.token_at < BURST_GAP_S, now
+        if burst:
+            if not self.held:
+                asyncio.get_running_loop().call_soon(self._flush_soon)
+            self.held.append(text)
+            return
+        await self.flush()
         await self._publish(encode_chunk(self.seq, text))
+
+    async def flush(self) -> None:
+        """Send the held tokens as one chunk frame."""
+        if self.held:
+            text = "".join(self.held)
+            self.held = []
+            await self._publish(encode_chunk(self.seq, text))
+
+    def _flush_soon(self) -> None:
+        # The loop got a turn with tokens still held: the producer is waiting (a model between
+        # tokens, a slot, a tool), so what it made so far goes now, not with its next token.
+        if self.held and self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        try:
+            while self.held:
+                await self.flush()
+        except Exception:  # a closed connection: the answer's own next publish reports it
+            pass
+        finally:
+            self._flushing = None
 
     async def error(self, err: BusError) -> None:
         await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
@@ -740,12 +783,14 @@ class SpecialistService:
                             tokens += 1
                             if first_token is None:
                                 first_token = time.perf_counter()
-                                slice_start = reply.last_sent - SLICE_S + FIRST_SLICE_S
-                            elif reply.last_sent - slice_start >= SLICE_S:
+                                slice_start = reply.token_at - SLICE_S + FIRST_SLICE_S
+                            elif reply.token_at - slice_start >= SLICE_S:
                                 # A provider producing flat out never suspends (a publish only
                                 # buffers), so nothing else in this process would run: not
                                 # other requests, not the read loop that brings its cancel.
-                                slice_start = reply.last_sent
+                                # The slice's tokens leave as one frame.
+                                slice_start = reply.token_at
+                                await reply.flush()
                                 await anyio.lowlevel.checkpoint()
                 finally:
                     self._streaming.pop(request.id, None)
@@ -756,6 +801,7 @@ class SpecialistService:
                 prompt_tokens = reported.prompt_tokens if reported else None
                 completion_tokens = reported.completion_tokens if reported else tokens
                 cost = self._cost(provider_name, provider.model, prompt_tokens, completion_tokens)
+                await reply.flush()
                 await reply.send_encoded(
                     encode_done(
                         reply.seq,

@@ -97,7 +97,8 @@ async def test_message_stream_arrives_as_artifact_chunks(settings: TektonSetting
         get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
     ]
     assert "".join(chunks) == "apollo heard: explain queue groups"
-    assert len([c for c in chunks if c]) == 5  # streamed chunk by chunk, not in one piece
+    # Streamed chunk by chunk, not in one piece (the first token alone, the rest of its burst after).
+    assert chunks[0] == "apollo " and len([c for c in chunks if c]) >= 2, chunks
     states = [e.status_update.status.state for e in events if e.HasField("status_update")]
     assert states[-1] == TaskState.TASK_STATE_COMPLETED
 
@@ -163,9 +164,8 @@ provider_options = {{ url = "{base}/a2a/ghost/" }}
         async with in_process_specialists(remote, "scout", "lost"), Bus.connect(settings) as bus:
             answer = await bus.ask("scout", "what is out there?")
             assert answer.text == "athena heard: what is out there?"
-            assert (
-                answer.start.provider == "a2a" and answer.done.usage.completion_tokens == 6
-            )  # chunk by chunk
+            # Chunk by chunk: an A2A agent reports no tokens, so each piece it streamed counts as one.
+            assert answer.start.provider == "a2a" and answer.done.usage.completion_tokens >= 2
             with pytest.raises(BusError, match="failed: specialist_unavailable: no specialist named 'ghost'"):
                 await bus.ask("lost", "anyone?")
 

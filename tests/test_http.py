@@ -61,7 +61,8 @@ async def test_json_sse_sessions_bulk_and_discovery(settings: TektonSettings) ->
         assert answer["text"] == "apollo heard: hi" and answer["specialist"] == "apollo"
         streamed = await http.post("/api/chat/stream", json={"specialist": "@planning", "message": "go"})
         events = sse_events(streamed.text)
-        assert [e for e, _ in events] == ["start", "content", "content", "content", "done"]
+        kinds = [e for e, _ in events]  # three tokens: the first alone, the rest in one or two events
+        assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"content"}, kinds
         assert events[0][1]["specialist"] == "prometheus"
         assert "".join(d["text"] for e, d in events if e == "content") == "prometheus heard: go"
         missing = await http.post("/api/chat/stream", json={"specialist": "apolo", "message": "x"})

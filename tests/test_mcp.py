@@ -3,6 +3,7 @@ specialists and a real gateway on a real nats-server."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import sys
@@ -55,15 +56,12 @@ async def test_each_specialist_is_a_tool_whose_answer_streams_as_progress(settin
         )
         assert not result.is_error
         assert result.content[0].text == "apollo heard: explain queue groups"  # type: ignore[union-attr]
-        # One notification per chunk, each carrying the text so far: the answer arrived piece by piece.
-        assert [m for _, m in progress] == [
-            "apollo ",
-            "apollo heard: ",
-            "apollo heard: explain ",
-            "apollo heard: explain queue ",
-            "apollo heard: explain queue groups",
-        ]
-        assert [d for d, _ in progress] == [1, 2, 3, 4, 5]
+        # One notification per chunk, each carrying the text so far: the answer arrived piece by piece
+        # (the first token alone, a burst of the others in fewer chunks).
+        texts = [m or "" for _, m in progress]
+        assert texts[0] == "apollo " and texts[-1] == "apollo heard: explain queue groups"
+        assert all(b.startswith(a) and b != a for a, b in itertools.pairwise(texts))
+        assert [d for d, _ in progress] == list(range(1, len(progress) + 1))
 
         missing = await client.call_tool("apolo", {"prompt": "x"})
         assert missing.is_error
@@ -135,7 +133,7 @@ async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -
                     return False  # uvicorn printed our ready line just before it listens
 
             await eventually(connected, within=20)
-            assert progress[-1] == "athena heard: over http" and len(progress) == 4
+            assert progress[-1] == "athena heard: over http" and len(progress) >= 2
     finally:
         child.stop()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import msgpack
+import nats
 import pytest
 
 from bus.client import Bus
@@ -20,7 +22,17 @@ from bus.errors import (
 )
 from bus.settings import TektonSettings
 from bus.subjects import chat_subject
-from bus.wire import ChatMessage, ChatOptions, ErrorFrame, StartFrame, decode_frame, encode, encode_chunk
+from bus.wire import (
+    ChatMessage,
+    ChatOptions,
+    ErrorFrame,
+    HeartbeatFrame,
+    StartFrame,
+    decode_frame,
+    encode,
+    encode_chunk,
+)
+from specialists.service import ReplyStream
 from tests.helpers import eventually, in_process_specialists
 
 pytestmark = pytest.mark.anyio
@@ -30,7 +42,8 @@ def user(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
 
 
-async def test_stream_tokens_then_result(settings: TektonSettings) -> None:
+async def test_stream_tokens_then_result(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "20")  # a model's pace: each token as it comes
     async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
         async with bus.stream("apollo", user("queue groups share load")) as s:
             chunks = [c async for c in s]
@@ -42,6 +55,53 @@ async def test_stream_tokens_then_result(settings: TektonSettings) -> None:
     assert result.done.finish_reason == "stop"
     assert result.done.timings.first_token_ms is not None
     assert result.done.timings.total_ms >= result.done.timings.first_token_ms
+
+
+async def test_a_burst_of_tokens_goes_in_fewer_frames_after_the_first(settings: TektonSettings) -> None:
+    """A provider producing flat out (the scripted one, unpaced): its first token leaves alone at once,
+    the rest of the burst together, and the usage still counts every token."""
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with bus.stream("apollo", user("queue groups share load")) as s:
+            chunks = [c async for c in s]
+        result = await s.result()
+    assert chunks[0] == "apollo " and 2 <= len(chunks) < 6, chunks
+    assert "".join(chunks) == result.text == "apollo heard: queue groups share load"
+    assert result.done.usage.completion_tokens == 6
+
+
+async def test_held_tokens_leave_when_the_producer_pauses_and_before_any_other_frame(
+    settings: TektonSettings,
+) -> None:
+    """A burst's tokens after the first are held for one frame: they leave as soon as the producer
+    waits (here, the test reading), not with its next token, and always before a later frame."""
+    nc = await nats.connect(settings.nats_url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        reply = ReplyStream(nc, inbox)
+
+        async def frame() -> dict[str, Any]:
+            return msgpack.unpackb((await sub.next_msg(timeout=0.5)).data)  # type: ignore[no-any-return]
+
+        await reply.chunk("a ")
+        await reply.chunk("b ")  # in the same burst: held
+        await reply.chunk("c ")
+        first = await frame()
+        held = await frame()  # the "producer" waits, with no next token in sight
+        assert (first["seq"], first["text"]) == (0, "a ") and (held["seq"], held["text"]) == (1, "b c ")
+        await anyio.sleep(0.01)
+        await reply.chunk("d ")  # after a pause: alone, at once
+        await reply.chunk("e ")  # held, then sent ahead of the heartbeat that follows it
+        await reply.send(HeartbeatFrame)
+        frames = [await frame() for _ in range(3)]
+        assert [(f["seq"], f["type"], f.get("text")) for f in frames] == [
+            (2, "chunk", "d "),
+            (3, "chunk", "e "),
+            (4, "heartbeat", None),
+        ]
+        assert reply.chunks == 5
+    finally:
+        await nc.close()
 
 
 async def test_max_tokens_gives_length(settings: TektonSettings) -> None:
@@ -77,8 +137,8 @@ async def test_each_request_is_served_in_its_own_task(
     ):
         # Both requests are being generated at once: neither waits for the other to finish.
         await eventually(lambda: services["apollo"].counters.in_flight == 2)
-        assert [c async for c in a][-1] == "one"
-        assert [c async for c in b][-1] == "two"
+        assert "".join([c async for c in a]).endswith("one")
+        assert "".join([c async for c in b]).endswith("two")
 
 
 async def test_heartbeats_keep_a_slow_stream_alive(
