@@ -297,7 +297,9 @@ async def measure_bus(args: argparse.Namespace, pids: dict[str, int]) -> dict[st
                 assert answer.first_chunk_at is not None and answer.done_at is not None
                 # Over the whole stream: the plain floor subscriber sends nothing until its first
                 # buffer flush (~2 MB in), so a rate counted from the first chunk would flatter it.
-                rate = answer.chunks / (answer.done_at - answer.sent_at)
+                # Tokens, not frames: a specialist sends a burst of tokens in one chunk frame.
+                assert answer.done is not None
+                rate = answer.done["usage"]["completion_tokens"] / (answer.done_at - answer.sent_at)
                 side = "floor" if name == "floorlong" else "tekton"
                 rates[side].append(rate)
                 firsts[side].append(round((answer.first_chunk_at - answer.sent_at) * 1000, 1))
