@@ -100,6 +100,8 @@ FIRST_SLICE_S = 0.0002
 # (each frame costs the bus, JetStream's capture and the client as much as a token does), while a
 # model that pauses between tokens still sends each as it comes. The first token always goes alone.
 BURST_GAP_S = 0.0002
+# Held tokens leave at once past this many characters: a burst's frame stays far under max_payload.
+HELD_MAX_CHARS = 64 * 1024
 # A cancel for a request not (yet) known here is remembered this long, in case the request follows.
 EARLY_CANCEL_S = 30.0
 EARLY_CANCEL_MAX = 10_000
@@ -118,6 +120,12 @@ REPLAY_SLICE = 256
 IDLE_WORKERS_MAX = 256
 
 
+# A request to serve: the request, its reply stream, its cancel scope, and the trace context headers
+# it continues (None: a trace of its own) or _UNTRACED.
+_UNTRACED: Any = object()
+_Job = tuple[ChatRequest, "ReplyStream", anyio.CancelScope, Any]
+
+
 class ReplyStream:
     """Frames of one answer, published to the request's reply subject with consecutive ``seq``."""
 
@@ -130,8 +138,11 @@ class ReplyStream:
         self.last_sent = time.monotonic()
         # Tokens of a burst not sent yet (see BURST_GAP_S), and when the last token came.
         self.held: list[str] = []
+        self.held_chars = 0
         self.token_at = 0.0
         self._flushing: asyncio.Future[None] | None = None
+        # What a flush on the loop's turn failed with: raised by the answer's next frame instead.
+        self._flush_failed: Exception | None = None
         self.listeners = RunListeners(subject, prefix, run is not None)
         # A run's frames as sent (index = seq), so a client that lost some can have them again from
         # here (a replay request) when the runs stream cannot serve them (its node is down).
@@ -174,15 +185,21 @@ class ReplyStream:
             if not self.held:
                 asyncio.get_running_loop().call_soon(self._flush_soon)
             self.held.append(text)
+            self.held_chars += len(text)
+            if self.held_chars > HELD_MAX_CHARS:
+                await self.flush()
             return
         await self.flush()
         await self._publish(encode_chunk(self.seq, text))
 
     async def flush(self) -> None:
         """Send the held tokens as one chunk frame."""
+        if self._flush_failed is not None:
+            failed, self._flush_failed = self._flush_failed, None
+            raise failed
         if self.held:
             text = "".join(self.held)
-            self.held = []
+            self.held, self.held_chars = [], 0
             await self._publish(encode_chunk(self.seq, text))
 
     def _flush_soon(self) -> None:
@@ -195,8 +212,8 @@ class ReplyStream:
         try:
             while self.held:
                 await self.flush()
-        except Exception:  # a closed connection: the answer's own next publish reports it
-            pass
+        except Exception as err:  # (a lost connection, say) the answer's next frame raises it
+            self._flush_failed = err
         finally:
             self._flushing = None
 
@@ -372,7 +389,7 @@ class SpecialistService:
         self._default_options = ChatOptions.model_construct(**self._defaults)  # shared: never changed
         self._start_frames: dict[tuple[str, str], bytes] = {}
         # Request tasks done with their request, each waiting on its future for the next one.
-        self._idle_workers: deque[asyncio.Future[tuple[ChatRequest, ReplyStream, anyio.CancelScope]]] = (
+        self._idle_workers: deque[asyncio.Future[_Job]] = (
             deque()
         )
 
@@ -625,12 +642,11 @@ class SpecialistService:
             self._runs[(reply.run.user, reply.run.run_id)] = reply
         if self._cancelled_early(request.id, owner):
             scope.cancel()
-        if tracing.wanted(headers):
-            self._tg.start_soon(self._serve_traced, request, reply, scope, headers)
-        else:
-            self._dispatch((request, reply, scope))
+        # A traced request goes the same way, to a waiting task (a task of its own per request cost
+        # ~14 us, paid also by the requests a sampler then leaves out).
+        self._dispatch((request, reply, scope, headers if tracing.wanted(headers) else _UNTRACED))
 
-    def _dispatch(self, job: tuple[ChatRequest, ReplyStream, anyio.CancelScope]) -> None:
+    def _dispatch(self, job: _Job) -> None:
         """Serve a request in a task of the service's task group: one that finished its request and
         waits for the next (:meth:`_worker`), else a new one. Handing a request to a waiting task costs
         ~2.6 us against ~14 us for ``start_soon`` (anyio makes a handle, a cancel scope and an event
@@ -644,14 +660,19 @@ class SpecialistService:
                 return
         self._tg.start_soon(self._worker, job)
 
-    async def _worker(self, job: tuple[ChatRequest, ReplyStream, anyio.CancelScope]) -> None:
+    async def _worker(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._serve(*job)
+            request, reply, scope, trace = job
             del job  # an idle task holds no finished request (its frames, for a run)
+            if trace is _UNTRACED:
+                await self._serve(request, reply, scope)
+            else:
+                await self._serve_traced(request, reply, scope, trace)
+            del request, reply, scope, trace
             if len(self._idle_workers) >= IDLE_WORKERS_MAX:
                 return
-            waiting: asyncio.Future[tuple[ChatRequest, ReplyStream, anyio.CancelScope]] = loop.create_future()
+            waiting: asyncio.Future[_Job] = loop.create_future()
             self._idle_workers.append(waiting)
             job = await waiting
 
