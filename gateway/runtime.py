@@ -30,7 +30,7 @@ log = structlog.get_logger("tekton.gateway")
 # as the server closed it got "connection reset" / "server disconnected" mid-burst.
 HTTP_KEEP_ALIVE_S = 75
 # On stop, the HTTP bridge's open responses (answers still streaming) get this long to end.
-HTTP_SHUTDOWN_S = 5.0
+HTTP_SHUTDOWN_S = 5
 
 
 class _Uvicorn(uvicorn.Server):
@@ -96,6 +96,9 @@ async def serve_gateway(
                         log_level="warning",
                         lifespan="on",
                         timeout_keep_alive=HTTP_KEEP_ALIVE_S,
+                        # Past this, uvicorn cuts the responses still streaming itself, and then
+                        # ends the lifespan: it is never cancelled in the middle (see the stop below).
+                        timeout_graceful_shutdown=HTTP_SHUTDOWN_S,
                         ssl_certfile=settings.http_tls_cert if tls else None,
                         ssl_keyfile=settings.http_tls_key if tls else None,
                     )
@@ -127,10 +130,9 @@ async def serve_gateway(
                 log.error("gateway lost its NATS connection for good; connecting again")
         if server is not None:
             # Let uvicorn close its connections and end the app's lifespan itself: cancelled in the
-            # middle, it printed a traceback on every stop. Streams still open after a few seconds
-            # are cut.
+            # middle, it printed a traceback on every stop.
             server.should_exit = True
-            with anyio.move_on_after(HTTP_SHUTDOWN_S):
+            with anyio.move_on_after(HTTP_SHUTDOWN_S + 5):  # (a backstop: it stops by itself)
                 await served.wait()
         tg.cancel_scope.cancel()
 
