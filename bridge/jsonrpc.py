@@ -201,6 +201,7 @@ class JsonRpc:
                                     "method": "stream.complete",
                                     "params": {
                                         "request_id": request_id,
+                                        "usage": result.done.usage.model_dump(),
                                         "timings": result.done.timings.model_dump(),
                                     },
                                 }

@@ -18,7 +18,7 @@ from bus.errors import (
     BusError,
 )
 from bus.subjects import TARGET_PATTERN
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import ChatMessage, ChatOptions, Usage
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -29,10 +29,17 @@ class OpenAIMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class OpenAIChat(BaseModel):
     model: str = Field(pattern=TARGET_PATTERN, description="a specialist name, `@capability` or `@auto`")
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = False
+    # As OpenAI's: with include_usage, a last chunk (no choices) carries the answer's usage. A client
+    # must not count chunks as tokens (a chunk may carry several).
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
 
@@ -60,7 +67,6 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
         if not body.stream:
             async with stream:
                 result = await stream.result()
-            usage = result.done.usage
             return {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -73,21 +79,19 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
                         "finish_reason": result.done.finish_reason,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": usage.prompt_tokens or 0,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": (usage.prompt_tokens or 0) + usage.completion_tokens,
-                },
+                "usage": openai_usage(result.done.usage),
             }
 
-        def chunk(delta: dict[str, str], finish: str | None = None) -> str:
-            data = {
+        def chunk(delta: dict[str, str], finish: str | None = None, usage: Usage | None = None) -> str:
+            data: dict[str, Any] = {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
+            if usage is not None:
+                data["usage"] = openai_usage(usage)
             return f"data: {json.dumps(data)}\n\n"
 
         async def events() -> AsyncIterator[str]:
@@ -101,6 +105,16 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
                     yield f"data: {json.dumps(error_body(err))}\n\n"
                     return
                 yield chunk({}, result.done.finish_reason)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield chunk({}, usage=result.done.usage)
                 yield "data: [DONE]\n\n"
 
         return ClosingStream(events(), stream)
+
+
+def openai_usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens or 0,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": (usage.prompt_tokens or 0) + usage.completion_tokens,
+    }

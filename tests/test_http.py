@@ -104,12 +104,20 @@ async def test_openai_client_library_talks_to_tekton(settings: TektonSettings) -
             assert done.usage is not None and done.usage.completion_tokens == 3
             parts = []
             stream = await client.chat.completions.create(
-                model="@cost-analysis", messages=[{"role": "user", "content": "budget?"}], stream=True
+                model="@cost-analysis",
+                messages=[{"role": "user", "content": "budget?"}],
+                stream=True,
+                stream_options={"include_usage": True},
             )
+            usage = []
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
+                if chunk.usage is not None:  # the last chunk, asked for with include_usage
+                    usage.append((chunk.choices, chunk.usage.completion_tokens))
             assert "".join(parts) == "penia heard: budget?"
+            # Tokens, not chunks: a burst of tokens comes in one chunk.
+            assert usage == [([], 3)]
             with pytest.raises(openai.APIStatusError) as info:
                 await client.chat.completions.create(
                     model="nobody", messages=[{"role": "user", "content": "x"}]
