@@ -5,6 +5,7 @@ Every test here starts several nats-servers: ``-m cluster``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import socket
@@ -198,7 +199,7 @@ async def test_a_node_killed_mid_load_loses_nothing(cluster: LocalCluster, csett
                         count += 1
                         if count == 5 and i == 0:
                             started.set()
-                    done.append(count)
+                    done.append(s.tokens or 0)
 
             async def appender(i: int) -> None:
                 for turn in range(6):
@@ -211,7 +212,8 @@ async def test_a_node_killed_mid_load_loses_nothing(cluster: LocalCluster, csett
                     tg.start_soon(appender, i)
                 await started.wait()
                 cluster.kill(2)  # SIGKILL node n3 mid-stream
-            assert len(done) == 50 and set(done) == {40}  # streams on surviving nodes all finished
+            # Streams on surviving nodes all finished: 40 tokens each, by their done frames.
+            assert len(done) == 50 and set(done) == {40}
             assert all(nc.is_connected for nc in clients)  # n3's clients reconnected elsewhere
             moved = [nc for nc in clients[2::3]]
             assert all(nc.connected_url.port != cluster.configs[2].port for nc in moved)
@@ -263,8 +265,9 @@ async def test_an_answer_whose_client_node_died_with_the_runs_stream_is_replayed
             await nc.close()
     finally:
         specialist.stop()
-    assert len(got) == 60 and result.done.usage.completion_tokens == 60  # each chunk exactly once
-    assert "".join(got).startswith("apollo heard: go on")
+    # Each token exactly once (a chunk frame may carry several): the scripted answer's 60 tokens.
+    whole = "".join(itertools.islice(itertools.cycle(["apollo ", "heard: ", "go ", "on"]), 60))
+    assert result.done.usage.completion_tokens == 60 and "".join(got) == whole
     assert resumed, "nothing was lost: the test did not test a resume"
 
 

@@ -172,7 +172,8 @@ async def test_a_client_that_stops_reading_does_not_grow_the_specialist(settings
         with socket.create_connection((host, int(port))) as stuck:
             stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             stuck.recv(4096)  # INFO
-            payload = request("never read", int(FLAT_OUT))
+            # A long word among the answer's tokens: ~200 MB in all, far more than the specialist may hold.
+            payload = request("never read " + "x" * 1000, int(FLAT_OUT))
             stuck.sendall(
                 b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB stuck.inbox 1\r\n'
                 + b"PUB tekton.ai.athena.chat stuck.inbox %d\r\n" % len(payload)
@@ -187,7 +188,7 @@ async def test_a_client_that_stops_reading_does_not_grow_the_specialist(settings
                     assert result.text == "athena heard: "
                     peak = max(peak, rss_kib(pid))
                     await asyncio.sleep(0.1)  # sampling interval for the RSS, not synchronisation
-        # 1 M chunks of ~60 bytes would be ~60 MB if the specialist buffered them.
+        # The answer would be ~200 MB if the specialist buffered it.
         assert peak - before < 32 * 1024, f"specialist RSS grew by {(peak - before) // 1024} MiB"
 
 

@@ -99,6 +99,8 @@ async def test_json_rpc_stream_resume_after_the_socket_dropped(settings: TektonS
                         texts.append(note["params"]["text"])
                     elif note.get("method") == "stream.complete":
                         assert "error" not in note["params"], note
+                        # Tokens counted by the specialist (a chunk may carry several).
+                        assert note["params"]["usage"]["completion_tokens"] == len(TOKENS), note
                         break
                 bad = await rpc(ws, "stream.resume", {"request_id": "a.b", "after": 0}, rid=2)
     assert "".join(texts) == "".join(TOKENS)

@@ -194,7 +194,10 @@ async def test_json_events_for_scripts(settings: TektonSettings) -> None:
         missing = await run_aish(settings, "--json", "nobody", "hi")
     assert done.returncode == 0
     seen = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [e["event"] for e in seen] == ["start", "chunk", "chunk", "chunk", "chunk", "done"]
+    # The first token alone, the other three in one to three more chunks (a burst shares a chunk).
+    kinds = [e["event"] for e in seen]
+    assert kinds[:2] == ["start", "chunk"] and kinds[-1] == "done" and set(kinds[1:-1]) == {"chunk"}, kinds
+    assert seen[1]["text"] == "apollo " and 2 <= len(kinds) - 2 <= 4, kinds
     assert "".join(e["text"] for e in seen if e["event"] == "chunk") == "apollo heard: one two"
     assert seen[-1]["finish_reason"] == "stop" and seen[-1]["usage"]["completion_tokens"] == 4
     assert seen[-1]["usage"]["prompt_tokens"] > 2

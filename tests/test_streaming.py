@@ -32,6 +32,7 @@ from bus.wire import (
     encode,
     encode_chunk,
 )
+from specialists import service
 from specialists.service import ReplyStream
 from tests.helpers import eventually, in_process_specialists
 
@@ -44,6 +45,8 @@ def user(text: str) -> list[ChatMessage]:
 
 async def test_stream_tokens_then_result(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "20")  # a model's pace: each token as it comes
+    # (and no burst, even when a loaded machine stalls the loop for longer than a token's 50 ms)
+    monkeypatch.setattr(service, "BURST_GAP_S", 0.0)
     async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
         async with bus.stream("apollo", user("queue groups share load")) as s:
             chunks = [c async for c in s]
@@ -70,10 +73,12 @@ async def test_a_burst_of_tokens_goes_in_fewer_frames_after_the_first(settings: 
 
 
 async def test_held_tokens_leave_when_the_producer_pauses_and_before_any_other_frame(
-    settings: TektonSettings,
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A burst's tokens after the first are held for one frame: they leave as soon as the producer
     waits (here, the test reading), not with its next token, and always before a later frame."""
+    # A burst as wide as a loaded machine may stall this process between two calls.
+    monkeypatch.setattr(service, "BURST_GAP_S", 0.05)
     nc = await nats.connect(settings.nats_url)
     try:
         inbox = nc.new_inbox()
@@ -89,7 +94,7 @@ async def test_held_tokens_leave_when_the_producer_pauses_and_before_any_other_f
         first = await frame()
         held = await frame()  # the "producer" waits, with no next token in sight
         assert (first["seq"], first["text"]) == (0, "a ") and (held["seq"], held["text"]) == (1, "b c ")
-        await anyio.sleep(0.01)
+        await anyio.sleep(0.2)
         await reply.chunk("d ")  # after a pause: alone, at once
         await reply.chunk("e ")  # held, then sent ahead of the heartbeat that follows it
         await reply.send(HeartbeatFrame)
