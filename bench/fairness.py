@@ -3,12 +3,13 @@
     python -m bench.fairness [--quick]
 
 A specialist process on the scripted provider at full speed. In the same run, two builds of it: the
-specialist as it is (a stream yields every ``YIELD_EVERY`` chunks) and, as the baseline, the same code
-with that yielding turned off (how it was before). Measured with a plain nats-py client:
+specialist as it is (a stream yields the event loop every ``SLICE_S`` of producing, and sends the
+slice's tokens as one chunk frame) and, as the baseline, the same code with that yielding turned off.
+Measured with a plain nats-py client:
 
-- one stream's throughput (chunks/s), to show what yielding costs;
+- one stream's throughput (tokens/s), to show what yielding costs;
 - while such a stream floods, how long another request waits for its ``start`` frame (p50/p99), and
-  how many chunks the flood still sends after its cancel was published.
+  whether its cancel (sent once that start arrived) stops it before its end.
 
 Prints the figures and writes bench/results/fairness.json.
 """
@@ -29,9 +30,9 @@ import nats
 from bench.common import free_port, pct, start_child, summary, write_results
 from bus.server import EmbeddedNats
 
-# Runs `tekton specialist apollo` with the yielding of specialists.service set to ``every`` chunks.
+# Runs `tekton specialist apollo` with the slice of specialists.service set to ``slice_s`` seconds.
 LAUNCH = (
-    "import sys, specialists.service as s; s.YIELD_EVERY = int(sys.argv[1]); "
+    "import sys, specialists.service as s; s.SLICE_S = float(sys.argv[1]); "
     "from tekton.cli import main; sys.exit(main(sys.argv[2:]))"
 )
 
@@ -77,9 +78,9 @@ async def start_delay(nc: Any, tokens: int) -> tuple[float, bool]:
     return waited, frame.get("code") == "cancelled"
 
 
-async def measure(url: str, every: int, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(url: str, slice_s: float, args: argparse.Namespace) -> dict[str, Any]:
     env = {"TEKTON_NATS_URL": url, "TEKTON_CONFIG": "/nonexistent", "TEKTON_SCRIPTED_TOKENS": "10000000"}
-    argv = [sys.executable, "-c", LAUNCH, str(every), "specialist", "apollo", "--provider", "scripted"]
+    argv = [sys.executable, "-c", LAUNCH, str(slice_s), "specialist", "apollo", "--provider", "scripted"]
     child = start_child([*argv, "--log-level", "warning"], env, "ready apollo")
     try:
         nc = await nats.connect(url)
@@ -96,8 +97,8 @@ async def measure(url: str, every: int, args: argparse.Namespace) -> dict[str, A
         child.terminate()
         child.wait()
     return {
-        "yield_every": every,
-        "stream_chunks_per_s": {"p50": round(pct(rates, 50)), "min": round(min(rates))},
+        "slice_s": slice_s,
+        "stream_tokens_per_s": {"p50": round(pct(rates, 50)), "min": round(min(rates))},
         "other_start_during_flood": summary(delays),
         "floods_stopped_by_cancel": f"{stopped}/{args.rounds}",
     }
@@ -108,11 +109,11 @@ async def main(args: argparse.Namespace) -> None:
         server = EmbeddedNats(Path(tmp) / "store", port=free_port())
         server.start()
         try:
-            from specialists.service import YIELD_EVERY
+            from specialists.service import SLICE_S
 
-            baseline = await measure(server.url, 10**12, args)  # never yields: as before
-            now = await measure(server.url, YIELD_EVERY, args)
-            others = [await measure(server.url, every, args) for every in args.compare]
+            baseline = await measure(server.url, 1e9, args)  # never yields
+            now = await measure(server.url, SLICE_S, args)
+            others = [await measure(server.url, slice_s, args) for slice_s in args.compare]
         finally:
             server.stop()
     figures = {
@@ -120,20 +121,20 @@ async def main(args: argparse.Namespace) -> None:
         "rounds": args.rounds,
         "yielding": now,
         "baseline_no_yielding": baseline,
-        "other_batch_sizes": others,
+        "other_slices": others,
         "throughput_ratio": round(
-            now["stream_chunks_per_s"]["p50"] / baseline["stream_chunks_per_s"]["p50"], 3
+            now["stream_tokens_per_s"]["p50"] / baseline["stream_tokens_per_s"]["p50"], 3
         ),
         "other_start_p50_ratio": round(
             now["other_start_during_flood"]["p50_ms"] / baseline["other_start_during_flood"]["p50_ms"], 4
         ),
     }
-    rows = [("baseline (no yielding)", baseline), (f"yield every {YIELD_EVERY}", now)]
-    rows += [(f"yield every {f['yield_every']}", f) for f in others]
+    rows = [("baseline (no yielding)", baseline), (f"slice {SLICE_S * 1000:g} ms", now)]
+    rows += [(f"slice {f['slice_s'] * 1000:g} ms", f) for f in others]
     for label, f in rows:
         d = f["other_start_during_flood"]
         print(
-            f"{label:<24} stream {f['stream_chunks_per_s']['p50']:>8} chunks/s  "
+            f"{label:<24} stream {f['stream_tokens_per_s']['p50']:>8} tokens/s  "
             f"other start p50 {d['p50_ms']:8.2f} ms p99 {d['p99_ms']:8.2f} ms  "
             f"floods stopped by cancel {f['floods_stopped_by_cancel']}"
         )
@@ -146,9 +147,9 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--tokens", type=int, default=100_000, help="chunks of one flood")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="tokens of one flood")
     parser.add_argument(
-        "--compare", type=int, nargs="*", default=[], metavar="N", help="also measure yielding every N chunks"
+        "--compare", type=float, nargs="*", default=[], metavar="S", help="also measure slices of S seconds"
     )
     parsed = parser.parse_args()
     parsed.rounds = 3 if parsed.quick else 10

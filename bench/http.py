@@ -61,7 +61,8 @@ async def sse_rate(http: httpx.AsyncClient) -> float:
 async def rpc_stream(
     ws: aiohttp.ClientWebSocketResponse, body: dict[str, Any], rid: int
 ) -> tuple[float, int, list[float]]:
-    """(first chunk s, chunks, gaps between chunks) of one JSON-RPC stream."""
+    """(first chunk s, tokens, gaps between chunks) of one JSON-RPC stream (a burst of tokens shares a
+    chunk: the tokens are the completion's count)."""
     start = time.perf_counter()
     await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": rid, "method": "stream", "params": body}))
     first, chunks, gaps, last = 0.0, 0, [], 0.0
@@ -78,7 +79,7 @@ async def rpc_stream(
         elif method == "stream.complete":
             if "error" in message["params"]:
                 raise RuntimeError(message["params"]["error"])
-            return first, chunks, gaps
+            return first, message["params"]["usage"]["completion_tokens"], gaps
 
 
 async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, Any]:
@@ -168,7 +169,7 @@ async def hold(url: str, width: int) -> dict[str, Any]:
     gaps = [g for _, _, gs in results for g in gs]
     return {
         "streams": width,
-        "completed_with_every_chunk": sum(1 for _, c, _ in results if c == 40),
+        "completed_with_every_token": sum(1 for _, c, _ in results if c == 40),
         "failed": failures,
         "chunk_gap": summary(gaps),
         "wall_s": round(time.perf_counter() - started, 2),
