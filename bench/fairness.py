@@ -29,6 +29,7 @@ import nats
 
 from bench.common import free_port, pct, start_child, summary, write_results
 from bus.server import EmbeddedNats
+from bus.subjects import cancel_subject
 
 # Runs `tekton specialist apollo` with the slice of specialists.service set to ``slice_s`` seconds.
 LAUNCH = (
@@ -67,7 +68,7 @@ async def start_delay(nc: Any, tokens: int) -> tuple[float, bool]:
     await nc.publish("tekton.ai.apollo.chat", request(f"o{time.monotonic_ns()}", 1), reply=other.subject)
     await other.next_msg(timeout=60)
     waited = time.perf_counter() - sent
-    await nc.publish(f"tekton.cancel.{flood_id}", b"")
+    await nc.publish(cancel_subject(flood_id), b"")
     await nc.flush()
     while True:
         frame = msgpack.unpackb((await flood.next_msg(timeout=60)).data)
