@@ -179,6 +179,8 @@ class ReplyStream:
         """One token: sent at once, or held with the rest of its burst until the producer pauses
         (the loop gets a turn), the stream yields at the end of a slice, or another frame follows."""
         self.chunks += 1
+        if self._flush_failed is not None:
+            self.check()
         now = time.monotonic()
         burst, self.token_at = now - self.token_at < BURST_GAP_S, now
         if burst:
@@ -192,11 +194,15 @@ class ReplyStream:
         await self.flush()
         await self._publish(encode_chunk(self.seq, text))
 
-    async def flush(self) -> None:
-        """Send the held tokens as one chunk frame."""
+    def check(self) -> None:
+        """Raise what a flush on the loop's turn failed with, in the answer's own task (not in the
+        heartbeat ticker's, which sends through the same stream)."""
         if self._flush_failed is not None:
             failed, self._flush_failed = self._flush_failed, None
             raise failed
+
+    async def flush(self) -> None:
+        """Send the held tokens as one chunk frame."""
         if self.held:
             text = "".join(self.held)
             self.held, self.held_chars = [], 0
@@ -389,9 +395,7 @@ class SpecialistService:
         self._default_options = ChatOptions.model_construct(**self._defaults)  # shared: never changed
         self._start_frames: dict[tuple[str, str], bytes] = {}
         # Request tasks done with their request, each waiting on its future for the next one.
-        self._idle_workers: deque[asyncio.Future[_Job]] = (
-            deque()
-        )
+        self._idle_workers: deque[asyncio.Future[_Job]] = deque()
 
     @property
     def instance_id(self) -> str:
@@ -823,6 +827,7 @@ class SpecialistService:
                 completion_tokens = reported.completion_tokens if reported else tokens
                 cost = self._cost(provider_name, provider.model, prompt_tokens, completion_tokens)
                 await reply.flush()
+                reply.check()
                 await reply.send_encoded(
                     encode_done(
                         reply.seq,
@@ -900,7 +905,10 @@ class SpecialistService:
                     reply.last_probe = now
                     reply.probe = f"{self._probe_prefix}.{request_id}"
                 if now - reply.last_sent >= interval:
-                    await reply.send(HeartbeatFrame)
+                    try:
+                        await reply.send(HeartbeatFrame)
+                    except Exception as err:  # (no connection) the answer's own next frame fails too
+                        self.log.debug("heartbeat not sent", request_id=request_id, error=str(err))
                 await self._check_listeners(request_id, reply, now)
 
     async def _check_listeners(self, request_id: str, reply: ReplyStream, now: float) -> None:

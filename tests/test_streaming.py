@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import msgpack
 import nats
+import nats.errors
 import pytest
 
 from bus.client import Bus
@@ -157,6 +158,30 @@ async def test_heartbeats_keep_a_slow_stream_alive(
     ):
         text = "".join([c async for c in s])
     assert text == "apollo heard: slow"
+
+
+async def test_a_heartbeat_that_cannot_be_sent_takes_down_neither_the_answer_nor_the_replica(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat ticker serves every stream of a replica: a publish refused there (nats-py
+    refuses one while it reconnects with a full buffer) ended the ticker's task and, with it, the
+    whole replica's task group."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_FIRST_TOKEN_MS", "800")  # silent long enough for heartbeats
+    send = ReplyStream.send
+    refused: list[str] = []
+
+    async def refusing(self: ReplyStream, frame_type: type[Any], **fields: Any) -> None:
+        if frame_type is HeartbeatFrame and not refused:
+            refused.append(self.subject)
+            raise nats.errors.OutboundBufferLimitError
+        await send(self, frame_type, **fields)
+
+    monkeypatch.setattr(ReplyStream, "send", refusing)
+    async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+        first = await bus.ask("apollo", "through it")
+        assert refused and first.text == "apollo heard: through it"
+        assert (await bus.ask("apollo", "after")).text == "apollo heard: after"
+        assert services["apollo"].counters.in_flight == 0
 
 
 async def test_deadline_exceeded(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
