@@ -36,7 +36,7 @@ from starlette.routing import Mount
 from bus.client import Bus
 from bus.discovery import SpecialistView
 from bus.errors import BadRequest, BusError, ErrorCode, GatewayUnavailable
-from bus.wire import ChatMessage
+from bus.wire import A2A_USAGE_KEY, ChatMessage
 
 A2A_PREFIX = "/a2a"
 log = structlog.get_logger("tekton.a2a")
@@ -123,14 +123,19 @@ class SpecialistExecutor(AgentExecutor):
                         [new_text_part(text)], artifact_id=artifact, name="answer", append=not first
                     )
                     first = False
-            await s.result()
+            result = await s.result()
         except BusError as err:
             message = new_text_message(
                 f"{err.code}: {err.message}", context_id=task.context_id, task_id=task.id
             )
             await updater.failed(message)
             return
-        await updater.add_artifact([], artifact_id=artifact, name="answer", append=True, last_chunk=True)
+        # The answer's tokens (A2A has no field for them; a chunk may carry several): a Tekton
+        # specialist on the a2a provider reads them back (specialists/providers/a2a_remote.py).
+        usage = {A2A_USAGE_KEY: result.done.usage.model_dump(exclude_none=True)}
+        await updater.add_artifact(
+            [], artifact_id=artifact, name="answer", append=True, last_chunk=True, metadata=usage
+        )
         await updater.complete()
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:

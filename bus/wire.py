@@ -87,6 +87,11 @@ class Usage(Wire):
     cost: float | None = None
 
 
+# Where a Tekton A2A agent puts an answer's usage (A2A has no field for it): the metadata of its last
+# artifact chunk (bridge/a2a.py), read back by the a2a provider (specialists/providers/a2a_remote.py).
+A2A_USAGE_KEY = "tekton.usage"
+
+
 class Timings(Wire):
     first_token_ms: float | None = None
     total_ms: float

@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 from a2a.client import ClientConfig, create_client
 from a2a.helpers.proto_helpers import get_artifact_text, get_message_text
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+from google.protobuf.json_format import MessageToDict
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bus.wire import ChatMessage, ChatOptions
+from bus.wire import A2A_USAGE_KEY, ChatMessage, ChatOptions, Usage
 from specialists.providers.base import (
     ProviderContext,
     ProviderError,
@@ -88,7 +89,9 @@ class A2AProvider:
                 ) from err
         return self._client
 
-    async def stream(self, messages: Sequence[ChatMessage], options: ChatOptions) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], options: ChatOptions
+    ) -> AsyncIterator[str | Usage]:
         client = await self._connect()
         message = Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex)
         conversation = current_conversation()
@@ -102,8 +105,11 @@ class A2AProvider:
         try:
             async for event in client.send_message(request):
                 if event.HasField("artifact_update"):
-                    if text := get_artifact_text(event.artifact_update.artifact, ""):
+                    artifact = event.artifact_update.artifact
+                    if text := get_artifact_text(artifact, ""):
                         yield text
+                    if A2A_USAGE_KEY in artifact.metadata and (usage := _usage(artifact.metadata)):
+                        yield usage  # a Tekton agent's count (bridge/a2a.py)
                 elif event.HasField("message"):
                     if text := get_message_text(event.message, ""):
                         yield text
@@ -128,3 +134,15 @@ class A2AProvider:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _usage(metadata: Any) -> Usage | None:
+    """The usage a Tekton agent put in its last artifact chunk, None when it does not parse (then each
+    streamed piece counts as a token, as for any other agent). Struct numbers arrive as floats."""
+    given = MessageToDict(metadata).get(A2A_USAGE_KEY)
+    try:
+        counts = {k: int(given[k]) for k in ("prompt_tokens", "completion_tokens") if k in given}
+        cost = {"cost": float(given["cost"])} if "cost" in given else {}
+        return Usage.model_validate({**counts, **cost})
+    except (TypeError, ValueError, KeyError):
+        return None
