@@ -84,7 +84,6 @@ async def test_resume_midway_gives_every_chunk_once(settings: TektonSettings) ->
     assert "".join(got) == ANSWER
 
 
-@pytest.mark.fast
 async def _ask_by_frame(bus: Bus, question: str) -> tuple[StreamResult, dict[int, str]]:
     """An answer, and the text of each of its chunk frames by seq."""
     frames: dict[int, str] = {}
@@ -94,6 +93,7 @@ async def _ask_by_frame(bus: Bus, question: str) -> tuple[StreamResult, dict[int
     return await s.result(), frames
 
 
+@pytest.mark.fast
 async def test_attach_after_a_seq_and_list_runs(settings: TektonSettings) -> None:
     with SLOW:
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
@@ -165,7 +165,7 @@ async def test_attach_to_an_unknown_run_says_so(settings: TektonSettings) -> Non
 CLIENT = textwrap.dedent(
     """
     import sys, anyio
-    from bus.client import Bus, StreamResult
+    from bus.client import Bus
     from bus.settings import load_settings
     from bus.wire import ChatMessage
 
