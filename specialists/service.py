@@ -179,8 +179,7 @@ class ReplyStream:
         """One token: sent at once, or held with the rest of its burst until the producer pauses
         (the loop gets a turn), the stream yields at the end of a slice, or another frame follows."""
         self.chunks += 1
-        if self._flush_failed is not None:
-            self.check()
+        self.check()
         now = time.monotonic()
         burst, self.token_at = now - self.token_at < BURST_GAP_S, now
         if burst:
@@ -191,7 +190,8 @@ class ReplyStream:
             if self.held_chars > HELD_MAX_CHARS:
                 await self.flush()
             return
-        await self.flush()
+        if self.held:  # (checked here: this is per token, and mostly nothing is held)
+            await self.flush()
         await self._publish(encode_chunk(self.seq, text))
 
     def check(self) -> None:
