@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import typing
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
 
@@ -24,6 +21,7 @@ from aish_client.render import Renderer
 from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import cmd_list, run_subcommand, version
 from bus import tracing
+from bus.argparsing import OneLineParser, number
 from bus.client import Bus
 from bus.errors import BusError, DeadlineExceeded, GatewayUnavailable, SpecialistUnavailable
 from bus.logs import configure_logging
@@ -34,34 +32,6 @@ from bus.wire import ChatOptions
 __all__ = ["cmd_list", "main"]
 
 BUILTINS = ("list", "help")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line (exit 2), not the whole usage text."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind: type[float] | type[int], low: float, high: float, low_open: bool = False) -> Any:
-    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
-
-    def show(x: float) -> str:
-        return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
-
-    above = f"above {show(low)}" if low_open else f"at least {show(low)}"
-
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-            raise argparse.ArgumentTypeError(f"{text!r} must be {above} and at most {show(high)}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -115,14 +85,14 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         dest="nats_url",
         help="NATS URL, or a cluster's, comma-separated (default $TEKTON_NATS_URL or nats://127.0.0.1:4222)",
     )
-    parser.add_argument("--max-tokens", type=_number(int, 1, 1_000_000), help="cap each answer at N tokens")
-    parser.add_argument("--temperature", type=_number(float, 0, 2), help="0 to 2")
+    parser.add_argument("--max-tokens", type=number(int, 1, 1_000_000), help="cap each answer at N tokens")
+    parser.add_argument("--temperature", type=number(float, 0, 2), help="0 to 2")
     parser.add_argument(
-        "--timeout", type=_number(float, 0, 86_400, low_open=True), help="deadline of the whole run, seconds"
+        "--timeout", type=number(float, 0, 86_400, low_open=True), help="deadline of the whole run, seconds"
     )
     parser.add_argument(
         "--idle-timeout",
-        type=_number(float, 0, 86_400, low_open=True),
+        type=number(float, 0, 86_400, low_open=True),
         help="give up after N s without a token or heartbeat",
     )
     parser.add_argument(

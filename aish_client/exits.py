@@ -10,7 +10,7 @@ from aish_client.render import Renderer, silence_stdout
 from bus.errors import BusError
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # (bus.argparsing says the same for argparse)
 EXIT_INTERRUPTED = 130
 
 # What a command may end with that is the user's to read, not a traceback.

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bridge.listen import listen_error
 from bus.client import Bus
 
 LABELS = ["specialist", "instance"]
@@ -118,7 +119,10 @@ class MetricsListener:
     def __init__(self, figures: BusFigures, port: int, host: str = "127.0.0.1"):
         self.registry = CollectorRegistry()
         self.registry.register(BusCollector(figures))
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise listen_error(host, port, err) from None
         self.url = f"http://{host}:{self._server.server_port}/metrics"
 
     def close(self) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import anyio
 import structlog
 import uvicorn
 from anyio.abc import TaskStatus
+from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
 from bridge.app import create_app
+from bridge.listen import http_socket
 from bus.client import connect_as
 from bus.cluster import session_replicas
 from bus.errors import NatsUnavailable
@@ -39,17 +42,6 @@ class _Uvicorn(uvicorn.Server):
         yield  # tekton handles SIGINT/SIGTERM itself and tells the server to exit
 
 
-def http_socket(host: str, port: int) -> socket.socket:
-    """Bound before uvicorn starts, so port 0 works and the chosen port is known."""
-    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
-    # proto says TCP, and with Nagle on, a kept-alive HTTP connection waits ~40 ms per response.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
 async def serve_gateway(
     settings: TektonSettings,
     *,
@@ -64,6 +56,33 @@ async def serve_gateway(
     nats-py rides out server restarts by itself but closes the connection for good on some server
     errors: then the replica starts over on a new connection instead of living on disconnected.
     """
+    bridge: _Bridge | None = None
+    if http is not None:
+        # First, so a bridge that cannot be is one line at once, before any connection or "ready"
+        # line. Listening now: until the bridge serves, connections wait in the backlog.
+        bridge_ready = anyio.Event()
+        tls = settings.http_tls_cert is not None and settings.http_tls_key is not None
+        app = create_app(settings, host=http[0], ready=bridge_ready, tls=tls)
+        bridge = _Bridge(app, http_socket(*http), bridge_ready, tls)
+    with bridge.sock if bridge else nullcontext():
+        await _serve_gateway(settings, task_status, stop, bridge, on_http)
+
+
+@dataclass
+class _Bridge:
+    app: FastAPI
+    sock: socket.socket
+    ready: anyio.Event
+    tls: bool
+
+
+async def _serve_gateway(
+    settings: TektonSettings,
+    task_status: TaskStatus[GatewayService],
+    stop: anyio.Event | None,
+    bridge: _Bridge | None,
+    on_http: Callable[[str], None] | None,
+) -> None:
     async with anyio.create_task_group() as tg:
         if stop is None:
             stop = anyio.Event()
@@ -85,29 +104,25 @@ async def serve_gateway(
                 log.info("gateway serving again", instance=service.instance_id)
                 return
             first = False
-            if http is not None:
-                bridge_ready = anyio.Event()
-                tls = settings.http_tls_cert is not None and settings.http_tls_key is not None
-                app = create_app(settings, host=http[0], ready=bridge_ready, tls=tls)
-                sock = http_socket(*http)  # bound now: connections wait in its backlog until served
+            if bridge is not None:
                 server = _Uvicorn(
                     uvicorn.Config(
-                        app,
+                        bridge.app,
                         log_level="warning",
                         lifespan="on",
                         timeout_keep_alive=HTTP_KEEP_ALIVE_S,
                         # Past this, uvicorn cuts the responses still streaming itself, and then
                         # ends the lifespan: it is never cancelled in the middle (see the stop below).
                         timeout_graceful_shutdown=HTTP_SHUTDOWN_S,
-                        ssl_certfile=settings.http_tls_cert if tls else None,
-                        ssl_keyfile=settings.http_tls_key if tls else None,
+                        ssl_certfile=settings.http_tls_cert if bridge.tls else None,
+                        ssl_keyfile=settings.http_tls_key if bridge.tls else None,
                     )
                 )
-                tg.start_soon(serve_http, sock)
-                await bridge_ready.wait()
-                host, port = sock.getsockname()[:2]
+                tg.start_soon(serve_http, bridge.sock)
+                await bridge.ready.wait()
+                host, port = bridge.sock.getsockname()[:2]
                 if on_http:
-                    on_http(f"{'https' if tls else 'http'}://{host}:{port}")
+                    on_http(f"{'https' if bridge.tls else 'http'}://{host}:{port}")
             task_status.started(service)
 
         while not stop.is_set():

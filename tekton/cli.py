@@ -35,7 +35,8 @@ from urllib.parse import urlparse
 
 import anyio
 
-from bus import tracing
+from bridge.listen import http_socket
+from bus import argparsing, tracing
 from bus.auth import ROLES
 from bus.client import Bus, connect_as
 from bus.errors import BusError, GatewayUnavailable, NatsUnavailable
@@ -395,13 +396,12 @@ async def cmd_a2a(settings: TektonSettings, args: argparse.Namespace) -> int:
         if not views:
             raise BusError(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
         app = create_a2a_app(bus, views, base)
-        config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S
-        )
+        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S)
         server = uvicorn.Server(config)
+        sock = http_socket(args.host, args.port)  # a port in use is one line, before any is printed
         for view in views:
             _say(f"A2A agent {view.name}: {base}/a2a/{view.name}/.well-known/agent-card.json")
-        await server.serve()
+        await server.serve([sock])
     return 0
 
 
@@ -585,21 +585,11 @@ WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
 HTTP_HELP = "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT"
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argparsing.OneLineParser(
         prog="tekton", description="Run Tekton: a team of AI specialists on NATS."
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparsing.OneLineParser(add_help=False)
     common.add_argument(
         "--nats",
         dest="nats_url",
@@ -618,13 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", parents=[common], help="start nats-server and every specialist")
     up.add_argument("--processes", action="store_true", help="each specialist in its own process")
-    up.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
-    up.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
+    up.add_argument("--websocket", type=argparsing.port, metavar="PORT", help=WEBSOCKET_HELP)
+    up.add_argument("--http", type=argparsing.port, metavar="PORT", help=HTTP_HELP)
     up.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     up.add_argument("--leaf", metavar="URL", help="join a team's hub as a NATS leaf node (nats://hub:7422)")
     _server_options(up)
     up.add_argument(
-        "--metrics", type=int, metavar="PORT", help="serve the whole bus's Prometheus /metrics on PORT"
+        "--metrics",
+        type=argparsing.port,
+        metavar="PORT",
+        help="serve the whole bus's Prometheus /metrics on PORT",
     )
     up.add_argument(
         "command", nargs=argparse.REMAINDER, help="after --: a command to run once ready (e.g. aish)"
@@ -632,13 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     spec = sub.add_parser("specialist", parents=[common], help="run specialists against a NATS server")
     spec.add_argument("names", nargs="+")
-    spec.add_argument("--replicas", type=int, default=1, help="run N replica processes (they share the load)")
+    spec.add_argument(
+        "--replicas",
+        type=argparsing.at_least(1),
+        default=1,
+        help="run N replica processes (they share the load)",
+    )
 
     gateway = sub.add_parser("gateway", parents=[common], help="run a gateway replica against a NATS server")
-    gateway.add_argument("--http", type=int, metavar="PORT", help=HTTP_HELP)
+    gateway.add_argument("--http", type=argparsing.port, metavar="PORT", help=HTTP_HELP)
     gateway.add_argument("--http-host", default="127.0.0.1", help="where the HTTP bridge listens")
     nats_cmd = sub.add_parser("nats", parents=[common], help="run just the embedded nats-server")
-    nats_cmd.add_argument("--websocket", type=int, metavar="PORT", help=WEBSOCKET_HELP)
+    nats_cmd.add_argument("--websocket", type=argparsing.port, metavar="PORT", help=WEBSOCKET_HELP)
     _server_options(nats_cmd)
     add_nats_cluster_options(nats_cmd)
     add_cluster_parser(sub, common)
@@ -658,31 +656,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", parents=[common], help="list running specialists and their stats")
     status.add_argument("--json", action="store_true")
-    status.add_argument("--window", type=float, default=0.1, help="seconds to wait for answers")
+    status.add_argument("--window", type=argparsing.seconds, default=0.1, help="seconds to wait for answers")
 
     top = sub.add_parser("top", parents=[common], help="live view of every specialist instance")
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    top.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
+    top.add_argument("--interval", type=argparsing.seconds, default=1.0, help="seconds between refreshes")
+    top.add_argument(
+        "--iterations", type=argparsing.at_least(1), help="stop after N refreshes (default: until Ctrl-C)"
+    )
     top.add_argument(
         "--p99-window",
-        type=_seconds,
+        type=argparsing.seconds,
         default=60.0,
         metavar="SECONDS",
         help="the p99 first chunk covers the answers of the last SECONDS (default 60)",
     )
     metrics = sub.add_parser("metrics", parents=[common], help="the bus's figures in Prometheus format")
-    metrics.add_argument("--window", type=float, default=0.2, help="seconds to wait for answers")
+    metrics.add_argument("--window", type=argparsing.seconds, default=0.2, help="seconds to wait for answers")
     usage = sub.add_parser("usage", parents=[common], help="every user's token and cost totals")
     usage_sub = usage.add_subparsers(dest="usage_cmd")
     reset = usage_sub.add_parser("reset", help="forget a user's totals: their budget starts again")
     reset.add_argument("user")
     mcp = sub.add_parser("mcp", parents=[common], help="serve MCP on stdio (for an MCP host's config)")
     mcp.add_argument(
-        "--http", type=int, metavar="PORT", help="serve MCP over streamable HTTP on PORT instead"
+        "--http", type=argparsing.port, metavar="PORT", help="serve MCP over streamable HTTP on PORT instead"
     )
     mcp.add_argument("--http-host", default="127.0.0.1", help="where the MCP HTTP endpoint listens")
     a2a = sub.add_parser("a2a", parents=[common], help="serve every running specialist as an A2A agent")
-    a2a.add_argument("--port", type=int, default=8100)
+    a2a.add_argument("--port", type=argparsing.port, default=8100)
     a2a.add_argument("--host", default="127.0.0.1")
     a2a.add_argument("--base-url", help="the URL clients reach this server at (default http://HOST:PORT)")
 
@@ -690,11 +690,19 @@ def build_parser() -> argparse.ArgumentParser:
         "models", parents=[common], help="list the models each provider offers (for -m PROVIDER:MODEL)"
     )
     models.add_argument("--json", action="store_true", help="one JSON object per provider")
-    models.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each provider")
+    models.add_argument(
+        "--timeout", type=argparsing.seconds, default=5.0, help="seconds to wait for each provider"
+    )
 
     logs = sub.add_parser("logs", parents=[common], help="show what tekton up logged")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="how many of the last lines (default 50)")
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=argparsing.at_least(0),
+        default=50,
+        help="how many of the last lines (default 50)",
+    )
     return parser
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 import nkeys  # type: ignore[import-untyped]
 
+from bus import argparsing
 from bus.auth import creds_dir, default_creds_path
 from bus.cluster import LocalCluster, NodeConfig, new_secret, route_lines, split_urls
 from bus.errors import BusError
@@ -128,11 +129,16 @@ def add_cluster_parser(sub: argparse._SubParsersAction, common: argparse.Argumen
     cluster = sub.add_parser("cluster", help="run a local N-node NATS cluster (development and tests)")
     actions = cluster.add_subparsers(dest="cluster_cmd", required=True)
     up = actions.add_parser("up", parents=[common], help="start N nats-servers routed into one cluster")
-    up.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
-    up.add_argument("--port", type=int, default=4222, help="client port of the first node (then +1, +2...)")
-    up.add_argument("--cluster-port", type=int, default=6222, help="route port of the first node")
+    up.add_argument("--nodes", type=argparsing.at_least(1), default=3, help="how many nodes (default 3)")
     up.add_argument(
-        "--leafnodes", type=int, metavar="PORT", help="accept leaf nodes on PORT (then +1...): be a hub"
+        "--port", type=argparsing.port, default=4222, help="client port of the first node (then +1, +2...)"
+    )
+    up.add_argument("--cluster-port", type=argparsing.port, default=6222, help="route port of the first node")
+    up.add_argument(
+        "--leafnodes",
+        type=argparsing.port,
+        metavar="PORT",
+        help="accept leaf nodes on PORT (then +1...): be a hub",
     )
     up.add_argument("--tls", action="store_true", help="TLS for clients, routes and leaf nodes (own CA)")
     up.add_argument(
@@ -146,7 +152,9 @@ def add_cluster_parser(sub: argparse._SubParsersAction, common: argparse.Argumen
     )
     made.add_argument("dir", metavar="DIR", help="where to write them (deploy/secrets for the compose file)")
     made.add_argument("hosts", nargs="+", metavar="HOST", help="every node's host name (nats-1 ...)")
-    made.add_argument("--route-port", type=int, default=6222, help="the nodes' route port (default 6222)")
+    made.add_argument(
+        "--route-port", type=argparsing.port, default=6222, help="the nodes' route port (default 6222)"
+    )
     made.add_argument(
         "--mount",
         default="/etc/nats/secrets",
@@ -168,7 +176,9 @@ def add_nats_cluster_options(nats_cmd: argparse.ArgumentParser) -> None:
     )
     nats_cmd.add_argument("--name", help="this node's server name (default: the host name); unique")
     nats_cmd.add_argument("--cluster-name", default="tekton", help="the cluster's name (same on every node)")
-    nats_cmd.add_argument("--leafnodes", type=int, metavar="PORT", help="accept leaf nodes on PORT (a hub)")
+    nats_cmd.add_argument(
+        "--leafnodes", type=argparsing.port, metavar="PORT", help="accept leaf nodes on PORT (a hub)"
+    )
     nats_cmd.add_argument("--leaf", metavar="URL", help="join a hub as a leaf node (nats://hub:7422)")
     nats_cmd.add_argument(
         "--cluster-secret",
@@ -427,7 +437,7 @@ def add_probe_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     probe.add_argument(
         "--ready-file", help="the file the specialist/gateway wrote (default $TEKTON_READY_FILE)"
     )
-    probe.add_argument("--timeout", type=float, default=2.0)
+    probe.add_argument("--timeout", type=argparsing.seconds, default=2.0)
 
 
 async def cmd_probe(settings: TektonSettings, args: argparse.Namespace) -> int:

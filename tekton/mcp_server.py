@@ -22,16 +22,17 @@ async def serve_stdio(settings: TektonSettings) -> None:
 async def serve_http(settings: TektonSettings, host: str, port: int, on_ready: Any = None) -> None:
     import uvicorn
 
-    from gateway.runtime import HTTP_KEEP_ALIVE_S, http_socket
+    from bridge.listen import http_socket
+    from gateway.runtime import HTTP_KEEP_ALIVE_S
 
+    # Listening first: a port in use is one line at once, and connections made after the ready line
+    # wait in the backlog.
+    sock = http_socket(host, port)
     async with Bus.connect(settings, name="tekton-mcp") as bus:
         app = create_server(bus).streamable_http_app(host=host)
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S)
         )
-        # Listening before we say where: connections made after the ready line wait in the backlog.
-        sock = http_socket(host, port)
-        sock.listen(128)
         if on_ready is not None:
             bound_host, bound_port = sock.getsockname()[:2]
             on_ready(f"http://{bound_host}:{bound_port}/mcp")

@@ -17,9 +17,10 @@ import pytest
 import uvicorn
 
 from bridge.app import create_app
+from bridge.listen import http_socket
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
-from gateway.runtime import _Uvicorn, http_socket, serve_gateway
+from gateway.runtime import _Uvicorn, serve_gateway
 from gateway.service import GatewayService
 from tests.helpers import assert_kept_alive, env, eventually, in_process_gateway, in_process_specialists
 

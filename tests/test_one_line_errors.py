@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import anyio
 import pytest
 
 from bus.settings import TektonSettings
+from tekton.cli import main as tekton_main
 from tests.helpers import AISH, aish, child_env, eventually, in_process_specialists, spawn
 
 TEKTON = [sys.executable, "-m", "tekton"]
@@ -88,6 +90,48 @@ def test_tekton_up_with_a_missing_api_key_is_one_line(settings: TektonSettings, 
     assert done.returncode == 1
     line = one_line(done.stderr)
     assert line.startswith("tekton: ") and f"TEKTON_{provider.upper()}_API_KEY" in line
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["up", "--http", "99999"], "--http"),
+        (["gateway", "--http", "x"], "--http"),
+        (["a2a", "--port", "-1"], "--port"),
+        (["specialist", "apollo", "--replicas", "0"], "--replicas"),
+        (["top", "--interval", "0"], "--interval"),
+        (["cluster", "up", "--nodes", "0"], "--nodes"),
+        (["up", "--no-such-option"], "--no-such-option"),
+    ],
+)
+def test_a_bad_tekton_argument_is_a_one_line_usage_error(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process: the parser is all that runs before the exit (a child took 2 s a case).
+    with pytest.raises(SystemExit) as stopped:
+        tekton_main(argv)
+    assert stopped.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("tekton") and named in line
+
+
+def test_a_port_already_in_use_is_one_line(settings: TektonSettings) -> None:
+    """Every edge that listens says which address it could not have, in one line, and exits 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv in (
+            ["gateway", "--http", port],
+            ["up", "--provider", "scripted", "--http", port],
+            ["up", "--provider", "scripted", "--metrics", port],
+            ["mcp", "--http", port],
+        ):
+            done = run([*TEKTON, *argv, "--nats", settings.nats_url, "--log-level", "warning"], settings)
+            assert done.returncode == 1, (argv, done.stderr)
+            line = one_line(done.stderr)
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in line, argv
 
 
 def into_full_disk(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:
