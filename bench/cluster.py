@@ -6,7 +6,7 @@
 - recovery after kill -9 of the client's node (the one holding the runs stream): time until its next
   answer (and, with the sessions bucket's leader killed, until the next session write), p50/p99 over
   several kills;
-- aggregate chunks/s with specialist replicas (processes) on 1, 2 and 3 nodes;
+- aggregate tokens/s with specialist replicas (processes) on 1, 2 and 3 nodes;
 - placement: k concurrent requests on k one-slot replicas with a fixed per-request cost (scripted
   provider): speedup = k x (one request alone) / (the k together); slots placement vs the queue group
   alone ("random"), same run; and with the local model (SmolLM2, k = 2 on 2 replicas, each model
@@ -236,7 +236,8 @@ async def _bucket_leader(bus: Bus) -> str:
 
 
 async def aggregate(urls: list[str], streams: int, tokens: int) -> float:
-    """``streams`` concurrent streams of ``tokens`` chunks from clients on every node: chunks/s."""
+    """``streams`` concurrent streams of ``tokens`` tokens from clients on every node: tokens/s (from
+    each stream's done frame: a chunk may carry a burst of tokens)."""
     buses = [Bus(await connect(u), TektonSettings(nats_url=u)) for u in urls]
     total = 0
     options = ChatOptions(max_tokens=tokens)
@@ -245,7 +246,8 @@ async def aggregate(urls: list[str], streams: int, tokens: int) -> float:
         nonlocal total
         async with bus.stream("apollo", PROMPT, options) as s:
             async for _ in s:
-                total += 1
+                pass
+        total += s.tokens or 0
 
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -264,7 +266,7 @@ async def bench_aggregate(cluster: LocalCluster, streams: int, tokens: int) -> d
         procs = [specialist(cluster.urls[i], env=env) for i in range(nodes)]
         try:
             await aggregate(cluster.urls, 3, 100)  # warm up
-            figures[f"replicas_on_{nodes}_nodes_chunks_per_s"] = round(
+            figures[f"replicas_on_{nodes}_nodes_tokens_per_s"] = round(
                 await aggregate(cluster.urls, streams, tokens)
             )
         finally:

@@ -2,7 +2,7 @@
 
     python -m bench.http [--quick]
 
-- first chunk p50/p99, sequential and at 100 concurrent streams, and chunks/s on one stream:
+- first chunk p50/p99, sequential and at 100 concurrent streams, and tokens/s on one stream:
   direct NATS (`bus.stream`), SSE (`POST /api/chat/stream`), JSON-RPC over WebSocket (`stream`)
 - WebSocket connect time to `/ws`
 - how many concurrent WebSocket streams hold: N streams at once, each 40 tokens at 10 tokens/s;
@@ -50,12 +50,17 @@ async def sse_first(http: httpx.AsyncClient) -> float:
 
 
 async def sse_rate(http: httpx.AsyncClient) -> float:
-    n, start = 0, time.perf_counter()
+    """Tokens/s of one SSE stream, counted from its done event (an event may carry a burst)."""
+    start, event, tokens = time.perf_counter(), "", None
     async with http.stream("POST", "/api/chat/stream", json=LONG) as reply:
         async for line in reply.aiter_lines():
-            if line == "event: content":
-                n += 1
-    return n / (time.perf_counter() - start)
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif event == "done" and line.startswith("data: "):
+                tokens = json.loads(line[len("data: ") :])["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("no done event")
+    return tokens / (time.perf_counter() - start)
 
 
 async def rpc_stream(
@@ -94,18 +99,21 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
                 await concurrent(lambda: bus_first_chunk(bus, "apollo"), 100, rounds)
             ),
         }
-        rate_start, count = time.perf_counter(), 0
+        rate_start = time.perf_counter()
         async with bus.stream("athena", [ChatMessage(role="user", content="long")]) as s:
             async for _ in s:
-                count += 1
-        figures["nats_direct"]["one_stream_chunks_per_s"] = round(count / (time.perf_counter() - rate_start))
+                pass
+        assert s.tokens is not None
+        figures["nats_direct"]["one_stream_tokens_per_s"] = round(
+            s.tokens / (time.perf_counter() - rate_start)
+        )
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
         await sse_first(http)
         figures["sse"] = {
             "first_chunk_sequential": summary([await sse_first(http) for _ in range(n)]),
             "first_chunk_100_concurrent": summary(await concurrent(lambda: sse_first(http), 100, rounds)),
-            "one_stream_chunks_per_s": round(await sse_rate(http)),
+            "one_stream_tokens_per_s": round(await sse_rate(http)),
         }
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         connects = []
@@ -118,8 +126,8 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
             await rpc_stream(ws, FIRST, 0)
             sequential = [(await rpc_stream(ws, FIRST, i))[0] for i in range(1, n + 1)]
             started = time.perf_counter()
-            _, chunks, _ = await rpc_stream(ws, LONG, n + 1)
-            rate = chunks / (time.perf_counter() - started)
+            _, tokens, _ = await rpc_stream(ws, LONG, n + 1)
+            rate = tokens / (time.perf_counter() - started)
         sockets = [await session.ws_connect(ws_url) for _ in range(100)]
         try:
             wide: list[float] = []
@@ -138,7 +146,7 @@ async def measure(settings: TektonSettings, url: str, quick: bool) -> dict[str, 
             "connect": summary(connects),
             "first_chunk_sequential": summary(sequential),
             "first_chunk_100_concurrent": summary(wide),
-            "one_stream_chunks_per_s": round(rate),
+            "one_stream_tokens_per_s": round(rate),
         }
     return figures
 

@@ -4,7 +4,7 @@
 
 The same client code (`bus.stream`) connects once over nats:// and once over ws:// to one
 nats-server with both listeners; the specialists stay on TCP. First-chunk latency sequential and at
-100 concurrent streams, chunks/s on one stream, and connect time. Writes bench/results/websocket.json.
+100 concurrent streams, tokens/s on one stream, and connect time. Writes bench/results/websocket.json.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from bench.common import concurrent, start_child, summary, write_results
-from bench.stream import bus_chunks_per_s, bus_first_chunk
+from bench.stream import bus_first_chunk, bus_tokens_per_s
 from bus.client import Bus, connect
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
@@ -39,13 +39,13 @@ async def one_transport(url: str, tmp: Path, n: int, width: int, rounds: int) ->
             await bus_first_chunk(bus, "apollo")
         sequential = [await bus_first_chunk(bus, "apollo") for _ in range(n)]
         wide = await concurrent(lambda: bus_first_chunk(bus, "apollo"), width, rounds)
-        rate, chunks = await bus_chunks_per_s(bus, "athena")
+        rate, tokens = await bus_tokens_per_s(bus, "athena")
     return {
         "connect": summary(connects),
         "first_chunk_sequential": summary(sequential),
         f"first_chunk_{width}_concurrent": summary(wide),
-        "one_stream_chunks_per_s": round(rate),
-        "one_stream_chunks": chunks,
+        "one_stream_tokens_per_s": round(rate),
+        "one_stream_tokens": tokens,
     }
 
 
@@ -95,7 +95,7 @@ def main() -> int:
         "first_chunk_100_concurrent_p99": round(
             ws["first_chunk_100_concurrent"]["p99_ms"] / tcp["first_chunk_100_concurrent"]["p99_ms"], 2
         ),
-        "chunks_per_s": round(ws["one_stream_chunks_per_s"] / tcp["one_stream_chunks_per_s"], 2),
+        "tokens_per_s": round(ws["one_stream_tokens_per_s"] / tcp["one_stream_tokens_per_s"], 2),
     }
     path = write_results("websocket", figures)
     print(json.dumps(figures, indent=2))
