@@ -46,6 +46,9 @@ async def attach(bus: Bus, words: Sequence[str], after: int, renderer: Renderer)
     async with bus.attach(run_id, after=after) as s:
         async for chunk in s:
             renderer.token(chunk)
+    if s.nothing_after:
+        renderer.note(f"run {run_id} ended at frame {s.ended_at}: nothing after frame {after}")
+        return 0
     renderer.end_answer()
     return 0
 

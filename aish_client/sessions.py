@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
+from bus.argparsing import number
 from bus.auth import find_credentials
 from bus.client import Bus
 from bus.errors import BadRequest, SessionNotFound, Unauthorized
-from bus.sessions import SESSION_ID_RE, SESSION_NAME_RE, GatewayClient, Session
+from bus.sessions import FORK_AT_MAX, SESSION_ID_RE, SESSION_NAME_RE, GatewayClient, Session
 from bus.subjects import ALL_USERS
 
 NEW = object()  # `--session` given without a value
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--all", action="store_true", default=argparse.SUPPRESS, help=every)
     fork = sub.add_parser("fork", help="a new session starting from a turn of another")
     fork.add_argument("ref", metavar="ID|NAME")
-    fork.add_argument("--at", type=int, help="keep the first N turns (default: all)")
+    fork.add_argument("--at", type=number(int, 0, FORK_AT_MAX), help="keep the first N turns (default: all)")
     fork.add_argument("--name")
     rename = sub.add_parser("rename", help="give a session a name")
     rename.add_argument("ref", metavar="ID|NAME")

@@ -30,6 +30,7 @@ from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT
+from a2a.utils.errors import InvalidParamsError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -104,7 +105,10 @@ class SpecialistExecutor(AgentExecutor):
         task = context.current_task
         if task is None:
             assert context.message is not None
-            task = new_task_from_user_message(context.message)
+            try:
+                task = new_task_from_user_message(context.message)
+            except ValueError as err:  # not a user's message, or one with an empty text part
+                raise InvalidParamsError(message=f"bad_request: {err}") from None
             await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
         prompt = context.get_user_input()

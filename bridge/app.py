@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from bridge import jsonrpc, openai, rest
@@ -173,6 +174,13 @@ def create_app(
             status_code=err.http_status,
             headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_refusal(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        """The framework's own refusals (no such route, a method not allowed, a body that is not JSON)
+        in the bridge's error body, like every other error."""
+        body = {"error": {"code": "bad_request", "message": str(err.detail)[:500], "retryable": False}}
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:

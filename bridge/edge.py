@@ -25,6 +25,8 @@ from bus.errors import (
 from bus.settings import TektonSettings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# How long a request's body may take to arrive, from its headers.
+BODY_TIMEOUT_S = 30
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -119,8 +121,11 @@ class Guard:
 
 
 def _hostname(netloc: str) -> str:
-    """``host`` of ``host:port`` / ``[v6]:port``, lower case."""
-    return (urlsplit(f"//{netloc}").hostname or "").lower()
+    """``host`` of ``host:port`` / ``[v6]:port``, lower case ("" when it is no host at all)."""
+    try:
+        return (urlsplit(f"//{netloc}").hostname or "").lower()
+    except ValueError:  # "[::1", "[zz]:1"
+        return ""
 
 
 class EdgeGuard:
@@ -147,9 +152,12 @@ class EdgeGuard:
         origin = headers.get("origin")
         if origin is None or origin in self.origins or "*" in self.origins:
             return None  # not a browser's cross-site request, or an origin let in by name
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # "http://[zz"
+            return f"origin '{origin[:100]}' is not a URL"
         if parts.scheme in ("http", "https") and (
-            (parts.hostname or "") in LOCAL_HOSTS or (host is not None and parts.netloc == host)
+            _hostname(parts.netloc) in LOCAL_HOSTS or (host is not None and parts.netloc == host)
         ):
             return None  # a page of this bridge, or of another local server of the user's
         return f"origin '{origin[:100]}' is not allowed (set TEKTON_HTTP_ALLOWED_ORIGINS)"
@@ -170,18 +178,26 @@ class EdgeGuard:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             return await _too_large(send, int(declared), self.max_body)
-        # Read the body here, bounded (also when no length is declared), and hand it on in one piece.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None  # the client left
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return await _too_large(send, size, self.max_body)
-            if not message.get("more_body"):
-                break
+        # Read the body here, bounded in size (also when no length is declared) and in time (a client
+        # that sends it a byte at a time holds a connection), and hand it on in one piece.
+        chunks: list[bytes] = []
+        size = 0
+        message: dict[str, Any] = {"more_body": True}  # until the first part arrives
+        with anyio.move_on_after(BODY_TIMEOUT_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None  # the client left
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body:
+                    return await _too_large(send, size, self.max_body)
+                if not message.get("more_body"):
+                    break
+        if message.get("more_body"):
+            return await _reply(
+                send, 408, "bad_request", f"the request body did not arrive within {BODY_TIMEOUT_S} s"
+            )
         pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay() -> Any:

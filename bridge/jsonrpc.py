@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import structlog
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
@@ -30,6 +31,8 @@ from bus.failover import Opened
 if TYPE_CHECKING:
     from bridge.app import Bridge
 
+log = structlog.get_logger("tekton.bridge")
+
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
     RPC_PARSE_ERROR,
@@ -38,6 +41,10 @@ PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
     RPC_INVALID_PARAMS,
     RPC_INTERNAL,
 )
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class RpcError(Exception):
@@ -78,8 +85,12 @@ class JsonRpc:
             self.tg = tg
             try:
                 while True:
-                    raw = await self.socket.receive_text()
-                    tg.start_soon(self.handle, raw)
+                    frame = await self.socket.receive()
+                    if frame["type"] == "websocket.disconnect":
+                        break
+                    # A binary frame is read as UTF-8 text, like a text one (or is a parse error).
+                    text = frame.get("text")
+                    tg.start_soon(self.handle, text if text is not None else frame.get("bytes") or b"")
             except WebSocketDisconnect:
                 pass
             finally:
@@ -91,15 +102,22 @@ class JsonRpc:
                         stream.leave()
                 tg.cancel_scope.cancel()
 
-    async def handle(self, raw: str) -> None:
+    async def handle(self, raw: str | bytes) -> None:
         request_id: Any = None
+        message: Any = {}
         try:
             try:
-                message = json.loads(raw)
-            except ValueError as err:
-                raise RpcError(PARSE_ERROR, f"parse error: {err}") from err
-            if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or "method" not in message:
-                raise RpcError(INVALID_REQUEST, "invalid request: need jsonrpc '2.0' and a method")
+                message = json.loads(raw, parse_constant=_no_constant)
+            except (ValueError, RecursionError) as err:  # also bytes not UTF-8; nesting too deep
+                raise RpcError(PARSE_ERROR, f"parse error: {str(err)[:200]}") from None
+            if (
+                not isinstance(message, dict)
+                or message.get("jsonrpc") != "2.0"
+                or not isinstance(message.get("method"), str)
+            ):
+                raise RpcError(INVALID_REQUEST, "invalid request: need jsonrpc '2.0' and a method name")
+            if not isinstance(message.get("id"), str | int | float | None):
+                raise RpcError(INVALID_REQUEST, "invalid request: an id is a string, a number or null")
             request_id = message.get("id")
             method = self.methods.get(message["method"])
             if method is None:
@@ -127,6 +145,11 @@ class JsonRpc:
             return
         except BusError as err:
             await self.reply_error(request_id, err.rpc_code, err.message, {"code": str(err.code)})
+            return
+        except Exception:  # one request's bug must not end the connection and its other streams
+            method_name = message.get("method") if isinstance(message, dict) else None
+            log.exception("json-rpc request failed", method=str(method_name)[:64])
+            await self.reply_error(request_id, INTERNAL, "internal error (the bridge's log has it)")
             return
         if request_id is not None:
             await self.send({"id": request_id, "result": result})
@@ -170,6 +193,9 @@ class JsonRpc:
         except ValueError as err:
             raise RpcError(INVALID_PARAMS, str(err)) from err
         await stream.__aenter__()
+        if stream.nothing_after:  # the run ended at or before ``after``: no notifications will come
+            await stream.__aexit__(None, None, None)
+            return {"request_id": request_id, "after": after, "ended_at": stream.ended_at}
         self._pump(stream, aiter(stream))
         return {"request_id": request_id, "after": after}
 

@@ -28,13 +28,14 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 
 from bus.client import Bus, ServiceInstance
-from bus.errors import BusError
+from bus.errors import BadRequest, BusError, SessionNotFound
 from bus.wire import ChatMessage
 
 # Which bus a request is served with: the server's own, or (on the bridge) the caller's user's.
 BusFor = Callable[[ServerRequestContext[Any]], Bus]
 
 SESSION_SCHEME = "tekton://sessions/"
+RESOURCE_NOT_FOUND = -32002  # the MCP specification's code (the SDK has no name for it)
 TOOL_SCHEMA = {
     "type": "object",
     "properties": {
@@ -112,6 +113,8 @@ def create_server(bus: Bus | None = None, *, bus_for: BusFor | None = None) -> S
             result = await s.result()
         except BusError as err:
             return _error(f"{err.code}: {err.message}")
+        except ValueError as err:  # not a specialist's name at all
+            return _error(f"bad_request: {err}")
         usage = result.done.usage
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=result.text)],
@@ -147,8 +150,17 @@ def create_server(bus: Bus | None = None, *, bus_for: BusFor | None = None) -> S
     ) -> types.ReadResourceResult:
         uri = str(params.uri)
         if not uri.startswith(SESSION_SCHEME):
-            raise ValueError(f"not a Tekton session URI: {uri} (expected {SESSION_SCHEME}<id>)")
-        session = await bus_for(ctx).gateway.get(uri.removeprefix(SESSION_SCHEME))
+            raise MCPError(
+                types.INVALID_PARAMS, f"not a Tekton session URI: {uri[:100]} (expected {SESSION_SCHEME}<id>)"
+            )
+        ref = uri.removeprefix(SESSION_SCHEME)
+        try:
+            session = await bus_for(ctx).gateway.get(ref)
+        except (ValueError, BadRequest):  # not a session id or name at all (too long, say)
+            raise MCPError(types.INVALID_PARAMS, f"not a session id or name: {ref[:80]!r}") from None
+        except BusError as err:
+            code = RESOURCE_NOT_FOUND if isinstance(err, SessionNotFound) else types.INTERNAL_ERROR
+            raise MCPError(code, f"{err.code}: {err.message}") from None
         turns = [t.model_dump(include={"role", "content", "specialist", "status"}) for t in session.turns]
         body = {"id": session.id, "name": session.name, "specialist": session.specialist, "turns": turns}
         return types.ReadResourceResult(

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, Header
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from bridge.edge import ClosingStream, error_body
@@ -20,7 +20,7 @@ from bus.errors import (
     BusError,
 )
 from bus.failover import Opened, open_first
-from bus.sessions import DoubleText
+from bus.sessions import FORK_AT_MAX, DoubleText
 from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions
 
@@ -57,7 +57,7 @@ class SessionCreateBody(BaseModel):
 
 
 class ForkBody(BaseModel):
-    at: int | None = None
+    at: int | None = Field(default=None, ge=0, le=FORK_AT_MAX)
     name: str | None = None
 
 
@@ -188,10 +188,10 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
     @app.get("/api/runs/{run_id}/events", summary="Resume a run: its events after Last-Event-ID, then live")
     async def run_events(
         run_id: str,
-        after: int | None = None,
+        after: int | None = Query(default=None, ge=-1),
         last_event_id: str | None = Header(default=None),
         caller: str = Depends(admitted),
-    ) -> StreamingResponse:
+    ) -> Response:
         start = after if after is not None else _event_id(last_event_id)
         caller_bus = bus(caller)
         try:
@@ -203,6 +203,11 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
         except ValueError as err:
             raise BadRequest(str(err)) from err
         await stream.__aenter__()
+        if stream.nothing_after:
+            # The run ended at or before the event the client has (an EventSource reconnecting after
+            # `done`): 204 tells it to stop reconnecting (the SSE standard).
+            await stream.__aexit__(None, None, None)
+            return Response(status_code=204)
         return ClosingStream(chat_events(stream, stream.specialist, aiter(stream)), stream)
 
     @app.get("/api/sessions", summary="Sessions, most recently changed first")

@@ -54,6 +54,7 @@ from bus.refusals import Refusals, Refused
 from bus.refusals import install as install_refusals
 from bus.runs import (
     RunSummary,
+    end_seq,
     last_message,
     list_runs,
     parse_run_subject,
@@ -1138,13 +1139,21 @@ class RunAttachment(ChatStream):
         super().__init__(bus, "", placeholder, idle_timeout)
         self.run_subject = subject
         self._next_seq = after + 1
+        # The seq of the run's done (or error) frame once it is known to have ended (on entering).
+        self.ended_at: int | None = None
+
+    @property
+    def nothing_after(self) -> bool:
+        """The run ended at or before the frame the reader asked to read after: nothing is to come."""
+        return self.ended_at is not None and self.ended_at < self._next_seq
 
     async def __aenter__(self) -> RunAttachment:
         if self._replay is not None:
             return self
         assert self.run_subject is not None
+        stream = runs_stream_name(self.bus.settings.prefix)
         try:
-            await last_message(self.bus.nc, runs_stream_name(self.bus.settings.prefix), self.run_subject)
+            last = await last_message(self.bus.nc, stream, self.run_subject)
         except (
             NotFoundError,
             nats.errors.TimeoutError,
@@ -1152,6 +1161,12 @@ class RunAttachment(ChatStream):
             Refused,
         ) as err:  # not kept, not ours, or no runs stream
             raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
+        self.ended_at = await end_seq(self.bus.nc, stream, self.run_subject, last)
+        if self.nothing_after:
+            # Nothing comes after what the reader has (a browser reconnecting after the done event):
+            # said at once, instead of waiting out the idle timeout for frames that will never come.
+            self._finished = True
+            return self
         self.sent_at = time.perf_counter()
         self._frames = Inbox()
         self._replay = await self.bus.replay(self.run_subject or "", self._next_seq, self._frames)

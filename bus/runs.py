@@ -129,6 +129,26 @@ async def run_kind(nc: NATS, settings: TektonSettings, subject: str) -> str | No
     return "bulk" if kind in BULK_TYPES or kind == "heartbeat" else "chat"
 
 
+async def end_seq(nc: NATS, stream: str, subject: str, last: RawStreamMsg) -> int | None:
+    """The seq of a finished run's done (or error) frame, given its ``last`` stored message; None
+    while it runs, or when that cannot be told."""
+    frame = _frame(last.data)
+    if frame.get("type") == "stored" and last.seq:
+        # A session's run ends with the gateway's note after its done frame, most often the message
+        # just before it. Reading by sequence needs the gateway's credentials (the HTTP bridge has
+        # them); a user's are refused at once, and then it cannot be told.
+        get = nc.jetstream().get_msg(stream, seq=last.seq - 1, direct=True)
+        try:
+            before = await or_refused(nc, f"$JS.API.DIRECT.GET.{stream}", get)
+        except Exception:  # refused, expired, a timeout
+            return None
+        if before.subject != subject:
+            return None
+        frame = _frame(before.data)
+    seq = frame.get("seq")
+    return seq if frame.get("type") in ("done", "error") and type(seq) is int else None
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One run as ``aish runs`` lists it, read from the stream: its first and its last frame."""

@@ -138,11 +138,14 @@ class ListSessions(Wire):
     limit: int = Field(default=50, ge=1, le=10_000)
 
 
+FORK_AT_MAX = 1_000_000_000  # more turns than any session keeps
+
+
 class ForkSession(Wire):
     v: Literal[1] = PROTOCOL_VERSION
     session: str = Field(min_length=1, max_length=64)
-    # Keep the first ``at`` turns (all when absent).
-    at: int | None = Field(default=None, ge=0)
+    # Keep the first ``at`` turns (all when absent); bounded so it packs as a 64-bit integer.
+    at: int | None = Field(default=None, ge=0, le=FORK_AT_MAX)
     name: str | None = Field(default=None, pattern=SESSION_NAME_RE.pattern)
 
 
@@ -461,6 +464,8 @@ class GatewayClient:
             return [target], ""
         wanted = target[1:]
         if wanted == AUTO:
+            if not text.strip():
+                raise BadRequest(f"{target} picks a specialist by the question: the message is empty")
             reply = await self.discover(text=text)
         else:
             reply = await self.discover(capability=wanted)

@@ -20,7 +20,7 @@ def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid specialist name (``[a-z0-9-]+``), else raise ValueError."""
     if not NAME_RE.match(name):
         raise ValueError(
-            f"invalid specialist name {name!r}: use lowercase letters, digits and '-' "
+            f"invalid specialist name {name[:80]!r}: use lowercase letters, digits and '-' "
             "(not at the start or end), at most 64 characters"
         )
     return name

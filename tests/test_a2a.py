@@ -17,6 +17,7 @@ import uvicorn
 from a2a.client import ClientConfig, create_client
 from a2a.helpers.proto_helpers import get_artifact_text
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+from google.protobuf.json_format import MessageToDict
 
 from bridge.a2a import create_a2a_app, session_name
 from bus.client import Bus
@@ -141,6 +142,24 @@ async def test_message_send_and_a_specialist_that_is_not_running(settings: Tekto
         assert failed.task.status.state == TaskState.TASK_STATE_FAILED
         said = failed.task.status.message.parts[0].text
         assert said.startswith("specialist_unavailable: no specialist named 'ghost' is running")
+
+        # A message the SDK cannot make a task of: invalid params (-32602), not an internal error.
+        for message in (
+            Message(role=Role.ROLE_USER, parts=[Part(text="")], message_id="m-2"),
+            Message(role=Role.ROLE_AGENT, parts=[Part(text="hi")], message_id="m-3"),
+        ):
+            async with httpx.AsyncClient() as http:
+                reply = await http.post(
+                    f"{base}/a2a/apollo/",
+                    json={
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "SendMessage",
+                        "params": {"message": MessageToDict(message)},
+                    },
+                    headers={"A2A-Version": "1.0"},
+                )
+            assert reply.json()["error"]["code"] == -32602, reply.text
 
 
 async def test_an_a2a_agent_elsewhere_is_a_specialist_in_the_roster(

@@ -68,7 +68,12 @@ async def test_each_specialist_is_a_tool_whose_answer_streams_as_progress(settin
         assert "no specialist named 'apolo' is running" in missing.content[0].text  # type: ignore[union-attr]
         no_prompt = await client.call_tool("apollo", {})
         assert no_prompt.is_error and "'prompt'" in no_prompt.content[0].text  # type: ignore[union-attr]
-        # The server lived through both.
+        for name in ("a.>*", "x" * 5000):  # not a specialist's name at all
+            bad = await client.call_tool(name, {"prompt": "x"})
+            said = bad.content[0].text  # type: ignore[union-attr]
+            assert bad.is_error and said.startswith("bad_request: invalid specialist name")
+            assert len(said) < 300
+        # The server lived through them all.
         again = await client.call_tool("athena", {"prompt": "still there?"})
         assert again.content[0].text == "athena heard: still there?"  # type: ignore[union-attr]
 
@@ -93,6 +98,16 @@ async def test_sessions_are_resources(settings: TektonSettings) -> None:
                 ("user", "first question"),
                 ("assistant", "apollo heard: first question"),
             ]
+            # Not a session's URI, no such session, not a session id at all: errors with their codes.
+            for uri, code in (
+                ("file:///etc/passwd", -32602),
+                ("tekton://sessions/nosuch", -32002),
+                ("tekton://sessions/" + "x" * 500, -32602),
+            ):
+                with pytest.raises(MCPError) as refused:
+                    await client.read_resource(uri)  # type: ignore[arg-type]
+                assert refused.value.error.code == code, (uri, refused.value.error)
+            assert (await client.list_resources()).resources  # and the server lives on
 
 
 def mcp_http(settings: TektonSettings) -> tuple[int, Any]:

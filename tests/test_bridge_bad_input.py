@@ -1,0 +1,152 @@
+"""One bad request at the HTTP bridge's edges: a clear 4xx (or JSON-RPC error) in the bridge's error
+body, never a 500 or a dropped connection, and the next request still served. Found by an adversarial
+sweep of the bridge; each case failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+import anyio
+import httpx
+import pytest
+
+import bridge.edge
+from bus.settings import TektonSettings
+from tests.helpers import in_process_specialists
+from tests.test_http import bridge as http_bridge
+from tests.test_http import rpc
+
+pytestmark = pytest.mark.anyio
+
+
+async def raw_http(url: str, head: str, body: bytes = b"", wait: float = 10.0) -> tuple[int, dict[str, Any]]:
+    """Send ``head`` (and ``body``) as they are, on a connection of their own that the server closes
+    after its answer; the status and the JSON error body (none for a streamed body)."""
+    host, port = url.removeprefix("http://").split(":")
+    reply = b""
+    async with await anyio.connect_tcp(host, int(port)) as conn:
+        await conn.send(head.replace("\n", "\r\n").encode() + b"Connection: close\r\n\r\n" + body)
+        with anyio.move_on_after(wait):
+            try:
+                while True:
+                    reply += await conn.receive()
+            except anyio.EndOfStream:
+                pass
+    headers, _, content = reply.partition(b"\r\n\r\n")
+    status = int(headers.split(b" ", 2)[1])
+    return status, json.loads(content) if b"content-length" in headers.lower() else {}
+
+
+@pytest.mark.fast
+async def test_malformed_host_and_origin_headers_are_refused_not_a_server_error(
+    settings: TektonSettings,
+) -> None:
+    async with http_bridge(settings) as url:
+        for header in ("Host: [::1", "Host: [zz]:1", "Origin: http://[zz", "Origin: http://[::1"):
+            head = (
+                f"GET /api/sessions HTTP/1.1\n{header}\n"
+                if header.startswith("Host")
+                else (f"GET /api/sessions HTTP/1.1\nHost: 127.0.0.1\n{header}\n")
+            )
+            status, body = await raw_http(url, head)
+            assert status == 403 and body["error"]["code"] == "forbidden", (header, status, body)
+        status, _ = await raw_http(url, "GET /api/sessions HTTP/1.1\nHost: 127.0.0.1\n")
+        assert status == 200
+
+
+@pytest.mark.fast
+async def test_a_body_that_never_arrives_is_refused_in_time(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge.edge, "BODY_TIMEOUT_S", 0.5)
+    async with http_bridge(settings) as url:
+        head = (
+            "POST /api/chat HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\nContent-Length: 100\n"
+        )
+        started = time.monotonic()
+        status, body = await raw_http(url, head, b"{")
+        assert status == 408 and "did not arrive within 0.5 s" in body["error"]["message"]
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.fast
+async def test_bad_values_and_unknown_routes_are_4xx_in_the_error_body(settings: TektonSettings) -> None:
+    async with http_bridge(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for reply in (
+            await http.get("/no/such/route"),
+            await http.delete("/api/chat"),
+            await http.post(
+                "/api/chat", content=b"\xff\xfe not json", headers={"content-type": "application/json"}
+            ),
+        ):
+            assert 400 <= reply.status_code < 500, reply.text
+            assert set(reply.json()) == {"error"} and reply.json()["error"]["code"] == "bad_request"
+        session = (await http.post("/api/sessions", json={"name": "forked"})).json()
+        fork = await http.post(f"/api/sessions/{session['id']}/fork", json={"at": 2**64})
+        assert fork.status_code == 422
+        assert (await http.get("/api/runs/abc/events", params={"after": -5})).status_code == 422
+        auto = await http.post("/api/chat", json={"specialist": "@auto", "message": "  "})
+        assert auto.status_code == 400 and "the message is empty" in auto.json()["error"]["message"]
+        assert (await http.get("/api/sessions")).status_code == 200
+
+
+async def test_json_rpc_survives_frames_that_are_not_requests(settings: TektonSettings) -> None:
+    async with (
+        in_process_specialists(settings, "apollo"),
+        http_bridge(settings) as url,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url.replace("http", "ws") + "/ws") as ws,
+    ):
+
+        async def answer(raw: str | bytes) -> dict[str, Any]:
+            await (ws.send_bytes(raw) if isinstance(raw, bytes) else ws.send_str(raw))
+            return json.loads(await ws.receive_str())  # type: ignore[no-any-return]
+
+        assert (await answer(b"\x00"))["error"]["code"] == -32700
+        assert (await answer('{"jsonrpc":"2.0","id":1,"method":["x"]}'))["error"]["code"] == -32600
+        assert (await answer('{"jsonrpc":"2.0","id":{"a":1},"method":"discover"}'))["error"]["code"] == -32600
+        assert (await answer("[" * 100_000 + "]" * 100_000))["error"]["code"] == -32700
+        assert (await answer('{"jsonrpc":"2.0","id":NaN,"method":"discover"}'))["error"]["code"] == -32700
+        # A request as UTF-8 bytes is a request; and the socket still serves text ones.
+        said = await answer(json.dumps({"jsonrpc": "2.0", "id": 7, "method": "discover"}).encode())
+        assert said["id"] == 7 and "result" in said
+        chat = await rpc(ws, "chat", {"specialist": "apollo", "message": "still here?"}, rid=8)
+        assert chat["result"]["text"] == "apollo heard: still here?"
+
+
+async def test_reconnecting_after_the_done_event_is_told_there_is_nothing_more(
+    settings: TektonSettings,
+) -> None:
+    """An EventSource reconnects when the stream closes, with the done event's id: 204 stops it
+    (it waited out the idle timeout and got a retryable error before). Also for a session's run,
+    which ends with the gateway's "stored" note after its done frame."""
+    async with (
+        in_process_specialists(settings, "apollo"),
+        http_bridge(settings) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await http.post("/api/sessions", json={"name": "kept"})
+        for body in (
+            {"specialist": "apollo", "message": "hi"},
+            {"specialist": "apollo", "message": "hi", "session": "kept"},
+        ):
+            streamed = await http.post("/api/chat/stream", json=body)
+            blocks = [b for b in streamed.text.strip().split("\n\n")]
+            done = next(b for b in blocks if "event: done" in b)
+            done_id = int(done.split("id: ", 1)[1].split("\n", 1)[0])
+            run = json.loads(blocks[0].split("data: ", 1)[1])["request_id"]
+            started = time.monotonic()
+            again = await http.get(f"/api/runs/{run}/events", headers={"Last-Event-ID": str(done_id)})
+            assert again.status_code == 204 and time.monotonic() - started < 3, body
+            # One before the done event: the done event again.
+            before = await http.get(f"/api/runs/{run}/events", headers={"Last-Event-ID": str(done_id - 1)})
+            assert before.status_code == 200 and "event: done" in before.text
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url.replace("http", "ws") + "/ws") as ws,
+        ):
+            resumed = await rpc(ws, "stream.resume", {"request_id": run, "after": done_id})
+            assert resumed["result"]["ended_at"] == done_id
