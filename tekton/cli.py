@@ -389,13 +389,15 @@ async def cmd_a2a(settings: TektonSettings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from bridge.a2a import create_a2a_app
+    from bridge.edge import EdgeGuard
 
     base = args.base_url or f"http://{args.host}:{args.port}"
     async with Bus.connect(settings, name="tekton-a2a") as bus:
         views = await bus.survey(window=0.3)
         if not views:
             raise BusError(f"no specialists are running on {settings.nats_url} (start them with `tekton up`)")
-        app = create_a2a_app(bus, views, base)
+        # The bridge's Host, Origin and body checks in front, as on every HTTP edge (DNS rebinding).
+        app = EdgeGuard(create_a2a_app(bus, views, base), settings=settings, host=args.host)
         config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S)
         server = uvicorn.Server(config)
         sock = http_socket(args.host, args.port)  # a port in use is one line, before any is printed

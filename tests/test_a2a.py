@@ -120,6 +120,12 @@ async def test_tekton_a2a_keeps_an_idle_connection_past_uvicorn_s_default(settin
             await anyio.to_thread.run_sync(lambda: child.wait_for(lambda s: "A2A agent apollo" in s))
             card = f"GET /a2a/apollo/.well-known/agent-card.json HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
             await assert_kept_alive(port, card.encode())
+            # The bridge's edge checks: a page of another site, or a rebound DNS name, is refused.
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                path = "/a2a/apollo/.well-known/agent-card.json"
+                assert (await http.get(path)).status_code == 200
+                rebound = await http.get(path, headers={"Host": f"evil.example:{port}"})
+                assert rebound.status_code == 403 and "host" in rebound.json()["error"]["message"]
         finally:
             child.stop()
 
