@@ -217,6 +217,13 @@ async def test_tokens_origins_and_rate_limits(settings: TektonSettings) -> None:
                 # Let in (the origin is allowed), and still under the same token's rate limit.
                 reply = await rpc(ws, "discover")
                 assert reply["error"]["message"] == "rate limited" and reply["error"]["data"]["retry_after"]
+            # Guessing tokens at the handshake: refused (403), then slowed down (429, Retry-After).
+            statuses = []
+            for _ in range(8):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await session.ws_connect(url.replace("http", "ws") + "/ws?token=guess")
+                statuses.append(refused.value.status)
+            assert statuses[0] == 403 and statuses[-1] == 429, statuses
 
 
 async def test_a_thousand_websocket_clients_at_once(settings: TektonSettings) -> None:
