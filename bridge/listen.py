@@ -6,6 +6,11 @@ import socket
 
 from bus.errors import ConfigError
 
+# How long the bridge keeps an idle kept-alive connection open. Longer than HTTP clients keep idle
+# pooled connections (aiohttp 15 s, httpx 5 s): with uvicorn's 5 s a client reusing a connection just
+# as the server closed it got "connection reset" / "server disconnected" mid-burst.
+HTTP_KEEP_ALIVE_S = 75
+
 
 def http_socket(host: str, port: int) -> socket.socket:
     """Listening before uvicorn starts, so port 0 works and the chosen port is known; connections

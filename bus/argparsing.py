@@ -44,6 +44,16 @@ port = number(int, 0, 65535)
 seconds = number(float, 0, 86_400, low_open=True)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def log_level(text: str) -> str:
+    """A logging level's name, any case."""
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
 def at_least(low: int) -> Any:
     """A count of ``low`` or more (nodes, replicas, lines)."""
     return number(int, low, 1_000_000)

@@ -14,6 +14,7 @@ A credentials file (TOML, mode 0600):
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -188,15 +189,46 @@ def load_credentials(path: Path) -> Credentials:
     return creds
 
 
-def save_credentials(path: Path, creds: Credentials) -> None:
-    """Write ``creds`` readable by the owner only (created 0600, never world-readable for an instant)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(creds.dump())
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+def save_credentials(path: Path, creds: Credentials, *, replace_others: bool = True) -> None:
+    """Write ``creds`` readable by the owner only (created 0600, never world-readable for an instant).
+
+    Without ``replace_others``, a file already at ``path`` is replaced only when it holds credentials
+    of the same user (a stale copy: theirs were revoked when they were removed), never anything else.
+    Nothing is left behind when the write fails."""
+    if not replace_others:
+        _check_replaceable(path, creds.user)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A name of its own next to ``path`` (made 0600 by mkstemp): no other file is truncated.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise BusError(f"cannot write credentials to {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(creds.dump())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise BusError(f"cannot write credentials to {path}: {err.strerror or err}") from None
+        raise
+
+
+def _check_replaceable(path: Path, user: str) -> None:
+    """Refuse to write over anything at ``path`` but an old credentials file of ``user``."""
+    if path.is_dir():
+        raise BusError(f"{path} is a directory: name the credentials file to write, e.g. {path / user}.creds")
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        stale = load_credentials(path).user == user
+    except BusError:
+        stale = False
+    if not stale:
+        raise BusError(
+            f"{path} exists and is not the credentials of {user!r}: not overwriting it "
+            "(move it away, or write elsewhere)"
+        )
 
 
 def creds_dir(data_dir: Path) -> Path:

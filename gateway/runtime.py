@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
 from bridge.app import create_app
-from bridge.listen import http_socket
+from bridge.listen import HTTP_KEEP_ALIVE_S, http_socket
 from bus.client import connect_as
 from bus.cluster import session_replicas
 from bus.errors import NatsUnavailable
@@ -28,10 +28,6 @@ from gateway.usage import UsageBook, open_usage_bucket
 
 log = structlog.get_logger("tekton.gateway")
 
-# How long the bridge keeps an idle kept-alive connection open. Longer than HTTP clients keep idle
-# pooled connections (aiohttp 15 s, httpx 5 s): with uvicorn's 5 s a client reusing a connection just
-# as the server closed it got "connection reset" / "server disconnected" mid-burst.
-HTTP_KEEP_ALIVE_S = 75
 # On stop, the HTTP bridge's open responses (answers still streaming) get this long to end.
 HTTP_SHUTDOWN_S = 5
 

@@ -42,10 +42,10 @@ CLUSTER_SECRET = "cluster.secret"
 LEAF_KEY = "leaf.nkey"
 
 
-def _secret_file(path: Path, make: Callable[[], str], create: bool = True) -> str | None:
+def _secret_file(path: Path, what: str, make: Callable[[], str], create: bool = True) -> str | None:
     """The secret kept in ``path``, made (0600) on first use when ``create``; else None if absent."""
     if path.exists():
-        return path.read_text().strip()
+        return _read_secret(path, what, BusError)
     if not create:
         return None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -56,6 +56,17 @@ def _secret_file(path: Path, make: Callable[[], str], create: bool = True) -> st
     return value
 
 
+def _read_secret(path: Path, what: str, error: type[BusError] = UsageError) -> str:
+    """A secret file's text, or ``error`` naming the file: one given on the command line is a usage
+    error, a broken one in the data dir is not."""
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise error(f"cannot read {what} {path}: it is not text") from None
+
+
 def new_leaf_seed() -> str:
     return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
 
@@ -63,11 +74,8 @@ def new_leaf_seed() -> str:
 def route_secret(data_dir: Path, path: str | None = None) -> str:
     """The cluster's route secret: from ``path`` when given (it must exist), else the data dir's."""
     if path is not None:
-        try:
-            return Path(path).expanduser().read_text().strip()
-        except OSError as err:
-            raise UsageError(f"cannot read the cluster secret {path}: {err.strerror}") from None
-    found = _secret_file(creds_dir(data_dir) / CLUSTER_SECRET, new_secret)
+        return _read_secret(Path(path).expanduser(), "the cluster secret")
+    found = _secret_file(creds_dir(data_dir) / CLUSTER_SECRET, "the cluster secret", new_secret)
     assert found is not None
     return found
 
@@ -76,18 +84,29 @@ def leaf_seed(data_dir: Path, path: str | None = None, create: bool = False) -> 
     """The leaf nkey seed: from ``path`` when given (it must exist), else the data dir's (made when
     ``create``: a hub makes it; a leaf only reads the copy it was given)."""
     if path is not None:
-        try:
-            return Path(path).expanduser().read_text().strip()
-        except OSError as err:
-            raise UsageError(f"cannot read the leaf key {path}: {err.strerror}") from None
-    return _secret_file(creds_dir(data_dir) / LEAF_KEY, new_leaf_seed, create)
+        file = Path(path).expanduser()
+        seed: str | None = _read_secret(file, "the leaf key")
+    else:
+        file = creds_dir(data_dir) / LEAF_KEY
+        seed = _secret_file(file, "the leaf key", new_leaf_seed, create)
+    if seed is not None and not _is_user_seed(seed):
+        error = UsageError if path is not None else BusError
+        raise error(f"the leaf key {file} is not an nkey user seed (SU...)")
+    return seed
+
+
+def _is_user_seed(seed: str) -> bool:
+    try:
+        nkeys.from_seed(bytearray(seed.encode()))
+    except Exception:  # nkeys raises several kinds for a malformed seed
+        return False
+    return seed.startswith("SU")
 
 
 def public_key(seed: str) -> str:
-    try:
-        return nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
-    except Exception:
-        raise UsageError("the leaf key is not an nkey user seed (SU...)") from None
+    if not _is_user_seed(seed):
+        raise UsageError("the leaf key is not an nkey user seed (SU...)")
+    return nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
 
 
 def secure(
@@ -197,19 +216,25 @@ def add_nats_cluster_options(nats_cmd: argparse.ArgumentParser) -> None:
 
 
 def node_config(settings: TektonSettings, args: argparse.Namespace) -> NodeConfig | None:
-    """The config ``tekton nats`` options ask for, or None for a plain single server."""
-    if not (args.cluster or args.leafnodes is not None or args.leaf):
-        if args.routes:
-            raise UsageError("--routes needs --cluster HOST:PORT")
+    """The config ``tekton nats`` options ask for, or None for a plain single server (unless it is
+    only to be printed: then the single server's, with the listen address and store it would use)."""
+    single = not (args.cluster or args.leafnodes is not None or args.leaf)
+    if single and args.routes:
+        raise UsageError("--routes needs --cluster HOST:PORT")
+    if single and not args.print_config:
         return None
     if getattr(args, "websocket", None) is not None:
-        raise UsageError("--websocket is for a single server; put it in the node's config")
+        raise UsageError(
+            "--print-config prints no --websocket block (tekton adds it when it starts the server)"
+            if single
+            else "--websocket is for a single server; put it in the node's config"
+        )
     url = split_urls(settings.nats_url)[0]
     host, port = _host_port(url.split("://", 1)[-1], 4222)
-    name = args.name or socket.gethostname()
+    name = args.name or ("tekton" if single else socket.gethostname())
     config = NodeConfig(
         name=name,
-        store_dir=settings.data_dir / "nats" / name,
+        store_dir=settings.data_dir / "nats" if single else settings.data_dir / "nats" / name,
         host=host,
         port=port,
         cluster_name=args.cluster_name,

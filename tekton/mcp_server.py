@@ -22,8 +22,7 @@ async def serve_stdio(settings: TektonSettings) -> None:
 async def serve_http(settings: TektonSettings, host: str, port: int, on_ready: Any = None) -> None:
     import uvicorn
 
-    from bridge.listen import http_socket
-    from gateway.runtime import HTTP_KEEP_ALIVE_S
+    from bridge.listen import HTTP_KEEP_ALIVE_S, http_socket
 
     # Listening first: a port in use is one line at once, and connections made after the ready line
     # wait in the backlog.

@@ -5,13 +5,15 @@ served, errors, p99 of the first chunk over a recent window (the last 60 s by de
 each second. The p99 is PromQL's ``histogram_quantile(0.99, increase(...[60s]))``: the replica's
 cumulative histogram now less the one top gathered a window ago (since top started, for its first
 window), so it shows how the replica answers now, not over its lifetime; no first chunk in the
-window: ``-``.
+window: ``-``. Into a file or a pipe, each refresh is printed as a table of its own (like ``top -b``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,10 +98,16 @@ class TopModel:
         return rows
 
 
-def table(rows: list[InstanceRow], url: str, p99_window_s: float = P99_WINDOW_S) -> Table:
+def table(
+    rows: list[InstanceRow], url: str, p99_window_s: float = P99_WINDOW_S, at: str | None = None
+) -> Table:
+    """The view of ``rows``; ``at``: the time of the gather, in the title (for output kept in a file)."""
     busy = sum(r.busy for r in rows)
     slots = sum(r.slots for r in rows)
-    t = Table(title=f"tekton top · {url} · {len(rows)} instances · {busy}/{slots} slots busy", expand=False)
+    when = f" · {at}" if at else ""
+    t = Table(
+        title=f"tekton top · {url}{when} · {len(rows)} instances · {busy}/{slots} slots busy", expand=False
+    )
     for name, justify in [
         ("SPECIALIST", "left"),
         ("INSTANCE", "left"),
@@ -129,6 +137,27 @@ def table(rows: list[InstanceRow], url: str, p99_window_s: float = P99_WINDOW_S)
     return t
 
 
+# Columns of a table written to a file or a pipe: wide enough that no name is cut short.
+UNBOUNDED_WIDTH = 400
+
+
+class _TopConsole(Console):
+    def on_broken_pipe(self) -> None:
+        """`tekton top | head`: the reader left; tekton's main stops quietly, as for any command (rich
+        would exit 1)."""
+        self.quiet = True
+        raise BrokenPipeError
+
+
+def top_console() -> Console:
+    """Stdout; when it is no terminal (and $COLUMNS says no width), a row is as wide as it needs to be
+    instead of rich's 80 columns."""
+    console = _TopConsole()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = UNBOUNDED_WIDTH
+    return console
+
+
 async def run_top(
     bus: Bus,
     console: Console,
@@ -137,14 +166,26 @@ async def run_top(
     iterations: int | None = None,
     p99_window_s: float = P99_WINDOW_S,
 ) -> list[InstanceRow]:
-    """Refresh every ``interval`` seconds until cancelled, or ``iterations`` times; returns the last rows."""
+    """Refresh every ``interval`` seconds until cancelled, or ``iterations`` times; returns the last rows.
+
+    On a terminal the table is redrawn in place. Anywhere else (``tekton top | cat``, ``> file``) each
+    refresh is printed as it comes, like ``top -b``: a first, silent gather makes every printed one show
+    rates."""
     figures, model = BusFigures(), TopModel(p99_window_s)
+    window = min(0.3, interval / 2)
+    live = Live(console=console, auto_refresh=False, transient=False) if console.is_terminal else None
+    if live is None:
+        model.rows(await figures.refresh(bus, window=window))
+        await anyio.sleep(interval)
     rows: list[InstanceRow] = []
-    with Live(console=console, auto_refresh=False, transient=False) as live:
+    with live if live is not None else nullcontext():
         count = 0
         while iterations is None or count < iterations:
-            rows = model.rows(await figures.refresh(bus, window=min(0.3, interval / 2)))
-            live.update(table(rows, bus.settings.nats_url, p99_window_s), refresh=True)
+            rows = model.rows(await figures.refresh(bus, window=window))
+            if live is not None:
+                live.update(table(rows, bus.settings.nats_url, p99_window_s), refresh=True)
+            else:
+                console.print(table(rows, bus.settings.nats_url, p99_window_s, at=time.strftime("%H:%M:%S")))
             count += 1
             if iterations is None or count < iterations:
                 await anyio.sleep(interval)

@@ -96,7 +96,27 @@ class Users:
             return {}
         except (OSError, ValueError) as err:
             raise BusError(f"cannot read {self.dir / USERS_FILE}: {err}") from None
-        return {name: User(name, entry["role"], entry["nkey"]) for name, entry in raw.items()}
+        if not isinstance(raw, dict):
+            raise BusError(
+                f"{self.dir / USERS_FILE} is not a users file: it holds no {{name: {{role, nkey}}}} object"
+            )
+        return {name: self._user(name, entry) for name, entry in raw.items()}
+
+    def _user(self, name: str, entry: object) -> User:
+        """One entry of users.json, checked: a bad one would become a bad nats-server config."""
+        path = self.dir / USERS_FILE
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("role"), str)
+            and isinstance(entry.get("nkey"), str)
+        ):
+            raise BusError(f"{path} is not a users file: user {name!r} has no role and nkey strings")
+        try:
+            validate_user(name)
+            validate_role(entry["role"])
+        except BusError as err:
+            raise BusError(f"{path}: {err}") from None
+        return User(name, entry["role"], entry["nkey"])
 
     def _save(self, users: dict[str, User]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -139,9 +159,13 @@ class Users:
             raise BusError(f"user {name!r} exists already (remove it first with `tekton users rm {name}`)")
         creds, public = new_credentials(name, role)
         path = creds_path or self.user_creds_path(name)
-        save_credentials(path, creds)
+        save_credentials(path, creds, replace_others=False)
         users[name] = User(name, role, public)
-        self._save(users)
+        try:
+            self._save(users)
+        except BaseException:
+            path.unlink(missing_ok=True)  # no seed left behind for a user the server does not know
+            raise
         return creds, path
 
     def remove(self, name: str) -> User:
