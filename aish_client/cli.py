@@ -21,7 +21,7 @@ from aish_client.render import Renderer
 from aish_client.runner import compose, run_pipeline
 from aish_client.subcommands import cmd_list, run_subcommand, version
 from bus import tracing
-from bus.argparsing import OneLineParser, number
+from bus.argparsing import OneLineParser, log_level, number
 from bus.client import Bus
 from bus.errors import BusError, DeadlineExceeded, GatewayUnavailable, SpecialistUnavailable
 from bus.logs import configure_logging
@@ -127,7 +127,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="start the question as a run that goes on without aish: prints its id (aish attach RUN)",
     )
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", type=log_level, default="warning")
     parser.add_argument(
         "words",
         nargs="*",
@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.pipeline = " ".join(args.words) if args.command else None
     if args.command and not args.words:
         build_parser().error("-c needs a pipeline: aish -c 'echo \"text\" | apollo'")
+    if args.resume and args.session is not None:
+        # Both name the session to talk in: taking either one would put the turn where it was not meant.
+        build_parser().error("give --continue (the most recent session) or --session ID|NAME, not both")
     if rest:
         build_parser().parse_args(argv)  # the usual usage error for unknown options
     configure_logging(args.log_level)

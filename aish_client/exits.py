@@ -7,7 +7,7 @@ import sys
 from aish_client.parser import PipelineSyntaxError
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer, silence_stdout
-from bus.errors import BusError
+from bus.errors import BusError, InvalidInput
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # (bus.argparsing says the same for argparse)
@@ -21,7 +21,7 @@ def exit_code_for(err: BaseException, renderer: Renderer) -> int:
     """Say ``err`` in one line on stderr and return aish's exit code for it (one of :data:`HANDLED`):
     2 for a usage error, 1 for a failure, 130 when interrupted, 0 when the reader went away."""
     if isinstance(err, PipelineSyntaxError):
-        renderer.error(err.render())
+        renderer.error(err.one_line())
         return EXIT_USAGE
     if isinstance(err, UsageError):
         renderer.error(str(err))
@@ -29,7 +29,8 @@ def exit_code_for(err: BaseException, renderer: Renderer) -> int:
     if isinstance(err, BusError):
         renderer.end_answer()
         renderer.error(str(err))
-        return EXIT_ERROR
+        # A request found invalid before it was sent (a session name with a space) is the asker's.
+        return EXIT_USAGE if isinstance(err, InvalidInput) else EXIT_ERROR
     if isinstance(err, KeyboardInterrupt):
         renderer.end_answer()
         renderer.error("interrupted")

@@ -29,7 +29,7 @@ from bus.bulk import (
     substitute,
 )
 from bus.client import Bus
-from bus.errors import BadRequest, BusError
+from bus.errors import BusError, InvalidInput
 from bus.wire import ChatOptions
 
 Layout = Literal["stacked", "lines"]
@@ -52,6 +52,7 @@ def plan_pipeline(
     names = Counter(chosen.get(t, t.name) for stage in pipeline.stages for t in stage.targets)
     operations: list[BulkOperation] = []
     previous: list[tuple[str, str]] = []  # (op id, specialist) of the stage before
+    taken: set[str] = set()
     for number, stage in enumerate(pipeline.stages, start=1):
         missing = [t for t in stage.targets if t.capability and t not in chosen]
         if missing:
@@ -60,7 +61,10 @@ def plan_pipeline(
             if len(previous) == 1:
                 given = "{" + previous[0][0] + "}"
             else:
-                given = "\n\n".join(f"[{name}]\n{{{op}}}" for op, name in previous)
+                twice = Counter(name for _, name in previous)  # two samples of one: labelled by op id
+                given = "\n\n".join(
+                    f"[{name if twice[name] == 1 else op}]\n{{{op}}}" for op, name in previous
+                )
         else:
             given = text or ""
         message = "\n\n".join(p for p in (stage.message, given) if p)
@@ -69,10 +73,16 @@ def plan_pipeline(
                 f'column {stage.column}: nothing to send: give the stage a message (<< "..."), pipe text '
                 "in, or use echo"
             )
-        current = []
+        current: list[tuple[str, str]] = []
+        in_stage = Counter(chosen.get(t, t.name) for t in stage.targets)
         for target in stage.targets:
             name = chosen.get(target, target.name)
             op_id = name if names[name] == 1 else f"{name}-{number}"
+            if in_stage[name] > 1:  # the same specialist twice in a stage (two samples): apollo-1.2
+                op_id = f"{op_id}.{sum(1 for _, n in current if n == name) + 1}"
+            while op_id in taken:  # a specialist whose name looks like another's id (apollo-1)
+                op_id += "_"
+            taken.add(op_id)
             operations.append(
                 BulkOperation(
                     id=op_id,
@@ -89,31 +99,52 @@ def plan_pipeline(
     return BulkPlan(operations=operations), [op for op, _ in previous]
 
 
+# A plan is a page of YAML; a file far larger is not one (and is not read whole into memory).
+PLAN_MAX_BYTES = 4 * 1024 * 1024
+
+
 def load_plan(path: str) -> BulkPlan:
     """A bulk plan from a YAML or JSON file (the bulk request's fields, see docs/protocol.md)."""
     file = Path(path).expanduser()
+    kind = "JSON" if file.suffix.lower() == ".json" else "YAML"
     try:
-        raw = file.read_text(encoding="utf-8")
+        if file.exists() and not file.is_file():  # a directory, a FIFO, /dev/zero: never a plan
+            raise InvalidInput(f"{file} is not a regular file")
+        with file.open("rb") as handle:
+            data = handle.read(PLAN_MAX_BYTES + 1)
     except OSError as err:
         raise BusError(f"cannot read {file}: {err.strerror}") from err
+    if len(data) > PLAN_MAX_BYTES:
+        raise InvalidInput(f"{file} is over {PLAN_MAX_BYTES // 1024 // 1024} MiB: not a bulk plan")
     try:
-        if file.suffix.lower() == ".json":
-            data = json.loads(raw)
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{file} is not UTF-8 text") from None
+    try:
+        if kind == "JSON":
+            parsed = json.loads(raw)
         else:
             import yaml
 
-            data = yaml.safe_load(raw)
-    except ValueError as err:
-        raise BadRequest(
-            f"{file} is not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {err}"
-        ) from err
-    except Exception as err:  # yaml.YAMLError and friends
-        raise BadRequest(f"{file} is not valid YAML: {err}") from err
+            parsed = yaml.safe_load(raw)
+    except Exception as err:  # ValueError, yaml.YAMLError and friends
+        raise InvalidInput(f"{file} is not valid {kind}: {_one_line(err)}") from None
     try:
-        return BulkPlan.model_validate(data)
+        return BulkPlan.model_validate(parsed)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise BadRequest(f"{file}: {problems}") from err
+        problems = [
+            f"{'.'.join(str(p)[:40] for p in e['loc']) or 'the plan'}: {e['msg']}" for e in err.errors()[:3]
+        ]
+        more = f" (and {err.error_count() - 3} more)" if err.error_count() > 3 else ""
+        raise InvalidInput(f"{file}: {'; '.join(problems)}{more}"[:400]) from None
+
+
+def _one_line(err: Exception) -> str:
+    """A parser's error in one line: YAML's problem and where, not its quoted excerpt of the file."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())[:200]
 
 
 @dataclass

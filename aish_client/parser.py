@@ -47,6 +47,10 @@ class PipelineSyntaxError(ValueError):
     def __str__(self) -> str:
         return f"syntax error at column {self.column}: {self.message}"
 
+    def one_line(self) -> str:
+        """The message and the source in one line (the REPL shows the caret under it instead)."""
+        return f"{self} in: {self.source}"
+
 
 class Kind(Enum):
     WORD = "word"

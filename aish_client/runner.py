@@ -14,6 +14,7 @@ from aish_client.logbook import Logbook
 from aish_client.oneshot import compose
 from aish_client.output import DEMO_MODEL, DEMO_NOTE, StageOutput
 from aish_client.parser import AUTO, Pipeline, Target
+from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from bus.client import Bus, ChatStream
 from bus.errors import BusError
@@ -83,7 +84,8 @@ async def run_pipeline(
             target = stage.targets[0]
             prompt = compose(stage.message, text)
             if not prompt.strip():
-                raise BusError(
+                # The first stage's input is the command's; a later one's is what the stage before said.
+                raise (UsageError if i == 0 else BusError)(
                     f"'{target}' got no input: give it a message ({target} \"...\"), "
                     "pipe text in, or use echo"
                 )

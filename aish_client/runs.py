@@ -9,6 +9,7 @@ from aish_client.parser import Pipeline
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from bus.client import Bus
+from bus.errors import RunNotFound
 from bus.wire import REQUEST_ID_RE, ChatMessage, ChatOptions
 
 
@@ -55,6 +56,8 @@ async def attach(bus: Bus, words: Sequence[str], after: int, renderer: Renderer)
 
 async def cancel(bus: Bus, words: Sequence[str], renderer: Renderer) -> int:
     run_id = _run_id(words, "usage: aish cancel RUN")
+    if await bus.run_kind(run_id) is None:  # else "asked it to stop" would be said of nothing at all
+        raise RunNotFound.named(run_id, bus.settings.runs_keep_s)
     await bus.cancel_run(run_id)
     renderer.note(f"asked run {run_id} to stop")
     return 0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
-from bus.argparsing import number
+from bus.argparsing import OneLineParser, number
 from bus.auth import find_credentials
 from bus.client import Bus
 from bus.errors import BadRequest, SessionNotFound, Unauthorized
@@ -70,13 +70,13 @@ def everyone(bus: Bus) -> GatewayClient:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aish sessions", description="Conversation sessions.")
+    parser = OneLineParser(prog="aish sessions", description="Conversation sessions.")
     every = "every user's sessions and their owners (admins only; owner '?': made before sessions had owners)"
     parser.add_argument("--all", action="store_true", help=every)
     sub = parser.add_subparsers(dest="op")
     ls = sub.add_parser("list", help="sessions, most recently used first (the default)")
     ls.add_argument("--specialist")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=number(int, 1, 10_000), default=50)
     # On the subcommands too (`aish sessions list --all`); SUPPRESS keeps one given before them.
     ls.add_argument("--all", action="store_true", default=argparse.SUPPRESS, help=every)
     show = sub.add_parser("show", help="one session with its turns")

@@ -22,6 +22,7 @@ from aish_client.logbook import Logbook, as_json, as_text, open_logbook
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer
 from aish_client.runner import DEMO_MODEL
+from bus.argparsing import OneLineParser, number
 from bus.client import Bus
 from bus.discovery import Correction
 from bus.errors import BadRequest, BusError
@@ -74,12 +75,12 @@ async def cmd_list(bus: Bus, renderer: Renderer, capability: str | None = None, 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     parsers: dict[str, argparse.ArgumentParser] = {}
-    ls = parsers["list"] = argparse.ArgumentParser(
+    ls = parsers["list"] = OneLineParser(
         prog="aish list", description="Running specialists: replicas, health, model and capabilities."
     )
     ls.add_argument("--capability", metavar="CAP", help="rank the specialists for this capability")
     ls.add_argument("--json", action="store_true", help="one JSON object per specialist")
-    bulk = parsers["bulk"] = argparse.ArgumentParser(
+    bulk = parsers["bulk"] = OneLineParser(
         prog="aish bulk",
         description="Run a dependency graph of requests from a YAML or JSON file (format: docs/bulk.md).",
     )
@@ -88,38 +89,43 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     bulk.add_argument("--json", action="store_true", help="one JSON object per event (docs/aish-json.md)")
     bulk.add_argument("--no-log", action="store_true", help="do not record the answers in the log")
     parsers["sessions"] = sessions.build_parser()
-    logs = parsers["logs"] = argparse.ArgumentParser(
+    logs = parsers["logs"] = OneLineParser(
         prog="aish logs",
         description="Every prompt and answer aish recorded (newest last), with model and token counts.",
     )
     logs.add_argument(
-        "-n", "--count", type=int, default=3, metavar="N", help="the last N entries (default 3)"
+        "-n",
+        "--count",
+        type=number(int, 1, 1_000_000),
+        default=3,
+        metavar="N",
+        help="the last N entries (default 3)",
     )
     logs.add_argument("-q", "--query", metavar="TEXT", help="only entries whose prompt or answer holds TEXT")
     logs.add_argument("--json", action="store_true", help="one JSON object per entry")
     logs.add_argument("--path", action="store_true", help="print where the log is kept")
-    completion = parsers["completion"] = argparse.ArgumentParser(
+    completion = parsers["completion"] = OneLineParser(
         prog="aish completion",
         description='Print a shell completion script. bash: eval "$(aish completion bash)"; '
         'zsh: eval "$(aish completion zsh)"; fish: aish completion fish | source',
     )
     completion.add_argument("shell", choices=SHELLS)
-    parsers["usage"] = argparse.ArgumentParser(
+    parsers["usage"] = OneLineParser(
         prog="aish usage", description="The tokens you have spent (per session too) and your budget."
     )
-    parsers["runs"] = argparse.ArgumentParser(
+    parsers["runs"] = OneLineParser(
         prog="aish runs",
         description="Your recent runs (answers kept for resume and attach) and their states.",
     )
-    attach = parsers["attach"] = argparse.ArgumentParser(
+    attach = parsers["attach"] = OneLineParser(
         prog="aish attach",
         description="Replay a run from its start (or after a frame) and follow it to its end.",
     )
     attach.add_argument("run", metavar="RUN")
     attach.add_argument("--after", type=int, default=-1, metavar="SEQ", help="only the frames after this seq")
-    cancel = parsers["cancel"] = argparse.ArgumentParser(prog="aish cancel", description="Stop a run.")
+    cancel = parsers["cancel"] = OneLineParser(prog="aish cancel", description="Stop a run.")
     cancel.add_argument("run", metavar="RUN")
-    route = parsers["route"] = argparse.ArgumentParser(
+    route = parsers["route"] = OneLineParser(
         prog="aish route",
         description="Who would answer a request, and why (the ranking, best first); or your routing "
         "corrections: the requests you reran with another specialist's name, which route your own "
@@ -199,6 +205,10 @@ async def _route(top: argparse.Namespace, args: argparse.Namespace, renderer: Re
     """`aish route TEXT`, `aish route --corrections`, `aish route --forget ID`."""
     if args.forget is not None and args.corrections:
         raise UsageError("give --corrections or --forget ID, not both")
+    if args.forget is not None and not args.forget.strip():
+        raise UsageError(
+            "--forget needs a correction's id (or the start of one, or 'all'): see --corrections"
+        )
     text = " ".join(args.text)
     if (args.forget is not None or args.corrections) and text:
         raise UsageError("--corrections and --forget take no request text")
@@ -213,10 +223,15 @@ async def _route(top: argparse.Namespace, args: argparse.Namespace, renderer: Re
     )
     async with Bus.connect(settings, name="aish") as bus:
         if args.forget is not None:
-            before = {c.id: c for c in (await bus.gateway.discover(corrections=True)).corrections or []}
-            left = (await bus.gateway.discover(forget=args.forget)).corrections or []
-            for gone in (c for i, c in before.items() if i not in {c.id for c in left}):
-                renderer.note(f"forgot {gone.id}: {gone.text[:60]!r} -> {gone.specialist}")
+            before = (await bus.gateway.discover(corrections=True)).corrections or []
+            left = (await bus.gateway.discover(forget=args.forget)).corrections
+            if left is None:  # a gateway that did not take the request to forget
+                raise BusError(f"the gateway forgot nothing: it did not take --forget {args.forget!r}")
+            # Only what this request named and is gone now (not a correction another command dropped).
+            kept = {c.id for c in left}
+            for gone in before:
+                if (args.forget == "all" or gone.id.startswith(args.forget)) and gone.id not in kept:
+                    renderer.note(f"forgot {gone.id}: {gone.text[:60]!r} -> {gone.specialist}")
             return 0
         if args.corrections:
             show_corrections((await bus.gateway.discover(corrections=True)).corrections or [], renderer)

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import anyio
 import msgpack
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from bus.errors import BusError, IdleTimeout, MalformedFrame, RunNotFound, StreamGap
 from bus.runs import run_kind, run_subject
 from bus.subjects import NAME_PATTERN, REPLY_SUBJECT_PATTERN, bulk_subject, cancel_subject
-from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, new_request_id, unpack_frame
+from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, check_model, new_request_id, unpack_frame
 
 if TYPE_CHECKING:
     from bus.client import Bus, Inbox, Replay
@@ -56,6 +56,11 @@ class BulkOperation(Wire):
     timeout_ms: int | None = Field(default=None, ge=1, le=DAY_MS)
     # The model to answer with (``ollama:qwen2.5:7b``); None: the specialist's own.
     model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        return check_model(value)
 
 
 class BulkPlan(Wire):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
+from urllib.parse import ParseResult
 
 import anyio
 import nats
@@ -39,6 +40,7 @@ from bus.bulk import BulkAttachment, BulkPlan, BulkStream
 from bus.discovery import SPECIALIST_ROLE, STALL_S, SpecialistView, gather, same_prefix, survey
 from bus.errors import (
     BusError,
+    ConfigError,
     ErrorCode,
     GatewayUnavailable,
     IdleTimeout,
@@ -47,6 +49,7 @@ from bus.errors import (
     RunNotFound,
     SpecialistUnavailable,
     StreamGap,
+    Unauthorized,
     from_wire,
 )
 from bus.lite import NO_RESPONDERS, tls_context
@@ -102,6 +105,35 @@ def _websocket_transport() -> None:
         import aiohttp
 
         transport.aiohttp = aiohttp
+
+
+async def _close_websocket_session(nc: NATS) -> None:
+    """nats-py's WebSocket transport opens an aiohttp session and leaves it open when the connection
+    fails ("Unclosed client session" on stderr at exit): close it."""
+    session = getattr(getattr(nc, "_transport", None), "_client", None)
+    if session is not None and not getattr(session, "closed", True):
+        with contextlib.suppress(Exception):
+            await session.close()
+
+
+class _NoTls(ssl.SSLError):
+    """A tls:// URL's server that did not start TLS (its INFO asked for none)."""
+
+
+class _TlsTransport(TlsSocketTransport):
+    """nats-py starts TLS only when the server's INFO asks for it, and would go on in clear with a
+    tls:// server that does not: on a connection to a tls:// URL nothing is written before TLS."""
+
+    _tls_url = False
+
+    async def connect(self, uri: ParseResult, buffer_size: int, connect_timeout: int) -> None:
+        self._tls_url = uri.scheme == "tls"
+        await super().connect(uri, buffer_size, connect_timeout)
+
+    def write(self, payload: bytes) -> None:
+        if self._tls_url and self._tls is None and self._sock is not None:
+            raise _NoTls("the server does not speak TLS")  # before CONNECT: no credentials go out in clear
+        super().write(payload)
 
 
 async def connect(
@@ -170,7 +202,7 @@ async def connect(
     if tls is not None and "ws://" not in url and "wss://" not in url:
         # Ours for TLS instead of nats-py's (asyncio's TLS layer): see bus/tls.py. nats-py keeps it for
         # its reconnects.
-        nc._transport = TlsSocketTransport()
+        nc._transport = _TlsTransport()
     connecting: asyncio.Future[None] = asyncio.ensure_future(
         nc.connect(
             servers=[u.strip() for u in url.split(",") if u.strip()] or [url],
@@ -198,6 +230,11 @@ async def connect(
         raise NatsUnavailable(url, type(err).__name__) from err
     except NotAuthorized:
         raise
+    except _NoTls:
+        raise ConfigError(
+            f"{url}: the server there does not speak TLS (a tls:// URL never goes in clear); "
+            "use nats:// for it, or start it with TLS (tekton nats --tls)"
+        ) from None
     except ssl.SSLError as err:
         raise NatsUnavailable(url, f"TLS handshake failed ({err.reason or err}); check --tls-ca") from err
     except (OSError, TimeoutError) as err:
@@ -207,6 +244,8 @@ async def connect(
     finally:
         if not connecting.done():  # we were cancelled while connecting
             connecting.cancel()
+        if not nc.is_connected:
+            await _close_websocket_session(nc)
     # ...and once connected, ride out server restarts by reconnecting forever.
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
@@ -955,8 +994,18 @@ class ChatStream:
             msg = await self._frames.get(wait)
             if msg is not None:
                 return msg
+            if self._next_seq == 0:
+                self._check_refused()
             # Nobody is generating any more (nothing to cancel), unless the frames went astray.
             await self._recover(IdleTimeout(self.specialist, self.idle_timeout))
+
+    def _check_refused(self) -> None:
+        """No first frame: if the server refused our request or our listening (credentials for another
+        prefix, say), say that rather than blame the specialist."""
+        said = str(getattr(self.bus.nc, "last_error", None) or "")
+        if "permissions violation" in said.lower() and f"{self.bus.settings.prefix}.".lower() in said.lower():
+            self._finished = True
+            raise Unauthorized(f"the nats-server refused: {' '.join(said.split())[:200]}")
 
     async def _texts(self) -> AsyncIterator[str]:
         reader = self._reader

@@ -126,8 +126,9 @@ class Discover(Wire):
     # List the asking user's corrections (in the reply's ``corrections``). Optional fields are sent
     # only when set, so protocol 1 stays 1.
     corrections: bool | None = None
-    # Forget one of the asking user's corrections by its id, or all of them with "all".
-    forget: str | None = Field(default=None, max_length=64)
+    # Forget one of the asking user's corrections by its id (or a start of one), or all of them with
+    # "all"; never "", which would be the start of every id.
+    forget: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class Correction(Wire):

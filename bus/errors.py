@@ -133,6 +133,11 @@ class BadRequest(BusError):
     code = ErrorCode.BAD_REQUEST
 
 
+class InvalidInput(BadRequest):
+    """A request the client itself found invalid before sending it (a session name with a space): the
+    caller's input to change. aish says it as a usage error (exit 2)."""
+
+
 class MalformedFrame(BusError):
     code = ErrorCode.MALFORMED_FRAME
 

@@ -46,7 +46,14 @@ def tls_context(url: str, tls_ca: Path | None, data_dir: Path) -> ssl.SSLContext
         return None
     import ssl  # only TLS connections pay for it
 
-    return ssl.create_default_context(cafile=str(ca) if ca else None)
+    try:
+        return ssl.create_default_context(cafile=str(ca) if ca else None)
+    except OSError as err:  # missing, unreadable, or not a certificate (ssl.SSLError is an OSError)
+        from bus.errors import ConfigError
+
+        why = (err.reason or str(err)) if isinstance(err, ssl.SSLError) else (err.strerror or str(err))
+        given = " (--tls-ca, TEKTON_TLS_CA or the config's tls_ca)" if ca == tls_ca else ""
+        raise ConfigError(f"cannot use the TLS CA certificate {ca}{given}: {why}") from None
 
 
 class Message(NamedTuple):

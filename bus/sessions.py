@@ -20,9 +20,9 @@ from bus import tracing
 from bus.bulk import BulkAccepted
 from bus.discovery import Discover, DiscoveryReply
 from bus.errors import (
-    BadRequest,
     BusError,
     GatewayUnavailable,
+    InvalidInput,
     MalformedFrame,
     SessionNotFound,
     SpecialistUnavailable,
@@ -291,7 +291,7 @@ class GatewayClient:
             return model(**fields)
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-            raise BadRequest(problems) from err
+            raise InvalidInput(problems) from err
 
     async def call(
         self,
@@ -465,7 +465,7 @@ class GatewayClient:
         wanted = target[1:]
         if wanted == AUTO:
             if not text.strip():
-                raise BadRequest(f"{target} picks a specialist by the question: the message is empty")
+                raise InvalidInput(f"{target} picks a specialist by the question: the message is empty")
             reply = await self.discover(text=text)
         else:
             reply = await self.discover(capability=wanted)

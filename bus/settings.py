@@ -149,8 +149,12 @@ def load_settings(**overrides: object) -> TektonSettings:
     A setting that cannot be used raises :class:`ConfigError`: one line naming where it came from."""
     given = {k: v for k, v in overrides.items() if v is not None}
     path = config_file()
+    if path.exists() and not path.is_file():  # (pydantic-settings would skip it without a word)
+        raise ConfigError(f"{path} is not a file: the config file is TOML")
     try:
         return TektonSettings(**given)  # type: ignore[arg-type]
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: the config file is TOML") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     except OSError as err:  # a directory, unreadable...

@@ -68,9 +68,7 @@ class ChatRequest(Wire):
     @field_validator("model")
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
-        if value is not None and not MODEL_RE.match(value):
-            raise ValueError("model must be 1-200 characters of [A-Za-z0-9_.:/@+-], e.g. ollama:qwen2.5:7b")
-        return value
+        return check_model(value)
 
     @field_validator("id")
     @classmethod
@@ -167,6 +165,13 @@ Frame = Annotated[
     Field(discriminator="type"),
 ]
 _FRAME = TypeAdapter(Frame)
+
+
+def check_model(value: str | None) -> str | None:
+    """A model's name as requests carry it (MODEL_RE), for the models' validators."""
+    if value is not None and not MODEL_RE.match(value):
+        raise ValueError("model must be 1-200 characters of [A-Za-z0-9_.:/@+-], e.g. ollama:qwen2.5:7b")
+    return value
 
 
 def encode(model: Wire, limit: int | None = None) -> bytes:

@@ -230,7 +230,12 @@ class BulkRun:
                 await self._end(op, "skipped", f"skipped: {', '.join(failed)} did not succeed")
                 return
             async with self.limiter:
-                await self._execute(op)
+                try:
+                    await self._execute(op)
+                except Exception as err:  # one operation's bug: it fails, the others and the run go on
+                    log.exception("bulk operation crashed", op=op.id)
+                    if op.id not in self.results:
+                        await self._end(op, "failed", f"internal error ({type(err).__name__})")
         finally:
             self.finished[op.id].set()
 

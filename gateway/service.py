@@ -503,7 +503,7 @@ class GatewayService:
         chosen, reason, alternatives, generalist, judged_by = None, "", [], False, None
         user = asking.get()
         corrections = None
-        if r.forget:
+        if r.forget is not None:
             corrections = await self.running.forget(user, r.forget)
         elif r.corrections:
             corrections = self.running.corrections(user)

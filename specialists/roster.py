@@ -103,9 +103,11 @@ def default_roster_path() -> Path:
 def load_roster(path: Path | None = None, provider_override: str | None = None) -> dict[str, SpecialistSpec]:
     path = path or default_roster_path()
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise RosterError(f"cannot read roster {path}: {err}") from err
+    except UnicodeDecodeError:
+        raise RosterError(f"cannot read roster {path}: not UTF-8 text") from None
     defaults = data.get("defaults", {})
     roster: dict[str, SpecialistSpec] = {}
     for name, entry in (data.get("specialists") or {}).items():

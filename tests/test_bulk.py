@@ -244,7 +244,7 @@ async def test_aish_fan_out_forms(settings: TektonSettings, tmp_path: Path) -> N
         broken = tmp_path / "broken.yaml"
         broken.write_text("operations: [{id: 'bad id!', ai: apollo}]\n")
         refused = await run_aish(settings, "bulk", str(broken))
-        assert refused.returncode == 1 and "broken.yaml" in refused.stderr and "message" in refused.stderr
+        assert refused.returncode == 2 and "broken.yaml" in refused.stderr and "message" in refused.stderr
 
 
 async def test_fan_out_and_aish_bulk_give_json_events_and_log_entries(

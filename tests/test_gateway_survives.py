@@ -13,11 +13,12 @@ import httpx
 import msgpack
 import pytest
 
+from bus.bulk import BulkOperation, BulkRequest
 from bus.client import Bus
-from bus.errors import GatewayUnavailable, StreamGap
+from bus.errors import BadRequest, GatewayUnavailable, StreamGap
 from bus.sessions import Session, Turn
 from bus.settings import TektonSettings
-from bus.subjects import chat_subject, session_subject
+from bus.subjects import bulk_subject, chat_subject, session_subject
 from bus.wire import ChatMessage, DoneFrame, StartFrame, Timings, Usage, encode, encode_chunk
 from tests.helpers import aish, env, eventually, gateway_process, in_process_gateway, in_process_specialists
 from tests.test_http import bridge
@@ -289,3 +290,19 @@ async def test_a_turn_abandoned_by_both_gateway_and_client_is_settled_by_the_nex
             ("apollo heard: next", "ok"),
         ]
         assert "both stopped" in (turns[0].error or "")
+
+
+@pytest.mark.fast
+async def test_a_bulk_operation_naming_no_model_is_refused_at_once(settings: TektonSettings) -> None:
+    """A model name that is none, sent past the client's own check: the gateway took the request and
+    its run crashed in the background, the asker waiting out the idle timeout; now it refuses it."""
+    plan = BulkRequest.model_construct(
+        operations=[BulkOperation.model_construct(id="a", ai="apollo", message="x", model="bad model")],
+        execution="parallel",
+        id="bad-model-request",
+        inbox="_INBOX.anonymous.nobody",
+        v=1,
+    )
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        with anyio.fail_after(4), pytest.raises(BadRequest, match="model must be"):
+            await bus.gateway.call("bulk", plan, subject=bulk_subject(settings.prefix))

@@ -12,7 +12,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus.settings import TektonSettings
+from aish_client.fanout import load_plan
+from bus.errors import ConfigError, InvalidInput
+from bus.settings import TektonSettings, load_settings
+from specialists.roster import RosterError, load_roster
 from tekton.cli import main as tekton_main
 from tests.helpers import AISH, aish, child_env, eventually, in_process_specialists, spawn
 
@@ -103,6 +106,7 @@ def test_tekton_up_with_a_missing_api_key_is_one_line(settings: TektonSettings, 
         (["top", "--interval", "0"], "--interval"),
         (["cluster", "up", "--nodes", "0"], "--nodes"),
         (["up", "--no-such-option"], "--no-such-option"),
+        (["status", "--log-level", "loud"], "--log-level"),
     ],
 )
 def test_a_bad_tekton_argument_is_a_one_line_usage_error(
@@ -132,6 +136,82 @@ def test_a_port_already_in_use_is_one_line(settings: TektonSettings) -> None:
             assert done.returncode == 1, (argv, done.stderr)
             line = one_line(done.stderr)
             assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in line, argv
+
+
+@pytest.mark.fast
+def test_no_server_at_a_websocket_url_is_one_line() -> None:
+    """(nats-py's WebSocket transport left its aiohttp session open: "Unclosed client session" and
+    the session's repr after the error.)"""
+    done = run([*AISH, "list"], TEKTON_NATS_URL="ws://127.0.0.1:9")
+    assert done.returncode == 1 and "no NATS server answers at ws://" in one_line(done.stderr)
+
+
+@pytest.mark.fast
+def test_a_bulk_plan_that_is_no_plan_is_one_line(tmp_path: Path) -> None:
+    """Binary, UTF-16, a FIFO with no writer (it blocked for ever), a directory, /dev/zero (it read
+    for ever), YAML with a syntax error (4-8 lines with PyYAML's excerpt), a model name that is none.
+    Read in this process (a child takes seconds a case); the command's line and exit code once."""
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "utf16.yaml").write_text("operations: []", encoding="utf-16")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "broken.yaml").write_text("operations: [\n  - {id: a\n")
+    (tmp_path / "model.yaml").write_text(
+        'operations:\n  - {id: a, ai: apollo, message: x, model: "bad model"}\n'
+    )
+    for name, said in (
+        ("binary.yaml", "is not UTF-8 text"),
+        ("utf16.yaml", "is not UTF-8 text"),
+        ("fifo.yaml", "is not a regular file"),
+        ("dir.yaml", "is not a regular file"),
+        ("/dev/zero", "is not a regular file"),
+        ("broken.yaml", "is not valid YAML: "),
+        ("model.yaml", "operations.0.model: Value error, model must be"),
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            load_plan(str(tmp_path / name))
+        assert said in str(refused.value) and "\n" not in str(refused.value), name
+    done = run([*AISH, "bulk", str(tmp_path / "fifo.yaml")])
+    assert done.returncode == 2 and "is not a regular file" in one_line(done.stderr)
+
+
+@pytest.mark.fast
+def test_a_config_file_that_is_no_toml_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp_path / "dir.toml").mkdir()
+    for name, said in (("binary.toml", "is not UTF-8 text"), ("dir.toml", "is not a file")):
+        monkeypatch.setenv("TEKTON_CONFIG", str(tmp_path / name))
+        with pytest.raises(ConfigError, match=said):
+            load_settings()
+    with pytest.raises(RosterError, match="not UTF-8 text"):
+        load_roster(tmp_path / "binary.toml")
+    done = run([*TEKTON, "status"], TEKTON_CONFIG=str(tmp_path / "binary.toml"))
+    assert done.returncode == 1 and "is not UTF-8 text" in one_line(done.stderr)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sessions", "show"],
+        ["sessions", "list", "--limit", "0"],
+        ["logs", "-n", "-1"],
+        ["logs", "-n", "99999999999999999999999"],
+        ["completion", "tcsh"],
+        ["runs", "extra"],
+        ["-c", "apollo |"],
+        ["-c", "{apollo|"],
+        ["--log-level", "FOO", "list"],
+    ],
+)
+def test_an_aish_usage_error_is_one_line(argv: list[str]) -> None:
+    """A subcommand's own parser and a pipeline's syntax error too (they printed the usage, or the
+    line with a caret under it, over two or three lines)."""
+    done = run([*AISH, *argv])
+    assert done.returncode == 2
+    one_line(done.stderr)
 
 
 def into_full_disk(settings: TektonSettings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -57,13 +57,14 @@ def test_aish_errors_are_one_clear_line(settings: TektonSettings) -> None:
             unknown.stderr.strip() == "aish: no specialist named 'apolo' is running; did you mean 'apollo'?"
         )
         syntax = aish(settings, "-c", 'apollo | "')
-        assert syntax.returncode == 2 and "column 10" in syntax.stderr and "^" in syntax.stderr
+        assert syntax.returncode == 2 and syntax.stderr.count("\n") == 1
+        assert "column 10" in syntax.stderr and syntax.stderr.rstrip().endswith('in: apollo | "')
         no_gateway = aish(settings, "-c", 'apollo,athena << "x"')
         assert no_gateway.returncode == 1 and "no gateway is running" in no_gateway.stderr
         routed = aish(settings, "-c", '@code-analysis << "x"')
         assert routed.returncode == 1 and "no gateway is running" in routed.stderr
         empty = aish(settings, "-c", "apollo")
-        assert empty.returncode == 1 and "got no input" in empty.stderr
+        assert empty.returncode == 2 and "got no input" in empty.stderr
 
 
 def test_no_nats_server_says_how_to_start_one(settings: TektonSettings) -> None:

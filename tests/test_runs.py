@@ -236,10 +236,12 @@ async def test_run_commands_misused_are_usage_errors(settings: TektonSettings) -
     for args in (("attach",), ("attach", "a.b"), ("runs", "x"), ("--detach", "runs")):
         done = await run_aish(settings, *args)
         assert done.returncode == 2, (args, done.stderr)
-        # One line, or argparse's usage line and then the error, as every aish subcommand does.
-        assert done.stderr.count("\n") <= 2 and "Traceback" not in done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     unknown = await run_aish(settings, "attach", "nosuchrun")
     assert unknown.returncode == 1 and "no run 'nosuchrun'" in unknown.stderr
+    # Not "asked run nosuchrun to stop" (exit 0) for a run that is nowhere.
+    cancelled = await run_aish(settings, "cancel", "nosuchrun")
+    assert cancelled.returncode == 1 and "no run 'nosuchrun'" in cancelled.stderr
 
 
 async def test_a_gateway_killed_mid_answer_stores_it_when_back(settings: TektonSettings) -> None:

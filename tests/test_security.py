@@ -336,6 +336,16 @@ async def test_a_refused_request_fails_at_once_not_after_its_timeout(team: Team)
 
 
 @pytest.mark.fast
+async def test_credentials_for_another_prefix_are_a_refusal_not_a_dead_specialist(team: Team) -> None:
+    """A client set to another prefix (TEKTON_PREFIX=foo) is refused by the server: said so when no
+    first frame came, instead of "the specialist sent nothing ... it probably died"."""
+    elsewhere = team.bob.model_copy(update={"prefix": "foo", "idle_timeout_s": 1.0})
+    with anyio.fail_after(8):
+        with pytest.raises(Unauthorized, match=r"the nats-server refused: .*foo\."):
+            await ask(elsewhere, "apollo", "hi")
+
+
+@pytest.mark.fast
 async def test_bob_cannot_have_alices_run_replayed_to_him(team: Team, bob: Raw) -> None:
     """Replay requests (a replica re-sends a run's frames): only under one's own name (the server),
     and only for one's own runs (the specialist); alice's own replay works."""
