@@ -99,7 +99,8 @@ def plan_pipeline(
     return BulkPlan(operations=operations), [op for op, _ in previous]
 
 
-# A plan is a page of YAML; a file far larger is not one (and is not read whole into memory).
+# A plan is a page of YAML; a file far larger is not one (and is not read whole into memory: a pipe,
+# `aish bulk <(envsubst < plan.yaml)`, is read as it comes, /dev/zero stops here).
 PLAN_MAX_BYTES = 4 * 1024 * 1024
 
 
@@ -108,8 +109,8 @@ def load_plan(path: str) -> BulkPlan:
     file = Path(path).expanduser()
     kind = "JSON" if file.suffix.lower() == ".json" else "YAML"
     try:
-        if file.exists() and not file.is_file():  # a directory, a FIFO, /dev/zero: never a plan
-            raise InvalidInput(f"{file} is not a regular file")
+        if file.is_dir():
+            raise InvalidInput(f"{file} is a directory, not a bulk plan")
         with file.open("rb") as handle:
             data = handle.read(PLAN_MAX_BYTES + 1)
     except OSError as err:

@@ -49,7 +49,7 @@ class PipelineSyntaxError(ValueError):
 
     def one_line(self) -> str:
         """The message and the source in one line (the REPL shows the caret under it instead)."""
-        return f"{self} in: {self.source}"
+        return f"{self} in: {' '.join(self.source.split())[:200]}"
 
 
 class Kind(Enum):

@@ -116,9 +116,10 @@ class JsonRpc:
                 or not isinstance(message.get("method"), str)
             ):
                 raise RpcError(INVALID_REQUEST, "invalid request: need jsonrpc '2.0' and a method name")
-            if not isinstance(message.get("id"), str | int | float | None):
+            rid = message.get("id")
+            if isinstance(rid, bool) or not isinstance(rid, str | int | float | None):
                 raise RpcError(INVALID_REQUEST, "invalid request: an id is a string, a number or null")
-            request_id = message.get("id")
+            request_id = rid
             method = self.methods.get(message["method"])
             if method is None:
                 raise RpcError(

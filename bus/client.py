@@ -132,7 +132,7 @@ class _TlsTransport(TlsSocketTransport):
 
     def write(self, payload: bytes) -> None:
         if self._tls_url and self._tls is None and self._sock is not None:
-            raise _NoTls("the server does not speak TLS")  # before CONNECT: no credentials go out in clear
+            raise _NoTls("the server does not require TLS")  # before CONNECT: no credentials go out in clear
         super().write(payload)
 
 
@@ -198,7 +198,7 @@ async def connect(
     if tls is not None:
         options["tls"] = tls
     nc = NATS()
-    install_refusals(nc, refusals)
+    install_refusals(nc, refusals, creds.role if creds else None)
     if tls is not None and "ws://" not in url and "wss://" not in url:
         # Ours for TLS instead of nats-py's (asyncio's TLS layer): see bus/tls.py. nats-py keeps it for
         # its reconnects.
@@ -232,8 +232,8 @@ async def connect(
         raise
     except _NoTls:
         raise ConfigError(
-            f"{url}: the server there does not speak TLS (a tls:// URL never goes in clear); "
-            "use nats:// for it, or start it with TLS (tekton nats --tls)"
+            f"{url}: the server there does not require TLS, and a tls:// URL never goes in clear; "
+            "use nats:// for it, or have it require TLS (tekton nats --tls)"
         ) from None
     except ssl.SSLError as err:
         raise NatsUnavailable(url, f"TLS handshake failed ({err.reason or err}); check --tls-ca") from err
@@ -1000,10 +1000,16 @@ class ChatStream:
             await self._recover(IdleTimeout(self.specialist, self.idle_timeout))
 
     def _check_refused(self) -> None:
-        """No first frame: if the server refused our request or our listening (credentials for another
-        prefix, say), say that rather than blame the specialist."""
-        said = str(getattr(self.bus.nc, "last_error", None) or "")
-        if "permissions violation" in said.lower() and f"{self.bus.settings.prefix}.".lower() in said.lower():
+        """No first frame: if the server refused this request's publish or its listening (credentials
+        for another prefix, say), say that rather than blame the specialist. nats-py keeps only the
+        connection's last error: it must name one of this request's own subjects."""
+        said = str(getattr(self.bus.nc, "last_error", None) or "").lower()
+        if "permissions violation" not in said:
+            return
+        ours = [chat_subject(self.specialist, self.bus.settings.prefix)] if self.specialist else []
+        if self._inbox is not None:
+            ours.append(run_listen_subject(self._inbox) if self.run_subject else self._inbox)
+        if any(f'"{subject.lower()}"' in said for subject in ours):
             self._finished = True
             raise Unauthorized(f"the nats-server refused: {' '.join(said.split())[:200]}")
 

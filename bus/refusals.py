@@ -18,6 +18,7 @@ T = TypeVar("T")
 
 _REFUSED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
 _ATTRIBUTE = "_tekton_refusals"
+_ROLE = "_tekton_role"
 
 
 class Refused(Exception):
@@ -57,9 +58,18 @@ class Refusals:
             waiter.cancel()
 
 
-def install(nc: Any, refusals: Refusals) -> None:
-    """Keep ``refusals`` with the connection whose error callback feeds it."""
+def install(nc: Any, refusals: Refusals, role: str | None) -> None:
+    """Keep ``refusals`` with the connection whose error callback feeds it, and the role its
+    credentials have (None: none, a server without users)."""
     setattr(nc, _ATTRIBUTE, refusals)
+    setattr(nc, _ROLE, role)
+
+
+def may_read_every_run(nc: Any) -> bool:
+    """Whether this connection may read the runs stream by sequence, past its own runs' subjects: the
+    gateway's role may (its HTTP bridge resumes its callers' runs), and anyone on a server without
+    users. Asking without leave is refused with a warning, so it is not asked."""
+    return getattr(nc, _ROLE, "unknown") in (None, "gateway")
 
 
 async def or_refused(nc: Any, subject: str, work: Awaitable[T]) -> T:

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext, api
 from nats.js.api import RawStreamMsg
 from nats.js.errors import BadRequestError, NotFoundError
 
-from bus.refusals import or_refused
+from bus.refusals import may_read_every_run, or_refused
 from bus.settings import TektonSettings
 from bus.subjects import (
     FRAMES,
@@ -129,22 +129,27 @@ async def run_kind(nc: NATS, settings: TektonSettings, subject: str) -> str | No
     return "bulk" if kind in BULK_TYPES or kind == "heartbeat" else "chat"
 
 
+# How far back before a session run's "stored" note its done frame is looked for (other runs' frames
+# are stored in between when the bus is busy).
+DONE_LOOKBACK = 16
+
+
 async def end_seq(nc: NATS, stream: str, subject: str, last: RawStreamMsg) -> int | None:
     """The seq of a finished run's done (or error) frame, given its ``last`` stored message; None
     while it runs, or when that cannot be told."""
     frame = _frame(last.data)
-    if frame.get("type") == "stored" and last.seq:
-        # A session's run ends with the gateway's note after its done frame, most often the message
-        # just before it. Reading by sequence needs the gateway's credentials (the HTTP bridge has
-        # them); a user's are refused at once, and then it cannot be told.
-        get = nc.jetstream().get_msg(stream, seq=last.seq - 1, direct=True)
-        try:
-            before = await or_refused(nc, f"$JS.API.DIRECT.GET.{stream}", get)
-        except Exception:  # refused, expired, a timeout
-            return None
-        if before.subject != subject:
-            return None
-        frame = _frame(before.data)
+    if frame.get("type") == "stored" and last.seq and may_read_every_run(nc):
+        # A session's run ends with the gateway's note after its done frame: a few messages back at
+        # most, read by stream sequence (which needs the gateway's credentials: the HTTP bridge's).
+        js = nc.jetstream()
+        for back in range(last.seq - 1, max(0, last.seq - 1 - DONE_LOOKBACK), -1):
+            try:
+                before = await js.get_msg(stream, seq=back, direct=True)
+            except Exception:  # expired, deleted, a timeout: cannot be told
+                return None
+            if before.subject == subject:
+                frame = _frame(before.data)
+                break
     seq = frame.get("seq")
     return seq if frame.get("type") in ("done", "error") and type(seq) is int else None
 

@@ -20,6 +20,7 @@ from bus import tracing
 from bus.bulk import BulkAccepted
 from bus.discovery import Discover, DiscoveryReply
 from bus.errors import (
+    BadRequest,
     BusError,
     GatewayUnavailable,
     InvalidInput,
@@ -465,7 +466,7 @@ class GatewayClient:
         wanted = target[1:]
         if wanted == AUTO:
             if not text.strip():
-                raise InvalidInput(f"{target} picks a specialist by the question: the message is empty")
+                raise BadRequest(f"{target} picks a specialist by the text it is given, and it has none")
             reply = await self.discover(text=text)
         else:
             reply = await self.discover(capability=wanted)

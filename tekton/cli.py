@@ -408,10 +408,10 @@ async def cmd_a2a(settings: TektonSettings, args: argparse.Namespace) -> int:
         app = EdgeGuard(create_a2a_app(bus, views, base), settings=settings, host=args.host)
         config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S)
         server = uvicorn.Server(config)
-        sock = http_socket(args.host, args.port)  # a port in use is one line, before any is printed
-        for view in views:
-            _say(f"A2A agent {view.name}: {base}/a2a/{view.name}/.well-known/agent-card.json")
-        await server.serve([sock])
+        with http_socket(args.host, args.port) as sock:  # a port in use is one line, before any is said
+            for view in views:
+                _say(f"A2A agent {view.name}: {base}/a2a/{view.name}/.well-known/agent-card.json")
+            await server.serve([sock])
     return 0
 
 

@@ -25,14 +25,14 @@ async def serve_http(settings: TektonSettings, host: str, port: int, on_ready: A
     from bridge.listen import HTTP_KEEP_ALIVE_S, http_socket
 
     # Listening first: a port in use is one line at once, and connections made after the ready line
-    # wait in the backlog.
-    sock = http_socket(host, port)
-    async with Bus.connect(settings, name="tekton-mcp") as bus:
-        app = create_server(bus).streamable_http_app(host=host)
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S)
-        )
-        if on_ready is not None:
-            bound_host, bound_port = sock.getsockname()[:2]
-            on_ready(f"http://{bound_host}:{bound_port}/mcp")
-        await server.serve([sock])
+    # wait in the backlog. Closed however it ends.
+    with http_socket(host, port) as sock:
+        async with Bus.connect(settings, name="tekton-mcp") as bus:
+            app = create_server(bus).streamable_http_app(host=host)
+            server = uvicorn.Server(
+                uvicorn.Config(app, log_level="warning", timeout_keep_alive=HTTP_KEEP_ALIVE_S)
+            )
+            if on_ready is not None:
+                bound_host, bound_port = sock.getsockname()[:2]
+                on_ready(f"http://{bound_host}:{bound_port}/mcp")
+            await server.serve([sock])

@@ -125,9 +125,9 @@ async def test_a_tls_url_never_talks_to_a_plain_server_in_clear(settings: Tekton
             done = await run_aish(settings, "apollo", "hi", TEKTON_NATS_URL=tls_url, TEKTON_AISH_FAST=fast)
             assert done.returncode == 1 and done.stdout == "", done.stderr
             line = one_line(done.stderr)
-            assert tls_url in line and "does not speak TLS" in line
+            assert tls_url in line and "does not require TLS" in line
         listed = await run_aish(settings, "list", TEKTON_NATS_URL=tls_url)
-        assert listed.returncode == 1 and "does not speak TLS" in one_line(listed.stderr)
+        assert listed.returncode == 1 and "does not require TLS" in one_line(listed.stderr)
 
 
 @pytest.mark.fast

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -148,12 +149,11 @@ def test_no_server_at_a_websocket_url_is_one_line() -> None:
 
 @pytest.mark.fast
 def test_a_bulk_plan_that_is_no_plan_is_one_line(tmp_path: Path) -> None:
-    """Binary, UTF-16, a FIFO with no writer (it blocked for ever), a directory, /dev/zero (it read
-    for ever), YAML with a syntax error (4-8 lines with PyYAML's excerpt), a model name that is none.
-    Read in this process (a child takes seconds a case); the command's line and exit code once."""
+    """Binary, UTF-16, a directory, /dev/zero (it read for ever), YAML with a syntax error (4-8 lines
+    with PyYAML's excerpt), a model name that is none. Read in this process (a child takes seconds a
+    case); the command's line and exit code once. A plan through a pipe is read as before."""
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "utf16.yaml").write_text("operations: []", encoding="utf-16")
-    os.mkfifo(tmp_path / "fifo.yaml")
     (tmp_path / "dir.yaml").mkdir()
     (tmp_path / "broken.yaml").write_text("operations: [\n  - {id: a\n")
     (tmp_path / "model.yaml").write_text(
@@ -162,17 +162,24 @@ def test_a_bulk_plan_that_is_no_plan_is_one_line(tmp_path: Path) -> None:
     for name, said in (
         ("binary.yaml", "is not UTF-8 text"),
         ("utf16.yaml", "is not UTF-8 text"),
-        ("fifo.yaml", "is not a regular file"),
-        ("dir.yaml", "is not a regular file"),
-        ("/dev/zero", "is not a regular file"),
+        ("dir.yaml", "is a directory"),
+        ("/dev/zero", "is over 4 MiB"),
         ("broken.yaml", "is not valid YAML: "),
         ("model.yaml", "operations.0.model: Value error, model must be"),
     ):
         with pytest.raises(InvalidInput) as refused:
             load_plan(str(tmp_path / name))
         assert said in str(refused.value) and "\n" not in str(refused.value), name
-    done = run([*AISH, "bulk", str(tmp_path / "fifo.yaml")])
-    assert done.returncode == 2 and "is not a regular file" in one_line(done.stderr)
+    done = run([*AISH, "bulk", "/dev/zero"])
+    assert done.returncode == 2 and "is over 4 MiB" in one_line(done.stderr)
+    piped = tmp_path / "piped.yaml"
+    os.mkfifo(piped)
+    writer = threading.Thread(
+        target=piped.write_text, args=("operations:\n  - {id: a, ai: apollo, message: x}\n",)
+    )
+    writer.start()
+    assert [op.id for op in load_plan(str(piped)).operations] == ["a"]
+    writer.join()
 
 
 @pytest.mark.fast
