@@ -289,10 +289,14 @@ async def run_plan(
     return _finished(bulk.done, view)
 
 
-async def attach_bulk(bus: Bus, run_id: str, after: int, renderer: Renderer) -> BulkDone:
+async def attach_bulk(bus: Bus, run_id: str, after: int, renderer: Renderer) -> BulkDone | None:
     """Follow a bulk run from the runs stream (``aish attach``): each operation's output as labelled
-    lines, the events after ``after`` then live; raises as ``run_plan`` does if an operation failed."""
+    lines, the events after ``after`` then live; raises as ``run_plan`` does if an operation failed.
+    None when the run ended at or before ``after`` (nothing to show)."""
     async with bus.attach_bulk(run_id, after=after) as bulk:
+        if bulk.nothing_after:
+            renderer.note(f"run {run_id} ended at event {bulk.ended_at}: nothing after event {after}")
+            return None
         view = FanoutView(renderer, [], {}, "lines")
         async for event in bulk:
             if isinstance(event, OpStart | OpChunk):

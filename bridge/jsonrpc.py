@@ -188,6 +188,14 @@ class JsonRpc:
             if await self.bus.run_kind(request_id) == "bulk":  # its events as bulk.event notifications
                 run = self.bus.attach_bulk(request_id, after=after)
                 await run.__aenter__()
+                if run.nothing_after:
+                    await run.__aexit__(None, None, None)
+                    return {
+                        "request_id": request_id,
+                        "after": after,
+                        "kind": "bulk",
+                        "ended_at": run.ended_at,
+                    }
                 self._pump_bulk(run)
                 return {"request_id": request_id, "after": after, "kind": "bulk"}
             stream = self.bus.attach(request_id, after=after)

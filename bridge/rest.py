@@ -198,6 +198,9 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
             if await caller_bus.run_kind(run_id) == "bulk":
                 run = caller_bus.attach_bulk(run_id, after=start)
                 await run.__aenter__()
+                if run.nothing_after:  # ended at or before the client's last event: see below
+                    await run.__aexit__(None, None, None)
+                    return Response(status_code=204)
                 return ClosingStream(bulk_events(run), run)
             stream = caller_bus.attach(run_id, after=start)
         except ValueError as err:

@@ -25,7 +25,7 @@ import msgpack
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from bus.errors import BusError, IdleTimeout, MalformedFrame, RunNotFound, StreamGap
-from bus.runs import run_kind, run_subject
+from bus.runs import end_seq, last_message, run_kind, run_subject, runs_stream_name
 from bus.subjects import NAME_PATTERN, REPLY_SUBJECT_PATTERN, bulk_subject, cancel_subject
 from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, check_model, new_request_id, unpack_frame
 
@@ -185,6 +185,8 @@ class BulkStream:
         self._replay: Replay | None = None
         self._resumed_from: int | None = None
         self._left = False
+        # The seq of the run's bulk_done once it is known to have ended (an attachment, on entering).
+        self.ended_at: int | None = None
         # Told the seq a resume continues from (aish prints a note).
         self.on_resume: Callable[[int], None] | None = None
 
@@ -264,11 +266,16 @@ class BulkStream:
         except Exception as failed:  # not kept, or the server is gone too: the loss stands
             raise err from failed
 
+    @property
+    def nothing_after(self) -> bool:
+        """The run ended at or before the event the reader asked to read after: nothing is to come."""
+        return self.ended_at is not None and self.ended_at < self._next_seq
+
     def __aiter__(self) -> AsyncIterator[BulkEvent]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[BulkEvent]:
-        while self.done is None:
+        while self.done is None and not self.nothing_after:
             assert self._events is not None
             msg = await self._events.get(self.idle_timeout)
             if msg is None:
@@ -314,6 +321,12 @@ class BulkAttachment(BulkStream):
         assert self.run_subject is not None
         if await run_kind(self.bus.nc, self.bus.settings, self.run_subject) is None:
             raise RunNotFound.named(self.id, self.bus.settings.runs_keep_s)
+        stream = runs_stream_name(self.bus.settings.prefix)
+        with contextlib.suppress(Exception):  # expired meanwhile: read as before, and hear why
+            last = await last_message(self.bus.nc, stream, self.run_subject)
+            self.ended_at = await end_seq(self.bus.nc, stream, self.run_subject, last)
+        if self.nothing_after:  # a reader reconnecting after bulk_done: said at once
+            return self
         self.sent_at = time.perf_counter()
         self._events = self.bus.new_queue()
         self._replay = await self.bus.replay(self.run_subject, self._next_seq, self._events)

@@ -135,7 +135,7 @@ DONE_LOOKBACK = 16
 
 
 async def end_seq(nc: NATS, stream: str, subject: str, last: RawStreamMsg) -> int | None:
-    """The seq of a finished run's done (or error) frame, given its ``last`` stored message; None
+    """The seq of a finished run's done, error or bulk_done frame, given its ``last`` stored message; None
     while it runs, or when that cannot be told."""
     frame = _frame(last.data)
     if frame.get("type") == "stored" and last.seq and may_read_every_run(nc):
@@ -151,7 +151,7 @@ async def end_seq(nc: NATS, stream: str, subject: str, last: RawStreamMsg) -> in
                 frame = _frame(before.data)
                 break
     seq = frame.get("seq")
-    return seq if frame.get("type") in ("done", "error") and type(seq) is int else None
+    return seq if frame.get("type") in ("done", "error", "bulk_done") and type(seq) is int else None
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,17 @@ def secured_server(
     """The embedded server for ``settings.nats_url``, with auth (users made on first run) unless
     --no-auth, and TLS with --tls (tekton's own CA, or the files given)."""
     url = urlparse(settings.nats_url)
+    try:
+        port = url.port or 4222
+    except ValueError:  # nats://host:abc
+        port = -1
+    if url.scheme not in ("nats", "tls") or not url.hostname or port < 0 or "," in settings.nats_url:
+        # (it started a server on 127.0.0.1:4222 for any URL it could not read)
+        raise UsageError(f"a server listens at one nats://HOST:PORT (or tls://), not {settings.nats_url!r}")
     return EmbeddedNats(
         settings.data_dir / "nats",
-        host=url.hostname or "127.0.0.1",
-        port=url.port or 4222,
+        host=url.hostname,
+        port=port,
         auth_file=users_file(settings, args),
         tls=server_tls(settings, args),
         log_file=log_file,

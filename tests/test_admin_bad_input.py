@@ -193,3 +193,11 @@ def test_top_into_a_pipe_prints_a_table_each_refresh(settings: TektonSettings) -
                 assert "\x1b[" not in row  # no terminal: no escape codes
         finally:
             top.stop()
+
+
+@pytest.mark.fast
+def test_tekton_nats_at_a_url_it_cannot_listen_at_is_a_usage_error(tmp_path: Path) -> None:
+    """(It started a server on 127.0.0.1:4222 for any URL it could not read.)"""
+    for url in ("garbage", "nats://127.0.0.1:abc"):
+        done = run([*TEKTON, "nats", "--nats", url], offline(tmp_path))
+        assert done.returncode == 2 and url in one_line(done.stderr), done.stderr

@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import textwrap
+import time
 from typing import Annotated, Any
 
 import aiohttp
@@ -183,6 +184,10 @@ async def test_sse_bulk_reconnect_with_last_event_id(settings: TektonSettings) -
             async with http.stream("GET", f"/api/runs/{run_id}/events", headers=headers) as reply:
                 assert reply.status_code == 200
                 after = await read_events(reply)
+            # Reconnecting after bulk_done (an EventSource does): 204 at once, nothing more to come.
+            started = time.monotonic()
+            again = await http.get(f"/api/runs/{run_id}/events", headers={"Last-Event-ID": after[-1]["id"]})
+            assert again.status_code == 204 and time.monotonic() - started < 3
     whole = [as_event(e) for e in _sse_bulk(before + after)]
     check_whole(whole)
     assert [int(e["id"]) for e in before + after] == [e.seq for e in whole]
