@@ -179,6 +179,7 @@ def test_print_config_of_a_single_server_refuses_websocket_in_one_line(tmp_path:
     assert "--websocket" in one_line(done.stderr) and done.stdout == ""
 
 
+@pytest.mark.fast
 def test_top_into_a_pipe_prints_a_table_each_refresh(settings: TektonSettings) -> None:
     with specialist_process(settings, "apollo"):
         top = spawn([*TEKTON, "top", "--interval", "0.2"], child_env(settings))

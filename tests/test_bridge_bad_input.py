@@ -94,6 +94,7 @@ async def test_bad_values_and_unknown_routes_are_4xx_in_the_error_body(settings:
         assert (await http.get("/api/sessions")).status_code == 200
 
 
+@pytest.mark.fast
 async def test_json_rpc_survives_frames_that_are_not_requests(settings: TektonSettings) -> None:
     async with (
         in_process_specialists(settings, "apollo"),
@@ -119,6 +120,7 @@ async def test_json_rpc_survives_frames_that_are_not_requests(settings: TektonSe
         assert chat["result"]["text"] == "apollo heard: still here?"
 
 
+@pytest.mark.fast
 async def test_reconnecting_after_the_done_event_is_told_there_is_nothing_more(
     settings: TektonSettings,
 ) -> None:
