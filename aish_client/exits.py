@@ -7,10 +7,10 @@ import sys
 from aish_client.parser import PipelineSyntaxError
 from aish_client.prompt_parts import UsageError
 from aish_client.render import Renderer, silence_stdout
+from bus.argparsing import EXIT_USAGE
 from bus.errors import BusError, InvalidInput
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2  # (bus.argparsing says the same for argparse)
 EXIT_INTERRUPTED = 130
 
 # What a command may end with that is the user's to read, not a traceback.

@@ -7,7 +7,7 @@ import math
 import typing
 from typing import Any
 
-EXIT_USAGE = 2  # aish_client.exits.EXIT_USAGE, for both commands' parsers
+EXIT_USAGE = 2  # a usage error, for both commands (aish_client.exits uses it too)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -24,8 +24,8 @@ import anyio
 import msgpack
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
-from bus.errors import BusError, IdleTimeout, MalformedFrame, RunNotFound, StreamGap
-from bus.runs import end_seq, last_message, run_kind, run_subject, runs_stream_name
+from bus.errors import BusError, IdleTimeout, MalformedFrame, StreamGap
+from bus.runs import attach_end, run_subject
 from bus.subjects import NAME_PATTERN, REPLY_SUBJECT_PATTERN, bulk_subject, cancel_subject
 from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, check_model, new_request_id, unpack_frame
 
@@ -319,12 +319,7 @@ class BulkAttachment(BulkStream):
         if self._replay is not None:
             return self
         assert self.run_subject is not None
-        if await run_kind(self.bus.nc, self.bus.settings, self.run_subject) is None:
-            raise RunNotFound.named(self.id, self.bus.settings.runs_keep_s)
-        stream = runs_stream_name(self.bus.settings.prefix)
-        with contextlib.suppress(Exception):  # expired meanwhile: read as before, and hear why
-            last = await last_message(self.bus.nc, stream, self.run_subject)
-            self.ended_at = await end_seq(self.bus.nc, stream, self.run_subject, last)
+        self.ended_at = await attach_end(self.bus.nc, self.bus.settings, self.run_subject, self.id)
         if self.nothing_after:  # a reader reconnecting after bulk_done: said at once
             return self
         self.sent_at = time.perf_counter()

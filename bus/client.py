@@ -53,12 +53,11 @@ from bus.errors import (
     from_wire,
 )
 from bus.lite import NO_RESPONDERS, tls_context
-from bus.refusals import Refusals, Refused
+from bus.refusals import Refusals
 from bus.refusals import install as install_refusals
 from bus.runs import (
     RunSummary,
-    end_seq,
-    last_message,
+    attach_end,
     list_runs,
     parse_run_subject,
     probe_subject,
@@ -1206,17 +1205,7 @@ class RunAttachment(ChatStream):
         if self._replay is not None:
             return self
         assert self.run_subject is not None
-        stream = runs_stream_name(self.bus.settings.prefix)
-        try:
-            last = await last_message(self.bus.nc, stream, self.run_subject)
-        except (
-            NotFoundError,
-            nats.errors.TimeoutError,
-            nats.errors.NoRespondersError,
-            Refused,
-        ) as err:  # not kept, not ours, or no runs stream
-            raise RunNotFound.named(self.request.id, self.bus.settings.runs_keep_s) from err
-        self.ended_at = await end_seq(self.bus.nc, stream, self.run_subject, last)
+        self.ended_at = await attach_end(self.bus.nc, self.bus.settings, self.run_subject, self.request.id)
         if self.nothing_after:
             # Nothing comes after what the reader has (a browser reconnecting after the done event):
             # said at once, instead of waiting out the idle timeout for frames that will never come.

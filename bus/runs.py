@@ -21,12 +21,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.api import RawStreamMsg
 from nats.js.errors import BadRequestError, NotFoundError
 
-from bus.refusals import may_read_every_run, or_refused
+from bus.errors import RunNotFound
+from bus.refusals import Refused, may_read_every_run, or_refused
 from bus.settings import TektonSettings
 from bus.subjects import (
     FRAMES,
@@ -134,7 +136,19 @@ async def run_kind(nc: NATS, settings: TektonSettings, subject: str) -> str | No
 DONE_LOOKBACK = 16
 
 
-async def end_seq(nc: NATS, stream: str, subject: str, last: RawStreamMsg) -> int | None:
+async def attach_end(nc: NATS, settings: TektonSettings, subject: str, run_id: str) -> int | None:
+    """For a reader attaching to run ``run_id``: the seq of its last frame when it has ended (done,
+    error or bulk_done), None while it runs; :class:`RunNotFound` when it is not kept for us. One direct
+    get of its last stored message (two or more only for a session's run read by the gateway)."""
+    stream = runs_stream_name(settings.prefix)
+    try:
+        last = await last_message(nc, stream, subject)
+    except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError, Refused) as err:
+        raise RunNotFound.named(run_id, settings.runs_keep_s) from err  # not kept, not ours, no stream
+    return await _end_seq(nc, stream, subject, last)
+
+
+async def _end_seq(nc: NATS, stream: str, subject: str, last: RawStreamMsg) -> int | None:
     """The seq of a finished run's done, error or bulk_done frame, given its ``last`` stored message; None
     while it runs, or when that cannot be told."""
     frame = _frame(last.data)
