@@ -8,7 +8,8 @@ for an exporter (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_
 
 One trace, end to end: the client's span (``chat <specialist>``, kind CLIENT) travels in the request's
 headers; the gateway (``gateway <op>``) and the specialist (``serve <specialist>``, SERVER) continue it;
-the model's work (``generate <model>``) is the specialist span's child.
+the specialist's span also carries the model's part (OpenTelemetry's GenAI attributes and a ``first
+chunk`` event: see specialists/tracing.py).
 """
 
 from __future__ import annotations
@@ -98,9 +99,18 @@ def wanted(headers: Mapping[str, str] | None) -> bool:
         return True  # malformed: let the propagator start a new trace
 
 
-def recording() -> bool:
-    """Whether the current span records (tracing on and this trace sampled)."""
-    return _tracer is not None and bool(_otel.current_span().is_recording())
+def current_recording() -> Any:
+    """The current span if it records (tracing on, this trace sampled), else None."""
+    if _tracer is None:
+        return None
+    span = _otel.current_span()
+    return span if span.is_recording() else None
+
+
+def fail(span: Any, message: str) -> None:
+    """Mark ``span`` (from :func:`current_recording`, say) as ended in an error."""
+    if span is not None:
+        span.set_status(_otel.error(message))
 
 
 def _parent(headers: Mapping[str, str] | None) -> Any:

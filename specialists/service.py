@@ -83,7 +83,7 @@ from specialists.providers.base import Provider, bind_conversation
 from specialists.roster import SpecialistSpec
 from specialists.tools import ToolBox
 from specialists.tools import bind as bind_tools
-from specialists.tracing import TracedProvider
+from specialists.tracing import record_model_part
 
 log = structlog.get_logger("tekton.specialist")
 
@@ -224,6 +224,8 @@ class ReplyStream:
             self._flushing = None
 
     async def error(self, err: BusError) -> None:
+        if err.code != ErrorCode.CANCELLED:  # the request's span, if it records, ended in an error
+            tracing.fail(tracing.current_recording(), err.message)
         await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
 
 
@@ -785,8 +787,6 @@ class SpecialistService:
                 if self.models is not None:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
-                if tracing.recording():  # the model's part of a sampled trace (specialists/tracing.py)
-                    provider = TracedProvider.wrap(provider)
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
@@ -825,6 +825,14 @@ class SpecialistService:
                     await self.placement.finishing()
                 prompt_tokens = reported.prompt_tokens if reported else None
                 completion_tokens = reported.completion_tokens if reported else tokens
+                record_model_part(
+                    tracing.current_recording(),
+                    provider_name,
+                    provider.model,
+                    output_tokens=completion_tokens,
+                    prompt_tokens=prompt_tokens,
+                    first_token_at=first_token,
+                )
                 cost = self._cost(provider_name, provider.model, prompt_tokens, completion_tokens)
                 await reply.flush()
                 reply.check()

@@ -1,57 +1,39 @@
-"""The model's part of a trace: a provider wrapped so its generation is a span (``generate <model>``),
-with an event at the first chunk and the number of chunks. Used only for a sampled trace (the
-service checks :func:`bus.tracing.recording` first, so a sampled-out request streams unwrapped)."""
+"""The model's part of a trace, on the specialist's own span (``serve <specialist>``): OpenTelemetry's
+GenAI attributes (``gen_ai.system``, ``gen_ai.request.model``, ``gen_ai.usage.*``) and a ``first
+chunk`` event at the time the first token came.
+
+One span per request, not a second one for the model: a span costs the SDK about 20 us to make and
+the OTLP exporter about 30 us to encode, so a child span per request doubled what tracing every
+request cost the specialist (bench/results/hot_path.json). The annotation is made once, after the
+answer, from figures the service keeps anyway: nothing per token."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
-from typing import Any, cast
-
-from bus import tracing
-from bus.wire import ChatMessage, ChatOptions, Usage
-from specialists.providers.base import Provider
+import time
+from typing import Any
 
 
-class TracedProvider:
-    def __init__(self, inner: Provider):
-        self.inner = inner
-        self.name = inner.name
-        self.model = inner.model
-
-    @classmethod
-    def wrap(cls, inner: Provider) -> Provider:
-        return cast(Provider, cls(inner))
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def __getattr__(self, attr: str) -> Any:  # start() and the like: the provider's own
-        return getattr(self.inner, attr)
-
-    async def stream(
-        self, messages: Sequence[ChatMessage], options: ChatOptions
-    ) -> AsyncIterator[str | Usage]:
-        span = tracing.start(
-            f"generate {self.model}",
-            attributes={"gen_ai.system": self.name, "gen_ai.request.model": self.model},
-        )
-        chunks = 0
-        failed: Exception | None = None
-        try:
-            async with aclosing(self.inner.stream(messages, options)) as texts:  # type: ignore[type-var]
-                async for text in texts:
-                    if isinstance(text, Usage):  # the provider's own count: passed on, not a chunk
-                        yield text
-                        continue
-                    if not chunks:
-                        tracing.event(span, "first chunk")
-                    chunks += 1
-                    yield text
-        except Exception as err:
-            failed = err
-            raise
-        finally:
-            if span is not None:
-                span.set_attribute("gen_ai.usage.output_tokens", chunks)
-            tracing.end(span, failed)
+def record_model_part(
+    span: Any,
+    provider: str,
+    model: str,
+    *,
+    output_tokens: int,
+    prompt_tokens: int | None,
+    first_token_at: float | None,
+) -> None:
+    """Annotate ``span`` (:func:`bus.tracing.current_recording`; None: nothing to do).
+    ``first_token_at``: ``time.perf_counter()`` when the first token came, None if none did."""
+    if span is None:
+        return
+    attributes: dict[str, Any] = {
+        "gen_ai.system": provider,
+        "gen_ai.request.model": model,
+        "gen_ai.usage.output_tokens": output_tokens,
+    }
+    if prompt_tokens is not None:
+        attributes["gen_ai.usage.input_tokens"] = prompt_tokens
+    span.set_attributes(attributes)
+    if first_token_at is not None:
+        ago_ns = int((time.perf_counter() - first_token_at) * 1e9)
+        span.add_event("first chunk", timestamp=time.time_ns() - ago_ns)

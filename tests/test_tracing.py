@@ -10,10 +10,11 @@ from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from bus import tracing
 from bus.client import Bus
+from bus.errors import DeadlineExceeded
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import eventually, in_process_gateway, in_process_specialists
@@ -45,16 +46,38 @@ async def test_one_trace_from_client_to_model(settings: TektonSettings, spans: I
     async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
         answer = await bus.ask("apollo", "trace me")
         assert answer.text == "apollo heard: trace me"
-        await eventually(lambda: len(spans.get_finished_spans()) == 3)
+        await eventually(lambda: len(spans.get_finished_spans()) == 2)
     got = _by_name(spans.get_finished_spans())
-    client, server, model = got["chat apollo"], got["serve apollo"], got["generate scripted"]
+    client, server = got["chat apollo"], got["serve apollo"]
     assert client.kind == SpanKind.CLIENT and server.kind == SpanKind.SERVER
-    assert client.context.trace_id == server.context.trace_id == model.context.trace_id
+    assert client.context.trace_id == server.context.trace_id
     assert _parent_of(server) == client.context.span_id
-    assert _parent_of(model) == server.context.span_id
-    assert model.attributes["gen_ai.usage.output_tokens"] == 4
-    assert [e.name for e in model.events] == ["first chunk"]
     assert server.attributes["tekton.request_id"] == client.attributes["tekton.request_id"]
+    # The model's part, on the specialist's span: the GenAI attributes and when the first chunk came.
+    assert server.attributes["gen_ai.system"] == "scripted"
+    assert server.attributes["gen_ai.request.model"] == "scripted"
+    assert server.attributes["gen_ai.usage.output_tokens"] == 4
+    [first] = server.events
+    assert first.name == "first chunk"
+    assert server.start_time is not None and server.end_time is not None
+    assert server.start_time <= first.timestamp <= server.end_time
+    assert server.status.is_ok
+
+
+async def test_a_failed_answer_marks_the_specialist_s_span_as_an_error(
+    settings: TektonSettings, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "20")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "200")
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        with pytest.raises(DeadlineExceeded):
+            async with bus.stream("apollo", [ChatMessage(role="user", content="x")], timeout=0.3) as s:
+                async for _ in s:
+                    pass
+        await eventually(lambda: "serve apollo" in _by_name(spans.get_finished_spans()))
+    server = _by_name(spans.get_finished_spans())["serve apollo"]
+    assert server.status.status_code == StatusCode.ERROR
+    assert server.status.description is not None and "deadline" in server.status.description
 
 
 async def test_a_session_chat_trace_passes_through_the_gateway(
@@ -69,9 +92,7 @@ async def test_a_session_chat_trace_passes_through_the_gateway(
         spans.clear()
         async with bus.stream("apollo", [ChatMessage(role="user", content="hi")], session="traced") as s:
             assert (await s.result()).text == "apollo heard: hi"
-        await eventually(
-            lambda: {"serve apollo", "generate scripted"} <= set(_by_name(spans.get_finished_spans()))
-        )
+        await eventually(lambda: {"chat apollo", "serve apollo"} <= set(_by_name(spans.get_finished_spans())))
     got = _by_name(spans.get_finished_spans())
     client, gateway, server = got["chat apollo"], got["gateway chat"], got["serve apollo"]
     assert len({client.context.trace_id, gateway.context.trace_id, server.context.trace_id}) == 1
