@@ -185,8 +185,10 @@ class BulkStream:
         self._replay: Replay | None = None
         self._resumed_from: int | None = None
         self._left = False
-        # The seq of the run's bulk_done once it is known to have ended (an attachment, on entering).
+        # The seq of the run's bulk_done once it is known to have ended (an attachment, on entering),
+        # and whether that was at or before the event the reader asked to read after: nothing to come.
         self.ended_at: int | None = None
+        self.nothing_after = False
         # Told the seq a resume continues from (aish prints a note).
         self.on_resume: Callable[[int], None] | None = None
 
@@ -266,11 +268,6 @@ class BulkStream:
         except Exception as failed:  # not kept, or the server is gone too: the loss stands
             raise err from failed
 
-    @property
-    def nothing_after(self) -> bool:
-        """The run ended at or before the event the reader asked to read after: nothing is to come."""
-        return self.ended_at is not None and self.ended_at < self._next_seq
-
     def __aiter__(self) -> AsyncIterator[BulkEvent]:
         return self._iterate()
 
@@ -320,6 +317,7 @@ class BulkAttachment(BulkStream):
             return self
         assert self.run_subject is not None
         self.ended_at = await attach_end(self.bus.nc, self.bus.settings, self.run_subject, self.id)
+        self.nothing_after = self.ended_at is not None and self.ended_at < self._next_seq
         if self.nothing_after:  # a reader reconnecting after bulk_done: said at once
             return self
         self.sent_at = time.perf_counter()

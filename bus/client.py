@@ -1195,17 +1195,16 @@ class RunAttachment(ChatStream):
         self._next_seq = after + 1
         # The seq of the run's done (or error) frame once it is known to have ended (on entering).
         self.ended_at: int | None = None
-
-    @property
-    def nothing_after(self) -> bool:
-        """The run ended at or before the frame the reader asked to read after: nothing is to come."""
-        return self.ended_at is not None and self.ended_at < self._next_seq
+        # Told on entering: the run had ended at or before the frame the reader asked to read after,
+        # so nothing is to come. (Not worked out again later: by then the reader has read to the end.)
+        self.nothing_after = False
 
     async def __aenter__(self) -> RunAttachment:
         if self._replay is not None:
             return self
         assert self.run_subject is not None
         self.ended_at = await attach_end(self.bus.nc, self.bus.settings, self.run_subject, self.request.id)
+        self.nothing_after = self.ended_at is not None and self.ended_at < self._next_seq
         if self.nothing_after:
             # Nothing comes after what the reader has (a browser reconnecting after the done event):
             # said at once, instead of waiting out the idle timeout for frames that will never come.

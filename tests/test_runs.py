@@ -218,6 +218,25 @@ async def test_detach_then_attach_from_another_process(settings: TektonSettings)
             assert line.split()[1:3] == ["apollo", "done"]
 
 
+@pytest.mark.fast
+async def test_attaching_to_a_finished_run_from_its_start_shows_it_all_on_its_own_line(
+    settings: TektonSettings,
+) -> None:
+    # The run ended before the attach began (a slow machine does this to the test above): the whole
+    # answer, then the newline that ends it, exit 0. (aish printed no newline: having read to the
+    # end, it took "nothing after the frame asked for" as true and said so instead.)
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with bus.stream("apollo", user(QUESTION)) as s:
+            answer = await s.result()
+        assert s.run_id is not None
+        attached = await run_aish(settings, "attach", s.run_id)
+        assert attached.returncode == 0, attached.stderr
+        assert attached.stdout == answer.text + "\n"
+        assert "nothing after" not in attached.stderr
+        past = await run_aish(settings, "attach", s.run_id, "--after", str(s.last_seq))
+        assert past.returncode == 0 and past.stdout == "" and "nothing after" in past.stderr
+
+
 async def test_a_detached_run_can_be_cancelled(settings: TektonSettings) -> None:
     with env(TEKTON_SCRIPTED_TOKENS_PER_S="5"):
         async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
