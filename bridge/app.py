@@ -41,6 +41,7 @@ from bus.client import Bus, connect_as
 from bus.errors import (
     BadRequest,
     BusError,
+    ErrorCode,
     NatsUnavailable,
     RateLimited,
 )
@@ -57,6 +58,10 @@ class Bridge:
     bus: Callable[..., Bus]
     admitted: Callable[..., Awaitable[str]]
     open_stream: Callable[[ChatBody, str], Awaitable[Opened]]
+
+
+# The framework's refusals by status: no such route, a route not taking this method.
+_FRAMEWORK_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
 def create_app(
@@ -179,7 +184,8 @@ def create_app(
     async def framework_refusal(_: Request, err: StarletteHTTPException) -> JSONResponse:
         """The framework's own refusals (no such route, a method not allowed, a body that is not JSON)
         in the bridge's error body, like every other error."""
-        body = {"error": {"code": "bad_request", "message": str(err.detail)[:500], "retryable": False}}
+        code = _FRAMEWORK_CODES.get(err.status_code, ErrorCode.BAD_REQUEST)
+        body = {"error": {"code": str(code), "message": str(err.detail)[:500], "retryable": False}}
         return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)

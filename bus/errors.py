@@ -41,6 +41,8 @@ class ErrorCode(StrEnum):
     # The HTTP bridge's own refusals.
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
+    NOT_FOUND = "not_found"  # no such route
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # the route, not with this method
     # The user's token budget is spent (the gateway's usage book; docs/observability.md).
     BUDGET_EXCEEDED = "budget_exceeded"
 
@@ -78,6 +80,8 @@ POLICY: dict[ErrorCode, Policy] = {
     ErrorCode.BAD_CONFIG: Policy(500, RPC_INTERNAL, False),
     ErrorCode.UNAUTHORIZED: Policy(401, RPC_INVALID_REQUEST, False),
     ErrorCode.RATE_LIMITED: Policy(429, RPC_INTERNAL, False),
+    ErrorCode.NOT_FOUND: Policy(404, RPC_METHOD_NOT_FOUND, False),
+    ErrorCode.METHOD_NOT_ALLOWED: Policy(405, RPC_METHOD_NOT_FOUND, False),
     ErrorCode.BUDGET_EXCEEDED: Policy(429, RPC_INTERNAL, False),
     # The bus itself is missing: every candidate is behind the same gateway or server.
     ErrorCode.GATEWAY_UNAVAILABLE: Policy(503, RPC_UNAVAILABLE, False),
