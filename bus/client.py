@@ -53,7 +53,7 @@ from bus.errors import (
     from_wire,
 )
 from bus.lite import NO_RESPONDERS, tls_context
-from bus.refusals import Refusals
+from bus.refusals import Refusals, refusals_of
 from bus.refusals import install as install_refusals
 from bus.runs import (
     RunSummary,
@@ -82,6 +82,7 @@ from bus.wire import (
     ToolCallFrame,
     ToolResultFrame,
     chunk_fields,
+    encode,
     encode_request,
     unpack_frame,
     validate_frame,
@@ -474,11 +475,16 @@ class Bus:
         self._routes: dict[str, Inbox] = {}
         self._run_subs: dict[str, Subscription] = {}
 
+    @property
+    def inbox_wildcard(self) -> str:
+        """The one subscription every inbox reply subject of this bus arrives through."""
+        return f"{self._inbox_prefix}.*"
+
     async def open_inbox(self) -> tuple[str, Inbox]:
         """A fresh reply subject, already subscribed, and the inbox its messages arrive in."""
         if self._inbox_sub is None:
             self._inbox_sub = await self.nc.subscribe(
-                f"{self._inbox_prefix}.*", cb=self._route, pending_msgs_limit=1_000_000
+                self.inbox_wildcard, cb=self._route, pending_msgs_limit=1_000_000
             )
         self._inbox_seq += 1
         subject = f"{self._inbox_prefix}.{self._inbox_seq}"
@@ -754,6 +760,7 @@ class ChatStream:
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
         self._span: Any = None  # this request's client span, when tracing is on
+        self._stop_hearing: Callable[[], None] | None = None  # see _hear_refusals
         # The specialist's tool calls and their results, in order; ``on_tool`` sees each as it comes.
         self.tool_frames: list[ToolCallFrame | ToolResultFrame] = []
         self.on_tool: Callable[[ToolCallFrame | ToolResultFrame], None] | None = None
@@ -792,6 +799,7 @@ class ChatStream:
             self._inbox, self._frames = self.run_subject, await self.bus.open_run(self.run_subject)
         else:
             self._inbox, self._frames = await self.bus.open_inbox()
+        self._hear_refusals()
         if tracing.enabled():
             self._span = tracing.start(
                 f"chat {self.specialist or 'session'}",
@@ -806,7 +814,40 @@ class ChatStream:
             raise
         return self
 
+    def _hear_refusals(self) -> None:
+        """Be told at once if the server refuses this request's publish or its listening (credentials
+        that may not reach this specialist, or another prefix's): the refusal arrives as an error frame
+        0 would, instead of the answer waiting out its idle timeout for a first frame that cannot come."""
+        refusals = refusals_of(self.bus.nc)
+        if refusals is None or self._stop_hearing is not None:
+            return
+        frames = self._frames
+
+        def refused(said: str) -> None:
+            if self._next_seq == 0 and not self._finished and self._frames is frames:
+                message = f"the nats-server refused: {' '.join(said.split())[:200]}"
+                error = ErrorFrame(seq=0, code=ErrorCode.UNAUTHORIZED, message=message)
+                frames.put(Msg(self.bus.nc, data=encode(error)))
+
+        stops = [refusals.listen(subject, refused) for subject in self._own_subjects()]
+
+        def stop_hearing() -> None:
+            for stop in stops:
+                stop()
+
+        self._stop_hearing = stop_hearing
+
+    def _own_subjects(self) -> list[str]:
+        """What this request publishes to and listens on (what the server may refuse us)."""
+        ours = [chat_subject(self.specialist, self.bus.settings.prefix)] if self.specialist else []
+        if self._inbox is not None:
+            ours.append(run_listen_subject(self._inbox) if self.run_subject else self.bus.inbox_wildcard)
+        return ours
+
     async def _close_source(self) -> None:
+        if self._stop_hearing is not None:
+            self._stop_hearing()
+            self._stop_hearing = None
         replay, inbox, self._replay, self._inbox = self._replay, self._inbox, None, None
         if self._replica_inbox is not None:
             self.bus.close_inbox(self._replica_inbox)
@@ -1005,10 +1046,7 @@ class ChatStream:
         said = str(getattr(self.bus.nc, "last_error", None) or "").lower()
         if "permissions violation" not in said:
             return
-        ours = [chat_subject(self.specialist, self.bus.settings.prefix)] if self.specialist else []
-        if self._inbox is not None:
-            ours.append(run_listen_subject(self._inbox) if self.run_subject else self._inbox)
-        if any(f'"{subject.lower()}"' in said for subject in ours):
+        if any(f'"{subject.lower()}"' in said for subject in self._own_subjects()):
             self._finished = True
             raise Unauthorized(f"the nats-server refused: {' '.join(said.split())[:200]}")
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_REFUSED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+_REFUSED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.IGNORECASE)
 _ATTRIBUTE = "_tekton_refusals"
 _ROLE = "_tekton_role"
 
@@ -35,13 +35,35 @@ class Refusals:
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[str]]] = {}
+        self._listeners: dict[str, list[Callable[[str], None]]] = {}
 
     def heard(self, said: str) -> None:
         """The connection's error callback heard ``said``: wake whoever waits on a refused subject."""
         found = _REFUSED.search(said)
-        for waiter in self._waiting.get(found.group(1).lower(), ()) if found else ():
+        if found is None:
+            return
+        subject = found.group(1).lower()
+        for waiter in self._waiting.get(subject, ()):
             if not waiter.done():
                 waiter.set_result(said)
+        for listener in list(self._listeners.get(subject, ())):
+            listener(said)
+
+    def listen(self, subject: str, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener`` with the server's words whenever it refuses a publish to, or a
+        subscription on, ``subject``; returns what stops that. (A callback, not a future as in
+        :meth:`watch`: a stream registers one per request, and a future costs more than the list.)"""
+        subject = subject.lower()
+        listeners = self._listeners.setdefault(subject, [])
+        listeners.append(listener)
+
+        def stop() -> None:
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners and self._listeners.get(subject) is listeners:
+                del self._listeners[subject]
+
+        return stop
 
     @contextmanager
     def watch(self, subject: str) -> Iterator[asyncio.Future[str]]:
@@ -65,6 +87,11 @@ def install(nc: Any, refusals: Refusals, role: str | None) -> None:
     setattr(nc, _ROLE, role)
 
 
+def refusals_of(nc: Any) -> Refusals | None:
+    """The refusals kept with a connection made by bus.client.connect (None for one made elsewhere)."""
+    return getattr(nc, _ATTRIBUTE, None)
+
+
 def may_read_every_run(nc: Any) -> bool:
     """Whether this connection may read the runs stream by sequence, past its own runs' subjects: the
     gateway's role may (its HTTP bridge resumes its callers' runs), and anyone on a server without
@@ -75,7 +102,7 @@ def may_read_every_run(nc: Any) -> bool:
 async def or_refused(nc: Any, subject: str, work: Awaitable[T]) -> T:
     """``work`` (a request published to ``subject``), or :class:`Refused` as soon as the server refuses
     that publish. A connection made elsewhere (no refusals kept) just awaits ``work``."""
-    refusals: Refusals | None = getattr(nc, _ATTRIBUTE, None)
+    refusals = refusals_of(nc)
     if refusals is None:
         return await work
     with refusals.watch(subject) as refused:

@@ -337,12 +337,18 @@ async def test_a_refused_request_fails_at_once_not_after_its_timeout(team: Team)
 
 @pytest.mark.fast
 async def test_credentials_for_another_prefix_are_a_refusal_not_a_dead_specialist(team: Team) -> None:
-    """A client set to another prefix (TEKTON_PREFIX=foo) is refused by the server: said so when no
-    first frame came, instead of "the specialist sent nothing ... it probably died"."""
-    elsewhere = team.bob.model_copy(update={"prefix": "foo", "idle_timeout_s": 1.0})
-    with anyio.fail_after(8):
+    """A client set to another prefix (TEKTON_PREFIX=foo) is refused by the server: said so as soon
+    as the server says it (not after the idle timeout), instead of "the specialist sent nothing ...
+    it probably died"."""
+    elsewhere = team.bob.model_copy(update={"prefix": "foo", "idle_timeout_s": 60.0})
+    with anyio.fail_after(5):
         with pytest.raises(Unauthorized, match=r"the nats-server refused: .*foo\."):
             await ask(elsewhere, "apollo", "hi")
+    # The same with runs off: the request's publish is what is refused.
+    plain = elsewhere.model_copy(update={"runs": False})
+    with anyio.fail_after(5):
+        with pytest.raises(Unauthorized, match=r"the nats-server refused: .*publish to \"foo\.ai\.apollo"):
+            await ask(plain, "apollo", "hi")
 
 
 @pytest.mark.fast
