@@ -474,6 +474,15 @@ class Bus:
         self._inbox_seq = 0
         self._routes: dict[str, Inbox] = {}
         self._run_subs: dict[str, Subscription] = {}
+        # The streams open on this bus, told when the server refuses one of their subjects.
+        self.streams: dict[ChatStream, None] = {}
+        refusals = refusals_of(nc)
+        if refusals is not None:
+            refusals.listen(self._refused)
+
+    def _refused(self, subject: str, said: str) -> None:
+        for stream in list(self.streams):
+            stream.refused(subject, said)
 
     @property
     def inbox_wildcard(self) -> str:
@@ -760,7 +769,6 @@ class ChatStream:
         self.first_chunk_at: float | None = None
         self.done_at: float | None = None
         self._span: Any = None  # this request's client span, when tracing is on
-        self._stop_hearing: Callable[[], None] | None = None  # see _hear_refusals
         # The specialist's tool calls and their results, in order; ``on_tool`` sees each as it comes.
         self.tool_frames: list[ToolCallFrame | ToolResultFrame] = []
         self.on_tool: Callable[[ToolCallFrame | ToolResultFrame], None] | None = None
@@ -799,7 +807,7 @@ class ChatStream:
             self._inbox, self._frames = self.run_subject, await self.bus.open_run(self.run_subject)
         else:
             self._inbox, self._frames = await self.bus.open_inbox()
-        self._hear_refusals()
+        self.bus.streams[self] = None  # told of a refusal (see refused())
         if tracing.enabled():
             self._span = tracing.start(
                 f"chat {self.specialist or 'session'}",
@@ -814,28 +822,17 @@ class ChatStream:
             raise
         return self
 
-    def _hear_refusals(self) -> None:
-        """Be told at once if the server refuses this request's publish or its listening (credentials
-        that may not reach this specialist, or another prefix's): the refusal arrives as an error frame
-        0 would, instead of the answer waiting out its idle timeout for a first frame that cannot come."""
-        refusals = refusals_of(self.bus.nc)
-        if refusals is None or self._stop_hearing is not None:
+    def refused(self, subject: str, said: str) -> None:
+        """The server refused ``subject`` (lowercased): if that is this request's publish or its
+        listening and no frame came yet, that is its answer, as an error frame 0 would be, at once
+        (credentials that may not reach this specialist, or another prefix's), instead of waiting out
+        the idle timeout for a first frame that cannot come."""
+        if self._next_seq != 0 or self._finished:
             return
-        frames = self._frames
-
-        def refused(said: str) -> None:
-            if self._next_seq == 0 and not self._finished and self._frames is frames:
-                message = f"the nats-server refused: {' '.join(said.split())[:200]}"
-                error = ErrorFrame(seq=0, code=ErrorCode.UNAUTHORIZED, message=message)
-                frames.put(Msg(self.bus.nc, data=encode(error)))
-
-        stops = [refusals.listen(subject, refused) for subject in self._own_subjects()]
-
-        def stop_hearing() -> None:
-            for stop in stops:
-                stop()
-
-        self._stop_hearing = stop_hearing
+        if subject in (own.lower() for own in self._own_subjects()):
+            message = f"the nats-server refused: {' '.join(said.split())[:200]}"
+            error = ErrorFrame(seq=0, code=ErrorCode.UNAUTHORIZED, message=message)
+            self._frames.put(Msg(self.bus.nc, data=encode(error)))
 
     def _own_subjects(self) -> list[str]:
         """What this request publishes to and listens on (what the server may refuse us)."""
@@ -845,9 +842,7 @@ class ChatStream:
         return ours
 
     async def _close_source(self) -> None:
-        if self._stop_hearing is not None:
-            self._stop_hearing()
-            self._stop_hearing = None
+        self.bus.streams.pop(self, None)
         replay, inbox, self._replay, self._inbox = self._replay, self._inbox, None, None
         if self._replica_inbox is not None:
             self.bus.close_inbox(self._replica_inbox)

@@ -35,7 +35,7 @@ class Refusals:
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[str]]] = {}
-        self._listeners: dict[str, list[Callable[[str], None]]] = {}
+        self._listeners: set[Callable[[str, str], None]] = set()
 
     def heard(self, said: str) -> None:
         """The connection's error callback heard ``said``: wake whoever waits on a refused subject."""
@@ -46,24 +46,14 @@ class Refusals:
         for waiter in self._waiting.get(subject, ()):
             if not waiter.done():
                 waiter.set_result(said)
-        for listener in list(self._listeners.get(subject, ())):
-            listener(said)
+        for listener in list(self._listeners):
+            listener(subject, said)
 
-    def listen(self, subject: str, listener: Callable[[str], None]) -> Callable[[], None]:
-        """Call ``listener`` with the server's words whenever it refuses a publish to, or a
-        subscription on, ``subject``; returns what stops that. (A callback, not a future as in
-        :meth:`watch`: a stream registers one per request, and a future costs more than the list.)"""
-        subject = subject.lower()
-        listeners = self._listeners.setdefault(subject, [])
-        listeners.append(listener)
-
-        def stop() -> None:
-            if listener in listeners:
-                listeners.remove(listener)
-            if not listeners and self._listeners.get(subject) is listeners:
-                del self._listeners[subject]
-
-        return stop
+    def listen(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(subject, said)`` for every publish or subscription the server refuses
+        (``subject`` lowercased). A bus listens once for all its streams: refusals are rare, requests
+        are not, so a request costs nothing here."""
+        self._listeners.add(listener)
 
     @contextmanager
     def watch(self, subject: str) -> Iterator[asyncio.Future[str]]:
