@@ -807,14 +807,14 @@ class ChatStream:
             self._inbox, self._frames = self.run_subject, await self.bus.open_run(self.run_subject)
         else:
             self._inbox, self._frames = await self.bus.open_inbox()
-        self.bus.streams[self] = None  # told of a refusal (see refused())
-        if tracing.enabled():
-            self._span = tracing.start(
-                f"chat {self.specialist or 'session'}",
-                "client",
-                attributes={"tekton.request_id": self.request.id},
-            )
         try:
+            self.bus.streams[self] = None  # told of a refusal (see refused())
+            if tracing.enabled():
+                self._span = tracing.start(
+                    f"chat {self.specialist or 'session'}",
+                    "client",
+                    attributes={"tekton.request_id": self.request.id},
+                )
             await self._send(self._inbox)
         except BaseException:
             self._finished = True
@@ -834,9 +834,12 @@ class ChatStream:
             error = ErrorFrame(seq=0, code=ErrorCode.UNAUTHORIZED, message=message)
             self._frames.put(Msg(self.bus.nc, data=encode(error)))
 
+    def _publishes_to(self) -> list[str]:
+        return [chat_subject(self.specialist, self.bus.settings.prefix)] if self.specialist else []
+
     def _own_subjects(self) -> list[str]:
         """What this request publishes to and listens on (what the server may refuse us)."""
-        ours = [chat_subject(self.specialist, self.bus.settings.prefix)] if self.specialist else []
+        ours = self._publishes_to()
         if self._inbox is not None:
             ours.append(run_listen_subject(self._inbox) if self.run_subject else self.bus.inbox_wildcard)
         return ours
@@ -855,6 +858,7 @@ class ChatStream:
         if self.run_subject is None:
             raise BusError("this answer is not a durable run: nothing to resume from")
         await self._close_source()
+        self.bus.streams[self] = None  # still told of refusals (__aexit__ closes the source for good)
         if self._resumed_from not in (self._next_seq, -1):
             self._reach = 2  # progress since the last resume: the narrowest start first again
         self._resumed_from = self._next_seq
@@ -1153,6 +1157,9 @@ class SessionChatStream(ChatStream):
         self.double_text = double_text
         self.accepted: ChatAccepted | None = None
         self.stored: StoredFrame | None = None
+
+    def _publishes_to(self) -> list[str]:
+        return []  # the gateway's call publishes, and hears its own refusal (bus/refusals.or_refused)
 
     async def _send(self, inbox: str) -> None:
         self.sent_at = time.perf_counter()

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import structlog
+
 T = TypeVar("T")
+log = structlog.get_logger("tekton.refusals")
 
 _REFUSED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.IGNORECASE)
 _ATTRIBUTE = "_tekton_refusals"
@@ -35,7 +39,7 @@ class Refusals:
 
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[str]]] = {}
-        self._listeners: set[Callable[[str, str], None]] = set()
+        self._listeners: set[weakref.WeakMethod[Callable[[str, str], None]]] = set()
 
     def heard(self, said: str) -> None:
         """The connection's error callback heard ``said``: wake whoever waits on a refused subject."""
@@ -46,14 +50,21 @@ class Refusals:
         for waiter in self._waiting.get(subject, ()):
             if not waiter.done():
                 waiter.set_result(said)
-        for listener in list(self._listeners):
-            listener(subject, said)
+        for ref in list(self._listeners):
+            listener = ref()
+            if listener is None:  # its bus is gone
+                self._listeners.discard(ref)
+                continue
+            try:
+                listener(subject, said)
+            except Exception:  # this runs in nats-py's read loop: nothing may escape it
+                log.exception("a refusal listener failed", subject=subject)
 
     def listen(self, listener: Callable[[str, str], None]) -> None:
-        """Call ``listener(subject, said)`` for every publish or subscription the server refuses
-        (``subject`` lowercased). A bus listens once for all its streams: refusals are rare, requests
-        are not, so a request costs nothing here."""
-        self._listeners.add(listener)
+        """Call ``listener(subject, said)`` (a bound method, held weakly: it goes with its object) for
+        every publish or subscription the server refuses (``subject`` lowercased). A bus listens once
+        for all its streams: refusals are rare, requests are not, so a request costs nothing here."""
+        self._listeners.add(weakref.WeakMethod(listener))
 
     @contextmanager
     def watch(self, subject: str) -> Iterator[asyncio.Future[str]]:

@@ -25,6 +25,7 @@ from bus.auth import load_credentials
 from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus, connect
 from bus.errors import BadRequest, BusError, NatsUnavailable, RunNotFound, SessionNotFound, Unauthorized
+from bus.refusals import Refusals
 from bus.server import EmbeddedNats
 from bus.sessions import Session, SessionChat
 from bus.settings import TektonSettings
@@ -349,6 +350,29 @@ async def test_credentials_for_another_prefix_are_a_refusal_not_a_dead_specialis
     with anyio.fail_after(5):
         with pytest.raises(Unauthorized, match=r"the nats-server refused: .*publish to \"foo\.ai\.apollo"):
             await ask(plain, "apollo", "hi")
+
+
+@pytest.mark.fast
+def test_a_refusal_listener_that_fails_or_is_gone_leaves_the_others_and_the_read_loop_alone() -> None:
+    """Refusals are heard in nats-py's read loop, where an exception would stop the connection."""
+    refusals = Refusals()
+    heard: list[str] = []
+
+    class Listener:
+        def __init__(self, fails: bool):
+            self.fails = fails
+
+        def refused(self, subject: str, said: str) -> None:
+            if self.fails:
+                raise ValueError("a listener's bug")
+            heard.append(subject)
+
+    failing, working, gone = Listener(True), Listener(False), Listener(False)
+    for listener in (failing, working, gone):
+        refusals.listen(listener.refused)
+    del listener, gone  # (the loop variable held it too)
+    refusals.heard('nats: permissions violation for subscription to "tekton.run.bob.x.*"')
+    assert heard == ["tekton.run.bob.x.*"]
 
 
 @pytest.mark.fast
