@@ -224,8 +224,8 @@ class ReplyStream:
             self._flushing = None
 
     async def error(self, err: BusError) -> None:
-        if err.code != ErrorCode.CANCELLED:  # the request's span, if it records, ended in an error
-            tracing.fail(tracing.current_recording(), err.message)
+        if err.http_status >= 500:  # a server-side failure (not the caller's: a bad request, a cancel)
+            tracing.fail(tracing.current_recording(), err.message)  # marks the request's span, if any
         await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
 
 
@@ -819,20 +819,20 @@ class SpecialistService:
                                 await anyio.lowlevel.checkpoint()
                 finally:
                     self._streaming.pop(request.id, None)
+                    record_model_part(  # a failed answer's too: how far it got, and when
+                        tracing.current_recording(),
+                        provider_name,
+                        provider.model,
+                        output_tokens=reported.completion_tokens if reported else tokens,
+                        prompt_tokens=reported.prompt_tokens if reported else None,
+                        first_token_at=first_token,
+                    )
                 total = time.perf_counter() - received
                 gen = total - (first_token - received) if first_token else 0.0
                 if self.placement:
                     await self.placement.finishing()
                 prompt_tokens = reported.prompt_tokens if reported else None
                 completion_tokens = reported.completion_tokens if reported else tokens
-                record_model_part(
-                    tracing.current_recording(),
-                    provider_name,
-                    provider.model,
-                    output_tokens=completion_tokens,
-                    prompt_tokens=prompt_tokens,
-                    first_token_at=first_token,
-                )
                 cost = self._cost(provider_name, provider.model, prompt_tokens, completion_tokens)
                 await reply.flush()
                 reply.check()

@@ -78,6 +78,9 @@ async def test_a_failed_answer_marks_the_specialist_s_span_as_an_error(
     server = _by_name(spans.get_finished_spans())["serve apollo"]
     assert server.status.status_code == StatusCode.ERROR
     assert server.status.description is not None and "deadline" in server.status.description
+    # How far the model got before its deadline, on the same span.
+    assert 0 < server.attributes["gen_ai.usage.output_tokens"] < 200
+    assert [e.name for e in server.events] == ["first chunk"]
 
 
 async def test_a_session_chat_trace_passes_through_the_gateway(
