@@ -24,7 +24,7 @@ import anyio
 import msgpack
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
-from bus.errors import BusError, IdleTimeout, MalformedFrame, StreamGap
+from bus.errors import BusError, IdleTimeout, MalformedFrame, StreamGap, may_have_started
 from bus.runs import attach_end, run_subject
 from bus.subjects import NAME_PATTERN, REPLY_SUBJECT_PATTERN, bulk_subject, cancel_subject
 from bus.wire import PROTOCOL_VERSION, ChatOptions, Wire, check_model, new_request_id, unpack_frame
@@ -214,8 +214,12 @@ class BulkStream:
             reply = await self.bus.gateway.call(
                 "bulk", request, subject=bulk_subject(self.bus.settings.prefix, self.bus.acting_for)
             )
-        except BaseException:
-            await self._close_source()
+        except BaseException as err:
+            with anyio.CancelScope(shield=True):
+                if may_have_started(err):  # interrupted while the gateway accepted it: it may run
+                    with contextlib.suppress(Exception):  # the connection may be gone: nothing to stop
+                        await self.cancel()
+                await self._close_source()
             raise
         assert isinstance(reply, BulkAccepted)
         self.accepted = reply

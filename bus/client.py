@@ -51,6 +51,7 @@ from bus.errors import (
     StreamGap,
     Unauthorized,
     from_wire,
+    may_have_started,
 )
 from bus.lite import NO_RESPONDERS, tls_context
 from bus.refusals import Refusals, refusals_of
@@ -816,9 +817,13 @@ class ChatStream:
                     attributes={"tekton.request_id": self.request.id},
                 )
             await self._send(self._inbox)
-        except BaseException:
-            self._finished = True
-            await self._close_source()
+        except BaseException as err:
+            with anyio.CancelScope(shield=True):
+                if self.sent_at and may_have_started(err):  # (interrupted while a gateway accepted it)
+                    with suppress(Exception):  # the connection may be gone: nothing to stop then
+                        await self.cancel()
+                self._finished = True
+                await self._close_source()
             raise
         return self
 

@@ -133,6 +133,14 @@ class BusError(Exception):
         return self.policy.elsewhere
 
 
+def may_have_started(err: BaseException) -> bool:
+    """Whether a request that failed on its way (``err``) may be running anyway: yes, unless the answer
+    was a refusal (a BusError that is not retryable). Interrupted (Ctrl-C, a deadline) while waiting
+    for a gateway to accept it, or no acceptance within the wait: the gateway may well have started
+    it, so the caller cancels it."""
+    return not isinstance(err, BusError) or err.retryable
+
+
 class BadRequest(BusError):
     code = ErrorCode.BAD_REQUEST
 

@@ -1,0 +1,89 @@
+"""A request interrupted (Ctrl-C, a deadline) while a gateway is still accepting it may be running
+anyway: the client cancels it on its way out. (It did not: a fan-out stopped with Ctrl-C in that
+window went on generating on every specialist, found by the rest tier on two workers.)
+
+The gateway here is a plain subscriber that takes the request and never answers, so the client is
+always interrupted while it waits for the acceptance."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from nats.aio.msg import Msg
+
+from bus.bulk import BulkOperation, BulkPlan
+from bus.client import Bus
+from bus.settings import TektonSettings
+from bus.subjects import bulk_subject, cancel_wildcard, session_subject
+from bus.wire import ChatMessage
+from tests.helpers import eventually
+
+pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+
+
+@asynccontextmanager
+async def silent_gateway(bus: Bus, subject: str) -> AsyncIterator[tuple[list[Msg], list[str]]]:
+    """Takes requests on ``subject`` and never answers; yields (requests taken, cancels heard)."""
+    taken: list[Msg] = []
+    cancels: list[str] = []
+
+    async def take(msg: Msg) -> None:
+        taken.append(msg)
+
+    async def heard(msg: Msg) -> None:
+        cancels.append(msg.subject)
+
+    subs = [
+        await bus.nc.subscribe(subject, cb=take),
+        await bus.nc.subscribe(cancel_wildcard(bus.settings.prefix), cb=heard),
+    ]
+    await bus.nc.flush()
+    try:
+        yield taken, cancels
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+
+
+async def test_a_bulk_interrupted_before_it_is_accepted_is_cancelled(
+    settings: TektonSettings,
+) -> None:
+    async with Bus.connect(settings) as bus:
+        plan = BulkPlan(operations=[BulkOperation(id="a", ai="apollo", message="hi")])
+        async with silent_gateway(bus, bulk_subject(settings.prefix, bus.acting_for)) as (taken, cancels):
+            stream = bus.bulk(plan)
+            with anyio.move_on_after(0.5) as interrupted:
+                async with stream:
+                    pass
+            assert interrupted.cancelled_caught and len(taken) == 1
+            await eventually(lambda: cancels == [f"{settings.prefix}.cancel.{bus.acting_for}.{stream.id}"])
+
+
+async def test_a_session_chat_interrupted_before_acceptance_is_cancelled(
+    settings: TektonSettings,
+) -> None:
+    async with Bus.connect(settings) as bus:
+        subject = session_subject("chat", settings.prefix, bus.acting_for)
+        async with silent_gateway(bus, subject) as (taken, cancels):
+            stream = bus.stream("apollo", [ChatMessage(role="user", content="hi")], session="notes")
+            with anyio.move_on_after(0.5) as interrupted:
+                async with stream:
+                    pass
+            assert interrupted.cancelled_caught and len(taken) == 1
+            await eventually(
+                lambda: cancels == [f"{settings.prefix}.cancel.{bus.acting_for}.{stream.request.id}"]
+            )
+
+
+async def test_a_request_refused_on_its_way_is_not_cancelled(settings: TektonSettings) -> None:
+    """A refusal (an invalid request) started nothing: no cancel goes out for it."""
+    async with Bus.connect(settings) as bus, silent_gateway(bus, "nothing.here") as (_, cancels):
+        with pytest.raises(ValueError):
+            async with bus.stream("no such name!", [ChatMessage(role="user", content="hi")]):
+                pass
+        await bus.nc.flush()
+        await anyio.sleep(0.2)
+        assert cancels == []
