@@ -801,7 +801,9 @@ class ChatStream:
         return self._next_seq - 1
 
     async def __aenter__(self) -> ChatStream:
-        if self._inbox is not None:  # already open (e.g. opened to wait_started() first)
+        # Already open (opened to wait_started() first), or sent and resumed since (a resume leaves no
+        # inbox when it reads the runs stream): never sent twice.
+        if self._inbox is not None or self.sent_at:
             return self
         # Listen before publishing so no frame can arrive before we do.
         if self.run_subject is not None:
@@ -874,6 +876,7 @@ class ChatStream:
                 if self.on_resume is not None:
                     self.on_resume(self._next_seq)
                 return
+            self.bus.streams[self] = None  # (the replica's failed attempt closed what it opened)
         self._frames = Inbox()
         # Where to start reading, narrowest first; a start that was too late (the first frame read back
         # is past the one we need: a gap with no progress) makes the next resume start wider (_recover).
@@ -1167,7 +1170,6 @@ class SessionChatStream(ChatStream):
         return []  # the gateway's call publishes, and hears its own refusal (bus/refusals.or_refused)
 
     async def _send(self, inbox: str) -> None:
-        self.sent_at = time.perf_counter()
         chat = SessionChat(
             session=self.session,
             specialist=self.specialist or None,
@@ -1175,6 +1177,7 @@ class SessionChatStream(ChatStream):
             request=self.request,
             double_text=self.double_text,
         )
+        self.sent_at = time.perf_counter()
         reply = await self.bus.gateway.call("chat", chat, headers=tracing.headers(self._span))
         assert isinstance(reply, ChatAccepted)
         self.accepted = reply

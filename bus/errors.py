@@ -134,11 +134,11 @@ class BusError(Exception):
 
 
 def may_have_started(err: BaseException) -> bool:
-    """Whether a request that failed on its way (``err``) may be running anyway: yes, unless the answer
-    was a refusal (a BusError that is not retryable). Interrupted (Ctrl-C, a deadline) while waiting
-    for a gateway to accept it, or no acceptance within the wait: the gateway may well have started
-    it, so the caller cancels it."""
-    return not isinstance(err, BusError) or err.retryable
+    """Whether a request that failed on its way (``err``) may be running anyway: interrupted (Ctrl-C, a
+    deadline) while a gateway accepted it, or no acceptance within the wait (:class:`GatewayTimeout`):
+    the gateway may well have started it, so the caller cancels it. Any other error is an answer (a
+    refusal, an error reply, nobody to ask): nothing started."""
+    return not isinstance(err, BusError) or isinstance(err, GatewayTimeout)
 
 
 class BadRequest(BusError):
@@ -281,6 +281,10 @@ class GatewayUnavailable(BusError):
             code=code,
             retryable=retryable,
         )
+
+
+class GatewayTimeout(GatewayUnavailable):
+    """A gateway took the request but did not answer in time: it may have acted on it all the same."""
 
 
 class ConfigError(BusError):

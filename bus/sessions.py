@@ -22,6 +22,7 @@ from bus.discovery import Discover, DiscoveryReply
 from bus.errors import (
     BadRequest,
     BusError,
+    GatewayTimeout,
     GatewayUnavailable,
     InvalidInput,
     MalformedFrame,
@@ -325,9 +326,7 @@ class GatewayClient:
             refused = self._refused(subject)
             if refused is not None:
                 raise refused from None
-            raise GatewayUnavailable(
-                f"the gateway did not answer '{op}' within {timeout:g} s", retryable=True
-            ) from None
+            raise GatewayTimeout(f"the gateway did not answer '{op}' within {timeout:g} s") from None
         return decode_reply(msg.data)
 
     def _refused(self, subject: str) -> Unauthorized | None:
