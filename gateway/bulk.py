@@ -33,7 +33,7 @@ from bus.bulk import (
 from bus.client import Bus, ChatStream
 from bus.errors import BadRequest, BusError
 from bus.runs import parse_run_subject, probe_subject
-from bus.subjects import ANONYMOUS, NAME_RE, cancel_subject
+from bus.subjects import ANONYMOUS, NAME_RE
 from bus.wire import ChatMessage, ChatRequest, encode
 
 log = structlog.get_logger("tekton.gateway.bulk")
@@ -160,11 +160,9 @@ class BulkRun:
     async def emit(self, model: type[OpStart | OpEnd | BulkHeartbeat | BulkDone], **fields: Any) -> None:
         await self._emit(encode(model(seq=self.seq, **fields)))
 
-    async def run(self) -> None:
+    async def run(self, cancelled: anyio.Event) -> None:
+        """Run every operation; ``cancelled`` (the gateway's CancelBook) stops them."""
         started = time.perf_counter()
-        cancel_sub = await self.nc.subscribe(
-            cancel_subject(self.request.id, self.owner, self.bus.settings.prefix)
-        )
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._heartbeats)
 
@@ -175,9 +173,8 @@ class BulkRun:
                 runner.cancel()
 
             async def on_cancel() -> None:
-                async for _ in cancel_sub.messages:
-                    stop("cancelled")
-                    return
+                await cancelled.wait()
+                stop("cancelled")
 
             async def deadline(seconds: float) -> None:
                 await anyio.sleep(seconds)
@@ -197,7 +194,6 @@ class BulkRun:
                         await self._end(op, self.stop_reason, f"the bulk request was {self._stopped()}")
                 await self._done(started)
             outer.cancel_scope.cancel()
-        await cancel_sub.unsubscribe()
 
     def _stopped(self) -> str:
         return "cancelled" if self.stop_reason == "cancelled" else "out of time"

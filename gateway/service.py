@@ -60,9 +60,12 @@ from bus.sessions import (
 from bus.settings import TektonSettings
 from bus.subjects import (
     ALL_USERS,
+    ANONYMOUS,
     SESSION_OPS,
     bulk_subject,
+    cancel_parts,
     cancel_subject,
+    cancel_wildcard,
     chat_subject,
     discover_subject,
     gateway_queue,
@@ -82,6 +85,7 @@ from bus.wire import (
     unpack_frame,
 )
 from gateway.bulk import BulkRun, StoreAnswer, validate
+from gateway.cancels import CancelBook
 from gateway.discovery import Catalog
 from gateway.judge import ModelJudge
 from gateway.leases import QUEUED, TURN, Leases, Work, open_work_bucket
@@ -160,6 +164,8 @@ class GatewayService:
             nc, settings.routing_method, settings.prefix, settings.routing_generalist, judge
         )
         self.leases: Leases | None = None  # once started (it names this replica)
+        # Cancels of bulk requests and queued session messages, heard before or while they run.
+        self.cancels = CancelBook()
 
     @property
     def instance_id(self) -> str:
@@ -184,6 +190,7 @@ class GatewayService:
             stats_handler=self._stats_data,
         )
         prefix = self.settings.prefix
+        await self.nc.subscribe(cancel_wildcard(prefix), cb=self._on_cancel)  # before any request
         endpoints = [(f"session-{op}", session_subject(op, prefix, "*"), op) for op in SESSION_OPS]
         endpoints.append(("bulk", bulk_subject(prefix, "*"), "bulk"))
         endpoints.append(("discover", discover_subject(prefix, "*"), "discover"))
@@ -211,6 +218,10 @@ class GatewayService:
         self._tg.start_soon(self._recover_pending)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        user, request_id = cancel_parts(msg.subject)
+        self.cancels.heard(user, request_id)
 
     def _stats_data(self, _endpoint: EndpointStats) -> dict[str, Any]:
         return dict(self.counters)
@@ -434,8 +445,22 @@ class GatewayService:
         await self.leases.hold(QUEUED, r.request.id, data)
 
     async def _queued(self, session_id: str, behind: list[str], r: SessionChat) -> None:
+        run = parse_run_subject(r.inbox, self.settings.prefix)
+        asker = inbox_owner(r.inbox) or (run.user if run else ANONYMOUS)  # whose cancel stops it
         try:
-            await self.store.wait_settled(session_id, set(behind), self._settle_within())
+            with self.cancels.watch(asker, r.request.id) as cancelled:
+                async with anyio.create_task_group() as waiting:
+
+                    async def stop_on_cancel() -> None:
+                        await cancelled.wait()
+                        waiting.cancel_scope.cancel()
+
+                    waiting.start_soon(stop_on_cancel)
+                    await self.store.wait_settled(session_id, set(behind), self._settle_within())
+                    waiting.cancel_scope.cancel()
+            if cancelled.is_set():  # the asker cancelled it while it waited: it never starts
+                log.info("queued message cancelled", session=session_id, request_id=r.request.id)
+                return
             session = await self.store.recent(session_id)
             if any(t.request_id == r.request.id for t in session.turns):
                 return  # begun already (by a replica that died just after): its turn is recorded
@@ -561,7 +586,8 @@ class GatewayService:
 
         async def running() -> None:
             try:
-                await run.run()
+                with self.cancels.watch(run.owner, r.id) as cancelled:
+                    await run.run(cancelled)
             except Exception:
                 log.exception("bulk request crashed", id=r.id)
             finally:

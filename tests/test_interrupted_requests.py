@@ -19,9 +19,9 @@ from bus.client import Bus
 from bus.errors import BusError, ErrorCode, GatewayTimeout, SessionNotFound
 from bus.sessions import ErrorReply
 from bus.settings import TektonSettings
-from bus.subjects import bulk_subject, cancel_wildcard, session_subject
+from bus.subjects import bulk_subject, cancel_subject, cancel_wildcard, session_subject
 from bus.wire import ChatMessage, encode
-from tests.helpers import eventually
+from tests.helpers import env, eventually, in_process_gateway, in_process_specialists
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fast]
 
@@ -124,3 +124,58 @@ async def test_a_request_the_gateway_turned_down_is_not_cancelled(
             await bus.nc.flush()
             await anyio.sleep(0.2)
             assert cancels == []
+
+
+# With a real gateway: a cancel the gateway hears before the work begins, or while it waits.
+SLOW = {"TEKTON_SCRIPTED_TOKENS_PER_S": "20", "TEKTON_SCRIPTED_TOKENS": "400"}
+
+
+async def test_a_bulk_cancel_heard_before_the_gateway_began_it_stops_it(settings: TektonSettings) -> None:
+    """The client gave up waiting for the acceptance and cancelled: the gateway heard the cancel before
+    the request (it was busy, say). It still stops the bulk request once it begins (it did not: the
+    cancel went to a subscription that did not exist yet, and every operation ran to its end)."""
+    with env(**SLOW):
+        async with (
+            in_process_gateway(settings),
+            in_process_specialists(settings, "apollo") as services,
+            Bus.connect(settings) as bus,
+        ):
+            stream = bus.bulk(BulkPlan(operations=[BulkOperation(id="a", ai="apollo", message="hi")]))
+            await bus.nc.publish(cancel_subject(stream.id, bus.acting_for, settings.prefix), b"")
+            await bus.nc.flush()
+            with anyio.fail_after(10):  # the whole answer would take 20 s
+                async with stream:
+                    done = await stream.result()
+            assert done.status == "cancelled"
+            assert services["apollo"].counters.served == 0
+
+
+async def test_a_queued_session_message_cancelled_while_it_waits_never_starts(
+    settings: TektonSettings,
+) -> None:
+    with env(**SLOW):
+        async with (
+            in_process_gateway(settings),
+            in_process_specialists(settings, "apollo") as services,
+            Bus.connect(settings) as bus,
+        ):
+            session = await bus.gateway.create("apollo")
+            first = bus.stream("apollo", [ChatMessage(role="user", content="first")], session=session.id)
+            async with first:
+                await first.wait_started()
+                second = bus.stream(
+                    "apollo",
+                    [ChatMessage(role="user", content="second")],
+                    session=session.id,
+                    double_text="queue",
+                )
+                async with second:
+                    assert second.accepted is not None and second.accepted.queued
+                # Left unread: its cancel went out; the gateway drops the message from its queue.
+                await first.cancel()
+            apollo = services["apollo"]
+            await eventually(lambda: apollo.counters.in_flight == 0 and apollo.counters.cancelled == 1)
+            await anyio.sleep(1.0)  # the first turn settles; a queued message would start now
+            assert apollo.counters.in_flight == 0 and apollo.counters.cancelled == 1
+            turns = (await bus.gateway.get(session.id)).turns
+            assert [t.content for t in turns if t.role == "user"] == ["first"]

@@ -1,0 +1,54 @@
+"""The cancels the gateway hears for work it runs on a user's behalf: a bulk request, a queued session
+message. One subscription to every cancel (``tekton.cancel.<user>.<id>``, under the asker's own name:
+the server pins it); a cancel that comes before its work begins (the client was interrupted while the
+gateway accepted the request, or gave up waiting for the acceptance) is remembered a while, as
+specialists do (specialists/service.py), so it still stops the work once it begins."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
+# How long a cancel that came before its work is remembered, and how many at most.
+EARLY_CANCEL_S = 30.0
+EARLY_CANCEL_MAX = 10_000
+
+Key = tuple[str, str]  # (user, request id)
+
+
+class CancelBook:
+    def __init__(self) -> None:
+        self._watched: dict[Key, anyio.Event] = {}
+        self._early: OrderedDict[Key, float] = OrderedDict()
+
+    def heard(self, user: str, request_id: str) -> None:
+        """A cancel of ``user``'s request ``request_id``: it stops that work now, or when it begins."""
+        key = (user, request_id)
+        watched = self._watched.get(key)
+        if watched is not None:
+            watched.set()
+            return
+        now = time.monotonic()
+        early = self._early
+        early[key] = now
+        early.move_to_end(key)
+        while early and (len(early) > EARLY_CANCEL_MAX or now - next(iter(early.values())) > EARLY_CANCEL_S):
+            early.popitem(last=False)
+
+    @contextmanager
+    def watch(self, user: str, request_id: str) -> Iterator[anyio.Event]:
+        """An event set when ``user`` cancels ``request_id`` (already set if they did a moment ago)."""
+        key = (user, request_id)
+        event = self._watched.setdefault(key, anyio.Event())
+        heard_at = self._early.pop(key, None)
+        if heard_at is not None and time.monotonic() - heard_at <= EARLY_CANCEL_S:
+            event.set()
+        try:
+            yield event
+        finally:
+            if self._watched.get(key) is event:
+                del self._watched[key]
