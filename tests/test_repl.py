@@ -19,7 +19,7 @@ from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from tests.helpers import child_env, env, eventually, in_process_gateway, in_process_specialists
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.terminal]
 
 needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 

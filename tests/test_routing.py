@@ -323,6 +323,7 @@ async def test_a_rerun_with_another_name_is_learned_and_survives_a_gateway_resta
 
 
 @needs_tmux
+@pytest.mark.terminal
 async def test_a_quoted_question_at_the_repl_prompt_is_routed(settings: TektonSettings) -> None:
     async with in_process_gateway(settings), in_process_specialists(settings, "athena", "apollo"):
         term = Terminal(aish_command(), child_env(settings))
@@ -458,6 +459,7 @@ def test_a_line_starting_with_no_specialist_or_command_is_a_question() -> None:
 
 
 @needs_tmux
+@pytest.mark.terminal
 async def test_an_unquoted_question_at_the_repl_prompt_is_routed(settings: TektonSettings) -> None:
     async with in_process_gateway(settings), in_process_specialists(settings, "athena", "rhetor"):
         term = Terminal(aish_command(), child_env(settings))

@@ -12,7 +12,7 @@ from bus.settings import TektonSettings
 from tests.helpers import child_env, env, in_process_specialists
 from tests.test_repl import Terminal, needs_tmux, terminals
 
-pytestmark = [pytest.mark.anyio, needs_tmux]
+pytestmark = [pytest.mark.anyio, needs_tmux, pytest.mark.terminal]
 __all__ = ["terminals"]  # the fixture, shared with test_repl
 
 MARKDOWN = "# Queue groups\n\nThey share **work** between `replicas`.\n\n```\nnc.subscribe(q)\n```\n"
