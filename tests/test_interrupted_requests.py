@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
@@ -55,34 +56,25 @@ async def silent_gateway(
             await sub.unsubscribe()
 
 
-async def test_a_bulk_interrupted_before_it_is_accepted_is_cancelled(
-    settings: TektonSettings,
+@pytest.mark.parametrize("kind", ["bulk", "session chat"])
+async def test_a_request_interrupted_before_it_is_accepted_is_cancelled(
+    settings: TektonSettings, kind: str
 ) -> None:
     async with Bus.connect(settings) as bus:
-        plan = BulkPlan(operations=[BulkOperation(id="a", ai="apollo", message="hi")])
-        async with silent_gateway(bus, bulk_subject(settings.prefix, bus.acting_for)) as (taken, cancels):
-            stream = bus.bulk(plan)
-            with anyio.move_on_after(0.5) as interrupted:
-                async with stream:
-                    pass
-            assert interrupted.cancelled_caught and len(taken) == 1
-            await eventually(lambda: cancels == [f"{settings.prefix}.cancel.{bus.acting_for}.{stream.id}"])
-
-
-async def test_a_session_chat_interrupted_before_acceptance_is_cancelled(
-    settings: TektonSettings,
-) -> None:
-    async with Bus.connect(settings) as bus:
-        subject = session_subject("chat", settings.prefix, bus.acting_for)
-        async with silent_gateway(bus, subject) as (taken, cancels):
+        if kind == "bulk":
+            subject = bulk_subject(settings.prefix, bus.acting_for)
+            stream: Any = bus.bulk(BulkPlan(operations=[BulkOperation(id="a", ai="apollo", message="hi")]))
+            request_id = stream.id
+        else:
+            subject = session_subject("chat", settings.prefix, bus.acting_for)
             stream = bus.stream("apollo", [ChatMessage(role="user", content="hi")], session="notes")
+            request_id = stream.request.id
+        async with silent_gateway(bus, subject) as (taken, cancels):
             with anyio.move_on_after(0.5) as interrupted:
                 async with stream:
                     pass
             assert interrupted.cancelled_caught and len(taken) == 1
-            await eventually(
-                lambda: cancels == [f"{settings.prefix}.cancel.{bus.acting_for}.{stream.request.id}"]
-            )
+            await eventually(lambda: cancels == [cancel_subject(request_id, bus.acting_for, settings.prefix)])
 
 
 async def test_a_session_chat_the_gateway_does_not_accept_in_time_is_cancelled(
