@@ -20,9 +20,22 @@ EARLY_CANCEL_MAX = 10_000
 Key = tuple[str, str]  # (user, request id)
 
 
+class Watch:
+    """One piece of work's cancel: ``cancelled`` is set, and ``scope`` (for the work to run in, if it
+    likes) is cancelled, once its user cancels it."""
+
+    def __init__(self) -> None:
+        self.cancelled = anyio.Event()
+        self.scope = anyio.CancelScope()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.scope.cancel()
+
+
 class CancelBook:
     def __init__(self) -> None:
-        self._watched: dict[Key, anyio.Event] = {}
+        self._watched: dict[Key, Watch] = {}
         self._early: OrderedDict[Key, float] = OrderedDict()
 
     def heard(self, user: str, request_id: str) -> None:
@@ -30,7 +43,7 @@ class CancelBook:
         key = (user, request_id)
         watched = self._watched.get(key)
         if watched is not None:
-            watched.set()
+            watched.cancel()
             return
         now = time.monotonic()
         early = self._early
@@ -40,15 +53,16 @@ class CancelBook:
             early.popitem(last=False)
 
     @contextmanager
-    def watch(self, user: str, request_id: str) -> Iterator[anyio.Event]:
-        """An event set when ``user`` cancels ``request_id`` (already set if they did a moment ago)."""
+    def watch(self, user: str, request_id: str) -> Iterator[Watch]:
+        """What tells the work ``request_id`` of ``user`` that it is cancelled (at once if it was a
+        moment ago, before the work began)."""
         key = (user, request_id)
-        event = self._watched.setdefault(key, anyio.Event())
+        watch = self._watched.setdefault(key, Watch())
         heard_at = self._early.pop(key, None)
         if heard_at is not None and time.monotonic() - heard_at <= EARLY_CANCEL_S:
-            event.set()
+            watch.cancel()
         try:
-            yield event
+            yield watch
         finally:
-            if self._watched.get(key) is event:
+            if self._watched.get(key) is watch:
                 del self._watched[key]

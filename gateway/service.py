@@ -448,17 +448,9 @@ class GatewayService:
         run = parse_run_subject(r.inbox, self.settings.prefix)
         asker = inbox_owner(r.inbox) or (run.user if run else ANONYMOUS)  # whose cancel stops it
         try:
-            with self.cancels.watch(asker, r.request.id) as cancelled:
-                async with anyio.create_task_group() as waiting:
-
-                    async def stop_on_cancel() -> None:
-                        await cancelled.wait()
-                        waiting.cancel_scope.cancel()
-
-                    waiting.start_soon(stop_on_cancel)
-                    await self.store.wait_settled(session_id, set(behind), self._settle_within())
-                    waiting.cancel_scope.cancel()
-            if cancelled.is_set():  # the asker cancelled it while it waited: it never starts
+            with self.cancels.watch(asker, r.request.id) as watch, watch.scope:
+                await self.store.wait_settled(session_id, set(behind), self._settle_within())
+            if watch.cancelled.is_set():  # the asker cancelled it while it waited: it never starts
                 log.info("queued message cancelled", session=session_id, request_id=r.request.id)
                 return
             session = await self.store.recent(session_id)
@@ -586,8 +578,8 @@ class GatewayService:
 
         async def running() -> None:
             try:
-                with self.cancels.watch(run.owner, r.id) as cancelled:
-                    await run.run(cancelled)
+                with self.cancels.watch(run.owner, r.id) as watch:
+                    await run.run(watch.cancelled)
             except Exception:
                 log.exception("bulk request crashed", id=r.id)
             finally:
