@@ -180,6 +180,8 @@ class BulkRun:
                 await anyio.sleep(seconds)
                 stop("timeout")
 
+            if cancelled.is_set():  # cancelled before it began: no operation starts
+                stop("cancelled")
             outer.start_soon(on_cancel)
             if parse_run_subject(self.request.inbox, self.bus.settings.prefix) is not None:
                 outer.start_soon(self._followed, stop)

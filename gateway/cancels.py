@@ -35,15 +35,17 @@ class Watch:
 
 class CancelBook:
     def __init__(self) -> None:
-        self._watched: dict[Key, Watch] = {}
+        # (Several pieces of work may share a key: a client that reused a request id.)
+        self._watched: dict[Key, list[Watch]] = {}
         self._early: OrderedDict[Key, float] = OrderedDict()
 
     def heard(self, user: str, request_id: str) -> None:
         """A cancel of ``user``'s request ``request_id``: it stops that work now, or when it begins."""
         key = (user, request_id)
         watched = self._watched.get(key)
-        if watched is not None:
-            watched.cancel()
+        if watched:
+            for watch in watched:
+                watch.cancel()
             return
         now = time.monotonic()
         early = self._early
@@ -57,12 +59,15 @@ class CancelBook:
         """What tells the work ``request_id`` of ``user`` that it is cancelled (at once if it was a
         moment ago, before the work began)."""
         key = (user, request_id)
-        watch = self._watched.setdefault(key, Watch())
+        watch = Watch()
+        watched = self._watched.setdefault(key, [])
+        watched.append(watch)
         heard_at = self._early.pop(key, None)
         if heard_at is not None and time.monotonic() - heard_at <= EARLY_CANCEL_S:
             watch.cancel()
         try:
             yield watch
         finally:
-            if self._watched.get(key) is watch:
+            watched.remove(watch)
+            if not watched and self._watched.get(key) is watched:
                 del self._watched[key]

@@ -452,6 +452,9 @@ class GatewayService:
                 await self.store.wait_settled(session_id, set(behind), self._settle_within())
             if watch.cancelled.is_set():  # the asker cancelled it while it waited: it never starts
                 log.info("queued message cancelled", session=session_id, request_id=r.request.id)
+                with contextlib.suppress(Exception):  # its end, as a specialist's cancel would say it
+                    cancelled = BusError("cancelled by the client", code=ErrorCode.CANCELLED)
+                    await self.nc.publish(r.inbox, encode(_error_frame(cancelled)))
                 return
             session = await self.store.recent(session_id)
             if any(t.request_id == r.request.id for t in session.turns):

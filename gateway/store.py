@@ -391,7 +391,9 @@ class SessionStore:
         """Return once none of the turns asked by ``request_ids`` is pending any more (their answers
         stored, by whichever replica records them), or the session is gone; TimeoutError after
         ``within`` seconds."""
-        watcher = await self.kv.watch(_key(session_id), inactive_threshold=WATCH_GONE_S)
+        # Shielded: a cancel landing while nats-py sets the watcher up would leave its subscription.
+        with anyio.CancelScope(shield=True):
+            watcher = await self.kv.watch(_key(session_id), inactive_threshold=WATCH_GONE_S)
         try:
             with anyio.fail_after(within):
                 async for entry in watcher:

@@ -22,6 +22,7 @@ from bus.sessions import ErrorReply
 from bus.settings import TektonSettings
 from bus.subjects import bulk_subject, cancel_subject, cancel_wildcard, session_subject
 from bus.wire import ChatMessage, encode
+from gateway.cancels import CancelBook
 from tests.helpers import env, eventually, in_process_gateway, in_process_specialists
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fast]
@@ -171,3 +172,22 @@ async def test_a_queued_session_message_cancelled_while_it_waits_never_starts(
             assert apollo.counters.in_flight == 0 and apollo.counters.cancelled == 1
             turns = (await bus.gateway.get(session.id)).turns
             assert [t.content for t in turns if t.role == "user"] == ["first"]
+
+
+async def test_the_gateway_s_cancel_book_tells_every_piece_of_work_of_one_id() -> None:
+    """Two pieces of work under one (user, id) (a client that reused an id) are both told, and one
+    ending does not deafen the other; a cancel heard before the work began is told when it begins."""
+    book = CancelBook()
+    with book.watch("bob", "r1") as first, book.watch("bob", "r1") as second:
+        book.heard("bob", "r1")
+        assert first.cancelled.is_set() and second.cancelled.is_set()
+    with book.watch("bob", "r3") as staying:
+        with book.watch("bob", "r3"):
+            pass
+        book.heard("bob", "r3")
+        assert staying.cancelled.is_set()
+    book.heard("bob", "r2")
+    with book.watch("alice", "r2") as someone_elses, book.watch("bob", "r2") as early:
+        assert early.cancelled.is_set() and not someone_elses.cancelled.is_set()
+        with early.scope:
+            await anyio.sleep(5)  # cancelled before it was entered: returns at once
