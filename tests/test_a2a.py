@@ -104,7 +104,6 @@ async def test_message_stream_arrives_as_artifact_chunks(settings: TektonSetting
     assert states[-1] == TaskState.TASK_STATE_COMPLETED
 
 
-@pytest.mark.fast  # it mostly waits (a connection idle past 5 s): on the fast tier's workers
 async def test_tekton_a2a_keeps_an_idle_connection_past_uvicorn_s_default(settings: TektonSettings) -> None:
     """`tekton a2a` keeps idle connections as long as the bridge does (HTTP_KEEP_ALIVE_S): a pooled
     client reusing one after 5 s of silence got "server disconnected" with uvicorn's default."""

@@ -376,7 +376,6 @@ async def test_the_bridge_connects_again_when_nats_py_closed_its_connection(sett
         server.should_exit = True
 
 
-@pytest.mark.fast  # it mostly waits (a connection idle past 5 s): on the fast tier's workers
 async def test_an_idle_kept_alive_connection_outlives_the_clients_pool(settings: TektonSettings) -> None:
     """HTTP clients keep idle connections in a pool and reuse them (aiohttp for 15 s). A bridge that
     closed them sooner (uvicorn's 5 s) raced every client reusing one after a pause: at 100 concurrent

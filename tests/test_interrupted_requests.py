@@ -25,7 +25,7 @@ from bus.wire import ChatMessage, encode
 from gateway.cancels import CancelBook
 from tests.helpers import env, eventually, in_process_gateway, in_process_specialists
 
-pytestmark = [pytest.mark.anyio, pytest.mark.fast]
+pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
@@ -57,6 +57,7 @@ async def silent_gateway(
             await sub.unsubscribe()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kind", ["bulk", "session chat"])
 async def test_a_request_interrupted_before_it_is_accepted_is_cancelled(
     settings: TektonSettings, kind: str
@@ -94,6 +95,7 @@ async def test_a_session_chat_the_gateway_does_not_accept_in_time_is_cancelled(
             )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "error",
     [
@@ -123,6 +125,7 @@ async def test_a_request_the_gateway_turned_down_is_not_cancelled(
 SLOW = {"TEKTON_SCRIPTED_TOKENS_PER_S": "20", "TEKTON_SCRIPTED_TOKENS": "400"}
 
 
+@pytest.mark.fast
 async def test_a_bulk_cancel_heard_before_the_gateway_began_it_stops_it(settings: TektonSettings) -> None:
     """The client gave up waiting for the acceptance and cancelled: the gateway heard the cancel before
     the request (it was busy, say). It still stops the bulk request once it begins (it did not: the
@@ -143,6 +146,7 @@ async def test_a_bulk_cancel_heard_before_the_gateway_began_it_stops_it(settings
             assert services["apollo"].counters.served == 0
 
 
+@pytest.mark.fast
 async def test_a_queued_session_message_cancelled_while_it_waits_never_starts(
     settings: TektonSettings,
 ) -> None:
@@ -174,6 +178,7 @@ async def test_a_queued_session_message_cancelled_while_it_waits_never_starts(
             assert [t.content for t in turns if t.role == "user"] == ["first"]
 
 
+@pytest.mark.fast
 async def test_the_gateway_s_cancel_book_tells_every_piece_of_work_of_one_id() -> None:
     """Two pieces of work under one (user, id) (a client that reused an id) are both told, and one
     ending does not deafen the other; a cancel heard before the work began is told when it begins."""

@@ -153,7 +153,6 @@ async def test_streamable_http_serves_the_same_tools(settings: TektonSettings) -
         child.stop()
 
 
-@pytest.mark.fast  # it mostly waits (a connection idle past 5 s): on the fast tier's workers
 async def test_streamable_http_keeps_an_idle_connection_past_uvicorn_s_default(
     settings: TektonSettings,
 ) -> None:

@@ -121,7 +121,6 @@ def test_a_bad_tekton_argument_is_a_one_line_usage_error(
     assert line.startswith("tekton") and named in line
 
 
-@pytest.mark.fast  # four children, each quick: on the fast tier's workers
 def test_a_port_already_in_use_is_one_line(settings: TektonSettings) -> None:
     """Every edge that listens says which address it could not have, in one line, and exits 1."""
     with socket.socket() as taken:
