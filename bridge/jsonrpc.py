@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -98,11 +99,17 @@ class JsonRpc:
                 # resume window (stream.resume from a new connection).
                 leaving: list[ChatStream | BulkStream] = [*self.opened.values(), *self.bulks.values()]
                 for stream in leaving:
-                    if stream.run_id is not None:
-                        stream.leave()
+                    _client_left(stream)
                 tg.cancel_scope.cancel()
 
     async def handle(self, raw: str | bytes) -> None:
+        # The client may leave before its reply (a reload): the read loop ends the session, and its
+        # durable runs go on. Raised here, it ended the session's task group, whose streams then
+        # cancelled their runs before the read loop could leave them.
+        with suppress(WebSocketDisconnect):
+            await self._handle(raw)
+
+    async def _handle(self, raw: str | bytes) -> None:
         request_id: Any = None
         message: Any = {}
         try:
@@ -208,6 +215,37 @@ class JsonRpc:
         self._pump(stream, aiter(stream))
         return {"request_id": request_id, "after": after}
 
+    async def _relay(self, stream: ChatStream, texts: AsyncIterator[str]) -> None:
+        """A stream's chunks as ``stream.chunk`` notifications, then ``stream.complete`` (its usage, or
+        its error)."""
+        request_id = stream.request.id
+        try:
+            async for text in texts:
+                await self.send(
+                    {
+                        "method": "stream.chunk",
+                        "params": {"request_id": request_id, "text": text, "seq": stream.last_seq},
+                    }
+                )
+            result = await stream.result()
+            await self.send(
+                {
+                    "method": "stream.complete",
+                    "params": {
+                        "request_id": request_id,
+                        "usage": result.done.usage.model_dump(),
+                        "timings": result.done.timings.model_dump(),
+                    },
+                }
+            )
+        except BusError as err:
+            await self.send(
+                {
+                    "method": "stream.complete",
+                    "params": {"request_id": request_id, "error": error_body(err)["error"]},
+                }
+            )
+
     def _pump(self, stream: ChatStream, texts: AsyncIterator[str]) -> None:
         request_id = stream.request.id
         scope = anyio.CancelScope()
@@ -219,37 +257,11 @@ class JsonRpc:
                 with scope:
                     async with stream:
                         try:
-                            async for text in texts:
-                                await self.send(
-                                    {
-                                        "method": "stream.chunk",
-                                        "params": {
-                                            "request_id": request_id,
-                                            "text": text,
-                                            "seq": stream.last_seq,
-                                        },
-                                    }
-                                )
-                            result = await stream.result()
-                            await self.send(
-                                {
-                                    "method": "stream.complete",
-                                    "params": {
-                                        "request_id": request_id,
-                                        "usage": result.done.usage.model_dump(),
-                                        "timings": result.done.timings.model_dump(),
-                                    },
-                                }
-                            )
-                        except BusError as err:
-                            await self.send(
-                                {
-                                    "method": "stream.complete",
-                                    "params": {"request_id": request_id, "error": error_body(err)["error"]},
-                                }
-                            )
+                            await self._relay(stream, texts)
+                        except WebSocketDisconnect:
+                            _client_left(stream)
                 if scope.cancelled_caught:
-                    with anyio.CancelScope(shield=True):
+                    with anyio.CancelScope(shield=True), suppress(WebSocketDisconnect):
                         await self.send(
                             {
                                 "method": "stream.complete",
@@ -309,13 +321,25 @@ class JsonRpc:
         async def pump() -> None:
             try:
                 async with run:
-                    async for event in run:
-                        params = {"id": run.id, **event.model_dump()}
-                        await self.send({"method": "bulk.event", "params": params})
+                    try:
+                        async for event in run:
+                            params = {"id": run.id, **event.model_dump()}
+                            await self.send({"method": "bulk.event", "params": params})
+                    except WebSocketDisconnect:
+                        _client_left(run)
             finally:
                 self.bulks.pop(run.id, None)
 
         self.tg.start_soon(pump)
+
+
+def _client_left(stream: ChatStream | BulkStream) -> None:
+    """The client's socket closed (a page reload, say): a durable run goes on for its resume window
+    (``stream.resume`` from a new connection); any other stream stops as its block ends. Said by the
+    read loop when it hears the close first, and by a stream whose send hit the closed socket first
+    (which, on a loaded machine, came first and cancelled the run a reload was to continue)."""
+    if stream.run_id is not None:
+        stream.leave()
 
 
 def add_routes(app: FastAPI, ctx: Bridge) -> None:

@@ -7,14 +7,18 @@ always interrupted while it waits for the acceptance."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
+from fastapi import WebSocketDisconnect
 from nats.aio.msg import Msg
 
+from bridge.edge import Guard
+from bridge.jsonrpc import JsonRpc
 from bus.bulk import BulkOperation, BulkPlan
 from bus.client import Bus
 from bus.errors import BusError, ErrorCode, GatewayTimeout, SessionNotFound
@@ -196,3 +200,39 @@ async def test_the_gateway_s_cancel_book_tells_every_piece_of_work_of_one_id() -
         assert early.cancelled.is_set() and not someone_elses.cancelled.is_set()
         with early.scope:
             await anyio.sleep(5)  # cancelled before it was entered: returns at once
+
+
+class ClosedUnderSend:
+    """A WebSocket its client has closed (a page reload), as a stream's relay meets it before the read
+    loop has read the close: every send fails, the close is not read yet."""
+
+    headers: dict[str, str] = {}
+
+    async def send_text(self, _data: str) -> None:
+        raise WebSocketDisconnect(code=1006)
+
+    async def receive(self) -> dict[str, object]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.fast
+async def test_a_json_rpc_stream_whose_socket_closed_under_a_send_leaves_its_run_going(
+    settings: TektonSettings,
+) -> None:
+    """A reload in the console closed the socket mid-answer; the stream's send met the closed socket
+    before the read loop heard the close, and the block's exit cancelled the run that the reloaded
+    page was to continue (test_console_reload_continues_the_answer failed so on a loaded machine)."""
+    with env(TEKTON_SCRIPTED_TOKENS_PER_S="200", TEKTON_SCRIPTED_TOKENS="60"):
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            rpc = JsonRpc(cast(Any, ClosedUnderSend()), bus, Guard([], 100.0, 100.0), "local")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rpc.serve)
+                request = {"specialist": "apollo", "message": "a long answer"}
+                await rpc.handle(
+                    json.dumps({"jsonrpc": "2.0", "id": 1, "method": "stream", "params": request})
+                )
+                apollo = services["apollo"].counters
+                await eventually(lambda: apollo.served == 1, within=10)  # the whole answer, for a resume
+                assert apollo.cancelled == 0
+                tg.cancel_scope.cancel()
