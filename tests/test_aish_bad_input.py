@@ -86,34 +86,6 @@ def test_one_specialist_twice_in_a_stage_gets_distinct_operation_ids() -> None:
     )
 
 
-async def test_asking_one_specialist_twice_at_once_gives_two_labelled_answers(
-    settings: TektonSettings,
-) -> None:
-    async with (
-        in_process_gateway(settings),
-        in_process_specialists(settings, "apollo", "athena", "prometheus"),
-    ):
-        twice = await run_aish(settings, "-c", 'apollo,apollo << "x"')
-        assert twice.returncode == 0, twice.stderr
-        assert twice.stdout == "── apollo-1.1 ──\napollo heard: x\n── apollo-1.2 ──\napollo heard: x\n"
-        three = await run_aish(settings, "--layout", "lines", "-c", 'apollo,athena,apollo << "y"')
-        assert three.returncode == 0, three.stderr
-        assert sorted(three.stdout.splitlines()) == [
-            "apollo-1.1 │ apollo heard: y",
-            "apollo-1.2 │ apollo heard: y",
-            "athena     │ athena heard: y",
-        ]
-        group = await run_aish(settings, "-c", 'echo "idea" | {apollo|apollo} | prometheus')
-        assert group.returncode == 0, group.stderr
-        assert group.stdout == (
-            "prometheus heard: [apollo-1.1]\napollo heard: idea\n\n[apollo-1.2]\napollo heard: idea\n"
-        )
-        # A capability that picks a specialist also named in the stage.
-        picked = await run_aish(settings, "-c", '@code-analysis,apollo << "why does this crash?"')
-        assert picked.returncode == 0, picked.stderr
-        assert "── apollo-1.1 ──" in picked.stdout and "── apollo-1.2 ──" in picked.stdout
-
-
 async def test_a_tls_url_never_talks_to_a_plain_server_in_clear(settings: TektonSettings) -> None:
     plain = settings.nats_url
     assert plain.startswith("nats://")

@@ -208,16 +208,38 @@ async def test_aish_fan_out_forms(settings: TektonSettings, tmp_path: Path) -> N
         in_process_gateway(settings),
         in_process_specialists(settings, "apollo", "athena", "prometheus"),
     ):
-        stacked = await run_aish(settings, "-c", 'apollo,athena << "msg"')
-        assert stacked.returncode == 0, stacked.stderr
-        assert stacked.stdout == "── apollo ──\napollo heard: msg\n── athena ──\nathena heard: msg\n"
-        lines = await run_aish(settings, "--layout", "lines", "-c", 'echo "x" | apollo,athena')
-        assert sorted(lines.stdout.splitlines()) == ["apollo │ apollo heard: x", "athena │ athena heard: x"]
-        group = await run_aish(settings, "-c", 'echo "idea" | {apollo|athena} | prometheus')
-        assert group.returncode == 0, group.stderr
-        assert group.stdout == (
-            "prometheus heard: [apollo]\napollo heard: idea\n\n[athena]\nathena heard: idea\n"
-        )
+        # Each answer labelled by its op id: the specialist's name, or with a suffix when one
+        # specialist answers twice in a stage (two samples).
+        exactly = {
+            'apollo,athena << "msg"': "── apollo ──\napollo heard: msg\n── athena ──\nathena heard: msg\n",
+            'echo "idea" | {apollo|athena} | prometheus': (
+                "prometheus heard: [apollo]\napollo heard: idea\n\n[athena]\nathena heard: idea\n"
+            ),
+            'apollo,apollo << "x"': "── apollo-1.1 ──\napollo heard: x\n── apollo-1.2 ──\napollo heard: x\n",
+            'echo "idea" | {apollo|apollo} | prometheus': (
+                "prometheus heard: [apollo-1.1]\napollo heard: idea\n\n[apollo-1.2]\napollo heard: idea\n"
+            ),
+        }
+        for pipeline, expected in exactly.items():
+            done = await run_aish(settings, "-c", pipeline)
+            assert done.returncode == 0, (pipeline, done.stderr)
+            assert done.stdout == expected, pipeline
+        in_lines = {
+            'echo "x" | apollo,athena': ["apollo │ apollo heard: x", "athena │ athena heard: x"],
+            'apollo,athena,apollo << "y"': [
+                "apollo-1.1 │ apollo heard: y",
+                "apollo-1.2 │ apollo heard: y",
+                "athena     │ athena heard: y",
+            ],
+        }
+        for pipeline, rows in in_lines.items():
+            done = await run_aish(settings, "--layout", "lines", "-c", pipeline)
+            assert done.returncode == 0, (pipeline, done.stderr)
+            assert sorted(done.stdout.splitlines()) == rows, pipeline
+        # A capability that picks a specialist also named in the stage.
+        picked = await run_aish(settings, "-c", '@code-analysis,apollo << "why does this crash?"')
+        assert picked.returncode == 0, picked.stderr
+        assert "── apollo-1.1 ──" in picked.stdout and "── apollo-1.2 ──" in picked.stdout
         typo = await run_aish(settings, "-c", 'apollo,apolo << "x"')
         assert typo.returncode == 1 and typo.stdout == ""
         assert "apolo (did you mean apollo?)" in typo.stderr

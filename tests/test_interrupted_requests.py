@@ -120,9 +120,11 @@ async def test_a_request_the_gateway_turned_down_is_not_cancelled(
                 async with bus.stream("apollo", [ChatMessage(role="user", content="hi")], session="notes"):
                     pass
             assert len(taken) == 1
-            await bus.nc.flush()
-            await anyio.sleep(0.2)
-            assert cancels == []
+            # A marker after it on the same connection: a cancel sent before would be heard first.
+            marker = cancel_subject("marker", bus.acting_for, settings.prefix)
+            await bus.nc.publish(marker, b"")
+            await eventually(lambda: marker in cancels)
+            assert cancels == [marker]
 
 
 # With a real gateway: a cancel the gateway hears before the work begins, or while it waits.
@@ -156,7 +158,7 @@ async def test_a_queued_session_message_cancelled_while_it_waits_never_starts(
 ) -> None:
     with env(**SLOW):
         async with (
-            in_process_gateway(settings),
+            in_process_gateway(settings) as gateway,
             in_process_specialists(settings, "apollo") as services,
             Bus.connect(settings) as bus,
         ):
@@ -175,9 +177,10 @@ async def test_a_queued_session_message_cancelled_while_it_waits_never_starts(
                 # Left unread: its cancel went out; the gateway drops the message from its queue.
                 await first.cancel()
             apollo = services["apollo"]
-            await eventually(lambda: apollo.counters.in_flight == 0 and apollo.counters.cancelled == 1)
-            await anyio.sleep(1.0)  # the first turn settles; a queued message would start now
-            assert apollo.counters.in_flight == 0 and apollo.counters.cancelled == 1
+            # Nothing left recording: the first turn is stored and the queued message is gone (had it
+            # started, its 20 s answer would be recording, and streaming on apollo).
+            await eventually(lambda: gateway.counters["recording"] == 0 and apollo.counters.in_flight == 0)
+            assert apollo.counters.cancelled == 1
             turns = (await bus.gateway.get(session.id)).turns
             assert [t.content for t in turns if t.role == "user"] == ["first"]
 
@@ -200,6 +203,7 @@ async def test_the_gateway_s_cancel_book_tells_every_piece_of_work_of_one_id() -
         assert early.cancelled.is_set() and not someone_elses.cancelled.is_set()
         with early.scope:
             await anyio.sleep(5)  # cancelled before it was entered: returns at once
+        assert early.scope.cancelled_caught
 
 
 class ClosedUnderSend:
