@@ -98,6 +98,8 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                     f"{prefix}.cancel.*.*",
                     f"{prefix}.replay.*.*",
                     f"{prefix}.run.>",
+                    # The turn journal (gateway/journal.py): only gateways write what gateways replay.
+                    f"{prefix}.journal.*",
                     "$JS.>",
                     "$KV.>",
                     SRV,

@@ -22,8 +22,10 @@ from bus.errors import NatsUnavailable
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from bus.usage import Budget
+from gateway.journal import open_journal
+from gateway.leases import work_bucket_name
 from gateway.service import GatewayService
-from gateway.store import SessionStore, StoreLimits, open_bucket, value_limit
+from gateway.store import SessionStore, StoreLimits, bucket_name, open_bucket, value_limit
 from gateway.usage import UsageBook, open_usage_bucket
 
 log = structlog.get_logger("tekton.gateway")
@@ -163,8 +165,15 @@ async def _serve_connection(
         replicas=session_replicas(nc, settings.session_replicas),
     )
     kv = await open_bucket(nc.jetstream(), settings.prefix, limits)
+    journal = None
+    if limits.replicas > 1:  # on one server, the journal would wait for the same server as the bucket
+        work = f"KV_{work_bucket_name(settings.prefix)}"
+        journal = await open_journal(
+            nc, settings.prefix, bucket_name(settings.prefix), limits.replicas, [work]
+        )
     async with anyio.create_task_group() as tg:
-        service = GatewayService(nc, SessionStore(kv, limits, task_group=tg), settings, tg)
+        store = SessionStore(kv, limits, task_group=tg, journal=journal)
+        service = GatewayService(nc, store, settings, tg)
         usage_kv = await open_usage_bucket(nc, settings.prefix, limits.replicas)
         budget = Budget(
             tokens=settings.usage_budget_tokens,

@@ -216,6 +216,8 @@ class GatewayService:
             self._tg.start_soon(self.leases.beat)
             self._tg.start_soon(self.leases.sweep, self._take_over)
         self._tg.start_soon(self._recover_pending)
+        if self.store.journal is not None:  # on a cluster: gateway/journal.py
+            self._tg.start_soon(self.store.journal.tend, self.store.merge_journaled)
         await self.nc.flush()
         log.info("gateway ready", instance=self.instance_id, bucket=self.store.kv._name)
 
@@ -660,6 +662,8 @@ class GatewayService:
         # A turn another replica began a moment ago (written, its hold not yet) has no run yet either.
         give_up = time.monotonic() + RUN_APPEARS_S
         try:
+            # The question may be only in the journal: its gateway died while the bucket elected a leader.
+            await self.store.replay_journaled(session_id)
             while status != "ok":
                 for user in dict.fromkeys([owner, self.bus.user]):
                     try:
@@ -770,6 +774,8 @@ class GatewayService:
 
         try:
             try:
+                # Stored means in the bucket, not only journaled: another replica reads the bucket, and
+                # a client's next turn there must come after this one.
                 session = await self.store.update(session_id, change)
             except SessionTooLarge:
                 session = await self.store.update(session_id, too_large)

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from bus.errors import BadRequest, BusError, GatewayUnavailable, SessionNotFound, SessionTooLarge
 from bus.sessions import SESSION_ID_RE, Session, SessionSummary
+from gateway.journal import TurnJournal, merge_turns
 
 log = structlog.get_logger("tekton.gateway.store")
 
@@ -248,9 +249,14 @@ class SessionStore:
         cache_size: int = 1024,
         cache_bytes: int = 64 * 1024 * 1024,
         task_group: TaskGroup | None = None,
+        journal: TurnJournal | None = None,
     ):
         self.kv = kv
         self.limits = limits
+        # On a cluster: where a change the bucket did not store within WRITE_BEHIND_AFTER_S is kept
+        # meanwhile (gateway/journal.py), and the journal's sequence of each session's newest entry.
+        self.journal = journal
+        self._journaled: dict[str, int] = {}
         # With a task group, every write of a session goes through one writer task per session, in order,
         # and a caller may go on before its write is stored (update_soon): until then this replica's own
         # reads see the change (read-your-writes), and the writer retries until the bucket has a leader.
@@ -516,6 +522,7 @@ class SessionStore:
         if self._tg is None:
             return await self._write(ref, change, CAS_PATIENCE_S)
         queued = self._enqueue(ref, change)
+        await self._stored_or_journaled(queued, ref, WRITE_BEHIND_AFTER_S)
         await queued.stored.wait()
         return queued.result()
 
@@ -524,19 +531,60 @@ class SessionStore:
     ) -> Session:
         """:meth:`update`, but return after ``within`` seconds even if the write is not stored yet: the
         session as this replica now sees it (its later reads and writes include the change), while a
-        writer keeps trying until the bucket has a leader. A change the store could never take (too
-        large) is refused now."""
+        writer keeps trying until the bucket has a leader (the change journaled meanwhile, on a
+        cluster). A change the store could never take (too large) is refused now."""
         if self._tg is None:
             return await self.update(ref, change)
         session, _ = self._overlay(self._cached(ref) or await self._resolve(ref))
         self._encode(self._prune(change(session)))  # SessionTooLarge now, not behind the caller's back
         queued = self._enqueue(session.id, change)
-        with anyio.move_on_after(within):
-            await queued.stored.wait()
+        journaled = await self._stored_or_journaled(queued, session.id, within, session)
         if queued.stored.is_set():
             return queued.result()
-        log.warning("session write goes on behind the turn", session=session.id, waited_s=within)
+        log.warning("session write goes on behind", session=session.id, waited_s=within, journaled=journaled)
         return self._overlay(self._cached(session.id) or (session, 0))[0]
+
+    async def _stored_or_journaled(
+        self, queued: _Queued, session_id: str, within: float, read: Session | None = None
+    ) -> bool:
+        """Wait up to ``within`` seconds for ``queued`` to be stored. Not stored by then, on a cluster:
+        journal the session as this replica sees it now (``read``: as last read, if not cached), so the
+        change is durable while the bucket elects a leader; True if the journal took it."""
+        with anyio.move_on_after(within):
+            await queued.stored.wait()
+        seen = self._cached(session_id) or ((read, 0) if read is not None else None)
+        if queued.stored.is_set() or self.journal is None or seen is None:
+            return False
+        seq = await self.journal.keep(self._overlay(seen)[0])
+        if seq is not None and session_id in self._queued:
+            self._journaled[session_id] = seq  # its writer clears it once the bucket has it all
+        elif seq is not None and queued.error is None:  # stored meanwhile
+            assert self._tg is not None
+            self._tg.start_soon(self.journal.clear, seq)
+        return seq is not None
+
+    async def replay_journaled(self, session_id: str) -> None:
+        """Store what the journal holds for this session (left by a gateway that died), if anything."""
+        if self.journal is None:
+            return
+        try:
+            await self.journal.replay_session(session_id, self.merge_journaled)
+        except Exception as err:  # the sweep tries again
+            log.info("journal not read", session=session_id, error=str(err) or type(err).__name__)
+
+    async def merge_journaled(self, journaled: Session) -> bool:
+        """Store what a journal entry left behind adds to the session (gateway/journal.py); True once
+        stored, or when the session is gone."""
+        try:
+            await self.update(journaled.id, lambda s: merge_turns(s, journaled))
+        except SessionNotFound:
+            return True
+        except Exception as err:  # no leader yet: the next sweep
+            log.info(
+                "journal entry not replayed yet", session=journaled.id, error=str(err) or type(err).__name__
+            )
+            return False
+        return True
 
     def _enqueue(self, session_id: str, change: Callable[[Session], Session]) -> _Queued:
         queued = _Queued(change)
@@ -550,6 +598,7 @@ class SessionStore:
 
     async def _writer(self, session_id: str, waiting: list[_Queued]) -> None:
         """Store the session's queued changes, each batch in one compare-and-set, until none is left."""
+        failed = False
         while waiting:
             batch = list(waiting)
 
@@ -567,7 +616,7 @@ class SessionStore:
             try:
                 session = await self._write(session_id, change, BEHIND_PATIENCE_S, stored)
             except Exception as err:  # told to the callers still waiting; logged for those gone on
-                error = err
+                error, failed = err, True
                 stored()
                 log.error("session write failed", session=session_id, error=str(err))
             except BaseException:
@@ -583,6 +632,10 @@ class SessionStore:
                 queued.session, queued.error = session, error
                 queued.stored.set()
         del self._queued[session_id]
+        seq = self._journaled.pop(session_id, None)
+        if seq is not None and self.journal is not None and not failed:  # all in the bucket now
+            assert self._tg is not None
+            self._tg.start_soon(self.journal.clear, seq)
 
     async def _write(
         self,

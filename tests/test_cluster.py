@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -517,6 +518,20 @@ async def _stored_turns(bus: Bus, session_id: str) -> list[Any]:
     return session.turns
 
 
+async def _until_answer_stored(bus: Bus, session_id: str, within: float) -> list[Any]:
+    """The stored turns once the bucket holds an answer (settled) as the session's last turn."""
+
+    async def stored() -> bool:
+        try:
+            turns = await _stored_turns(bus, session_id)
+        except Exception:  # no replica answers yet
+            return False
+        return len(turns) >= 2 and turns[-1].status == "ok"
+
+    await eventually(stored, within=within)
+    return await _stored_turns(bus, session_id)
+
+
 async def test_killing_the_sessions_leader_loses_no_turn_and_stores_each_once(
     cluster: LocalCluster, csettings: TektonSettings
 ) -> None:
@@ -607,23 +622,107 @@ async def test_a_turn_survives_its_gateway_dying_while_the_bucket_elects_a_leade
                     done.set()
                 # It was the doomed gateway that took the turn, and it died with the write behind it.
                 said = await anyio.to_thread.run_sync(lambda: doomed.wait_for(lambda s: "behind" in s, 10))
-                assert "session write goes on behind the turn" in said
+                assert "session write goes on behind" in said
             finally:
                 doomed.stop()
             answer = "".join(parts)
             assert answer.startswith("apollo heard: keep me")  # it went on without its gateway
             assert s.stored is not None, "the client's copy was not stored"
 
-            async def stored() -> bool:
-                try:
-                    turns = await _stored_turns(bus, session)
-                except Exception:
-                    return False
-                return len(turns) >= 2 and turns[-1].status == "ok"
-
-            await eventually(stored, within=60)
-            turns = await _stored_turns(bus, session)
+            turns = await _until_answer_stored(bus, session, within=60)
             assert [(t.role, t.content) for t in turns] == [("user", "keep me"), ("assistant", answer)]
+
+
+async def _leader_of(bus: Bus, stream: str) -> str | None:
+    try:
+        info = await bus.nc.jetstream(timeout=1).stream_info(stream)
+    except Exception:  # electing
+        return None
+    return info.cluster.leader if info.cluster else None
+
+
+async def _journaled_turns(bus: Bus, session_id: str) -> list[Any]:
+    """The session as the turn journal holds it (empty when it holds nothing for it)."""
+    from gateway.journal import TurnJournal, journal_subject
+
+    journal = TurnJournal(bus.nc, bus.settings.prefix, bucket_name(bus.settings.prefix), 3)
+    entry = await journal.entry(journal_subject(bus.settings.prefix, session_id))
+    return entry[2].turns if entry else []
+
+
+async def test_a_turn_whose_gateway_and_client_both_die_in_the_election_is_kept_by_the_journal(
+    cluster: LocalCluster, csettings: TektonSettings
+) -> None:
+    """The sessions leader's node dies; before the bucket has a new leader, the gateway that took a turn
+    and its client both die. The turn was durable before the bucket had a leader again all the same (the
+    turn journal, R3, led from another node), and a surviving gateway stores question and answer once."""
+    from gateway.journal import journal_stream_name
+    from gateway.leases import work_bucket_name
+
+    n1, n2, _ = cluster.urls
+    prefix = csettings.prefix
+    journal, work = journal_stream_name(bucket_name(prefix)), f"KV_{work_bucket_name(prefix)}"
+    slow = {"TEKTON_SCRIPTED_TOKENS": "20", "TEKTON_SCRIPTED_TOKENS_PER_S": "10"}  # ~2 s per answer
+    # The survivor reads the answer from its run: the runs stream (one replica) must not be on n3.
+    setup = await connect(n2)
+    try:
+        js = setup.jetstream()
+        while True:
+            await ensure_runs_stream(setup, csettings)
+            info = await js.stream_info(runs_stream_name(prefix))
+            if info.cluster is not None and info.cluster.leader not in (None, "n3"):
+                break
+            await js.delete_stream(runs_stream_name(prefix))
+    finally:
+        await setup.close()
+    with env(**slow):
+        async with (
+            in_process_specialists(on(csettings, n2), "apollo"),
+            Bus.connect(on(csettings, n2)) as watcher,
+        ):
+            argv = [sys.executable, "-m", "tekton", "gateway", "--log-level", "warning"]
+            doomed = spawn(argv, child_env(on(csettings, n1)), stderr=subprocess.STDOUT)
+            await anyio.to_thread.run_sync(lambda: doomed.wait_for(lambda s: s.startswith("ready gateway")))
+            try:
+                await _move_leader(watcher, "n3")
+
+                async def apart() -> bool:  # the gateway moves the journal's and the work bucket's leaders
+                    return all([await _leader_of(watcher, s) not in (None, "n3") for s in (journal, work)])
+
+                await eventually(apart, within=30)
+                first = ""
+                with suppress(Exception):  # the closed connection, on the way out
+                    async with Bus.connect(on(csettings, n2)) as client:
+                        session = (await client.gateway.create("apollo", name="both")).id
+                        cluster.kill(2)  # the bucket has no leader for the next 4-9 s
+                        async with client.stream("apollo", user("keep me too"), session=session) as s:
+                            async for text in s:
+                                first = text
+                                doomed.process.kill()  # the gateway that took the turn dies mid-answer...
+                                await client.nc.close()  # ...and so does its client: nobody settles it
+                                break
+                assert first, "the answer never began"
+
+                async def journaled() -> bool:
+                    turns = await _journaled_turns(watcher, session)
+                    return any(t.content == "keep me too" for t in turns)
+
+                await eventually(journaled, within=10)
+                bucket = await _leader_of(watcher, f"KV_{bucket_name(prefix)}")
+                assert bucket is None, "the bucket had its new leader first: this proved nothing"
+            finally:
+                doomed.stop()
+
+            async with in_process_gateway(on(csettings, n2)):  # the survivor takes the turn over
+                turns = await _until_answer_stored(watcher, session, within=90)
+            assert [(t.role, t.status) for t in turns] == [("user", "ok"), ("assistant", "ok")]
+            assert turns[0].content == "keep me too"
+            assert turns[1].content.startswith("apollo heard: keep me too")
+
+            async def cleared() -> bool:
+                return await _journaled_turns(watcher, session) == []
+
+            await eventually(cleared, within=30)
 
 
 # Routes and leaf connections need credentials --------------------------------------------------------

@@ -179,13 +179,16 @@ async def test_bob_cannot_answer_for_a_specialist_or_fake_a_service(team: Team, 
 
 
 @pytest.mark.fast
-async def test_bob_cannot_touch_the_sessions_bucket(team: Team, bob: Raw) -> None:
+async def test_bob_cannot_touch_the_sessions_bucket_or_its_journal(team: Team, bob: Raw) -> None:
     assert bob.nc is not None
     async with in_process_gateway(team.services):
         await bob.nc.publish("$JS.API.STREAM.INFO.KV_tekton_sessions", b"")
         await bob.refused('Permissions Violation for Publish to "$JS.API.STREAM.INFO.KV_tekton_sessions"')
         await bob.nc.publish("$KV.tekton_sessions.s.x", b"overwrite")
         await bob.refused('Permissions Violation for Publish to "$KV.tekton_sessions.s.x"')
+        # Nor the turn journal, whose entries a gateway replays into the bucket (gateway/journal.py).
+        await bob.nc.publish(f"tekton.journal.{'0' * 32}", b"a forged session")
+        await bob.refused(f'Permissions Violation for Publish to "tekton.journal.{"0" * 32}"')
 
 
 @pytest.mark.fast
