@@ -69,6 +69,16 @@ def parse_run_subject(subject: str, prefix: str) -> RunRef | None:
     return RunRef(user, run_id)
 
 
+def answerable(reply: str, prefix: str) -> bool:
+    """Whether an answer's frames may go to ``reply``: a client's own subject (an inbox) or a run's
+    frames subject. Never a system or JetStream subject (``$KV...``: the frames would be stored as a
+    session, ``$JS.API...``) nor another of ours (the sessions journal): under a server's
+    ``allow_responses`` a specialist may publish to whatever reply subject it is handed."""
+    if reply.startswith("$"):
+        return False
+    return not reply.startswith(f"{prefix}.") or parse_run_subject(reply, prefix) is not None
+
+
 def probe_subject(frames_subject: str) -> str:
     """The probe subject next to a run's frames subject (not kept by the stream)."""
     return frames_subject[: -len(FRAMES)] + PROBE

@@ -38,7 +38,7 @@ from bus.auth import find_credentials
 from bus.client import NothingPending, is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
-from bus.runs import RunRef, ensure_runs_stream, parse_run_subject, probe_subject
+from bus.runs import RunRef, answerable, ensure_runs_stream, parse_run_subject, probe_subject
 from bus.settings import TektonSettings
 from bus.subjects import (
     ANONYMOUS,
@@ -607,6 +607,12 @@ class SpecialistService:
         reply_to = msg.reply
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
+            return
+        if not answerable(reply_to, self.settings.prefix):  # nobody may be answered there: say nothing
+            self.counters.errors += 1
+            self.log.warning(
+                "chat request with a reply subject no client reads dropped", reply=reply_to[:120]
+            )
             return
         run = parse_run_subject(reply_to, self.settings.prefix)
         reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run)

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 
 from bus.auth import load_credentials
 from bus.bulk import BulkOperation, BulkPlan
-from bus.client import Bus, connect
+from bus.client import Bus, connect, connect_as
 from bus.errors import BadRequest, BusError, NatsUnavailable, RunNotFound, SessionNotFound, Unauthorized
 from bus.refusals import Refusals
 from bus.server import EmbeddedNats
@@ -31,7 +31,7 @@ from bus.sessions import Session, SessionChat
 from bus.settings import TektonSettings
 from bus.subjects import ALL_USERS
 from bus.tls import TlsSocketTransport
-from bus.wire import ChatMessage, ChatRequest, DoneFrame, unpack_frame
+from bus.wire import ChatMessage, ChatRequest, DoneFrame, encode, unpack_frame
 from gateway.runtime import serve_gateway
 from tekton import certs
 from tekton.users import Users
@@ -189,6 +189,44 @@ async def test_bob_cannot_touch_the_sessions_bucket_or_its_journal(team: Team, b
         # Nor the turn journal, whose entries a gateway replays into the bucket (gateway/journal.py).
         await bob.nc.publish(f"tekton.journal.{'0' * 32}", b"a forged session")
         await bob.refused(f'Permissions Violation for Publish to "tekton.journal.{"0" * 32}"')
+
+
+@pytest.mark.fast
+async def test_bob_cannot_have_a_specialist_answer_into_the_sessions_bucket_or_its_journal(
+    team: Team, bob: Raw
+) -> None:
+    """A request's reply subject is the asker's to choose, and a specialist may answer any reply subject
+    it is handed: frames sent to ``$KV.<sessions>.s.<id>`` would be stored as alice's session (unreadable
+    from then on), and to the journal as an entry a gateway replays. The specialist refuses to answer
+    there."""
+    assert bob.nc is not None
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+    ):
+        work = await alice.gateway.create("apollo", name="work")
+        gateway = await connect_as(team.services, name="test", identity="gateway")  # reads the bucket
+        kv = await gateway.jetstream().key_value("tekton_sessions")
+        before = (await kv.get(f"s.{work.id}")).revision
+        request = encode(ChatRequest(messages=[ChatMessage(role="user", content="x")]))
+        targets = [f"$KV.tekton_sessions.s.{work.id}", f"tekton.journal.{work.id}.x"]
+        for reply in targets:
+            await bob.nc.publish("tekton.ai.apollo.chat", request, reply=reply)
+
+        async def dropped_or_written() -> bool:
+            errors = sum(
+                int((a.get("endpoints") or [{}])[0].get("data", {}).get("errors", 0))
+                for a in await alice.stats("apollo", window=0.5)
+            )
+            return errors >= len(targets) or (await kv.get(f"s.{work.id}")).revision != before
+
+        await eventually(dropped_or_written, within=10)
+        assert (await kv.get(f"s.{work.id}")).revision == before, (
+            "a specialist's frames overwrote the session"
+        )
+        assert (await alice.gateway.get("work")).id == work.id
+        await gateway.close()
 
 
 @pytest.mark.fast
