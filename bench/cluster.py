@@ -43,7 +43,7 @@ from bus.server import EmbeddedNats
 from bus.sessions import Session
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage, ChatOptions
-from gateway.journal import TurnJournal, journal_stream_name, journal_subject
+from gateway.journal import TurnJournal, journal_stream_name
 from gateway.runtime import serve_gateway
 from gateway.store import bucket_name
 from specialists.providers.local import cores_share
@@ -225,11 +225,9 @@ async def _until_journaled(bus: Bus, session: str, request_id: str) -> None:
     with anyio.fail_after(60):
         while True:
             try:
-                entry = await journal.entry(journal_subject(prefix, session))
-                if entry is not None and any(
-                    t.request_id == request_id and t.status == "ok" for t in entry[2].turns
-                ):
-                    return
+                for _, _, journaled in await journal.entries(session):
+                    if any(t.request_id == request_id and t.status == "ok" for t in journaled.turns):
+                        return
             except Exception:  # a node restarts
                 pass
             await anyio.sleep(0.02)

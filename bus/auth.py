@@ -99,7 +99,7 @@ def permissions(role: str, user: str, prefix: str) -> dict[str, Any]:
                     f"{prefix}.replay.*.*",
                     f"{prefix}.run.>",
                     # The turn journal (gateway/journal.py): only gateways write what gateways replay.
-                    f"{prefix}.journal.*",
+                    f"{prefix}.journal.*.*",
                     "$JS.>",
                     "$KV.>",
                     SRV,

@@ -6,26 +6,32 @@ Raft election timeout (a random 4-9 s, fixed in the server). The gateway does no
 that (gateway/store.py writes it behind the answer), but until the election ends the change lives only in
 that gateway's memory, and in its client's. This stream, ``<bucket>_journal`` with the bucket's replicas,
 keeps it meanwhile: after ``WRITE_BEHIND_AFTER_S`` without a stored write, the session as the gateway now
-sees it is published to ``<prefix>.journal.<session id>`` (one message kept per session, the newest),
-which a quorum of the journal's replicas acknowledges at once, its leader being alive.
+sees it is published to ``<prefix>.journal.<session id>.<gateway>`` (one message kept per subject, the
+newest: one gateway's entry never replaces another's), which a quorum of the journal's replicas
+acknowledges at once, its leader being alive.
 
-- Leaders apart: every gateway checks now and then that the journal's leader is not the bucket's, and
-  moves it (a leader stepdown with a preferred placement, nats-server 2.11+) if it is, so one node's loss
-  never takes both.
-- Cleared: the writer that journaled a session deletes the entry once its changes are in the bucket.
-- Replayed: an entry still there ``REPLAY_AFTER_S`` after it was written (its gateway died before the
-  bucket took the change) is merged into the bucket by whichever gateway sweeps first: the journal's
-  turns the stored session lacks are appended, and a turn pending in the bucket takes the journal's
-  outcome (``merge_turns``; idempotent, so two sweepers, or a sweeper and the client's own copy of the
+- Leaders apart: every gateway checks now and then that the journal's leader (and the work bucket's) is
+  not on the bucket leader's node, and moves it there if it is (a leader stepdown with a preferred
+  placement, nats-server 2.11+), so one node's loss never takes both.
+- Dropped: the writer that journaled a session purges its entry once its changes are in the bucket; a
+  rollback (double-texting) purges every gateway's entry of the session, so no replay brings back the
+  turns it removed.
+- Replayed: a gateway taking a dead one's turn over (gateway/leases.py) merges the session's entries
+  first; and any entry a gateway has seen for ``REPLAY_AFTER_S`` (its own clock) is merged by whichever
+  gateway sweeps first (``merge_turns``: a pending turn takes the journal's outcome, a missing turn goes
+  after the one it follows; idempotent, so two sweepers, or a sweeper and the client's own copy of the
   answer, store each turn once). Then the entry is deleted.
 
-Only the gateway may publish to the journal (bus/auth.py): what it replays becomes a stored session.
+Only the gateway may publish to the journal (bus/auth.py), and a specialist never answers into it
+(bus/runs.py ``answerable``): what is replayed becomes a stored session. An entry under another
+session's subject is dropped.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 
@@ -45,6 +51,8 @@ log = structlog.get_logger("tekton.gateway.journal")
 
 # Stores what a journaled session adds to the stored one: True once stored (or the session is gone).
 Merge = Callable[[Session], Awaitable[bool]]
+# An entry as read: (stream sequence, when its gateway wrote it, the session as that gateway saw it).
+Entry = tuple[int, float, Session]
 
 # How long a gateway waits for the journal's acknowledgement before it goes on without it (the journal's
 # leader being alive, it takes a few milliseconds).
@@ -52,6 +60,8 @@ JOURNAL_ACK_S = 1.0
 # An entry this old was left by a gateway that could not clear it (it died before the bucket took the
 # change): replay it. A live gateway has stored its change by then, the election being long over.
 REPLAY_AFTER_S = 20.0
+# One entry's merge waits this long at most for the bucket (a sweep goes on with the next).
+MERGE_PATIENCE_S = 30.0
 # How often a gateway sweeps the journal and checks that the two leaders are apart.
 SWEEP_EVERY_S = 5.0
 # JetStream's error code for a message that is not there (any more).
@@ -74,8 +84,9 @@ def journal_stream_name(bucket: str) -> str:
     return f"{bucket}_journal"
 
 
-def journal_subject(prefix: str, session_id: str) -> str:
-    return f"{prefix}.journal.{session_id}"
+def journal_subject(prefix: str, session_id: str, instance: str) -> str:
+    """One subject per session and gateway: a gateway's entry never replaces another's."""
+    return f"{prefix}.journal.{session_id}.{instance}"
 
 
 def _key(turn: Turn) -> tuple[str, str]:
@@ -85,25 +96,31 @@ def _key(turn: Turn) -> tuple[str, str]:
 
 
 def merge_turns(stored: Session, journaled: Session) -> Session:
-    """``stored`` with what ``journaled`` adds: its turns after the last one both hold that ``stored``
-    lacks, appended, and the outcome of a turn that is pending in ``stored`` but settled in
-    ``journaled``. Pure and idempotent."""
+    """``stored`` with what ``journaled`` adds. A turn pending in ``stored`` takes its outcome from
+    ``journaled``; a turn ``stored`` lacks goes right after the one it follows in ``journaled``. Except:
+    turns older than the first turn both hold (``stored`` dropped them at its cap), and an answer to a
+    question ``stored`` settled otherwise (given up, or answered from another copy). Pure and
+    idempotent."""
     theirs = {_key(t): t for t in journaled.turns}
     turns = [
         theirs[_key(t)] if t.status == "pending" and theirs.get(_key(t), t).status != "pending" else t
         for t in stored.turns
     ]
-    have = {_key(t) for t in turns}
-    shared = [i for i, t in enumerate(journaled.turns) if _key(t) in have]
-    if shared:
-        after = journaled.turns[shared[-1] + 1 :]
-    else:  # nothing in common (the stored turns were all dropped, or none yet): the newer ones
-        newest = max((t.at for t in stored.turns), default=0.0)
-        after = [t for t in journaled.turns if t.at > newest]
-    added = [t for t in after if _key(t) not in have]
-    if not added and turns == stored.turns:
-        return stored
-    return stored.model_copy(update={"turns": [*turns, *added]})
+    settled = {t.request_id for t in stored.turns if t.role == "user" and t.status != "pending"}
+    keys = [_key(t) for t in turns]
+    shared = [i for i, t in enumerate(journaled.turns) if _key(t) in keys]
+    newest = max((t.at for t in stored.turns), default=0.0)
+    for i, t in enumerate(journaled.turns):
+        key = _key(t)
+        if key in keys or (shared and i < shared[0]) or (not shared and t.at <= newest):
+            continue
+        if t.role == "assistant" and t.request_id in settled:
+            continue
+        before = _key(journaled.turns[i - 1]) if i else None
+        at = keys.index(before) + 1 if before in keys else len(turns)
+        turns.insert(at, t)
+        keys.insert(at, key)
+    return stored if turns == stored.turns else stored.model_copy(update={"turns": turns})
 
 
 class TurnJournal:
@@ -118,6 +135,10 @@ class TurnJournal:
         self.replicas = replicas
         self.apart = tuple(apart)
         self.opened = False
+        self.instance = uuid.uuid4().hex[:12]  # this gateway's own subjects
+        # When this gateway first saw each entry (by sequence), on its own clock: no two machines'
+        # clocks are compared.
+        self._first_seen: dict[int, float] = {}
 
     async def open(self) -> bool:
         """Make sure the stream exists (created if missing; an existing one keeps its settings). False
@@ -128,7 +149,7 @@ class TurnJournal:
         config = StreamConfig(
             name=self.name,
             description="Tekton sessions: changes the bucket had not stored yet (a leader election)",
-            subjects=[journal_subject(self.prefix, "*")],
+            subjects=[journal_subject(self.prefix, "*", "*")],
             storage=StorageType.FILE,
             num_replicas=self.replicas,
             max_msgs_per_subject=1,
@@ -149,13 +170,14 @@ class TurnJournal:
         return True
 
     async def keep(self, session: Session) -> int | None:
-        """Journal ``session`` as it now is; its sequence, or None when the journal did not take it in
-        ``JOURNAL_ACK_S`` (the change then lives in this gateway's memory until the bucket takes it)."""
+        """Journal ``session`` as this gateway now sees it (replacing its own earlier entry of it); its
+        sequence, or None when the journal did not take it in ``JOURNAL_ACK_S`` (the change then lives
+        in this gateway's memory until the bucket takes it)."""
         data = msgpack.packb(
             {"at": time.time(), "session": session.model_dump(mode="python", exclude_none=True)}
         )
         try:
-            ack = await self.js.publish(journal_subject(self.prefix, session.id), data)
+            ack = await self.js.publish(journal_subject(self.prefix, session.id, self.instance), data)
         except (nats.errors.Error, OSError) as err:
             log.warning(
                 "session change not journaled", session=session.id, error=str(err) or type(err).__name__
@@ -163,6 +185,15 @@ class TurnJournal:
             return None
         log.info("session change journaled", session=session.id, seq=ack.seq)
         return int(ack.seq)
+
+    async def forget(self, session_id: str, instance: str | None = None) -> None:
+        """Drop this gateway's entry of the session (every gateway's with ``instance="*"``): the bucket
+        holds its changes now, or they were undone (a rollback)."""
+        subject = journal_subject(self.prefix, session_id, instance or self.instance)
+        try:
+            await self.js.purge_stream(self.name, subject=subject)
+        except (nats.errors.Error, OSError) as err:  # replayed later, which changes nothing
+            log.info("journal entry left", session=session_id, error=str(err) or type(err).__name__)
 
     async def clear(self, seq: int) -> None:
         """Delete an entry whose change is in the bucket now (gone already: nothing to do)."""
@@ -174,7 +205,7 @@ class TurnJournal:
         except (nats.errors.Error, OSError) as err:  # replayed later, which changes nothing
             log.info("journal entry left", seq=seq, error=str(err) or type(err).__name__)
 
-    async def entry(self, subject: str) -> tuple[int, float, Session] | None:
+    async def entry(self, subject: str) -> Entry | None:
         """The entry on ``subject`` (a direct get, from any replica): (sequence, when, session); None if
         there is none (an unreadable one is dropped)."""
         try:
@@ -183,42 +214,59 @@ class TurnJournal:
             return None
         try:
             entry = msgpack.unpackb(msg.data or b"", raw=False)
-            return int(msg.seq or 0), float(entry["at"]), Session.model_validate(entry["session"])
+            session = Session.model_validate(entry["session"])
+            if session.id != subject.split(".")[-2]:
+                raise ValueError(f"an entry of session {session.id} under another session's subject")
+            return int(msg.seq or 0), float(entry["at"]), session
         except (KeyError, TypeError, ValueError, ValidationError, msgpack.UnpackException) as err:
             log.warning("unreadable journal entry dropped", subject=subject, error=str(err))
             await self.clear(int(msg.seq or 0))
             return None
 
-    async def entries(self, older_than: float) -> list[tuple[int, float, Session]]:
-        """Entries written more than ``older_than`` seconds ago."""
-        info = await self.js.stream_info(self.name, subjects_filter=journal_subject(self.prefix, "*"))
-        found = []
+    async def entries(self, session_id: str = "*", older_than: float = 0.0) -> list[Entry]:
+        """The entries (of one session, or all), each seen by this gateway at least ``older_than``
+        seconds ago."""
+        filter_ = journal_subject(self.prefix, session_id, "*")
+        info = await self.js.stream_info(self.name, subjects_filter=filter_)
+        found, now = [], time.monotonic()
         for subject in (info.state.subjects or {}) if info.state else {}:
             entry = await self.entry(subject)
-            if entry is not None and time.time() - entry[1] >= older_than:
+            if entry is None:
+                continue
+            if now - self._first_seen.setdefault(entry[0], now) >= older_than:
                 found.append(entry)
+        if session_id == "*":  # forget what is gone
+            seen = {e[0] for e in found}
+            self._first_seen = {
+                k: v for k, v in self._first_seen.items() if k in seen or now - v < older_than
+            }
         return found
 
     async def replay(self, merge: Merge, older_than: float = REPLAY_AFTER_S) -> int:
         """Merge every entry left behind into the bucket (``merge``: True once stored, or when the
         session is gone), deleting each merged one; how many were merged."""
         merged = 0
-        for entry in await self.entries(older_than):
+        for entry in await self.entries(older_than=older_than):
             merged += await self._merge(entry, merge)
         return merged
 
-    async def replay_session(self, session_id: str, merge: Merge) -> bool:
-        """Merge the session's entry, whatever its age (its gateway is known dead); True if there was one."""
-        entry = await self.entry(journal_subject(self.prefix, session_id))
-        return entry is not None and await self._merge(entry, merge)
+    async def replay_session(self, session_id: str, merge: Merge) -> int:
+        """Merge the session's entries, whatever their age (a gateway that wrote one is known dead)."""
+        merged = 0
+        for entry in await self.entries(session_id):
+            merged += await self._merge(entry, merge)
+        return merged
 
-    async def _merge(self, entry: tuple[int, float, Session], merge: Merge) -> bool:
+    async def _merge(self, entry: Entry, merge: Merge) -> bool:
         seq, at, session = entry
-        if not await merge(session):
-            return False
-        log.info("journaled session change replayed", session=session.id, age_s=round(time.time() - at, 1))
-        await self.clear(seq)
-        return True
+        with anyio.move_on_after(MERGE_PATIENCE_S):  # the bucket without a leader: the next sweep
+            if await merge(session):
+                log.info(
+                    "journaled session change replayed", session=session.id, age_s=round(time.time() - at, 1)
+                )
+                await self.clear(seq)
+                return True
+        return False
 
     async def keep_apart(self) -> None:
         """Move the journal's leader, and those of the streams in ``apart``, off the bucket leader's
@@ -253,6 +301,6 @@ class TurnJournal:
             for step in (self.open, self.keep_apart, lambda: self.replay(merge)):
                 try:
                     await step()
-                except (nats.errors.Error, OSError) as err:  # a leader being elected: next time
+                except Exception as err:  # a leader being elected (or anything else): next time
                     log.info("journal not tended", error=str(err) or type(err).__name__)
             await anyio.sleep(SWEEP_EVERY_S)

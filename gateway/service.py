@@ -417,6 +417,7 @@ class GatewayService:
                 session.id,
                 lambda s: s.model_copy(update={"turns": [t for t in s.turns if t.request_id not in busy]}),
             )
+            await self.store.forget_journaled(session.id)
         return []
 
     def _settle_within(self) -> float:

@@ -254,9 +254,9 @@ class SessionStore:
         self.kv = kv
         self.limits = limits
         # On a cluster: where a change the bucket did not store within WRITE_BEHIND_AFTER_S is kept
-        # meanwhile (gateway/journal.py), and the journal's sequence of each session's newest entry.
+        # meanwhile (gateway/journal.py), and the sessions this replica has an entry of there.
         self.journal = journal
-        self._journaled: dict[str, int] = {}
+        self._journaled: set[str] = set()
         # With a task group, every write of a session goes through one writer task per session, in order,
         # and a caller may go on before its write is stored (update_soon): until then this replica's own
         # reads see the change (read-your-writes), and the writer retries until the bucket has a leader.
@@ -555,13 +555,20 @@ class SessionStore:
         seen = self._cached(session_id) or ((read, 0) if read is not None else None)
         if queued.stored.is_set() or self.journal is None or seen is None:
             return False
-        seq = await self.journal.keep(self._overlay(seen)[0])
-        if seq is not None and session_id in self._queued:
-            self._journaled[session_id] = seq  # its writer clears it once the bucket has it all
-        elif seq is not None and queued.error is None:  # stored meanwhile
+        if await self.journal.keep(self._overlay(seen)[0]) is None:
+            return False
+        if session_id in self._queued:
+            self._journaled.add(session_id)  # its writer drops the entry once the bucket has it all
+        elif queued.error is None:  # stored meanwhile
             assert self._tg is not None
-            self._tg.start_soon(self.journal.clear, seq)
-        return seq is not None
+            self._tg.start_soon(self.journal.forget, session_id)
+        return True
+
+    async def forget_journaled(self, session_id: str) -> None:
+        """Drop every gateway's journal entry of the session: its turns were removed on purpose (a
+        rollback), and no replay may bring them back."""
+        if self.journal is not None:
+            await self.journal.forget(session_id, "*")
 
     async def replay_journaled(self, session_id: str) -> None:
         """Store what the journal holds for this session (left by a gateway that died), if anything."""
@@ -577,7 +584,8 @@ class SessionStore:
         stored, or when the session is gone."""
         try:
             await self.update(journaled.id, lambda s: merge_turns(s, journaled))
-        except SessionNotFound:
+        except (SessionNotFound, SessionTooLarge) as err:  # nothing to merge into, or never storable
+            log.warning("journal entry dropped", session=journaled.id, error=str(err))
             return True
         except Exception as err:  # no leader yet: the next sweep
             log.info(
@@ -632,10 +640,10 @@ class SessionStore:
                 queued.session, queued.error = session, error
                 queued.stored.set()
         del self._queued[session_id]
-        seq = self._journaled.pop(session_id, None)
-        if seq is not None and self.journal is not None and not failed:  # all in the bucket now
+        if session_id in self._journaled and self.journal is not None and not failed:  # all stored now
+            self._journaled.discard(session_id)
             assert self._tg is not None
-            self._tg.start_soon(self.journal.clear, seq)
+            self._tg.start_soon(self.journal.forget, session_id)
 
     async def _write(
         self,

@@ -643,11 +643,10 @@ async def _leader_of(bus: Bus, stream: str) -> str | None:
 
 async def _journaled_turns(bus: Bus, session_id: str) -> list[Any]:
     """The session as the turn journal holds it (empty when it holds nothing for it)."""
-    from gateway.journal import TurnJournal, journal_subject
+    from gateway.journal import TurnJournal
 
     journal = TurnJournal(bus.nc, bus.settings.prefix, bucket_name(bus.settings.prefix), 3)
-    entry = await journal.entry(journal_subject(bus.settings.prefix, session_id))
-    return entry[2].turns if entry else []
+    return [t for entry in await journal.entries(session_id) for t in entry[2].turns]
 
 
 async def test_a_turn_whose_gateway_and_client_both_die_in_the_election_is_kept_by_the_journal(

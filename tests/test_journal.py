@@ -17,7 +17,7 @@ from bus.client import connect
 from bus.errors import SessionNotFound
 from bus.sessions import Session, Turn
 from bus.settings import TektonSettings
-from gateway.journal import TurnJournal, journal_subject, merge_turns
+from gateway.journal import TurnJournal, merge_turns
 from gateway.store import SessionStore, StoreLimits, bucket_name, open_bucket
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fast]
@@ -81,8 +81,25 @@ def _shape(s: Session) -> list[tuple[str, str, str]]:
             _session(_user("r1", "ok"), _user("r6", at=6.0)),
             [("user", "q r5", "ok"), ("user", "q r6", "pending")],
         ),
+        # Another gateway stored a later question first: the answer goes back beside its own.
+        (
+            _session(_user("r1"), _user("r2", "ok", at=3.0), _answer("r2", "x2", at=4.0)),
+            _session(_user("r1", "ok"), _answer("r1", "x1"), _user("r2", at=3.0)),
+            [
+                ("user", "q r1", "ok"),
+                ("assistant", "a r1", "ok"),
+                ("user", "q r2", "ok"),
+                ("assistant", "a r2", "ok"),
+            ],
+        ),
+        # The bucket gave the question up (no answer came in time): no answer without its question.
+        (
+            _session(_user("r1", "error")),
+            _session(_user("r1", "ok"), _answer("r1", "x1")),
+            [("user", "q r1", "error")],
+        ),
     ],
-    ids=["question", "answer", "client-copy", "older", "dropped", "disjoint"],
+    ids=["question", "answer", "client-copy", "older", "dropped", "disjoint", "interleaved", "given-up"],
 )
 def test_a_journaled_session_adds_only_what_the_stored_one_lacks(
     stored: Session, journaled: Session, expected: list[tuple[str, str, str]]
@@ -134,7 +151,7 @@ async def test_an_entry_left_behind_is_replayed_into_the_bucket_once_and_cleared
                 sweepers.start_soon(j.journal.replay, s.merge_journaled, 0.0)
         stored, _ = await SessionStore(j.kv, j.limits).resolve(session.id)
         assert _shape(stored) == [("user", "q r1", "ok"), ("user", "q r2", "ok"), ("assistant", "a r2", "ok")]
-        assert await j.journal.entry(journal_subject(settings.prefix, session.id)) is None, "not cleared"
+        assert await j.journal.entries(session.id) == [], "not cleared"
 
 
 async def test_a_session_deleted_since_drops_its_entry(settings: TektonSettings) -> None:
@@ -143,6 +160,6 @@ async def test_a_session_deleted_since_drops_its_entry(settings: TektonSettings)
         await j.journal.keep(session.model_copy(update={"turns": [_user("r1")]}))
         await j.store.delete(session.id)
         assert await j.journal.replay(j.store.merge_journaled, 0.0) == 1
-        assert await j.journal.entry(journal_subject(settings.prefix, session.id)) is None
+        assert await j.journal.entries(session.id) == []
         with pytest.raises(SessionNotFound):
             await j.store.resolve(session.id)
