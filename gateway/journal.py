@@ -57,8 +57,9 @@ Entry = tuple[int, float, Session]
 # How long a gateway waits for the journal's acknowledgement before it goes on without it (the journal's
 # leader being alive, it takes a few milliseconds).
 JOURNAL_ACK_S = 1.0
-# An entry this old was left by a gateway that could not clear it (it died before the bucket took the
-# change): replay it. A live gateway has stored its change by then, the election being long over.
+# An entry a gateway has seen this long (on its own clock) was left by a gateway that could not drop it
+# (it died before the bucket took the change): replay it. A live gateway has stored its change by then,
+# the election being long over.
 REPLAY_AFTER_S = 20.0
 # One entry's merge waits this long at most for the bucket (a sweep goes on with the next).
 MERGE_PATIENCE_S = 30.0

@@ -608,13 +608,13 @@ class SpecialistService:
         if not reply_to:
             self.log.warning("chat request without a reply subject dropped")
             return
-        if not answerable(reply_to, self.settings.prefix):  # nobody may be answered there: say nothing
+        run = parse_run_subject(reply_to, self.settings.prefix)
+        if run is None and not answerable(reply_to, self.settings.prefix):  # nobody may be answered there
             self.counters.errors += 1
             self.log.warning(
                 "chat request with a reply subject no client reads dropped", reply=reply_to[:120]
             )
             return
-        run = parse_run_subject(reply_to, self.settings.prefix)
         reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run)
         if self._draining:
             err = BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
