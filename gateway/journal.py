@@ -162,8 +162,11 @@ class TurnJournal:
             try:
                 await self.js.stream_info(self.name)  # answered by the journal's own leader
             except nats.js.errors.NotFoundError:
-                with suppress(nats.js.errors.BadRequestError):  # another gateway made it just now
+                try:
                     await self.nc.jetstream(timeout=5.0).add_stream(config)
+                except nats.js.errors.BadRequestError as err:  # made by another gateway just now?
+                    await self.js.stream_info(self.name)  # if not, it was refused: said below
+                    log.info("turn journal made meanwhile", said=str(err))
         except (nats.errors.Error, OSError) as err:
             log.warning("turn journal not checked yet", error=str(err) or type(err).__name__)
             return False
