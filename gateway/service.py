@@ -19,7 +19,6 @@ import structlog
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 from pydantic import ValidationError
@@ -38,7 +37,8 @@ from bus.errors import (
     SessionTooLarge,
     SpecialistUnavailable,
 )
-from bus.runs import ensure_runs_stream, parse_run_subject
+from bus.micro import add_service
+from bus.runs import answerable, ensure_runs_stream, parse_run_subject
 from bus.sessions import (
     ChatAccepted,
     CreateSession,
@@ -179,6 +179,7 @@ class GatewayService:
             log.warning("runs stream not available; answers will not be resumable", error=str(err))
         self._service = await add_service(
             self.nc,
+            self.settings.prefix,
             name="gateway",
             version=VERSION,
             description="Tekton gateway: conversation sessions in JetStream KV",
@@ -241,6 +242,9 @@ class GatewayService:
         model, handler = self._handlers[op]
 
         async def dispatch(req: Request) -> None:
+            if not answerable(req._msg.reply or "", self.settings.prefix):  # (bus/micro.py)
+                log.warning("gateway request with a reply subject no client reads dropped", op=op)
+                return
             # Each request in its own task: a slow scan never holds up a quick get.
             if tracing.wanted(req._msg.headers):
                 self._tg.start_soon(self._handle_traced, op, model, handler, req)

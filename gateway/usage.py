@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from bus.errors import BadRequest, BusError
+from bus.runs import answerable
 from bus.sessions import ErrorReply
 from bus.subjects import ALL_USERS, gateway_queue, gateway_user
 from bus.usage import (
@@ -301,6 +302,9 @@ class UsageBook:
         return UsageReply(user=query.reset, total=Totals(), removed=removed)
 
     async def _on_query(self, msg: Msg) -> None:
+        if not answerable(msg.reply or "", self.prefix):  # we may publish to $KV: answer only clients
+            log.warning("usage query with a reply subject no client reads dropped")
+            return
         user = gateway_user(msg.subject, self.prefix)
         try:
             query = UsageQuery.model_validate(unpack_frame(msg.data))

@@ -28,7 +28,6 @@ import structlog
 from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Endpoint, EndpointStats, Service
 from pydantic import ValidationError
@@ -38,6 +37,7 @@ from bus.auth import find_credentials
 from bus.client import NothingPending, is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
+from bus.micro import add_service
 from bus.runs import RunRef, answerable, ensure_runs_stream, parse_run_subject, probe_subject
 from bus.settings import TektonSettings
 from bus.subjects import (
@@ -413,6 +413,7 @@ class SpecialistService:
         self._replay_sub = await self.nc.subscribe(replay_wildcard(self.settings.prefix), cb=self._on_replay)
         self._service = await add_service(
             self.nc,
+            self.settings.prefix,
             name=self.spec.name,
             version=VERSION,
             description=self.spec.description,

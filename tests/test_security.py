@@ -187,18 +187,19 @@ async def test_bob_cannot_touch_the_sessions_bucket_or_its_journal(team: Team, b
         await bob.nc.publish("$KV.tekton_sessions.s.x", b"overwrite")
         await bob.refused('Permissions Violation for Publish to "$KV.tekton_sessions.s.x"')
         # Nor the turn journal, whose entries a gateway replays into the bucket (gateway/journal.py).
-        await bob.nc.publish(f"tekton.journal.{'0' * 32}", b"a forged session")
-        await bob.refused(f'Permissions Violation for Publish to "tekton.journal.{"0" * 32}"')
+        await bob.nc.publish(f"tekton.journal.{'0' * 32}.x", b"a forged session")
+        await bob.refused(f'Permissions Violation for Publish to "tekton.journal.{"0" * 32}.x"')
 
 
 @pytest.mark.fast
-async def test_bob_cannot_have_a_specialist_answer_into_the_sessions_bucket_or_its_journal(
+async def test_bob_cannot_have_any_responder_write_into_the_sessions_bucket_or_its_journal(
     team: Team, bob: Raw
 ) -> None:
-    """A request's reply subject is the asker's to choose, and a specialist may answer any reply subject
-    it is handed: frames sent to ``$KV.<sessions>.s.<id>`` would be stored as alice's session (unreadable
-    from then on), and to the journal as an entry a gateway replays. The specialist refuses to answer
-    there."""
+    """A request's reply subject is the asker's to choose, and a responder may publish to it: a
+    specialist (``allow_responses``), and the gateway, whose connection may publish to ``$KV.>``. Frames
+    or replies sent to ``$KV.<sessions>.s.<id>`` would be stored as alice's session (unreadable from then
+    on), and to the journal as an entry a gateway replays. Nobody answers there: not a chat, not a
+    ``$SRV`` ping, info or stats, not the gateway's API."""
     assert bob.nc is not None
     async with (
         in_process_gateway(team.services),
@@ -209,8 +210,9 @@ async def test_bob_cannot_have_a_specialist_answer_into_the_sessions_bucket_or_i
         gateway = await connect_as(team.services, name="test", identity="gateway")  # reads the bucket
         kv = await gateway.jetstream().key_value("tekton_sessions")
         before = (await kv.get(f"s.{work.id}")).revision
+        into = f"$KV.tekton_sessions.s.{work.id}"
         request = encode(ChatRequest(messages=[ChatMessage(role="user", content="x")]))
-        targets = [f"$KV.tekton_sessions.s.{work.id}", f"tekton.journal.{work.id}.x"]
+        targets = [into, f"tekton.journal.{work.id}.x"]
         for reply in targets:
             await bob.nc.publish("tekton.ai.apollo.chat", request, reply=reply)
 
@@ -222,9 +224,17 @@ async def test_bob_cannot_have_a_specialist_answer_into_the_sessions_bucket_or_i
             return errors >= len(targets) or (await kv.get(f"s.{work.id}")).revision != before
 
         await eventually(dropped_or_written, within=10)
-        assert (await kv.get(f"s.{work.id}")).revision == before, (
-            "a specialist's frames overwrote the session"
-        )
+        for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS", "tekton.gateway.bob.session.list"):
+            await bob.nc.publish(subject, b"", reply=into)
+            # Then the same asked properly on the same subject: each responder handles one subscription's
+            # messages in order, so its answer to this comes after whatever it did with the first.
+            inbox = bob.nc.new_inbox()
+            sub = await bob.nc.subscribe(inbox)
+            await bob.nc.publish(subject, b"" if subject.startswith("$") else b"\x80", reply=inbox)
+            await sub.next_msg(timeout=10)
+            await sub.unsubscribe()
+        await gateway.jetstream().stream_info("KV_tekton_sessions")  # after any stored write
+        assert (await kv.get(f"s.{work.id}")).revision == before, "a reply overwrote the session"
         assert (await alice.gateway.get("work")).id == work.id
         await gateway.close()
 
