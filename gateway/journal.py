@@ -99,7 +99,7 @@ def _key(turn: Turn) -> tuple[str, str]:
 def merge_turns(stored: Session, journaled: Session) -> Session:
     """``stored`` with what ``journaled`` adds. A turn pending in ``stored`` takes its outcome from
     ``journaled``; a turn ``stored`` lacks goes right after the one it follows in ``journaled``. Except:
-    turns older than the first turn both hold (``stored`` dropped them at its cap), and an answer to a
+    turns ``stored`` has dropped at its cap (by position: ``dropped`` counts them), and an answer to a
     question ``stored`` settled otherwise (given up, or answered from another copy). Pure and
     idempotent."""
     theirs = {_key(t): t for t in journaled.turns}
@@ -109,11 +109,9 @@ def merge_turns(stored: Session, journaled: Session) -> Session:
     ]
     settled = {t.request_id for t in stored.turns if t.role == "user" and t.status != "pending"}
     keys = [_key(t) for t in turns]
-    shared = [i for i, t in enumerate(journaled.turns) if _key(t) in keys]
-    newest = max((t.at for t in stored.turns), default=0.0)
     for i, t in enumerate(journaled.turns):
         key = _key(t)
-        if key in keys or (shared and i < shared[0]) or (not shared and t.at <= newest):
+        if key in keys or journaled.dropped + i < stored.dropped:  # present, or dropped at the cap
             continue
         if t.role == "assistant" and t.request_id in settled:
             continue

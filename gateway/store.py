@@ -555,7 +555,8 @@ class SessionStore:
         seen = self._cached(session_id) or ((read, 0) if read is not None else None)
         if queued.stored.is_set() or self.journal is None or seen is None:
             return False
-        if await self.journal.keep(self._overlay(seen)[0]) is None:
+        view = self._encode(self._prune(self._overlay(seen)[0]))[0]  # as the bucket would store it
+        if await self.journal.keep(view) is None:
             return False
         if session_id in self._queued:
             self._journaled.add(session_id)  # its writer drops the entry once the bucket has it all
@@ -625,6 +626,7 @@ class SessionStore:
                 session = await self._write(session_id, change, BEHIND_PATIENCE_S, stored)
             except Exception as err:  # told to the callers still waiting; logged for those gone on
                 error, failed = err, True
+                self._journaled.discard(session_id)  # its entry stays for a sweep: none may purge it
                 stored()
                 log.error("session write failed", session=session_id, error=str(err))
             except BaseException:
