@@ -669,6 +669,9 @@ class GatewayService:
         try:
             # The question may be only in the journal: its gateway died while the bucket elected a leader.
             await self.store.replay_journaled(session_id)
+            if not any(t.id == turn.id for t in (await self.store.resolve(session_id))[0].turns):
+                # Nor there (no entry, or it could not be read): the held work's own copy of it.
+                await self.store.update(session_id, lambda s: _with_turn(s, turn, time.time()))
             while status != "ok":
                 for user in dict.fromkeys([owner, self.bus.user]):
                     try:

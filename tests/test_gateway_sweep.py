@@ -71,7 +71,22 @@ def instance(child: Child) -> str:
     return next(ln for ln in child.seen if ln.startswith("ready gateway")).split()[2]
 
 
-async def test_a_live_gateway_records_the_turn_of_one_killed_mid_answer(settings: TektonSettings) -> None:
+async def _lose_the_question(bus: Bus, session_id: str) -> None:
+    """The session as if its gateway's write of the question had never landed (it went on behind the
+    answer while the bucket elected a leader, and the gateway died first)."""
+    kv = await bus.nc.jetstream().key_value(bucket_name(bus.settings.prefix))
+    entry = await kv.get(f"s.{session_id}")
+    stored = msgpack.unpackb(entry.value or b"", raw=False)
+    stored["turns"] = [t for t in stored["turns"] if t["role"] != "user"]
+    await kv.update(f"s.{session_id}", msgpack.packb(stored), last=entry.revision)
+
+
+@pytest.mark.parametrize("question_stored", [True, False], ids=["stored", "lost"])
+async def test_a_live_gateway_records_the_turn_of_one_killed_mid_answer(
+    settings: TektonSettings, question_stored: bool
+) -> None:
+    """And when the dead gateway's question never reached the bucket (nor its journal), the one taking
+    over stores it from the held work's own copy, then the answer."""
     with SLOW:
         async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
             # Three replicas: when the one recording dies, only one of the two others may take it over.
@@ -85,6 +100,8 @@ async def test_a_live_gateway_records_the_turn_of_one_killed_mid_answer(settings
                     killed = next(g for g in gateways if instance(g) == recording)
                     killed.stop(signal.SIGKILL)
                     s.leave()  # the asker goes too, without a cancel: nobody settles the turn
+                    if not question_stored:
+                        await _lose_the_question(bus, session.id)
 
                 async def stored() -> bool:
                     turns = (await bus.gateway.get(session.id)).turns
