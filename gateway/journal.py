@@ -171,10 +171,10 @@ class TurnJournal:
         self.opened = True
         return True
 
-    async def keep(self, session: Session) -> int | None:
-        """Journal ``session`` as this gateway now sees it (replacing its own earlier entry of it); its
-        sequence, or None when the journal did not take it in ``JOURNAL_ACK_S`` (the change then lives
-        in this gateway's memory until the bucket takes it)."""
+    async def keep(self, session: Session) -> bool:
+        """Journal ``session`` as this gateway now sees it (replacing its own earlier entry of it); False
+        when the journal did not take it in ``JOURNAL_ACK_S`` (the change then lives in this gateway's
+        memory until the bucket takes it)."""
         data = msgpack.packb(
             {"at": time.time(), "session": session.model_dump(mode="python", exclude_none=True)}
         )
@@ -184,9 +184,9 @@ class TurnJournal:
             log.warning(
                 "session change not journaled", session=session.id, error=str(err) or type(err).__name__
             )
-            return None
+            return False
         log.info("session change journaled", session=session.id, seq=ack.seq)
-        return int(ack.seq)
+        return True
 
     async def forget(self, session_id: str, instance: str | None = None) -> None:
         """Drop this gateway's entry of the session (every gateway's with ``instance="*"``): the bucket
@@ -230,19 +230,15 @@ class TurnJournal:
         seconds ago."""
         filter_ = journal_subject(self.prefix, session_id, "*")
         info = await self.js.stream_info(self.name, subjects_filter=filter_)
-        found, now = [], time.monotonic()
+        present, now = [], time.monotonic()
         for subject in (info.state.subjects or {}) if info.state else {}:
             entry = await self.entry(subject)
-            if entry is None:
-                continue
-            if now - self._first_seen.setdefault(entry[0], now) >= older_than:
-                found.append(entry)
+            if entry is not None:
+                present.append(entry)
+                self._first_seen.setdefault(entry[0], now)
         if session_id == "*":  # forget what is gone
-            seen = {e[0] for e in found}
-            self._first_seen = {
-                k: v for k, v in self._first_seen.items() if k in seen or now - v < older_than
-            }
-        return found
+            self._first_seen = {e[0]: self._first_seen[e[0]] for e in present}
+        return [e for e in present if now - self._first_seen[e[0]] >= older_than]
 
     async def replay(self, merge: Merge, older_than: float = REPLAY_AFTER_S) -> int:
         """Merge every entry left behind into the bucket (``merge``: True once stored, or when the

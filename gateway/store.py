@@ -552,11 +552,13 @@ class SessionStore:
         change is durable while the bucket elects a leader; True if the journal took it."""
         with anyio.move_on_after(within):
             await queued.stored.wait()
+        if queued.stored.is_set() or self.journal is None:
+            return False
         seen = self._cached(session_id) or ((read, 0) if read is not None else None)
-        if queued.stored.is_set() or self.journal is None or seen is None:
+        if seen is None:
             return False
         view = self._encode(self._prune(self._overlay(seen)[0]))[0]  # as the bucket would store it
-        if await self.journal.keep(view) is None:
+        if not await self.journal.keep(view):
             return False
         if session_id in self._queued:
             self._journaled.add(session_id)  # its writer drops the entry once the bucket has it all

@@ -164,7 +164,7 @@ async def test_an_entry_left_behind_is_replayed_into_the_bucket_once_and_cleared
         session = await j.store.create(_session(_user("r1", "ok", at=time.time())))
         # The dying gateway's view: its question and answer, which the bucket never got.
         seen = session.model_copy(update={"turns": [*session.turns, _user("r2", "ok"), _answer("r2", "x")]})
-        assert await j.journal.keep(seen) is not None
+        assert await j.journal.keep(seen)
         assert await j.journal.replay(j.store.merge_journaled) == 0, "an entry younger than the wait replayed"
         other = SessionStore(j.kv, j.limits, task_group=j.tg, journal=j.journal)  # a second sweeper
         async with anyio.create_task_group() as sweepers:
