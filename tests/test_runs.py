@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import nats.errors
 import pytest
 
 from bus.client import Bus, StreamResult
 from bus.errors import Cancelled, RunNotFound
-from bus.runs import ensure_runs_stream, run_subject, runs_stream_name
+from bus.runs import ensure_runs_stream, probe_subject, run_subject, runs_stream_name
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import (
@@ -105,6 +106,30 @@ async def test_attach_after_a_seq_and_list_runs(settings: TektonSettings) -> Non
             assert (await a.result()).done == result.done
     # Frame 0 is the start: the rest begins with the frame after seq 10.
     assert rest == [text for seq, text in sorted(frames.items()) if seq > 10] != []
+
+
+@pytest.mark.fast
+async def test_runs_that_end_together_leave_nobody_listening_on_any_of_them(settings: TektonSettings) -> None:
+    """A run's subscription ends with it (its UNSUB may ride another write): a specialist's probe of
+    any of them, from elsewhere, hears "no responders" at once, with no later traffic from the client."""
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+
+        async def ask(i: int, into: list[str]) -> None:
+            async with bus.stream("apollo", user(f"q{i}")) as s:
+                async for _ in s:
+                    pass
+            assert s.run_subject is not None
+            into.append(s.run_subject)
+
+        subjects: list[str] = []
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                tg.start_soon(ask, i, subjects)
+        assert len(subjects) == 60 and not bus._run_subs
+        async with Bus.connect(settings) as other:
+            for subject in subjects:
+                with pytest.raises(nats.errors.NoRespondersError):
+                    await other.nc.request(probe_subject(subject), b"", timeout=2)
 
 
 async def test_a_closed_attach_leaves_no_consumer_behind(settings: TektonSettings) -> None:
