@@ -16,6 +16,7 @@ from aish_client.logbook import Logbook
 from aish_client.parser import Pipeline, Target
 from aish_client.render import Renderer
 from bus.bulk import (
+    OP_ID_MAX,
     BulkDone,
     BulkEvent,
     BulkOperation,
@@ -77,11 +78,13 @@ def plan_pipeline(
         in_stage = Counter(chosen.get(t, t.name) for t in stage.targets)
         for target in stage.targets:
             name = chosen.get(target, target.name)
-            op_id = name if names[name] == 1 else f"{name}-{number}"
+            suffix = "" if names[name] == 1 else f"-{number}"
             if in_stage[name] > 1:  # the same specialist twice in a stage (two samples): apollo-1.2
-                op_id = f"{op_id}.{sum(1 for _, n in current if n == name) + 1}"
+                suffix += f".{sum(1 for _, n in current if n == name) + 1}"
+            op_id = _op_id(name, suffix)
             while op_id in taken:  # a specialist whose name looks like another's id (apollo-1)
-                op_id += "_"
+                suffix += "_"
+                op_id = _op_id(name, suffix)
             taken.add(op_id)
             operations.append(
                 BulkOperation(
@@ -97,6 +100,12 @@ def plan_pipeline(
             current.append((op_id, name))
         previous = current
     return BulkPlan(operations=operations), [op for op, _ in previous]
+
+
+def _op_id(name: str, suffix: str) -> str:
+    """``name`` and ``suffix``, the name cut so the id fits an operation id's 64 characters (a name
+    may have 64 of its own)."""
+    return name[: OP_ID_MAX - len(suffix)] + suffix
 
 
 # A plan is a page of YAML; a file far larger is not one (and is not read whole into memory: a pipe,

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from bus.client import Bus, Inbox, Replay
 
 DAY_MS = 86_400_000
-OP_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+OP_ID_MAX = 64
+OP_ID_PATTERN = rf"^[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{OP_ID_MAX - 1}}}$"
 OpStatus = Literal["ok", "failed", "skipped", "timeout", "cancelled"]
 # ``{id}`` in an operation's message: that operation's whole output.
 REF_RE = re.compile(r"\{([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})\}")

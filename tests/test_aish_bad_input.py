@@ -86,6 +86,17 @@ def test_one_specialist_twice_in_a_stage_gets_distinct_operation_ids() -> None:
     )
 
 
+@pytest.mark.fast
+def test_operation_ids_of_a_name_of_the_longest_kind_stay_within_64_characters() -> None:
+    """A specialist's name may be 64 characters; its ids in a pipeline (``-2``, ``.2``) are cut to fit
+    rather than failing the plan, and stay distinct."""
+    name = "a" * 63 + "b"
+    plan, shown = plan_pipeline(parse(f"{name},{name} | {name} | {name}"), "x", None, None)
+    ids = [op.id for op in plan.operations]
+    assert len(set(ids)) == 4 and all(len(i) <= 64 for i in ids), ids
+    assert shown == [ids[-1]] and all(op.ai == name for op in plan.operations)
+
+
 async def test_a_tls_url_never_talks_to_a_plain_server_in_clear(settings: TektonSettings) -> None:
     plain = settings.nats_url
     assert plain.startswith("nats://")
