@@ -89,7 +89,7 @@ def tls_block(tls: TlsFiles, indent: str = "") -> str:
 
 def server_config(
     *,
-    config_dir: Path,
+    config_dir: Path | None,
     base: str = "",
     websocket: str = "",
     auth_file: Path | None = None,
@@ -101,7 +101,8 @@ def server_config(
     the authorization file (included, so `tekton users` can rewrite it and ask for a reload), the
     WebSocket block (with TLS when the server has it) and ``extra`` (e.g. a cluster block).
 
-    ``config_dir`` is where the text will be written: nats-server resolves includes relative to it.
+    ``config_dir`` is where the text will be written: nats-server resolves includes relative to it
+    (None: the text is printed, to be kept anywhere: the authorization file's text goes in whole).
     """
     parts = [base]
     if pid_file is not None:
@@ -109,7 +110,10 @@ def server_config(
     if tls is not None:
         parts.append(tls_block(tls))
     if auth_file is not None:
-        parts.append(f"include {_quote(Path(os.path.relpath(auth_file, config_dir)))}\n")
+        if config_dir is None:  # nats-server reads an include beside its file: the users themselves
+            parts.append(auth_file.read_text())  # (public keys and permissions: no secret)
+        else:
+            parts.append(f"include {_quote(Path(os.path.relpath(auth_file, config_dir)))}\n")
     if websocket:
         if tls is not None:
             websocket = websocket.replace("  no_tls: true\n", tls_block(tls, "  "))

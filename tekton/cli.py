@@ -69,6 +69,11 @@ if TYPE_CHECKING:
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
+def _tell(text: str) -> None:
+    """A note beside a command's output (on stderr)."""
+    print(f"tekton: {text}", file=sys.stderr, flush=True)
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -102,14 +107,16 @@ def secured_server(
     )
 
 
-def users_file(settings: TektonSettings, args: argparse.Namespace) -> Path | None:
+def users_file(
+    settings: TektonSettings, args: argparse.Namespace, tell: Callable[[str], None] = _say
+) -> Path | None:
     """The users file a server includes (users made on first run), None with --no-auth."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if getattr(args, "no_auth", False):
         return None
     users = Users(settings.data_dir, settings.prefix)
     if users.ensure_local():
-        _say(f"created credentials for the local user and tekton's services in {users.dir}")
+        tell(f"created credentials for the local user and tekton's services in {users.dir}")
     return users.write_auth_file()  # permissions follow this version's subjects
 
 
@@ -503,7 +510,9 @@ def _http_ready(url: str) -> None:
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
     config = node_config(settings, args)
     if config is not None:
-        auth_file = None if args.print_config else users_file(settings, args)
+        # A printed config is for a node started elsewhere: with the users file, as this one would be
+        # (stdout is the config alone).
+        auth_file = users_file(settings, args, tell=_tell if args.print_config else _say)
         secure(config, settings, args, auth_file, server_tls(settings, args))
         return await cmd_nats_node(settings, args, config)
     server = secured_server(settings, args, websocket_port=args.websocket)

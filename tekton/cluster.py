@@ -22,7 +22,7 @@ from bus import argparsing
 from bus.auth import creds_dir, default_creds_path
 from bus.cluster import LocalCluster, NodeConfig, new_secret, route_lines, split_urls
 from bus.errors import BusError
-from bus.server import EmbeddedNats, TlsFiles, nats_server_binary, tls_block
+from bus.server import EmbeddedNats, TlsFiles, nats_server_binary, server_config, tls_block
 from bus.settings import TektonSettings
 from bus.signals import set_on_signal
 from tekton import certs
@@ -256,8 +256,9 @@ def _leaf_url(url: str) -> str:
 
 
 async def cmd_nats_node(settings: TektonSettings, args: argparse.Namespace, config: NodeConfig) -> int:
-    if args.print_config:
-        _say(config.render().rstrip())
+    if args.print_config:  # what server() would run: the node's config, its client port's TLS, its users
+        base, tls = config.render(), config.tls
+        _say(server_config(config_dir=None, base=base, auth_file=config.auth_file, tls=tls).rstrip())
         return 0
     server = config.server(log_file=settings.data_dir / f"nats-{config.name}.log")
     await anyio.to_thread.run_sync(server.start)
