@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from bus.errors import ConfigError
 
@@ -33,3 +37,26 @@ def listen_error(host: str, port: int, err: Exception) -> ConfigError:
     """One line for a port we cannot listen on (taken, privileged, a host not of this machine)."""
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
     return ConfigError(f"cannot listen on {host}:{port}: {reason}")
+
+
+def http_server(app: Any, *, shutdown_s: int, tls: tuple[Path | None, Path | None] | None = None) -> Any:
+    """A uvicorn server for ``app`` (run it with ``serve([http_socket(...)])``) that leaves SIGINT and
+    SIGTERM to tekton, which tells it when to exit; ``tls``: its certificate and key files."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    cert, key = tls or (None, None)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
+        timeout_graceful_shutdown=shutdown_s,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+    )
+    return Server(config)

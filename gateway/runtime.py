@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
-import uvicorn
 from anyio.abc import TaskStatus
-from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 
-from bridge.app import create_app
-from bridge.listen import HTTP_KEEP_ALIVE_S, http_socket
+from bridge.listen import http_server, http_socket
 from bus.client import connect_as
 from bus.cluster import session_replicas
 from bus.errors import NatsUnavailable
@@ -28,16 +26,13 @@ from gateway.service import GatewayService
 from gateway.store import SessionStore, StoreLimits, bucket_name, open_bucket, value_limit
 from gateway.usage import UsageBook, open_usage_bucket
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 log = structlog.get_logger("tekton.gateway")
 
 # On stop, the HTTP bridge's open responses (answers still streaming) get this long to end.
 HTTP_SHUTDOWN_S = 5
-
-
-class _Uvicorn(uvicorn.Server):
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # tekton handles SIGINT/SIGTERM itself and tells the server to exit
 
 
 async def serve_gateway(
@@ -58,6 +53,9 @@ async def serve_gateway(
     if http is not None:
         # First, so a bridge that cannot be is one line at once, before any connection or "ready"
         # line. Listening now: until the bridge serves, connections wait in the backlog.
+        # The bridge (FastAPI, MCP, A2A: ~1.3 s of imports) loads only for a gateway that serves HTTP.
+        from bridge.app import create_app
+
         bridge_ready = anyio.Event()
         tls = settings.http_tls_cert is not None and settings.http_tls_key is not None
         app = create_app(settings, host=http[0], ready=bridge_ready, tls=tls)
@@ -85,7 +83,7 @@ async def _serve_gateway(
         if stop is None:
             stop = anyio.Event()
             tg.start_soon(set_on_signal, stop)
-        server: _Uvicorn | None = None
+        server: Any = None  # the bridge's uvicorn.Server
         served = anyio.Event()  # the HTTP bridge's server has shut down, its lifespan included
         first = True
 
@@ -103,18 +101,12 @@ async def _serve_gateway(
                 return
             first = False
             if bridge is not None:
-                server = _Uvicorn(
-                    uvicorn.Config(
-                        bridge.app,
-                        log_level="warning",
-                        lifespan="on",
-                        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
-                        # Past this, uvicorn cuts the responses still streaming itself, and then
-                        # ends the lifespan: it is never cancelled in the middle (see the stop below).
-                        timeout_graceful_shutdown=HTTP_SHUTDOWN_S,
-                        ssl_certfile=settings.http_tls_cert if bridge.tls else None,
-                        ssl_keyfile=settings.http_tls_key if bridge.tls else None,
-                    )
+                server = http_server(
+                    bridge.app,
+                    # Past this, uvicorn cuts the responses still streaming itself, and then ends
+                    # the lifespan: it is never cancelled in the middle (see the stop below).
+                    shutdown_s=HTTP_SHUTDOWN_S,
+                    tls=(settings.http_tls_cert, settings.http_tls_key) if bridge.tls else None,
                 )
                 tg.start_soon(serve_http, bridge.sock)
                 await bridge.ready.wait()

@@ -14,13 +14,12 @@ import anyio
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from bridge.app import create_app
-from bridge.listen import http_socket
+from bridge.listen import http_server, http_socket
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
-from gateway.runtime import _Uvicorn, serve_gateway
+from gateway.runtime import serve_gateway
 from gateway.service import GatewayService
 from tests.helpers import assert_kept_alive, env, eventually, in_process_gateway, in_process_specialists
 
@@ -360,7 +359,7 @@ async def test_the_bridge_connects_again_when_nats_py_closed_its_connection(sett
     ready = anyio.Event()
     app = create_app(settings, ready=ready)
     sock = http_socket("127.0.0.1", 0)
-    server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = http_server(app, shutdown_s=5)
     async with in_process_gateway(settings), anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
         await ready.wait()
