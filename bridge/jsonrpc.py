@@ -4,6 +4,7 @@ notifications, cancel, sessions, bulk and discovery (docs/http.md); error codes 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -107,7 +108,10 @@ class JsonRpc:
         # durable runs go on. Raised here, it ended the session's task group, whose streams then
         # cancelled their runs before the read loop could leave them.
         with suppress(WebSocketDisconnect):
-            await self._handle(raw)
+            try:
+                await self._handle(raw)
+            except Exception as err:  # even its reply failing must not end the connection's other streams
+                log.error("json-rpc reply failed", error=f"{type(err).__name__}: {str(err)[:200]}")
 
     async def _handle(self, raw: str | bytes) -> None:
         request_id: Any = None
@@ -124,7 +128,11 @@ class JsonRpc:
             ):
                 raise RpcError(INVALID_REQUEST, "invalid request: need jsonrpc '2.0' and a method name")
             rid = message.get("id")
-            if isinstance(rid, bool) or not isinstance(rid, str | int | float | None):
+            if (
+                isinstance(rid, bool)
+                or not isinstance(rid, str | int | float | None)
+                or (isinstance(rid, float) and not math.isfinite(rid))  # 1e400: no JSON to answer with
+            ):
                 raise RpcError(INVALID_REQUEST, "invalid request: an id is a string, a number or null")
             request_id = rid
             method = self.methods.get(message["method"])
@@ -148,7 +156,8 @@ class JsonRpc:
                 request_id,
                 INVALID_PARAMS,
                 f"invalid params: {err.error_count()} problem(s)",
-                err.errors(include_url=False),
+                # Not the exception a validator raised (no JSON for it), nor the input (megabytes).
+                err.errors(include_url=False, include_context=False, include_input=False),
             )
             return
         except BusError as err:

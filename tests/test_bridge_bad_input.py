@@ -117,6 +117,12 @@ async def test_json_rpc_survives_frames_that_are_not_requests(settings: TektonSe
         assert (await answer('{"jsonrpc":"2.0","id":true,"method":"discover"}'))["error"]["code"] == -32600
         assert (await answer("[" * 100_000 + "]" * 100_000))["error"]["code"] == -32700
         assert (await answer('{"jsonrpc":"2.0","id":NaN,"method":"discover"}'))["error"]["code"] == -32700
+        assert (await answer('{"jsonrpc":"2.0","id":1e400,"method":"discover"}'))["error"]["code"] == -32600
+        # A value a model's own validator refuses (its error carries the exception): a reply that
+        # names the problem, not one that cannot be written (which ended the socket and its streams).
+        op = {"id": "a", "ai": "apollo", "message": "hi", "model": "bad model!!", "session": "s" * 5000}
+        bad = await rpc(ws, "bulk", {"operations": [op]}, rid=5)
+        assert bad["error"]["code"] == -32602 and "s" * 200 not in json.dumps(bad)
         # A request as UTF-8 bytes is a request; and the socket still serves text ones.
         said = await answer(json.dumps({"jsonrpc": "2.0", "id": 7, "method": "discover"}).encode())
         assert said["id"] == 7 and "result" in said
