@@ -17,20 +17,26 @@ history before it and recording the answer. On a bus without a gateway each mess
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import re
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import structlog
 from a2a.helpers.proto_helpers import new_task_from_user_message, new_text_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.agent_execution.active_task import TERMINAL_TASK_STATES
+from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT
-from a2a.utils.errors import InvalidParamsError
+from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -149,6 +155,109 @@ class SpecialistExecutor(AgentExecutor):
             await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
 
 
+SEND_METHODS = frozenset({"message/send", "message/stream", "SendMessage", "SendStreamingMessage"})
+TASK_METHODS = frozenset({"tasks/get", "tasks/cancel", "tasks/resubscribe", "GetTask", "CancelTask"})
+USER_ROLES = ("user", "ROLE_USER", 1)  # A2A 0.3's name, 1.0's (protobuf JSON: a name or its number)
+MAX_ID = 2**63
+MAX_HISTORY = 2**31 - 1
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def rpc_problem(body: bytes) -> tuple[Any, int, str] | None:
+    """Why ``body`` is no request for an agent: ``(its id, JSON-RPC code, message)``, or None.
+
+    The SDK answers most bad requests itself, but logs a traceback for each (and a few, such as bytes
+    that are not UTF-8 or a file part that is not base64, come back as internal errors): a caller's
+    mistake is answered here in one line, and the SDK sees only requests of the right shape."""
+    try:
+        request = json.loads(body.decode(), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:  # also bytes not UTF-8, ints of 4,300 digits, nesting
+        return None, -32700, f"parse error: {str(err)[:200]}"
+    if (
+        not isinstance(request, dict)
+        or request.get("jsonrpc") != "2.0"
+        or not isinstance(request.get("method"), str)
+    ):
+        return None, -32600, "invalid request: one JSON-RPC 2.0 object with a method name"
+    rid = request.get("id")
+    if not (rid is None or isinstance(rid, str) or _whole(rid, MAX_ID, signed=True)):
+        return None, -32600, "invalid request: an id is a string, a 64-bit integer or null"
+    params = request.get("params")
+    if not isinstance(params, dict):
+        return rid, -32602, "invalid params: params must be an object"
+    problem = _send_problem(params) if request["method"] in SEND_METHODS else None
+    if request["method"] in TASK_METHODS and not isinstance(params.get("id"), str):
+        problem = "params.id must be a task's id (a string)"
+    configuration = params.get("configuration")
+    history = [params.get("historyLength")]
+    history += [configuration.get("historyLength")] if isinstance(configuration, dict) else []
+    if any(h is not None and not _whole(h, MAX_HISTORY + 1) for h in history):
+        problem = f"historyLength must be a whole number from 0 to {MAX_HISTORY}"
+    return (rid, -32602, f"invalid params: {problem}") if problem else None
+
+
+def _whole(value: Any, bound: int, *, signed: bool = False) -> bool:
+    """An int (not a bool) in ``[0, bound)``, or in ``(-bound, bound)`` when ``signed``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    return abs(value) < bound if signed else 0 <= value < bound
+
+
+def _send_problem(params: dict[str, Any]) -> str | None:
+    message = params.get("message")
+    if not isinstance(message, dict):
+        return "params.message must be an object"
+    if message.get("role") not in USER_ROLES:
+        return "the message must be from a user (role 'user')"
+    for field in ("messageId", "taskId", "contextId"):
+        if field in message and not isinstance(message[field], str):
+            return f"message.{field} must be a string"
+    if not isinstance(message.get("messageId"), str) or not message["messageId"]:
+        return "the message needs a messageId"
+    parts = message.get("parts")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+        return "message.parts must be a list of parts (objects), not empty"
+    for part in parts:
+        if "text" in part and (not isinstance(part["text"], str) or not part["text"]):
+            return "a text part needs its text"
+        file = part.get("file")
+        raw = [part.get("raw"), file.get("bytes") if isinstance(file, dict) else None]
+        for data in (r for r in raw if r is not None):
+            try:
+                base64.b64decode(data, validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                return "a file's bytes must be base64"
+    return None
+
+
+class _Handler(DefaultRequestHandler):
+    """The SDK's handler, but a message to a task that has ended is refused before the SDK opens an
+    active task for it (a2a-sdk 1.3 then refused it too, but left that task's dispatch loop pending:
+    two leaked asyncio tasks per such message)."""
+
+    def __init__(self, *, task_store: InMemoryTaskStore, **kwargs: Any):
+        super().__init__(task_store=task_store, **kwargs)
+        self._tasks = task_store
+
+    async def _refuse_ended(self, params: Any, context: ServerCallContext) -> None:
+        task_id = params.message.task_id if params.HasField("message") else ""
+        task = await self._tasks.get(task_id, context) if task_id else None
+        if task is not None and task.status.state in TERMINAL_TASK_STATES:
+            raise UnsupportedOperationError(message=f"Task {task_id} has ended: it takes no more messages")
+
+    async def on_message_send(self, params: Any, context: ServerCallContext) -> Any:
+        await self._refuse_ended(params, context)
+        return await super().on_message_send(params, context)
+
+    async def on_message_send_stream(self, params: Any, context: ServerCallContext) -> AsyncGenerator[Any]:
+        await self._refuse_ended(params, context)
+        async for event in super().on_message_send_stream(params, context):
+            yield event
+
+
 class A2ARouter:
     """ASGI app for ``/a2a/NAME/...`` on the HTTP bridge: each specialist's agent is built on its first
     request from a fresh discovery (so specialists started after the bridge are served too).
@@ -158,7 +267,7 @@ class A2ARouter:
     def __init__(self, bus_for: Any, base_url: str | None = None):
         self.bus_for = bus_for
         self.base_url = base_url
-        self._apps: dict[tuple[str, int], Starlette] = {}
+        self._apps: dict[tuple[str, int], _Checked] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         from starlette.responses import JSONResponse
@@ -188,12 +297,57 @@ class A2ARouter:
         await self._apps[key]({**scope, "path": A2A_PREFIX + route, "root_path": ""}, receive, send)
 
 
-def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> Starlette:
+class _Checked:
+    """The agents' app, but a JSON-RPC request of the wrong shape (:func:`rpc_problem`) is answered
+    here, before the SDK sees it."""
+
+    def __init__(self, app: Starlette):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.responses import JSONResponse
+
+        path = scope.get("path", "")
+        rpc = path.startswith(f"{A2A_PREFIX}/") and path.rstrip("/").count("/") == 2  # /a2a/NAME/
+        if scope["type"] == "http" and scope.get("method") == "POST" and rpc:
+            raw, receive = await _body(receive)
+            problem = rpc_problem(raw)
+            if problem is not None:
+                rid, code, message = problem
+                reply = {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
+                return await JSONResponse(reply)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _body(receive: Any) -> tuple[bytes, Any]:
+    """The request's whole body (the bridge's edge has bounded its size), and a ``receive`` that gives
+    it again to the app."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left
+            return b"", receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body, given = b"".join(chunks), False
+
+    async def again() -> Any:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, again
+
+
+def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> _Checked:
     """A Starlette app with one A2A agent per specialist in ``views`` (mount it at the bridge's root)."""
     mounts = []
     for view in views:
         card = agent_card(view, base_url)
-        handler = DefaultRequestHandler(
+        handler = _Handler(
             agent_executor=SpecialistExecutor(bus, view.name), task_store=InMemoryTaskStore(), agent_card=card
         )
         routes: list[Any] = [
@@ -201,4 +355,4 @@ def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> Star
             *create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True),
         ]
         mounts.append(Mount(f"{A2A_PREFIX}/{view.name}", routes=routes))
-    return Starlette(routes=mounts)
+    return _Checked(Starlette(routes=mounts))

@@ -4,7 +4,9 @@ sweep of the bridge; each case failed before its fix."""
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -171,3 +173,56 @@ async def test_reconnecting_after_the_done_event_is_told_there_is_nothing_more(
         ):
             resumed = await rpc(ws, "stream.resume", {"request_id": run, "after": done_id})
             assert resumed["result"]["ended_at"] == done_id
+
+
+@pytest.mark.fast
+async def test_a2a_requests_of_the_wrong_shape_are_one_line_errors_and_log_no_traceback(
+    settings: TektonSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each is a JSON-RPC error naming the problem (before, the SDK logged a traceback for each, and
+    answered some as internal errors); a message to a task that has ended is refused and leaks no
+    asyncio task (before, two per message: "Task was destroyed but it is pending")."""
+    caplog.set_level(logging.ERROR)
+    good = {"role": "user", "parts": [{"kind": "text", "text": "hi"}], "messageId": "m1"}
+
+    def rpc_body(params: Any, method: str = "message/send", rid: Any = 1) -> bytes:
+        return json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}).encode()
+
+    bad = [
+        b"\xff\xfe\xfd",
+        b"[]",
+        b"5",
+        b"[" * 100_000,
+        b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"message/send","params":{}}',
+        rpc_body({"message": good}, rid=1.5),
+        rpc_body([1, 2]),
+        rpc_body({"message": {**good, "role": "agent"}}),
+        rpc_body({"message": {**good, "parts": "hi"}}),
+        rpc_body({"message": {**good, "parts": [{"kind": "text", "text": ""}]}}),
+        rpc_body({"message": {**good, "contextId": 5}}),
+        rpc_body({"message": {k: v for k, v in good.items() if k != "messageId"}}),
+        rpc_body({"message": {**good, "parts": [{"kind": "file", "file": {"bytes": "!!!not base64"}}]}}),
+        rpc_body({"id": 5}, "tasks/get"),
+        rpc_body({"id": "t", "historyLength": 10**12}, "tasks/get"),
+    ]
+    async with (
+        in_process_specialists(settings, "apollo"),
+        http_bridge(settings) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        json_type = {"content-type": "application/json"}
+        for body in bad:
+            said = (await http.post("/a2a/apollo/", content=body, headers=json_type)).json()
+            assert said["error"]["code"] in (-32700, -32600, -32602), (body[:80], said)
+        task = (
+            await http.post("/a2a/apollo/", content=rpc_body({"message": good}), headers=json_type)
+        ).json()
+        ended = {"taskId": task["result"]["id"], "contextId": task["result"]["contextId"]}
+        for i in range(5):
+            again = rpc_body({"message": {**good, **ended, "messageId": f"again-{i}"}})
+            said = (await http.post("/a2a/apollo/", content=again, headers=json_type)).json()
+            assert "ended" in said["error"]["message"], said
+        gc.collect()
+        await anyio.sleep(0.1)
+    logged = [f"{r.name}: {r.getMessage()[:120]}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged == []
