@@ -30,7 +30,7 @@ from bus.bulk import (
     substitute,
 )
 from bus.client import Bus
-from bus.errors import BusError, InvalidInput
+from bus.errors import BusError, InvalidInput, problems_line
 from bus.wire import ChatOptions
 
 Layout = Literal["stacked", "lines"]
@@ -142,11 +142,7 @@ def load_plan(path: str) -> BulkPlan:
     try:
         return BulkPlan.model_validate(parsed)
     except ValidationError as err:
-        problems = [
-            f"{'.'.join(str(p)[:40] for p in e['loc']) or 'the plan'}: {e['msg']}" for e in err.errors()[:3]
-        ]
-        more = f" (and {err.error_count() - 3} more)" if err.error_count() > 3 else ""
-        raise InvalidInput(f"{file}: {'; '.join(problems)}{more}"[:400]) from None
+        raise InvalidInput(f"{file}: {problems_line(err, 'the plan')}"[:400]) from None
 
 
 def _one_line(err: Exception) -> str:

@@ -26,9 +26,10 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
 
 from bus.client import Bus, ServiceInstance
-from bus.errors import BadRequest, BusError, SessionNotFound
+from bus.errors import BadRequest, BusError, SessionNotFound, problems_line
 from bus.wire import ChatMessage
 
 # Which bus a request is served with: the server's own, or (on the bridge) the caller's user's.
@@ -113,6 +114,8 @@ def create_server(bus: Bus | None = None, *, bus_for: BusFor | None = None) -> S
             result = await s.result()
         except BusError as err:
             return _error(f"{err.code}: {err.message}")
+        except ValidationError as err:  # a session reference that cannot be one (too long, say)
+            return _error(f"bad_request: {problems_line(err, 'the request')}")
         except ValueError as err:  # not a specialist's name at all
             return _error(f"bad_request: {err}")
         usage = result.done.usage

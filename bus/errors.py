@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ErrorCode(StrEnum):
@@ -347,3 +350,14 @@ def from_wire(code: str, message: str, retryable: bool) -> BusError:
     err = cls.__new__(cls)
     BusError.__init__(err, message, code=known, retryable=retryable)
     return err
+
+
+def problems_line(err: ValidationError, whole: str = "the value", shown: int = 3) -> str:
+    """A pydantic error in one line: where and what, for the first ``shown`` problems (never the
+    input, which may be megabytes)."""
+    problems = [
+        f"{'.'.join(str(p)[:40] for p in e['loc']) or whole}: {e['msg']}"
+        for e in err.errors(include_url=False)[:shown]
+    ]
+    more = f" (and {err.error_count() - shown} more)" if err.error_count() > shown else ""
+    return f"{'; '.join(problems)}{more}"[:400]

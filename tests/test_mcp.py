@@ -73,6 +73,10 @@ async def test_each_specialist_is_a_tool_whose_answer_streams_as_progress(settin
             said = bad.content[0].text  # type: ignore[union-attr]
             assert bad.is_error and said.startswith("bad_request: invalid specialist name")
             assert len(said) < 300
+        long_session = await client.call_tool("apollo", {"prompt": "x", "session": "s" * 5000})
+        said = long_session.content[0].text  # type: ignore[union-attr]
+        assert long_session.is_error and said.startswith("bad_request: ") and "\n" not in said, said
+        assert len(said) < 300
         # The server lived through them all.
         again = await client.call_tool("athena", {"prompt": "still there?"})
         assert again.content[0].text == "athena heard: still there?"  # type: ignore[union-attr]
