@@ -510,10 +510,11 @@ def _http_ready(url: str) -> None:
 async def cmd_nats(settings: TektonSettings, args: argparse.Namespace) -> int:
     config = node_config(settings, args)
     if config is not None:
+        # The cluster's and leaf's secrets first: one that is wrong is one line, with no users made.
+        secure(config, settings, args, None, server_tls(settings, args))
         # A printed config is for a node started elsewhere: with the users file, as this one would be
         # (stdout is the config alone).
-        auth_file = users_file(settings, args, tell=_tell if args.print_config else _say)
-        secure(config, settings, args, auth_file, server_tls(settings, args))
+        config.auth_file = users_file(settings, args, tell=_tell if args.print_config else _say)
         return await cmd_nats_node(settings, args, config)
     server = secured_server(settings, args, websocket_port=args.websocket)
     await anyio.to_thread.run_sync(server.start)
