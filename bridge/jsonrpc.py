@@ -107,11 +107,12 @@ class JsonRpc:
         # The client may leave before its reply (a reload): the read loop ends the session, and its
         # durable runs go on. Raised here, it ended the session's task group, whose streams then
         # cancelled their runs before the read loop could leave them.
-        with suppress(WebSocketDisconnect):
-            try:
-                await self._handle(raw)
-            except Exception as err:  # even its reply failing must not end the connection's other streams
-                log.error("json-rpc reply failed", error=f"{type(err).__name__}: {str(err)[:200]}")
+        try:
+            await self._handle(raw)
+        except WebSocketDisconnect:
+            pass
+        except Exception as err:  # even its reply failing must not end the connection's other streams
+            log.error("json-rpc reply failed", error=f"{type(err).__name__}: {str(err)[:200]}")
 
     async def _handle(self, raw: str | bytes) -> None:
         request_id: Any = None
