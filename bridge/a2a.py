@@ -185,15 +185,16 @@ def rpc_problem(body: bytes) -> tuple[Any, int, str] | None:
     rid = request.get("id")
     if not (rid is None or isinstance(rid, str) or _whole(rid, MAX_ID, signed=True)):
         return None, -32600, "invalid request: an id is a string, a 64-bit integer or null"
-    params = request.get("params")
+    params = request.get("params", {})  # may be left out (ListTasks)
     if not isinstance(params, dict):
         return rid, -32602, "invalid params: params must be an object"
     problem = _send_problem(params) if request["method"] in SEND_METHODS else None
-    if request["method"] in TASK_METHODS and not isinstance(params.get("id"), str):
+    if request["method"] in TASK_METHODS and not isinstance(_field(params, "id"), str):
         problem = "params.id must be a task's id (a string)"
     configuration = params.get("configuration")
-    history = [params.get("historyLength")]
-    history += [configuration.get("historyLength")] if isinstance(configuration, dict) else []
+    history = [_field(params, "historyLength")]
+    history += [_field(configuration, "historyLength")] if isinstance(configuration, dict) else []
+    history = [int(h) if isinstance(h, str) and h.isascii() and h.isdigit() else h for h in history]
     if any(h is not None and not _whole(h, MAX_HISTORY + 1) for h in history):
         problem = f"historyLength must be a whole number from 0 to {MAX_HISTORY}"
     return (rid, -32602, f"invalid params: {problem}") if problem else None
@@ -206,16 +207,25 @@ def _whole(value: Any, bound: int, *, signed: bool = False) -> bool:
     return abs(value) < bound if signed else 0 <= value < bound
 
 
+def _field(record: dict[str, Any], name: str) -> Any:
+    """A field by its JSON name or its proto one (both SDK parsers take either); null is absent."""
+    value = record.get(name)
+    if value is None:
+        value = record.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name))
+    return value
+
+
 def _send_problem(params: dict[str, Any]) -> str | None:
     message = params.get("message")
     if not isinstance(message, dict):
         return "params.message must be an object"
-    if message.get("role") not in USER_ROLES:
+    role = message.get("role")
+    if isinstance(role, bool) or role not in USER_ROLES:
         return "the message must be from a user (role 'user')"
-    for field in ("messageId", "taskId", "contextId"):
-        if field in message and not isinstance(message[field], str):
-            return f"message.{field} must be a string"
-    if not isinstance(message.get("messageId"), str) or not message["messageId"]:
+    for name in ("messageId", "taskId", "contextId"):
+        if _field(message, name) is not None and not isinstance(_field(message, name), str):
+            return f"message.{name} must be a string"
+    if not _field(message, "messageId"):
         return "the message needs a messageId"
     parts = message.get("parts")
     if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
@@ -224,13 +234,24 @@ def _send_problem(params: dict[str, Any]) -> str | None:
         if "text" in part and (not isinstance(part["text"], str) or not part["text"]):
             return "a text part needs its text"
         file = part.get("file")
-        raw = [part.get("raw"), file.get("bytes") if isinstance(file, dict) else None]
-        for data in (r for r in raw if r is not None):
-            try:
-                base64.b64decode(data, validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                return "a file's bytes must be base64"
+        if not _decodes(part.get("raw"), file.get("bytes") if isinstance(file, dict) else None):
+            return "a file's bytes must be base64"
     return None
+
+
+def _decodes(raw: Any, file_bytes: Any) -> bool:
+    """Whether a part's bytes decode as the SDK will decode them: 1.0's ``raw`` as protobuf's JSON
+    parser does (URL-safe or standard alphabet, padding optional), 0.3's ``file.bytes`` as
+    ``base64.b64decode`` (characters outside the alphabet skipped)."""
+    try:
+        if raw is not None:
+            encoded = raw.encode() if isinstance(raw, str) else raw
+            base64.urlsafe_b64decode(encoded + b"=" * (4 - len(encoded) % 4))
+        if file_bytes is not None:
+            base64.b64decode(file_bytes)
+    except (binascii.Error, TypeError, ValueError, AttributeError):
+        return False
+    return True
 
 
 class _Handler(DefaultRequestHandler):

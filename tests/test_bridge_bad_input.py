@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 import bridge.edge
+from bridge.a2a import rpc_problem
 from bus.settings import TektonSettings
 from tests.helpers import in_process_specialists
 from tests.test_http import bridge as http_bridge
@@ -226,3 +227,52 @@ async def test_a2a_requests_of_the_wrong_shape_are_one_line_errors_and_log_no_tr
         await anyio.sleep(0.1)
     logged = [f"{r.name}: {r.getMessage()[:120]}" for r in caplog.records if r.levelno >= logging.ERROR]
     assert logged == []
+
+
+@pytest.mark.fast
+def test_a2a_requests_either_sdk_parser_takes_pass_the_shape_check() -> None:
+    """The check refuses only what the SDK would fail on: names in either spelling, null for absent,
+    bytes as each parser decodes them, numbers as strings, params left out."""
+    text = {"kind": "text", "text": "hi"}
+    taken = [
+        {"method": "ListTasks"},
+        {
+            "method": "message/send",
+            "params": {"message": {"role": "user", "parts": [text], "message_id": "m"}},
+        },
+        {
+            "method": "message/send",
+            "params": {
+                "message": {
+                    "role": "user",
+                    "parts": [text],
+                    "messageId": "m",
+                    "taskId": None,
+                    "contextId": None,
+                }
+            },
+        },
+        {
+            "method": "SendMessage",
+            "params": {
+                "message": {"role": "ROLE_USER", "messageId": "m", "parts": [{"raw": "aGk"}, {"raw": "-_8="}]}
+            },
+        },
+        {
+            "method": "message/send",
+            "params": {
+                "message": {
+                    "role": "user",
+                    "messageId": "m",
+                    "parts": [{"kind": "file", "file": {"bytes": "aGVs\nbG8="}}],
+                }
+            },
+        },
+        {"method": "tasks/get", "params": {"id": "t", "historyLength": "10"}},
+        {"method": "GetTask", "params": {"id": "t", "history_length": 3}},
+    ]
+    for request in taken:
+        assert rpc_problem(json.dumps({"jsonrpc": "2.0", "id": 1, **request}).encode()) is None, request
+    role_true = {"role": True, "parts": [text], "messageId": "m"}
+    refused = {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message": role_true}}
+    assert rpc_problem(json.dumps(refused).encode()) is not None
