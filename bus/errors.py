@@ -356,7 +356,7 @@ def problems_line(err: ValidationError, whole: str = "the value", shown: int = 3
     """A pydantic error in one line: where and what, for the first ``shown`` problems (never the
     input, which may be megabytes)."""
     problems = [
-        f"{'.'.join(str(p)[:40] for p in e['loc']) or whole}: {e['msg']}"
+        f"{'.'.join(str(p)[:40] for p in e['loc']) or whole}: {' '.join(e['msg'].split())}"
         for e in err.errors(include_url=False)[:shown]
     ]
     more = f" (and {err.error_count() - shown} more)" if err.error_count() > shown else ""
