@@ -332,6 +332,8 @@ class _Checked:
         rpc = path.startswith(f"{A2A_PREFIX}/") and path.rstrip("/").count("/") == 2  # /a2a/NAME/
         if scope["type"] == "http" and scope.get("method") == "POST" and rpc:
             raw, receive = await _body(receive)
+            if raw is None:  # the client left before its request was whole: nobody to answer
+                return
             problem = rpc_problem(raw)
             if problem is not None:
                 rid, code, message = problem
@@ -340,14 +342,14 @@ class _Checked:
         await self.app(scope, receive, send)
 
 
-async def _body(receive: Any) -> tuple[bytes, Any]:
-    """The request's whole body (the bridge's edge has bounded its size), and a ``receive`` that gives
-    it again to the app."""
+async def _body(receive: Any) -> tuple[bytes | None, Any]:
+    """The request's whole body (the bridge's edge has bounded its size; None: the client left first),
+    and a ``receive`` that gives it again to the app."""
     chunks = []
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client left
-            return b"", receive
+        if message["type"] != "http.request":
+            return None, receive
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             break
@@ -364,7 +366,8 @@ async def _body(receive: Any) -> tuple[bytes, Any]:
 
 
 def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> _Checked:
-    """A Starlette app with one A2A agent per specialist in ``views`` (mount it at the bridge's root)."""
+    """An ASGI app with one A2A agent per specialist in ``views`` (mount it at the bridge's root), its
+    JSON-RPC requests checked for shape before the SDK's Starlette routes see them."""
     mounts = []
     for view in views:
         card = agent_card(view, base_url)
