@@ -138,6 +138,27 @@ class _TlsTransport(TlsSocketTransport):
         super().write(payload)
 
 
+class _Client(NATS):
+    """nats-py's client, but a message it cannot decode is dropped instead of ending the connection.
+
+    Anyone allowed to publish may give a message a reply subject or a header status that is not UTF-8;
+    nats-server passes it on, and nats-py's decode of it raised out of its read loop, which then read
+    nothing more until the ping check called the connection stale minutes later: one such request to
+    ``$SRV.PING`` took every specialist and the gateway off the bus."""
+
+    _dropped = 0
+    _told_at = 0.0
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        try:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        except UnicodeDecodeError:
+            self._dropped += 1
+            if time.monotonic() - self._told_at > 10:  # a flood is one line per 10 s, not one per message
+                self._told_at = time.monotonic()
+                log.warning("dropped messages that are not UTF-8 where NATS needs it", dropped=self._dropped)
+
+
 async def connect(
     url: str,
     *,
@@ -199,7 +220,7 @@ async def connect(
         options["nkeys_seed_str"] = creds.seed
     if tls is not None:
         options["tls"] = tls
-    nc = NATS()
+    nc = _Client()
     install_refusals(nc, refusals, creds.role if creds else None)
     if tls is not None and "ws://" not in url and "wss://" not in url:
         # Ours for TLS instead of nats-py's (asyncio's TLS layer): see bus/tls.py. nats-py keeps it for
