@@ -51,6 +51,11 @@ class TektonSettings(BaseSettings):
     # The default model of every specialist, ``provider:model`` (``ollama:qwen2.5:7b``,
     # ``anthropic:claude-3-5-haiku-latest``); None: the roster's (the bundled demo model).
     model: str | None = None
+    # Specialist: where a GGUF file a request names (``-m local:PATH``) may be; the data dir's
+    # ``models/`` and the specialist's own model's directory always are (docs/config.md).
+    local_model_dirs: list[Path] = []
+    # Specialist: how many models a request may have it build besides its own (the oldest is closed).
+    request_models_max: int = Field(default=4, ge=0, le=64)
     # Model providers by name, each a table of that provider's options (``[providers.ollama]
     # base_url = ...``); ``type = "openai"`` makes a new name for any OpenAI-compatible server. The
     # environment (TEKTON_OPENAI_API_KEY, ...) beats these, as it beats the rest of the file.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -111,6 +112,15 @@ def resolve(
     return ModelChoice(provider, kind, options)
 
 
+def _bundled_model_path(kind: str) -> Path | None:
+    """The bundled demo model, for a specialist on the local provider (its default model)."""
+    if kind != "local":
+        return None
+    from specialists.providers.local import bundled_model_path
+
+    return bundled_model_path()
+
+
 def build(choice: ModelChoice, context: ProviderContext) -> Provider:
     return create_provider(choice.kind, choice.options, context)
 
@@ -128,17 +138,43 @@ class ModelPool:
         self._lock = anyio.Lock()
 
     async def get(self, spec: str | None) -> tuple[ModelChoice, Provider]:
-        """The provider for model ``spec`` (None: the specialist's own), built on first use."""
+        """The provider for model ``spec`` (None: the specialist's own), built on first use. At most
+        ``request_models_max`` besides the own one are kept: the one used longest ago is closed."""
         if not spec:
             return self._providers[self.own.key]
         choice = resolve(spec, self.settings, own_provider=self.own.provider, own_options=self._own_base())
+        choice = self._allowed(choice)
         async with self._lock:
-            found = self._providers.get(choice.key)
+            found = self._providers.pop(choice.key, None)
             if found is None:
+                if self.settings.request_models_max == 0:
+                    raise ProviderError("this specialist serves only its own model (request_models_max = 0)")
+                while len(self._providers) > self.settings.request_models_max:
+                    oldest = next(k for k in self._providers if k != self.own.key)
+                    await self._providers.pop(oldest)[1].aclose()
                 # A constructor may load a model file: keep it off the event loop.
-                provider = await anyio.to_thread.run_sync(build, choice, self.context)
-                found = self._providers[choice.key] = (choice, provider)
+                found = (choice, await anyio.to_thread.run_sync(build, choice, self.context))
+            self._providers[choice.key] = found  # the newest last
         return found
+
+    def _allowed(self, choice: ModelChoice) -> ModelChoice:
+        """``choice``, unless it is a model file a request may not name: any machine's user may ask, so
+        a file is a GGUF in the data dir's ``models/``, the own model's directory or
+        ``local_model_dirs``, named by its real path (one model process per file however spelt)."""
+        path = choice.options.get("model_path") if _model_field(choice.kind) == "model_path" else None
+        if path is None:
+            return choice
+        real = Path(path).resolve()
+        own = self.own.options.get("model_path") or _bundled_model_path(self.own.kind)
+        dirs = [self.settings.data_dir / "models", *self.settings.local_model_dirs]
+        dirs += [Path(own).resolve().parent] if own else []
+        inside = any(real.is_relative_to(d.resolve()) for d in dirs)
+        if not (inside and real.suffix.lower() == ".gguf" and real.is_file()):  # one answer for all: no
+            raise ProviderError(  # telling a file that exists from one that does not
+                "a request may name only a GGUF file in the specialist's model directories (its data "
+                "dir's models/, its own model's, local_model_dirs)"
+            )
+        return ModelChoice(choice.provider, choice.kind, {**choice.options, "model_path": str(real)})
 
     def _own_base(self) -> dict[str, Any]:
         field_name = _model_field(self.own.kind)

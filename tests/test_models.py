@@ -15,8 +15,8 @@ from aish_client.render import Renderer
 from aish_client.runner import DEMO_NOTE, _StageOutput
 from bus.settings import TektonSettings
 from bus.wire import ChatRequest, StartFrame, decode_request, encode_request
-from specialists.models import resolve
-from specialists.providers.base import ProviderError
+from specialists.models import ModelPool, build, resolve
+from specialists.providers.base import ProviderContext, ProviderError, SharedResources
 from specialists.providers.openai_compat import OllamaOptions
 from tests.helpers import child_env, in_process_specialists, run_aish
 
@@ -173,3 +173,36 @@ def test_tekton_models_lists_each_provider(settings: TektonSettings, tmp_path: P
     assert any(line.startswith("ollama") and "cannot reach" in line for line in lines)
     assert any(line.startswith("anthropic") and "no API key" in line for line in lines)
     assert not any(line.startswith("scripted") for line in lines)
+
+
+@pytest.mark.fast
+@pytest.mark.anyio
+async def test_a_request_names_model_files_only_in_the_model_directories_and_few_of_them(
+    tmp_path: Path,
+) -> None:
+    """Any user on the bus may name a model: a file outside the specialist's model directories (or no
+    GGUF) is refused in one answer whether it exists or not (before, `local:/etc/shadow` was opened
+    by the model process), a file is keyed by its real path (before, each spelling of one path
+    started another model process), and at most request_models_max are kept."""
+    settings = TektonSettings(data_dir=tmp_path, request_models_max=2)
+    own = resolve(None, settings, own_provider="scripted")
+    context = ProviderContext("apollo", SharedResources())
+    pool = ModelPool(settings, own, build(own, context), context)
+    (tmp_path / "models").mkdir()
+    gguf = tmp_path / "models" / "mine.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "elsewhere.gguf").write_bytes(b"GGUF")
+    said = set()
+    for path in ("/etc/passwd", "/nonexistent.gguf", tmp_path / "elsewhere.gguf", tmp_path / "models"):
+        with pytest.raises(ProviderError) as refused:
+            await pool.get(f"local:{path}")
+        said.add(refused.value.message)
+    assert len(said) == 1 and "model directories" in said.pop()
+    spellings = [
+        resolve(f"local:{p}", settings, own_provider="scripted")
+        for p in (gguf, f"{tmp_path}/./models/mine.gguf")
+    ]
+    assert len({pool._allowed(c).key for c in spellings}) == 1
+    for name in ("a", "b", "c", "a"):
+        await pool.get(f"scripted:{name}")
+    assert [choice.options.get("model") for choice, _ in pool._providers.values()] == [None, "c", "a"]
