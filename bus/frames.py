@@ -33,7 +33,7 @@ def _unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as err:  # msgpack raises a handful of unrelated types
-        raise MalformedFrame(f"not msgpack: {err}") from err
+        raise MalformedFrame(f"not msgpack: {str(err) or type(err).__name__}") from err
 
 
 def pack_request(request: dict[str, Any], limit: int | None = None) -> bytes:

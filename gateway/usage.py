@@ -23,7 +23,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from bus.errors import BadRequest, BusError
+from bus.errors import BadRequest, BusError, MalformedFrame, problems_line
 from bus.runs import answerable
 from bus.sessions import ErrorReply
 from bus.subjects import ALL_USERS, gateway_queue, gateway_user
@@ -314,8 +314,14 @@ class UsageBook:
                 raise BadRequest("only an admin resets usage (tekton usage reset USER)")
             else:
                 payload = encode(await self.totals(user))
-        except (BusError, ValidationError) as err:
-            payload = encode(ErrorReply.of(err if isinstance(err, BusError) else BusError(str(err))))
+        except MalformedFrame as err:  # the asker's mistake, in the asker's code
+            payload = encode(ErrorReply.of(BadRequest(f"not a usage query: {err.message}")))
+        except ValidationError as err:
+            payload = encode(
+                ErrorReply.of(BadRequest(f"not a usage query: {problems_line(err, 'the query')}"))
+            )
+        except BusError as err:
+            payload = encode(ErrorReply.of(err))
         await msg.respond(payload)
 
 

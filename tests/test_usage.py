@@ -18,7 +18,7 @@ from bus.client import Bus
 from bus.errors import BadRequest, BudgetExceeded
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS
-from bus.usage import Budget, Price, Totals, period_window, usage_subject
+from bus.usage import Budget, Price, Totals, period_window, usage_query_subject, usage_subject
 from bus.wire import ChatMessage, encode
 from gateway.usage import UsageBook, open_usage_bucket
 from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, run_aish
@@ -359,3 +359,16 @@ async def test_only_an_admin_reads_or_resets_the_book(team: Team) -> None:  # no
         assert "Traceback" not in refused.stderr
         allowed = await run_tekton(team.admin, "usage", "reset", "alice")
         assert allowed.returncode == 0 and allowed.stdout.strip() == "alice has no usage", allowed.stderr
+
+
+@pytest.mark.fast
+async def test_a_usage_query_that_is_no_query_is_one_line_bad_request(settings: TektonSettings) -> None:
+    """Unknown fields, or no msgpack at all: the asker's mistake, said in one line (before, pydantic's
+    multi-line message under `internal`, or the client-side `malformed_frame`)."""
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+        subject = usage_query_subject(settings.prefix, ANONYMOUS)
+        for payload in (msgpack.packb({"zzz": 1}), b"", b"\xc1"):
+            reply = msgpack.unpackb((await bus.nc.request(subject, payload, timeout=5)).data)
+            assert reply["type"] == "error" and reply["code"] == "bad_request", reply
+            assert reply["message"].startswith("not a usage query: ") and "\n" not in reply["message"]
+            assert len(reply["message"]) < 300
