@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro.service import Service, ServiceConfig
 
+from bus.logs import refused
 from bus.runs import answerable
 
 log = structlog.get_logger("tekton.micro")
@@ -29,7 +30,9 @@ class GuardedService(Service):
         if msg.reply and answerable(msg.reply, self.prefix):
             return True
         if msg.reply:  # (a ping without one wants no answer)
-            log.warning("service request with a reply subject no client reads dropped", reply=msg.reply[:120])
+            refused.warning(
+                log, "service request with a reply subject no client reads dropped", reply=msg.reply[:120]
+            )
         return False
 
     async def _handle_ping_request(self, msg: Msg) -> None:

@@ -37,6 +37,7 @@ from bus.errors import (
     SessionTooLarge,
     SpecialistUnavailable,
 )
+from bus.logs import refused
 from bus.micro import add_service
 from bus.runs import answerable, ensure_runs_stream, parse_run_subject
 from bus.sessions import (
@@ -243,7 +244,7 @@ class GatewayService:
 
         async def dispatch(req: Request) -> None:
             if not answerable(req._msg.reply or "", self.settings.prefix):  # (bus/micro.py)
-                log.warning("gateway request with a reply subject no client reads dropped", op=op)
+                refused.warning(log, "gateway request with a reply subject no client reads dropped", op=op)
                 return
             # Each request in its own task: a slow scan never holds up a quick get.
             if tracing.wanted(req._msg.headers):

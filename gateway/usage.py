@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from bus.errors import BadRequest, BusError, MalformedFrame, problems_line
+from bus.logs import refused
 from bus.runs import answerable
 from bus.sessions import ErrorReply
 from bus.subjects import ALL_USERS, gateway_queue, gateway_user
@@ -303,7 +304,7 @@ class UsageBook:
 
     async def _on_query(self, msg: Msg) -> None:
         if not answerable(msg.reply or "", self.prefix):  # we may publish to $KV: answer only clients
-            log.warning("usage query with a reply subject no client reads dropped")
+            refused.warning(log, "usage query with a reply subject no client reads dropped")
             return
         user = gateway_user(msg.subject, self.prefix)
         try:

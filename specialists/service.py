@@ -37,6 +37,7 @@ from bus.auth import find_credentials
 from bus.client import NothingPending, is_no_responders
 from bus.discovery import PREFIX_KEY
 from bus.errors import BudgetExceeded, BusError, DeadlineExceeded, ErrorCode
+from bus.logs import refused
 from bus.micro import add_service
 from bus.runs import RunRef, answerable, ensure_runs_stream, parse_run_subject, probe_subject
 from bus.settings import TektonSettings
@@ -607,13 +608,13 @@ class SpecialistService:
     def _take_request(self, msg: Msg) -> None:
         reply_to = msg.reply
         if not reply_to:
-            self.log.warning("chat request without a reply subject dropped")
+            refused.warning(self.log, "chat request without a reply subject dropped")
             return
         run = parse_run_subject(reply_to, self.settings.prefix)
         if run is None and not answerable(reply_to, self.settings.prefix):  # nobody may be answered there
             self.counters.errors += 1
-            self.log.warning(
-                "chat request with a reply subject no client reads dropped", reply=reply_to[:120]
+            refused.warning(
+                self.log, "chat request with a reply subject no client reads dropped", reply=reply_to[:120]
             )
             return
         reply = ReplyStream(self.nc, reply_to, self.settings.prefix, run)

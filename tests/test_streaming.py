@@ -21,6 +21,7 @@ from bus.errors import (
     SpecialistUnavailable,
     StreamGap,
 )
+from bus.logs import Sparse
 from bus.settings import TektonSettings
 from bus.subjects import chat_subject
 from bus.wire import (
@@ -313,3 +314,29 @@ async def test_a_message_that_is_not_utf_8_where_nats_needs_it_takes_no_service_
             answer = await bus.ask("apollo", "still there?")
             sessions = await bus.gateway.list()
     assert answer.text == "apollo heard: still there?" and sessions == []
+
+
+@pytest.mark.fast
+async def test_requests_refused_for_their_reply_subject_are_logged_sparsely(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may send them: 40 pings with a forbidden reply subject to two specialists are one
+    warning saying how many, not a line per service per ping (before: 80 lines)."""
+    said: list[dict[str, Any]] = []
+
+    class Heard:
+        def warning(self, event: str, **fields: Any) -> None:
+            said.append({"event": event, **fields})
+
+    monkeypatch.setattr("bus.micro.log", Heard())
+    monkeypatch.setattr("bus.logs.refused", Sparse(every=60))
+    monkeypatch.setattr("bus.micro.refused", Sparse(every=60), raising=False)
+    async with in_process_specialists(settings, "apollo", "athena"), Bus.connect(settings) as bus:
+        for _ in range(40):
+            await bus.nc.publish("$SRV.PING", b"", reply="$KV.tekton_sessions.s.x")
+        await bus.nc.flush()
+        await anyio.sleep(0.3)
+    assert len(said) == 1, f"{len(said)} lines"
+    assert [(s["event"], s["times"]) for s in said] == [
+        ("service request with a reply subject no client reads dropped", 1)
+    ]
