@@ -55,6 +55,7 @@ from bus.errors import (
     may_have_started,
 )
 from bus.lite import NO_RESPONDERS, tls_context
+from bus.logs import refused
 from bus.refusals import Refusals, refusals_of
 from bus.refusals import install as install_refusals
 from bus.runs import (
@@ -146,17 +147,11 @@ class _Client(NATS):
     nothing more until the ping check called the connection stale minutes later: one such request to
     ``$SRV.PING`` took every specialist and the gateway off the bus."""
 
-    _dropped = 0
-    _told_at = 0.0
-
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         try:
             await super()._process_msg(sid, subject, reply, data, headers)
-        except UnicodeDecodeError:
-            self._dropped += 1
-            if time.monotonic() - self._told_at > 10:  # a flood is one line per 10 s, not one per message
-                self._told_at = time.monotonic()
-                log.warning("dropped messages that are not UTF-8 where NATS needs it", dropped=self._dropped)
+        except Exception as err:  # not UTF-8; a header block too short to read (IndexError); ...
+            refused.warning(log, "dropped a message nats-py cannot read", error=type(err).__name__)
 
 
 async def connect(

@@ -282,32 +282,32 @@ async def test_bad_options_are_rejected_before_sending(settings: TektonSettings)
     assert BadRequest("x").code == "bad_request"
 
 
+def poison(kind: str, chat: bytes) -> bytes:
+    body = msgpack.packb({"v": 1, "id": "poison1", "messages": [{"role": "user", "content": "x"}]})
+    return {
+        "reply": b"PUB $SRV.PING _INBOX.x.\xff 0\r\n\r\n",
+        "chat-reply": b"PUB %s _INBOX.x.\xfe %d\r\n%s\r\n" % (chat, len(body), body),
+        "status": b"HPUB $SRV.PING _INBOX.x.y 15 15\r\nNATS/1.0 \xff\xfe\r\n\r\n\r\n",
+        "short-header": b"HPUB $SRV.PING _INBOX.x.y 8 8\r\nNATS/1.0\r\n",
+    }[kind]
+
+
 @pytest.mark.fast
-async def test_a_message_that_is_not_utf_8_where_nats_needs_it_takes_no_service_off_the_bus(
-    settings: TektonSettings,
+@pytest.mark.parametrize("kind", ["reply", "chat-reply", "status", "short-header"])
+async def test_a_message_nats_py_cannot_read_takes_no_service_off_the_bus(
+    settings: TektonSettings, kind: str
 ) -> None:
-    """A reply subject or a header status that is not UTF-8 (nats-server passes them on) is dropped
-    by each service's connection; before, nats-py's read loop died of the decode, and one such
-    `$SRV.PING` took every specialist and the gateway off the bus until the ping check, minutes on."""
+    """A reply subject or a header status that is not UTF-8, or a header block too short to read
+    (nats-server passes them on), is dropped by each service's connection; before, nats-py's read
+    loop died of it, and one such `$SRV.PING` took every specialist and the gateway off the bus until
+    the ping check, minutes on."""
     async with (
         in_process_gateway(settings),
         in_process_specialists(settings, "apollo"),
         Bus.connect(settings) as bus,
     ):
         attacker = await nats.connect(settings.nats_url)
-        body = msgpack.packb({"v": 1, "id": "poison1", "messages": [{"role": "user", "content": "x"}]})
-        for raw in (
-            b"PUB $SRV.PING _INBOX.x.\xff 0\r\n\r\n",
-            b"PUB "
-            + chat_subject("apollo", settings.prefix).encode()
-            + b" _INBOX.x.\xfe "
-            + str(len(body)).encode()
-            + b"\r\n"
-            + body
-            + b"\r\n",
-            b"HPUB $SRV.PING _INBOX.x.y 14 14\r\nNATS/1.0 \xff\xfe\r\n\r\n\r\n",
-        ):
-            await attacker._send_command(raw)
+        await attacker._send_command(poison(kind, chat_subject("apollo", settings.prefix).encode()))
         await attacker.flush()
         await attacker.close()
         with anyio.fail_after(10):
