@@ -112,15 +112,6 @@ def resolve(
     return ModelChoice(provider, kind, options)
 
 
-def _bundled_model_path(kind: str) -> Path | None:
-    """The bundled demo model, for a specialist on the local provider (its default model)."""
-    if kind != "local":
-        return None
-    from specialists.providers.local import bundled_model_path
-
-    return bundled_model_path()
-
-
 def build(choice: ModelChoice, context: ProviderContext) -> Provider:
     return create_provider(choice.kind, choice.options, context)
 
@@ -135,41 +126,71 @@ class ModelPool:
         self.own = own
         self.context = context
         self._providers: dict[tuple[str, str], tuple[ModelChoice, Provider]] = {own.key: (own, provider)}
+        self._busy: dict[tuple[str, str], int] = {}  # requests using each request-named model now
         self._lock = anyio.Lock()
 
     async def get(self, spec: str | None) -> tuple[ModelChoice, Provider]:
-        """The provider for model ``spec`` (None: the specialist's own), built on first use. At most
-        ``request_models_max`` besides the own one are kept: the one used longest ago is closed."""
+        """The provider for model ``spec`` (None: the specialist's own), built on first use; the
+        caller gives it back with :meth:`release`. At most ``request_models_max`` are kept besides the
+        own one: to make room, the one used longest ago that no request is using is closed."""
         if not spec:
             return self._providers[self.own.key]
         choice = resolve(spec, self.settings, own_provider=self.own.provider, own_options=self._own_base())
-        choice = self._allowed(choice)
+        if self._names_a_file(choice):
+            choice = self._allowed(choice)
+            if choice.options["model_path"] == self._own_path():  # the own model, however spelt
+                return self._providers[self.own.key]
         async with self._lock:
             found = self._providers.pop(choice.key, None)
             if found is None:
-                if self.settings.request_models_max == 0:
-                    raise ProviderError("this specialist serves only its own model (request_models_max = 0)")
-                while len(self._providers) > self.settings.request_models_max:
-                    oldest = next(k for k in self._providers if k != self.own.key)
-                    await self._providers.pop(oldest)[1].aclose()
+                extra = [k for k in self._providers if k != self.own.key]
+                if len(extra) >= self.settings.request_models_max:
+                    idle = [k for k in extra if not self._busy.get(k)]
+                    if not idle:
+                        raise ProviderError(
+                            f"this specialist serves at most {self.settings.request_models_max} models "
+                            "besides its own, all in use now (request_models_max): ask again soon"
+                        )
+                    await self._providers.pop(idle[0])[1].aclose()
                 # A constructor may load a model file: keep it off the event loop.
                 found = (choice, await anyio.to_thread.run_sync(build, choice, self.context))
             self._providers[choice.key] = found  # the newest last
+            self._busy[choice.key] = self._busy.get(choice.key, 0) + 1
         return found
+
+    def release(self, choice: ModelChoice) -> None:
+        """A request is done with the provider :meth:`get` gave it for ``choice``."""
+        if (left := self._busy.get(choice.key, 0) - 1) > 0:
+            self._busy[choice.key] = left
+        else:
+            self._busy.pop(choice.key, None)
+
+    def _names_a_file(self, choice: ModelChoice) -> bool:
+        """Whether the request named ``choice``'s model file itself (not one set by whoever started
+        the specialist: its provider's table in the config file, its options)."""
+        if _model_field(choice.kind) != "model_path" or choice.options.get("model_path") is None:
+            return False
+        configured = resolve(
+            choice.provider, self.settings, own_provider=self.own.provider, own_options=self._own_base()
+        )
+        return configured.options.get("model_path") != choice.options["model_path"]
+
+    def _own_path(self) -> str | None:
+        """The own model's file, as its real path (the local provider's, default or configured)."""
+        path = getattr(self._providers[self.own.key][1], "path", None)
+        return str(Path(path).resolve()) if path else None
 
     def _allowed(self, choice: ModelChoice) -> ModelChoice:
         """``choice``, unless it is a model file a request may not name: any machine's user may ask, so
         a file is a GGUF in the data dir's ``models/``, the own model's directory or
         ``local_model_dirs``, named by its real path (one model process per file however spelt)."""
-        path = choice.options.get("model_path") if _model_field(choice.kind) == "model_path" else None
-        if path is None:
-            return choice
-        real = Path(path).resolve()
-        own = self.own.options.get("model_path") or _bundled_model_path(self.own.kind)
+        path = choice.options["model_path"]
+        given, real = Path(path), Path(path).resolve()  # (a GGUF in a model cache links to a blob)
+        own = self._own_path()
         dirs = [self.settings.data_dir / "models", *self.settings.local_model_dirs]
-        dirs += [Path(own).resolve().parent] if own else []
+        dirs += [Path(own).parent] if own else []
         inside = any(real.is_relative_to(d.resolve()) for d in dirs)
-        if not (inside and real.suffix.lower() == ".gguf" and real.is_file()):  # one answer for all: no
+        if not (inside and given.suffix.lower() == ".gguf" and real.is_file()):  # one answer for all: no
             raise ProviderError(  # telling a file that exists from one that does not
                 "a request may name only a GGUF file in the specialist's model directories (its data "
                 "dir's models/, its own model's, local_model_dirs)"

@@ -78,7 +78,7 @@ from bus.wire import (
     unpack_frame,
 )
 from specialists.metrics import SpecialistMetrics
-from specialists.models import ModelPool
+from specialists.models import ModelChoice, ModelPool
 from specialists.placement import Placement
 from specialists.providers.base import Provider, bind_conversation
 from specialists.roster import SpecialistSpec
@@ -788,6 +788,7 @@ class SpecialistService:
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         bind_tools(self.tools, reply.send)
         bind_conversation(self._owners.get(request.id, ANONYMOUS), self._usage_sessions.get(request.id))
+        leased: ModelChoice | None = None  # a request-named model, given back at the end
         try:
             messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
@@ -795,6 +796,7 @@ class SpecialistService:
                 if self.models is not None:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
+                    leased = choice if request.model else None
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
@@ -893,6 +895,8 @@ class SpecialistService:
             log.exception("request crashed")
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
+            if leased is not None and self.models is not None:
+                self.models.release(leased)
             self._scopes.pop(request.id, None)
             if reply.run is not None:
                 self._finish_run(reply, time.monotonic())

@@ -203,6 +203,18 @@ async def test_a_request_names_model_files_only_in_the_model_directories_and_few
         for p in (gguf, f"{tmp_path}/./models/mine.gguf")
     ]
     assert len({pool._allowed(c).key for c in spellings}) == 1
-    for name in ("a", "b", "c", "a"):
-        await pool.get(f"scripted:{name}")
-    assert [choice.options.get("model") for choice, _ in pool._providers.values()] == [None, "c", "a"]
+    # A GGUF in a model cache is a link to a blob with no suffix: the name given counts.
+    (tmp_path / "hub" / "blobs").mkdir(parents=True)
+    (tmp_path / "hub" / "snapshots").mkdir()
+    (tmp_path / "hub" / "blobs" / "3f2a").write_bytes(b"GGUF")
+    (tmp_path / "hub" / "snapshots" / "cached.gguf").symlink_to(tmp_path / "hub" / "blobs" / "3f2a")
+    cache = settings.model_copy(update={"local_model_dirs": [tmp_path / "hub"]})
+    cached = resolve(f"local:{tmp_path}/hub/snapshots/cached.gguf", cache, own_provider="scripted")
+    assert ModelPool(cache, own, build(own, context), context)._allowed(cached)
+    # Two request models at most: one in use is never closed to make room; an idle one is.
+    used = {name: (await pool.get(f"scripted:{name}"))[0] for name in ("a", "b")}
+    with pytest.raises(ProviderError, match="all in use"):
+        await pool.get("scripted:c")
+    pool.release(used["a"])
+    await pool.get("scripted:c")
+    assert [choice.options.get("model") for choice, _ in pool._providers.values()] == [None, "b", "c"]
