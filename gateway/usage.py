@@ -309,20 +309,25 @@ class UsageBook:
         user = gateway_user(msg.subject, self.prefix)
         try:
             query = UsageQuery.model_validate(unpack_frame(msg.data))
+        except MalformedFrame as err:  # the asker's mistake: said in the asker's code, in one line
+            return await msg.respond(encode(ErrorReply.of(BadRequest(f"not a usage query: {err.message}"))))
+        except ValidationError as err:
+            problems = problems_line(err, "the query")
+            return await msg.respond(encode(ErrorReply.of(BadRequest(f"not a usage query: {problems}"))))
+        try:  # (a stored total this version cannot read is ours, not the asker's: internal)
             if user == ALL_USERS:  # only admins may use that name in gateway subjects (bus/auth.py)
                 payload = encode(await self._admin(query))
             elif query.reset is not None:
                 raise BadRequest("only an admin resets usage (tekton usage reset USER)")
             else:
                 payload = encode(await self.totals(user))
-        except MalformedFrame as err:  # the asker's mistake, in the asker's code
-            payload = encode(ErrorReply.of(BadRequest(f"not a usage query: {err.message}")))
-        except ValidationError as err:
-            payload = encode(
-                ErrorReply.of(BadRequest(f"not a usage query: {problems_line(err, 'the query')}"))
-            )
         except BusError as err:
             payload = encode(ErrorReply.of(err))
+        except ValidationError as err:
+            log.error("stored usage unreadable", error=problems_line(err, "the totals"))
+            payload = encode(
+                ErrorReply.of(BusError("stored usage totals are unreadable (the gateway's log)"))
+            )
         await msg.respond(payload)
 
 
