@@ -180,7 +180,9 @@ async def connect(
     if "ws://" in url or "wss://" in url:
         _websocket_transport()
 
-    seen: list[str] = []
+    # What the server said while connecting (the reason a connect failed); kept short, since the
+    # callback lives as long as the connection and anyone can make a service hear errors.
+    seen: deque[str] = deque(maxlen=32)
     # nats-py reports a failed TLS verification on the first connect to the error callback and then
     # waits forever: stop it ourselves.
     tls_failed: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
