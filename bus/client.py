@@ -140,12 +140,13 @@ class _TlsTransport(TlsSocketTransport):
 
 
 class _Client(NATS):
-    """nats-py's client, but a message it cannot decode is dropped instead of ending the connection.
+    """nats-py's client, but a message it cannot read is dropped instead of ending the connection.
 
-    Anyone allowed to publish may give a message a reply subject or a header status that is not UTF-8;
-    nats-server passes it on, and nats-py's decode of it raised out of its read loop, which then read
-    nothing more until the ping check called the connection stale minutes later: one such request to
-    ``$SRV.PING`` took every specialist and the gateway off the bus."""
+    Anyone allowed to publish may give a message a reply subject or a header status that is not UTF-8,
+    or a header block too short to parse; nats-server passes it on, and nats-py's error reading it
+    raised out of its read loop, which then read nothing more until the ping check called the
+    connection stale minutes later: one such request to ``$SRV.PING`` took every specialist and the
+    gateway off the bus."""
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         try:
