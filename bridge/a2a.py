@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -40,6 +39,7 @@ from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from bridge.edge import strict_json
 from bus.client import Bus
 from bus.discovery import SpecialistView
 from bus.errors import BadRequest, BusError, ErrorCode, GatewayUnavailable
@@ -162,10 +162,6 @@ MAX_ID = 2**63
 MAX_HISTORY = 2**31 - 1
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def rpc_problem(body: bytes) -> tuple[Any, int, str] | None:
     """Why ``body`` is no request for an agent: ``(its id, JSON-RPC code, message)``, or None.
 
@@ -173,7 +169,7 @@ def rpc_problem(body: bytes) -> tuple[Any, int, str] | None:
     that are not UTF-8 or a file part that is not base64, come back as internal errors): a caller's
     mistake is answered here in one line, and the SDK sees only requests of the right shape."""
     try:
-        request = json.loads(body.decode(), parse_constant=_no_constant)
+        request = strict_json(body.decode())  # UTF-8 only, as the SDK reads it
     except (ValueError, RecursionError) as err:  # also bytes not UTF-8, ints of 4,300 digits, nesting
         return None, -32700, f"parse error: {str(err)[:200]}"
     if (

@@ -24,6 +24,17 @@ from bus.errors import (
 )
 from bus.settings import TektonSettings
 
+
+def strict_json(raw: str | bytes) -> Any:
+    """A JSON body as the edges take it: no NaN or Infinity (no JSON to answer with). Raises ValueError
+    (also for bytes that are not text, or an int of 4,300 digits) or RecursionError (nesting)."""
+    return json.loads(raw, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # How long a request's body may take to arrive, from its headers.
 BODY_TIMEOUT_S = 30

@@ -14,7 +14,7 @@ import structlog
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from bridge.edge import Guard, error_body
+from bridge.edge import Guard, error_body, strict_json
 from bridge.rest import ChatBody, SessionCreateBody, open_body
 from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
@@ -43,10 +43,6 @@ PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL = (
     RPC_INVALID_PARAMS,
     RPC_INTERNAL,
 )
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 class RpcError(Exception):
@@ -119,7 +115,7 @@ class JsonRpc:
         message: Any = {}
         try:
             try:
-                message = json.loads(raw, parse_constant=_no_constant)
+                message = strict_json(raw)
             except (ValueError, RecursionError) as err:  # also bytes not UTF-8; nesting too deep
                 raise RpcError(PARSE_ERROR, f"parse error: {str(err)[:200]}") from None
             if (

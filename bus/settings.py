@@ -54,7 +54,7 @@ class TektonSettings(BaseSettings):
     # Specialist: where a GGUF file a request names (``-m local:PATH``) may be; the data dir's
     # ``models/`` and the specialist's own model's directory always are (docs/config.md).
     local_model_dirs: list[Path] = []
-    # Specialist: how many models a request may have it build besides its own (the oldest is closed).
+    # Specialist: how many models requests may have it keep besides its own (docs/config.md).
     request_models_max: int = Field(default=4, ge=0, le=64)
     # Model providers by name, each a table of that provider's options (``[providers.ollama]
     # base_url = ...``); ``type = "openai"`` makes a new name for any OpenAI-compatible server. The

@@ -307,13 +307,11 @@ class UsageBook:
             refused.warning(log, "usage query with a reply subject no client reads dropped")
             return
         user = gateway_user(msg.subject, self.prefix)
-        try:
+        try:  # the asker's mistake is said in the asker's code, in one line
             query = UsageQuery.model_validate(unpack_frame(msg.data))
-        except MalformedFrame as err:  # the asker's mistake: said in the asker's code, in one line
-            return await msg.respond(encode(ErrorReply.of(BadRequest(f"not a usage query: {err.message}"))))
-        except ValidationError as err:
-            problems = problems_line(err, "the query")
-            return await msg.respond(encode(ErrorReply.of(BadRequest(f"not a usage query: {problems}"))))
+        except (MalformedFrame, ValidationError) as err:
+            said = err.message if isinstance(err, MalformedFrame) else problems_line(err, "the query")
+            return await msg.respond(encode(ErrorReply.of(BadRequest(f"not a usage query: {said}"))))
         try:  # (a stored total this version cannot read is ours, not the asker's: internal)
             if user == ALL_USERS:  # only admins may use that name in gateway subjects (bus/auth.py)
                 payload = encode(await self._admin(query))
