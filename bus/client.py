@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import NotFoundError
-from nats.protocol.command import unsub_cmd
+from nats.protocol.command import sub_cmd, unsub_cmd
 from pydantic import ValidationError
 
 from bus import tracing
@@ -447,6 +447,50 @@ class _Deliver(NothingPending):
                 inbox.put(msg)
 
 
+class _RunSubscription(Subscription):
+    """A run's subscription as nats-py keeps it (in its table of subscriptions, re-sent on a
+    reconnect, ended by ``unsubscribe``), made without what nats-py builds for a subscription read
+    by iteration: its asyncio queue (the run's messages go to :class:`_Deliver`) and its message
+    iterator. Every attribute nats-py 2.x reads of a subscription is set here; a test compares them
+    with a real one's, so a nats-py that adds one is caught."""
+
+    def __init__(self, nc: NATS, sid: int, subject: str, deliver: _Deliver) -> None:
+        self._conn, self._id, self._subject, self._queue = nc, sid, subject, ""
+        self._max_msgs = self._received = self._pending_size = 0
+        self._cb, self._future, self._closed = None, None, False
+        self._pending_msgs_limit, self._pending_bytes_limit = 0, 0
+        self._pending_queue = deliver  # type: ignore[assignment]
+        self._pending_next_msgs_calls = {}
+        self._wait_for_msgs_task = self._message_iterator = None
+        self._jsi = None
+
+
+async def _subscribe_run(nc: NATS, subject: str, deliver: _Deliver) -> Subscription:
+    """Subscribe to a run's subject (made by bus.subjects, so already checked), its messages handed
+    to ``deliver``: nats-py's ``subscribe`` without its per-subscription queue, iterator and flush
+    request. The SUB joins the connection's next write when one is already due, else asks for one;
+    the run's request follows it in the same write, so the server has the subscription before anyone
+    answers (bench/results/hot_path-profiles.md, round 7)."""
+    flush_queue = getattr(nc, "_flush_queue", None)
+    if not isinstance(flush_queue, asyncio.Queue) or not isinstance(getattr(nc, "_subs", None), dict):
+
+        async def cb(msg: Msg) -> None:  # another nats-py: its own way
+            deliver.put_nowait(msg)
+
+        return await nc.subscribe(subject, cb=cb, pending_msgs_limit=1_000_000)
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining:
+        raise nats.errors.ConnectionDrainingError
+    nc._sid += 1
+    sub = _RunSubscription(nc, nc._sid, subject, deliver)
+    nc._subs[sub._id] = sub
+    await nc._send_command(sub_cmd(subject, "", sub._id))
+    if flush_queue.empty():
+        await nc._flush_pending()
+    return sub
+
+
 async def _unsubscribe_with_next_write(nc: NATS, sub: Subscription) -> None:
     """``sub.unsubscribe()``, but its UNSUB rides the connection's next write when one is already due
     (as a publish does) instead of queueing a flush of its own. nats-py's unsubscribe always wakes its
@@ -557,13 +601,7 @@ class Bus:
         listen = run_listen_subject(subject)
         # A subscription per run, but no queue and no task per run (measured at 100 runs at once: the
         # client's extra CPU over a plain inbox stream went from 5.9 to 2.2 ms per 100 runs).
-        sub = await self.nc.subscribe(listen, pending_bytes_limit=0)
-        if hasattr(sub, "_pending_queue"):
-            sub._pending_queue = _Deliver(self._routes, subject)  # type: ignore[assignment]
-        else:  # another nats-py: its own way
-            await sub.unsubscribe()
-            sub = await self.nc.subscribe(listen, cb=self._route, pending_msgs_limit=1_000_000)
-        self._run_subs[subject] = sub
+        self._run_subs[subject] = await _subscribe_run(self.nc, listen, _Deliver(self._routes, subject))
         return inbox
 
     async def stop_reading(self, inbox: str | None, run_subject: str | None, replay: Replay | None) -> None:

@@ -132,6 +132,45 @@ async def test_runs_that_end_together_leave_nobody_listening_on_any_of_them(sett
                     await other.nc.request(probe_subject(subject), b"", timeout=2)
 
 
+@pytest.mark.fast
+def test_a_run_subscription_sets_every_field_a_nats_py_subscription_has() -> None:
+    """A run's subscription is made without nats-py's constructor (bus/client.py, _RunSubscription):
+    a field nats-py adds in a later release would be read and missing there."""
+    from nats.aio.client import Client
+    from nats.aio.subscription import Subscription
+
+    from bus.client import _Deliver, _RunSubscription
+
+    real = Subscription(Client(), 1, "tekton.run.u.r.*")
+    lean = _RunSubscription(Client(), 1, "tekton.run.u.r.*", _Deliver({}, "tekton.run.u.r.f"))
+    assert set(vars(lean)) == set(vars(real))
+
+
+@pytest.mark.fast
+async def test_a_run_listened_to_with_no_request_after_it_hears_its_frames(settings: TektonSettings) -> None:
+    """A run's SUB waits for a write already due (its request's), else goes at once: a listener that
+    sends nothing after it (an attach to a run another client asked) hears the run from the start,
+    not from whenever its connection next writes (a SUB left waiting went out ~2 s later)."""
+    async with Bus.connect(settings) as bus, Bus.connect(settings) as other:
+        subject = run_subject("anonymous", "r1", settings.prefix)
+        inbox = await bus.open_run(subject)
+        await eventually(lambda: _listened(other, subject), within=1)
+        await other.nc.publish(subject, b"frame")
+        msg = await inbox.get(5)
+        assert msg is not None and msg.data == b"frame"
+        await bus.close_run(subject)
+
+
+async def _listened(other: Bus, subject: str) -> bool:
+    try:
+        await other.nc.request(probe_subject(subject), b"", timeout=0.2)
+    except nats.errors.NoRespondersError:
+        return False
+    except nats.errors.TimeoutError:
+        return True  # a listener answers a probe with silence
+    return True
+
+
 async def test_a_closed_attach_leaves_no_consumer_behind(settings: TektonSettings) -> None:
     """Each resume or attach reads through a consumer of the runs stream, and nats-server keeps at most
     1,000 consumers on a stream: those of closed readers must go soon, not hold the limit for a minute
