@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -19,8 +20,19 @@ import anyio
 RESULTS = Path(__file__).parent / "results"
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
+    """CPU seconds process ``pid`` (all its threads, living and ended) has used so far, to the
+    nanosecond: its CPU-time clock (``clock_getcpuclockid``). /proc's user and system times count in
+    10 ms ticks, a few per cent of a round's figure; the /proc figure is the fallback."""
+    clock = ctypes.c_int()
+    if _libc.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+        try:
+            return time.clock_gettime(clock.value)
+        except OSError:
+            pass  # the process is gone, or the clock cannot be read from here
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

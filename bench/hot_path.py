@@ -11,14 +11,16 @@
 - the HTTP/SSE bridge (`tekton gateway --http`) against the bus in the same run;
 - the real `aish apollo hi` console script (its light one-shot path, and its full path) against
   `python -c pass`; the specialist's RSS per 1,000 open streams;
-- tracing: the specialist's CPU per request with OpenTelemetry on (every request traced, and 5 %
-  sampled; the real OTLP/HTTP exporter posting to a sink in this process) against the same
-  specialist with tracing off (``--skip tracing`` leaves it out).
+- tracing: the specialist's CPU per request, and the first chunk's wait (sequential p50, 100 at once
+  p99), with OpenTelemetry on (every request traced, and 5 % sampled; the real OTLP/HTTP exporter
+  posting to a sink in this process) against the same specialist with tracing off (``--skip
+  tracing`` leaves it out).
 
-Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each
-side's server process and nats-server spent per request (CPU time is far less noisy than wall time on
-a busy machine) and the messages through nats-server per request (in + out, from its /varz).
-Prints the table and writes bench/results/hot_path.json (date, machine, load average included).
+Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each side's
+server process and nats-server spent per request (from each process's CPU-time clock, to the nanosecond;
+CPU time is far less noisy than wall time on a busy machine) and the messages through nats-server per
+request (in + out, from its /varz). Prints the table and writes bench/results/hot_path.json (date,
+machine, load average included).
 """
 
 from __future__ import annotations
@@ -340,25 +342,30 @@ def otlp_sink() -> str:
 
 
 async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
-    """Specialist CPU per request: tracing off (apollo) against on (telos: every request; sophia:
-    5 % sampled), the same 8-chunk scripted answer, interleaved rounds."""
+    """Tracing off (apollo) against on (telos: every request; sophia: 5 % sampled), the same 8-chunk
+    scripted answer, interleaved rounds: the specialist's CPU per request (all its threads, the
+    exporter's included), and what a caller waits, first chunk sequential p50 and 100 at once p99."""
     settings = TektonSettings(nats_url=args.url, data_dir=Path(args.tmp))
-    # /proc counts CPU in clock ticks (10 ms): enough requests per round that a tick is under 5 %.
     seq_n, rounds = (500, 3) if args.quick else (2000, 5)
     out: dict[str, Any] = {"rows": []}
+    names = ("apollo", "telos", "sophia")
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    waits: dict[str, list[list[float]]] = {name: [] for name in names}
+    wide_waits: dict[str, list[list[float]]] = {name: [] for name in names}
     async with Bus.connect(settings) as bus:
         sides = {
             name: Side(name, lambda name=name: bus_first_chunk(bus, name), pids[name])  # type: ignore[misc]
-            for name in ("apollo", "telos", "sophia")
+            for name in names
         }
-        cpu: dict[str, list[float]] = {name: [] for name in sides}
         for side in sides.values():  # warm up
             await side.run(1, 50)
             side.cpu_us()
         for r in range(rounds):
             for side in sides.values() if r % 2 == 0 else reversed(sides.values()):
-                await side.run(1, seq_n)
+                waits[side.name].append(await side.run(1, seq_n))
                 cpu[side.name].append(side.cpu_us())
+                wide_waits[side.name].append(await side.run(100, 100))
+                side.cpu_us()
     off = statistics.median(cpu["apollo"])
     for name, what in (("telos", "every request"), ("sophia", "5 % sampled")):
         on = statistics.median(cpu[name])
@@ -372,6 +379,24 @@ async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dic
                 "rounds_off_us": cpu["apollo"],
                 "rounds_on_us": cpu[name],
             }
+        )
+        out["rows"].append(
+            latency_row(
+                f"  (first chunk sequential p50, tracing {what} vs off)",
+                waits["apollo"],
+                waits[name],
+                50,
+                1.05,
+            )
+        )
+        out["rows"].append(
+            latency_row(
+                f"  (first chunk 100 concurrent p99, tracing {what} vs off)",
+                wide_waits["apollo"],
+                wide_waits[name],
+                99,
+                1.05,
+            )
         )
     return out
 
