@@ -568,7 +568,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 "| "
                 + "  the same, worst round".ljust(72)
                 + "".join(f" | {w!s:>10}" for w in worst)
-                + " | <= 2x |"
+                + f" | {row.get('worst_round_goal', '')} |"  # a goal only where the issue set one
             )
 
 
