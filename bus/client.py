@@ -472,7 +472,11 @@ async def _subscribe_run(nc: NATS, subject: str, deliver: _Deliver) -> Subscript
     the run's request follows it in the same write, so the server has the subscription before anyone
     answers (bench/results/hot_path-profiles.md, round 7)."""
     flush_queue = getattr(nc, "_flush_queue", None)
-    if not isinstance(flush_queue, asyncio.Queue) or not isinstance(getattr(nc, "_subs", None), dict):
+    if not (
+        isinstance(flush_queue, asyncio.Queue)
+        and isinstance(getattr(nc, "_subs", None), dict)
+        and isinstance(getattr(nc, "_sid", None), int)
+    ):
 
         async def cb(msg: Msg) -> None:  # another nats-py: its own way
             deliver.put_nowait(msg)
