@@ -511,8 +511,9 @@ async def _unsubscribe_with_next_write(nc: NATS, sub: Subscription) -> None:
     sub._closed = True
     sub._stop_processing()
     nc._remove_sub(sub._id)
-    if nc.is_reconnecting:  # the server forgets our subscriptions; nats-py re-sends only the live ones
-        return
+    # Sent while reconnecting too (nats-py's own unsubscribe skips it): the run's SUB may still wait in
+    # the pending writes, which go out after nats-py re-sends the live subscriptions; this UNSUB
+    # follows it there. (An UNSUB of a subscription the server does not have is ignored.)
     await nc._send_command(unsub_cmd(sub._id, 0))
     if flush_queue.empty():
         await nc._flush_pending()

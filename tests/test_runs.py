@@ -10,6 +10,7 @@ import signal
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ import pytest
 from bus.client import Bus, StreamResult
 from bus.errors import Cancelled, RunNotFound
 from bus.runs import ensure_runs_stream, probe_subject, run_subject, runs_stream_name
+from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import (
@@ -159,6 +161,34 @@ async def test_a_run_listened_to_with_no_request_after_it_hears_its_frames(setti
         msg = await inbox.get(5)
         assert msg is not None and msg.data == b"frame"
         await bus.close_run(subject)
+
+
+async def test_a_run_opened_and_closed_while_reconnecting_leaves_nobody_listening(
+    tmp_path: Path, settings: TektonSettings
+) -> None:
+    """A run's SUB written while the connection is down waits with the other pending writes, which
+    go out after nats-py re-sends the live subscriptions: its UNSUB must follow it there, else the
+    server keeps listening for a run that ended, and its probes hear silence, not "no responders"."""
+    server = EmbeddedNats(tmp_path / "store", port=0)
+    server.start()
+    port = server.port
+    here = settings.model_copy(update={"nats_url": server.url})
+    try:
+        async with Bus.connect(here) as bus:
+            server.stop()
+            await eventually(lambda: not bus.nc.is_connected, within=10)
+            subject = run_subject("anonymous", "gone", here.prefix)
+            await bus.open_run(subject)
+            await bus.close_run(subject)
+            server = EmbeddedNats(tmp_path / "store", port=port)
+            server.start()
+            await eventually(lambda: bus.nc.is_connected, within=15)
+            await bus.nc.flush()
+            async with Bus.connect(here) as other:
+                with pytest.raises(nats.errors.NoRespondersError):
+                    await other.nc.request(probe_subject(subject), b"", timeout=2)
+    finally:
+        server.stop()
 
 
 async def _listened(other: Bus, subject: str) -> bool:
