@@ -28,7 +28,8 @@ def cpu_s(pid: int) -> float:
     nanosecond: its CPU-time clock (``clock_getcpuclockid``). /proc's user and system times count in
     10 ms ticks, a few per cent of a round's figure; the /proc figure is the fallback."""
     clock = ctypes.c_int()
-    if _libc.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+    getclock = getattr(_libc, "clock_getcpuclockid", None)
+    if getclock is not None and getclock(pid, ctypes.byref(clock)) == 0:
         try:
             return time.clock_gettime(clock.value)
         except OSError:
