@@ -729,7 +729,11 @@ class Bus:
                 try:
                     await nc.drain()
                 except nats.errors.Error:  # the server is gone (reconnecting): nothing left to drain
-                    await nc.close()
+                    # nats-py's close writes what is still pending (a publish or an UNSUB made while
+                    # reconnecting) to the lost socket, and raises that it is lost: it is, and that is
+                    # not the error to report.
+                    with suppress(OSError):
+                        await nc.close()
 
     def stream(
         self,

@@ -463,7 +463,7 @@ def _settle_heap() -> None:
     """Once a server is up: collect, then move what is alive into the collector's permanent
     generation (``gc.freeze``), so that a full collection walks what was made since, not the ~170,000
     objects start-up left (FastAPI, pydantic, the MCP and A2A SDKs). The gateway spent ~300 us of
-    collection per SSE request at 100 at once, a third of its CPU: 937-1,043 -> 768 us per request
+    collection per SSE request at 100 at once, a third of its CPU: 937-1,043 -> 768-818 us per request
     with it (bench/results/hot_path-profiles.md, round 7)."""
     gc.collect()
     gc.freeze()
