@@ -13,7 +13,7 @@
   `python -c pass`; the specialist's RSS per 1,000 open streams;
 - tracing: the specialist's CPU per request, and the first chunk's wait (sequential p50, 100 at once
   p99), with OpenTelemetry on (every request traced, and 5 % sampled; the real OTLP/HTTP exporter
-  posting to a sink in this process) against the same specialist with tracing off (``--skip
+  posting to a sink, a process of the bench's) against the same specialist with tracing off (``--skip
   tracing`` leaves it out).
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each side's
