@@ -489,10 +489,16 @@ async def _subscribe_run(nc: NATS, subject: str, deliver: _Deliver) -> Subscript
     nc._sid += 1
     sub = _RunSubscription(nc, nc._sid, subject, deliver)
     nc._subs[sub._id] = sub
-    await nc._send_command(sub_cmd(subject, "", sub._id))
+    await _send_with_next_write(nc, flush_queue, sub_cmd(subject, "", sub._id))
+    return sub
+
+
+async def _send_with_next_write(nc: NATS, flush_queue: asyncio.Queue[Any], command: bytes) -> None:
+    """Queue a protocol command to go with the connection's next write when one is already due (as
+    nats-py's publish does), else ask nats-py's flusher for one now."""
+    await nc._send_command(command)
     if flush_queue.empty():
         await nc._flush_pending()
-    return sub
 
 
 async def _unsubscribe_with_next_write(nc: NATS, sub: Subscription) -> None:
@@ -514,9 +520,7 @@ async def _unsubscribe_with_next_write(nc: NATS, sub: Subscription) -> None:
     # Sent while reconnecting too (nats-py's own unsubscribe skips it): the run's SUB may still wait in
     # the pending writes, which go out after nats-py re-sends the live subscriptions; this UNSUB
     # follows it there. (An UNSUB of a subscription the server does not have is ignored.)
-    await nc._send_command(unsub_cmd(sub._id, 0))
-    if flush_queue.empty():
-        await nc._flush_pending()
+    await _send_with_next_write(nc, flush_queue, unsub_cmd(sub._id, 0))
 
 
 class FrameReader:
