@@ -32,7 +32,13 @@ from starlette.routing import Route
 
 from bridge import jsonrpc, openai, rest
 from bridge.a2a import A2ARouter
-from bridge.edge import LOCAL_HOSTS, EdgeGuard, Guard, error_body
+from bridge.edge import (
+    LOCAL_HOSTS,
+    EdgeGuard,
+    Guard,
+    bus_error_response,
+    validation_error_response,
+)
 from bridge.mcp import McpEndpoint
 from bridge.metrics import BusCollector, BusFigures
 from bridge.rest import ChatBody, open_body
@@ -43,7 +49,6 @@ from bus.errors import (
     BusError,
     ErrorCode,
     NatsUnavailable,
-    RateLimited,
 )
 from bus.failover import Opened
 from bus.settings import TektonSettings
@@ -57,6 +62,7 @@ class Bridge:
     guard: Guard
     bus: Callable[..., Bus]
     admitted: Callable[..., Awaitable[str]]
+    admit_scope: Callable[[dict[str, Any]], str]  # `admitted` for a plain ASGI route: the caller
     open_stream: Callable[[ChatBody, str], Awaitable[Opened]]
 
 
@@ -120,9 +126,6 @@ def create_app(
         "and an OpenAI-compatible API.",
         lifespan=lifespan,
     )
-    app.add_middleware(EdgeGuard, settings=settings, host=host)
-
-    app.add_middleware(TraceContext)
 
     def bus(caller: str | None = None) -> Bus:
         """The bus as the caller's user (one Bus, with its own inbox, per user, on one connection)."""
@@ -135,22 +138,23 @@ def create_app(
 
     app.state.bus = bus  # the connection in use now (it is replaced when lost)
 
-    async def admitted(request: Request) -> str:
+    def admit(authorization: str | None, client: str) -> str:
+        """The caller of a request with these credentials, admitted (or BusError: who may not)."""
         # ?token= only on /ws, where a browser cannot set a header: in a URL it ends up in logs.
-        caller = guard.caller(
-            request.headers.get("authorization"),
-            None,
-            request.client.host if request.client else "?",
-        )
+        caller = guard.caller(authorization, None, client)
         guard.admit(caller)
         return caller
 
-    def a2a_bus(scope: dict[str, Any]) -> Bus:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    async def admitted(request: Request) -> str:
+        return admit(request.headers.get("authorization"), request.client.host if request.client else "?")
+
+    def admit_scope(scope: dict[str, Any]) -> str:
+        authorization = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), None)
         client = scope.get("client") or ("?", 0)
-        caller = guard.caller(headers.get("authorization"), None, client[0])
-        guard.admit(caller)
-        return bus(caller)
+        return admit(authorization.decode("latin-1") if authorization is not None else None, client[0])
+
+    def a2a_bus(scope: dict[str, Any]) -> Bus:
+        return bus(admit_scope(scope))
 
     app.mount("/a2a", A2ARouter(a2a_bus))  # docs/interop.md
 
@@ -174,11 +178,7 @@ def create_app(
 
     @app.exception_handler(BusError)
     async def bus_error(_: Request, err: BusError) -> JSONResponse:
-        return JSONResponse(
-            error_body(err),
-            status_code=err.http_status,
-            headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
-        )
+        return bus_error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def framework_refusal(_: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -198,21 +198,17 @@ def create_app(
 
     @app.exception_handler(ValidationError)
     async def invalid(_: Request, err: ValidationError) -> JSONResponse:
-        """A value that passed the request schema but not a model built from it (a 422, not a 500)."""
-        problems = err.errors(include_url=False, include_context=False, include_input=False)
-        body = {
-            "error": {
-                "code": "bad_request",
-                "message": f"{len(problems)} invalid value(s)",
-                "details": problems,
-            }
-        }
-        return JSONResponse(body, status_code=422)
+        return validation_error_response(err)
 
     async def open_stream(body: ChatBody, caller: str) -> Opened:
         return await open_body(bus(caller), body)
 
-    ctx = Bridge(settings, guard, bus, admitted, open_stream)
+    ctx = Bridge(settings, guard, bus, admitted, admit_scope, open_stream)
     for protocol in (rest, openai, jsonrpc):
         protocol.add_routes(app, ctx)
+    # In front of the routes, the last added first: trace context, the edge's checks (which read the
+    # body), then the SSE chat route as plain ASGI (rest.ChatStreamRoute: the bridge's hot path).
+    app.add_middleware(rest.ChatStreamRoute, ctx=ctx)
+    app.add_middleware(EdgeGuard, settings=settings, host=host)
+    app.add_middleware(TraceContext)
     return app

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from bridge import rest
 from bridge.app import create_app
 from bridge.listen import http_server, http_socket
 from bus.errors import BadRequest
@@ -284,7 +285,81 @@ async def test_schemathesis_finds_no_server_error(settings: TektonSettings) -> N
     assert " passed" in report
 
 
-async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(settings: TektonSettings) -> None:
+def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[bool]:
+    """Send POST /api/chat/stream down ``path``: the bridge's plain ASGI route (rest.ChatStreamRoute),
+    or FastAPI's route, where the plain one sends a request it declines. Returns a list that gets, per
+    request, whether the plain route took it."""
+    taken: list[bool] = []
+
+    def chat_body(scope: Any, message: Any) -> rest.ChatBody | None:
+        body = plain_chat_body(scope, message) if path == "plain ASGI" else None
+        taken.append(body is not None)
+        return body
+
+    plain_chat_body = rest._chat_body
+    monkeypatch.setattr(rest, "_chat_body", chat_body)
+    return taken
+
+
+SSE_PATHS = ["plain ASGI", "FastAPI"]
+
+
+async def test_the_sse_chat_route_answers_alike_down_both_paths(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain ASGI route answers as FastAPI's does: the same status line and events, the same errors."""
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        replies: dict[str, list[httpx.Response]] = {}
+        for path in SSE_PATHS:
+            with monkeypatch.context() as patch:
+                taken = sse_path(patch, path)
+                replies[path] = [
+                    await http.post("/api/chat/stream", json=body)
+                    for body in (
+                        {"specialist": "apollo", "message": "hi"},
+                        {"specialist": "apolo", "message": "x"},  # no such specialist
+                        {"specialist": "apollo"},  # no message: a 400 from the bus client
+                    )
+                ]
+            assert taken == [path == "plain ASGI"] * 3, (path, taken)
+        fast, framework = replies["plain ASGI"], replies["FastAPI"]
+        for a, b in zip(fast, framework, strict=True):
+            assert a.status_code == b.status_code
+            assert {k: a.headers.get(k) for k in ("content-type", "cache-control")} == {
+                k: b.headers.get(k) for k in ("content-type", "cache-control")
+            }
+        for reply in (fast[0], framework[0]):
+            events = sse_events(reply.text)
+            kinds = [e for e, _ in events]
+            assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"content"}, kinds
+            assert "".join(d["text"] for e, d in events if e == "content") == "apollo heard: hi"
+            assert set(events[0][1]) == {"specialist", "request_id"} and set(events[-1][1]) == {
+                "usage",
+                "timings",
+            }
+        for a, b in zip(fast[1:], framework[1:], strict=True):
+            assert a.json() == b.json() and a.status_code >= 400, a.text
+        # What the plain route declines goes on to FastAPI's, which answers it as it always did.
+        for declined in (
+            {
+                "content": b'{"specialist": "apollo", "message": "hi"}',
+                "headers": {"content-type": "text/plain"},
+            },
+            {"json": {"specialist": "apollo", "message": "x", "options": {"temperature": "hot"}}},
+            {"content": b'{"specialist": ', "headers": {"content-type": "application/json"}},
+        ):
+            assert (await http.post("/api/chat/stream", **declined)).status_code == 422, declined
+
+
+@pytest.mark.parametrize("path", SSE_PATHS)
+async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    sse_path(monkeypatch, path)
     # Without a resume window: the run stops as soon as the specialist finds nobody listening.
     settings = settings.model_copy(update={"run_resume_window_s": 0.0})
     with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
