@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -77,35 +78,25 @@ async def send_events(
     closed however the response ends, and the response stopped when the client leaves (uvicorn's
     ``send`` drops what a gone client is sent without a word, so only ``receive`` tells).
 
-    Starlette's response watches ``receive`` in a task group of its own (a cancel scope, two tasks);
-    here one asyncio task watches and cancels the response's task, which then returns as Starlette's
-    does. The request body must have been received already."""
-    task = asyncio.current_task()
-    assert task is not None
-    ended = False  # the last event is sent: from here uvicorn's receive says "disconnect" anyway
-    left = False
+    Starlette's response watches ``receive`` in a task group of its own (a cancel scope, two anyio
+    tasks); here one plain asyncio task watches and cancels the response's scope (an anyio one, so the
+    bus stream's shielded close is not cut short). The request body must have been received already."""
+    scope = anyio.CancelScope()
 
     async def watch() -> None:
-        nonlocal left
+        # (after the last event uvicorn's receive says "disconnect" too: the scope is left by then)
         while (await receive())["type"] != "http.disconnect":
             pass
-        if not ended:
-            left = True
-            task.cancel()
+        scope.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        async for event in content:
-            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-        ended = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except asyncio.CancelledError:
-        if not left:
-            raise
-        task.uncancel()  # our own cancel, for a client that left: the response just ends
+        with scope:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async for event in content:
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        ended = True
         watcher.cancel()
         await close_opened(opened)
 

@@ -17,6 +17,7 @@ import pytest
 
 from bridge import rest
 from bridge.app import create_app
+from bridge.edge import send_events
 from bridge.listen import http_server, http_socket
 from bus.errors import BadRequest
 from bus.settings import TektonSettings
@@ -458,3 +459,36 @@ async def test_an_idle_kept_alive_connection_outlives_the_clients_pool(settings:
     async with bridge(settings) as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         await assert_kept_alive(int(port), f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), status=b"200")
+
+
+@pytest.mark.fast
+async def test_a_client_leaving_while_the_stream_closes_does_not_cut_the_close_short() -> None:
+    """The SSE route stops on the client's "disconnect" through an anyio cancel scope, which the bus
+    stream's shielded close holds off (a plain asyncio cancel of the task went through the shield)."""
+    gone = anyio.Event()
+    closes: list[str] = []
+
+    class Stream:  # what send_events needs of a ChatStream: a run id and a shielded close
+        run_id = None
+
+        async def __aexit__(self, *exc: object) -> None:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)  # (a cancel frame and its flush, say)
+                closes.append("closed")
+
+    stream = Stream()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def events() -> AsyncIterator[str]:
+        yield "event: done\ndata: {}\n\n"
+        gone.set()  # the client leaves while the stream is being closed
+        await stream.__aexit__(None, None, None)
+
+    await send_events(receive, send, events(), stream)  # type: ignore[arg-type]
+    assert closes == ["closed", "closed"]  # (closing twice is harmless: see close_opened)
