@@ -64,12 +64,14 @@ setup() {
   fi
 }
 
-# The tests drive the REPL in a real terminal (tmux) and the console in a real browser (chromium). A
-# fresh machine may not have them: install them from Debian's packages when we can (root with
-# apt-get), else those tests say why they are skipped.
+# The tests drive the REPL in a real terminal (tmux) and the console in a real browser (chromium), and
+# parse aish's completion scripts with zsh and fish. A fresh machine may not have them: install them
+# from Debian's packages when we can (root with apt-get), else those tests say why they are skipped.
 system_tools() {
   local missing=()
   command -v tmux >/dev/null || missing+=(tmux)
+  command -v zsh >/dev/null || missing+=(zsh)
+  command -v fish >/dev/null || missing+=(fish)
   # The browser console is tested in headless Chromium (Debian's; Playwright drives it).
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
