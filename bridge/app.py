@@ -62,7 +62,7 @@ class Bridge:
     guard: Guard
     bus: Callable[..., Bus]
     admitted: Callable[..., Awaitable[str]]
-    admit_scope: Callable[[dict[str, Any]], str]  # `admitted` for a plain ASGI route: the caller
+    admit_scope: Callable[[dict[str, Any]], str]  # `admitted` for a plain ASGI route, from its scope
     open_stream: Callable[[ChatBody, str], Awaitable[Opened]]
 
 
@@ -206,8 +206,9 @@ def create_app(
     ctx = Bridge(settings, guard, bus, admitted, admit_scope, open_stream)
     for protocol in (rest, openai, jsonrpc):
         protocol.add_routes(app, ctx)
-    # In front of the routes, the last added first: trace context, the edge's checks (which read the
-    # body), then the SSE chat route as plain ASGI (rest.ChatStreamRoute: the bridge's hot path).
+    # In front of the routes a request meets, in this order: trace context, the edge's checks (which
+    # read the body), the SSE chat route as plain ASGI (rest.ChatStreamRoute: the bridge's hot path).
+    # (Starlette puts the middleware added last outermost.)
     app.add_middleware(rest.ChatStreamRoute, ctx=ctx)
     app.add_middleware(EdgeGuard, settings=settings, host=host)
     app.add_middleware(TraceContext)

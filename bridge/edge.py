@@ -5,6 +5,7 @@ one map, bus/errors.py POLICY), and an SSE response that closes its bus stream h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -67,8 +68,8 @@ async def close_opened(opened: ChatStream | BulkStream) -> None:
     await opened.__aexit__(None, None, None)  # (shielded from a cancel; closing twice is harmless)
 
 
-# A ClosingStream's status line headers, as Starlette makes them (a test holds the two the same).
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+# A ClosingStream's response headers, as Starlette makes them (a test holds the two the same).
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"content-type", b"text/event-stream; charset=utf-8")]
 
 
 async def send_events(
@@ -85,8 +86,9 @@ async def send_events(
 
     async def watch() -> None:
         # (after the last event uvicorn's receive says "disconnect" too: the scope is left by then)
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        with contextlib.suppress(Exception):  # a receive that fails: the client is gone all the same
+            while (await receive())["type"] != "http.disconnect":
+                pass
         scope.cancel()
 
     watcher = asyncio.ensure_future(watch())
@@ -99,6 +101,7 @@ async def send_events(
     finally:
         watcher.cancel()
         await close_opened(opened)
+        await asyncio.wait([watcher])  # the watcher ends with its response, never left behind
 
 
 def error_body(err: BusError) -> dict[str, Any]:

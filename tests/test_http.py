@@ -286,20 +286,34 @@ async def test_schemathesis_finds_no_server_error(settings: TektonSettings) -> N
     assert " passed" in report
 
 
-def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[bool]:
+def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[str]:
     """Send POST /api/chat/stream down ``path``: the bridge's plain ASGI route (rest.ChatStreamRoute),
-    or FastAPI's route, where the plain one sends a request it declines. Returns a list that gets, per
-    request, whether the plain route took it."""
-    taken: list[bool] = []
+    or FastAPI's route, where the plain one declines every request. Returns a list that gets the
+    plain route's every answer: "events" (a stream) or the status of an error it sent."""
+    answered: list[str] = []
+    chat_body, send_events = rest._chat_body, rest.send_events
+    bus_error, invalid = rest.bus_error_response, rest.validation_error_response
 
-    def chat_body(scope: Any, message: Any) -> rest.ChatBody | None:
-        body = plain_chat_body(scope, message) if path == "plain ASGI" else None
-        taken.append(body is not None)
-        return body
+    async def plain_events(*args: Any) -> None:
+        answered.append("events")
+        await send_events(*args)
 
-    plain_chat_body = rest._chat_body
-    monkeypatch.setattr(rest, "_chat_body", chat_body)
-    return taken
+    def plain_error(make: Any) -> Any:
+        def error(err: Any) -> Any:
+            reply = make(err)
+            answered.append(str(reply.status_code))
+            return reply
+
+        return error
+
+    if path == "FastAPI":
+        monkeypatch.setattr(rest, "_chat_body", lambda *_: None)
+    else:
+        monkeypatch.setattr(rest, "_chat_body", chat_body)
+    monkeypatch.setattr(rest, "send_events", plain_events)
+    monkeypatch.setattr(rest, "bus_error_response", plain_error(bus_error))
+    monkeypatch.setattr(rest, "validation_error_response", plain_error(invalid))
+    return answered
 
 
 SSE_PATHS = ["plain ASGI", "FastAPI"]
@@ -308,31 +322,44 @@ SSE_PATHS = ["plain ASGI", "FastAPI"]
 async def test_the_sse_chat_route_answers_alike_down_both_paths(
     settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The plain ASGI route answers as FastAPI's does: the same status line and events, the same errors."""
+    """The plain ASGI route answers as FastAPI's does: the same status line and events, the same
+    errors, the same API tokens and rate limits."""
+    # A token per path, four requests each before its rate limit (one a second, bursts of four).
+    tokens = {"plain ASGI": "tok-plain", "FastAPI": "tok-fastapi"}
+    guarded = settings.model_copy(
+        update={"http_tokens": [*tokens.values(), "tok-declined"], "http_rate_per_s": 0.01, "http_burst": 4.0}
+    )
     async with (
-        bridge(settings) as url,
-        in_process_specialists(settings, "apollo"),
+        bridge(guarded) as url,
+        in_process_specialists(guarded, "apollo"),
         httpx.AsyncClient(base_url=url) as http,
     ):
         replies: dict[str, list[httpx.Response]] = {}
         for path in SSE_PATHS:
+            auth = {"Authorization": f"Bearer {tokens[path]}"}
             with monkeypatch.context() as patch:
-                taken = sse_path(patch, path)
+                answered = sse_path(patch, path)
                 replies[path] = [
-                    await http.post("/api/chat/stream", json=body)
-                    for body in (
-                        {"specialist": "apollo", "message": "hi"},
-                        {"specialist": "apolo", "message": "x"},  # no such specialist
-                        {"specialist": "apollo"},  # no message: a 400 from the bus client
+                    await http.post("/api/chat/stream", json=body, headers=headers)
+                    for body, headers in (
+                        ({"specialist": "apollo", "message": "hi"}, auth),
+                        ({"specialist": "apolo", "message": "x"}, auth),  # no such specialist
+                        ({"specialist": "apollo"}, auth),  # no message: a 400 from the bus client
+                        ({"specialist": "apollo", "message": "hi"}, {"Authorization": "Bearer guess"}),
+                        ({"specialist": "apollo", "message": "hi"}, auth),
+                        ({"specialist": "apollo", "message": "hi"}, auth),  # over the rate limit
                     )
                 ]
-            assert taken == [path == "plain ASGI"] * 3, (path, taken)
+            plain = ["events", "404", "400", "401", "events", "429"]
+            assert answered == (plain if path == "plain ASGI" else []), (path, answered)
         fast, framework = replies["plain ASGI"], replies["FastAPI"]
+        assert [r.status_code for r in fast] == [200, 404, 400, 401, 200, 429]
         for a, b in zip(fast, framework, strict=True):
             assert a.status_code == b.status_code
-            assert {k: a.headers.get(k) for k in ("content-type", "cache-control")} == {
-                k: b.headers.get(k) for k in ("content-type", "cache-control")
-            }
+            assert a.headers.get("retry-after") == b.headers.get("retry-after")
+            assert [(k, v) for k, v in a.headers.items() if k in ("content-type", "cache-control")] == [
+                (k, v) for k, v in b.headers.items() if k in ("content-type", "cache-control")
+            ]
         for reply in (fast[0], framework[0]):
             events = sse_events(reply.text)
             kinds = [e for e, _ in events]
@@ -342,25 +369,31 @@ async def test_the_sse_chat_route_answers_alike_down_both_paths(
                 "usage",
                 "timings",
             }
-        for a, b in zip(fast[1:], framework[1:], strict=True):
-            assert a.json() == b.json() and a.status_code >= 400, a.text
+        for a, b in zip(fast[1:4] + fast[5:], framework[1:4] + framework[5:], strict=True):
+            assert a.json() == b.json(), a.text
         # What the plain route declines goes on to FastAPI's, which answers it as it always did.
-        for declined in (
-            {
-                "content": b'{"specialist": "apollo", "message": "hi"}',
-                "headers": {"content-type": "text/plain"},
-            },
-            {"json": {"specialist": "apollo", "message": "x", "options": {"temperature": "hot"}}},
-            {"content": b'{"specialist": ', "headers": {"content-type": "application/json"}},
-        ):
-            assert (await http.post("/api/chat/stream", **declined)).status_code == 422, declined
+        with monkeypatch.context() as patch:
+            answered = sse_path(patch, "plain ASGI")
+            auth = {"Authorization": "Bearer tok-declined"}
+            for body, content_type in (
+                (b'{"specialist": "apollo", "message": "hi"}', "text/plain"),
+                (
+                    b'{"specialist": "apollo", "message": "x", "options": {"temperature": "hot"}}',
+                    "application/json",
+                ),
+                (b'{"specialist": ', "application/json"),
+            ):
+                headers = {"content-type": content_type, **auth}
+                reply = await http.post("/api/chat/stream", content=body, headers=headers)
+                assert reply.status_code == 422 and reply.json()["error"]["code"] == "bad_request", reply.text
+            assert answered == []
 
 
 @pytest.mark.parametrize("path", SSE_PATHS)
 async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(
     settings: TektonSettings, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
-    sse_path(monkeypatch, path)
+    answered = sse_path(monkeypatch, path)
     # Without a resume window: the run stops as soon as the specialist finds nobody listening.
     settings = settings.model_copy(update={"run_resume_window_s": 0.0})
     with env(TEKTON_SCRIPTED_TOKENS_PER_S="20", TEKTON_SCRIPTED_TOKENS="1000"):
@@ -382,6 +415,7 @@ async def test_an_sse_client_that_leaves_mid_answer_stops_the_specialist(
                 return athena.cancelled == 1 and athena.in_flight == 0
 
             await eventually(stopped)
+            assert answered == (["events"] if path == "plain ASGI" else [])
 
 
 @pytest.mark.fast
@@ -482,13 +516,19 @@ async def test_a_client_leaving_while_the_stream_closes_does_not_cut_the_close_s
         await gone.wait()
         return {"type": "http.disconnect"}
 
+    sent: list[bytes] = []
+
     async def send(message: dict[str, Any]) -> None:
-        pass
+        sent.append(message.get("body", b""))
 
     async def events() -> AsyncIterator[str]:
-        yield "event: done\ndata: {}\n\n"
+        yield "event: content\ndata: {}\n\n"
         gone.set()  # the client leaves while the stream is being closed
         await stream.__aexit__(None, None, None)
+        await anyio.sleep(10)  # (the response is stopped here, once the close is done)
+        yield "event: done\ndata: {}\n\n"
 
-    await send_events(receive, send, events(), stream)  # type: ignore[arg-type]
+    with anyio.fail_after(5):
+        await send_events(receive, send, events(), stream)  # type: ignore[arg-type]
     assert closes == ["closed", "closed"]  # (closing twice is harmless: see close_opened)
+    assert sent == [b"", b"event: content\ndata: {}\n\n"]  # the response's start, then one event
