@@ -36,6 +36,7 @@ from bridge.edge import (
     LOCAL_HOSTS,
     EdgeGuard,
     Guard,
+    PlainRoutes,
     bus_error_response,
     validation_error_response,
 )
@@ -207,9 +208,9 @@ def create_app(
     for protocol in (rest, openai, jsonrpc):
         protocol.add_routes(app, ctx)
     # In front of the routes a request meets, in this order: trace context, the edge's checks (which
-    # read the body), the SSE chat route as plain ASGI (rest.ChatStreamRoute: the bridge's hot path).
+    # read the body), the hot routes as plain ASGI (edge.PlainRoutes: SSE chat, OpenAI streaming).
     # (Starlette puts the middleware added last outermost.)
-    app.add_middleware(rest.ChatStreamRoute, ctx=ctx)
+    app.add_middleware(PlainRoutes, routes={**rest.plain_routes(ctx), **openai.plain_routes(ctx)})
     app.add_middleware(EdgeGuard, settings=settings, host=host)
     app.add_middleware(TraceContext)
     return app

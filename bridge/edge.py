@@ -9,14 +9,14 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from bus.bulk import BulkStream
 from bus.client import ChatStream
@@ -26,6 +26,8 @@ from bus.errors import (
     Unauthorized,
 )
 from bus.settings import TektonSettings
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def strict_json(raw: str | bytes) -> Any:
@@ -102,6 +104,55 @@ async def send_events(
         watcher.cancel()
         await close_opened(opened)
         await asyncio.wait([watcher])  # the watcher ends with its response, never left behind
+
+
+# A hot route served as plain ASGI (:class:`PlainRoutes`): given the request's scope, its whole body
+# (the ASGI message) and receive/send, it answers and returns True, or returns False having sent
+# nothing, and FastAPI's route for the same path answers instead.
+PlainHandler = Callable[[Any, dict[str, Any], Any, Any], Awaitable[bool]]
+
+
+class PlainRoutes:
+    """The bridge's hot routes (an SSE chat, an OpenAI streaming completion) served as plain ASGI in
+    front of FastAPI, inside :class:`EdgeGuard` (which has read the whole body).
+
+    FastAPI's layers (its middleware, routing and dependency injection) and Starlette's streaming
+    response (a task group, a cancel scope and two tasks per response) were ~45 % of the gateway's
+    CPU per SSE request (bench/results/hot_path-profiles.md, round 8). A handler takes a request that
+    FastAPI would serve the same way, a JSON body that validates as the route's model, and answers it
+    with the same calls, events and errors (:func:`bridge.rest.serve_events`); anything else goes on
+    to the FastAPI route, which answers it as it always did and documents it in the OpenAPI."""
+
+    def __init__(self, app: Any, routes: dict[str, PlainHandler]):
+        self.app, self.routes = app, routes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        handler = (
+            self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        )
+        if handler is None:
+            return await self.app(scope, receive, send)
+        message = await receive()
+        if not await handler(scope, message, receive, send):
+            await self.pass_on(scope, message, receive, send)
+
+    async def pass_on(self, scope: Any, message: dict[str, Any], receive: Any, send: Any) -> None:
+        """To FastAPI's route, with the body as it came."""
+        await self.app(scope, replaying(message, receive), send)
+
+
+def json_body(scope: Any, message: dict[str, Any], model: type[M]) -> M | None:
+    """The request's body as ``model`` if it is JSON (``Content-Type: application/json``, read as
+    FastAPI reads it) that validates; else None."""
+    if message["type"] != "http.request" or message.get("more_body"):
+        return None
+    content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
+    if content_type.partition(b";")[0].strip().lower() != b"application/json":
+        return None
+    try:
+        return model.model_validate(json.loads(message["body"]))
+    except (ValueError, RecursionError):  # (pydantic's ValidationError is a ValueError)
+        return None
 
 
 def error_body(err: BusError) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 
-from bridge.edge import ClosingStream, error_body
-from bridge.rest import ChatBody
+from bridge.edge import ClosingStream, PlainHandler, error_body, json_body
+from bridge.rest import ChatBody, serve_events
 from bus.errors import (
     BusError,
 )
+from bus.failover import Opened
 from bus.subjects import TARGET_PATTERN
 from bus.wire import ChatMessage, ChatOptions, Usage
 
@@ -44,6 +45,67 @@ class OpenAIChat(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
+COMPLETIONS_PATH = "/v1/chat/completions"
+
+
+def chat_body(body: OpenAIChat) -> ChatBody:
+    return ChatBody(
+        specialist=body.model,
+        messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
+        options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
+    )
+
+
+def plain_routes(ctx: Bridge) -> dict[str, PlainHandler]:
+    async def completions(scope: Any, message: dict[str, Any], receive: Any, send: Any) -> bool:
+        body = json_body(scope, message, OpenAIChat)
+        if body is None or not body.stream:  # (an answer in one piece: FastAPI's route)
+            return False
+        await serve_events(
+            ctx, scope, receive, send, lambda: chat_body(body), lambda opened: completion_events(opened, body)
+        )
+        return True
+
+    return {COMPLETIONS_PATH: completions}
+
+
+def completion_events(opened: Opened, body: OpenAIChat) -> AsyncIterator[str]:
+    """A streamed completion's chunks, as OpenAI's: the role, the text, the finish reason, the usage
+    if asked for (``stream_options.include_usage``), then ``[DONE]``."""
+    name, stream = opened.name, opened.stream
+    created = int(time.time())
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def chunk(delta: dict[str, str], finish: str | None = None, usage: Usage | None = None) -> str:
+        data: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage is not None:
+            data["usage"] = openai_usage(usage)
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        async with stream:
+            yield chunk({"role": "assistant"})
+            try:
+                async for text in opened.texts:
+                    yield chunk({"content": text})
+                result = await stream.result()
+            except BusError as err:
+                yield f"data: {json.dumps(error_body(err))}\n\n"
+                return
+            yield chunk({}, result.done.finish_reason)
+            if body.stream_options and body.stream_options.include_usage:
+                yield chunk({}, usage=result.done.usage)
+            yield "data: [DONE]\n\n"
+
+    return events()
+
+
 def add_routes(app: FastAPI, ctx: Bridge) -> None:
     bus, admitted, open_stream = ctx.bus, ctx.admitted, ctx.open_stream
 
@@ -53,63 +115,27 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
         names = [v.name for v in views] + sorted({f"@{c}" for v in views for c in v.capabilities}) + ["@auto"]
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "tekton"} for n in names]}
 
-    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions (streaming or not)")
+    @app.post(COMPLETIONS_PATH, summary="OpenAI-compatible chat completions (streaming or not)")
     async def completions(body: OpenAIChat, caller: str = Depends(admitted)) -> Any:
-        chat_body = ChatBody(
-            specialist=body.model,
-            messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
-            options=ChatOptions(max_tokens=body.max_tokens, temperature=body.temperature),
-        )
-        opened = await open_stream(chat_body, caller)
-        name, stream = opened.name, opened.stream
-        created = int(time.time())
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if not body.stream:
-            async with stream:
-                result = await stream.result()
-            return {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text},
-                        "finish_reason": result.done.finish_reason,
-                    }
-                ],
-                "usage": openai_usage(result.done.usage),
-            }
-
-        def chunk(delta: dict[str, str], finish: str | None = None, usage: Usage | None = None) -> str:
-            data: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": name,
-                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            if usage is not None:
-                data["usage"] = openai_usage(usage)
-            return f"data: {json.dumps(data)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            async with stream:
-                yield chunk({"role": "assistant"})
-                try:
-                    async for text in opened.texts:
-                        yield chunk({"content": text})
-                    result = await stream.result()
-                except BusError as err:
-                    yield f"data: {json.dumps(error_body(err))}\n\n"
-                    return
-                yield chunk({}, result.done.finish_reason)
-                if body.stream_options and body.stream_options.include_usage:
-                    yield chunk({}, usage=result.done.usage)
-                yield "data: [DONE]\n\n"
-
-        return ClosingStream(events(), stream)
+        opened = await open_stream(chat_body(body), caller)
+        if body.stream:
+            return ClosingStream(completion_events(opened, body), opened.stream)
+        async with opened.stream:
+            result = await opened.stream.result()
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": opened.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.done.finish_reason,
+                }
+            ],
+            "usage": openai_usage(result.done.usage),
+        }
 
 
 def openai_usage(usage: Usage) -> dict[str, int]:

@@ -4,7 +4,7 @@ discovery (`/api/...`), and the small browser console at `/`."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +14,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from bridge.edge import (
     ClosingStream,
+    PlainHandler,
     bus_error_response,
     error_body,
-    replaying,
+    json_body,
     send_events,
     validation_error_response,
 )
@@ -158,49 +159,40 @@ def bulk_events(run: BulkStream) -> AsyncIterator[str]:
 CHAT_STREAM_PATH = "/api/chat/stream"
 
 
-class ChatStreamRoute:
-    """``POST /api/chat/stream``, the bridge's hot path, served as plain ASGI in front of FastAPI.
-
-    FastAPI's layers (its middleware, routing, dependency injection) and Starlette's streaming
-    response (a task group per response) were a third of the gateway's CPU per SSE request
-    (bench/results/hot_path-profiles.md). This takes a request FastAPI would serve the same way, a
-    JSON body that is a valid :class:`ChatBody`, and answers it with the same calls and the same
-    events; anything else (a body that does not validate, another content type) goes on to the
-    FastAPI route below, which answers it as it always did and documents the route in the OpenAPI
-    document. Inside :class:`bridge.edge.EdgeGuard`, which has read the whole body."""
-
-    def __init__(self, app: Any, ctx: Bridge):
-        self.app, self.ctx = app, ctx
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != CHAT_STREAM_PATH or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        message = await receive()
-        body = _chat_body(scope, message)
-        if body is None:
-            return await self.app(scope, replaying(message, receive), send)
-        try:
-            caller = self.ctx.admit_scope(scope)
-            opened = await self.ctx.open_stream(body, caller)
-        except BusError as err:
-            return await bus_error_response(err)(scope, receive, send)
-        except ValidationError as err:
-            return await validation_error_response(err)(scope, receive, send)
-        events = chat_events(opened.stream, opened.name, opened.texts)
-        await send_events(receive, send, events, opened.stream)
-
-
-def _chat_body(scope: Any, message: dict[str, Any]) -> ChatBody | None:
-    """The request's :class:`ChatBody` if it is JSON (read as FastAPI reads it) that validates."""
-    if message["type"] != "http.request" or message.get("more_body"):
-        return None
-    content_type = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
-    if content_type.partition(b";")[0].strip().lower() != b"application/json":
-        return None
+async def serve_events(
+    ctx: Bridge,
+    scope: Any,
+    receive: Any,
+    send: Any,
+    body: Callable[[], ChatBody],
+    events: Callable[[Opened], AsyncIterator[str]],
+) -> None:
+    """A plain route's answer (:class:`bridge.edge.PlainRoutes`), as its FastAPI route gives it: the
+    caller admitted, then ``body()`` asked of the bus, then ``events`` of the open stream; an error
+    before the first event in the bridge's error body."""
     try:
-        return ChatBody.model_validate(json.loads(message["body"]))
-    except (ValueError, RecursionError):  # (pydantic's ValidationError is a ValueError)
-        return None
+        caller = ctx.admit_scope(scope)
+        opened = await ctx.open_stream(body(), caller)
+    except BusError as err:
+        return await bus_error_response(err)(scope, receive, send)
+    except ValidationError as err:
+        return await validation_error_response(err)(scope, receive, send)
+    await send_events(receive, send, events(opened), opened.stream)
+
+
+def plain_routes(ctx: Bridge) -> dict[str, PlainHandler]:
+    async def chat_stream(scope: Any, message: dict[str, Any], receive: Any, send: Any) -> bool:
+        body = json_body(scope, message, ChatBody)
+        if body is None:
+            return False
+        await serve_events(ctx, scope, receive, send, lambda: body, chat_stream_events)
+        return True
+
+    return {CHAT_STREAM_PATH: chat_stream}
+
+
+def chat_stream_events(opened: Opened) -> AsyncIterator[str]:
+    return chat_events(opened.stream, opened.name, opened.texts)
 
 
 def add_routes(app: FastAPI, ctx: Bridge) -> None:
@@ -238,7 +230,7 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
     @app.post(CHAT_STREAM_PATH, summary="Ask a specialist; the answer as server-sent events")
     async def chat_stream(body: ChatBody, caller: str = Depends(admitted)) -> StreamingResponse:
         opened = await open_stream(body, caller)
-        return ClosingStream(chat_events(opened.stream, opened.name, opened.texts), opened.stream)
+        return ClosingStream(chat_stream_events(opened), opened.stream)
 
     @app.get("/api/runs/{run_id}/events", summary="Resume a run: its events after Last-Event-ID, then live")
     async def run_events(

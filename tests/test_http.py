@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from bridge import openai as bridge_openai
 from bridge import rest
 from bridge.app import create_app
 from bridge.edge import send_events
@@ -51,6 +52,39 @@ def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines["event"], json.loads(lines["data"])))
     return events
+
+
+def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[str]:
+    """Send the bridge's hot routes (POST /api/chat/stream, a streamed /v1/chat/completions) down
+    ``path``: their plain ASGI handlers (edge.PlainRoutes), or FastAPI's routes, where the plain ones
+    decline every request. Returns a list that gets the plain handlers' every answer: "events" (a
+    stream) or the status of an error they sent."""
+    answered: list[str] = []
+    send_events = rest.send_events
+    bus_error, invalid = rest.bus_error_response, rest.validation_error_response
+
+    async def plain_events(*args: Any) -> None:
+        answered.append("events")
+        await send_events(*args)
+
+    def plain_error(make: Any) -> Any:
+        def error(err: Any) -> Any:
+            reply = make(err)
+            answered.append(str(reply.status_code))
+            return reply
+
+        return error
+
+    if path == "FastAPI":
+        monkeypatch.setattr(rest, "json_body", lambda *_: None)
+        monkeypatch.setattr(bridge_openai, "json_body", lambda *_: None)
+    monkeypatch.setattr(rest, "send_events", plain_events)
+    monkeypatch.setattr(rest, "bus_error_response", plain_error(bus_error))
+    monkeypatch.setattr(rest, "validation_error_response", plain_error(invalid))
+    return answered
+
+
+SSE_PATHS = ["plain ASGI", "FastAPI"]
 
 
 async def test_json_sse_sessions_bulk_and_discovery(settings: TektonSettings) -> None:
@@ -93,7 +127,11 @@ async def test_json_sse_sessions_bulk_and_discovery(settings: TektonSettings) ->
         assert page.status_code == 200 and "Tekton console" in page.text
 
 
-async def test_openai_client_library_talks_to_tekton(settings: TektonSettings) -> None:
+@pytest.mark.parametrize("path", SSE_PATHS)
+async def test_openai_client_library_talks_to_tekton(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    answered = sse_path(monkeypatch, path)
     async with bridge(settings) as url, in_process_specialists(settings, "athena", "penia"):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused-on-localhost", max_retries=0)
         async with client:
@@ -120,11 +158,15 @@ async def test_openai_client_library_talks_to_tekton(settings: TektonSettings) -
             assert "".join(parts) == "penia heard: budget?"
             # Tokens, not chunks: a burst of tokens comes in one chunk.
             assert usage == [([], 3)]
-            with pytest.raises(openai.APIStatusError) as info:
-                await client.chat.completions.create(
-                    model="nobody", messages=[{"role": "user", "content": "x"}]
-                )
-            assert info.value.status_code == 404
+            for stream_it in (False, True):
+                with pytest.raises(openai.APIStatusError) as info:
+                    await client.chat.completions.create(
+                        model="nobody", messages=[{"role": "user", "content": "x"}], stream=stream_it
+                    )
+                assert info.value.status_code == 404
+                assert "no specialist" in info.value.message or "nobody" in info.value.message
+    # The answers in one piece are FastAPI's on both paths; the streamed ones the plain handler's.
+    assert answered == (["events", "404"] if path == "plain ASGI" else [])
 
 
 async def rpc(
@@ -284,39 +326,6 @@ async def test_schemathesis_finds_no_server_error(settings: TektonSettings) -> N
     report = done.stdout.decode(errors="replace")
     assert done.returncode == 0, report[-3000:]
     assert " passed" in report
-
-
-def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[str]:
-    """Send POST /api/chat/stream down ``path``: the bridge's plain ASGI route (rest.ChatStreamRoute),
-    or FastAPI's route, where the plain one declines every request. Returns a list that gets the
-    plain route's every answer: "events" (a stream) or the status of an error it sent."""
-    answered: list[str] = []
-    chat_body, send_events = rest._chat_body, rest.send_events
-    bus_error, invalid = rest.bus_error_response, rest.validation_error_response
-
-    async def plain_events(*args: Any) -> None:
-        answered.append("events")
-        await send_events(*args)
-
-    def plain_error(make: Any) -> Any:
-        def error(err: Any) -> Any:
-            reply = make(err)
-            answered.append(str(reply.status_code))
-            return reply
-
-        return error
-
-    if path == "FastAPI":
-        monkeypatch.setattr(rest, "_chat_body", lambda *_: None)
-    else:
-        monkeypatch.setattr(rest, "_chat_body", chat_body)
-    monkeypatch.setattr(rest, "send_events", plain_events)
-    monkeypatch.setattr(rest, "bus_error_response", plain_error(bus_error))
-    monkeypatch.setattr(rest, "validation_error_response", plain_error(invalid))
-    return answered
-
-
-SSE_PATHS = ["plain ASGI", "FastAPI"]
 
 
 async def test_the_sse_chat_route_answers_alike_down_both_paths(
