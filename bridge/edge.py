@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -26,6 +26,11 @@ from bus.errors import (
     Unauthorized,
 )
 from bus.settings import TektonSettings
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+    from bridge.rest import ChatBody
+    from bus.failover import Opened
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -106,6 +111,27 @@ async def send_events(
         await asyncio.wait([watcher])  # the watcher ends with its response, never left behind
 
 
+async def serve_events(
+    ctx: Bridge,
+    scope: Any,
+    receive: Any,
+    send: Any,
+    body: Callable[[], ChatBody],
+    events: Callable[[Opened], AsyncIterator[str]],
+) -> None:
+    """A plain route's answer (:class:`PlainRoutes`), as its FastAPI route gives it: the
+    caller admitted, then ``body()`` asked of the bus, then ``events`` of the open stream; an error
+    before the first event in the bridge's error body."""
+    try:
+        caller = ctx.admit_scope(scope)
+        opened = await ctx.open_stream(body(), caller)
+    except BusError as err:
+        return await bus_error_response(err)(scope, receive, send)
+    except ValidationError as err:
+        return await validation_error_response(err)(scope, receive, send)
+    await send_events(receive, send, events(opened), opened.stream)
+
+
 # A hot route served as plain ASGI (:class:`PlainRoutes`): given the request's scope, its whole body
 # (the ASGI message) and receive/send, it answers and returns True, or returns False having sent
 # nothing, and FastAPI's route for the same path answers instead.
@@ -119,9 +145,10 @@ class PlainRoutes:
     FastAPI's layers (its middleware, routing and dependency injection) and Starlette's streaming
     response (a task group, a cancel scope and two tasks per response) were ~45 % of the gateway's
     CPU per SSE request (bench/results/hot_path-profiles.md, round 8). A handler takes a request that
-    FastAPI would serve the same way, a JSON body that validates as the route's model, and answers it
-    with the same calls, events and errors (:func:`bridge.rest.serve_events`); anything else goes on
-    to the FastAPI route, which answers it as it always did and documents it in the OpenAPI."""
+    FastAPI would serve the same way (a JSON body that validates as the route's model; for an OpenAI
+    completion, one asked to stream), and answers it with the same calls, events and errors
+    (:func:`serve_events`); anything else goes on to the FastAPI route, which answers it as it always
+    did and documents it in the OpenAPI."""
 
     def __init__(self, app: Any, routes: dict[str, PlainHandler]):
         self.app, self.routes = app, routes

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 
-from bridge.edge import ClosingStream, PlainHandler, error_body, json_body
-from bridge.rest import ChatBody, serve_events
+from bridge.edge import ClosingStream, PlainHandler, error_body, json_body, serve_events
+from bridge.rest import ChatBody
 from bus.errors import (
     BusError,
 )
@@ -48,7 +48,8 @@ class OpenAIChat(BaseModel):
 COMPLETIONS_PATH = "/v1/chat/completions"
 
 
-def chat_body(body: OpenAIChat) -> ChatBody:
+def as_chat_body(body: OpenAIChat) -> ChatBody:
+    """The Tekton chat request an OpenAI one asks for."""
     return ChatBody(
         specialist=body.model,
         messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
@@ -62,7 +63,12 @@ def plain_routes(ctx: Bridge) -> dict[str, PlainHandler]:
         if body is None or not body.stream:  # (an answer in one piece: FastAPI's route)
             return False
         await serve_events(
-            ctx, scope, receive, send, lambda: chat_body(body), lambda opened: completion_events(opened, body)
+            ctx,
+            scope,
+            receive,
+            send,
+            lambda: as_chat_body(body),
+            lambda opened: completion_events(opened, body),
         )
         return True
 
@@ -117,15 +123,16 @@ def add_routes(app: FastAPI, ctx: Bridge) -> None:
 
     @app.post(COMPLETIONS_PATH, summary="OpenAI-compatible chat completions (streaming or not)")
     async def completions(body: OpenAIChat, caller: str = Depends(admitted)) -> Any:
-        opened = await open_stream(chat_body(body), caller)
+        opened = await open_stream(as_chat_body(body), caller)
         if body.stream:
             return ClosingStream(completion_events(opened, body), opened.stream)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())  # (as it starts)
         async with opened.stream:
             result = await opened.stream.result()
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": completion_id,
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": created,
             "model": opened.name,
             "choices": [
                 {

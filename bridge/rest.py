@@ -4,23 +4,15 @@ discovery (`/api/...`), and the small browser console at `/`."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Header, Query
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from bridge.edge import (
-    ClosingStream,
-    PlainHandler,
-    bus_error_response,
-    error_body,
-    json_body,
-    send_events,
-    validation_error_response,
-)
+from bridge.edge import ClosingStream, PlainHandler, error_body, json_body, serve_events
 from bus.bulk import BulkPlan, BulkStream
 from bus.client import Bus, ChatStream
 from bus.errors import (
@@ -157,27 +149,6 @@ def bulk_events(run: BulkStream) -> AsyncIterator[str]:
 
 
 CHAT_STREAM_PATH = "/api/chat/stream"
-
-
-async def serve_events(
-    ctx: Bridge,
-    scope: Any,
-    receive: Any,
-    send: Any,
-    body: Callable[[], ChatBody],
-    events: Callable[[Opened], AsyncIterator[str]],
-) -> None:
-    """A plain route's answer (:class:`bridge.edge.PlainRoutes`), as its FastAPI route gives it: the
-    caller admitted, then ``body()`` asked of the bus, then ``events`` of the open stream; an error
-    before the first event in the bridge's error body."""
-    try:
-        caller = ctx.admit_scope(scope)
-        opened = await ctx.open_stream(body(), caller)
-    except BusError as err:
-        return await bus_error_response(err)(scope, receive, send)
-    except ValidationError as err:
-        return await validation_error_response(err)(scope, receive, send)
-    await send_events(receive, send, events(opened), opened.stream)
 
 
 def plain_routes(ctx: Bridge) -> dict[str, PlainHandler]:

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
+from bridge import edge, rest
 from bridge import openai as bridge_openai
-from bridge import rest
 from bridge.app import create_app
 from bridge.edge import send_events
 from bridge.listen import http_server, http_socket
@@ -60,8 +60,8 @@ def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[str]:
     decline every request. Returns a list that gets the plain handlers' every answer: "events" (a
     stream) or the status of an error they sent."""
     answered: list[str] = []
-    send_events = rest.send_events
-    bus_error, invalid = rest.bus_error_response, rest.validation_error_response
+    send_events = edge.send_events
+    bus_error, invalid = edge.bus_error_response, edge.validation_error_response
 
     async def plain_events(*args: Any) -> None:
         answered.append("events")
@@ -78,9 +78,10 @@ def sse_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[str]:
     if path == "FastAPI":
         monkeypatch.setattr(rest, "json_body", lambda *_: None)
         monkeypatch.setattr(bridge_openai, "json_body", lambda *_: None)
-    monkeypatch.setattr(rest, "send_events", plain_events)
-    monkeypatch.setattr(rest, "bus_error_response", plain_error(bus_error))
-    monkeypatch.setattr(rest, "validation_error_response", plain_error(invalid))
+    # (only edge.serve_events answers through these names: FastAPI's handlers have their own)
+    monkeypatch.setattr(edge, "send_events", plain_events)
+    monkeypatch.setattr(edge, "bus_error_response", plain_error(bus_error))
+    monkeypatch.setattr(edge, "validation_error_response", plain_error(invalid))
     return answered
 
 
@@ -328,11 +329,37 @@ async def test_schemathesis_finds_no_server_error(settings: TektonSettings) -> N
     assert " passed" in report
 
 
-async def test_the_sse_chat_route_answers_alike_down_both_paths(
-    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+def chat_request(route: str, target: str, message: str | None, **extra: Any) -> dict[str, Any]:
+    """A streamed chat request's body for ``route``: Tekton's own or the OpenAI API's."""
+    if route == "/api/chat/stream":
+        return {"specialist": target, **({"message": message} if message is not None else {}), **extra}
+    return {"model": target, "messages": [{"role": "user", "content": message}], "stream": True, **extra}
+
+
+def streamed_text(route: str, reply: httpx.Response) -> str:
+    """The answer's text from a streamed reply, checking the stream's shape on the way."""
+    if route == "/api/chat/stream":
+        events = sse_events(reply.text)
+        kinds = [e for e, _ in events]
+        assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"content"}, kinds
+        assert set(events[0][1]) == {"specialist", "request_id"}
+        assert set(events[-1][1]) == {"usage", "timings"}
+        return "".join(d["text"] for e, d in events if e == "content")
+    lines = [line.removeprefix("data: ") for line in reply.text.strip().split("\n\n")]
+    assert lines[-1] == "[DONE]", lines
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+@pytest.mark.parametrize("route", ["/api/chat/stream", "/v1/chat/completions"])
+async def test_the_streamed_chat_routes_answer_alike_down_both_paths(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
-    """The plain ASGI route answers as FastAPI's does: the same status line and events, the same
-    errors, the same API tokens and rate limits."""
+    """The plain ASGI handler answers as FastAPI's route does: the same status line and events, the
+    same errors, the same API tokens and rate limits."""
     # A token per path, four requests each before its rate limit (one a second, bursts of four).
     tokens = {"plain ASGI": "tok-plain", "FastAPI": "tok-fastapi"}
     guarded = settings.model_copy(
@@ -344,19 +371,20 @@ async def test_the_sse_chat_route_answers_alike_down_both_paths(
         httpx.AsyncClient(base_url=url) as http,
     ):
         replies: dict[str, list[httpx.Response]] = {}
+        hi = chat_request(route, "apollo", "hi")
         for path in SSE_PATHS:
             auth = {"Authorization": f"Bearer {tokens[path]}"}
             with monkeypatch.context() as patch:
                 answered = sse_path(patch, path)
                 replies[path] = [
-                    await http.post("/api/chat/stream", json=body, headers=headers)
+                    await http.post(route, json=body, headers=headers)
                     for body, headers in (
-                        ({"specialist": "apollo", "message": "hi"}, auth),
-                        ({"specialist": "apolo", "message": "x"}, auth),  # no such specialist
-                        ({"specialist": "apollo"}, auth),  # no message: a 400 from the bus client
-                        ({"specialist": "apollo", "message": "hi"}, {"Authorization": "Bearer guess"}),
-                        ({"specialist": "apollo", "message": "hi"}, auth),
-                        ({"specialist": "apollo", "message": "hi"}, auth),  # over the rate limit
+                        (hi, auth),
+                        (chat_request(route, "apolo", "x"), auth),  # no such specialist
+                        (chat_request(route, "@nothing-does-this", "x"), auth),  # no such capability
+                        (hi, {"Authorization": "Bearer guess"}),
+                        (hi, auth),
+                        (hi, auth),  # over the rate limit
                     )
                 ]
             plain = ["events", "404", "400", "401", "events", "429"]
@@ -369,31 +397,23 @@ async def test_the_sse_chat_route_answers_alike_down_both_paths(
             assert [(k, v) for k, v in a.headers.items() if k in ("content-type", "cache-control")] == [
                 (k, v) for k, v in b.headers.items() if k in ("content-type", "cache-control")
             ]
-        for reply in (fast[0], framework[0]):
-            events = sse_events(reply.text)
-            kinds = [e for e, _ in events]
-            assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"content"}, kinds
-            assert "".join(d["text"] for e, d in events if e == "content") == "apollo heard: hi"
-            assert set(events[0][1]) == {"specialist", "request_id"} and set(events[-1][1]) == {
-                "usage",
-                "timings",
-            }
+        assert streamed_text(route, fast[0]) == streamed_text(route, framework[0]) == "apollo heard: hi"
         for a, b in zip(fast[1:4] + fast[5:], framework[1:4] + framework[5:], strict=True):
             assert a.json() == b.json(), a.text
-        # What the plain route declines goes on to FastAPI's, which answers it as it always did.
+        # What the plain handler declines goes on to FastAPI's route, which answers it as it always did.
         with monkeypatch.context() as patch:
             answered = sse_path(patch, "plain ASGI")
             auth = {"Authorization": "Bearer tok-declined"}
+            hot: dict[str, Any] = (
+                {"options": {"temperature": "hot"}} if route == "/api/chat/stream" else {"temperature": "hot"}
+            )
             for body, content_type in (
-                (b'{"specialist": "apollo", "message": "hi"}', "text/plain"),
-                (
-                    b'{"specialist": "apollo", "message": "x", "options": {"temperature": "hot"}}',
-                    "application/json",
-                ),
+                (json.dumps(hi).encode(), "text/plain"),
+                (json.dumps(chat_request(route, "apollo", "x", **hot)).encode(), "application/json"),
                 (b'{"specialist": ', "application/json"),
             ):
                 headers = {"content-type": content_type, **auth}
-                reply = await http.post("/api/chat/stream", content=body, headers=headers)
+                reply = await http.post(route, content=body, headers=headers)
                 assert reply.status_code == 422 and reply.json()["error"]["code"] == "bad_request", reply.text
             assert answered == []
 
