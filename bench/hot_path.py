@@ -208,6 +208,17 @@ class Side:
         return round(per, 1)
 
 
+async def uncounted(*sides: Side, sequential: int = 0) -> None:
+    """Warm-up rounds left out of every figure: ``sequential`` requests one at a time, then a round of
+    100 at once (the first such round was the slowest of every run: the floor's 63-85 ms against
+    14-21, the bridge's 160-240 against 60-83 while it opened its connections)."""
+    for side in sides:
+        if sequential:
+            await side.run(1, sequential)
+        await side.run(100, 100)
+        side.cpu_us()
+
+
 async def interleaved(
     a: Side, b: Side, width: int, rounds: int, n: int = 0
 ) -> tuple[list[list[float]], list[list[float]]]:
@@ -274,11 +285,7 @@ async def measure_bus(args: argparse.Namespace, pids: dict[str, int]) -> dict[st
         f3, fo = await interleaved(floor, foreign, 1, rounds, seq_n)
         rows.append(latency_row("  (foreign client, sequential p50)", f3, fo, 50, 1.5))
         out["cpu_per_request_sequential_us"] = cpu(floor, tekton, live, foreign)
-        # A round of 100 at once first, uncounted: the first such round was the floor's slowest in
-        # every run (63-85 ms against 14-21), which made the worst-round ratio the floor's warm-up.
-        for side in (floor, tekton, live):
-            await side.run(100, 100)
-            side.cpu_us()
+        await uncounted(floor, tekton, live)
         f, t = await interleaved(floor, tekton, 100, 3 if args.quick else 5)
         row = latency_row("first chunk, 100 concurrent p99", f, t, 99, 1.5)
         row["worst_round_goal"] = "<= 2x"
@@ -375,10 +382,7 @@ async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dic
             name: Side(name, lambda name=name: bus_first_chunk(bus, name), pids[name])  # type: ignore[misc]
             for name in names
         }
-        for side in sides.values():  # warm up, one at a time and 100 at once
-            await side.run(1, 50)
-            await side.run(100, 100)
-            side.cpu_us()
+        await uncounted(*sides.values(), sequential=50)
         for r in range(rounds):
             for side in sides.values() if r % 2 == 0 else reversed(sides.values()):
                 waits[side.name].append(await side.run(1, seq_n))
@@ -449,17 +453,10 @@ async def measure_bridge(args: argparse.Namespace, pids: dict[str, int], http_ur
     async with Bus.connect(settings) as bus, aiohttp.ClientSession(connector=connector) as session:
         bus_side = Side("bus", lambda: bus_first_chunk(bus), pids["apollo"])
         sse_side = Side("sse", sse, pids["gateway"])
-        await bus_side.run(1, 20)
-        await sse_side.run(1, 20)
+        await uncounted(bus_side, sse_side, sequential=20)  # (the 100 connections opened here)
         n = 100 if args.quick else 300
-        bus_side.cpu_us()
-        sse_side.cpu_us()
         b, s = await interleaved(bus_side, sse_side, 1, 3, n)
         rows = [latency_row("SSE bridge vs bus, sequential first chunk p50", b, s, 50, 3)]
-        # An uncounted round of 100 at once first: the first opens the 100 connections the rounds
-        # after keep alive (it read 160-240 ms against 60-83 for the next ones).
-        await bus_side.run(100, 100)
-        await sse_side.run(100, 100)
         b, s = await interleaved(bus_side, sse_side, 100, 3 if args.quick else 5)
         s = [[x for x in r if x == x] or [float("inf")] for r in s]
         rows.append(latency_row("SSE bridge vs bus, 100 concurrent p99", b, s, 99, 3))
