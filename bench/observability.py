@@ -206,9 +206,10 @@ def instrumentation_us(mode: str, n: int = 5000, model_part: bool = True) -> flo
                 metrics.requests.inc()
             span = tracing.start("chat apollo", "client", attributes={"tekton.request_id": "r"})
             headers = tracing.headers(span)
-            if tracing.wanted(headers):
+            trace = tracing.admit(headers, "serve apollo")
+            if trace is not None:
                 attributes = {"tekton.request_id": "r", "tekton.instance": "i"}
-                with tracing.current("serve apollo", "server", headers, attributes):
+                with tracing.current("serve apollo", "server", trace, attributes):
                     if model_part:
                         record_model_part(
                             tracing.current_recording(),

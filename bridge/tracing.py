@@ -19,8 +19,7 @@ class TraceContext:
         if scope["type"] not in ("http", "websocket") or not tracing.enabled():
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not tracing.wanted(headers):
-            return await self.app(scope, receive, send)
         name = f"{scope.get('method', 'WS')} {scope.get('path', '')}"
-        with tracing.current(name, "server", headers, {"http.target": scope.get("path", "")}):
+        trace = tracing.admit(headers, name)
+        with tracing.current(name, "server", trace, {"http.target": scope.get("path", "")}):
             return await self.app(scope, receive, send)

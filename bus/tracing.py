@@ -15,14 +15,21 @@ chunk`` event: see specialists/tracing.py).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Literal
 
 Kind = Literal["client", "server", "internal"]
 TRACEPARENT = "traceparent"
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # (a later version may add)
 
 _tracer: Any = None  # an opentelemetry Tracer once installed; None: tracing is off
 _otel: Any = None  # the OpenTelemetry names the helpers use, looked up once by install()
+_ids: Any = None  # the tracer's _Ids
+# Inside a request sampled out (served with no span): its trace context to pass on, a caller's
+# ``traceparent`` or a trace id drawn here (see Trace).
+_passing: ContextVar[str | int | None] = ContextVar("tekton_trace_passing", default=None)
 
 
 class _Otel:
@@ -41,16 +48,41 @@ class _Otel:
         self.error = lambda message: Status(StatusCode.ERROR, message)
 
 
+class _Ids:
+    """The tracer's id generator, wrapped so that a root span can get the trace id its sampling was
+    decided on, ahead (:func:`admit`); otherwise the SDK's own."""
+
+    __slots__ = ("drawn", "sdk")
+
+    def __init__(self, sdk: Any):
+        self.sdk = sdk
+        self.drawn: int | None = None  # set just before a root span is made, taken as it is
+
+    def generate_trace_id(self) -> int:
+        drawn, self.drawn = self.drawn, None
+        return self.sdk.generate_trace_id() if drawn is None else drawn
+
+    def generate_span_id(self) -> int:
+        return int(self.sdk.generate_span_id())
+
+    def is_trace_id_random(self) -> bool:
+        return bool(self.sdk.is_trace_id_random())
+
+
 def enabled() -> bool:
     return _tracer is not None
 
 
 def install(provider: Any) -> None:
     """Trace through ``provider`` (an opentelemetry ``TracerProvider``); None turns tracing off."""
-    global _tracer, _otel
+    global _tracer, _otel, _ids
     if provider is not None and _otel is None:
         _otel = _Otel()
     _tracer = provider.get_tracer("tekton") if provider is not None else None
+    if _tracer is not None:
+        if not isinstance(_tracer.id_generator, _Ids):  # (a provider hands out one tracer per name)
+            _tracer.id_generator = _Ids(_tracer.id_generator)
+        _ids = _tracer.id_generator
 
 
 def configure(service_name: str) -> bool:
@@ -58,8 +90,8 @@ def configure(service_name: str) -> bool:
 
     The span processor is the SDK's batch one (``OTEL_BSP_*`` tune it): export, and the OTLP encoding
     that costs more CPU than making the span, happen on its thread in batches, never on the request's
-    path. The sampler is the SDK's from ``OTEL_TRACES_SAMPLER`` (parent-based, so a request whose
-    caller sampled it out costs nothing more here: see :func:`wanted`)."""
+    path. The sampler is the SDK's from ``OTEL_TRACES_SAMPLER`` (parent-based by default), asked as a
+    request arrives: one sampled out, by it or by the caller, costs next to nothing (:func:`admit`)."""
     exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -84,19 +116,40 @@ def configure(service_name: str) -> bool:
     return True
 
 
-def wanted(headers: Mapping[str, str] | None) -> bool:
-    """Whether to trace a request that came with ``headers``: tracing is on, and the caller's trace is
-    sampled (the ``traceparent`` flags' low bit) or it sent none (then the sampler decides). A caller that
-    sampled the request out costs its server nothing more."""
+class Trace:
+    """How a request is traced, decided as it arrives (:func:`admit`), for :class:`current`: in a span
+    continuing the caller's sampled trace (``parent``: its headers), in a root span whose trace id
+    was drawn and sampled already (``root``), or with no span at all (``passed``: the trace context it
+    passes on, so that what it asks of others is sampled out too)."""
+
+    __slots__ = ("parent", "passed", "root")
+
+    def __init__(
+        self,
+        parent: Mapping[str, str] | None = None,
+        root: int | None = None,
+        passed: str | int | None = None,
+    ):
+        self.parent, self.root, self.passed = parent, root, passed
+
+
+def admit(headers: Mapping[str, str] | None, name: str, kind: Kind = "server") -> Trace | None:
+    """How to trace a request that came with ``headers``, to be served in a span named ``name``; None
+    when tracing is off (serve it plainly: the one check it costs).
+
+    A caller's ``traceparent`` decides (its flags' low bit: sampled); with none, the SDK's sampler
+    decides now, on the trace id the span will get. A request sampled out, either way, makes no
+    span: the SDK's would cost it ~25 us of ~270 (bench/results/hot_path.json) to record nothing."""
     if _tracer is None:
-        return False
+        return None
     parent = headers.get(TRACEPARENT) if headers else None
-    if parent is None:
-        return True
-    try:
-        return bool(int(parent[-2:], 16) & 1)
-    except ValueError:
-        return True  # malformed: let the propagator start a new trace
+    if parent is not None and _TRACEPARENT.match(parent):
+        return Trace(parent=headers) if int(parent[53:55], 16) & 1 else Trace(passed=parent)
+    # No caller's decision (or an unreadable one: then a new trace, as the propagator would start).
+    trace_id = _ids.sdk.generate_trace_id()
+    if _tracer.sampler.should_sample(None, trace_id, name, _otel.kinds[kind]).decision.is_sampled():
+        return Trace(root=trace_id)
+    return Trace(passed=trace_id)
 
 
 def current_recording() -> Any:
@@ -113,10 +166,22 @@ def fail(span: Any, message: str) -> None:
         span.set_status(_otel.error(message))
 
 
+def _passed_on(passed: str | int) -> str:
+    """The ``traceparent`` a sampled-out request passes on: its caller's, or for a root, one naming the
+    trace id drawn for it (flags: not sampled; random trace id, as the SDK's ids are)."""
+    if isinstance(passed, str):
+        return passed
+    flags = 2 if _ids.is_trace_id_random() else 0
+    return f"00-{passed:032x}-{_ids.generate_span_id():016x}-{flags:02x}"
+
+
 def _parent(headers: Mapping[str, str] | None) -> Any:
-    if not headers or TRACEPARENT not in headers:
+    if headers and TRACEPARENT in headers:
+        return _otel.propagator.extract(headers)
+    passed = _passing.get()
+    if passed is None or _otel.current_span().get_span_context().is_valid:
         return None  # the current context
-    return _otel.propagator.extract(headers)
+    return _otel.propagator.extract({TRACEPARENT: _passed_on(passed)})
 
 
 def start(
@@ -124,12 +189,18 @@ def start(
     kind: Kind = "internal",
     headers: Mapping[str, str] | None = None,
     attributes: Mapping[str, Any] | None = None,
+    trace_id: int | None = None,
 ) -> Any:
     """A started span (child of ``headers``' trace context if any, else of the current span), or None
-    when tracing is off. End it with :func:`end`."""
+    when tracing is off. End it with :func:`end`. ``trace_id``: a root span's, drawn by :func:`admit`."""
     if _tracer is None:
         return None
-    return _tracer.start_span(name, context=_parent(headers), kind=_otel.kinds[kind], attributes=attributes)
+    context = _parent(headers)
+    _ids.drawn = trace_id
+    try:
+        return _tracer.start_span(name, context=context, kind=_otel.kinds[kind], attributes=attributes)
+    finally:
+        _ids.drawn = None  # (not taken if the span had a parent after all)
 
 
 def end(span: Any, error: BaseException | None = None) -> None:
@@ -146,41 +217,56 @@ def event(span: Any, name: str, **attributes: Any) -> None:
 
 
 def headers(span: Any = None) -> dict[str, str] | None:
-    """NATS headers carrying ``span``'s context (or the current one), or None when tracing is off."""
+    """NATS headers carrying ``span``'s context (or the current one: a span's, or a sampled-out
+    request's to pass on), or None when tracing is off."""
     if _tracer is None:
         return None
+    if span is None:
+        span = _otel.current_span()
+        if not span.get_span_context().is_valid:
+            passed = _passing.get()
+            return None if passed is None else {TRACEPARENT: _passed_on(passed)}
     carrier: dict[str, str] = {}
-    context = _otel.set_span_in_context(span) if span is not None else None
-    _otel.propagator.inject(carrier, context=context)
+    _otel.propagator.inject(carrier, context=_otel.set_span_in_context(span))
     return carrier or None
 
 
 class current:
-    """A span that is the current one inside the block (None when tracing is off): started, made
-    current and ended directly, without the SDK's generator-based ``start_as_current_span`` layers."""
+    """A span that is the current one inside the block (None when tracing is off, or when ``trace``
+    says the request was sampled out: then its trace context is passed on with no span): started,
+    made current and ended directly, without the SDK's generator-based ``start_as_current_span``
+    layers. ``trace``: :func:`admit`'s decision, or a caller's headers (the SDK decides)."""
 
-    __slots__ = ("attributes", "headers", "kind", "name", "span", "token")
+    __slots__ = ("attributes", "kind", "name", "span", "token", "trace")
 
     def __init__(
         self,
         name: str,
         kind: Kind = "internal",
-        headers: Mapping[str, str] | None = None,
+        trace: Trace | Mapping[str, str] | None = None,
         attributes: Mapping[str, Any] | None = None,
     ):
-        self.name, self.kind, self.headers, self.attributes = name, kind, headers, attributes
+        self.name, self.kind, self.trace, self.attributes = name, kind, trace, attributes
         self.span: Any = None
         self.token: Any = None
 
     def __enter__(self) -> Any:
         if _tracer is None:
             return None
-        self.span = start(self.name, self.kind, self.headers, self.attributes)
+        trace = self.trace
+        if not isinstance(trace, Trace):
+            trace = Trace(parent=trace)
+        elif trace.passed is not None:
+            self.token = _passing.set(trace.passed)
+            return None
+        self.span = start(self.name, self.kind, trace.parent, self.attributes, trace.root)
         self.token = _otel.attach(_otel.set_span_in_context(self.span))
         return self.span
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if self.span is None:
+            if self.token is not None:
+                _passing.reset(self.token)
             return
         _otel.detach(self.token)
         end(self.span, exc if isinstance(exc, Exception) else None)

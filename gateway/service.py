@@ -241,21 +241,25 @@ class GatewayService:
 
     def _dispatcher(self, op: str) -> Callable[[Request], Awaitable[None]]:
         model, handler = self._handlers[op]
+        span_name = f"gateway {op}"
 
         async def dispatch(req: Request) -> None:
             if not answerable(req._msg.reply or "", self.settings.prefix):  # (bus/micro.py)
                 refused.warning(log, "gateway request with a reply subject no client reads dropped", op=op)
                 return
             # Each request in its own task: a slow scan never holds up a quick get.
-            if tracing.wanted(req._msg.headers):
-                self._tg.start_soon(self._handle_traced, op, model, handler, req)
+            trace = tracing.admit(req._msg.headers, span_name)
+            if trace is not None:
+                self._tg.start_soon(self._handle_traced, trace, op, model, handler, req)
             else:
                 self._tg.start_soon(self._handle, op, model, handler, req)
 
         return dispatch
 
-    async def _handle_traced(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:
-        with tracing.current(f"gateway {op}", "server", req._msg.headers):
+    async def _handle_traced(
+        self, trace: tracing.Trace, op: str, model: type[Wire], handler: Handler, req: Request
+    ) -> None:
+        with tracing.current(f"gateway {op}", "server", trace):
             await self._handle(op, model, handler, req)
 
     async def _handle(self, op: str, model: type[Wire], handler: Handler, req: Request) -> None:

@@ -121,10 +121,9 @@ REPLAY_SLICE = 256
 IDLE_WORKERS_MAX = 256
 
 
-# A request to serve: the request, its reply stream, its cancel scope, and the trace context headers
-# it continues (None: a trace of its own) or _UNTRACED.
-_UNTRACED: Any = object()
-_Job = tuple[ChatRequest, "ReplyStream", anyio.CancelScope, Any]
+# A request to serve: the request, its reply stream, its cancel scope, and how it is traced (None:
+# tracing is off).
+_Job = tuple[ChatRequest, "ReplyStream", anyio.CancelScope, tracing.Trace | None]
 
 
 class ReplyStream:
@@ -351,6 +350,7 @@ class SpecialistService:
     ):
         self.nc = nc
         self.spec = spec
+        self._span_name = f"serve {spec.name}"
         self.provider = provider
         # Providers for the models requests name (``-m ollama:qwen2.5:7b``), built on first use.
         self.models = models
@@ -658,7 +658,7 @@ class SpecialistService:
             scope.cancel()
         # A traced request goes the same way, to a waiting task (a task of its own per request cost
         # ~14 us, paid also by the requests a sampler then leaves out).
-        self._dispatch((request, reply, scope, headers if tracing.wanted(headers) else _UNTRACED))
+        self._dispatch((request, reply, scope, tracing.admit(headers, self._span_name)))
 
     def _dispatch(self, job: _Job) -> None:
         """Serve a request in a task of the service's task group: one that finished its request and
@@ -679,7 +679,7 @@ class SpecialistService:
         while True:
             request, reply, scope, trace = job
             del job  # an idle task holds no finished request (its frames, for a run)
-            if trace is _UNTRACED:
+            if trace is None:
                 await self._serve(request, reply, scope)
             else:
                 await self._serve_traced(request, reply, scope, trace)
@@ -750,11 +750,12 @@ class SpecialistService:
                     )
 
     async def _serve_traced(
-        self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, headers: Any
+        self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, trace: tracing.Trace
     ) -> None:
-        """:meth:`_serve` inside a span continuing the caller's trace (its ``traceparent`` header)."""
+        """:meth:`_serve` inside its span (continuing the caller's trace, if any), or passing a
+        sampled-out trace on."""
         attributes = {"tekton.request_id": request.id, "tekton.instance": self.instance_id}
-        with tracing.current(f"serve {self.spec.name}", "server", headers, attributes):
+        with tracing.current(self._span_name, "server", trace, attributes):
             await self._serve(request, reply, scope)
 
     @property

@@ -95,6 +95,28 @@ async def test_an_http_caller_s_trace_reaches_the_model(settings: TektonSettings
     assert server.parent is not None and server.parent.span_id == client.context.span_id
 
 
+async def test_an_http_caller_s_sampled_out_trace_stays_out(settings: TektonSettings) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # the SDK's default: parent-based, every root sampled
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        async with (
+            bridge(settings) as url,
+            in_process_specialists(settings, "apollo"),
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
+            answer = await http.post(
+                "/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers
+            )
+            assert answer.status_code == 200 and answer.json()["text"] == "apollo heard: x"
+    finally:
+        tracing.install(None)
+    # Not a trace of the bridge's own (the bus client's span a root) for a request its caller left out.
+    assert exporter.get_finished_spans() == ()
+
+
 async def test_mcp_on_the_bridge_acts_as_the_token_s_user(settings: TektonSettings) -> None:
     """MCP streamable HTTP at /mcp on the bridge, driven by the SDK's client over HTTP: an API token
     is its bus user there too (alice sees her sessions as resources, not bob's); no token, no MCP."""

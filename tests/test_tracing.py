@@ -4,12 +4,14 @@ in-memory exporter), carried as W3C ``traceparent`` in NATS headers; and nothing
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
 
 from bus import tracing
@@ -123,10 +125,90 @@ async def test_off_means_no_headers_and_no_spans(settings: TektonSettings) -> No
 @pytest.mark.fast
 def test_a_request_sampled_out_by_its_caller_is_not_traced(spans: InMemorySpanExporter) -> None:
     trace = "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-"
-    assert tracing.wanted({"traceparent": trace + "01"})
-    assert tracing.wanted({"traceparent": trace + "03"})  # sampled, with the W3C level 2 random bit
-    assert not tracing.wanted({"traceparent": trace + "00"})
-    assert not tracing.wanted({"traceparent": trace + "02"})
-    assert tracing.wanted(None)  # no caller's decision: the sampler decides
+    for flags in ("01", "03"):  # sampled (03: with the W3C level 2 random bit)
+        decided = tracing.admit({"traceparent": trace + flags}, "serve apollo")
+        assert decided is not None and decided.parent == {"traceparent": trace + flags}
+    for flags in ("00", "02"):  # sampled out: no span, the caller's context passed on as it came
+        decided = tracing.admit({"traceparent": trace + flags}, "serve apollo")
+        assert decided is not None and decided.passed == trace + flags
+        with tracing.current("serve apollo", "server", decided) as span:
+            assert span is None and tracing.headers() == {"traceparent": trace + flags}
+        assert tracing.headers() is None
+    assert spans.get_finished_spans() == ()
     tracing.install(None)
-    assert not tracing.wanted({"traceparent": trace + "01"})
+    assert tracing.admit({"traceparent": trace + "01"}, "serve apollo") is None
+
+
+class _HalfOfRoots(Sampler):
+    """Samples half of the root spans, by trace id, unlike TraceIdRatioBased's own bound (so a span
+    sampled on a trace id other than the one decided on is caught either way)."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if trace_id & 1 else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "half of roots"
+
+
+@pytest.mark.fast
+def test_a_root_is_sampled_ahead_on_the_trace_id_its_span_then_gets() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(_HalfOfRoots()))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        decided = [tracing.admit(None, "serve apollo") for _ in range(200)]
+        roots = [d.root for d in decided if d is not None and d.root is not None]
+        passed = [d.passed for d in decided if d is not None and d.passed is not None]
+        assert len(roots) + len(passed) == 200 and roots and passed
+        for decision in decided:
+            with tracing.current("serve apollo", "server", decision) as span:
+                passing = tracing.headers()
+            assert passing is not None
+            if decision is not None and decision.passed is not None:
+                # No span; what it asks of others names the trace, not sampled, so they make none.
+                assert span is None
+                assert passing["traceparent"].startswith(f"00-{decision.passed:032x}-")
+                assert int(passing["traceparent"][-2:], 16) & 1 == 0
+    finally:
+        tracing.install(None)
+    # Every sampled root's span has the very trace id it was sampled on: the sampler's ratio, not
+    # its square (a second draw inside the SDK would keep half of the half).
+    assert sorted(s.context.trace_id for s in exporter.get_finished_spans()) == sorted(roots)
+
+
+class _OnlySpecialists(Sampler):
+    """Samples a root span only if a specialist makes it: a sampled-out request whose trace context
+    was lost on the way would show as a specialist's trace of its own."""
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any
+    ) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if name.startswith("serve ") else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "only specialists"
+
+
+async def test_a_request_sampled_out_at_its_root_stays_out_all_the_way_down(settings: TektonSettings) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(_OnlySpecialists()))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        async with (
+            in_process_specialists(settings, "apollo"),
+            in_process_gateway(settings),
+            Bus.connect(settings) as bus,
+        ):
+            await bus.gateway.create(specialist="apollo", name="untraced")
+            async with bus.stream(
+                "apollo", [ChatMessage(role="user", content="hi")], session="untraced"
+            ) as s:
+                assert (await s.result()).text == "apollo heard: hi"
+            # The specialist saw the client's decision (through the gateway, which made no span).
+            async with bus.stream("apollo", [ChatMessage(role="user", content="direct")]) as s:
+                assert (await s.result()).text == "apollo heard: direct"
+    finally:
+        tracing.install(None)
+    assert exporter.get_finished_spans() == ()
