@@ -21,5 +21,7 @@ class TraceContext:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         name = f"{scope.get('method', 'WS')} {scope.get('path', '')}"
         trace = tracing.admit(headers, name)
+        if trace is None:  # (its sampler failed on it)
+            return await self.app(scope, receive, send)
         with tracing.current(name, "server", trace, {"http.target": scope.get("path", "")}):
             return await self.app(scope, receive, send)

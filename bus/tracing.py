@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, Literal
 
+import structlog
+
+log = structlog.get_logger("tekton.tracing")
 Kind = Literal["client", "server", "internal"]
 TRACEPARENT = "traceparent"
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")  # (a later version may add)
+# W3C: version ff, an all-zero trace or parent id are invalid; version 00 is exactly this long, a later
+# version may add fields after it.
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?")
 
 _tracer: Any = None  # an opentelemetry Tracer once installed; None: tracing is off
 _otel: Any = None  # the OpenTelemetry names the helpers use, looked up once by install()
-_ids: Any = None  # the tracer's _Ids
+_sampler_failed = False  # (said once in the log)
+_ahead: Any = None  # the tracer's _Ahead: None if its provider is not the SDK's (then the SDK decides)
 # Inside a request sampled out (served with no span): its trace context to pass on, a caller's
 # ``traceparent`` or a trace id drawn here (see Trace).
 _passing: ContextVar[str | int | None] = ContextVar("tekton_trace_passing", default=None)
@@ -48,25 +55,40 @@ class _Otel:
         self.error = lambda message: Status(StatusCode.ERROR, message)
 
 
-class _Ids:
-    """The tracer's id generator, wrapped so that a root span can get the trace id its sampling was
-    decided on, ahead (:func:`admit`); otherwise the SDK's own."""
+class _Ahead(threading.local):
+    """A root request's sampling, decided ahead (:func:`admit`) and then made the span's: the tracer's
+    id generator hands the span the trace id drawn for the decision, and its sampler gives back the
+    decision made on it, so the sampler is asked once per request (a ratio sampler keeps its ratio;
+    a random or rate-limited one is not drawn on twice). Per thread: what was decided for one
+    thread's span is never another thread's."""
 
-    __slots__ = ("drawn", "sdk")
+    def __init__(self, ids: Any, sampler: Any):
+        self.ids, self.sampler = ids, sampler  # the SDK's
+        self.trace_id: int | None = None  # set just before the root span is made, taken as it is
+        self.result: Any = None  # the sampler's result for trace_id
 
-    def __init__(self, sdk: Any):
-        self.sdk = sdk
-        self.drawn: int | None = None  # set just before a root span is made, taken as it is
+    def decide(self, name: str, kind: Any) -> tuple[int, Any]:
+        trace_id = self.ids.generate_trace_id()
+        return trace_id, self.sampler.should_sample(None, trace_id, name, kind)
 
     def generate_trace_id(self) -> int:
-        drawn, self.drawn = self.drawn, None
-        return self.sdk.generate_trace_id() if drawn is None else drawn
+        if self.trace_id is None:
+            return int(self.ids.generate_trace_id())
+        return self.trace_id
 
     def generate_span_id(self) -> int:
-        return int(self.sdk.generate_span_id())
+        return int(self.ids.generate_span_id())
 
     def is_trace_id_random(self) -> bool:
-        return bool(self.sdk.is_trace_id_random())
+        return bool(self.ids.is_trace_id_random())
+
+    def should_sample(self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any) -> Any:
+        if self.result is not None and trace_id == self.trace_id:
+            return self.result
+        return self.sampler.should_sample(parent_context, trace_id, *args, **kwargs)
+
+    def get_description(self) -> str:
+        return str(self.sampler.get_description())
 
 
 def enabled() -> bool:
@@ -75,14 +97,15 @@ def enabled() -> bool:
 
 def install(provider: Any) -> None:
     """Trace through ``provider`` (an opentelemetry ``TracerProvider``); None turns tracing off."""
-    global _tracer, _otel, _ids
+    global _tracer, _otel, _ahead
     if provider is not None and _otel is None:
         _otel = _Otel()
     _tracer = provider.get_tracer("tekton") if provider is not None else None
-    if _tracer is not None:
-        if not isinstance(_tracer.id_generator, _Ids):  # (a provider hands out one tracer per name)
-            _tracer.id_generator = _Ids(_tracer.id_generator)
-        _ids = _tracer.id_generator
+    _ahead = None
+    if hasattr(_tracer, "id_generator") and hasattr(_tracer, "sampler"):  # the SDK's Tracer
+        if not isinstance(_tracer.id_generator, _Ahead):  # (a provider hands out one tracer per name)
+            _tracer.id_generator = _tracer.sampler = _Ahead(_tracer.id_generator, _tracer.sampler)
+        _ahead = _tracer.id_generator
 
 
 def configure(service_name: str) -> bool:
@@ -122,33 +145,47 @@ class Trace:
     was drawn and sampled already (``root``), or with no span at all (``passed``: the trace context it
     passes on, so that what it asks of others is sampled out too)."""
 
-    __slots__ = ("parent", "passed", "root")
+    __slots__ = ("decided", "parent", "passed", "root")
 
     def __init__(
         self,
         parent: Mapping[str, str] | None = None,
         root: int | None = None,
         passed: str | int | None = None,
+        decided: Any = None,
     ):
         self.parent, self.root, self.passed = parent, root, passed
+        self.decided = decided  # the sampler's result for ``root``
 
 
 def admit(headers: Mapping[str, str] | None, name: str, kind: Kind = "server") -> Trace | None:
-    """How to trace a request that came with ``headers``, to be served in a span named ``name``; None
-    when tracing is off (serve it plainly: the one check it costs).
+    """How to trace a request that came with ``headers``, to be served in a span named ``name``; None:
+    serve it plainly (tracing is off, the one check it costs; or the sampler failed on it).
 
-    A caller's ``traceparent`` decides (its flags' low bit: sampled); with none, the SDK's sampler
-    decides now, on the trace id the span will get. A request sampled out, either way, makes no
-    span: the SDK's would cost it ~25 us of ~270 (bench/results/hot_path.json) to record nothing."""
+    A caller's ``traceparent`` decides (its flags' low bit: sampled); with none (or an invalid one,
+    which the propagator would ignore too), the SDK's sampler decides now, on the trace id the span
+    will get, from the span's name and kind (not its attributes, made later). A request sampled out,
+    either way, makes no span: the SDK's would cost it ~25 us of ~270 (bench/results/hot_path.json)
+    to record nothing."""
     if _tracer is None:
         return None
     parent = headers.get(TRACEPARENT) if headers else None
-    if parent is not None and _TRACEPARENT.match(parent):
-        return Trace(parent=headers) if int(parent[53:55], 16) & 1 else Trace(passed=parent)
-    # No caller's decision (or an unreadable one: then a new trace, as the propagator would start).
-    trace_id = _ids.sdk.generate_trace_id()
-    if _tracer.sampler.should_sample(None, trace_id, name, _otel.kinds[kind]).decision.is_sampled():
-        return Trace(root=trace_id)
+    if parent is not None and _TRACEPARENT.fullmatch(parent) and (parent[:2] != "00" or len(parent) == 55):
+        if int(parent[53:55], 16) & 1:
+            return Trace(parent=headers)
+        return Trace(passed="00" + parent[2:55])  # (passed on as the version this code speaks)
+    if _ahead is None:
+        return Trace()  # the SDK decides as it makes the span
+    try:
+        trace_id, result = _ahead.decide(name, _otel.kinds[kind])
+    except Exception as err:  # a sampler of the deployment's own that fails: not this request's fault
+        global _sampler_failed
+        if not _sampler_failed:
+            _sampler_failed = True
+            log.warning("trace sampler failed: requests it fails on are not traced", error=repr(err))
+        return None
+    if result.decision.is_recording():  # (a record-only decision makes a span too, sampled out)
+        return Trace(root=trace_id, decided=result)
     return Trace(passed=trace_id)
 
 
@@ -171,8 +208,8 @@ def _passed_on(passed: str | int) -> str:
     trace id drawn for it (flags: not sampled; random trace id, as the SDK's ids are)."""
     if isinstance(passed, str):
         return passed
-    flags = 2 if _ids.is_trace_id_random() else 0
-    return f"00-{passed:032x}-{_ids.generate_span_id():016x}-{flags:02x}"
+    flags = 2 if _ahead.is_trace_id_random() else 0
+    return f"00-{passed:032x}-{_ahead.generate_span_id():016x}-{flags:02x}"
 
 
 def _parent(headers: Mapping[str, str] | None) -> Any:
@@ -189,18 +226,21 @@ def start(
     kind: Kind = "internal",
     headers: Mapping[str, str] | None = None,
     attributes: Mapping[str, Any] | None = None,
-    trace_id: int | None = None,
+    ahead: Trace | None = None,
 ) -> Any:
     """A started span (child of ``headers``' trace context if any, else of the current span), or None
-    when tracing is off. End it with :func:`end`. ``trace_id``: a root span's, drawn by :func:`admit`."""
+    when tracing is off. End it with :func:`end`. ``ahead``: a root span's trace id and sampling,
+    decided by :func:`admit`."""
     if _tracer is None:
         return None
     context = _parent(headers)
-    _ids.drawn = trace_id
+    if ahead is None or ahead.root is None or _ahead is None:
+        return _tracer.start_span(name, context=context, kind=_otel.kinds[kind], attributes=attributes)
+    _ahead.trace_id, _ahead.result = ahead.root, ahead.decided
     try:
         return _tracer.start_span(name, context=context, kind=_otel.kinds[kind], attributes=attributes)
     finally:
-        _ids.drawn = None  # (not taken if the span had a parent after all)
+        _ahead.trace_id = _ahead.result = None  # (not taken if the span had a parent after all)
 
 
 def end(span: Any, error: BaseException | None = None) -> None:
@@ -259,7 +299,7 @@ class current:
         elif trace.passed is not None:
             self.token = _passing.set(trace.passed)
             return None
-        self.span = start(self.name, self.kind, trace.parent, self.attributes, trace.root)
+        self.span = start(self.name, self.kind, trace.parent, self.attributes, trace)
         self.token = _otel.attach(_otel.set_span_in_context(self.span))
         return self.span
 

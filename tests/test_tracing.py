@@ -3,6 +3,7 @@ in-memory exporter), carried as W3C ``traceparent`` in NATS headers; and nothing
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,6 +138,92 @@ def test_a_request_sampled_out_by_its_caller_is_not_traced(spans: InMemorySpanEx
     assert spans.get_finished_spans() == ()
     tracing.install(None)
     assert tracing.admit({"traceparent": trace + "01"}, "serve apollo") is None
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "ff-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-00",  # version ff
+        "00-00000000000000000000000000000000-0762bbb98fa248fe-00",  # no trace id
+        "00-d78a45d89f54499c8f250ddd3e0e8289-0000000000000000-00",  # no parent id
+        "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-00-x",  # version 00 has no more
+        "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-00zz",
+        "00-D78A45D89F54499C8F250DDD3E0E8289-0762BBB98FA248FE-00",  # upper case
+    ],
+)
+def test_an_invalid_traceparent_is_no_caller_s_decision(
+    spans: InMemorySpanExporter, traceparent: str
+) -> None:
+    decided = tracing.admit({"traceparent": traceparent}, "serve apollo")
+    # A new trace, sampled here (the default sampler), not the invalid one passed on as sampled out.
+    assert decided is not None and decided.passed is None and decided.root is not None
+    with tracing.current("serve apollo", "server", decided) as span:
+        assert span.context.trace_id == decided.root
+        assert tracing.headers() == {"traceparent": f"00-{decided.root:032x}-{span.context.span_id:016x}-03"}
+
+
+@pytest.mark.fast
+def test_a_later_traceparent_version_sampled_out_is_passed_on_as_version_00(
+    spans: InMemorySpanExporter,
+) -> None:
+    trace = "d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-00"
+    decided = tracing.admit({"traceparent": f"01-{trace}-what-version-1-adds"}, "serve apollo")
+    assert decided is not None and decided.passed == f"00-{trace}"
+
+
+class _CountingCoin(Sampler):
+    """Samples a root at random (as a random or rate-limited sampler would) and counts its calls."""
+
+    def __init__(self, record_only: bool = False) -> None:
+        self.calls = 0
+        self.yes = Decision.RECORD_ONLY if record_only else Decision.RECORD_AND_SAMPLE
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        self.calls += 1
+        return SamplingResult(self.yes if random.random() < 0.5 else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "a counted coin"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("record_only", [False, True])
+def test_the_sampler_is_asked_once_per_root_request(record_only: bool) -> None:
+    coin = _CountingCoin(record_only)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=coin)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    recorded = 0
+    try:
+        for _ in range(100):
+            with tracing.current("serve apollo", "server", tracing.admit(None, "serve apollo")) as span:
+                recorded += span is not None and span.is_recording()
+    finally:
+        tracing.install(None)
+    assert coin.calls == 100
+    assert 0 < recorded < 100
+    # A record-only decision makes a span that records, sampled out: the exporter gets none of it.
+    assert len(exporter.get_finished_spans()) == (0 if record_only else recorded)
+
+
+class _Broken(Sampler):
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        raise RuntimeError("the deployment's sampler has a bug")
+
+    def get_description(self) -> str:
+        return "broken"
+
+
+@pytest.mark.fast
+def test_a_failing_sampler_leaves_the_request_untraced_not_failed() -> None:
+    tracing.install(TracerProvider(sampler=_Broken()))
+    try:
+        assert tracing.admit(None, "serve apollo") is None  # served plainly, as with tracing off
+        assert tracing.admit(None, "serve apollo") is None
+    finally:
+        tracing.install(None)
 
 
 class _HalfOfRoots(Sampler):
