@@ -12,7 +12,8 @@
 - the real `aish apollo hi` console script (its light one-shot path, and its full path) against
   `python -c pass`; the specialist's RSS per 1,000 open streams;
 - tracing: the specialist's CPU per request, and the first chunk's wait (sequential p50, 100 at once
-  p99), with OpenTelemetry on (every request traced, and 5 % sampled; the real OTLP/HTTP exporter
+  p99), with OpenTelemetry on (every request traced, and 5 % sampled, by the specialist or by a
+  caller with tracing on; the real OTLP/HTTP exporter
   posting to a sink, a process of the bench's) against the same answer with tracing off, in two
   processes (``--skip tracing`` leaves it out).
 
@@ -46,9 +47,12 @@ import aiohttp
 import msgpack
 import nats
 from nats.aio.client import Client
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from bench import foreign_client
 from bench.common import cpu_s, free_port, pct, start_child, write_results
+from bus import tracing
 from bus.client import Bus
 from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
@@ -367,9 +371,12 @@ def otlp_sink(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
-    """Tracing off against on (telos: every request; sophia: 5 % sampled), the same 8-chunk scripted
-    answer: the specialist's CPU per request (all its threads, the exporter's included), and what a
-    caller waits, first chunk sequential p50 and 100 at once p99.
+    """Tracing off against on, the same 8-chunk scripted answer: the specialist's CPU per request (all
+    its threads, the exporter's included), and what a caller waits, first chunk sequential p50 and
+    100 at once p99. On: telos traces every request; sophia samples 5 % of requests that come with
+    no trace context (a foreign client's: it decides, the root); penia is sophia again, asked by a
+    client with tracing on at 5 % (this process, its spans made and dropped), as aish, the gateway
+    and the bridge ask when the deployment traces: the caller decides and says so in ``traceparent``.
 
     "Off" is two untraced processes (apollo, metis), each round's figure their mean: two identical
     processes differ by up to ~5 % in CPU per request (which one started first, where it landed),
@@ -380,7 +387,8 @@ async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dic
     settings = TektonSettings(nats_url=args.url, data_dir=Path(args.tmp))
     seq_n, rounds = (300, 4) if args.quick else (800, 12)
     out: dict[str, Any] = {"rows": []}
-    off, names = ("apollo", "metis"), ("apollo", "metis", "telos", "sophia")
+    off, names = ("apollo", "metis"), ("apollo", "metis", "telos", "sophia", "penia")
+    client_tracing = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.05)), shutdown_on_exit=False)
     cpu: dict[str, list[float]] = {name: [] for name in names}
     waits: dict[str, list[list[float]]] = {name: [] for name in names}
     wide_waits: dict[str, list[list[float]]] = {name: [] for name in names}
@@ -393,10 +401,14 @@ async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dic
         for r in range(rounds):
             order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order if r % 2 == 0 else reversed(order):
-                waits[side.name].append(await side.run(1, seq_n))
-                cpu[side.name].append(side.cpu_us())
-                wide_waits[side.name].append(await side.run(100, 100))
-                side.cpu_us()
+                tracing.install(client_tracing if side.name == "penia" else None)
+                try:
+                    waits[side.name].append(await side.run(1, seq_n))
+                    cpu[side.name].append(side.cpu_us())
+                    wide_waits[side.name].append(await side.run(100, 100))
+                    side.cpu_us()
+                finally:
+                    tracing.install(None)
     off_cpu = [statistics.mean(pair) for pair in zip(*(cpu[name] for name in off), strict=True)]
     off_waits = [a + b for a, b in zip(*(waits[name] for name in off), strict=True)]
     off_wide = [a + b for a, b in zip(*(wide_waits[name] for name in off), strict=True)]
@@ -417,7 +429,11 @@ async def measure_tracing(args: argparse.Namespace, pids: dict[str, int]) -> dic
     )
     control["goal"] = ""
     out["rows"].append(control)
-    for name, what in (("telos", "every request"), ("sophia", "5 % sampled")):
+    for name, what in (
+        ("telos", "every request"),
+        ("sophia", "5 % sampled"),
+        ("penia", "5 % sampled by the caller"),
+    ):
         out["rows"].append(
             cpu_row(f"specialist CPU us per request, tracing {what} (OTLP) vs off", cpu[name], off_cpu)
         )
@@ -680,12 +696,9 @@ def main() -> int:
             otlp = {"TEKTON_SCRIPTED_TOKENS": str(SHORT_TOKENS), "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url}
             procs["metis"] = specialist("metis", TEKTON_SCRIPTED_TOKENS=str(SHORT_TOKENS))  # off, again
             procs["telos"] = specialist("telos", **otlp)
-            procs["sophia"] = specialist(
-                "sophia",
-                **otlp,
-                OTEL_TRACES_SAMPLER="parentbased_traceidratio",
-                OTEL_TRACES_SAMPLER_ARG="0.05",
-            )
+            sampled = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.05"}
+            procs["sophia"] = specialist("sophia", **otlp, **sampled)
+            procs["penia"] = specialist("penia", **otlp, **sampled)  # its callers decide
         if "rss" not in args.skip:
             procs["hermes"] = specialist(
                 "hermes", TEKTON_SCRIPTED_TOKENS="30", TEKTON_SCRIPTED_TOKENS_PER_S="1"
