@@ -32,7 +32,7 @@ _TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-
 
 _tracer: Any = None  # an opentelemetry Tracer once installed; None: tracing is off
 _otel: Any = None  # the OpenTelemetry names the helpers use, looked up once by install()
-_sampler_failed = False  # (said once in the log)
+_said_untraced = False
 _ahead: Any = None  # the tracer's _Ahead: None if its provider is not the SDK's (then the SDK decides)
 # Inside a request sampled out (served with no span): its trace context to pass on, a caller's
 # ``traceparent`` or a trace id drawn here (see Trace).
@@ -173,16 +173,13 @@ def admit(headers: Mapping[str, str] | None, name: str, kind: Kind = "server") -
     if parent is not None and _TRACEPARENT.fullmatch(parent) and (parent[:2] != "00" or len(parent) == 55):
         if int(parent[53:55], 16) & 1:
             return Trace(parent=headers)
-        return Trace(passed="00" + parent[2:55])  # (passed on as the version this code speaks)
+        return Trace(passed=parent if parent[:2] == "00" else "00" + parent[2:55])  # (our version)
     if _ahead is None:
         return Trace()  # the SDK decides as it makes the span
     try:
         trace_id, result = _ahead.decide(name, _otel.kinds[kind])
     except Exception as err:  # a sampler of the deployment's own that fails: not this request's fault
-        global _sampler_failed
-        if not _sampler_failed:
-            _sampler_failed = True
-            log.warning("trace sampler failed: requests it fails on are not traced", error=repr(err))
+        _untraced(err)
         return None
     if result.decision.is_recording():  # (a record-only decision makes a span too, sampled out)
         return Trace(root=trace_id, decided=result)
@@ -201,6 +198,14 @@ def fail(span: Any, message: str) -> None:
     """Mark ``span`` (from :func:`current_recording`, say) as ended in an error."""
     if span is not None:
         span.set_status(_otel.error(message))
+
+
+def _untraced(err: Exception) -> None:
+    """Said once in the log (what fails, a sampler say, fails on every request)."""
+    global _said_untraced
+    if not _said_untraced:
+        _said_untraced = True
+        log.warning("tracing failed: the requests it fails on are served untraced", error=repr(err))
 
 
 def _passed_on(passed: str | int) -> str:
@@ -229,18 +234,22 @@ def start(
     ahead: Trace | None = None,
 ) -> Any:
     """A started span (child of ``headers``' trace context if any, else of the current span), or None
-    when tracing is off. End it with :func:`end`. ``ahead``: a root span's trace id and sampling,
-    decided by :func:`admit`."""
+    when tracing is off (or its sampler failed). End it with :func:`end`. ``ahead``: a root span's
+    trace id and sampling, decided by :func:`admit`."""
     if _tracer is None:
         return None
     context = _parent(headers)
-    if ahead is None or ahead.root is None or _ahead is None:
-        return _tracer.start_span(name, context=context, kind=_otel.kinds[kind], attributes=attributes)
-    _ahead.trace_id, _ahead.result = ahead.root, ahead.decided
+    decided = ahead is not None and ahead.root is not None and _ahead is not None
+    if decided:
+        _ahead.trace_id, _ahead.result = ahead.root, ahead.decided  # type: ignore[union-attr]
     try:
         return _tracer.start_span(name, context=context, kind=_otel.kinds[kind], attributes=attributes)
+    except Exception as err:  # (the SDK's own code catches its processors' errors; not the sampler's)
+        _untraced(err)
+        return None
     finally:
-        _ahead.trace_id = _ahead.result = None  # (not taken if the span had a parent after all)
+        if decided:
+            _ahead.trace_id = _ahead.result = None  # (not taken if the span had a parent after all)
 
 
 def end(span: Any, error: BaseException | None = None) -> None:
@@ -300,7 +309,8 @@ class current:
             self.token = _passing.set(trace.passed)
             return None
         self.span = start(self.name, self.kind, trace.parent, self.attributes, trace)
-        self.token = _otel.attach(_otel.set_span_in_context(self.span))
+        if self.span is not None:
+            self.token = _otel.attach(_otel.set_span_in_context(self.span))
         return self.span
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:

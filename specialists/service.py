@@ -754,7 +754,9 @@ class SpecialistService:
     ) -> None:
         """:meth:`_serve` inside its span (continuing the caller's trace, if any), or passing a
         sampled-out trace on."""
-        attributes = {"tekton.request_id": request.id, "tekton.instance": self.instance_id}
+        attributes = None
+        if trace.passed is None:  # (a span will be made)
+            attributes = {"tekton.request_id": request.id, "tekton.instance": self.instance_id}
         with tracing.current(self._span_name, "server", trace, attributes):
             await self._serve(request, reply, scope)
 
