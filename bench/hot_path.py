@@ -13,9 +13,8 @@
   `python -c pass`; the specialist's RSS per 1,000 open streams;
 - tracing: the specialist's CPU per request, and the first chunk's wait (sequential p50, 100 at once
   p99), with OpenTelemetry on (every request traced, and 5 % sampled, by the specialist or by a
-  caller with tracing on; the real OTLP/HTTP exporter
-  posting to a sink, a process of the bench's) against the same answer with tracing off, in two
-  processes (``--skip tracing`` leaves it out).
+  caller with tracing on; the real OTLP/HTTP exporter posting to a sink, a process of the bench's)
+  against the same answer with tracing off, in two processes (``--skip tracing`` leaves it out).
 
 Floor and Tekton rounds alternate; rows report medians and Tekton/floor ratios, plus the CPU each side's
 server process and nats-server spent per request (from each process's CPU-time clock, to the nanosecond;
