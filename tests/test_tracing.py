@@ -20,7 +20,7 @@ from bus.client import Bus
 from bus.errors import DeadlineExceeded
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from tests.helpers import eventually, in_process_gateway, in_process_specialists
+from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish
 
 pytestmark = pytest.mark.anyio
 
@@ -121,6 +121,16 @@ async def test_off_means_no_headers_and_no_spans(settings: TektonSettings) -> No
         await sub.unsubscribe()
         assert seen == [None]
         assert type(services["apollo"].provider).__name__ == "ScriptedProvider"
+
+
+async def test_the_console_exporter_prints_spans_on_stderr_not_in_the_answer(
+    settings: TektonSettings,
+) -> None:
+    async with in_process_specialists(settings, "apollo"):
+        done = await run_aish(settings, "apollo", "hi", OTEL_TRACES_EXPORTER="console")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "apollo heard: hi\n"  # a pipeline reads the answer alone
+    assert '"name": "chat apollo"' in done.stderr
 
 
 @pytest.mark.fast
