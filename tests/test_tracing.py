@@ -4,11 +4,14 @@ in-memory exporter), carried as W3C ``traceparent`` in NATS headers; and nothing
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -20,7 +23,7 @@ from bus.client import Bus
 from bus.errors import DeadlineExceeded
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
-from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish
+from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish, specialist_process
 
 pytestmark = pytest.mark.anyio
 
@@ -121,6 +124,57 @@ async def test_off_means_no_headers_and_no_spans(settings: TektonSettings) -> No
         await sub.unsubscribe()
         assert seen == [None]
         assert type(services["apollo"].provider).__name__ == "ScriptedProvider"
+
+
+class _Collector:
+    """A collector's OTLP/HTTP traces endpoint (``POST /v1/traces``, protobuf), in a thread: what
+    the real exporters of real processes send, decoded."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Any]] = []  # (service.name, span)
+        collector = self
+
+        class Receive(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
+                for resource_spans in request.resource_spans:
+                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        collector.spans += [(resource["service.name"], s) for s in scope_spans.spans]
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Receive)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def named(self, name: str) -> tuple[str, Any]:
+        [found] = [(service, span) for service, span in self.spans if span.name == name]
+        return found
+
+
+async def test_one_trace_over_otlp_from_aish_to_a_specialist_process(settings: TektonSettings) -> None:
+    collector = _Collector()
+    try:
+        otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url}
+        # (the specialist is killed at the end: its batches go every 50 ms, not at its exit)
+        with specialist_process(settings, "apollo", **otlp, OTEL_BSP_SCHEDULE_DELAY="50"):
+            done = await run_aish(settings, "apollo", "hi", **otlp)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == "apollo heard: hi\n"
+            await eventually(lambda: {"chat apollo", "serve apollo"} <= {s.name for _, s in collector.spans})
+    finally:
+        collector.server.shutdown()
+    (aish, client), (specialist, server) = collector.named("chat apollo"), collector.named("serve apollo")
+    assert (aish, specialist) == ("aish", "tekton-specialist")
+    assert client.trace_id == server.trace_id and server.parent_span_id == client.span_id
+    assert {a.key for a in server.attributes} >= {"gen_ai.system", "gen_ai.usage.output_tokens"}
+    assert [e.name for e in server.events] == ["first chunk"]
 
 
 async def test_the_console_exporter_prints_spans_on_stderr_not_in_the_answer(
