@@ -39,7 +39,7 @@ from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from bridge.edge import strict_json
+from bridge.edge import bus_error_response, strict_json
 from bus.client import Bus
 from bus.discovery import SpecialistView
 from bus.errors import BadRequest, BusError, ErrorCode, GatewayUnavailable
@@ -287,7 +287,6 @@ class A2ARouter:
         self._apps: dict[tuple[str, int], _Checked] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from starlette.responses import JSONResponse
 
         if scope["type"] != "http":
             return
@@ -303,9 +302,8 @@ class A2ARouter:
                     f"no specialist named '{name}' is running (running: {running})",
                     code=ErrorCode.SPECIALIST_UNAVAILABLE,
                 )
-        except BusError as err:
-            body = {"error": {"code": str(err.code), "message": err.message}}
-            return await JSONResponse(body, status_code=err.http_status)(scope, receive, send)
+        except BusError as err:  # (the bridge's one error body: code, message, retryable)
+            return await bus_error_response(err)(scope, receive, send)
         key = (name, id(bus))
         if key not in self._apps:
             server = scope.get("server") or ("127.0.0.1", 80)

@@ -9,7 +9,7 @@ import re
 import httpx
 import httpx2
 import pytest
-from a2a.client import create_client
+from a2a.client import ClientConfig, create_client
 from a2a.helpers.proto_helpers import get_artifact_text
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from mcp.client.session import ClientSession
@@ -34,6 +34,7 @@ async def test_a2a_agents_are_served_by_the_bridge(settings: TektonSettings) -> 
             missing = await http.get(f"{url}/a2a/atena/.well-known/agent-card.json")
             assert missing.status_code == 404
             assert missing.json()["error"]["message"].startswith("no specialist named 'atena' is running")
+            assert missing.json()["error"]["retryable"] is False  # (the bridge's one error body)
         client = await create_client(f"{url}/a2a/athena/")
         try:
             request = SendMessageRequest(
@@ -49,6 +50,36 @@ async def test_a2a_agents_are_served_by_the_bridge(settings: TektonSettings) -> 
     assert [e.status_update.status.state for e in events if e.HasField("status_update")][-1] == (
         TaskState.TASK_STATE_COMPLETED
     )
+
+
+async def test_a2a_on_the_bridge_with_tokens_takes_the_sdk_client_s_bearer_token(
+    settings: TektonSettings,
+) -> None:
+    settings = settings.model_copy(update={"http_tokens": ["alice=alice-token"]})
+    async with bridge(settings) as url, in_process_specialists(settings, "athena"):
+        async with httpx.AsyncClient() as http:
+            refused = await http.get(f"{url}/a2a/athena/.well-known/agent-card.json")
+        assert refused.status_code == 401
+        assert refused.json()["error"] == {
+            "code": "unauthorized",
+            "message": "a valid API token is needed",
+            "retryable": False,
+        }
+        # As docs/interop.md shows: the SDK's client, its httpx client carrying the token.
+        as_alice = httpx.AsyncClient(headers={"Authorization": "Bearer alice-token"}, timeout=30)
+        client = await create_client(f"{url}/a2a/athena/", client_config=ClientConfig(httpx_client=as_alice))
+        try:
+            request = SendMessageRequest(
+                message=Message(role=Role.ROLE_USER, parts=[Part(text="as alice")], message_id="m")
+            )
+            events = [e async for e in client.send_message(request)]
+        finally:
+            await client.close()
+            await as_alice.aclose()
+    text = "".join(
+        get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
+    )
+    assert text == "athena heard: as alice"
 
 
 async def test_metrics_of_the_bus_on_the_bridge(settings: TektonSettings) -> None:
