@@ -629,7 +629,10 @@ async def cmd_logs(settings: TektonSettings, args: argparse.Namespace) -> int:
 
 
 WEBSOCKET_HELP = "also serve NATS over WebSocket on PORT (0: any free port)"
-HTTP_HELP = "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT"
+HTTP_HELP = (
+    "serve the HTTP bridge (JSON, SSE, JSON-RPC WebSocket, OpenAI API, console) on PORT (0: any free"
+    " port; its URL is printed)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
