@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from typing import Any
 
 import httpx
 import httpx2
@@ -26,6 +27,21 @@ from tests.test_http import bridge
 pytestmark = pytest.mark.anyio
 
 
+async def _send(client: Any, text: str) -> tuple[str, list[Any]]:
+    """``text`` sent with the A2A SDK's ``client`` (closed after): the answer's text, and the events."""
+    try:
+        request = SendMessageRequest(
+            message=Message(role=Role.ROLE_USER, parts=[Part(text=text)], message_id="m")
+        )
+        events = [e async for e in client.send_message(request)]
+    finally:
+        await client.close()
+    answer = "".join(
+        get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
+    )
+    return answer, events
+
+
 async def test_a2a_agents_are_served_by_the_bridge(settings: TektonSettings) -> None:
     async with bridge(settings) as url, in_process_specialists(settings, "athena"):
         async with httpx.AsyncClient() as http:
@@ -35,17 +51,7 @@ async def test_a2a_agents_are_served_by_the_bridge(settings: TektonSettings) -> 
             assert missing.status_code == 404
             assert missing.json()["error"]["message"].startswith("no specialist named 'atena' is running")
             assert missing.json()["error"]["retryable"] is False  # (the bridge's one error body)
-        client = await create_client(f"{url}/a2a/athena/")
-        try:
-            request = SendMessageRequest(
-                message=Message(role=Role.ROLE_USER, parts=[Part(text="via the bridge")], message_id="m")
-            )
-            events = [e async for e in client.send_message(request)]
-        finally:
-            await client.close()
-    text = "".join(
-        get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
-    )
+        text, events = await _send(await create_client(f"{url}/a2a/athena/"), "via the bridge")
     assert text == "athena heard: via the bridge"
     assert [e.status_update.status.state for e in events if e.HasField("status_update")][-1] == (
         TaskState.TASK_STATE_COMPLETED
@@ -66,19 +72,9 @@ async def test_a2a_on_the_bridge_with_tokens_takes_the_sdk_client_s_bearer_token
             "retryable": False,
         }
         # As docs/interop.md shows: the SDK's client, its httpx client carrying the token.
-        as_alice = httpx.AsyncClient(headers={"Authorization": "Bearer alice-token"}, timeout=30)
-        client = await create_client(f"{url}/a2a/athena/", client_config=ClientConfig(httpx_client=as_alice))
-        try:
-            request = SendMessageRequest(
-                message=Message(role=Role.ROLE_USER, parts=[Part(text="as alice")], message_id="m")
-            )
-            events = [e async for e in client.send_message(request)]
-        finally:
-            await client.close()
-            await as_alice.aclose()
-    text = "".join(
-        get_artifact_text(e.artifact_update.artifact, "") for e in events if e.HasField("artifact_update")
-    )
+        async with httpx.AsyncClient(headers={"Authorization": "Bearer alice-token"}, timeout=30) as as_alice:
+            config = ClientConfig(httpx_client=as_alice)
+            text, _ = await _send(await create_client(f"{url}/a2a/athena/", client_config=config), "as alice")
     assert text == "athena heard: as alice"
 
 
