@@ -33,7 +33,16 @@ from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
-from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
+    HTTPAuthSecurityScheme,
+    SecurityRequirement,
+    SecurityScheme,
+    StringList,
+)
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT
 from a2a.utils.errors import InvalidParamsError, UnsupportedOperationError
 from starlette.applications import Starlette
@@ -73,8 +82,9 @@ async def context_session(bus: Bus, specialist: str, context_id: str) -> str | N
     return name
 
 
-def agent_card(view: SpecialistView, base_url: str) -> AgentCard:
-    """The card of one specialist; ``base_url`` is where the bridge is reached from outside."""
+def agent_card(view: SpecialistView, base_url: str, bearer: bool = False) -> AgentCard:
+    """The card of one specialist; ``base_url`` is where the bridge is reached from outside.
+    ``bearer``: the server asks for an API token (``Authorization: Bearer``), and the card says so."""
     url = f"{base_url.rstrip('/')}{A2A_PREFIX}/{view.name}/"
     ordered = [*view.primary, *sorted(c for c in view.capabilities if c not in view.primary)]
     skills = [
@@ -97,7 +107,16 @@ def agent_card(view: SpecialistView, base_url: str) -> AgentCard:
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
         skills=skills,
+        security_schemes={"bearer": BEARER} if bearer else None,
+        security_requirements=[SecurityRequirement(schemes={"bearer": StringList()})] if bearer else None,
     )
+
+
+BEARER = SecurityScheme(
+    http_auth_security_scheme=HTTPAuthSecurityScheme(
+        scheme="Bearer", description="an API token of the bridge's (TEKTON_HTTP_TOKENS)"
+    )
+)
 
 
 class SpecialistExecutor(AgentExecutor):
@@ -281,9 +300,10 @@ class A2ARouter:
     ``bus_for(scope)`` returns the bus to ask with (the caller's, after the bridge's own checks) or
     raises :class:`BusError`."""
 
-    def __init__(self, bus_for: Any, base_url: str | None = None):
+    def __init__(self, bus_for: Any, base_url: str | None = None, bearer: bool = False):
         self.bus_for = bus_for
         self.base_url = base_url
+        self.bearer = bearer  # the bridge asks for API tokens: the cards say so
         self._apps: dict[tuple[str, int], _Checked] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -308,7 +328,7 @@ class A2ARouter:
         if key not in self._apps:
             server = scope.get("server") or ("127.0.0.1", 80)
             base = self.base_url or f"{scope.get('scheme', 'http')}://{server[0]}:{server[1]}"
-            self._apps[key] = create_a2a_app(bus, views, base)
+            self._apps[key] = create_a2a_app(bus, views, base, self.bearer)
         await self._apps[key]({**scope, "path": A2A_PREFIX + route, "root_path": ""}, receive, send)
 
 
@@ -359,12 +379,12 @@ async def _body(receive: Any) -> tuple[bytes | None, Any]:
     return body, again
 
 
-def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str) -> _Checked:
+def create_a2a_app(bus: Bus, views: list[SpecialistView], base_url: str, bearer: bool = False) -> _Checked:
     """An ASGI app with one A2A agent per specialist in ``views`` (mount it at the bridge's root), its
     JSON-RPC requests checked for shape before the SDK's Starlette routes see them."""
     mounts = []
     for view in views:
-        card = agent_card(view, base_url)
+        card = agent_card(view, base_url, bearer)
         handler = _Handler(
             agent_executor=SpecialistExecutor(bus, view.name), task_store=InMemoryTaskStore(), agent_card=card
         )

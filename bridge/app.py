@@ -157,7 +157,7 @@ def create_app(
     def a2a_bus(scope: dict[str, Any]) -> Bus:
         return bus(admit_scope(scope))
 
-    app.mount("/a2a", A2ARouter(a2a_bus))  # docs/interop.md
+    app.mount("/a2a", A2ARouter(a2a_bus, bearer=bool(tokens)))  # docs/interop.md
 
     def mcp_bus(ctx: Any) -> Bus:
         """An MCP request's bus: its API token's user (admitted already by the endpoint)."""

@@ -47,6 +47,7 @@ async def test_a2a_agents_are_served_by_the_bridge(settings: TektonSettings) -> 
         async with httpx.AsyncClient() as http:
             card = (await http.get(f"{url}/a2a/athena/.well-known/agent-card.json")).json()
             assert card["name"] == "athena" and card["supportedInterfaces"][0]["url"] == f"{url}/a2a/athena/"
+            assert "securitySchemes" not in card  # (no API tokens here)
             missing = await http.get(f"{url}/a2a/atena/.well-known/agent-card.json")
             assert missing.status_code == 404
             assert missing.json()["error"]["message"].startswith("no specialist named 'atena' is running")
@@ -71,6 +72,11 @@ async def test_a2a_on_the_bridge_with_tokens_takes_the_sdk_client_s_bearer_token
             "message": "a valid API token is needed",
             "retryable": False,
         }
+        # The card says what the bridge asks for.
+        async with httpx.AsyncClient(headers={"Authorization": "Bearer alice-token"}) as http:
+            card = (await http.get(f"{url}/a2a/athena/.well-known/agent-card.json")).json()
+        assert card["securitySchemes"]["bearer"]["httpAuthSecurityScheme"]["scheme"] == "Bearer"
+        assert card["securityRequirements"] == [{"schemes": {"bearer": {}}}]
         # As docs/interop.md shows: the SDK's client, its httpx client carrying the token.
         async with httpx.AsyncClient(headers={"Authorization": "Bearer alice-token"}, timeout=30) as as_alice:
             config = ClientConfig(httpx_client=as_alice)
