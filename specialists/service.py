@@ -792,6 +792,8 @@ class SpecialistService:
         bind_tools(self.tools, reply.send)
         bind_conversation(self._owners.get(request.id, ANONYMOUS), self._usage_sessions.get(request.id))
         leased: ModelChoice | None = None  # a request-named model, given back at the end
+        charged = False  # its usage sent to the gateway's book
+        provider_name, model = self.provider.name, self.provider.model
         try:
             messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
@@ -800,6 +802,7 @@ class SpecialistService:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
                     leased = choice if request.model else None
+                model = provider.model
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
@@ -865,6 +868,7 @@ class SpecialistService:
                 self.counters.total_ms += total * 1000
                 self.metrics.done(prompt_tokens, first_token - received if first_token else None, total)
                 self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
+                charged = True
                 if first_token:
                     self.counters.first_tokens += 1
                     self.counters.first_token_ms += (first_token - received) * 1000
@@ -898,6 +902,16 @@ class SpecialistService:
             log.exception("request crashed")
             await reply.error(BusError(f"'{self.spec.name}' failed: {type(err).__name__}: {err}"))
         finally:
+            if not charged and (tokens or reported):
+                # Stopped (cancelled, past its deadline, failed) part way: what the model made is
+                # spent all the same, and a budget counts it (else stopping every answer just before
+                # its end would get answers for free).
+                prompt, made = (
+                    (None, tokens)
+                    if reported is None
+                    else (reported.prompt_tokens, reported.completion_tokens)
+                )
+                self._report_usage(request.id, prompt, made, self._cost(provider_name, model, prompt, made))
             if leased is not None and self.models is not None:
                 self.models.release(leased)
             self._scopes.pop(request.id, None)

@@ -148,6 +148,35 @@ async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettin
         assert shown.stderr.strip() == f"aish: user '{usage.user}' is over their budget (aish usage shows it)"
 
 
+async def test_an_answer_stopped_part_way_is_charged_for_what_the_model_made(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "100")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "500")
+    async with (
+        in_process_specialists(settings, "apollo") as services,
+        in_process_gateway(settings),
+        Bus.connect(settings) as bus,
+    ):
+        async with bus.stream("apollo", [ChatMessage(role="user", content="x")]) as s:
+            received = 0
+            async for _ in s:
+                received += 1
+                if received == 5:
+                    break  # leaving the stream cancels the answer
+        counters = services["apollo"].counters
+        await eventually(lambda: counters.cancelled == 1 and counters.in_flight == 0)
+
+        async def charged() -> bool:
+            return (await bus.gateway.usage()).total.requests == 1
+
+        await eventually(charged, within=10)
+        total = (await bus.gateway.usage()).total
+        # What the model had made when the cancel came, not the whole answer, and not nothing (a
+        # budget would never see answers stopped just before their end).
+        assert 5 <= total.completion_tokens < 500
+
+
 async def test_with_identities_each_user_has_their_own_totals_and_budget(team: Team, bob: Raw) -> None:  # noqa: F811
     services = team.services.model_copy(update={"usage_budget_tokens": 10})
     assert bob.nc is not None
@@ -248,7 +277,7 @@ async def test_the_price_table_costs_each_answer_and_a_cost_budget_per_user_can_
         assert book.total.cost >= 0.00005
         shown = await run_aish(settings, "usage")
         assert (
-            f"(budget 1000000 tokens, {1_000_000 - book.total.tokens} left; budget $0.00, $0.000000 left)"
+            f"(budget 1000000 tokens, {1_000_000 - book.total.tokens} left; budget $0.00005, $0.000000 left)"
             in (shown.stdout)
         )
         listed = await run_tekton(settings, "usage")
@@ -257,7 +286,7 @@ async def test_the_price_table_costs_each_answer_and_a_cost_budget_per_user_can_
 
         reset = await run_tekton(settings, "usage", "reset", ANONYMOUS)
         assert reset.returncode == 0, reset.stderr
-        assert reset.stdout.strip() == f"reset {ANONYMOUS}'s usage (1 totals removed)"
+        assert reset.stdout.strip() == f"reset {ANONYMOUS}'s usage (1 total removed)"
 
         async def served() -> bool:
             try:
