@@ -297,6 +297,12 @@ def _logs(
     return 0
 
 
+def usd(amount: float) -> str:
+    """A budget in dollars as it was set: cents at least, to the micro-dollar (0.0003 is not $0.00)."""
+    whole, _, cents = f"{amount:.6f}".rstrip("0").partition(".")
+    return f"{whole}.{cents:0<2}"
+
+
 async def _usage(settings: TektonSettings, renderer: Renderer) -> int:
     """`aish usage`: the gateway's totals for the asker (docs/observability.md)."""
     async with Bus.connect(settings, name="aish") as bus:
@@ -311,7 +317,7 @@ async def _usage(settings: TektonSettings, renderer: Renderer) -> int:
     if u.budget_tokens is not None:
         budgets.append(f"budget {u.budget_tokens} tokens{per}, {max(0, u.budget_tokens - spent.tokens)} left")
     if u.budget_cost is not None:
-        budgets.append(f"budget ${u.budget_cost:.2f}{per}, ${max(0.0, u.budget_cost - spent.cost):.6f} left")
+        budgets.append(f"budget ${usd(u.budget_cost)}{per}, ${max(0.0, u.budget_cost - spent.cost):.6f} left")
     if budgets and u.period_resets is not None:
         budgets.append(f"resets {utc_time(u.period_resets)}")
     if budgets:

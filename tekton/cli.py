@@ -386,7 +386,7 @@ async def cmd_usage(settings: TektonSettings, args: argparse.Namespace) -> int:
             ) from err
     if args.usage_cmd == "reset":
         _say(
-            f"reset {args.user}'s usage ({reply.removed} totals removed)"
+            f"reset {args.user}'s usage ({reply.removed} total{'' if reply.removed == 1 else 's'} removed)"
             if reply.removed
             else f"{args.user} has no usage"
         )
