@@ -192,14 +192,15 @@ async def connect(
 
     async def quiet(err: Exception) -> None:
         seen.append(str(err))
-        refusals.heard(str(err))
+        told = refusals.heard(str(err))
         # A refusal of our credentials too: against a cluster nats-py goes on to the peers the server
         # advertised, each refusing in turn, for ever.
         refused = "authorization violation" in str(err).lower()
         if (isinstance(err, ssl.SSLError) or refused) and not tls_failed.done():
             tls_failed.set_result(err)
-        # Permission violations are the server refusing something we asked: worth a user's attention.
-        if "permission" in str(err).lower():
+        # Permission violations are the server refusing something we asked: worth a user's attention,
+        # unless the request refused tells its caller (then a second line would say it again).
+        if "permission" in str(err).lower() and not told:
             log.warning("nats-server refused", error=str(err))
         else:
             log.debug("nats error", error=str(err))

@@ -41,15 +41,18 @@ class Refusals:
         self._waiting: dict[str, set[asyncio.Future[str]]] = {}
         self._listeners: set[weakref.WeakMethod[Callable[[str, str], None]]] = set()
 
-    def heard(self, said: str) -> None:
-        """The connection's error callback heard ``said``: wake whoever waits on a refused subject."""
+    def heard(self, said: str) -> bool:
+        """The connection's error callback heard ``said``: wake whoever waits on a refused subject.
+        True if a request waited on it (it tells its caller: nobody else need say it)."""
         found = _REFUSED.search(said)
         if found is None:
-            return
+            return False
         subject = found.group(1).lower()
+        told = False
         for waiter in self._waiting.get(subject, ()):
             if not waiter.done():
                 waiter.set_result(said)
+                told = True
         for ref in list(self._listeners):
             listener = ref()
             if listener is None:  # its bus is gone
@@ -59,6 +62,7 @@ class Refusals:
                 listener(subject, said)
             except Exception:  # this runs in nats-py's read loop: nothing may escape it
                 log.exception("a refusal listener failed", subject=subject)
+        return told
 
     def listen(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(subject, said)`` (a bound method, held weakly: it goes with its object) for
