@@ -307,7 +307,6 @@ class A2ARouter:
         self._apps: dict[tuple[str, int], _Checked] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-
         if scope["type"] != "http":
             return
         path, root = scope["path"], scope.get("root_path", "")

@@ -911,7 +911,12 @@ class SpecialistService:
                     if reported is None
                     else (reported.prompt_tokens, reported.completion_tokens)
                 )
-                self._report_usage(request.id, prompt, made, self._cost(provider_name, model, prompt, made))
+                try:
+                    self._report_usage(
+                        request.id, prompt, made, self._cost(provider_name, model, prompt, made)
+                    )
+                except Exception:  # (this is a finally: the request's own error, if any, goes on)
+                    log.exception("usage of a stopped answer not recorded")
             if leased is not None and self.models is not None:
                 self.models.release(leased)
             self._scopes.pop(request.id, None)
