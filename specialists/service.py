@@ -119,6 +119,9 @@ RUN_KEEP_BYTES = 16 * 1024 * 1024
 REPLAY_SLICE = 256
 # At most this many request tasks wait idle for the next request (see SpecialistService._dispatch).
 IDLE_WORKERS_MAX = 256
+# How long a draining replica waits for the answers it stopped to end (and be charged) before the last
+# usage flush.
+STOPPED_GRACE_S = 2.0
 
 
 # A request to serve: the request, its reply stream, its cancel scope, and how it is traced (None:
@@ -710,15 +713,21 @@ class SpecialistService:
         return None
 
     def _report_usage(
-        self, request_id: str, prompt_tokens: int | None, completion_tokens: int, cost: float | None
+        self,
+        request_id: str,
+        owner: str,
+        session: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int,
+        cost: float | None,
     ) -> None:
-        """What this answer cost, to the gateway's usage book (fire and forget), with the other
-        records of the next ``USAGE_BATCH_S`` (see :meth:`_send_usage`)."""
-        owner = self._owners.get(request_id, ANONYMOUS)
+        """What this answer cost, to ``owner``'s usage book (fire and forget), with the other records
+        of the next ``USAGE_BATCH_S`` (see :meth:`_send_usage`). The owner and session are the ones
+        the request came with (a request id is the client's: another request may reuse it)."""
         record = encode_usage(
             request_id,
             self.spec.name,
-            self._usage_sessions.pop(request_id, None),
+            session,
             prompt_tokens or 0,
             completion_tokens,
             cost or 0.0,
@@ -790,7 +799,8 @@ class SpecialistService:
         reported: Usage | None = None
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.settings.request_timeout_s
         bind_tools(self.tools, reply.send)
-        bind_conversation(self._owners.get(request.id, ANONYMOUS), self._usage_sessions.get(request.id))
+        owner, session = self._owners.get(request.id, ANONYMOUS), self._usage_sessions.get(request.id)
+        bind_conversation(owner, session)
         leased: ModelChoice | None = None  # a request-named model, given back at the end
         charged = False  # its usage sent to the gateway's book
         provider_name, model = self.provider.name, self.provider.model
@@ -867,7 +877,7 @@ class SpecialistService:
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
                 self.metrics.done(prompt_tokens, first_token - received if first_token else None, total)
-                self._report_usage(request.id, prompt_tokens, completion_tokens, cost)
+                self._report_usage(request.id, owner, session, prompt_tokens, completion_tokens, cost)
                 charged = True
                 if first_token:
                     self.counters.first_tokens += 1
@@ -912,9 +922,8 @@ class SpecialistService:
                     else (reported.prompt_tokens, reported.completion_tokens)
                 )
                 try:
-                    self._report_usage(
-                        request.id, prompt, made, self._cost(provider_name, model, prompt, made)
-                    )
+                    cost = self._cost(provider_name, model, prompt, made)
+                    self._report_usage(request.id, owner, session, prompt, made, cost)
                 except Exception:  # (this is a finally: the request's own error, if any, goes on)
                     log.exception("usage of a stopped answer not recorded")
             if leased is not None and self.models is not None:
@@ -980,6 +989,10 @@ class SpecialistService:
                 await self._idle.wait()
         for scope in list(self._scopes.values()):
             scope.cancel()
+        if self.counters.in_flight:  # the stopped answers end (and are charged) before the last flush
+            self._idle = anyio.Event()
+            with anyio.move_on_after(STOPPED_GRACE_S):
+                await self._idle.wait()
         if self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
         if self._run_probe_sub is not None:

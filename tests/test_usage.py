@@ -3,6 +3,7 @@ totals (JetStream KV), `aish usage`, and a budget that stops a user's requests w
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import msgpack
 import pytest
 
 from bus.client import Bus
-from bus.errors import BadRequest, BudgetExceeded
+from bus.errors import BadRequest, BudgetExceeded, BusError
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS
 from bus.usage import Budget, Price, Totals, period_window, usage_query_subject, usage_subject
@@ -175,6 +176,34 @@ async def test_an_answer_stopped_part_way_is_charged_for_what_the_model_made(
         # What the model had made when the cancel came, not the whole answer, and not nothing (a
         # budget would never see answers stopped just before their end).
         assert 5 <= total.completion_tokens < 500
+
+
+async def test_an_answer_stopped_by_its_replica_shutting_down_is_charged(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "100")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "500")
+    settings = settings.model_copy(update={"drain_grace_s": 0.2})
+    received = 0
+    async with in_process_gateway(settings), Bus.connect(settings) as bus:
+
+        async def listen() -> None:
+            nonlocal received
+            with contextlib.suppress(BusError):  # (the replica shut down mid-answer)
+                async with bus.stream("apollo", [ChatMessage(role="user", content="x")]) as s:
+                    async for _ in s:
+                        received += 1
+
+        async with anyio.create_task_group() as tg, in_process_specialists(settings, "apollo"):
+            tg.start_soon(listen)
+            await eventually(lambda: received >= 5)
+            # The replica has drained: its stopped answer's record went out with its last flush.
+
+        async def charged() -> bool:
+            return (await bus.gateway.usage()).total.requests == 1
+
+        await eventually(charged, within=10)
+        assert 5 <= (await bus.gateway.usage()).total.completion_tokens < 500
 
 
 async def test_with_identities_each_user_has_their_own_totals_and_budget(team: Team, bob: Raw) -> None:  # noqa: F811
