@@ -187,11 +187,12 @@ def error_body(err: BusError) -> dict[str, Any]:
 
 
 def bus_error_response(err: BusError) -> JSONResponse:
-    return JSONResponse(
-        error_body(err),
-        status_code=err.http_status,
-        headers={"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None,
-    )
+    headers = None
+    if isinstance(err, RateLimited):
+        headers = {"Retry-After": str(err.retry_after)}
+    elif isinstance(err, Unauthorized):  # (RFC 6750: how to authenticate, for a client told 401)
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(error_body(err), status_code=err.http_status, headers=headers)
 
 
 def validation_error_response(err: ValidationError) -> JSONResponse:

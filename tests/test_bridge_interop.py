@@ -66,7 +66,7 @@ async def test_a2a_on_the_bridge_with_tokens_takes_the_sdk_client_s_bearer_token
     async with bridge(settings) as url, in_process_specialists(settings, "athena"):
         async with httpx.AsyncClient() as http:
             refused = await http.get(f"{url}/a2a/athena/.well-known/agent-card.json")
-        assert refused.status_code == 401
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         assert refused.json()["error"] == {
             "code": "unauthorized",
             "message": "a valid API token is needed",
