@@ -20,12 +20,13 @@ from bus.errors import BadRequest, BudgetExceeded, BusError
 from bus.settings import TektonSettings
 from bus.subjects import ANONYMOUS
 from bus.usage import Budget, Price, Totals, period_window, usage_query_subject, usage_subject
-from bus.wire import ChatMessage, encode
+from bus.wire import ChatMessage, ChatOptions, encode
 from gateway.usage import UsageBook, open_usage_bucket
 from tests.helpers import child_env, eventually, in_process_gateway, in_process_specialists, run_aish
 from tests.test_security import Raw, Team, bob, team  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.anyio
+PROMPT = [ChatMessage(role="user", content="x")]
 
 
 async def test_totals_per_user_and_per_session(settings: TektonSettings) -> None:
@@ -204,6 +205,35 @@ async def test_an_answer_stopped_by_its_replica_shutting_down_is_charged(
 
         await eventually(charged, within=10)
         assert 5 <= (await bus.gateway.usage()).total.completion_tokens < 500
+
+
+async def test_a_request_id_used_twice_does_not_move_a_charge_to_another_user(
+    team: Team,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request id is the client's: alice's short answer ending first, under the id of her long one,
+    once took the long one's owner with it, and the long one was charged to nobody's budget."""
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS_PER_S", "50")
+    monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "30")
+    async with (
+        in_process_gateway(team.services),
+        in_process_specialists(team.services, "apollo"),
+        Bus.connect(team.alice, name="alice") as alice,
+    ):
+
+        async def answer(options: ChatOptions | None) -> None:
+            async with alice.stream("apollo", PROMPT, options, request_id="same-id") as s:
+                await s.result()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer, None)  # 30 tokens, 0.6 s
+            await anyio.sleep(0.1)
+            tg.start_soon(answer, ChatOptions(max_tokens=2))  # done long before
+
+        async def both_charged() -> bool:
+            return (await alice.gateway.usage()).total.requests == 2
+
+        await eventually(both_charged, within=10)
 
 
 async def test_with_identities_each_user_has_their_own_totals_and_budget(team: Team, bob: Raw) -> None:  # noqa: F811
