@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from nats.js.api import StreamInfo
+from nats.js.errors import NoStreamResponseError
 
 from bus.auth import NotAuthorized
 from bus.client import Bus, client_tls, connect, connect_as
@@ -102,7 +103,15 @@ async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp
             assert nc._server_info["cluster"] == "tekton"
             assert nc._server_info["server_name"] == "n3"
             kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
-            await kv.put("k", b"v")
+
+            async def stored() -> bool:
+                try:
+                    await kv.put("k", b"v")
+                except NoStreamResponseError:  # the new stream's own leader is not elected yet
+                    return False
+                return True
+
+            await eventually(stored, within=10)
             info = await nc.jetstream().stream_info("KV_probe")
             assert info.config.num_replicas == 3
             assert info.cluster is not None
@@ -481,7 +490,15 @@ async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Pa
         nc = await connect_as(probe, name="test", identity="gateway")
         try:
             kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
-            await kv.put("k", b"v")
+
+            async def stored() -> bool:
+                try:
+                    await kv.put("k", b"v")
+                except NoStreamResponseError:  # the new stream's own leader is not elected yet
+                    return False
+                return True
+
+            await eventually(stored, within=10)
             info = await nc.jetstream().stream_info("KV_probe")
             assert info.cluster is not None
             assert {info.cluster.leader, *(p.name for p in info.cluster.replicas or [])} == {"m1", "m2", "m3"}
