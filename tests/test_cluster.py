@@ -80,6 +80,20 @@ async def sessions_stream(bus: Bus) -> StreamInfo:
     return await bus.nc.jetstream().stream_info(f"KV_{bucket_name(bus.settings.prefix)}")
 
 
+async def put_once_led(kv: Any, key: str, value: bytes) -> None:
+    """``kv.put`` on a KV bucket just made with replicas: until its stream's own leader is elected,
+    a put gets no responder."""
+
+    async def stored() -> bool:
+        try:
+            await kv.put(key, value)
+        except NoStreamResponseError:
+            return False
+        return True
+
+    await eventually(stored, within=10)
+
+
 async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp_path: Path) -> None:
     """`tekton cluster up --tls`: users on every node (the same as `tekton up`'s), TLS on clients and
     routes, routes that need the cluster's secret; an R3 bucket spans the three nodes."""
@@ -102,16 +116,7 @@ async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp
         try:
             assert nc._server_info["cluster"] == "tekton"
             assert nc._server_info["server_name"] == "n3"
-            kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
-
-            async def stored() -> bool:
-                try:
-                    await kv.put("k", b"v")
-                except NoStreamResponseError:  # the new stream's own leader is not elected yet
-                    return False
-                return True
-
-            await eventually(stored, within=10)
+            await put_once_led(await nc.jetstream().create_key_value(bucket="probe", replicas=3), "k", b"v")
             info = await nc.jetstream().stream_info("KV_probe")
             assert info.config.num_replicas == 3
             assert info.cluster is not None
@@ -489,16 +494,7 @@ async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Pa
             await connect(url)
         nc = await connect_as(probe, name="test", identity="gateway")
         try:
-            kv = await nc.jetstream().create_key_value(bucket="probe", replicas=3)
-
-            async def stored() -> bool:
-                try:
-                    await kv.put("k", b"v")
-                except NoStreamResponseError:  # the new stream's own leader is not elected yet
-                    return False
-                return True
-
-            await eventually(stored, within=10)
+            await put_once_led(await nc.jetstream().create_key_value(bucket="probe", replicas=3), "k", b"v")
             info = await nc.jetstream().stream_info("KV_probe")
             assert info.cluster is not None
             assert {info.cluster.leader, *(p.name for p in info.cluster.replicas or [])} == {"m1", "m2", "m3"}
