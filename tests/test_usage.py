@@ -217,10 +217,11 @@ async def test_a_request_id_used_twice_does_not_move_a_charge_to_another_user(
     monkeypatch.setenv("TEKTON_SCRIPTED_TOKENS", "30")
     async with (
         in_process_gateway(team.services),
-        in_process_specialists(team.services, "apollo"),
+        in_process_specialists(team.services, "apollo") as services,
         # (runs off: with runs, one id is one run subject too, and the two answers would share it)
         Bus.connect(team.alice.model_copy(update={"runs": False}), name="alice") as alice,
     ):
+        counters = services["apollo"].counters
 
         async def answer(options: ChatOptions | None) -> None:
             async with alice.stream("apollo", PROMPT, options, request_id="same-id") as s:
@@ -228,7 +229,7 @@ async def test_a_request_id_used_twice_does_not_move_a_charge_to_another_user(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(answer, None)  # 30 tokens, 0.6 s
-            await anyio.sleep(0.1)
+            await eventually(lambda: counters.in_flight == 1)  # the long one is being served
             tg.start_soon(answer, ChatOptions(max_tokens=2))  # done long before
 
         async def both_charged() -> bool:
