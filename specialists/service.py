@@ -803,16 +803,14 @@ class SpecialistService:
         bind_conversation(owner, session)
         leased: ModelChoice | None = None  # a request-named model, given back at the end
         charged = False  # its usage sent to the gateway's book
-        provider_name, model = self.provider.name, self.provider.model
+        provider, provider_name = self.provider, self.provider.name
         try:
             messages, options = self._prompt(request)  # inside: whatever fails is this request's error
             with scope:
-                provider, provider_name = self.provider, self.provider.name
                 if self.models is not None:
                     choice, provider = await self.models.get(request.model)
                     provider_name = choice.provider
                     leased = choice if request.model else None
-                model = provider.model
                 await reply.send_encoded(self._start_frame(provider_name, provider.model))
                 reply.listeners.detached = bool(request.detach)
                 self._streaming[request.id] = reply  # the heartbeat ticker watches it from now on
@@ -922,7 +920,7 @@ class SpecialistService:
                     else (reported.prompt_tokens, reported.completion_tokens)
                 )
                 try:
-                    cost = self._cost(provider_name, model, prompt, made)
+                    cost = self._cost(provider_name, provider.model, prompt, made)
                     self._report_usage(request.id, owner, session, prompt, made, cost)
                 except Exception:  # (this is a finally: the request's own error, if any, goes on)
                     log.exception("usage of a stopped answer not recorded")
