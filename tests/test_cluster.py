@@ -59,9 +59,10 @@ def csettings(cluster: LocalCluster, tmp_path: Path) -> TektonSettings:
 
 
 def consecutive_free_ports(n: int) -> list[int]:
-    """``n`` consecutive ports free right now (`tekton cluster up` numbers its nodes' ports so)."""
+    """``n`` consecutive ports free right now (`tekton cluster up` numbers its nodes' ports so), below
+    the kernel's ephemeral range (Linux's default starts at 32768) as free_ports picks them."""
     for _ in range(100):
-        base = random.randrange(20000, 60000)
+        base = random.randrange(10000, 32000 - n)
         try:
             for port in range(base, base + n):
                 with socket.socket() as s:
@@ -97,7 +98,8 @@ async def put_once_led(kv: Any, key: str, value: bytes) -> None:
 async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp_path: Path) -> None:
     """`tekton cluster up --tls`: users on every node (the same as `tekton up`'s), TLS on clients and
     routes, routes that need the cluster's secret; an R3 bucket spans the three nodes."""
-    ports, routes = consecutive_free_ports(3), consecutive_free_ports(3)
+    picked = consecutive_free_ports(6)
+    ports, routes = picked[:3], picked[3:]
     settings = TektonSettings(nats_url=",".join(f"tls://127.0.0.1:{p}" for p in ports), data_dir=tmp_path)
     argv = [sys.executable, "-m", "tekton", "cluster", "up", "--nodes", "3", "--tls"]
     argv += ["--port", str(ports[0]), "--cluster-port", str(routes[0])]
@@ -125,6 +127,19 @@ async def test_cluster_up_command_runs_three_routed_nodes_with_users_and_tls(tmp
             await nc.close()
     finally:
         assert child.stop() == 0
+
+
+def test_a_node_whose_route_port_is_taken_is_one_clear_error(tmp_path: Path) -> None:
+    """nats-server opens its route listener after it says ready, and dies when it cannot. Starting the
+    cluster says so, rather than waiting out JetStream's placement for a node that is gone."""
+    picked = free_ports(6)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", picked[4]))
+        taken.listen()
+        cluster = LocalCluster(tmp_path / "cluster", 3, ports=picked[:3], cluster_ports=picked[3:])
+        with pytest.raises(BusError, match="exited before it was ready") as err:
+            cluster.start(timeout=10)
+    assert f"Error listening on router port: {picked[4]}" in str(err.value)
 
 
 async def test_sessions_bucket_has_three_replicas_on_a_cluster(csettings: TektonSettings) -> None:
@@ -473,7 +488,8 @@ async def test_three_tekton_nats_cluster_processes_form_one_cluster(tmp_path: Pa
     route_secret(tmp_path / "m1")
     for i in (2, 3):
         shutil.copytree(tmp_path / "m1" / "auth", tmp_path / f"m{i}" / "auth")
-    ports, routes = free_ports(3), free_ports(3)
+    picked = free_ports(6)
+    ports, routes = picked[:3], picked[3:]
     children = []
     try:
         for i in range(3):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bus.client import Bus, connect
@@ -17,6 +19,15 @@ def test_split_urls() -> None:
     assert split_urls(" nats://a:4222, nats://b:4222 ,") == ["nats://a:4222", "nats://b:4222"]
     with pytest.raises(BusError, match="no NATS server URL"):
         split_urls(" , ")
+
+
+def test_free_ports_are_never_handed_out_twice_nor_an_outgoing_connections() -> None:
+    """Ports for nodes started one after another: distinct across calls, and below the kernel's
+    ephemeral range, where no outgoing connection takes one before its node binds it."""
+    first, second = free_ports(5), free_ports(5)
+    assert len(set(first + second)) == 10
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(port < low for port in first + second)
 
 
 async def test_a_dead_server_first_in_the_list_is_skipped(settings: TektonSettings) -> None:
