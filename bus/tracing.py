@@ -67,9 +67,19 @@ class _Ahead(threading.local):
         self.ids, self.sampler = ids, sampler  # the SDK's
         self.trace_id: int | None = None  # set just before the root span is made, taken as it is
         self.result: Any = None  # the sampler's result for trace_id
+        self.bound = _ratio_bound(sampler)
 
     def decide(self, name: str, kind: Any) -> tuple[int, Any]:
+        """A root request's trace id and the sampler's result for it; None for a trace a ratio sampler
+        drops, decided here by its own rule (the id's low 64 bits at or above its bound): asking it
+        took ~3.4 us a request, 20 times the comparison, for a result that says only "dropped"."""
         trace_id = self.ids.generate_trace_id()
+        if (
+            self.bound is not None
+            and trace_id & _LOW_64 >= self.bound
+            and not _otel.current_span().get_span_context().is_valid  # (a parent-based sampler's root)
+        ):
+            return trace_id, None
         return trace_id, self.sampler.should_sample(None, trace_id, name, kind)
 
     def generate_trace_id(self) -> int:
@@ -90,6 +100,21 @@ class _Ahead(threading.local):
 
     def get_description(self) -> str:
         return str(self.sampler.get_description())
+
+
+_LOW_64 = (1 << 64) - 1
+
+
+def _ratio_bound(sampler: Any) -> int | None:
+    """The bound a root trace's id is sampled below when ``sampler`` is the SDK's ``TraceIdRatioBased``
+    or its ``ParentBased`` over one (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``); None for any
+    other sampler, or a subclass that may decide otherwise: that one is asked for every request."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    root = sampler
+    if isinstance(sampler, ParentBased) and type(sampler).should_sample is ParentBased.should_sample:
+        root = getattr(sampler, "_root", None)
+    return root.bound if type(root) is TraceIdRatioBased else None
 
 
 def enabled() -> bool:
@@ -182,7 +207,7 @@ def admit(headers: Mapping[str, str] | None, name: str, kind: Kind = "server") -
     except Exception as err:  # a sampler of the deployment's own that fails: not this request's fault
         _untraced(err)
         return None
-    if result.decision.is_recording():  # (a record-only decision makes a span too, sampled out)
+    if result is not None and result.decision.is_recording():  # (record-only makes a span too)
         return Trace(root=trace_id, decided=result)
     return Trace(passed=trace_id)
 

@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from bus import tracing
@@ -327,6 +327,38 @@ def test_a_root_is_sampled_ahead_on_the_trace_id_its_span_then_gets() -> None:
     # Every sampled root's span has the very trace id it was sampled on: the sampler's ratio, not
     # its square (a second draw inside the SDK would keep half of the half).
     assert sorted(s.context.trace_id for s in exporter.get_finished_spans()) == sorted(roots)
+
+
+@pytest.mark.fast
+def test_a_ratio_sampler_s_roots_are_decided_as_it_decides_them() -> None:
+    """``parentbased_traceidratio`` (the usual sampler in production): a root it drops is decided
+    without asking it, by its own rule, so the decisions must be exactly its own; under a current
+    span, the parent decides, as ParentBased says."""
+    ratio = TraceIdRatioBased(0.3)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ratio))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        decided = [tracing.admit(None, "serve apollo") for _ in range(2000)]
+        for decision in decided:
+            with tracing.current("serve apollo", "server", decision):
+                pass
+        sampled_caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        with tracing.current("chat apollo", "client", sampled_caller):
+            under = [tracing.admit(None, "serve apollo") for _ in range(50)]
+    finally:
+        tracing.install(None)
+    roots = [d.root for d in decided if d is not None and d.root is not None]
+    passed = [d.passed for d in decided if d is not None and d.passed is not None]
+    assert len(roots) + len(passed) == 2000 and 400 < len(roots) < 800
+    keep = Decision.RECORD_AND_SAMPLE
+    assert all(ratio.should_sample(None, r, "serve apollo").decision is keep for r in roots)
+    assert all(ratio.should_sample(None, p, "serve apollo").decision is not keep for p in passed)
+    assert sorted(s.context.trace_id for s in exporter.get_finished_spans() if s.parent is None) == sorted(
+        roots
+    )
+    assert all(d is not None and d.root is not None for d in under)  # sampled, as its parent is
 
 
 class _OnlySpecialists(Sampler):
