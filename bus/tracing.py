@@ -212,6 +212,17 @@ def admit(headers: Mapping[str, str] | None, name: str, kind: Kind = "server") -
     return Trace(passed=trace_id)
 
 
+def pass_on(trace: Trace) -> Any:
+    """Serve a sampled-out request (``trace.passed``) with no span: what it asks of others carries its
+    trace context, sampled out too, until :func:`passed` (with what this returned). :class:`current`
+    does the same; this is that without a span's bookkeeping, for the hot path."""
+    return _passing.set(trace.passed)
+
+
+def passed(token: Any) -> None:
+    _passing.reset(token)
+
+
 def current_recording() -> Any:
     """The current span if it records (tracing on, this trace sampled), else None."""
     if _tracer is None:

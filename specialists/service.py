@@ -684,6 +684,12 @@ class SpecialistService:
             del job  # an idle task holds no finished request (its frames, for a run)
             if trace is None:
                 await self._serve(request, reply, scope)
+            elif trace.passed is not None:  # sampled out: served plainly, its trace context passed on
+                passing = tracing.pass_on(trace)
+                try:
+                    await self._serve(request, reply, scope)
+                finally:
+                    tracing.passed(passing)
             else:
                 await self._serve_traced(request, reply, scope, trace)
             del request, reply, scope, trace
@@ -761,13 +767,10 @@ class SpecialistService:
     async def _serve_traced(
         self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, trace: tracing.Trace
     ) -> None:
-        """:meth:`_serve` inside its span (continuing the caller's trace, if any), or passing a
-        sampled-out trace on."""
-        attributes = None
-        if trace.passed is None:  # (a span will be made)
-            attributes = {"tekton.request_id": request.id, "tekton.instance": self.instance_id}
-        with tracing.current(self._span_name, "server", trace, attributes):
-            await self._serve(request, reply, scope)
+        """:meth:`_serve` inside its span (continuing the caller's trace, if any)."""
+        attributes = {"tekton.request_id": request.id, "tekton.instance": self.instance_id}
+        with tracing.current(self._span_name, "server", trace, attributes) as span:
+            await self._serve(request, reply, scope, span)
 
     @property
     def _slot(self) -> _Slot:
@@ -790,7 +793,10 @@ class SpecialistService:
         # Both sides are validated ChatOptions already: merging them needs no second validation.
         return messages, ChatOptions.model_construct(**{**self._defaults, **given})
 
-    async def _serve(self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope) -> None:
+    async def _serve(
+        self, request: ChatRequest, reply: ReplyStream, scope: anyio.CancelScope, span: Any = None
+    ) -> None:
+        """Answer ``request``; ``span``: its span, if it is traced (the model's part goes on it)."""
         log = _RequestLog(self.log, request.id)
         received = time.perf_counter()
         first_token: float | None = None
@@ -844,7 +850,7 @@ class SpecialistService:
                 finally:
                     self._streaming.pop(request.id, None)
                     record_model_part(  # a failed answer's too: how far it got, and when
-                        tracing.current_recording(),
+                        span,
                         provider_name,
                         provider.model,
                         output_tokens=reported.completion_tokens if reported else tokens,

@@ -361,6 +361,27 @@ def test_a_ratio_sampler_s_roots_are_decided_as_it_decides_them() -> None:
     assert all(d is not None and d.root is not None for d in under)  # sampled, as its parent is
 
 
+@pytest.mark.fast
+def test_a_request_sampled_out_and_served_plainly_passes_its_trace_context_on() -> None:
+    """The specialist serves a sampled-out request without a span (tracing.pass_on, its hot path):
+    what the request asks of others still names its trace, sampled out, and nothing after it does."""
+    tracing.install(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0))))
+    try:
+        trace = tracing.admit(None, "serve apollo")
+        assert trace is not None and isinstance(trace.passed, int)
+        passing = tracing.pass_on(trace)
+        try:
+            carried = tracing.headers()
+        finally:
+            tracing.passed(passing)
+        after = tracing.headers()
+    finally:
+        tracing.install(None)
+    assert carried is not None and carried["traceparent"].startswith(f"00-{trace.passed:032x}-")
+    assert int(carried["traceparent"][-2:], 16) & 1 == 0
+    assert after is None
+
+
 class _OnlySpecialists(Sampler):
     """Samples a root span only if a specialist makes it: a sampled-out request whose trace context
     was lost on the way would show as a specialist's trace of its own."""
