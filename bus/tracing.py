@@ -64,7 +64,9 @@ class _Ahead(threading.local):
     thread's span is never another thread's."""
 
     def __init__(self, ids: Any, sampler: Any):
-        self.ids, self.sampler = ids, sampler  # the SDK's
+        from opentelemetry.sdk.trace.sampling import SamplingResult
+
+        self.ids, self.sampler, self.results = ids, sampler, SamplingResult  # the SDK's
         self.trace_id: int | None = None  # set just before the root span is made, taken as it is
         self.result: Any = None  # the sampler's result for trace_id
         self.bound = _ratio_bound(sampler)
@@ -93,10 +95,24 @@ class _Ahead(threading.local):
     def is_trace_id_random(self) -> bool:
         return bool(self.ids.is_trace_id_random())
 
-    def should_sample(self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any) -> Any:
-        if self.result is not None and trace_id == self.trace_id:
-            return self.result
-        return self.sampler.should_sample(parent_context, trace_id, *args, **kwargs)
+    def should_sample(
+        self,
+        parent_context: Any,
+        trace_id: int,
+        name: str,
+        kind: Any = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> Any:
+        result = self.result
+        if result is None or trace_id != self.trace_id:
+            return self.sampler.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
+        if attributes:  # the SDK gives the span the result's attributes: its own, and the sampler's
+            return self.results(result.decision, {**attributes, **result.attributes}, result.trace_state)
+        return result
 
     def get_description(self) -> str:
         return str(self.sampler.get_description())

@@ -342,7 +342,7 @@ def test_a_ratio_sampler_s_roots_are_decided_as_it_decides_them() -> None:
     try:
         decided = [tracing.admit(None, "serve apollo") for _ in range(2000)]
         for decision in decided:
-            with tracing.current("serve apollo", "server", decision):
+            with tracing.current("serve apollo", "server", decision, {"tekton.request_id": "r"}):
                 pass
         sampled_caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
         with tracing.current("chat apollo", "client", sampled_caller):
@@ -359,6 +359,9 @@ def test_a_ratio_sampler_s_roots_are_decided_as_it_decides_them() -> None:
         roots
     )
     assert all(d is not None and d.root is not None for d in under)  # sampled, as its parent is
+    # A span decided ahead keeps its attributes (the SDK takes them from the sampler's result).
+    served = [s for s in exporter.get_finished_spans() if s.name == "serve apollo"]
+    assert len(served) == len(roots) and all(s.attributes == {"tekton.request_id": "r"} for s in served)
 
 
 @pytest.mark.fast
