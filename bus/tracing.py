@@ -288,9 +288,21 @@ def start(
 ) -> Any:
     """A started span (child of ``headers``' trace context if any, else of the current span), or None
     when tracing is off (or its sampler failed). End it with :func:`end`. ``ahead``: a root span's
-    trace id and sampling, decided by :func:`admit`."""
+    trace id and sampling, decided by :func:`admit`.
+
+    A span that would be sampled out is not made: the SDK's costs ~5-10 us to record nothing. In its
+    place a :class:`Trace` whose ``passed`` trace context :func:`headers` passes on (:func:`end` and
+    :func:`event` take it too): inside a request sampled out, or a root the sampler drops."""
     if _tracer is None:
         return None
+    root = (ahead is None or ahead.root is None) and not (headers and TRACEPARENT in headers)
+    if root and not _otel.current_span().get_span_context().is_valid:
+        passed = _passing.get()
+        if passed is not None:
+            return Trace(passed=passed)
+        ahead = admit(None, name, kind)  # a root: decided as a request's is
+        if ahead is None or ahead.passed is not None:
+            return ahead
     context = _parent(headers)
     decided = ahead is not None and ahead.root is not None and _ahead is not None
     if decided:
@@ -306,7 +318,7 @@ def start(
 
 
 def end(span: Any, error: BaseException | None = None) -> None:
-    if span is None:
+    if span is None or type(span) is Trace:
         return
     if error is not None:
         span.set_status(_otel.error(str(error)))
@@ -314,7 +326,7 @@ def end(span: Any, error: BaseException | None = None) -> None:
 
 
 def event(span: Any, name: str, **attributes: Any) -> None:
-    if span is not None:
+    if span is not None and type(span) is not Trace:
         span.add_event(name, attributes=attributes or None)
 
 
@@ -323,6 +335,8 @@ def headers(span: Any = None) -> dict[str, str] | None:
     request's to pass on), or None when tracing is off."""
     if _tracer is None:
         return None
+    if type(span) is Trace:  # (start's, for a span sampled out)
+        return None if span.passed is None else {TRACEPARENT: _passed_on(span.passed)}
     if span is None:
         span = _otel.current_span()
         if not span.get_span_context().is_valid:
@@ -361,8 +375,12 @@ class current:
         elif trace.passed is not None:
             self.token = _passing.set(trace.passed)
             return None
-        self.span = start(self.name, self.kind, trace.parent, self.attributes, trace)
-        if self.span is not None:
+        span = start(self.name, self.kind, trace.parent, self.attributes, trace)
+        if type(span) is Trace:  # sampled out after all: no span, its trace context passed on
+            self.token = _passing.set(span.passed)
+            return None
+        self.span = span
+        if span is not None:
             self.token = _otel.attach(_otel.set_span_in_context(self.span))
         return self.span
 

@@ -385,6 +385,32 @@ def test_a_request_sampled_out_and_served_plainly_passes_its_trace_context_on() 
     assert after is None
 
 
+@pytest.mark.fast
+def test_a_client_s_sampled_out_trace_is_passed_on_from_hop_to_hop() -> None:
+    """A client span the sampler drops, and one inside a request sampled out, are not made (the SDK's
+    would record nothing): their trace context goes on all the same, not sampled, one trace."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        root = tracing.start("chat apollo", "client", attributes={"tekton.request_id": "r"})
+        sent = tracing.headers(root)
+        tracing.event(root, "first chunk")
+        tracing.end(root, RuntimeError("its answer failed"))
+        assert sent is not None
+        with tracing.current("gateway chat", "server", tracing.admit(sent, "gateway chat")) as gateway:
+            hop = tracing.start("chat apollo", "client")
+            forwarded = tracing.headers(hop)
+            tracing.end(hop)
+    finally:
+        tracing.install(None)
+    assert gateway is None and forwarded is not None
+    assert forwarded["traceparent"][:36] == sent["traceparent"][:36]  # the same trace
+    assert all(int(h["traceparent"][-2:], 16) & 1 == 0 for h in (sent, forwarded))  # not sampled
+    assert exporter.get_finished_spans() == ()
+
+
 class _OnlySpecialists(Sampler):
     """Samples a root span only if a specialist makes it: a sampled-out request whose trace context
     was lost on the way would show as a specialist's trace of its own."""
