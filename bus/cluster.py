@@ -10,6 +10,7 @@ and nats-py's own.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import secrets
@@ -153,7 +154,7 @@ class NodeConfig:
             log_file=log_file,
             auth_file=self.auth_file,
             tls=self.tls,
-            routes=self.cluster_port is not None,
+            routes=bool(self.cluster_port),  # (port 0: nats-server opens no route listener)
         )
 
 
@@ -183,38 +184,44 @@ _handed_out: set[int] = set()
 
 def _unclaimed_ports() -> range:
     """Ports no outgoing connection gets: the kernel takes those from its ephemeral range (Linux's
-    ``ip_local_port_range``), so this is the room below it; empty where that is not known."""
+    ``ip_local_port_range``), so the room below it (or above it, where below is too small); empty
+    where that is not known."""
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
         return range(0)
-    return range(10000, low) if low >= 11000 else range(0)
+    if low >= 11000:
+        return range(10000, low)
+    return range(high + 1, 65536) if high <= 64535 else range(0)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct ports free right now (routes need ports known before any node starts).
 
-    Chosen below the ephemeral range where there is room: a port from ``bind(0)`` is one that any
+    Chosen outside the ephemeral range where there is room: a port from ``bind(0)`` is one that any
     outgoing connection (a node dialing its peers) may take as its own before the node meant to
     listen on it starts, and a node whose route port is taken dies right after saying it is ready.
     """
     pool = _unclaimed_ports()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
     try:
         for _ in range(100 * count):
-            s = socket.socket()
+            if len(sockets) == count:
+                break
+            s = socket.socket(family)
             try:
                 s.bind((host, random.choice(pool) if pool else 0))
-            except OSError:
+            except OSError as err:
                 s.close()
-                continue
+                if err.errno == errno.EADDRINUSE:
+                    continue
+                raise
             if s.getsockname()[1] in _handed_out:
                 s.close()
                 continue
             sockets.append(s)
-            if len(sockets) == count:
-                break
-        else:
+        if len(sockets) < count:
             raise BusError(f"no {count} free ports found on {host}")
         ports = [s.getsockname()[1] for s in sockets]
         _handed_out.update(ports)

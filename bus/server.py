@@ -160,8 +160,9 @@ class EmbeddedNats:
         # right after "Server is ready"; its peers would wait for it forever).
         self.routes = routes
         self.process: subprocess.Popen[str] | None = None
-        self._ready = threading.Event()  # set once ready, or once the server's log ends
+        self._ready = threading.Event()  # set once ready, or once it cannot be (see _up, _ended)
         self._up = False
+        self._ended = False  # its log ended: the server exited
         self._lines: list[str] = []
         self._reader: threading.Thread | None = None
 
@@ -247,10 +248,14 @@ class EmbeddedNats:
         self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
         self._reader.start()
         if not self._ready.wait(timeout) or not self._up:
-            ended = self._ready.is_set()  # its log ended before it was ready: the server exited
             tail = "".join(self._lines[-8:])
             self.stop()
-            why = "exited before it was ready" if ended else f"did not become ready within {timeout:g} s"
+            if self._ended:
+                why = "exited before it was ready"
+            elif self._ready.is_set():
+                why = "said it was ready on no client port we could read"
+            else:
+                why = f"did not become ready within {timeout:g} s"
             raise BusError(f"nats-server {why}:\n{tail}")
         log.info(
             "nats-server ready",
@@ -274,14 +279,17 @@ class EmbeddedNats:
                         self.port = int(m.group(2))
                     if m := _WS_LISTEN_RE.search(line):
                         self.ws_port = int(m.group(2))
-                    if _READY in line or _ROUTES_READY in line:
+                    if _READY in line and self.port is None:
+                        self._ready.set()  # (not up: start() says so now, not after its timeout)
+                    elif _READY in line or _ROUTES_READY in line:
                         seen = "".join(self._lines)
-                        if _READY in seen and (not self.routes or _ROUTES_READY in seen) and self.port:
+                        if _READY in seen and (not self.routes or _ROUTES_READY in seen):
                             self._up = True
                             self._ready.set()
         finally:
             if sink:
                 sink.close()
+            self._ended = True
             self._ready.set()  # unblock start() if the server died before getting ready
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import socket
 import subprocess
 import sys
@@ -59,10 +58,10 @@ def csettings(cluster: LocalCluster, tmp_path: Path) -> TektonSettings:
 
 
 def consecutive_free_ports(n: int) -> list[int]:
-    """``n`` consecutive ports free right now (`tekton cluster up` numbers its nodes' ports so), below
-    the kernel's ephemeral range (Linux's default starts at 32768) as free_ports picks them."""
+    """``n`` consecutive ports free right now (`tekton cluster up` numbers its nodes' ports so), where
+    free_ports picks them: out of the kernel's ephemeral range."""
     for _ in range(100):
-        base = random.randrange(10000, 32000 - n)
+        base = free_ports(1)[0]
         try:
             for port in range(base, base + n):
                 with socket.socket() as s:
