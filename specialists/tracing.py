@@ -22,9 +22,9 @@ def record_model_part(
     prompt_tokens: int | None,
     first_token_at: float | None,
 ) -> None:
-    """Annotate ``span`` (:func:`bus.tracing.current_recording`; None: nothing to do).
+    """Annotate ``span`` (the request's; None, or one that records nothing: nothing to do).
     ``first_token_at``: ``time.perf_counter()`` when the first token came, None if none did."""
-    if span is None:
+    if span is None or not span.is_recording():
         return
     attributes: dict[str, Any] = {
         "gen_ai.system": provider,

@@ -335,6 +335,9 @@ def test_a_ratio_sampler_s_roots_are_decided_as_it_decides_them() -> None:
     without asking it, by its own rule, so the decisions must be exactly its own; under a current
     span, the parent decides, as ParentBased says."""
     ratio = TraceIdRatioBased(0.3)
+    asked = []
+    decide = ratio.should_sample
+    ratio.should_sample = lambda *args, **kwargs: asked.append(1) or decide(*args, **kwargs)  # type: ignore[method-assign]
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=ParentBased(ratio))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -352,6 +355,7 @@ def test_a_ratio_sampler_s_roots_are_decided_as_it_decides_them() -> None:
     roots = [d.root for d in decided if d is not None and d.root is not None]
     passed = [d.passed for d in decided if d is not None and d.passed is not None]
     assert len(roots) + len(passed) == 2000 and 400 < len(roots) < 800
+    assert len(asked) == len(roots)  # asked only about the roots it keeps, once each
     keep = Decision.RECORD_AND_SAMPLE
     assert all(ratio.should_sample(None, r, "serve apollo").decision is keep for r in roots)
     assert all(ratio.should_sample(None, p, "serve apollo").decision is not keep for p in passed)
