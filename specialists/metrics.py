@@ -37,12 +37,11 @@ class SpecialistMetrics:
             "tekton_total_seconds", "Request taken to done frame sent", buckets=TOTAL_BUCKETS, registry=r
         )
 
-    def done(self, tokens_in: int | None, first_chunk_s: float | None, total_s: float) -> None:
-        """One answer finished (tokens out are counted by the caller for every end, not only this)."""
+    def done(self, tokens_in: int | None, total_s: float) -> None:
+        """One answer finished (tokens out and the first chunk's wait are counted by the caller for
+        every answer, however it ended, not only this)."""
         if tokens_in:
             self.tokens_in.inc(tokens_in)
-        if first_chunk_s is not None:
-            self.first_chunk.observe(first_chunk_s)
         self.total.observe(total_s)
 
     def snapshot(self) -> dict[str, Any]:

@@ -641,6 +641,7 @@ class SpecialistService:
             return
         owner = inbox_owner(reply_to) or (run.user if run else ANONYMOUS)
         if owner in self._over_budget:
+            self.counters.errors += 1  # (refused: it ends in an error frame, as a bad request does)
             over = BudgetExceeded(over_budget(owner, self._budget_resets.get(owner)))
             self._tg.start_soon(reply.error, over)
             return
@@ -880,7 +881,7 @@ class SpecialistService:
                 )
                 self.counters.served += 1
                 self.counters.total_ms += total * 1000
-                self.metrics.done(prompt_tokens, first_token - received if first_token else None, total)
+                self.metrics.done(prompt_tokens, total)
                 self._report_usage(request.id, owner, session, prompt_tokens, completion_tokens, cost)
                 charged = True
                 if first_token:
@@ -936,6 +937,8 @@ class SpecialistService:
             if reply.run is not None:
                 self._finish_run(reply, time.monotonic())
             self.metrics.tokens_out.inc(reply.chunks)
+            if first_token is not None:  # (an answer stopped or failed later waited for it all the same)
+                self.metrics.first_chunk.observe(first_token - received)
             self._owners.pop(request.id, None)
             self._usage_sessions.pop(request.id, None)
             self.counters.in_flight -= 1

@@ -67,6 +67,24 @@ async def test_stats_carry_the_metrics(settings: TektonSettings) -> None:
         assert (data["slots"], data["busy"], data["queued"]) == (settings.max_concurrency, 0, 0)
 
 
+async def test_an_answer_stopped_after_its_first_chunk_counts_its_wait_for_it(
+    settings: TektonSettings,
+) -> None:
+    """tekton_first_chunk_seconds is every answer's wait for its first chunk, a cancelled one's too
+    (before, only answers that reached ``done``: a slow model whose users give up looked fast)."""
+    with env(TEKTON_SCRIPTED_TOKENS="500", TEKTON_SCRIPTED_TOKENS_PER_S="100"):
+        async with in_process_specialists(settings, "apollo") as services, Bus.connect(settings) as bus:
+            async with bus.stream("apollo", [ChatMessage(role="user", content="long")]) as s:
+                async for _ in s:
+                    break  # the first chunk came: stop (the stream's exit cancels the answer)
+            counters = services["apollo"].counters
+            await eventually(lambda: counters.cancelled == 1 and counters.in_flight == 0)
+            [answer] = await bus.stats("apollo", window=0.5)
+    data = endpoint_data(answer)
+    assert data["tekton_first_chunk_seconds"]["buckets"][-1] == ["+Inf", 1.0]
+    assert data["tekton_total_seconds"]["buckets"][-1] == ["+Inf", 0.0]  # (it never reached done)
+
+
 async def test_top_shows_busy_slots_queue_and_rate_under_load(settings: TektonSettings) -> None:
     settings = settings.model_copy(update={"max_concurrency": 2, "idle_timeout_s": 60})
     with env(TEKTON_SCRIPTED_TOKENS="2000", TEKTON_SCRIPTED_TOKENS_PER_S="100"):

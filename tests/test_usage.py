@@ -126,7 +126,7 @@ async def test_a_usage_query_answers_while_records_keep_arriving(settings: Tekto
 async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettings) -> None:
     settings = settings.model_copy(update={"usage_budget_tokens": 10})
     async with (
-        in_process_specialists(settings, "apollo"),
+        in_process_specialists(settings, "apollo") as services,
         in_process_gateway(settings),
         Bus.connect(settings) as bus,
     ):
@@ -140,8 +140,11 @@ async def test_a_budget_stops_the_user_with_a_clear_error(settings: TektonSettin
             return False
 
         await eventually(refused, within=15)
+        errors = services["apollo"].counters.errors
         with pytest.raises(BudgetExceeded, match="over their budget"):
             await bus.ask("apollo", "and again")
+        # An operator sees it: the refusal ended in an error frame, and tekton_errors_total counts it.
+        assert services["apollo"].counters.errors == errors + 1
         usage = await bus.gateway.usage()
         assert usage.budget_tokens == 10 and usage.total.tokens >= 10
         shown = await run_aish(settings, "apollo", "please")
