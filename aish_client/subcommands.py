@@ -327,7 +327,8 @@ async def _usage(settings: TektonSettings, renderer: Renderer) -> int:
         renderer.token(f"{'SESSION':<34} {'REQUESTS':>8} {'PROMPT':>8} {'COMPLETION':>10} {'COST $':>10}\n")
         for session, s in sorted(u.sessions.items()):
             counts = f"{s.requests:>8} {s.prompt_tokens:>8} {s.completion_tokens:>10}"
-            renderer.token(f"{session:<34} {counts} {s.cost:>10.6f}\n")
+            cost = f"{s.cost:.6f}" if s.cost else "-"  # (nothing priced what it used)
+            renderer.token(f"{session:<34} {counts} {cost:>10}\n")
     return 0
 
 

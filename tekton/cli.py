@@ -394,7 +394,8 @@ async def cmd_usage(settings: TektonSettings, args: argparse.Namespace) -> int:
     totals = reply.users
     _say(f"{'USER':<24} {'REQUESTS':>8} {'PROMPT':>10} {'COMPLETION':>10} {'COST $':>12}")
     for user, t in sorted(totals.items()):
-        _say(f"{user:<24} {t.requests:>8} {t.prompt_tokens:>10} {t.completion_tokens:>10} {t.cost:>12.6f}")
+        cost = f"{t.cost:.6f}" if t.cost else "-"  # (nothing priced what they used)
+        _say(f"{user:<24} {t.requests:>8} {t.prompt_tokens:>10} {t.completion_tokens:>10} {cost:>12}")
     return 0
 
 
