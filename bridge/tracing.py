@@ -23,5 +23,16 @@ class TraceContext:
         trace = tracing.admit(headers, name)
         if trace is None:  # (its sampler failed on it)
             return await self.app(scope, receive, send)
-        with tracing.current(name, "server", trace, {"http.target": scope.get("path", "")}):
-            return await self.app(scope, receive, send)
+        with tracing.current(name, "server", trace, {"http.target": scope.get("path", "")}) as span:
+            if span is None:  # (sampled out)
+                return await self.app(scope, receive, send)
+
+            async def send_noting_status(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:  # a server span fails on 5xx only: a 4xx is the caller's
+                        tracing.fail(span, f"HTTP {status}")
+                await send(message)
+
+            return await self.app(scope, receive, send_noting_status)

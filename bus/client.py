@@ -921,6 +921,8 @@ class ChatStream:
                         await self.cancel()
                 self._finished = True
                 await self._close_source()
+                tracing.end(self._span, err if isinstance(err, Exception) else None)  # (no __aexit__)
+                self._span = None
             raise
         return self
 
@@ -1104,7 +1106,19 @@ class ChatStream:
         await nc.flush(timeout=1)
 
     def __aiter__(self) -> AsyncIterator[str]:
+        if tracing.recording(self._span):
+            return self._noting_failure()
         return self._texts()
+
+    async def _noting_failure(self) -> AsyncIterator[str]:
+        """The texts, and the error that ended them on this request's span (a caller that handles the
+        error inside its ``async with`` leaves none for ``__aexit__`` to see)."""
+        try:
+            async for text in self._texts():
+                yield text
+        except Exception as err:
+            tracing.fail(self._span, str(err))
+            raise
 
     def waiting(self) -> int:
         """Frames already arrived and not read yet: the next ones come without waiting (a relay can

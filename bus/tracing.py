@@ -247,6 +247,11 @@ def current_recording() -> Any:
     return span if span.is_recording() else None
 
 
+def recording(span: Any) -> bool:
+    """Whether ``span`` (from :func:`start`) is one that records: tracing on and this trace sampled."""
+    return span is not None and type(span) is not Trace and bool(span.is_recording())
+
+
 def fail(span: Any, message: str) -> None:
     """Mark ``span`` (from :func:`current_recording`, say) as ended in an error."""
     if span is not None:

@@ -18,6 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from bus import tracing
 from bus.settings import TektonSettings
@@ -118,10 +119,23 @@ async def test_an_http_caller_s_trace_reaches_the_model(settings: TektonSettings
             assert answer.status_code == 200
             wanted = {"POST /api/chat", "chat apollo", "serve apollo"}
             await eventually(lambda: wanted <= {s.name for s in exporter.get_finished_spans()})
+            missing = await http.post("/api/chat", json={"specialist": "apolo", "message": "x"})
+            assert missing.status_code == 404
     finally:
         tracing.install(None)
-    spans = {s.name: s for s in exporter.get_finished_spans()}
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}
     http_span, client, server = spans["POST /api/chat"], spans["chat apollo"], spans["serve apollo"]
+    assert http_span.attributes is not None and http_span.attributes["http.response.status_code"] == 200
+    # The 404's: the bridge's span says so and is no error (the caller's mistake, as HTTP semantics
+    # have it for a server); the bus client's span is one (its request failed).
+    [lost] = [s for s in exporter.get_finished_spans() if s.name == "chat apolo"]
+    [refused] = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.context.trace_id == lost.context.trace_id and s.name == "POST /api/chat"
+    ]
+    assert refused.attributes is not None and refused.attributes["http.response.status_code"] == 404
+    assert refused.status.status_code != StatusCode.ERROR and lost.status.status_code == StatusCode.ERROR
     assert {format(s.context.trace_id, "032x") for s in (http_span, client, server)} == {trace_id}
     assert http_span.parent is not None and format(http_span.parent.span_id, "016x") == "00f067aa0ba902b7"
     assert client.parent is not None and client.parent.span_id == http_span.context.span_id

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from bus import tracing
 from bus.client import Bus
-from bus.errors import DeadlineExceeded
+from bus.errors import BusError, DeadlineExceeded, SpecialistUnavailable
 from bus.settings import TektonSettings
 from bus.wire import ChatMessage
 from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish, specialist_process
@@ -87,6 +87,24 @@ async def test_a_failed_answer_marks_the_specialist_s_span_as_an_error(
     # How far the model got before its deadline, on the same span.
     assert 0 < server.attributes["gen_ai.usage.output_tokens"] < 200
     assert [e.name for e in server.events] == ["first chunk"]
+
+
+async def test_a_failed_request_s_client_span_is_an_error_however_its_caller_handles_it(
+    settings: TektonSettings, spans: InMemorySpanExporter
+) -> None:
+    """A caller that catches the error inside its ``async with`` (aish does) still leaves the request
+    marked failed on its span; one that fails before it is sent (too big) still ends its span."""
+    async with in_process_specialists(settings, "apollo"), Bus.connect(settings) as bus:
+        async with bus.stream("nobody", [ChatMessage(role="user", content="hi")]) as s:
+            with pytest.raises(SpecialistUnavailable):
+                async for _ in s:
+                    pass
+        with pytest.raises(BusError):
+            async with bus.stream("apollo", [ChatMessage(role="user", content="x" * 2_000_000)]):
+                pass
+    got = _by_name(spans.get_finished_spans())
+    assert got["chat nobody"].status.status_code == StatusCode.ERROR
+    assert got["chat apollo"].status.status_code == StatusCode.ERROR  # ended, not lost
 
 
 async def test_a_session_chat_trace_passes_through_the_gateway(
