@@ -20,6 +20,7 @@ Two rules keep every request served, even when every replica is full:
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,8 +55,19 @@ def hops(msg: Msg) -> int:
         return MAX_HOPS
 
 
-# Room left for the headers a forwarded request gains (hops, and those it came with).
+# Room left for the header a forwarded request gains (hops), on top of those it came with.
 FORWARD_HEADROOM = 4096
+# A header name nats-py sends (an HTTP token); it reads others, so a raw client's request may bring one.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def forwardable_headers(msg: Msg) -> tuple[dict[str, str], int]:
+    """The headers a forwarded copy of ``msg`` carries (those nats-py will send: any other name, from
+    a client that is not nats-py, made the forward raise and the replica exit), and their size on the
+    wire."""
+    headers = {k: v for k, v in (msg.headers or {}).items() if _HEADER_NAME.fullmatch(k)}
+    size = len(b"NATS/1.0\r\n\r\n") + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    return headers, size
 
 
 class Placement:
@@ -142,9 +154,11 @@ class Placement:
         headers), or None to take it here."""
         if self.free > 0 or hops(msg) >= MAX_HOPS or self._stopped:
             return None
-        # Forwarding adds headers: a request near max_payload would then be refused by nats-server,
-        # which closes the connection that sent it. Such a request waits for a slot here instead.
-        if len(msg.data) + FORWARD_HEADROOM > self.nc.max_payload:
+        # Forwarding adds a header: a request near max_payload (its body and the headers it came with)
+        # would then be refused by nats-server, which closes the connection that sent it (a 1 MB
+        # traceparent did). Such a request waits for a slot here instead.
+        headers, header_size = forwardable_headers(msg)
+        if len(msg.data) + header_size + FORWARD_HEADROOM > self.nc.max_payload:
             return None
         peer = self.room_elsewhere()
         if peer is None:
@@ -152,7 +166,6 @@ class Placement:
         free, seen = self.peers[peer]
         self.peers[peer] = (free - 1, seen)  # until it says otherwise: spread a burst
         self.counters["forwarded"] += 1
-        headers = dict(msg.headers or {})
         headers[HOPS_HEADER] = str(hops(msg) + 1)
         return direct_subject(self.name, peer, self.prefix), headers
 

@@ -599,16 +599,24 @@ class SpecialistService:
         """micro's handler for the chat endpoint (where :class:`_TakeAtOnce` does not stand in)."""
         self._take(req._msg)
 
-    def _take(self, msg: Msg) -> None:
+    def _take(self, msg: Msg, forward: bool = True) -> None:
         """A chat request, taken where it is read: registered, then served by a request task (one at a
-        time: :meth:`_dispatch`).
+        time: :meth:`_dispatch`). ``forward``: sent on to a replica with room if this one is full.
         Nothing here waits; what must (an error frame, a forward) goes in a task too."""
         try:
-            self._take_request(msg)
+            self._take_request(msg, forward)
         except Exception:  # a service never dies of one request (nor stops reading: we are in its loop)
             self.log.exception("chat request not taken")
 
-    def _take_request(self, msg: Msg) -> None:
+    async def _forward(self, msg: Msg, subject: str, headers: dict[str, str]) -> None:
+        """Send a request on to the replica that has room; if it cannot be sent, serve it here."""
+        try:
+            await self.nc.publish(subject, msg.data, reply=msg.reply, headers=headers)
+        except Exception as err:  # (a service never dies of one request: it waited for a slot here)
+            self.log.warning("request not forwarded; served here", error=str(err) or type(err).__name__)
+            self._take(msg, forward=False)
+
+    def _take_request(self, msg: Msg, forward: bool = True) -> None:
         reply_to = msg.reply
         if not reply_to:
             refused.warning(self.log, "chat request without a reply subject dropped")
@@ -625,12 +633,9 @@ class SpecialistService:
             err = BusError("this replica is shutting down", code=ErrorCode.SHUTTING_DOWN, retryable=True)
             self._tg.start_soon(reply.error, err)
             return
-        target = self.placement.forward_target(msg) if self.placement else None
+        target = self.placement.forward_target(msg) if self.placement and forward else None
         if target is not None:  # full here, room on another replica: send it there (placement.py)
-            subject, forwarded = target
-            self._tg.start_soon(
-                partial(self.nc.publish, subject, msg.data, reply=reply_to, headers=forwarded)
-            )
+            self._tg.start_soon(self._forward, msg, *target)
             return
         try:
             request = decode_request(msg.data)

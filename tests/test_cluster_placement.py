@@ -3,6 +3,7 @@ free slot whenever one exists, and a request when every replica is full is queue
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from contextlib import AsyncExitStack
 
@@ -119,3 +120,84 @@ async def test_a_request_near_max_payload_is_not_forwarded(settings: TektonSetti
             assert anchor.forward_target(small) is not None
         finally:
             anchor.update(0)
+
+
+async def _hpub(url: str, subject: str, reply: str, headers: dict[str, str], data: bytes) -> None:
+    """One HPUB on a plain socket, headers as they are given."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        head = f"NATS/1.0\r\n{lines}\r\n".encode()
+        writer.write(b'CONNECT {"headers":true,"verbose":false,"pedantic":false}\r\n')
+        writer.write(f"HPUB {subject} {reply} {len(head)} {len(head) + len(data)}\r\n".encode())
+        writer.write(head + data + b"\r\nPING\r\n")
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"PONG"), "the server took the HPUB"
+    finally:
+        writer.close()
+
+
+async def _fill_then_send(settings: TektonSettings, headers: dict[str, str], pad_to: int | None) -> None:
+    """Two one-slot replicas; one made full by a slow answer sent to it directly, then a request with
+    ``headers`` (the first padded so the message is ``pad_to`` bytes short of max_payload) sent to it
+    too, which it forwards. Both answers must come, and both replicas still serve afterwards."""
+    import nats
+
+    from bus.wire import ChatRequest, encode_request
+    from specialists.placement import direct_subject
+
+    with env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="800", TEKTON_SCRIPTED_TOKENS="2"):
+        async with AsyncExitStack() as stack:
+            services = await replicas(stack, settings, 2)
+            full = services[0]
+            assert full.placement is not None
+            raw = await nats.connect(settings.nats_url)
+            stack.push_async_callback(raw.close)
+            subject = direct_subject("apollo", full.instance_id, settings.prefix)
+            done: dict[str, str] = {}
+
+            async def ask(tag: str, sent: dict[str, str] | None) -> None:
+                inbox = raw.new_inbox()
+                sub = await raw.subscribe(inbox)
+                data = encode_request(ChatRequest(messages=[{"role": "user", "content": tag}]))
+                if sent and pad_to is not None:
+                    name = next(iter(sent))
+                    overhead = len(b"NATS/1.0\r\n\r\n") + len(name) + 4
+                    sent = {name: sent[name].ljust(raw.max_payload - pad_to - len(data) - overhead, "a")}
+                if sent is None:
+                    await raw.publish(subject, data, reply=inbox)
+                else:  # as a client that is not nats-py may (which sends no header name it refuses)
+                    await _hpub(settings.nats_url, subject, inbox, sent, data)
+                with anyio.fail_after(15):
+                    async for msg in sub.messages:
+                        if b"done" in msg.data:
+                            done[tag] = "done"
+                            return
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, "first", None)
+                await eventually(lambda: full.counters.in_flight == 1)
+                tg.start_soon(ask, "odd", headers)
+            assert set(done) == {"first", "odd"}
+            bus = await stack.enter_async_context(Bus.connect(settings))
+            assert len(await ask_all(bus, 2)) == 2  # both replicas alive and serving
+
+
+async def test_a_request_whose_headers_fill_max_payload_is_served_not_forwarded(
+    settings: TektonSettings,
+) -> None:
+    """A caller's header near max_payload (a 1 MB traceparent): the forward's added header went over
+    it, nats-server closed the forwarding replica's connection, and the replica exited."""
+    await _fill_then_send(
+        settings, {"traceparent": "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-"}, 8
+    )
+
+
+async def test_a_request_with_a_header_name_nats_py_will_not_send_is_forwarded_without_it(
+    settings: TektonSettings,
+) -> None:
+    """A client that is not nats-py may send a header name nats-py refuses to send (``trace(parent)``);
+    forwarding it raised in the service's task group and the replica exited."""
+    await _fill_then_send(settings, {"trace(parent)": "1"}, None)
