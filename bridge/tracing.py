@@ -19,6 +19,8 @@ class TraceContext:
         if scope["type"] not in ("http", "websocket") or not tracing.enabled():
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if sum(k.lower() == b"traceparent" for k, _ in scope["headers"]) > 1:
+            del headers["traceparent"]  # two are none (W3C trace context): a trace of its own
         name = f"{scope.get('method', 'WS')} {scope.get('path', '')}"
         trace = tracing.admit(headers, name)
         if trace is None:  # (its sampler failed on it)

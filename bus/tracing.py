@@ -14,6 +14,7 @@ chunk`` event: see specialists/tracing.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -30,6 +31,12 @@ TRACEPARENT = "traceparent"
 # W3C: version ff, an all-zero trace or parent id are invalid; version 00 is exactly this long, a later
 # version may add fields after it.
 _TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?")
+
+_TRACEPARENT_MAX = 512  # OpenTelemetry's propagator ignores a longer one (a later version's fields)
+# OpenTelemetry's loggers that warn about a caller's trace context (a bad tracestate, a traceparent too
+# long): the caller's text, unescaped, one line per request, as many as anyone sends. The context is
+# ignored all the same; the warnings are not kept.
+_CALLER_INPUT_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext")
 
 _tracer: Any = None  # an opentelemetry Tracer once installed; None: tracing is off
 _otel: Any = None  # the OpenTelemetry names the helpers use, looked up once by install()
@@ -142,6 +149,8 @@ def install(provider: Any) -> None:
     global _tracer, _otel, _ahead
     if provider is not None and _otel is None:
         _otel = _Otel()
+        for name in _CALLER_INPUT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     _tracer = provider.get_tracer("tekton") if provider is not None else None
     _ahead = None
     if hasattr(_tracer, "id_generator") and hasattr(_tracer, "sampler"):  # the SDK's Tracer
@@ -212,7 +221,12 @@ def admit(headers: Mapping[str, str] | None, name: str, kind: Kind = "server") -
     if _tracer is None:
         return None
     parent = headers.get(TRACEPARENT) if headers else None
-    if parent is not None and _TRACEPARENT.fullmatch(parent) and (parent[:2] != "00" or len(parent) == 55):
+    if (
+        parent is not None
+        and len(parent) <= _TRACEPARENT_MAX  # (longer: the propagator ignores it, so must we)
+        and _TRACEPARENT.fullmatch(parent)
+        and (parent[:2] != "00" or len(parent) == 55)
+    ):
         if int(parent[53:55], 16) & 1:
             return Trace(parent=headers)
         return Trace(passed=parent if parent[:2] == "00" else "00" + parent[2:55])  # (our version)

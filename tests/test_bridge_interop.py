@@ -164,6 +164,35 @@ async def test_an_http_caller_s_sampled_out_trace_stays_out(settings: TektonSett
     assert exporter.get_finished_spans() == ()
 
 
+async def test_two_traceparent_headers_are_none(settings: TektonSettings) -> None:
+    """W3C trace context: a request with two ``traceparent`` headers has an invalid one; it is served
+    in a trace of its own, continuing neither (the last one was taken, sampled out: not traced)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    first, last = "4bf92f3577b34da6a3ce929d0e0e4736", "5bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        async with (
+            bridge(settings) as url,
+            in_process_specialists(settings, "apollo"),
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            headers = [
+                ("traceparent", f"00-{first}-00f067aa0ba902b7-01"),
+                ("traceparent", f"00-{last}-00f067aa0ba902b7-00"),
+            ]
+            answer = await http.post(
+                "/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers
+            )
+            assert answer.status_code == 200
+            await eventually(lambda: "serve apollo" in {s.name for s in exporter.get_finished_spans()})
+    finally:
+        tracing.install(None)
+    [http_span] = [s for s in exporter.get_finished_spans() if s.name == "POST /api/chat"]
+    assert http_span.parent is None and format(http_span.context.trace_id, "032x") not in (first, last)
+
+
 async def test_mcp_on_the_bridge_acts_as_the_token_s_user(settings: TektonSettings) -> None:
     """MCP streamable HTTP at /mcp on the bridge, driven by the SDK's client over HTTP: an API token
     is its bus user there too (alice sees her sessions as resources, not bob's); no token, no MCP."""

@@ -3,6 +3,7 @@ in-memory exporter), carried as W3C ``traceparent`` in NATS headers; and nothing
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -232,6 +233,7 @@ def test_a_request_sampled_out_by_its_caller_is_not_traced(spans: InMemorySpanEx
         "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-00-x",  # version 00 has no more
         "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-00zz",
         "00-D78A45D89F54499C8F250DDD3E0E8289-0762BBB98FA248FE-00",  # upper case
+        "01-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-01-" + "a" * 500,  # past the 512 limit
     ],
 )
 def test_an_invalid_traceparent_is_no_caller_s_decision(
@@ -243,6 +245,21 @@ def test_an_invalid_traceparent_is_no_caller_s_decision(
     with tracing.current("serve apollo", "server", decided) as span:
         assert span.context.trace_id == decided.root
         assert tracing.headers() == {"traceparent": f"00-{decided.root:032x}-{span.context.span_id:016x}-03"}
+
+
+@pytest.mark.fast
+def test_a_caller_s_bad_trace_context_is_not_logged_request_by_request(
+    spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenTelemetry warns about a bad ``tracestate`` with the caller's text as it is (escape codes
+    too), a line per request: a caller could fill the log. The context is ignored, silently."""
+    sampled = "00-d78a45d89f54499c8f250ddd3e0e8289-0762bbb98fa248fe-01"
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            trace = tracing.admit({"traceparent": sampled, "tracestate": "\x1b[2Jx=FAKE,,!!"}, "serve")
+            with tracing.current("serve apollo", "server", trace) as span:
+                assert span.context.trace_id == int(sampled[3:35], 16)  # the caller's trace all the same
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
 
 
 @pytest.mark.fast
