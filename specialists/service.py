@@ -227,9 +227,18 @@ class ReplyStream:
             self._flushing = None
 
     async def error(self, err: BusError) -> None:
+        """End the answer with ``err``'s error frame. Never raises: it is sent where a failure is being
+        handled already (a request's own task, or a task of the service's group, which one raising
+        error would end), and a frame that cannot go (the connection lost, its buffer full while it
+        reconnects) leaves the asker to its idle timeout."""
         if err.http_status >= 500:  # a server-side failure (not the caller's: a bad request, a cancel)
             tracing.fail(tracing.current_recording(), err.message)  # marks the request's span, if any
-        await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
+        try:
+            await self.send(ErrorFrame, code=str(err.code), message=err.message, retryable=err.retryable)
+        except Exception as failed:
+            log.warning(
+                "error frame not sent", code=str(err.code), error=str(failed) or type(failed).__name__
+            )
 
 
 class RunListeners:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 import pytest
@@ -139,24 +140,37 @@ async def _hpub(url: str, subject: str, reply: str, headers: dict[str, str], dat
         writer.close()
 
 
-async def _fill_then_send(settings: TektonSettings, headers: dict[str, str], pad_to: int | None) -> None:
+async def _fill_then_send(
+    settings: TektonSettings, headers: dict[str, str], pad_to: int | None, forward_fails: bool = False
+) -> tuple[str, str, str]:
     """Two one-slot replicas; one made full by a slow answer sent to it directly, then a request with
     ``headers`` (the first padded so the message is ``pad_to`` bytes short of max_payload) sent to it
-    too, which it forwards. Both answers must come, and both replicas still serve afterwards."""
+    too, which it may forward. Both answers must come, and both replicas still serve afterwards.
+    Returns the full replica's instance, the other's, and the one that served the second request.
+    ``forward_fails``: the full replica's forwards raise as they are published."""
     import nats
 
-    from bus.wire import ChatRequest, encode_request
+    from bus.wire import ChatRequest, encode_request, unpack_frame
     from specialists.placement import direct_subject
 
     with env(TEKTON_SCRIPTED_FIRST_TOKEN_MS="800", TEKTON_SCRIPTED_TOKENS="2"):
         async with AsyncExitStack() as stack:
             services = await replicas(stack, settings, 2)
-            full = services[0]
+            full, other = services
             assert full.placement is not None
+            if forward_fails:
+                publish = full.nc.publish
+
+                async def failing(subject: str, *args: Any, **kwargs: Any) -> None:
+                    if ".direct." in subject:
+                        raise nats.errors.OutboundBufferLimitError
+                    await publish(subject, *args, **kwargs)
+
+                full.nc.publish = failing  # type: ignore[method-assign]
             raw = await nats.connect(settings.nats_url)
             stack.push_async_callback(raw.close)
             subject = direct_subject("apollo", full.instance_id, settings.prefix)
-            done: dict[str, str] = {}
+            served: dict[str, str] = {}
 
             async def ask(tag: str, sent: dict[str, str] | None) -> None:
                 inbox = raw.new_inbox()
@@ -172,17 +186,20 @@ async def _fill_then_send(settings: TektonSettings, headers: dict[str, str], pad
                     await _hpub(settings.nats_url, subject, inbox, sent, data)
                 with anyio.fail_after(15):
                     async for msg in sub.messages:
+                        frame = unpack_frame(msg.data)
+                        if isinstance(frame, dict) and frame.get("type") == "start":
+                            served[tag] = str(frame["instance"])
                         if b"done" in msg.data:
-                            done[tag] = "done"
                             return
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ask, "first", None)
                 await eventually(lambda: full.counters.in_flight == 1)
                 tg.start_soon(ask, "odd", headers)
-            assert set(done) == {"first", "odd"}
+            assert served["first"] == full.instance_id
             bus = await stack.enter_async_context(Bus.connect(settings))
             assert len(await ask_all(bus, 2)) == 2  # both replicas alive and serving
+            return full.instance_id, other.instance_id, served["odd"]
 
 
 async def test_a_request_whose_headers_fill_max_payload_is_served_not_forwarded(
@@ -190,9 +207,9 @@ async def test_a_request_whose_headers_fill_max_payload_is_served_not_forwarded(
 ) -> None:
     """A caller's header near max_payload (a 1 MB traceparent): the forward's added header went over
     it, nats-server closed the forwarding replica's connection, and the replica exited."""
-    await _fill_then_send(
-        settings, {"traceparent": "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-"}, 8
-    )
+    big = {"traceparent": "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-"}
+    full, _, served = await _fill_then_send(settings, big, 8)
+    assert served == full  # it waited for the slot where it landed
 
 
 async def test_a_request_with_a_header_name_nats_py_will_not_send_is_forwarded_without_it(
@@ -200,4 +217,10 @@ async def test_a_request_with_a_header_name_nats_py_will_not_send_is_forwarded_w
 ) -> None:
     """A client that is not nats-py may send a header name nats-py refuses to send (``trace(parent)``);
     forwarding it raised in the service's task group and the replica exited."""
-    await _fill_then_send(settings, {"trace(parent)": "1"}, None)
+    _, other, served = await _fill_then_send(settings, {"trace(parent)": "1"}, None)
+    assert served == other  # forwarded to the replica with room, without that header
+
+
+async def test_a_forward_that_cannot_be_published_is_served_where_it_landed(settings: TektonSettings) -> None:
+    full, _, served = await _fill_then_send(settings, {"x-note": "1"}, None, forward_fails=True)
+    assert served == full
