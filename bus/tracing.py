@@ -150,7 +150,8 @@ def install(provider: Any) -> None:
     if provider is not None and _otel is None:
         _otel = _Otel()
         for name in _CALLER_INPUT_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+            if logging.getLogger(name).level == logging.NOTSET:  # (not where an embedder set one)
+                logging.getLogger(name).setLevel(logging.ERROR)
     _tracer = provider.get_tracer("tekton") if provider is not None else None
     _ahead = None
     if hasattr(_tracer, "id_generator") and hasattr(_tracer, "sampler"):  # the SDK's Tracer

@@ -164,6 +164,36 @@ async def test_an_http_caller_s_sampled_out_trace_stays_out(settings: TektonSett
     assert exporter.get_finished_spans() == ()
 
 
+async def test_a_server_failure_marks_the_bridge_s_span(
+    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 5xx is the bridge's failure: its span is an error, with the status (a 4xx is not: see above)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the model fell over")
+        yield  # (an async generator, as a provider's stream is)
+
+    try:
+        async with (
+            bridge(settings) as url,
+            in_process_specialists(settings, "apollo") as services,
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            monkeypatch.setattr(services["apollo"].provider, "stream", broken)
+            answer = await http.post("/api/chat", json={"specialist": "apollo", "message": "x"})
+            assert answer.status_code >= 500
+    finally:
+        tracing.install(None)
+    [http_span] = [s for s in exporter.get_finished_spans() if s.name == "POST /api/chat"]
+    assert http_span.attributes is not None
+    assert http_span.attributes["http.response.status_code"] == answer.status_code
+    assert http_span.status.status_code == StatusCode.ERROR
+
+
 async def test_two_traceparent_headers_are_none(settings: TektonSettings) -> None:
     """W3C trace context: a request with two ``traceparent`` headers has an invalid one; it is served
     in a trace of its own, continuing neither (the last one was taken, sampled out: not traced)."""
