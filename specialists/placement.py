@@ -13,8 +13,12 @@ Two rules keep every request served, even when every replica is full:
   request always has somewhere to go: there is never a "no responders" for a running specialist;
 - a request that reaches a full replica anyway (the anchor, or one in flight while its replica was
   leaving) is forwarded straight to a replica that announced a free slot, on that replica's own
-  subject (``<prefix>.ai.<name>.direct.<id>``), at most ``MAX_HOPS`` times; with no room anywhere it is
-  queued where it is (it waits for a slot, with heartbeats), never refused.
+  subject (``<prefix>.ai.<name>.direct.<id>``), at most ``MAX_HOPS`` times; with no room anywhere it
+  waits for a slot (with heartbeats), never refused, where the fewest wait per slot: replicas announce
+  their queue and slots too, and a request that lands on a full replica (not one forwarded already)
+  goes on to the peer where it would wait behind fewer others per slot. Else every request of a burst
+  larger than all the slots queued on the anchor, however few its slots: a one-slot anchor held a
+  queue of 5 while an eight-slot peer went idle.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgpack
@@ -70,6 +74,15 @@ def forwardable_headers(msg: Msg) -> tuple[dict[str, str], int]:
     return headers, size
 
 
+class Peer(NamedTuple):
+    """A peer replica as it last announced itself."""
+
+    free: int  # free slots (GONE: it stopped)
+    seen: float  # when (monotonic)
+    queued: int = 0  # requests waiting there for a slot
+    slots: int = 1
+
+
 class Placement:
     """Keeps one replica's chat endpoint in its queue group only while it has room (see module doc)."""
 
@@ -93,9 +106,9 @@ class Placement:
         self.interval = interval
         self.in_flight = 0
         # Peers' free slots as last announced, and when.
-        self.peers: dict[str, tuple[int, float]] = {}
+        self.peers: dict[str, Peer] = {}
         self._changed = anyio.Event()
-        self._announced: int | None = None
+        self._announced: tuple[int, int] | None = None  # (free, queued) as last announced
         self._subs: list[Any] = []
         self._stopped = False
         self.counters = {"forwarded": 0, "left": 0, "joined": 0}
@@ -107,6 +120,10 @@ class Placement:
     @property
     def free(self) -> int:
         return max(0, self.slots - self.in_flight)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.in_flight - self.slots)
 
     @property
     def joined(self) -> bool:
@@ -121,25 +138,38 @@ class Placement:
         ]
         task_group.start_soon(self._run)
 
-    def _live(self) -> dict[str, int]:
+    def _live(self) -> dict[str, Peer]:
         horizon = time.monotonic() - 3 * self.interval
-        return {i: free for i, (free, seen) in self.peers.items() if seen >= horizon and free != GONE}
+        return {i: p for i, p in self.peers.items() if p.seen >= horizon and p.free != GONE}
 
     def is_anchor(self) -> bool:
         return all(self.instance < other for other in self._live())
 
     def room_elsewhere(self) -> str | None:
         """A live peer that announced a free slot (the one with the most), or None."""
-        live = {i: free for i, free in self._live().items() if free > 0}
+        live = {i: p.free for i, p in self._live().items() if p.free > 0}
         return max(live, key=lambda i: live[i]) if live else None
+
+    def shorter_wait(self) -> str | None:
+        """Every replica full: the live peer where a request would wait behind the fewest others per
+        slot, if fewer than here, else None."""
+        best, wait = None, (self.queued + 1) / self.slots
+        for instance, peer in self._live().items():
+            there = (peer.queued + 1) / peer.slots
+            if there < wait:
+                best, wait = instance, there
+        return best
 
     def update(self, in_flight: int) -> None:
         """The replica's requests in flight changed."""
-        before = self.free
+        free, queued = self.free, self.queued
         self.in_flight = in_flight
         # Alone (no peer ever announced itself), only a change of membership matters: announcing
         # every request's start and end to nobody costs a publish and a loop turn each.
-        if self.free != before and (self.peers or (self.free == 0) != (before == 0)):
+        if self.peers:
+            if self.free != free or self.queued != queued:
+                self._changed.set()
+        elif (self.free == 0) != (free == 0):
             self._changed.set()
 
     async def finishing(self) -> None:
@@ -147,7 +177,10 @@ class Placement:
         the asker hears "done", so a request it sends at once finds this replica counted as free.
         (One connection's messages reach the server in order.)"""
         if not self._stopped and self.peers:
-            await self._announce(min(self.slots, self.free + 1))
+            if self.queued:  # its slot goes to the next waiting here
+                await self._announce(0, self.queued - 1)
+            else:
+                await self._announce(min(self.slots, self.free + 1), 0)
 
     def forward_target(self, msg: Msg) -> tuple[str, dict[str, str]] | None:
         """Where to send a request that reached us while we are full: a peer with room (subject and
@@ -161,10 +194,16 @@ class Placement:
         if len(msg.data) + header_size + FORWARD_HEADROOM > self.nc.max_payload:
             return None
         peer = self.room_elsewhere()
+        if peer is None and hops(msg) == 0:  # (one hop only: what peers said of their queues ages)
+            peer = self.shorter_wait()
         if peer is None:
             return None
-        free, seen = self.peers[peer]
-        self.peers[peer] = (free - 1, seen)  # until it says otherwise: spread a burst
+        there = self.peers[peer]
+        # Until it says otherwise: spread a burst.
+        if there.free > 0:
+            self.peers[peer] = there._replace(free=there.free - 1)
+        else:
+            self.peers[peer] = there._replace(queued=there.queued + 1)
         self.counters["forwarded"] += 1
         headers[HOPS_HEADER] = str(hops(msg) + 1)
         return direct_subject(self.name, peer, self.prefix), headers
@@ -173,31 +212,31 @@ class Placement:
         try:
             data = msgpack.unpackb(msg.data)
             instance, free = str(data["id"]), int(data["free"])
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            queued, slots = int(data.get("queued", 0)), max(1, int(data.get("slots", 1)))
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
             return
         if instance == self.instance:
             return
         new = instance not in self.peers
-        self.peers[instance] = (free, time.monotonic())
+        self.peers[instance] = Peer(free, time.monotonic(), max(0, queued), slots)
         if free == GONE:
             self.peers.pop(instance, None)
         if new and free != GONE:
             self._announced = None  # a newcomer: tell it about us now
         self._changed.set()
 
-    async def _announce(self, free: int) -> None:
-        self._announced = free
-        await self.nc.publish(
-            load_subject(self.name, self.prefix), msgpack.packb({"id": self.instance, "free": free})
-        )
+    async def _announce(self, free: int, queued: int) -> None:
+        self._announced = (free, queued)
+        load = {"id": self.instance, "free": free, "queued": queued, "slots": self.slots}
+        await self.nc.publish(load_subject(self.name, self.prefix), msgpack.packb(load))
 
     async def _run(self) -> None:
         last = 0.0
         while not self._stopped:
             now = time.monotonic()
-            if self._announced != self.free or now - last >= self.interval:
+            if self._announced != (self.free, self.queued) or now - last >= self.interval:
                 last = now
-                await self._announce(self.free)
+                await self._announce(self.free, self.queued)
             await self._reconcile()
             with anyio.move_on_after(self.interval):
                 await self._changed.wait()
@@ -222,7 +261,7 @@ class Placement:
         self._stopped = True
         self._changed.set()
         with contextlib.suppress(Exception):
-            await self._announce(GONE)
+            await self._announce(GONE, 0)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
