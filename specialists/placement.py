@@ -105,7 +105,7 @@ class Placement:
         self.slots = slots
         self.interval = interval
         self.in_flight = 0
-        # Peers' free slots as last announced, and when.
+        # Peers as they last announced themselves (free slots, queue, slots), and when.
         self.peers: dict[str, Peer] = {}
         self._changed = anyio.Event()
         self._announced: tuple[int, int] | None = None  # (free, queued) as last announced
