@@ -80,7 +80,7 @@ class Peer(NamedTuple):
     free: int  # free slots (GONE: it stopped)
     seen: float  # when (monotonic)
     queued: int = 0  # requests waiting there for a slot
-    slots: int = 1
+    slots: int = 0  # 0: not said (a replica older than queues in announcements: not compared by queue)
 
 
 class Placement:
@@ -155,6 +155,8 @@ class Placement:
         slot, if fewer than here, else None."""
         best, wait = None, (self.queued + 1) / self.slots
         for instance, peer in self._live().items():
+            if not peer.slots:
+                continue
             there = (peer.queued + 1) / peer.slots
             if there < wait:
                 best, wait = instance, there
@@ -212,7 +214,7 @@ class Placement:
         try:
             data = msgpack.unpackb(msg.data)
             instance, free = str(data["id"]), int(data["free"])
-            queued, slots = int(data.get("queued", 0)), max(1, int(data.get("slots", 1)))
+            queued, slots = int(data.get("queued", 0)), max(0, int(data.get("slots", 0)))
         except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
             return
         if instance == self.instance:
