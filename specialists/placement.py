@@ -105,6 +105,9 @@ class Placement:
         self.slots = slots
         self.interval = interval
         self.in_flight = 0
+        # Requests whose end was announced (finishing) and that are still counted in flight: their
+        # slots count as free already, so that the loop's next announcement does not take it back.
+        self._ending = 0
         # Peers as they last announced themselves (free slots, queue, slots), and when.
         self.peers: dict[str, Peer] = {}
         self._changed = anyio.Event()
@@ -119,11 +122,11 @@ class Placement:
 
     @property
     def free(self) -> int:
-        return max(0, self.slots - self.in_flight)
+        return max(0, self.slots - self.in_flight + self._ending)
 
     @property
     def queued(self) -> int:
-        return max(0, self.in_flight - self.slots)
+        return max(0, self.in_flight - self._ending - self.slots)
 
     @property
     def joined(self) -> bool:
@@ -165,6 +168,8 @@ class Placement:
     def update(self, in_flight: int) -> None:
         """The replica's requests in flight changed."""
         free, queued = self.free, self.queued
+        if in_flight < self.in_flight:  # (one that ended with no finishing counts off one too: bounded)
+            self._ending = max(0, self._ending - (self.in_flight - in_flight))
         self.in_flight = in_flight
         # Alone (no peer ever announced itself), only a change of membership matters: announcing
         # every request's start and end to nobody costs a publish and a loop turn each.
@@ -179,10 +184,8 @@ class Placement:
         the asker hears "done", so a request it sends at once finds this replica counted as free.
         (One connection's messages reach the server in order.)"""
         if not self._stopped and self.peers:
-            if self.queued:  # its slot goes to the next waiting here
-                await self._announce(0, self.queued - 1)
-            else:
-                await self._announce(min(self.slots, self.free + 1), 0)
+            self._ending = min(self._ending + 1, self.in_flight)  # (its slot goes to the next waiting)
+            await self._announce(self.free, self.queued)
 
     def forward_target(self, msg: Msg) -> tuple[str, dict[str, str]] | None:
         """Where to send a request that reached us while we are full: a peer with room (subject and
