@@ -268,6 +268,7 @@ class EmbeddedNats:
     def _read_log(self) -> None:
         assert self.process is not None and self.process.stderr is not None
         sink = self.log_file.open("a") if self.log_file else None
+        said_ready = routes_up = False
         try:
             for line in self.process.stderr:
                 if sink:
@@ -279,13 +280,13 @@ class EmbeddedNats:
                         self.port = int(m.group(2))
                     if m := _WS_LISTEN_RE.search(line):
                         self.ws_port = int(m.group(2))
-                    if _READY in line and self.port is None:
+                    said_ready = said_ready or _READY in line
+                    routes_up = routes_up or _ROUTES_READY in line
+                    if said_ready and self.port is None:
                         self._ready.set()  # (not up: start() says so now, not after its timeout)
-                    elif _READY in line or _ROUTES_READY in line:
-                        seen = "".join(self._lines)
-                        if _READY in seen and (not self.routes or _ROUTES_READY in seen):
-                            self._up = True
-                            self._ready.set()
+                    elif said_ready and (routes_up or not self.routes):
+                        self._up = True
+                        self._ready.set()
         finally:
             if sink:
                 sink.close()

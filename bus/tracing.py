@@ -392,11 +392,12 @@ class current:
         trace = self.trace
         if not isinstance(trace, Trace):
             trace = Trace(parent=trace)
-        elif trace.passed is not None:
-            self.token = _passing.set(trace.passed)
-            return None
-        span = start(self.name, self.kind, trace.parent, self.attributes, trace)
-        if type(span) is Trace:  # sampled out after all: no span, its trace context passed on
+        span = (
+            trace
+            if trace.passed is not None
+            else start(self.name, self.kind, trace.parent, self.attributes, trace)
+        )
+        if type(span) is Trace:  # sampled out (by admit, or by start): no span, its context passed on
             self.token = _passing.set(span.passed)
             return None
         self.span = span
