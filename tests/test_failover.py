@@ -83,7 +83,7 @@ async def test_the_bridge_answers_a_specialists_error_with_the_policys_status(
     ):
         await rogue(bus, "rogue", code, started=False)
         answer = await http.post("/api/chat", json={"specialist": "rogue", "message": "x"})
-        assert answer.status_code == status
+        assert answer.status_code == status, answer.text
         assert answer.json()["error"]["code"] == code
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -10,8 +11,9 @@ import msgpack
 import nats
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 
-from bus.client import Bus
+from bus.client import Bus, connect
 from bus.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -22,6 +24,7 @@ from bus.errors import (
     StreamGap,
 )
 from bus.logs import Sparse
+from bus.server import EmbeddedNats
 from bus.settings import TektonSettings
 from bus.subjects import chat_subject
 from bus.wire import (
@@ -43,6 +46,31 @@ pytestmark = pytest.mark.anyio
 
 def user(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
+
+
+async def test_flush_returns_once_the_server_has_what_was_sent_before_it(tmp_path: Path) -> None:
+    """A subscribe then flush() is in place on the server (nats-py 2.16 sent the flush's PING ahead of
+    the SUB, so another connection's request could meet "no responders"). nats-server's own trace
+    shows the order it read our commands in."""
+    log_file = tmp_path / "nats.log"
+    server = EmbeddedNats(tmp_path / "store", port=0, log_file=log_file, extra_config="trace: true")
+    server.start()
+    try:
+        nc = await connect(server.url)
+        try:
+
+            async def heard(_msg: Msg) -> None:
+                return None
+
+            await nc.subscribe("order.check", cb=heard)
+            await nc.flush()
+            said = log_file.read_text()
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+    ours = said[said.index("[SUB order.check") :]
+    assert "<<- [PING]" in ours, "the flush's PING reached the server before the SUB"
 
 
 async def test_stream_tokens_then_result(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
