@@ -64,13 +64,20 @@ async def test_flush_returns_once_the_server_has_what_was_sent_before_it(tmp_pat
 
             await nc.subscribe("order.check", cb=heard)
             await nc.flush()
-            said = log_file.read_text()
+
+            def pinged_after_the_sub() -> bool:  # (the log reaches the file through a copying thread)
+                said = log_file.read_text()
+                return "<<- [PING]" in said.partition("<<- [SUB order.check")[2]
+
+            # Before the fix the flush's PING came first, and no other PING follows within a minute.
+            try:
+                await eventually(pinged_after_the_sub, within=5)
+            except TimeoutError:
+                pytest.fail("the server read the flush's PING before the SUB")
         finally:
             await nc.close()
     finally:
         server.stop()
-    ours = said[said.index("[SUB order.check") :]
-    assert "<<- [PING]" in ours, "the flush's PING reached the server before the SUB"
 
 
 async def test_stream_tokens_then_result(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
