@@ -156,11 +156,14 @@ class _Client(NATS):
         socket at once, ahead of them: a ``subscribe()`` then ``flush()`` could return before the
         server had the SUB, and a request sent next from another connection met "no responders"
         (a CI failure: the bridge answered 404 for a specialist subscribed and flushed just before).
-        Every NATS client promises the other order; flush(), rtt() and the ping check all come here."""
+        nats.go's Flush keeps this order. flush(), rtt() and the ping check all come here."""
         if future is None:
             future = asyncio.get_running_loop().create_future()
         self._pongs.append(future)
-        await self._send_command(PING_PROTO)
+        # Not _send_command: over its size limit it waits for the socket, and the ping check must
+        # go on counting unanswered PINGs when the server stops reading (that is how it sees one dead).
+        self._pending.append(PING_PROTO)
+        self._pending_data_size += len(PING_PROTO)
         await self._flush_pending()
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
