@@ -27,7 +27,6 @@ from urllib.parse import ParseResult
 import anyio
 import nats
 import structlog
-from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -141,7 +140,7 @@ class _TlsTransport(TlsSocketTransport):
 
 
 class _Client(NATS):
-    """nats-py's client, with two of its faults mended.
+    """nats-py's client, with three of its faults mended.
 
     A message it cannot read is dropped instead of ending the connection. Anyone allowed to publish may
     give a message a reply subject or a header status that is not UTF-8, or a header block too short
@@ -149,22 +148,40 @@ class _Client(NATS):
     which then read nothing more until the ping check called the connection stale minutes later: one
     such request to ``$SRV.PING`` took every specialist and the gateway off the bus.
 
-    ``flush()`` returns only once the server has read everything sent before it (see _send_ping)."""
+    ``flush()`` returns only once the server has read everything sent before it (see _send_ping), and
+    a flush() that timed out no longer ends the read loop when its PONG comes late."""
 
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
-        """A PING queued behind the commands already waiting to go out. nats-py 2.16 writes it to the
-        socket at once, ahead of them: a ``subscribe()`` then ``flush()`` could return before the
-        server had the SUB, and a request sent next from another connection met "no responders"
-        (a CI failure: the bridge answered 404 for a specialist subscribed and flushed just before).
-        nats.go's Flush keeps this order. flush(), rtt() and the ping check all come here."""
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-        self._pongs.append(future)
-        # Not _send_command: over its size limit it waits for the socket, and the ping check must
-        # go on counting unanswered PINGs when the server stops reading (that is how it sees one dead).
-        self._pending.append(PING_PROTO)
-        self._pending_data_size += len(PING_PROTO)
-        await self._flush_pending()
+        """The commands already waiting for nats-py's flusher go to the socket first, then the PING.
+        nats-py 2.16 writes the PING at once, ahead of them: a ``subscribe()`` then ``flush()`` could
+        return before the server had the SUB, and a request sent next from another connection met
+        "no responders" (a CI failure: the bridge answered 404 for a responder subscribed and flushed
+        just before). nats.go's Flush keeps this order. flush(), rtt() and the ping check come here.
+
+        Handed to the transport, not queued behind them: a queued PING outlives a broken connection
+        and its PONG would answer a later flush on the next one. nats-py's own flush right after a
+        reconnect keeps its way: what piled up during the outage must not hold the reconnect up."""
+        transport = self._transport
+        if (
+            transport is not None
+            and self.is_connected
+            and self._pending
+            and asyncio.current_task() is not self._reconnection_task
+        ):
+            pending, self._pending, self._pending_data_size = self._pending, [], 0
+            transport.writelines(pending)
+        await super()._send_ping(future)
+
+    async def _process_pong(self) -> None:
+        """A PONG answers the oldest PING, whose flush() may have given up waiting: nats-py set the
+        result of that cancelled future, and the error ended its read loop (the connection heard
+        nothing more until the ping check called it stale, minutes later)."""
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         try:

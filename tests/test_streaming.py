@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,35 @@ async def test_flush_returns_once_the_server_has_what_was_sent_before_it(tmp_pat
             await nc.close()
     finally:
         server.stop()
+
+
+async def test_a_flush_that_timed_out_leaves_the_connection_hearing(tmp_path: Path) -> None:
+    """nats-py set the result of a timed-out flush's future when its PONG came late; the error ended
+    the connection's read loop, and it heard nothing more until the ping check, minutes later."""
+    with EmbeddedNats(tmp_path / "store", port=0) as server:
+        assert server.process is not None
+        nc, other = await connect(server.url), await connect(server.url)
+        heard = anyio.Event()
+
+        async def on_message(_msg: Msg) -> None:
+            heard.set()
+
+        try:
+            await nc.subscribe("still.hearing", cb=on_message)
+            await nc.flush()
+            server.process.send_signal(signal.SIGSTOP)  # a server too busy to answer in time
+            try:
+                with pytest.raises(nats.errors.TimeoutError):
+                    await nc.flush(timeout=0.2)  # type: ignore[arg-type]  # (nats-py types it int)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await other.publish("still.hearing", b"x")
+            with anyio.fail_after(5):
+                await heard.wait()
+            await nc.flush()
+        finally:
+            await nc.close()
+            await other.close()
 
 
 async def test_stream_tokens_then_result(settings: TektonSettings, monkeypatch: pytest.MonkeyPatch) -> None:
