@@ -218,6 +218,8 @@ class TlsSocketTransport(Transport):
     # -- writing ---------------------------------------------------------------------------------
 
     def write(self, payload: bytes) -> None:
+        if not payload:  # nats-py's flusher after a flush's PING, with nothing else to send
+            return
         if self._sock is None or self._error is not None:
             return  # as asyncio's transports after close: nats-py flushes on its way out
         if self._tls is None:
