@@ -54,9 +54,7 @@ async def test_flush_returns_once_the_server_has_what_was_sent_before_it(tmp_pat
     the SUB, so another connection's request could meet "no responders"). nats-server's own trace
     shows the order it read our commands in."""
     log_file = tmp_path / "nats.log"
-    server = EmbeddedNats(tmp_path / "store", port=0, log_file=log_file, extra_config="trace: true")
-    server.start()
-    try:
+    with EmbeddedNats(tmp_path / "store", port=0, log_file=log_file, extra_config="trace: true") as server:
         nc = await connect(server.url)
         try:
 
@@ -77,8 +75,6 @@ async def test_flush_returns_once_the_server_has_what_was_sent_before_it(tmp_pat
                 pytest.fail("the server read the flush's PING before the SUB")
         finally:
             await nc.close()
-    finally:
-        server.stop()
 
 
 async def test_a_flush_that_timed_out_leaves_the_connection_hearing(tmp_path: Path) -> None:
