@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +93,22 @@ def settings(nats_url: str, tmp_path: Path) -> TektonSettings:
         idle_timeout_s=5.0,
         drain_grace_s=5.0,
     )
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """Tracing on, every span kept in memory: yields the SDK's InMemorySpanExporter."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from bus import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # the SDK's default sampler: parent-based, every root sampled
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.install(None)

@@ -15,12 +15,9 @@ from a2a.helpers.proto_helpers import get_artifact_text
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from bus import tracing
 from bus.settings import TektonSettings
 from tests.helpers import eventually, in_process_specialists
 from tests.test_http import bridge
@@ -100,38 +97,31 @@ async def test_metrics_of_the_bus_on_the_bridge(settings: TektonSettings) -> Non
         )
 
 
-async def test_an_http_caller_s_trace_reaches_the_model(settings: TektonSettings) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
+async def test_an_http_caller_s_trace_reaches_the_model(
+    settings: TektonSettings, spans: InMemorySpanExporter
+) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    try:
-        async with (
-            bridge(settings) as url,
-            in_process_specialists(settings, "apollo"),
-            httpx.AsyncClient(base_url=url) as http,
-        ):
-            headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
-            answer = await http.post(
-                "/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers
-            )
-            assert answer.status_code == 200
-            wanted = {"POST /api/chat", "chat apollo", "serve apollo"}
-            await eventually(lambda: wanted <= {s.name for s in exporter.get_finished_spans()})
-            missing = await http.post("/api/chat", json={"specialist": "apolo", "message": "x"})
-            assert missing.status_code == 404
-    finally:
-        tracing.install(None)
-    spans = {s.name: s for s in exporter.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}
-    http_span, client, server = spans["POST /api/chat"], spans["chat apollo"], spans["serve apollo"]
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+        answer = await http.post("/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers)
+        assert answer.status_code == 200
+        wanted = {"POST /api/chat", "chat apollo", "serve apollo"}
+        await eventually(lambda: wanted <= {s.name for s in spans.get_finished_spans()})
+        missing = await http.post("/api/chat", json={"specialist": "apolo", "message": "x"})
+        assert missing.status_code == 404
+    ours = {s.name: s for s in spans.get_finished_spans() if s.context.trace_id == int(trace_id, 16)}
+    http_span, client, server = ours["POST /api/chat"], ours["chat apollo"], ours["serve apollo"]
     assert http_span.attributes is not None and http_span.attributes["http.response.status_code"] == 200
     # The 404's: the bridge's span says so and is no error (the caller's mistake, as HTTP semantics
     # have it for a server); the bus client's span is one (its request failed).
-    [lost] = [s for s in exporter.get_finished_spans() if s.name == "chat apolo"]
+    [lost] = [s for s in spans.get_finished_spans() if s.name == "chat apolo"]
     [refused] = [
         s
-        for s in exporter.get_finished_spans()
+        for s in spans.get_finished_spans()
         if s.context.trace_id == lost.context.trace_id and s.name == "POST /api/chat"
     ]
     assert refused.attributes is not None and refused.attributes["http.response.status_code"] == 404
@@ -142,84 +132,63 @@ async def test_an_http_caller_s_trace_reaches_the_model(settings: TektonSettings
     assert server.parent is not None and server.parent.span_id == client.context.span_id
 
 
-async def test_an_http_caller_s_sampled_out_trace_stays_out(settings: TektonSettings) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()  # the SDK's default: parent-based, every root sampled
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
-        async with (
-            bridge(settings) as url,
-            in_process_specialists(settings, "apollo"),
-            httpx.AsyncClient(base_url=url) as http,
-        ):
-            headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
-            answer = await http.post(
-                "/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers
-            )
-            assert answer.status_code == 200 and answer.json()["text"] == "apollo heard: x"
-    finally:
-        tracing.install(None)
+async def test_an_http_caller_s_sampled_out_trace_stays_out(
+    settings: TektonSettings, spans: InMemorySpanExporter
+) -> None:
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
+        answer = await http.post("/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers)
+        assert answer.status_code == 200 and answer.json()["text"] == "apollo heard: x"
     # Not a trace of the bridge's own (the bus client's span a root) for a request its caller left out.
-    assert exporter.get_finished_spans() == ()
+    assert spans.get_finished_spans() == ()
 
 
 async def test_a_server_failure_marks_the_bridge_s_span(
-    settings: TektonSettings, monkeypatch: pytest.MonkeyPatch
+    settings: TektonSettings, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 5xx is the bridge's failure: its span is an error, with the status (a 4xx is not: see above)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the model fell over")
         yield  # (an async generator, as a provider's stream is)
 
-    try:
-        async with (
-            bridge(settings) as url,
-            in_process_specialists(settings, "apollo") as services,
-            httpx.AsyncClient(base_url=url) as http,
-        ):
-            monkeypatch.setattr(services["apollo"].provider, "stream", broken)
-            answer = await http.post("/api/chat", json={"specialist": "apollo", "message": "x"})
-            assert answer.status_code >= 500
-    finally:
-        tracing.install(None)
-    [http_span] = [s for s in exporter.get_finished_spans() if s.name == "POST /api/chat"]
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo") as services,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        monkeypatch.setattr(services["apollo"].provider, "stream", broken)
+        answer = await http.post("/api/chat", json={"specialist": "apollo", "message": "x"})
+        assert answer.status_code >= 500
+    [http_span] = [s for s in spans.get_finished_spans() if s.name == "POST /api/chat"]
     assert http_span.attributes is not None
     assert http_span.attributes["http.response.status_code"] == answer.status_code
     assert http_span.status.status_code == StatusCode.ERROR
 
 
-async def test_two_traceparent_headers_are_none(settings: TektonSettings) -> None:
+async def test_two_traceparent_headers_are_none(
+    settings: TektonSettings, spans: InMemorySpanExporter
+) -> None:
     """W3C trace context: a request with two ``traceparent`` headers has an invalid one; it is served
     in a trace of its own, continuing neither (the last one was taken, sampled out: not traced)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
     first, last = "4bf92f3577b34da6a3ce929d0e0e4736", "5bf92f3577b34da6a3ce929d0e0e4736"
-    try:
-        async with (
-            bridge(settings) as url,
-            in_process_specialists(settings, "apollo"),
-            httpx.AsyncClient(base_url=url) as http,
-        ):
-            headers = [
-                ("traceparent", f"00-{first}-00f067aa0ba902b7-01"),
-                ("traceparent", f"00-{last}-00f067aa0ba902b7-00"),
-            ]
-            answer = await http.post(
-                "/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers
-            )
-            assert answer.status_code == 200
-            await eventually(lambda: "serve apollo" in {s.name for s in exporter.get_finished_spans()})
-    finally:
-        tracing.install(None)
-    [http_span] = [s for s in exporter.get_finished_spans() if s.name == "POST /api/chat"]
+    async with (
+        bridge(settings) as url,
+        in_process_specialists(settings, "apollo"),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        headers = [
+            ("traceparent", f"00-{first}-00f067aa0ba902b7-01"),
+            ("traceparent", f"00-{last}-00f067aa0ba902b7-00"),
+        ]
+        answer = await http.post("/api/chat", json={"specialist": "apollo", "message": "x"}, headers=headers)
+        assert answer.status_code == 200
+        await eventually(lambda: "serve apollo" in {s.name for s in spans.get_finished_spans()})
+    [http_span] = [s for s in spans.get_finished_spans() if s.name == "POST /api/chat"]
     assert http_span.parent is None and format(http_span.context.trace_id, "032x") not in (first, last)
 
 

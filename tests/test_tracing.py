@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,18 +26,6 @@ from bus.wire import ChatMessage
 from tests.helpers import eventually, in_process_gateway, in_process_specialists, run_aish, specialist_process
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.install(None)
 
 
 def _by_name(finished: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
