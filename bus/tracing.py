@@ -317,9 +317,9 @@ def start(
         return None
     root = (ahead is None or ahead.root is None) and not (headers and TRACEPARENT in headers)
     if root and not _otel.current_span().get_span_context().is_valid:
-        passed = _passing.get()
-        if passed is not None:
-            return Trace(passed=passed)
+        passing = _passing.get()  # (inside a request sampled out: its context)
+        if passing is not None:
+            return Trace(passed=passing)
         ahead = admit(None, name, kind)  # a root: decided as a request's is
         if ahead is None or ahead.passed is not None:
             return ahead
