@@ -77,6 +77,12 @@ async def test_flush_returns_once_the_server_has_what_was_sent_before_it(tmp_pat
             await nc.close()
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    return all((task / "stat").read_text().rpartition(") ")[2].startswith("T") for task in tasks)
+
+
 async def test_a_flush_that_timed_out_leaves_the_connection_hearing(tmp_path: Path) -> None:
     """nats-py set the result of a timed-out flush's future when its PONG came late; the error ended
     the connection's read loop, and it heard nothing more until the ping check, minutes later."""
@@ -93,6 +99,7 @@ async def test_a_flush_that_timed_out_leaves_the_connection_hearing(tmp_path: Pa
             await nc.flush()
             server.process.send_signal(signal.SIGSTOP)  # a server too busy to answer in time
             try:
+                await eventually(lambda: _all_threads_stopped(server.process.pid))  # (a signal lands later)
                 with pytest.raises(nats.errors.TimeoutError):
                     await nc.flush(timeout=0.2)  # type: ignore[arg-type]  # (nats-py types it int)
             finally:
